@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Two cores: keep each test process from oversubscribing them.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def qkv_env(**extra: str) -> dict[str, str]:
+    """Environment for running this checkout's qkv in a subprocess (no install needed)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("QKV_DATA_DIR", str(SHARED_DATA))
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def run_qkv():
+    """Run `python -m qkv ARGS...` from this checkout; returns the CompletedProcess."""
+
+    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout=600):
+        return subprocess.run(
+            [sys.executable, "-m", "qkv", *map(str, args)],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=env or qkv_env(),
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "multi30k").is_dir():
+        pytest.skip(f"no Multi30k copy at {SHARED_DATA}")
+    return SHARED_DATA
