@@ -24,9 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list = []
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -41,3 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qkv: interrupted", file=sys.stderr)
         return 130
+
+
+# Subcommands, in the order `qkv --help` lists them.
+COMMANDS: list = []
