@@ -1,0 +1,287 @@
+"""The encoder-decoder Transformer (paper section 3, figure 1): configuration, presets, masks, the model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qkv.attention import KVCache
+from qkv.layers import (
+    ACTIVATIONS,
+    DecoderLayer,
+    EncoderLayer,
+    LearnedPositions,
+    SinusoidalPositions,
+    TokenEmbedding,
+)
+
+
+@dataclass
+class TransformerConfig:
+    """Every dimension and switch of the model. Special ids must match the tokenizer the model is used with."""
+
+    src_vocab_size: int = 8000
+    tgt_vocab_size: int = 8000
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    dropout: float = 0.1  # residual, embedding and feed-forward dropout (P_drop, section 5.4)
+    attention_dropout: float = 0.0  # on the attention weights
+    max_len: int = 256  # positions the model can encode, in subword tokens
+    norm_first: bool = (
+        False  # False: post-LN as in the paper; True: pre-LN with a final norm per stack
+    )
+    positional: str = "sinusoidal"  # 'sinusoidal' | 'learned'
+    activation: str = "relu"  # 'relu' (the paper) | 'gelu'
+    share_embeddings: bool = (
+        False  # one embedding matrix for source and target (needs one vocabulary)
+    )
+    tie_output: bool = True  # output projection = target embedding matrix (section 3.4)
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.positional not in ("sinusoidal", "learned"):
+            problems.append(
+                f"positional must be 'sinusoidal' or 'learned', not {self.positional!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            problems.append(
+                f"activation must be one of {sorted(ACTIVATIONS)}, not {self.activation!r}"
+            )
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            problems.append(
+                "share_embeddings needs src_vocab_size == tgt_vocab_size, "
+                f"got {self.src_vocab_size} and {self.tgt_vocab_size}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TransformerConfig:
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TransformerConfig:
+        """A named size ('tiny', 'small', 'base', 'big'), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    # For tests and the built-in task: trains in seconds on a CPU.
+    "tiny": dict(
+        d_model=64, n_heads=4, d_ff=256, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1
+    ),
+    # For Multi30k-sized data on a CPU.
+    "small": dict(
+        d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=3, n_decoder_layers=3, dropout=0.1
+    ),
+    # Table 3 of the paper, "base" and "big".
+    "base": dict(
+        d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6, dropout=0.1
+    ),
+    "big": dict(
+        d_model=1024, n_heads=16, d_ff=4096, n_encoder_layers=6, n_decoder_layers=6, dropout=0.3
+    ),
+}
+
+
+def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
+    """(batch, len) token ids -> (batch, 1, 1, len) key mask, True = real token (may be attended to)."""
+    return (ids != pad_id)[:, None, None, :]
+
+
+class Encoder(nn.Module):
+    """A stack of identical `EncoderLayer`s (with a final LayerNorm when pre-LN)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(*_layer_args(config)) for _ in range(config.n_encoder_layers)
+        )
+        self.final_norm = nn.LayerNorm(config.d_model) if config.norm_first else nn.Identity()
+
+    def forward(
+        self, x: Tensor, src_mask: Tensor | None, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        all_weights = []
+        for layer in self.layers:
+            x, weights = layer(x, src_mask, need_weights=need_weights)
+            if need_weights:
+                all_weights.append(weights)
+        return self.final_norm(x), all_weights
+
+
+class Decoder(nn.Module):
+    """A stack of identical `DecoderLayer`s, each attending to the output of the last encoder layer."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(*_layer_args(config)) for _ in range(config.n_decoder_layers)
+        )
+        self.final_norm = nn.LayerNorm(config.d_model) if config.norm_first else nn.Identity()
+
+    def forward(
+        self,
+        y: Tensor,
+        memory: Tensor,
+        src_mask: Tensor | None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        self_weights, cross_weights = [], []
+        for i, layer in enumerate(self.layers):
+            y, self_w, cross_w = layer(
+                y,
+                memory,
+                src_mask,
+                self_cache=cache.self_attn[i] if cache is not None else None,
+                cross_cache=cache.cross_attn[i] if cache is not None else None,
+                need_weights=need_weights,
+            )
+            if need_weights:
+                self_weights.append(self_w)
+                cross_weights.append(cross_w)
+        return self.final_norm(y), self_weights, cross_weights
+
+
+def _layer_args(config: TransformerConfig) -> tuple:
+    return (
+        config.d_model,
+        config.n_heads,
+        config.d_ff,
+        config.dropout,
+        config.attention_dropout,
+        config.activation,
+        config.norm_first,
+    )
+
+
+class Transformer(nn.Module):
+    """The encoder-decoder Transformer.
+
+    >>> model = Transformer(TransformerConfig.preset("tiny", src_vocab_size=100, tgt_vocab_size=100))
+    >>> logits = model(src_ids, tgt_ids)          # (batch, tgt_len, tgt_vocab_size)
+
+    Token ids are batch-first LongTensors padded with ``config.pad_id``. ``tgt_ids`` is the decoder input
+    (BOS followed by the target, without its last token); the decoder is causal, so position t sees only
+    target positions <= t.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        positions = SinusoidalPositions if config.positional == "sinusoidal" else LearnedPositions
+        self.src_embed = TokenEmbedding(config.src_vocab_size, config.d_model, config.pad_id)
+        if config.share_embeddings:
+            self.tgt_embed = self.src_embed
+        else:
+            self.tgt_embed = TokenEmbedding(config.tgt_vocab_size, config.d_model, config.pad_id)
+        self.src_positions = positions(config.max_len, config.d_model)
+        self.tgt_positions = positions(config.max_len, config.d_model)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.output = nn.Linear(config.d_model, config.tgt_vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_output:
+            self.output.weight = self.tgt_embed.embedding.weight
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections (as the reference implementations); embeddings N(0, d_model^-0.5),
+        which the sqrt(d_model) scaling brings to unit variance; zero biases; pad embedding zero."""
+        for name, param in self.named_parameters():
+            if "embed" in name and "positions" not in name:
+                nn.init.normal_(param, mean=0.0, std=self.config.d_model**-0.5)
+            elif param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+            elif name.endswith("bias"):
+                nn.init.zeros_(param)
+        with torch.no_grad():
+            self.src_embed.embedding.weight[self.config.pad_id].zero_()
+            self.tgt_embed.embedding.weight[self.config.pad_id].zero_()
+
+    def src_mask(self, src_ids: Tensor) -> Tensor:
+        return padding_mask(src_ids, self.config.pad_id)
+
+    def encode(
+        self, src_ids: Tensor, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """src_ids (batch, src_len) -> memory (batch, src_len, d_model), the output of the last encoder layer.
+
+        With return_attention, also the self-attention weights of each layer, (batch, n_heads, src_len,
+        src_len) each.
+        """
+        x = self.src_embed(src_ids) + self.src_positions(src_ids.size(1))
+        memory, weights = self.encoder(
+            self.embed_dropout(x), self.src_mask(src_ids), need_weights=return_attention
+        )
+        return (memory, weights) if return_attention else memory
+
+    def decode(
+        self,
+        tgt_ids: Tensor,
+        memory: Tensor,
+        src: Tensor,
+        cache: KVCache | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
+        """Logits (batch, tgt_len, tgt_vocab_size) for target ids given the encoder output.
+
+        src: the source ids (batch, src_len) or their mask from `src_mask` (batch, 1, 1, src_len).
+        cache: a `KVCache` from `new_cache()` for incremental decoding. tgt_ids then holds only the *new*
+            positions (usually one), which come after the ``len(cache)`` positions already decoded.
+        With return_attention, also {'decoder': [...], 'cross': [...]}: per layer, the self-attention weights
+        (batch, n_heads, tgt_len, tgt_len so far) and the encoder-decoder weights (batch, n_heads, tgt_len,
+        src_len).
+        """
+        src_mask = src if src.dtype == torch.bool else self.src_mask(src)
+        offset = len(cache) if cache is not None else 0
+        y = self.tgt_embed(tgt_ids) + self.tgt_positions(tgt_ids.size(1), offset)
+        y, self_weights, cross_weights = self.decoder(
+            self.embed_dropout(y), memory, src_mask, cache=cache, need_weights=return_attention
+        )
+        logits = self.output(y)
+        if return_attention:
+            return logits, {"decoder": self_weights, "cross": cross_weights}
+        return logits
+
+    def forward(
+        self, src_ids: Tensor, tgt_ids: Tensor, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
+        """Teacher-forced logits (batch, tgt_len, tgt_vocab_size).
+
+        With return_attention, also {'encoder': [...], 'decoder': [...], 'cross': [...]}: per kind, one
+        tensor (batch, n_heads, query_len, key_len) for each layer.
+        """
+        if return_attention:
+            memory, encoder_weights = self.encode(src_ids, return_attention=True)
+            logits, weights = self.decode(tgt_ids, memory, src_ids, return_attention=True)
+            return logits, {"encoder": encoder_weights, **weights}
+        return self.decode(tgt_ids, self.encode(src_ids), src_ids)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_decoder_layers)
+
+    def num_parameters(self) -> int:
+        """Distinct trainable parameters (tied matrices counted once)."""
+        return sum(p.numel() for p in self.parameters())
