@@ -77,13 +77,16 @@ def training_step(model, optimizer, batch, precision: str) -> None:
     src, tgt_in, tgt_out = batch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = model(src, tgt_in)
-    loss = F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        tgt_out.flatten(),
-        ignore_index=PAD,
-        label_smoothing=0.1,
-        reduction="sum",
-    ) / (tgt_out != PAD).sum()
+    loss = (
+        F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            tgt_out.flatten(),
+            ignore_index=PAD,
+            label_smoothing=0.1,
+            reduction="sum",
+        )
+        / (tgt_out != PAD).sum()
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -134,8 +137,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch ~4096 target tokens")
-    print(f"{'config':7} {'system':15} {'precision':9} {'tgt tok/s':>10} {'vs nn.Transformer fp32':>23}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch ~4096 target tokens"
+    )
+    print(
+        f"{'config':7} {'system':15} {'precision':9} {'tgt tok/s':>10} {'vs nn.Transformer fp32':>23}"
+    )
     for config_name in args.configs:
         for row in benchmark(config_name, args.precisions, args.repeats, args.warmup):
             print(

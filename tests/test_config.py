@@ -41,7 +41,7 @@ def test_wrong_type_names_key_and_expected_type(tmp_path):
 
 
 def test_bad_override_and_bad_toml(tmp_path):
-    with pytest.raises(QkvError, match="expected section.key=value"):
+    with pytest.raises(QkvError, match=r"expected section\.key=value"):
         parse_override("max_steps=3")
     with pytest.raises(QkvError, match="not valid TOML"):
         load_config(write(tmp_path, "[train\n"))

@@ -47,7 +47,9 @@ class DataSection:
     src_lang: str | None = None
     tgt_lang: str | None = None
     prepared: str | None = None  # a `qkv prepare --out` directory; used as is when given
-    data_dir: str | None = None  # where named datasets live (default: $QKV_DATA_DIR or the user cache)
+    data_dir: str | None = (
+        None  # where named datasets live (default: $QKV_DATA_DIR or the user cache)
+    )
     trainpref: str | None = None
     validpref: str | None = None
     testpref: str | None = None

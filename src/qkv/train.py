@@ -223,7 +223,9 @@ class Trainer:
             last = i == len(batches) - 1
             sync = contextlib.nullcontext()
             if isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel) and not last:
-                sync = self.train_model.no_sync()  # all-reduce gradients once, on the last micro-batch
+                sync = (
+                    self.train_model.no_sync()
+                )  # all-reduce gradients once, on the last micro-batch
             with sync:
                 src = batch.src.to(self.dist.device, non_blocking=True)
                 tgt_in = batch.tgt_in.to(self.dist.device, non_blocking=True)
@@ -286,7 +288,9 @@ class Trainer:
     def run(self) -> dict:
         train = self.config.train
         if not train.max_steps and not train.max_epochs:
-            raise QkvError("set train.max_steps or train.max_epochs (both are 0: the run would never end)")
+            raise QkvError(
+                "set train.max_steps or train.max_epochs (both are 0: the run would never end)"
+            )
         started = time.time()
         start_step, start_tokens = self.progress.step, self.progress.target_tokens
         bar = progress_bar(train.max_steps or None, self.progress.step, self.dist.is_main)
