@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from qkv.atomic import atomic_write
 from qkv.checkpoint import (
     LAST,
     TOKENIZER,
-    atomic_write,
     load_checkpoint,
     model_checkpoint,
     save_checkpoint,
@@ -560,7 +560,14 @@ class RunningWindow:
 def progress_bar(total: int | None, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
 
 class MetricsLog:
