@@ -310,8 +310,8 @@ def print_summary(summary: PrepareSummary, file=None) -> None:
             f"{split.src_tokens:,}", f"{split.mean_src_len:.1f}",
             f"{split.tgt_tokens:,}", f"{split.mean_tgt_len:.1f}",
         )  # fmt: skip
-    # Not a terminal (a pipe, a log file): wide enough that the table never wraps mid-cell.
-    console = Console(file=file, width=None if file.isatty() else 160, highlight=False)
+    # Not a terminal (a pipe, a log file): no width limit, so no cell ever wraps mid-word.
+    console = Console(file=file, width=None if file.isatty() else 10_000, highlight=False)
     console.print(table)
     console.print(
         f"vocabulary: {summary.vocab_size:,} subwords ({summary.model_type}), "
