@@ -184,6 +184,8 @@ def test_collate_pads_to_multiples_of_eight_and_places_specials():
     assert batch.n_tgt_tokens == int((batch.tgt_out != SPECIALS.pad).sum())
     assert batch.n_tokens == 2 * 16 and batch.indices == [4, 2]
     assert batch.src.dtype == torch.long
+    moved = batch.to("cpu")
+    assert (moved.n_tgt_tokens, moved.indices) == (5, [4, 2]) and torch.equal(moved.src, batch.src)
 
 
 def random_split(n: int, seed: int = 0) -> EncodedSplit:
@@ -222,6 +224,16 @@ def test_iteration_follows_set_epoch_and_resumes_inside_an_epoch():
     assert whole_epoch == sampler.batches(2)
     sampler.set_epoch(2, start=5)  # a run stopped after 5 steps of epoch 2 carries on from step 5
     assert list(sampler) == whole_epoch[5:]
+
+
+def test_works_as_a_dataloader_batch_sampler():
+    split = random_split(300)
+    sampler = TokenBatchSampler(split.lengths(), max_tokens=256, seed=0)
+    loader = torch.utils.data.DataLoader(split, batch_sampler=sampler, collate_fn=collate)
+    batches = list(loader)
+    assert len(batches) == len(sampler)
+    expected = [split.collate(indices) for indices in sampler.batches(0)]
+    assert all(torch.equal(a.src, b.src) for a, b in zip(batches, expected, strict=True))
 
 
 def test_without_shuffle_batches_follow_length():
