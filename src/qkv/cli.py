@@ -274,7 +274,7 @@ def _run_demo(args) -> int:
         overrides.append(f"train.max_steps={args.steps}")
     if args.seed is not None:
         overrides += [f"train.seed={args.seed}", f"data.seed={args.seed}"]
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and sentences stay on one line, whatever the width
     console.print(
         "[bold]qkv demo[/]: teaching a tiny Transformer to read dates written in words "
         "and write them as ISO dates."
