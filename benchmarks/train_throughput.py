@@ -1,0 +1,155 @@
+"""Training throughput: qkv against torch.nn.Transformer, one full training step each, side by side.
+
+A step is forward, label-smoothed cross-entropy, backward and Adam, on the same batch (about 4096 target
+tokens), vocabulary, dimensions and loss. The two systems alternate in one process so they share the
+machine's state; each figure is the median of --repeats timed steps after warm-up.
+
+    python benchmarks/train_throughput.py                 # small and base, fp32 and bf16
+    python benchmarks/train_throughput.py --configs small --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkv.layers import sinusoidal_table
+from qkv.model import Transformer, TransformerConfig
+
+CONFIGS = {
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=3, n_decoder_layers=3),
+    "base": dict(d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6),
+}
+VOCAB, PAD = 8000, 0
+
+
+class TorchReference(nn.Module):
+    """nn.Transformer with the same embeddings (shared, scaled), sinusoidal positions and tied output."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.src_vocab_size, config.d_model, padding_idx=PAD)
+        self.register_buffer("positions", sinusoidal_table(config.max_len, config.d_model))
+        self.transformer = nn.Transformer(
+            d_model=config.d_model,
+            nhead=config.n_heads,
+            num_encoder_layers=config.n_encoder_layers,
+            num_decoder_layers=config.n_decoder_layers,
+            dim_feedforward=config.d_ff,
+            dropout=config.dropout,
+            batch_first=True,
+        )
+        self.scale = math.sqrt(config.d_model)
+
+    def forward(self, src, tgt):
+        embed = lambda ids: self.embed(ids) * self.scale + self.positions[: ids.size(1)]  # noqa: E731
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), dtype=torch.bool)
+        hidden = self.transformer(
+            embed(src),
+            embed(tgt),
+            tgt_mask=causal,
+            src_key_padding_mask=src == PAD,
+            memory_key_padding_mask=src == PAD,
+            tgt_is_causal=True,
+        )
+        return hidden @ self.embed.weight.T
+
+
+def make_batch(n_sentences: int, length: int, seed: int = 0):
+    """A padded batch with realistic ragged lengths (60-100% of `length`)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(0.6 * length), length + 1, (n_sentences,), generator=generator)
+    src = torch.randint(4, VOCAB, (n_sentences, length), generator=generator)
+    tgt = torch.randint(4, VOCAB, (n_sentences, length + 1), generator=generator)
+    positions = torch.arange(length)
+    src[positions[None, :] >= lengths[:, None]] = PAD
+    tgt[torch.arange(length + 1)[None, :] > lengths[:, None]] = PAD
+    return src, tgt[:, :-1], tgt[:, 1:]
+
+
+def training_step(model, optimizer, batch, precision: str) -> None:
+    src, tgt_in, tgt_out = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(src, tgt_in)
+    loss = (
+        F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            tgt_out.flatten(),
+            ignore_index=PAD,
+            label_smoothing=0.1,
+            reduction="sum",
+        )
+        / (tgt_out != PAD).sum()
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def benchmark(config_name: str, precisions: list[str], repeats: int, warmup: int) -> list[dict]:
+    config = TransformerConfig(
+        src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, share_embeddings=True, dropout=0.1,
+        **CONFIGS[config_name],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    systems = {"qkv": Transformer(config), "nn.Transformer": TorchReference(config)}
+    optimizers = {
+        name: torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+        for name, model in systems.items()
+    }
+    batch = make_batch(n_sentences=128, length=32)
+    target_tokens = int((batch[2] != PAD).sum())
+    runs = [(name, precision) for precision in precisions for name in systems]
+    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    for round_ in range(warmup + repeats):
+        for name, precision in runs:  # alternate, so both see the same machine state
+            model = systems[name].train()
+            started = time.perf_counter()
+            training_step(model, optimizers[name], batch, precision)
+            if round_ >= warmup:
+                times[(name, precision)].append(time.perf_counter() - started)
+    reference = statistics.median(times[("nn.Transformer", "fp32")])
+    rows = []
+    for name, precision in runs:
+        median = statistics.median(times[(name, precision)])
+        rows.append(
+            dict(
+                config=config_name,
+                system=name,
+                precision=precision,
+                tokens_per_second=target_tokens / median,
+                ratio=reference / median,
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch ~4096 target tokens"
+    )
+    print(
+        f"{'config':7} {'system':15} {'precision':9} {'tgt tok/s':>10} {'vs nn.Transformer fp32':>23}"
+    )
+    for config_name in args.configs:
+        for row in benchmark(config_name, args.precisions, args.repeats, args.warmup):
+            print(
+                f"{row['config']:7} {row['system']:15} {row['precision']:9} "
+                f"{row['tokens_per_second']:10,.0f} {row['ratio']:22.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""`qkv prepare`: from raw parallel text to a folder that training and translation read.
+
+Steps: read and validate the splits, drop empty pairs, hold out validation data if none was
+given, train the tokenizer on the training split of both languages, encode, drop over-long and
+misaligned training pairs, write everything, and summarise what was kept and dropped.
+
+The prepared folder:
+
+    tokenizer.model, tokenizer.vocab   the SentencePiece model (training and translation share it)
+    train.pt, val.pt[, test.pt]        subword ids without special ids, as flat int32 tensors with
+                                       offsets (torch.load(..., weights_only=True) reads them)
+    val.{src}, val.{tgt}[, test.*]     raw text, one sentence a line: BLEU scores against these
+    prepare.json                       languages, vocabulary, special ids, counts, origin of splits
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qkv import datasets
+from qkv.atomic import atomic_write
+from qkv.data import (
+    Dropped,
+    EncodedSplit,
+    Pair,
+    drop_empty,
+    length_filter,
+    read_corpus,
+    read_parallel,
+)
+from qkv.errors import QkvError
+from qkv.tokenizer import MODEL_TYPES, Tokenizer
+
+DATASETS = ("multi30k", "synthetic")
+DEFAULT_VOCAB_SIZE = {"multi30k": 8000, "synthetic": 200, None: 8000}
+DEFAULT_SYNTHETIC_SIZES = {"train": 20_000, "val": 500, "test": 500}
+MAX_HELD_OUT = 1000  # validation pairs taken from train when no validation files are given
+FORMAT_VERSION = 1
+SYNTHETIC_SRC, SYNTHETIC_TGT = datasets.SYNTHETIC_LANGS
+
+
+@dataclass
+class SplitStats:
+    name: str
+    origin: str  # where the pairs came from: files, a dataset split, or "held out from train"
+    read: int
+    kept: int
+    dropped: Dropped = field(default_factory=Dropped)
+    src_tokens: int = 0  # subwords, without special ids
+    tgt_tokens: int = 0
+
+    @property
+    def mean_src_len(self) -> float:
+        return self.src_tokens / max(self.kept, 1)
+
+    @property
+    def mean_tgt_len(self) -> float:
+        return self.tgt_tokens / max(self.kept, 1)
+
+
+@dataclass
+class PrepareSummary:
+    out: Path
+    dataset: str | None
+    src_lang: str
+    tgt_lang: str
+    vocab_size: int
+    model_type: str
+    splits: list[SplitStats]
+    notes: list[str]
+    tokenizer_seconds: float
+
+
+@dataclass
+class PreparedData:
+    """A prepared folder loaded: the tokenizer, the encoded splits (raw text for val/test)."""
+
+    path: Path
+    tokenizer: Tokenizer
+    info: dict
+    splits: dict[str, EncodedSplit]
+
+    @property
+    def src_lang(self) -> str:
+        return self.info["src_lang"]
+
+    @property
+    def tgt_lang(self) -> str:
+        return self.info["tgt_lang"]
+
+    @property
+    def train(self) -> EncodedSplit:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> EncodedSplit:
+        return self.splits["val"]
+
+    @property
+    def test(self) -> EncodedSplit | None:
+        return self.splits.get("test")
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def prepare(
+    out: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    src_lang: str | None = None,
+    tgt_lang: str | None = None,
+    trainpref: str | os.PathLike | None = None,
+    validpref: str | os.PathLike | None = None,
+    testpref: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    vocab_size: int | None = None,
+    model_type: str = "bpe",
+    max_len: int = 256,
+    max_ratio: float = 9.0,
+    valid_size: int | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Prepare `out` from a named dataset (`multi30k`, `synthetic`) or from files (`trainpref`...).
+
+    Only the training split is filtered (empty, longer than `max_len` subwords, length ratio above
+    `max_ratio`); validation and test data are kept whole so that scores compare with published
+    ones. Without validation files, a seeded slice of train (`valid_size`, default up to 1000
+    pairs) is held out. `train_size`/`valid_size`/`test_size` size the synthetic task.
+    """
+    log = _logger(progress)
+    src_lang, tgt_lang = _check_request(
+        dataset, src_lang, tgt_lang, trainpref, validpref, testpref, model_type
+    )
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QkvError(f"{out} exists and is not a folder")
+
+    log("reading the data")
+    raw, notes = _read_splits(
+        dataset, src_lang, tgt_lang, trainpref, validpref, testpref, data_dir, seed,
+        sizes={"train": train_size, "val": valid_size, "test": test_size},
+    )  # fmt: skip
+    train_origin, train_pairs = raw["train"]
+    train_pairs, n_empty = drop_empty(train_pairs)
+    if not train_pairs:
+        raise QkvError(f"{train_origin}: all {n_empty} pairs are empty")
+    if "val" not in raw:
+        train_pairs, held_out = _hold_out(train_pairs, valid_size, seed)
+        raw["val"] = ("held out from train", held_out)
+        notes.append(
+            f"val: {len(held_out)} pairs held out from train (seed {seed}), "
+            "because no validation files were given"
+        )
+    raw["train"] = (train_origin, train_pairs)
+
+    vocab_size = vocab_size or DEFAULT_VOCAB_SIZE[dataset]
+    log(f"training a {model_type} tokenizer with {vocab_size} subwords")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tokenizer = Tokenizer.train(
+        [[s for s, _ in train_pairs], [t for _, t in train_pairs]],
+        out / "tokenizer.model",
+        vocab_size=vocab_size,
+        model_type=model_type,
+        split_digits=dataset == "synthetic",  # ISO dates: one digit, one token
+    )
+    tokenizer_seconds = time.perf_counter() - started
+
+    log("encoding")
+    stats, encoded = [], {}
+    for name, (origin, pairs) in raw.items():
+        split, stats_row = _encode(name, origin, pairs, tokenizer)
+        if name == "train":
+            split, stats_row = _filter_train(split, stats_row, n_empty, max_len, max_ratio)
+        encoded[name] = split
+        stats.append(stats_row)
+
+    log(f"writing {out}")
+    summary = PrepareSummary(
+        out, dataset, src_lang, tgt_lang, tokenizer.vocab_size, model_type, stats, notes,
+        tokenizer_seconds,
+    )  # fmt: skip
+    _write(out, summary, encoded, tokenizer, max_len=max_len, max_ratio=max_ratio, seed=seed)
+    return summary
+
+
+def _check_request(dataset, src_lang, tgt_lang, trainpref, validpref, testpref, model_type):
+    """Reject contradictory or incomplete requests before any work; returns the languages."""
+    if model_type not in MODEL_TYPES:
+        raise QkvError(f"unknown tokenizer type {model_type!r}; choose one of {MODEL_TYPES}")
+    if (dataset is None) == (trainpref is None):
+        raise QkvError("give either a dataset (--dataset) or training files (--trainpref)")
+    if dataset is not None and (validpref or testpref):
+        raise QkvError("--validpref and --testpref go with --trainpref, not with --dataset")
+    if dataset is not None and dataset not in DATASETS:
+        raise QkvError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "synthetic":
+        if (src_lang or SYNTHETIC_SRC, tgt_lang or SYNTHETIC_TGT) != (SYNTHETIC_SRC, SYNTHETIC_TGT):
+            raise QkvError(f"the synthetic task translates {SYNTHETIC_SRC} to {SYNTHETIC_TGT}")
+        return SYNTHETIC_SRC, SYNTHETIC_TGT
+    if not src_lang or not tgt_lang:
+        raise QkvError("name both languages: --src-lang and --tgt-lang")
+    if src_lang == tgt_lang:
+        raise QkvError(f"source and target language are both {src_lang!r}")
+    return src_lang, tgt_lang
+
+
+def _encode(name, origin, pairs, tokenizer) -> tuple[EncodedSplit, SplitStats]:
+    src_text, tgt_text = [s for s, _ in pairs], [t for _, t in pairs]
+    split = EncodedSplit(
+        tokenizer.encode_batch(src_text), tokenizer.encode_batch(tgt_text), src_text, tgt_text
+    )
+    stats = SplitStats(name, origin, read=len(pairs), kept=len(pairs))
+    stats.src_tokens, stats.tgt_tokens = sum(map(len, split.src)), sum(map(len, split.tgt))
+    return split, stats
+
+
+def _filter_train(split, stats, n_empty, max_len, max_ratio) -> tuple[EncodedSplit, SplitStats]:
+    """Drop over-long and misaligned training pairs; count them with the empty ones dropped before."""
+    keep, dropped = length_filter(split.src, split.tgt, max_len, max_ratio)
+    dropped.empty = n_empty
+    if not keep:
+        raise QkvError(f"{stats.origin}: every pair was dropped ({_reasons(dropped)})")
+    # Training reads ids only; raw text is kept for val and test, where BLEU needs references.
+    kept = EncodedSplit([split.src[i] for i in keep], [split.tgt[i] for i in keep])
+    filtered = SplitStats(
+        stats.name, stats.origin, read=stats.read + n_empty, kept=len(keep), dropped=dropped,
+        src_tokens=sum(map(len, kept.src)), tgt_tokens=sum(map(len, kept.tgt)),
+    )  # fmt: skip
+    return kept, filtered
+
+
+def _read_splits(
+    dataset, src_lang, tgt_lang, trainpref, validpref, testpref, data_dir, seed, sizes
+):
+    """{split: (origin, pairs)} for train, and val/test where the source has them; plus notes."""
+    if dataset == "multi30k":
+        names = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+        raw = {}
+        for split, official in names.items():
+            files = [
+                datasets.multi30k_file(official, lang, data_dir) for lang in (src_lang, tgt_lang)
+            ]
+            raw[split] = (f"multi30k {official}", read_parallel(*files))
+        return raw, []
+    if dataset == "synthetic":
+        sizes = {k: v if v is not None else DEFAULT_SYNTHETIC_SIZES[k] for k, v in sizes.items()}
+        pairs = datasets.synthetic_pairs(sum(sizes.values()), seed)
+        n_train, n_val = sizes["train"], sizes["val"]
+        raw = {
+            "train": ("synthetic", pairs[:n_train]),
+            "val": ("synthetic", pairs[n_train : n_train + n_val]),
+            "test": ("synthetic", pairs[n_train + n_val :]),
+        }
+        notes = [f"synthetic dates task, seed {seed}: {n_train}/{n_val}/{sizes['test']} pairs"]
+        return {k: v for k, v in raw.items() if v[1]}, notes
+    raw = {"train": (str(trainpref), read_corpus(trainpref, src_lang, tgt_lang))}
+    for split, prefix in (("val", validpref), ("test", testpref)):
+        if prefix is not None:
+            raw[split] = (str(prefix), read_corpus(prefix, src_lang, tgt_lang))
+    return raw, []
+
+
+def _hold_out(pairs: list[Pair], size: int | None, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Split off a seeded random slice of `pairs` for validation: (rest, held out)."""
+    if size is None:
+        size = min(MAX_HELD_OUT, len(pairs) // 10)
+    if len(pairs) < 2 or not 0 < size < len(pairs):
+        raise QkvError(
+            f"cannot hold out {size} of {len(pairs)} training pairs for validation: "
+            "give --validpref, or a --valid-size below the number of pairs"
+        )
+    chosen = set(random.Random(seed).sample(range(len(pairs)), size))
+    rest = [pair for i, pair in enumerate(pairs) if i not in chosen]
+    return rest, [pair for i, pair in enumerate(pairs) if i in chosen]
+
+
+def _reasons(dropped: Dropped) -> str:
+    return f"{dropped.empty} empty, {dropped.too_long} too long, {dropped.ratio} length ratio"
+
+
+def _logger(progress: bool) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        if progress:
+            print(f"qkv prepare: {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+def print_summary(summary: PrepareSummary, file=None) -> None:
+    """The table `qkv prepare` prints: per split, pairs read, kept, dropped by reason, tokens."""
+    from rich.console import Console
+    from rich.table import Table
+
+    file = file or sys.stdout
+    table = Table(
+        title=f"{summary.dataset or 'files'} {summary.src_lang}-{summary.tgt_lang} -> {summary.out}"
+    )
+    table.add_column("split")
+    table.add_column("from", no_wrap=True)
+    for header in ("read", "kept", "empty", "too long", "bad ratio"):
+        table.add_column(header, justify="right")
+    for header in ("src tokens", "mean len", "tgt tokens", "mean len"):
+        table.add_column(header, justify="right")
+    for split in summary.splits:
+        d = split.dropped
+        table.add_row(
+            split.name, split.origin, f"{split.read:,}", f"{split.kept:,}",
+            f"{d.empty:,}", f"{d.too_long:,}", f"{d.ratio:,}",
+            f"{split.src_tokens:,}", f"{split.mean_src_len:.1f}",
+            f"{split.tgt_tokens:,}", f"{split.mean_tgt_len:.1f}",
+        )  # fmt: skip
+    # Not a terminal (a pipe, a log file): no width limit, so no cell ever wraps mid-word.
+    console = Console(file=file, width=None if file.isatty() else 10_000, highlight=False)
+    console.print(table)
+    console.print(
+        f"vocabulary: {summary.vocab_size:,} subwords ({summary.model_type}), "
+        f"joint {summary.src_lang}+{summary.tgt_lang}; trained in {summary.tokenizer_seconds:.1f} s"
+    )
+    console.print(
+        "empty, too long, bad ratio: pairs dropped for that reason. Only train is filtered; "
+        "val and test are kept whole. Tokens are subwords, without bos/eos."
+    )
+    for note in summary.notes:
+        console.print(note)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepared folder on disk
+
+
+def _write(out, summary, encoded, tokenizer, **settings) -> None:
+    for name, split in encoded.items():
+        atomic_write(out / f"{name}.pt", lambda f, s=split: torch.save(_flatten(s), f))
+        if split.src_text is not None:
+            for lang, lines in (
+                (summary.src_lang, split.src_text),
+                (summary.tgt_lang, split.tgt_text),
+            ):
+                text = "".join(line + "\n" for line in lines)
+                atomic_write(out / f"{name}.{lang}", lambda f, t=text: f.write(t.encode("utf-8")))
+    info = {
+        "format_version": FORMAT_VERSION,
+        "dataset": summary.dataset,
+        "src_lang": summary.src_lang,
+        "tgt_lang": summary.tgt_lang,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_type": summary.model_type,
+        "special_ids": tokenizer.specials.as_dict(),
+        "splits": {s.name: _split_info(s) for s in summary.splits},
+        "notes": summary.notes,
+        "tokenizer_seconds": round(summary.tokenizer_seconds, 3),
+        **settings,
+    }
+    text = json.dumps(info, indent=2) + "\n"
+    atomic_write(out / "prepare.json", lambda f: f.write(text.encode("utf-8")))
+
+
+def _split_info(stats: SplitStats) -> dict:
+    return {
+        "origin": stats.origin,
+        "read": stats.read,
+        "kept": stats.kept,
+        "dropped": asdict(stats.dropped),
+        "src_tokens": stats.src_tokens,
+        "tgt_tokens": stats.tgt_tokens,
+    }
+
+
+def _flatten(split: EncodedSplit) -> dict[str, torch.Tensor]:
+    """Ragged id lists as one flat int32 tensor plus offsets per side: compact, fast to load."""
+    tensors = {}
+    for side, rows in (("src", split.src), ("tgt", split.tgt)):
+        lengths = torch.tensor([0] + [len(r) for r in rows], dtype=torch.int64)
+        tensors[side] = torch.tensor([i for r in rows for i in r], dtype=torch.int32)
+        tensors[f"{side}_offsets"] = lengths.cumsum(0)
+    return tensors
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], side: str) -> list[list[int]]:
+    flat, offsets = tensors[side].tolist(), tensors[f"{side}_offsets"].tolist()
+    return [flat[a:b] for a, b in itertools.pairwise(offsets)]
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedData:
+    """Read a folder written by `prepare`; never executes code from it (weights_only loads)."""
+    path = Path(path)
+    info_path = path / "prepare.json"
+    if not info_path.is_file():
+        raise QkvError(f"{path} is not a prepared data folder (no prepare.json): run qkv prepare")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info.get("format_version") != FORMAT_VERSION:
+        raise QkvError(
+            f"{info_path}: format version {info.get('format_version')}, this qkv reads "
+            f"{FORMAT_VERSION}: run qkv prepare again"
+        )
+    tokenizer = Tokenizer.load(path / "tokenizer.model")
+    splits = {}
+    for name in info["splits"]:
+        tensors = torch.load(path / f"{name}.pt", weights_only=True)
+        src_file, tgt_file = (
+            path / f"{name}.{lang}" for lang in (info["src_lang"], info["tgt_lang"])
+        )
+        src_text = tgt_text = None
+        if src_file.is_file():
+            src_text, tgt_text = map(list, zip(*read_parallel(src_file, tgt_file), strict=True))
+        splits[name] = EncodedSplit(
+            _unflatten(tensors, "src"), _unflatten(tensors, "tgt"), src_text, tgt_text
+        )
+    return PreparedData(path, tokenizer, info, splits)

@@ -1,0 +1,695 @@
+"""Training: the paper's recipe (section 5), exact resume after a crash, one CPU to many GPUs.
+
+One plain loop. Each *update* consumes ``update_freq`` batches on every device; the loss of an update is
+the label-smoothed cross-entropy summed over its target tokens on all devices, divided by their number,
+so gradient accumulation and data parallelism give the same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from qkv.atomic import atomic_write
+from qkv.checkpoint import (
+    LAST,
+    TOKENIZER,
+    load_checkpoint,
+    model_checkpoint,
+    save_checkpoint,
+)
+from qkv.config import Config, dump_toml
+from qkv.data import EncodedSplit, TokenBatchSampler
+from qkv.errors import QkvError
+from qkv.model import Transformer
+
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
+
+
+# ---------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def label_smoothed_loss(
+    logits: Tensor, target: Tensor, epsilon: float, pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """Summed label-smoothed cross-entropy (section 5.4) and summed NLL over non-pad target tokens.
+
+    logits (batch, len, vocab), target (batch, len). Smoothing spreads epsilon uniformly over the
+    vocabulary, as torch's ``label_smoothing`` does.
+    """
+    logits = logits.flatten(0, 1).float()
+    target = target.flatten()
+    loss = F.cross_entropy(
+        logits, target, ignore_index=pad_id, label_smoothing=epsilon, reduction="sum"
+    )
+    with torch.no_grad():
+        nll = F.cross_entropy(logits, target, ignore_index=pad_id, reduction="sum")
+    return loss, nll
+
+
+def learning_rate(step: int, schedule: str, lr: float, d_model: int, warmup: int) -> float:
+    """The learning rate of update number `step` (counted from 1).
+
+    'noam' (section 5.3): lr * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5).
+    'inverse_sqrt' (fairseq): linear warm-up to lr, then lr * sqrt(warmup / step).
+    """
+    step = max(step, 1)
+    if schedule == "noam":
+        return lr * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+    if schedule == "inverse_sqrt":
+        return lr * min(step / warmup, math.sqrt(warmup / step))
+    raise QkvError(f"train.lr_schedule must be 'noam' or 'inverse_sqrt', not {schedule!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices
+
+
+@dataclass
+class Distributed:
+    """Where this process sits among the processes torchrun started (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_distributed(device_name: str) -> Distributed:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda":
+        device_name = f"cuda:{local_rank}" if world_size > 1 else "cuda"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QkvError("train.device asks for CUDA, but torch sees no GPU")
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training state, saved in every checkpoint
+
+
+@dataclass
+class Progress:
+    step: int = 0  # updates done
+    epoch: int = 0  # current epoch (0-based)
+    batches_done: int = 0  # global batches of the current epoch already consumed
+    best_bleu: float = -1.0
+    evals_without_improvement: int = 0
+    target_tokens: int = 0  # seen so far, all devices
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """Owns one run: the model, the optimizer, the data order, the run directory and its files."""
+
+    def __init__(self, config: Config, run_dir: Path, data, dist_info: Distributed, log=print):
+        self.config = config
+        self.run_dir = run_dir
+        self.data = data  # qkv.prepare.PreparedData: tokenizer, encoded splits, raw validation text
+        self.dist = dist_info
+        self.log = log if dist_info.is_main else (lambda *a, **k: None)
+        self.progress = Progress()
+        train = config.train
+        tokenizer = data.tokenizer
+        self.model_config = config.model_config(
+            tokenizer.vocab_size,
+            dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id),
+        )
+        torch.manual_seed(train.seed)
+        random.seed(train.seed)
+        self.model = Transformer(self.model_config).to(dist_info.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(),
+            lr=0.0,
+            betas=tuple(train.adam_betas),
+            eps=train.adam_eps,
+            weight_decay=train.weight_decay,
+        )
+        self.sampler = TokenBatchSampler(
+            data.train.lengths(),
+            train.max_tokens,
+            seed=train.seed,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
+        self.train_model = self.model  # what the forward pass calls: maybe wrapped by DDP / compile
+        self.bad_steps = 0
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_info.is_main else None
+
+    def wrap_model(self) -> None:
+        """DDP and torch.compile around the model, after any resumed weights are in place (DDP
+        broadcasts rank 0's parameters when it wraps)."""
+        if self.dist.world_size > 1:
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=device_ids
+            )
+        if self.config.train.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # -- one update -----------------------------------------------------------------------------
+
+    def autocast(self):
+        enabled = self.config.train.precision == "bf16"
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def update(self, batches: list) -> dict | None:
+        """Forward and backward over this device's batches of one update, then one optimizer step.
+
+        Returns the update's statistics, or None when the loss was not finite and the step was skipped.
+        """
+        train = self.config.train
+        pad_id = self.model_config.pad_id
+        local_tokens = sum(batch.n_tgt_tokens for batch in batches)
+        global_tokens = self.dist.all_sum(local_tokens)
+        # DDP averages gradients over devices; scale so the result is the sum over all tokens / their count.
+        scale = self.dist.world_size / global_tokens
+        loss_sum = nll_sum = 0.0
+        self.model.train()
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext()
+            if isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel) and not last:
+                sync = (
+                    self.train_model.no_sync()
+                )  # all-reduce gradients once, on the last micro-batch
+            with sync:
+                src = batch.src.to(self.dist.device, non_blocking=True)
+                tgt_in = batch.tgt_in.to(self.dist.device, non_blocking=True)
+                tgt_out = batch.tgt_out.to(self.dist.device, non_blocking=True)
+                with self.autocast():
+                    logits = self.train_model(src, tgt_in)
+                loss, nll = label_smoothed_loss(logits, tgt_out, train.label_smoothing, pad_id)
+                (loss * scale).backward()
+            loss_sum += loss.item()
+            nll_sum += nll.item()
+
+        loss_sum, nll_sum = self.dist.all_sum(loss_sum), self.dist.all_sum(nll_sum)
+        if not math.isfinite(loss_sum):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        step = self.progress.step + 1
+        lr = learning_rate(
+            step, train.lr_schedule, train.lr, self.model_config.d_model, train.warmup_steps
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = None
+        if train.clip_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": loss_sum / global_tokens,
+            "nll": nll_sum / global_tokens,
+            "lr": lr,
+            "tokens": int(global_tokens),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+        }
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def finished(self) -> bool:
+        train, progress = self.config.train, self.progress
+        if train.max_steps and progress.step >= train.max_steps:
+            return True
+        if train.max_epochs and progress.epoch >= train.max_epochs:
+            return True
+        patience = self.config.eval.patience
+        return bool(patience) and progress.evals_without_improvement >= patience
+
+    def epoch_updates(self):
+        """This device's batches for each remaining update of the current epoch, and how many.
+
+        The sampler gives device r every world_size-th batch of one seeded global order, so an update
+        of ``update_freq`` batches on each of N devices covers exactly the batches that one device would
+        take with N times the update_freq: the same gradient, summed in another order.
+        """
+        order = self.sampler.batches(self.progress.epoch)
+        per_update = self.config.train.update_freq
+        while self.progress.batches_done < len(order):
+            start = self.progress.batches_done
+            mine = order[start : start + per_update]
+            yield [self.data.train.collate(indices) for indices in mine], len(mine)
+
+    def run(self) -> dict:
+        train = self.config.train
+        if not train.max_steps and not train.max_epochs:
+            raise QkvError(
+                "set train.max_steps or train.max_epochs (both are 0: the run would never end)"
+            )
+        started = time.time()
+        start_step, start_tokens = self.progress.step, self.progress.target_tokens
+        bar = progress_bar(train.max_steps or None, self.progress.step, self.dist.is_main)
+        window = RunningWindow()
+        while not self.finished():
+            for batches, consumed in self.epoch_updates():
+                stats = self.update(batches)
+                self.progress.batches_done += consumed
+                if stats is None:
+                    self.skip_bad_step()
+                    continue
+                self.bad_steps = 0
+                self.progress.step += 1
+                self.progress.target_tokens += stats["tokens"]
+                window.add(stats)
+                bar.update(1)
+                bar.set_postfix_str(window.postfix(self.progress.epoch), refresh=False)
+                self.after_update(window)
+                if self.finished():
+                    break
+            else:
+                self.progress.epoch += 1
+                self.progress.batches_done = 0
+        bar.close()
+        elapsed = time.time() - started
+        if self.last_saved_step != self.progress.step:
+            if self.last_eval_step != self.progress.step:
+                self.evaluate()
+            self.save()
+        tokens = self.progress.target_tokens - start_tokens
+        return {
+            "steps": self.progress.step,
+            "new_steps": self.progress.step - start_step,
+            "epochs": self.progress.epoch,
+            "seconds": elapsed,
+            "target_tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0,
+            "best_bleu": self.progress.best_bleu,
+            "run_dir": str(self.run_dir),
+        }
+
+    last_saved_step = -1
+    last_eval_step = -1
+
+    def after_update(self, window: RunningWindow) -> None:
+        step = self.progress.step
+        train, evaluation = self.config.train, self.config.eval
+        if self.metrics is not None and (step % train.log_every == 0 or step == 1):
+            self.metrics.write({"step": step, "epoch": self.progress.epoch, **window.averages()})
+        if evaluation.every_steps and step % evaluation.every_steps == 0:
+            self.evaluate()
+        if train.save_every and step % train.save_every == 0:
+            self.save()
+
+    def skip_bad_step(self) -> None:
+        self.bad_steps += 1
+        self.log(
+            f"warning: step {self.progress.step + 1}: loss is not finite; update skipped "
+            f"({self.bad_steps} in a row)"
+        )
+        if self.bad_steps >= MAX_BAD_STEPS:
+            raise QkvError(
+                f"{MAX_BAD_STEPS} non-finite losses in a row at step {self.progress.step + 1}: "
+                f"stopping. The last good checkpoint is {self.run_dir / LAST}; try a lower train.lr, "
+                "more train.warmup_steps, or train.clip_norm"
+            )
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Validation loss, perplexity and greedy BLEU; keeps best.pt when BLEU improves."""
+        self.last_eval_step = self.progress.step
+        self.model.eval()
+        with self.autocast():
+            scores = validate(self.model, self.data, self.config, self.dist.device)
+        result = {"step": self.progress.step, **scores}
+        self.model.train()
+        if not self.dist.is_main:
+            return result
+        improved = result["bleu"] > self.progress.best_bleu
+        if improved:
+            self.progress.best_bleu = result["bleu"]
+            self.progress.evals_without_improvement = 0
+            save_checkpoint(self.run_dir / "best.pt", self.checkpoint(with_training_state=False))
+        else:
+            self.progress.evals_without_improvement += 1
+        self.metrics.write({"split": "valid", **result})
+        self.log(
+            f"step {result['step']}: valid loss {result['loss']:.3f}, ppl {result['ppl']:.2f}, "
+            f"BLEU {result['bleu']:.2f}" + (" (best so far)" if improved else "")
+        )
+        plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        return result
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint(self, with_training_state: bool = True) -> dict:
+        extra = {
+            "step": self.progress.step,
+            "meta": run_meta(self.data),
+            "config": self.config.to_dict(),
+        }
+        if with_training_state:
+            extra.update(
+                optimizer=self.optimizer.state_dict(),
+                progress=vars(self.progress).copy(),
+                rng=rng_states(),
+            )
+        return model_checkpoint(self.model, **extra)
+
+    def save(self) -> None:
+        """checkpoint_<step>.pt, and last.pt pointing at the same bytes; older step files pruned."""
+        self.last_saved_step = self.progress.step
+        if not self.dist.is_main:
+            return
+        step_path = self.run_dir / f"checkpoint_{self.progress.step}.pt"
+        save_checkpoint(step_path, self.checkpoint())
+        link_atomically(step_path, self.run_dir / LAST)
+        for old in step_checkpoints(self.run_dir)[: -self.config.train.keep_last or None]:
+            old.unlink(missing_ok=True)
+
+    def resume(self) -> bool:
+        """Continue from the newest readable checkpoint of the run directory; False if there is none."""
+        candidates = [self.run_dir / LAST, *reversed(step_checkpoints(self.run_dir))]
+        for path in candidates:
+            if not path.is_file():
+                continue
+            try:
+                checkpoint = load_checkpoint(path, map_location=self.dist.device)
+            except QkvError as error:
+                self.log(f"warning: {error}; trying an older checkpoint")
+                continue
+            if "optimizer" not in checkpoint:
+                continue
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.progress = Progress(**checkpoint["progress"])
+            restore_rng_states(checkpoint["rng"])
+            self.last_saved_step = self.progress.step
+            if self.metrics is not None:
+                self.metrics.truncate_after(self.progress.step)
+            self.log(f"resumed from {path} at step {self.progress.step}")
+            return True
+        return False
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint_<step>.pt files, oldest first."""
+    paths = []
+    for path in run_dir.glob("checkpoint_*.pt"):
+        step = path.stem.removeprefix("checkpoint_")
+        if step.isdigit():
+            paths.append((int(step), path))
+    return [path for _, path in sorted(paths)]
+
+
+def link_atomically(source: Path, target: Path) -> None:
+    """Make `target` a hard link to `source`, replacing it in one rename (a copy where links fail)."""
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write(target, lambda file: file.write(source.read_bytes()))
+        return
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def validate(model: Transformer, data, config: Config, device: torch.device) -> dict:
+    """Loss and perplexity on the validation split (teacher forcing), and BLEU of greedy (or beam)
+    translations of its sources against the raw reference text."""
+    import sacrebleu
+
+    valid: EncodedSplit = data.val
+    pad_id = model.config.pad_id
+    sampler = TokenBatchSampler(valid.lengths(), config.train.max_tokens, shuffle=False)
+    nll_sum = tokens = 0.0
+    for indices in sampler.batches(0):
+        batch = valid.collate(indices).to(device)
+        logits = model(batch.src, batch.tgt_in)
+        nll_sum += label_smoothed_loss(logits, batch.tgt_out, 0.0, pad_id)[1].item()
+        tokens += batch.n_tgt_tokens
+    limit = config.eval.max_sentences or len(valid)
+    hypotheses = translate_ids(model, valid.src[:limit], config.train.max_tokens, config.eval.beam)
+    references = valid.tgt_text[:limit]
+    bleu = sacrebleu.corpus_bleu([data.tokenizer.decode(h) for h in hypotheses], [references])
+    loss = nll_sum / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": bleu.score}
+
+
+def translate_ids(model: Transformer, sources: list[list[int]], max_tokens: int, beam: int):
+    """Output ids (no specials) for each source (subword ids without eos), in input order."""
+    from qkv.search import beam_search, greedy_search
+
+    device = next(model.parameters()).device
+    eos, pad = model.config.eos_id, model.config.pad_id
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    outputs: list[list[int]] = [[] for _ in sources]
+    start = 0
+    while start < len(order):
+        longest = len(sources[order[min(len(order) - 1, start)]]) + 1
+        # Decoding memory grows with the output too: budget by twice the source length.
+        size = max(1, max_tokens // (2 * longest + 50) // max(beam, 1))
+        chunk = order[start : start + size]
+        src = torch.full((len(chunk), max(len(sources[i]) for i in chunk) + 1), pad)
+        for row, i in enumerate(chunk):
+            src[row, : len(sources[i]) + 1] = torch.tensor([*sources[i], eos])
+        src = src.to(device)
+        if beam > 1:
+            ids = beam_search(model, src, beam_size=beam)[0][:, 0]
+        else:
+            ids = greedy_search(model, src)[0]
+        for row, i in enumerate(chunk):
+            outputs[i] = [t for t in ids[row].tolist() if t not in (pad, eos)]
+        start += len(chunk)
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Watching it
+
+
+class RunningWindow:
+    """Averages of the updates since the last log line, for the progress bar and metrics.jsonl."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.nll = 0.0
+        self.tokens = 0
+        self.lr = 0.0
+        self.started = time.time()
+
+    def add(self, stats: dict) -> None:
+        self.loss += stats["loss"] * stats["tokens"]
+        self.nll += stats["nll"] * stats["tokens"]
+        self.tokens += stats["tokens"]
+        self.lr = stats["lr"]
+
+    def averages(self) -> dict:
+        seconds = max(time.time() - self.started, 1e-9)
+        tokens = max(self.tokens, 1)
+        values = {
+            "loss": self.loss / tokens,
+            "nll": self.nll / tokens,
+            "ppl": math.exp(min(self.nll / tokens, 50)),
+            "lr": self.lr,
+            "tokens_per_second": self.tokens / seconds,
+        }
+        self.reset()
+        return values
+
+    def postfix(self, epoch: int) -> str:
+        tokens = max(self.tokens, 1)
+        seconds = max(time.time() - self.started, 1e-9)
+        return (
+            f"epoch {epoch + 1} loss {self.loss / tokens:.3f} lr {self.lr:.2e} "
+            f"{self.tokens / seconds:,.0f} tok/s"
+        )
+
+
+def progress_bar(total: int | None, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object a line, appended and flushed, so a crash loses at most one line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop what the crashed run logged after its last checkpoint."""
+        if not self.path.is_file():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write(self.path, lambda file: file.write(text.encode()))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a crash
+            records.append(json.loads(line))
+    return records
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Training loss and validation loss/BLEU against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if "split" not in r and "loss" in r]
+    valid = [r for r in records if r.get("split") == "valid"]
+    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (smoothed)")
+    ax_loss.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="valid")
+    ax_loss.set(xlabel="step", ylabel="loss per target token", title="Loss")
+    ax_loss.legend()
+    ax_bleu.plot([r["step"] for r in valid], [r["bleu"] for r in valid], "o-", color="tab:green")
+    ax_bleu.set(xlabel="step", ylabel="BLEU", title="Validation BLEU (greedy)")
+    for ax in (ax_loss, ax_bleu):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(png_path, lambda file: fig.savefig(file, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:
+    """Train a model as `config` says, writing everything to `run_dir`; returns the run's summary."""
+    run_dir = Path(run_dir)
+    dist_info = setup_distributed(config.train.device)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    if (run_dir / LAST).exists() and not resume:
+        raise QkvError(
+            f"{run_dir} already holds a run ({LAST}): pass --resume to continue it, "
+            "or choose another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_training_data(config, run_dir, dist_info, log)
+    if dist_info.is_main:
+        text = dump_toml(config)
+        atomic_write(run_dir / "config.toml", lambda file: file.write(text.encode()))
+        tokenizer_bytes = (Path(data.path) / TOKENIZER).read_bytes()
+        atomic_write(run_dir / TOKENIZER, lambda file: file.write(tokenizer_bytes))
+    trainer = Trainer(config, run_dir, data, dist_info, log)
+    if resume and not trainer.resume():
+        log(f"no checkpoint to resume in {run_dir}: starting from scratch")
+    trainer.wrap_model()
+    log(
+        f"training {trainer.model.num_parameters():,} parameters on {dist_info.device}"
+        + (f" x {dist_info.world_size} processes" if dist_info.world_size > 1 else "")
+        + f"; {len(data.train):,} training pairs, {len(data.val):,} validation pairs"
+    )
+    return trainer.run()
+
+
+def run_meta(data) -> dict:
+    """What a checkpoint records of its data, for translation and evaluation later."""
+    return {key: data.info.get(key) for key in ("dataset", "src_lang", "tgt_lang")}
+
+
+def load_training_data(config: Config, run_dir: Path, dist_info: Distributed, log):
+    """The prepared data the config names; prepared into RUN_DIR/data first when it is not there yet."""
+    from qkv.prepare import load_prepared, prepare
+
+    data_config = config.data
+    if data_config.prepared:
+        return load_prepared(data_config.prepared)
+    if not data_config.dataset and not data_config.trainpref:
+        raise QkvError(
+            "the config names no data: set data.dataset (e.g. 'multi30k' or 'synthetic'), "
+            "data.trainpref, or data.prepared"
+        )
+    prepared_dir = run_dir / "data"
+    if dist_info.is_main and not (prepared_dir / "prepare.json").is_file():
+        log(f"preparing data into {prepared_dir}")
+        prepare(
+            out=prepared_dir,
+            dataset=data_config.dataset,
+            trainpref=data_config.trainpref,
+            validpref=data_config.validpref,
+            testpref=data_config.testpref,
+            src_lang=data_config.src_lang,
+            tgt_lang=data_config.tgt_lang,
+            data_dir=data_config.data_dir,
+            vocab_size=data_config.vocab_size,
+            model_type=data_config.tokenizer_type,
+            max_len=data_config.max_len,
+            seed=data_config.seed,
+            progress=dist_info.is_main,
+        )
+    dist_info.barrier()
+    return load_prepared(prepared_dir)
