@@ -150,10 +150,9 @@ def plot_attention(
     All panels share one colour scale, 0 to 1, so a dark cell means the same weight everywhere.
     caption: a line under the title, e.g. the sentence and its translation.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit imported
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global figure state and no GUI backend, so it works the same in a
+    # terminal, a test and a notebook (whose own backend stays untouched).
+    from matplotlib.figure import Figure
 
     grid = select(maps, kinds, layer, head)
     n_rows, n_cols = len(grid), len(grid[0])
@@ -161,13 +160,8 @@ def plot_attention(
     side = max(2.4, 0.22 * longest + 1.2)  # inches per panel: room for every token label
     if n_rows * n_cols == 1:
         side = max(side, 4.0)  # a lone panel is the whole picture
-    fig, axes = plt.subplots(
-        n_rows,
-        n_cols,
-        figsize=(side * n_cols + 1.2, side * n_rows + 1.0),
-        squeeze=False,
-        layout="constrained",
-    )
+    fig = Figure(figsize=(side * n_cols + 1.2, side * n_rows + 1.0), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for row, panels in enumerate(grid):
         for col, (kind, lay, h) in enumerate(panels):
             image = _draw_panel(axes[row][col], maps, kind, lay, h, first_column=col == 0)
@@ -200,12 +194,9 @@ def _draw_panel(ax, maps: AttentionMaps, kind: str, layer: int, head: int, first
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Write the figure as an image (format from the suffix) at exactly its size x dpi pixels."""
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)  # the Agg renderer for PNG: no display needed
     return path
 
 
