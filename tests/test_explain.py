@@ -133,6 +133,12 @@ def test_qkv_explain_with_a_run_dir(tmp_path, capsys):
     assert "▁nineteen" in out and "</s>" in out
     assert "head 3" in out and "head 2," not in out
     assert "LayerNorm of the output of encoder layer 1 (pre-LN)" in out
+    assert main(["explain", str(run_dir), SENTENCE, "--kind", "cross", "--layer", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Encoder-decoder attention, layer 2" in out and "over its translation" in out
+    assert "K = M W^K" in out
+    assert main(["explain", SENTENCE, "--kind", "decoder"]) == 2
+    assert "needs a RUN_DIR" in capsys.readouterr().err
     assert main(["explain", str(run_dir), SENTENCE, "--heads", "x"]) == 2
     assert "--heads takes numbers" in capsys.readouterr().err
     assert main(["explain", "a", "b", "c"]) == 2

@@ -371,15 +371,22 @@ def _add_attention(subparsers) -> None:
     parser.set_defaults(run=_run_attention)
 
 
+def _translate(model, tokenizer, src_ids: list[int]) -> tuple[list[int], str]:
+    """The greedy translation as the decoder's input (BOS, then the translation: position t predicts
+    token t+1, the last one EOS) and as text."""
+    from qkv.visualize import greedy_translate
+
+    out_ids = greedy_translate(model, src_ids)
+    words = out_ids[:-1] if out_ids[-1:] == [tokenizer.eos_id] else out_ids
+    return [tokenizer.bos_id, *words], tokenizer.decode(out_ids)
+
+
 def _run_attention(args) -> int:
     from qkv import visualize
 
     model, tokenizer = _load_run(args.run_dir)
     src_ids = _source_ids(model, tokenizer, args.sentence)
-    out_ids = visualize.greedy_translate(model, src_ids)
-    # Decoder input: BOS, then the translation; position t predicts token t+1 (the last predicts EOS).
-    words = out_ids[:-1] if out_ids[-1:] == [tokenizer.eos_id] else out_ids
-    tgt_ids = [tokenizer.bos_id, *words]
+    tgt_ids, translation = _translate(model, tokenizer, src_ids)
     maps = visualize.collect_attention(
         model,
         src_ids,
@@ -387,7 +394,6 @@ def _run_attention(args) -> int:
         [tokenizer.id_to_piece(i) for i in src_ids],
         [tokenizer.id_to_piece(i) for i in tgt_ids],
     )
-    translation = tokenizer.decode(out_ids)
     caption = f"{args.sentence}  →  {translation}"
     print(f"source:      {' '.join(maps.src_labels)}")
     print(f"translation: {translation}")
@@ -418,13 +424,14 @@ def _add_explain(subparsers) -> None:
             "Show how self-attention computes its output, step by step, on the numbers of a model: "
             "the input vectors X; Q = X W^Q, K = X W^K, V = X W^V per head; Q K^T; scaled by "
             "sqrt(d_k); softmax; Z = softmax(...) V; the heads concatenated; multiplied by W^O. The "
-            "last matrix is exactly what the model's encoder computes in that layer. Without RUN_DIR "
+            "last matrix is exactly what the model computes in that sublayer. Without RUN_DIR "
             "a small randomly initialised model is used (the numbers are then not learned ones)."
         ),
         epilog=(
             "examples:\n"
             '  qkv explain "thinking machines"\n'
             '  qkv explain runs/multi30k "Ein Mann fährt Fahrrad." --layer 2 --heads 1,2\n'
+            '  qkv explain runs/multi30k "Ein Mann fährt Fahrrad." --kind cross --layer 3\n'
             '  qkv explain "thinking machines" --heads all --html explain.html'
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -432,8 +439,13 @@ def _add_explain(subparsers) -> None:
     parser.add_argument(
         "inputs", nargs="+", metavar="[RUN_DIR] TEXT", help="optional run directory, then the text"
     )
+    parser.add_argument("--layer", type=int, default=1, metavar="L", help="layer (default 1)")
     parser.add_argument(
-        "--layer", type=int, default=1, metavar="L", help="encoder layer (default 1)"
+        "--kind",
+        choices=KINDS,
+        default="encoder",
+        help="encoder self-attention (default), or, with RUN_DIR, decoder self-attention or "
+        "encoder-decoder attention over the model's translation",
     )
     parser.add_argument(
         "--heads", default="1", metavar="H", help="heads to show: 1, 1,3 or all (default 1)"
@@ -476,17 +488,26 @@ def _run_explain(args) -> int:
     if len(args.inputs) > 2:
         raise QkvError("explain takes [RUN_DIR] TEXT: quote the text if it has spaces")
     *run_dir, text = args.inputs
+    tgt_ids = tgt_labels = None
     if run_dir:
         model, tokenizer = _load_run(run_dir[0])
         src_ids = _source_ids(model, tokenizer, text)
         labels = [tokenizer.id_to_piece(i) for i in src_ids]
         origin = f"the model of {run_dir[0]}"
+        if args.kind != "encoder":  # the decoder attends over the model's own translation
+            tgt_ids, translation = _translate(model, tokenizer, src_ids)
+            tgt_labels = [tokenizer.id_to_piece(i) for i in tgt_ids]
+            origin += f", over its translation {translation!r}"
+    elif args.kind != "encoder":
+        raise QkvError(f"--kind {args.kind} needs a RUN_DIR: a random model has no translation")
     else:
         model, src_ids, labels = _random_model_and_ids(text)
         origin = "a small RANDOMLY INITIALISED model (no RUN_DIR given): the steps are real, the weights are not learned"
     layer, heads = _one_based(args.layer, "layer"), _parse_heads(args.heads)
     try:
-        result = explain.explain(model, src_ids, labels, "encoder", layer, heads)
+        result = explain.explain(
+            model, src_ids, labels, args.kind, layer, heads, tgt_ids, tgt_labels
+        )
     except ValueError as error:
         raise QkvError(str(error)) from None
     result.notes.insert(0, f"Using {origin}.")
