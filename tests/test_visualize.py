@@ -173,3 +173,34 @@ def test_qkv_attention_one_head_and_bad_layer(run_qkv, run_dir, tmp_path, capsys
     assert "layer 7 does not exist" in capsys.readouterr().err
     assert main(["attention", str(tmp_path / "missing"), "the third"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_a_model_trained_to_reverse_looks_at_the_mirrored_source_token():
+    """The rows and columns mean what the titles say: a model that learned to reverse a sequence shows
+    the anti-diagonal in encoder-decoder attention (about 3 s of training)."""
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        src_vocab_size=16, tgt_vocab_size=16, d_model=32, n_heads=2, d_ff=64,
+        n_encoder_layers=1, n_decoder_layers=1, dropout=0.0, max_len=16,
+    )  # fmt: skip
+    model = Transformer(config)
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    eos = torch.full((64, 1), 3)
+    for _ in range(400):
+        x = torch.randint(4, 16, (64, 7))
+        src, tgt = torch.cat([x, eos], 1), torch.cat([x.flip(1), eos], 1)
+        tgt_in = torch.cat([torch.full((64, 1), 2), tgt[:, :-1]], 1)
+        loss = torch.nn.functional.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt.flatten())
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    src = [4, 5, 6, 7, 8, 9, 10, 3]
+    out = visualize.greedy_translate(model, src)
+    assert out == [10, 9, 8, 7, 6, 5, 4, 3], "the model learned to reverse"
+    labels = [str(i) for i in src]
+    maps = visualize.collect_attention(
+        model, src, [2, *out[:-1]], labels, ["<s>", *labels[::-1][1:]]
+    )
+    looked_at = (
+        maps.weights["cross"][0].mean(0).argmax(-1)
+    )  # (tgt_len,): the key each query favours
+    # Decoder position t (input: the t-th output token) predicts output token t+1 = source token 6 - t.
+    assert looked_at[1:7].tolist() == [5, 4, 3, 2, 1, 0]
