@@ -44,3 +44,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "multi30k").is_dir():
         pytest.skip(f"no Multi30k copy at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory) -> Path:
+    """A run directory (tokenizer.model, best.pt, last.pt, checkpoint_100.pt, checkpoint_200.pt) whose
+    model has learned to reverse sequences of letters: "a b c" -> "c b a". Built once per session."""
+    from toy_task import build_toy_run
+
+    return build_toy_run(tmp_path_factory.mktemp("toy_run"))

@@ -1,0 +1,361 @@
+"""Greedy search, sampling and batched beam search over the cached decoder.
+
+Every function takes source ids (batch, src_len): subword ids followed by EOS, padded with ``pad_id``;
+special ids come from ``model.config``. Outputs are padded with ``pad_id`` after EOS.
+
+Lengths count generated tokens, BOS not included, as Hugging Face's ``max_new_tokens``:
+
+- ``max_len``: a hypothesis ends after this many tokens, EOS included (a hypothesis cut there has no EOS).
+  Default: each sentence's own source length (non-pad tokens) + 50, as in the paper (section 6.1); never
+  more than the model's ``max_len`` positions.
+- ``min_len``: EOS is forbidden until this many tokens have been generated, so with
+  ``min_len == max_len == 20`` exactly 20 non-EOS tokens come out.
+
+Scores are the model's own log-probabilities: PAD and BOS, never valid outputs, and EOS before ``min_len``
+are removed *after* the softmax, as Hugging Face's logits processors do, so a returned score is what a
+teacher-forced forward pass gives for the returned ids.
+
+How the beam search stays fast (as fairseq, Marian and CTranslate2 do it):
+- all beams of all sentences are rows of one tensor, and the decoder runs one position at a time on the
+  KV cache (`qkv.attention.KVCache`);
+- the encoder and the cross-attention keys/values run once per sentence: the first step decodes one row
+  per sentence, then the cache is expanded to `beam_size` rows each and reordered with the beams;
+- each step keeps the best 2 x beam_size candidates, so `beam_size` of them continue even if all the
+  beams just produced EOS;
+- finished hypotheses are kept until no live beam can beat them, then the sentence leaves the batch and
+  later steps run on fewer rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qkv.model import Transformer
+
+LENGTH_PENALTY_STYLES = ("gnmt", "fairseq")
+MAX_LEN_MARGIN = 50  # the paper: "maximum output length ... input length + 50"
+
+
+def length_penalty_factor(
+    length: Tensor | int, alpha: float, style: str = "gnmt"
+) -> Tensor | float:
+    """The divisor of a hypothesis' log-probability: 'gnmt' ((5 + len) / 6)^alpha, the paper's (from Wu et
+    al. 2016, as in tensor2tensor), or 'fairseq' len^alpha (fairseq, CTranslate2, Hugging Face).
+    ``length`` counts generated tokens, EOS included."""
+    if style == "gnmt":
+        return ((5 + length) / 6) ** alpha
+    if style == "fairseq":
+        return length**alpha
+    raise ValueError(
+        f"length_penalty_style must be one of {', '.join(LENGTH_PENALTY_STYLES)}, not {style!r}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _inference(function):
+    """Run `function` in inference mode with the model in eval mode, restoring its mode afterwards."""
+
+    @functools.wraps(function)
+    def wrapper(model: Transformer, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                return function(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapper
+
+
+def max_lengths(model: Transformer, src_ids: Tensor, max_len: int | None) -> Tensor:
+    """(batch,) the most tokens each hypothesis may generate, EOS included."""
+    if max_len is None:
+        src_lengths = (src_ids != model.config.pad_id).sum(dim=1)
+        lengths = src_lengths + MAX_LEN_MARGIN
+    else:
+        if max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {max_len}")
+        lengths = torch.full((src_ids.size(0),), max_len, device=src_ids.device)
+    # Token t (1-based) is predicted at decoder position t - 1: the positions bound the length.
+    return lengths.clamp(max=model.config.max_len)
+
+
+def next_log_probs(model: Transformer, logits: Tensor, generated: int, min_len: int) -> Tensor:
+    """(rows, 1, vocab) logits of the newest position -> (rows, vocab) fp32 log-probabilities, with the
+    tokens that may not come next at -inf. `generated` tokens already exist before this one."""
+    log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+    config = model.config
+    log_probs[:, config.pad_id] = -math.inf
+    log_probs[:, config.bos_id] = -math.inf
+    if generated < min_len:
+        log_probs[:, config.eos_id] = -math.inf
+    return log_probs
+
+
+class _Batch:
+    """The rows still being decoded, and the per-sentence tensors that shrink with them.
+
+    Cross-attention reads the cache, but `decode` still wants the encoder output and the source mask
+    with one row per decoder row."""
+
+    def __init__(self, model: Transformer, src_ids: Tensor, max_len: int | None):
+        self.model = model
+        self.memory = model.encode(src_ids)  # (batch, src_len, d_model)
+        self.src_mask = model.src_mask(src_ids)  # (batch, 1, 1, src_len)
+        self.max_lens = max_lengths(model, src_ids, max_len)  # (batch,)
+        self.sentence = torch.arange(src_ids.size(0), device=src_ids.device)  # original row of each
+        self.cache = model.new_cache()
+
+    def decode(self, last_tokens: Tensor) -> Tensor:
+        """(rows,) the newest token of each row -> (rows, 1, vocab) logits of the next one."""
+        return self.model.decode(last_tokens[:, None], self.memory, self.src_mask, self.cache)
+
+    def keep(self, rows: Tensor, cache_rows: Tensor | None = None) -> None:
+        """Keep `rows` (in that order) of the current batch; the cache keeps `cache_rows` (default the
+        same rows: they differ when beams are reordered, as their per-sentence tensors are equal)."""
+        self.memory = self.memory.index_select(0, rows)
+        self.src_mask = self.src_mask.index_select(0, rows)
+        self.max_lens = self.max_lens.index_select(0, rows)
+        self.sentence = self.sentence.index_select(0, rows)
+        self.cache.reorder(rows if cache_rows is None else cache_rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One hypothesis per sentence: greedy and sampling
+
+
+@_inference
+def greedy_search(
+    model: Transformer, src_ids: Tensor, max_len: int | None = None, min_len: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The most likely next token at every step.
+
+    src_ids (batch, src_len) -> ids (batch, out_len) padded with pad_id after EOS, and scores (batch,):
+    the sum of the log-probabilities of the ids (EOS included; no length penalty).
+    """
+    return _one_best(model, src_ids, lambda log_probs: log_probs.argmax(dim=-1), max_len, min_len)
+
+
+@_inference
+def sample(
+    model: Transformer,
+    src_ids: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_len: int | None = None,
+    min_len: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Draw each next token from the model's distribution, for generation tasks rather than translation.
+
+    temperature: divides the logits (< 1 sharper, > 1 flatter); top_k: draw from the k most likely
+    tokens only (0: all); top_p: from the smallest set whose probability reaches p (nucleus sampling).
+    Returns ids (batch, out_len) and scores (batch,) as `greedy_search`: the sum of the model's own
+    (untempered) log-probabilities of the drawn ids. Pass a seeded `generator` to repeat a draw.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature} (use greedy_search)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    def choose(log_probs: Tensor) -> Tensor:
+        logits = filter_top_k_top_p(log_probs / temperature, top_k, top_p)
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+    return _one_best(model, src_ids, choose, max_len, min_len)
+
+
+def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """(rows, vocab) logits with every token outside the top k / the top-p nucleus set to -inf."""
+    if 0 < top_k < logits.size(-1):
+        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach p; the most likely token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits
+
+
+def _one_best(model, src_ids, choose, max_len, min_len) -> tuple[Tensor, Tensor]:
+    """Decode one hypothesis per sentence, picking each token with `choose((rows, vocab)) -> (rows,)`."""
+    config = model.config
+    batch = _Batch(model, src_ids, max_len)
+    n_sentences = src_ids.size(0)
+    longest = int(batch.max_lens.max()) if n_sentences else 0
+    out = torch.full((n_sentences, longest), config.pad_id, device=src_ids.device)
+    scores = torch.zeros(n_sentences, device=src_ids.device)
+    tokens = torch.full((n_sentences,), config.bos_id, device=src_ids.device)  # (rows,)
+    for step in range(longest):
+        log_probs = next_log_probs(model, batch.decode(tokens), step, min_len)  # (rows, vocab)
+        tokens = choose(log_probs)  # (rows,)
+        out[batch.sentence, step] = tokens
+        scores[batch.sentence] += log_probs.gather(1, tokens[:, None]).squeeze(1)
+        done = (tokens == config.eos_id) | (batch.max_lens == step + 1)
+        if done.all():
+            break
+        if done.any():
+            live = (~done).nonzero().squeeze(1)
+            batch.keep(live)
+            tokens = tokens.index_select(0, live)
+    return _trim(out, config.pad_id), scores
+
+
+def _trim(ids: Tensor, pad_id: int) -> Tensor:
+    """Drop trailing columns that are padding in every row."""
+    used = (ids != pad_id).flatten(0, -2).any(dim=0).nonzero()
+    return ids[..., : int(used.max()) + 1 if used.numel() else 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Beam search
+
+
+@_inference
+def beam_search(
+    model: Transformer,
+    src_ids: Tensor,
+    beam_size: int = 5,
+    length_penalty: float = 0.6,
+    length_penalty_style: str = "gnmt",
+    max_len: int | None = None,
+    min_len: int = 0,
+    n_best: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """The `n_best` best hypotheses of a beam search, best first.
+
+    src_ids (batch, src_len) -> ids (batch, n_best, out_len) padded with pad_id after EOS, and scores
+    (batch, n_best): sum of log-probabilities / length_penalty(len), len counting EOS. The paper used beam
+    4 and alpha 0.6 with the 'gnmt' style; `length_penalty=0` ranks by plain log-probability.
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+    length_penalty_of = functools.partial(
+        length_penalty_factor, alpha=length_penalty, style=length_penalty_style
+    )
+    length_penalty_of(1)  # reject an unknown style before any work
+    return _BeamSearch(model, src_ids, beam_size, length_penalty_of, max_len, min_len, n_best).run()
+
+
+class _BeamSearch:
+    """The state of one batched beam search. Rows of the decoder batch are (sentence, beam) pairs,
+    sentence-major: the beams of live sentence i are rows i * beam_size ... (i + 1) * beam_size - 1."""
+
+    def __init__(self, model, src_ids, beam_size, length_penalty_of, max_len, min_len, n_best):
+        self.model, self.config = model, model.config
+        self.beam_size, self.n_best, self.min_len = beam_size, n_best, min_len
+        self.length_penalty_of = length_penalty_of
+        self.batch = _Batch(model, src_ids, max_len)
+        self.device = src_ids.device
+        n_sentences = src_ids.size(0)
+        self.longest = int(self.batch.max_lens.max()) if n_sentences else 0
+        # Finished hypotheses of every sentence, best first: normalised scores and ids.
+        self.final_scores = torch.full((n_sentences, n_best), -math.inf, device=self.device)
+        self.final_ids = torch.full(
+            (n_sentences, n_best, self.longest), self.config.pad_id, device=self.device
+        )
+
+    def run(self) -> tuple[Tensor, Tensor]:
+        n_sentences, beam = self.final_scores.size(0), self.beam_size
+        if n_sentences == 0 or self.longest == 0:
+            return self.final_ids, self.final_scores
+        # Step 1 on one row per sentence (all its beams would be the same BOS), so the encoder output is
+        # projected for cross-attention once per sentence; then every row is copied to beam_size rows.
+        bos = torch.full((n_sentences,), self.config.bos_id, device=self.device)
+        log_probs = next_log_probs(self.model, self.batch.decode(bos), 0, self.min_len)
+        self.batch.keep(torch.arange(n_sentences, device=self.device).repeat_interleave(beam))
+        log_probs = log_probs.repeat_interleave(beam, dim=0)  # (rows, vocab)
+        # Only the first beam is live at first, or the search would keep beam_size copies of one prefix.
+        beam_scores = torch.full((n_sentences, beam), -math.inf, device=self.device)
+        beam_scores[:, 0] = 0.0
+        ids = torch.empty((n_sentences * beam, 0), dtype=torch.long, device=self.device)
+        for step in range(self.longest):
+            if step > 0:
+                log_probs = next_log_probs(
+                    self.model, self.batch.decode(ids[:, -1]), step, self.min_len
+                )
+            beam_scores, ids = self.step(step + 1, beam_scores, log_probs, ids)
+            if beam_scores.numel() == 0:
+                break
+        return _trim(self.final_ids, self.config.pad_id), self.final_scores
+
+    def step(self, length: int, beam_scores: Tensor, log_probs: Tensor, ids: Tensor):
+        """Extend every live beam by one token (the `length`-th), record hypotheses that finish, drop the
+        sentences that are done, and reorder the cache. Returns the new (beam_scores, ids)."""
+        beam, vocab = self.beam_size, log_probs.size(-1)
+        n_live = beam_scores.size(0)
+        # (n_live, beam * vocab): every extension of every beam of a sentence competes in one row.
+        scores = (beam_scores.view(-1, 1) + log_probs).view(n_live, beam * vocab)
+        cand_scores, cand_flat = scores.topk(
+            min(2 * beam, scores.size(1)), dim=1
+        )  # (n_live, 2 beam)
+        cand_beam, cand_token = cand_flat // vocab, cand_flat % vocab
+        cand_row = (
+            torch.arange(n_live, device=self.device)[:, None] * beam + cand_beam
+        )  # row in ids
+        at_max_len = self.batch.max_lens[::beam] == length  # (n_live,)
+
+        # A candidate among the best `beam` finishes if it is EOS, or if no more tokens are allowed.
+        is_eos = cand_token == self.config.eos_id
+        finishes = (is_eos | at_max_len[:, None]) & (cand_scores > -math.inf)
+        finishes[:, beam:] = False
+        if finishes.any():
+            self.record(length, cand_scores, cand_row, cand_token, finishes, ids)
+
+        # The best `beam` candidates that are not EOS live on (there are at least `beam` of 2 * beam).
+        live_scores, pick = cand_scores.masked_fill(is_eos, -math.inf).topk(beam, dim=1)
+        rows = cand_row.gather(1, pick)  # (n_live, beam) row each new beam extends
+        ids = torch.cat([ids[rows.flatten()], cand_token.gather(1, pick).view(-1, 1)], dim=1)
+
+        done = at_max_len | self.cannot_improve(length, live_scores[:, 0])
+        if done.any():
+            keep = (~done).nonzero().squeeze(1)  # live sentences that go on
+            live_scores, rows = live_scores[keep], rows[keep]
+            ids = ids.view(n_live, beam, length)[keep].view(-1, length)
+            kept_rows = (keep[:, None] * beam + torch.arange(beam, device=self.device)).flatten()
+            self.batch.keep(kept_rows, cache_rows=rows.flatten())
+        else:
+            self.batch.cache.reorder(rows.flatten())
+        return live_scores, ids
+
+    def record(self, length, cand_scores, cand_row, cand_token, finishes, ids) -> None:
+        """Merge the candidates that finish into each live sentence's n_best finished hypotheses."""
+        n_live, n_cand = cand_scores.shape
+        normalised = (cand_scores / self.length_penalty_of(length)).masked_fill(
+            ~finishes, -math.inf
+        )
+        cand_ids = torch.cat([ids[cand_row.flatten()], cand_token.view(-1, 1)], dim=1)
+        cand_ids = F.pad(cand_ids, (0, self.longest - length), value=self.config.pad_id)
+        sentence = self.batch.sentence[:: self.beam_size]  # (n_live,) original index of each
+        all_scores = torch.cat([self.final_scores[sentence], normalised], dim=1)
+        all_ids = torch.cat([self.final_ids[sentence], cand_ids.view(n_live, n_cand, -1)], dim=1)
+        best_scores, best = all_scores.topk(self.n_best, dim=1)  # sorted, best first
+        self.final_scores[sentence] = best_scores
+        self.final_ids[sentence] = all_ids.gather(1, best[:, :, None].expand(-1, -1, self.longest))
+
+    def cannot_improve(self, length: int, best_live: Tensor) -> Tensor:
+        """(n_live,) True where no live beam can beat the n_best-th finished hypothesis any more.
+
+        Log-probabilities only fall as a hypothesis grows, so a live beam's best possible final score is
+        its score now over the largest length penalty it can still reach (the penalty is monotonic in
+        the length, so that is at the next length or at max_len)."""
+        sentence = self.batch.sentence[:: self.beam_size]
+        max_lens = self.batch.max_lens[:: self.beam_size]
+        largest_penalty = torch.maximum(
+            torch.as_tensor(self.length_penalty_of(length + 1), device=self.device),
+            self.length_penalty_of(max_lens.float()),
+        )
+        return best_live / largest_penalty <= self.final_scores[sentence, -1]
