@@ -12,6 +12,7 @@ import torch
 from qkv import visualize
 from qkv.cli import main
 from qkv.model import Transformer, TransformerConfig
+from qkv.search import greedy_search
 from tiny_run import SENTENCE, make_tiny_run
 
 SRC_LABELS = ["▁Ein", "▁Mann", "▁fährt", "▁Fahr", "rad.", "</s>"]
@@ -193,7 +194,7 @@ def test_a_model_trained_to_reverse_looks_at_the_mirrored_source_token():
         loss = torch.nn.functional.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt.flatten())
         optimizer.zero_grad(), loss.backward(), optimizer.step()
     src = [4, 5, 6, 7, 8, 9, 10, 3]
-    out = visualize.greedy_translate(model, src)
+    out = greedy_search(model.eval(), torch.tensor([src]))[0][0].tolist()
     assert out == [10, 9, 8, 7, 6, 5, 4, 3], "the model learned to reverse"
     labels = [str(i) for i in src]
     maps = visualize.collect_attention(

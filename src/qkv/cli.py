@@ -374,9 +374,12 @@ def _add_attention(subparsers) -> None:
 def _translate(model, tokenizer, src_ids: list[int]) -> tuple[list[int], str]:
     """The greedy translation as the decoder's input (BOS, then the translation: position t predicts
     token t+1, the last one EOS) and as text."""
-    from qkv.visualize import greedy_translate
+    import torch
 
-    out_ids = greedy_translate(model, src_ids)
+    from qkv.search import greedy_search
+
+    ids, _ = greedy_search(model, torch.tensor([src_ids]))
+    out_ids = [i for i in ids[0].tolist() if i != tokenizer.pad_id]  # padded after EOS
     words = out_ids[:-1] if out_ids[-1:] == [tokenizer.eos_id] else out_ids
     return [tokenizer.bos_id, *words], tokenizer.decode(out_ids)
 

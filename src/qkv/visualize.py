@@ -86,32 +86,6 @@ def collect_attention(
     return AttentionMaps(stacked, list(src_labels), list(tgt_labels))
 
 
-@torch.no_grad()
-def greedy_translate(
-    model: Transformer, src_ids: list[int], max_len: int | None = None
-) -> list[int]:
-    """The model's greedy translation of one source (ids with EOS), without BOS, ending with EOS unless
-    cut at max_len.
-
-    A stand-in until ``qkv.search.greedy_search`` is on main; it uses the same cached decoder path.
-    """
-    config = model.config
-    max_len = max_len or min(config.max_len - 1, 2 * len(src_ids) + 10)
-    src = torch.as_tensor(src_ids).view(1, -1)
-    memory = model.encode(src)
-    src_mask = model.src_mask(src)
-    cache = model.new_cache()
-    out: list[int] = []
-    next_input = config.bos_id
-    for _ in range(max_len):
-        logits = model.decode(torch.tensor([[next_input]]), memory, src_mask, cache=cache)
-        next_input = int(logits[0, -1].argmax())
-        out.append(next_input)
-        if next_input == config.eos_id:
-            break
-    return out
-
-
 def select(maps: AttentionMaps, kinds=KINDS, layer: int | None = None, head: int | None = None):
     """The panels to draw, as (kind, layer, head) triples in reading order, after checking the indices.
 
