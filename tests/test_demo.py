@@ -14,3 +14,5 @@ def test_demo_learns_the_built_in_task(run_qkv, tmp_path):
     assert "Test sentences the model never saw" in result.stdout
     assert f"run directory: {tmp_path / 'demo'}" in result.stdout
     assert (tmp_path / "demo" / "best.pt").is_file()
+    assert (tmp_path / "demo" / "attention.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"attention picture: {tmp_path / 'demo' / 'attention.png'}" in result.stdout

@@ -293,6 +293,10 @@ def _run_demo(args) -> int:
         f"exact-match accuracy on {result.n_test} test sentences: "
         f"[bold]{result.accuracy:.1%}[/] after {result.seconds:.0f} s"
     )
+    console.print(
+        f"attention picture: {result.attention_png}  "
+        "(where the decoder looks in the words while writing each character of the date)"
+    )
     console.print(f"run directory: {result.run_dir}  (try: qkv translate {result.run_dir})")
     return 0
 
@@ -312,18 +316,6 @@ def _load_run(run_dir: str):
     if not tokenizer_path.is_file():
         raise QkvError(f"{tokenizer_path}: no tokenizer beside the checkpoint")
     return model, Tokenizer.load(tokenizer_path)
-
-
-def _source_ids(model, tokenizer, text: str) -> list[int]:
-    """Source ids as the model sees them in training: the subwords, then EOS."""
-    ids = [*tokenizer.encode(text), tokenizer.eos_id]
-    if len(ids) == 1:
-        raise QkvError("the sentence is empty")
-    if len(ids) > model.config.max_len:
-        raise QkvError(
-            f"the sentence has {len(ids)} tokens; the model takes at most {model.config.max_len}"
-        )
-    return ids
 
 
 def _one_based(value: int | None, what: str) -> int | None:
@@ -371,32 +363,11 @@ def _add_attention(subparsers) -> None:
     parser.set_defaults(run=_run_attention)
 
 
-def _translate(model, tokenizer, src_ids: list[int]) -> tuple[list[int], str]:
-    """The greedy translation as the decoder's input (BOS, then the translation: position t predicts
-    token t+1, the last one EOS) and as text."""
-    import torch
-
-    from qkv.search import greedy_search
-
-    ids, _ = greedy_search(model, torch.tensor([src_ids]))
-    out_ids = [i for i in ids[0].tolist() if i != tokenizer.pad_id]  # padded after EOS
-    words = out_ids[:-1] if out_ids[-1:] == [tokenizer.eos_id] else out_ids
-    return [tokenizer.bos_id, *words], tokenizer.decode(out_ids)
-
-
 def _run_attention(args) -> int:
     from qkv import visualize
 
     model, tokenizer = _load_run(args.run_dir)
-    src_ids = _source_ids(model, tokenizer, args.sentence)
-    tgt_ids, translation = _translate(model, tokenizer, src_ids)
-    maps = visualize.collect_attention(
-        model,
-        src_ids,
-        tgt_ids,
-        [tokenizer.id_to_piece(i) for i in src_ids],
-        [tokenizer.id_to_piece(i) for i in tgt_ids],
-    )
+    maps, translation = visualize.sentence_attention(model, tokenizer, args.sentence)
     caption = f"{args.sentence}  →  {translation}"
     print(f"source:      {' '.join(maps.src_labels)}")
     print(f"translation: {translation}")
@@ -486,7 +457,7 @@ def _random_model_and_ids(text: str):
 
 
 def _run_explain(args) -> int:
-    from qkv import explain
+    from qkv import explain, visualize
 
     if len(args.inputs) > 2:
         raise QkvError("explain takes [RUN_DIR] TEXT: quote the text if it has spaces")
@@ -494,11 +465,11 @@ def _run_explain(args) -> int:
     tgt_ids = tgt_labels = None
     if run_dir:
         model, tokenizer = _load_run(run_dir[0])
-        src_ids = _source_ids(model, tokenizer, text)
+        src_ids = visualize.source_ids(model, tokenizer, text)
         labels = [tokenizer.id_to_piece(i) for i in src_ids]
         origin = f"the model of {run_dir[0]}"
         if args.kind != "encoder":  # the decoder attends over the model's own translation
-            tgt_ids, translation = _translate(model, tokenizer, src_ids)
+            tgt_ids, translation = visualize.greedy_decoder_input(model, tokenizer, src_ids)
             tgt_labels = [tokenizer.id_to_piece(i) for i in tgt_ids]
             origin += f", over its translation {translation!r}"
     elif args.kind != "encoder":

@@ -24,6 +24,7 @@ class DemoResult:
     examples: list[tuple[str, str, str]]  # (source, model output, reference)
     accuracy: float  # exact-match accuracy on the test split
     n_test: int
+    attention_png: Path  # the cross-attention of the last layer for the first test sentence
 
 
 def demo_config_path() -> Path:
@@ -44,6 +45,24 @@ def run_demo(run_dir: str | Path, overrides: list[str] = (), n_examples: int = 8
     hypotheses = [data.tokenizer.decode(ids) for ids in outputs]
     correct = sum(h == r for h, r in zip(hypotheses, test.tgt_text, strict=True))
     examples = list(zip(test.src_text, hypotheses, test.tgt_text, strict=True))[:n_examples]
+    attention_png = draw_attention(model, data.tokenizer, test.src_text[0], Path(run_dir))
     return DemoResult(
-        Path(run_dir), time.time() - started, examples, correct / len(test), len(test)
+        Path(run_dir),
+        time.time() - started,
+        examples,
+        correct / len(test),
+        len(test),
+        attention_png,
     )
+
+
+def draw_attention(model, tokenizer, sentence: str, run_dir: Path) -> Path:
+    """Where the decoder looks in the words while writing each digit: the last layer's cross-attention."""
+    from qkv import visualize
+
+    maps, translation = visualize.sentence_attention(model, tokenizer, sentence)
+    last_layer = maps.n_layers("cross") - 1
+    fig = visualize.plot_attention(
+        maps, ["cross"], layer=last_layer, caption=f"{sentence}  →  {translation}"
+    )
+    return visualize.save_figure(fig, run_dir / "attention.png")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qkv.errors import QkvError
 from qkv.model import Transformer
 
 KINDS = ("encoder", "decoder", "cross")
@@ -84,6 +85,43 @@ def collect_attention(
     # Per kind: list over layers of (1, heads, q, k) -> (layers, heads, q, k)
     stacked = {kind: torch.stack([w[0] for w in weights[kind]]).float() for kind in KINDS}
     return AttentionMaps(stacked, list(src_labels), list(tgt_labels))
+
+
+def source_ids(model: Transformer, tokenizer, sentence: str) -> list[int]:
+    """Source ids as the model sees them in training: the subwords, then EOS."""
+    ids = [*tokenizer.encode(sentence), tokenizer.eos_id]
+    if len(ids) == 1:
+        raise QkvError("the sentence is empty")
+    if len(ids) > model.config.max_len:
+        raise QkvError(
+            f"the sentence has {len(ids)} tokens; the model takes at most {model.config.max_len}"
+        )
+    return ids
+
+
+def greedy_decoder_input(
+    model: Transformer, tokenizer, src_ids: list[int]
+) -> tuple[list[int], str]:
+    """The greedy translation as the decoder reads it (BOS, then the translation: position t predicts
+    token t+1, the last one EOS), and as text."""
+    from qkv.search import greedy_search
+
+    ids, _ = greedy_search(model, torch.tensor([src_ids]))
+    out_ids = [i for i in ids[0].tolist() if i != tokenizer.pad_id]  # padded after EOS
+    words = out_ids[:-1] if out_ids[-1:] == [tokenizer.eos_id] else out_ids
+    return [tokenizer.bos_id, *words], tokenizer.decode(out_ids)
+
+
+def sentence_attention(model: Transformer, tokenizer, sentence: str) -> tuple[AttentionMaps, str]:
+    """Translate `sentence` greedily and collect every attention weight the model used for it:
+    the maps, labelled with subword pieces, and the translation as text."""
+    src_ids = source_ids(model, tokenizer, sentence)
+    tgt_ids, translation = greedy_decoder_input(model, tokenizer, src_ids)
+    pieces = tokenizer.id_to_piece
+    maps = collect_attention(
+        model, src_ids, tgt_ids, [pieces(i) for i in src_ids], [pieces(i) for i in tgt_ids]
+    )
+    return maps, translation
 
 
 def select(maps: AttentionMaps, kinds=KINDS, layer: int | None = None, head: int | None = None):
