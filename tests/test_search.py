@@ -267,9 +267,10 @@ def test_sampling_with_top_k_1_is_greedy(reverser):
 
 def test_sampling_repeats_with_a_seeded_generator_and_varies_without():
     model, src = random_model(), random_sources([5] * 8)
-    draw = lambda seed: sample(
-        model, src, generator=torch.Generator().manual_seed(seed), max_len=10
-    )[0]  # noqa: E731
+
+    def draw(seed):
+        return sample(model, src, generator=torch.Generator().manual_seed(seed), max_len=10)[0]
+
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
 
