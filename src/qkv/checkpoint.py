@@ -11,39 +11,16 @@ checkpoint" resolve a directory to its ``best.pt`` (else ``last.pt``).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from qkv.atomic import atomic_write
 from qkv.errors import QkvError
 from qkv.model import Transformer, TransformerConfig
 
 BEST, LAST = "best.pt", "last.pt"
 TOKENIZER = "tokenizer.model"
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside `path`, fsync it, then rename it over `path`:
-    a crash at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:

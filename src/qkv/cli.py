@@ -306,6 +306,12 @@ def _add_search_options(parser) -> None:
         default="fp32",
         help="bf16 decodes about 2x faster on CPUs with bf16 instructions (default fp32)",
     )
+    model.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads (default: torch's, all cores; 1 is much faster on a busy machine)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -325,7 +331,12 @@ def _search_options(args) -> dict:
 
 
 def _load_translator(args):
+    import torch
+
     import qkv
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     return qkv.load(
         args.model, tokenizer=args.tokenizer, device=args.device, precision=args.precision
@@ -548,5 +559,293 @@ def _run_average(args) -> int:
     return 0
 
 
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="train a tiny model on the built-in task (about a minute on a CPU) and show it working",
+        description="Train a tiny Transformer, offline, on the built-in task (dates written in "
+        "words -> ISO dates), then translate test sentences it never saw and report its accuracy.",
+        epilog="examples:\n  qkv demo\n  qkv demo --steps 300 --out runs/quick-demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/demo-TIME)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
+    parser.add_argument("--seed", type=int, help="random seed for data and training")
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    import time
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from qkv.demo import run_demo
+
+    run_dir = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    overrides = []
+    if args.steps is not None:
+        overrides.append(f"train.max_steps={args.steps}")
+    if args.seed is not None:
+        overrides += [f"train.seed={args.seed}", f"data.seed={args.seed}"]
+    console = Console(soft_wrap=True)  # paths and sentences stay on one line, whatever the width
+    console.print(
+        "[bold]qkv demo[/]: teaching a tiny Transformer to read dates written in words "
+        "and write them as ISO dates."
+    )
+    result = run_demo(run_dir, overrides, log=_log)
+    table = Table(title="Test sentences the model never saw")
+    table.add_column("input (words)")
+    table.add_column("model output")
+    table.add_column("reference")
+    table.add_column("", justify="center")
+    for source, output, reference in result.examples:
+        mark = "[green]✓[/]" if output == reference else "[red]✗[/]"
+        table.add_row(source, output, reference, mark)
+    console.print(table)
+    console.print(
+        f"exact-match accuracy on {result.n_test} test sentences: "
+        f"[bold]{result.accuracy:.1%}[/] after {result.seconds:.0f} s"
+    )
+    console.print(f"run directory: {result.run_dir}  (try: qkv translate {result.run_dir})")
+    return 0
+
+
+# --- Looking inside: attention pictures and the step-by-step of self-attention -----------------------
+
+KINDS = ("encoder", "decoder", "cross")  # as in qkv.visualize, repeated so --help needs no torch
+
+
+def _load_run(run_dir: str):
+    """The model of a run directory (or checkpoint) and the tokenizer saved beside it."""
+    from qkv.checkpoint import TOKENIZER, load_model
+    from qkv.tokenizer import Tokenizer
+
+    model, checkpoint_path = load_model(run_dir)
+    tokenizer_path = checkpoint_path.parent / TOKENIZER
+    if not tokenizer_path.is_file():
+        raise QkvError(f"{tokenizer_path}: no tokenizer beside the checkpoint")
+    return model, Tokenizer.load(tokenizer_path)
+
+
+def _source_ids(model, tokenizer, text: str) -> list[int]:
+    """Source ids as the model sees them in training: the subwords, then EOS."""
+    ids = [*tokenizer.encode(text), tokenizer.eos_id]
+    if len(ids) == 1:
+        raise QkvError("the sentence is empty")
+    if len(ids) > model.config.max_len:
+        raise QkvError(
+            f"the sentence has {len(ids)} tokens; the model takes at most {model.config.max_len}"
+        )
+    return ids
+
+
+def _one_based(value: int | None, what: str) -> int | None:
+    """CLI numbers count from 1, as titles do; the library counts from 0."""
+    if value is None:
+        return None
+    if value < 1:
+        raise QkvError(f"{what} numbers start at 1, got {value}")
+    return value - 1
+
+
+def _add_attention(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "attention",
+        help="draw a trained model's attention weights for one sentence",
+        description=(
+            "Translate SENTENCE, then draw the attention weights the model used: encoder "
+            "self-attention, decoder self-attention and encoder-decoder attention, with the subword "
+            "tokens on both axes. The picture has one row of panels per (kind, layer) and one column "
+            "per head: --layer keeps one layer, --head one head, --kind one kind. Layers and heads "
+            "count from 1."
+        ),
+        epilog=(
+            "examples:\n"
+            '  qkv attention runs/multi30k "Ein Mann fährt Fahrrad."\n'
+            '  qkv attention runs/multi30k "Ein Mann fährt Fahrrad." --kind cross --layer 3 -o cross.png\n'
+            '  qkv attention runs/multi30k "Ein Mann fährt Fahrrad." --html attention.html'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or checkpoint file)")
+    parser.add_argument("sentence", metavar="SENTENCE", help="source sentence to translate")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="PNG",
+        help="picture to write (default attention.png, unless --html)",
+    )
+    parser.add_argument(
+        "--html", metavar="FILE", help="also write an interactive, self-contained page"
+    )
+    parser.add_argument("--layer", type=int, metavar="L", help="draw only layer L (default: all)")
+    parser.add_argument("--head", type=int, metavar="H", help="draw only head H (default: all)")
+    parser.add_argument("--kind", choices=KINDS, help="draw only this kind (default: all three)")
+    parser.set_defaults(run=_run_attention)
+
+
+def _translate(model, tokenizer, src_ids: list[int]) -> tuple[list[int], str]:
+    """The greedy translation as the decoder's input (BOS, then the translation: position t predicts
+    token t+1, the last one EOS) and as text."""
+    import torch
+
+    from qkv.search import greedy_search
+
+    ids, _ = greedy_search(model, torch.tensor([src_ids]))
+    out_ids = [i for i in ids[0].tolist() if i != tokenizer.pad_id]  # padded after EOS
+    words = out_ids[:-1] if out_ids[-1:] == [tokenizer.eos_id] else out_ids
+    return [tokenizer.bos_id, *words], tokenizer.decode(out_ids)
+
+
+def _run_attention(args) -> int:
+    from qkv import visualize
+
+    model, tokenizer = _load_run(args.run_dir)
+    src_ids = _source_ids(model, tokenizer, args.sentence)
+    tgt_ids, translation = _translate(model, tokenizer, src_ids)
+    maps = visualize.collect_attention(
+        model,
+        src_ids,
+        tgt_ids,
+        [tokenizer.id_to_piece(i) for i in src_ids],
+        [tokenizer.id_to_piece(i) for i in tgt_ids],
+    )
+    caption = f"{args.sentence}  →  {translation}"
+    print(f"source:      {' '.join(maps.src_labels)}")
+    print(f"translation: {translation}")
+
+    kinds = [args.kind] if args.kind else list(visualize.KINDS)
+    layer, head = _one_based(args.layer, "layer"), _one_based(args.head, "head")
+    try:
+        visualize.select(maps, kinds, layer, head)
+    except ValueError as error:
+        raise QkvError(str(error)) from None
+    output = args.output or (None if args.html else "attention.png")
+    if output:
+        fig = visualize.plot_attention(maps, kinds, layer, head, caption=caption)
+        visualize.save_figure(fig, output)
+        print(f"wrote {output}")
+    if args.html:
+        title = "Attention inside the Transformer, on one sentence"
+        visualize.write_attention_html(args.html, maps, title, caption)
+        print(f"wrote {args.html}")
+    return 0
+
+
+def _add_explain(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "explain",
+        help="walk through one self-attention sublayer on real numbers",
+        description=(
+            "Show how self-attention computes its output, step by step, on the numbers of a model: "
+            "the input vectors X; Q = X W^Q, K = X W^K, V = X W^V per head; Q K^T; scaled by "
+            "sqrt(d_k); softmax; Z = softmax(...) V; the heads concatenated; multiplied by W^O. The "
+            "last matrix is exactly what the model computes in that sublayer. Without RUN_DIR "
+            "a small randomly initialised model is used (the numbers are then not learned ones)."
+        ),
+        epilog=(
+            "examples:\n"
+            '  qkv explain "thinking machines"\n'
+            '  qkv explain runs/multi30k "Ein Mann fährt Fahrrad." --layer 2 --heads 1,2\n'
+            '  qkv explain runs/multi30k "Ein Mann fährt Fahrrad." --kind cross --layer 3\n'
+            '  qkv explain "thinking machines" --heads all --html explain.html'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="[RUN_DIR] TEXT", help="optional run directory, then the text"
+    )
+    parser.add_argument("--layer", type=int, default=1, metavar="L", help="layer (default 1)")
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="encoder",
+        help="encoder self-attention (default), or, with RUN_DIR, decoder self-attention or "
+        "encoder-decoder attention over the model's translation",
+    )
+    parser.add_argument(
+        "--heads", default="1", metavar="H", help="heads to show: 1, 1,3 or all (default 1)"
+    )
+    parser.add_argument("--html", metavar="FILE", help="also write the walk-through as a web page")
+    parser.set_defaults(run=_run_explain)
+
+
+def _parse_heads(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        heads = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise QkvError(f"--heads takes numbers like 1 or 1,3 or 'all', not {text!r}") from None
+    return [_one_based(h, "head") for h in heads]
+
+
+def _random_model_and_ids(text: str):
+    """A seeded, randomly initialised tiny model and whitespace-word ids: no training run needed."""
+    import torch
+
+    from qkv.model import Transformer, TransformerConfig
+
+    words = text.split()
+    if not words:
+        raise QkvError("the text is empty")
+    vocab = {word: 4 + i for i, word in enumerate(dict.fromkeys(words))}  # ids 0-3 are specials
+    torch.manual_seed(0)
+    config = TransformerConfig.preset(
+        "tiny", src_vocab_size=4 + len(vocab), tgt_vocab_size=4 + len(vocab)
+    )
+    model = Transformer(config).eval()
+    return model, [vocab[w] for w in words] + [config.eos_id], [*words, "</s>"]
+
+
+def _run_explain(args) -> int:
+    from qkv import explain
+
+    if len(args.inputs) > 2:
+        raise QkvError("explain takes [RUN_DIR] TEXT: quote the text if it has spaces")
+    *run_dir, text = args.inputs
+    tgt_ids = tgt_labels = None
+    if run_dir:
+        model, tokenizer = _load_run(run_dir[0])
+        src_ids = _source_ids(model, tokenizer, text)
+        labels = [tokenizer.id_to_piece(i) for i in src_ids]
+        origin = f"the model of {run_dir[0]}"
+        if args.kind != "encoder":  # the decoder attends over the model's own translation
+            tgt_ids, translation = _translate(model, tokenizer, src_ids)
+            tgt_labels = [tokenizer.id_to_piece(i) for i in tgt_ids]
+            origin += f", over its translation {translation!r}"
+    elif args.kind != "encoder":
+        raise QkvError(f"--kind {args.kind} needs a RUN_DIR: a random model has no translation")
+    else:
+        model, src_ids, labels = _random_model_and_ids(text)
+        origin = "a small RANDOMLY INITIALISED model (no RUN_DIR given): the steps are real, the weights are not learned"
+    layer, heads = _one_based(args.layer, "layer"), _parse_heads(args.heads)
+    try:
+        result = explain.explain(
+            model, src_ids, labels, args.kind, layer, heads, tgt_ids, tgt_labels
+        )
+    except ValueError as error:
+        raise QkvError(str(error)) from None
+    result.notes.insert(0, f"Using {origin}.")
+    print(explain.render_text(result))
+    if args.html:
+        from pathlib import Path
+
+        Path(args.html).write_text(explain.render_html(result), encoding="utf-8")
+        print(f"wrote {args.html}")
+    return 0
+
+
 # Subcommands, in the order `qkv --help` lists them.
-COMMANDS: list = [_add_prepare, _add_train, _add_translate, _add_evaluate, _add_average]
+COMMANDS: list = [
+    _add_demo,
+    _add_prepare,
+    _add_train,
+    _add_translate,
+    _add_evaluate,
+    _add_average,
+    _add_attention,
+    _add_explain,
+]

@@ -8,6 +8,7 @@ padding, lengths padded to a multiple of 8 so compiled kernels see few distinct 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import zlib
 from collections.abc import Iterable, Sequence
@@ -178,6 +179,9 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.src)
 
+    def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
+        return self.src[index], self.tgt[index]
+
     def lengths(self) -> list[tuple[int, int]]:
         """Lengths as the model sees them: src + [eos], and [bos] + tgt (= tgt + [eos])."""
         return [(len(s) + 1, len(t) + 1) for s, t in zip(self.src, self.tgt, strict=True)]
@@ -214,15 +218,10 @@ class Batch:
         return self.size * max(self.src.shape[1], self.tgt_in.shape[1])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(
-            move(self.src),
-            move(self.tgt_in),
-            move(self.tgt_out),
-            self.n_src_tokens,
-            self.n_tgt_tokens,
-            self.indices,
+        src, tgt_in, tgt_out = (
+            t.to(device, non_blocking=non_blocking) for t in (self.src, self.tgt_in, self.tgt_out)
         )
+        return dataclasses.replace(self, src=src, tgt_in=tgt_in, tgt_out=tgt_out)
 
 
 def round_up(length: int, multiple: int) -> int:

@@ -46,6 +46,7 @@ DEFAULT_VOCAB_SIZE = {"multi30k": 8000, "synthetic": 200, None: 8000}
 DEFAULT_SYNTHETIC_SIZES = {"train": 20_000, "val": 500, "test": 500}
 MAX_HELD_OUT = 1000  # validation pairs taken from train when no validation files are given
 FORMAT_VERSION = 1
+SYNTHETIC_SRC, SYNTHETIC_TGT = datasets.SYNTHETIC_LANGS
 
 
 @dataclass
@@ -142,20 +143,9 @@ def prepare(
     pairs) is held out. `train_size`/`valid_size`/`test_size` size the synthetic task.
     """
     log = _logger(progress)
-    if model_type not in MODEL_TYPES:
-        raise QkvError(f"unknown tokenizer type {model_type!r}; choose one of {MODEL_TYPES}")
-    if (dataset is None) == (trainpref is None):
-        raise QkvError("give either a dataset (--dataset) or training files (--trainpref)")
-    if dataset is not None and (validpref or testpref):
-        raise QkvError("--validpref and --testpref go with --trainpref, not with --dataset")
-    if dataset == "synthetic":
-        if (src_lang or SYNTHETIC_SRC, tgt_lang or SYNTHETIC_TGT) != (SYNTHETIC_SRC, SYNTHETIC_TGT):
-            raise QkvError(f"the synthetic task translates {SYNTHETIC_SRC} to {SYNTHETIC_TGT}")
-        src_lang, tgt_lang = SYNTHETIC_SRC, SYNTHETIC_TGT
-    if not src_lang or not tgt_lang:
-        raise QkvError("name both languages: --src-lang and --tgt-lang")
-    if src_lang == tgt_lang:
-        raise QkvError(f"source and target language are both {src_lang!r}")
+    src_lang, tgt_lang = _check_request(
+        dataset, src_lang, tgt_lang, trainpref, validpref, testpref, model_type
+    )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QkvError(f"{out} exists and is not a folder")
@@ -165,10 +155,10 @@ def prepare(
         dataset, src_lang, tgt_lang, trainpref, validpref, testpref, data_dir, seed,
         sizes={"train": train_size, "val": valid_size, "test": test_size},
     )  # fmt: skip
-    train_pairs, n_empty = drop_empty(raw["train"][1])
+    train_origin, train_pairs = raw["train"]
+    train_pairs, n_empty = drop_empty(train_pairs)
     if not train_pairs:
-        raise QkvError(f"{raw['train'][0]}: all {len(raw['train'][1])} pairs are empty")
-    n_read = len(raw["train"][1])
+        raise QkvError(f"{train_origin}: all {n_empty} pairs are empty")
     if "val" not in raw:
         train_pairs, held_out = _hold_out(train_pairs, valid_size, seed)
         raw["val"] = ("held out from train", held_out)
@@ -176,10 +166,9 @@ def prepare(
             f"val: {len(held_out)} pairs held out from train (seed {seed}), "
             "because no validation files were given"
         )
-        n_read -= len(held_out)
+    raw["train"] = (train_origin, train_pairs)
 
-    if vocab_size is None:
-        vocab_size = DEFAULT_VOCAB_SIZE[dataset]
+    vocab_size = vocab_size or DEFAULT_VOCAB_SIZE[dataset]
     log(f"training a {model_type} tokenizer with {vocab_size} subwords")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -195,22 +184,11 @@ def prepare(
     log("encoding")
     stats, encoded = [], {}
     for name, (origin, pairs) in raw.items():
+        split, stats_row = _encode(name, origin, pairs, tokenizer)
         if name == "train":
-            pairs = train_pairs
-        src_text, tgt_text = [s for s, _ in pairs], [t for _, t in pairs]
-        src_ids, tgt_ids = tokenizer.encode_batch(src_text), tokenizer.encode_batch(tgt_text)
-        split = SplitStats(name, origin, read=len(pairs), kept=len(pairs))
-        if name == "train":
-            keep, split.dropped = length_filter(src_ids, tgt_ids, max_len, max_ratio)
-            split.read, split.dropped.empty = n_read, n_empty
-            if not keep:
-                raise QkvError(f"{origin}: every pair was dropped ({_reasons(split.dropped)})")
-            src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
-            split.kept = len(keep)
-            src_text = tgt_text = None  # training reads ids only; BLEU needs val/test text
-        split.src_tokens, split.tgt_tokens = sum(map(len, src_ids)), sum(map(len, tgt_ids))
-        stats.append(split)
-        encoded[name] = EncodedSplit(src_ids, tgt_ids, src_text, tgt_text)
+            split, stats_row = _filter_train(split, stats_row, n_empty, max_len, max_ratio)
+        encoded[name] = split
+        stats.append(stats_row)
 
     log(f"writing {out}")
     summary = PrepareSummary(
@@ -221,7 +199,50 @@ def prepare(
     return summary
 
 
-SYNTHETIC_SRC, SYNTHETIC_TGT = datasets.SYNTHETIC_LANGS
+def _check_request(dataset, src_lang, tgt_lang, trainpref, validpref, testpref, model_type):
+    """Reject contradictory or incomplete requests before any work; returns the languages."""
+    if model_type not in MODEL_TYPES:
+        raise QkvError(f"unknown tokenizer type {model_type!r}; choose one of {MODEL_TYPES}")
+    if (dataset is None) == (trainpref is None):
+        raise QkvError("give either a dataset (--dataset) or training files (--trainpref)")
+    if dataset is not None and (validpref or testpref):
+        raise QkvError("--validpref and --testpref go with --trainpref, not with --dataset")
+    if dataset is not None and dataset not in DATASETS:
+        raise QkvError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "synthetic":
+        if (src_lang or SYNTHETIC_SRC, tgt_lang or SYNTHETIC_TGT) != (SYNTHETIC_SRC, SYNTHETIC_TGT):
+            raise QkvError(f"the synthetic task translates {SYNTHETIC_SRC} to {SYNTHETIC_TGT}")
+        return SYNTHETIC_SRC, SYNTHETIC_TGT
+    if not src_lang or not tgt_lang:
+        raise QkvError("name both languages: --src-lang and --tgt-lang")
+    if src_lang == tgt_lang:
+        raise QkvError(f"source and target language are both {src_lang!r}")
+    return src_lang, tgt_lang
+
+
+def _encode(name, origin, pairs, tokenizer) -> tuple[EncodedSplit, SplitStats]:
+    src_text, tgt_text = [s for s, _ in pairs], [t for _, t in pairs]
+    split = EncodedSplit(
+        tokenizer.encode_batch(src_text), tokenizer.encode_batch(tgt_text), src_text, tgt_text
+    )
+    stats = SplitStats(name, origin, read=len(pairs), kept=len(pairs))
+    stats.src_tokens, stats.tgt_tokens = sum(map(len, split.src)), sum(map(len, split.tgt))
+    return split, stats
+
+
+def _filter_train(split, stats, n_empty, max_len, max_ratio) -> tuple[EncodedSplit, SplitStats]:
+    """Drop over-long and misaligned training pairs; count them with the empty ones dropped before."""
+    keep, dropped = length_filter(split.src, split.tgt, max_len, max_ratio)
+    dropped.empty = n_empty
+    if not keep:
+        raise QkvError(f"{stats.origin}: every pair was dropped ({_reasons(dropped)})")
+    # Training reads ids only; raw text is kept for val and test, where BLEU needs references.
+    kept = EncodedSplit([split.src[i] for i in keep], [split.tgt[i] for i in keep])
+    filtered = SplitStats(
+        stats.name, stats.origin, read=stats.read + n_empty, kept=len(keep), dropped=dropped,
+        src_tokens=sum(map(len, kept.src)), tgt_tokens=sum(map(len, kept.tgt)),
+    )  # fmt: skip
+    return kept, filtered
 
 
 def _read_splits(
@@ -248,8 +269,6 @@ def _read_splits(
         }
         notes = [f"synthetic dates task, seed {seed}: {n_train}/{n_val}/{sizes['test']} pairs"]
         return {k: v for k, v in raw.items() if v[1]}, notes
-    if dataset is not None:
-        raise QkvError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     raw = {"train": (str(trainpref), read_corpus(trainpref, src_lang, tgt_lang))}
     for split, prefix in (("val", validpref), ("test", testpref)):
         if prefix is not None:
@@ -310,8 +329,8 @@ def print_summary(summary: PrepareSummary, file=None) -> None:
             f"{split.src_tokens:,}", f"{split.mean_src_len:.1f}",
             f"{split.tgt_tokens:,}", f"{split.mean_tgt_len:.1f}",
         )  # fmt: skip
-    # Not a terminal (a pipe, a log file): wide enough that the table never wraps mid-cell.
-    console = Console(file=file, width=None if file.isatty() else 160, highlight=False)
+    # Not a terminal (a pipe, a log file): no width limit, so no cell ever wraps mid-word.
+    console = Console(file=file, width=None if file.isatty() else 10_000, highlight=False)
     console.print(table)
     console.print(
         f"vocabulary: {summary.vocab_size:,} subwords ({summary.model_type}), "

@@ -36,10 +36,13 @@ TextSource = str | os.PathLike | Iterable[str]
 class Tokenizer:
     """A trained SentencePiece model. `encode` adds no special ids; `decode` drops them."""
 
+    # The same for every qkv tokenizer (checked on load), so readable from the class itself.
+    specials = SPECIALS
+    pad_id, unk_id, bos_id, eos_id = SPECIALS.pad, SPECIALS.unk, SPECIALS.bos, SPECIALS.eos
+
     def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None):
         self._sp = processor
         self.path = path
-        self.specials = SPECIALS
         found = SpecialIds(
             pad=processor.pad_id(),
             unk=processor.unk_id(),
@@ -51,11 +54,6 @@ class Tokenizer:
             raise QkvError(
                 f"{where}: special ids {found.as_dict()}, qkv needs {SPECIALS.as_dict()}"
             )
-
-    pad_id = SPECIALS.pad
-    unk_id = SPECIALS.unk
-    bos_id = SPECIALS.bos
-    eos_id = SPECIALS.eos
 
     @classmethod
     def train(

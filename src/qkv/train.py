@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from qkv.atomic import atomic_write
 from qkv.checkpoint import (
     LAST,
     TOKENIZER,
-    atomic_write,
     load_checkpoint,
     model_checkpoint,
     save_checkpoint,
@@ -184,9 +184,11 @@ class Trainer:
             seed=train.seed,
             rank=dist_info.rank,
             world_size=dist_info.world_size,
+            pad_multiple=train.pad_multiple,
         )
         self.train_model = self.model  # what the forward pass calls: maybe wrapped by DDP / compile
         self.bad_steps = 0
+        self.started = time.time()
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_info.is_main else None
 
     def wrap_model(self) -> None:
@@ -268,6 +270,8 @@ class Trainer:
             return True
         if train.max_epochs and progress.epoch >= train.max_epochs:
             return True
+        if train.max_hours and time.time() - self.started > train.max_hours * 3600:
+            return True
         patience = self.config.eval.patience
         return bool(patience) and progress.evals_without_improvement >= patience
 
@@ -283,7 +287,11 @@ class Trainer:
         while self.progress.batches_done < len(order):
             start = self.progress.batches_done
             mine = order[start : start + per_update]
-            yield [self.data.train.collate(indices) for indices in mine], len(mine)
+            pad_multiple = self.config.train.pad_multiple
+            batches = [
+                self.data.train.collate(indices, pad_multiple=pad_multiple) for indices in mine
+            ]
+            yield batches, len(mine)
 
     def run(self) -> dict:
         train = self.config.train
@@ -291,7 +299,7 @@ class Trainer:
             raise QkvError(
                 "set train.max_steps or train.max_epochs (both are 0: the run would never end)"
             )
-        started = time.time()
+        started = self.started = time.time()
         start_step, start_tokens = self.progress.step, self.progress.target_tokens
         bar = progress_bar(train.max_steps or None, self.progress.step, self.dist.is_main)
         window = RunningWindow()
@@ -560,7 +568,14 @@ class RunningWindow:
 def progress_bar(total: int | None, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
 
 class MetricsLog:

@@ -1,0 +1,263 @@
+"""Training: the paper's recipe, exact resume after SIGKILL, data parallelism, and a run directory a user
+can rely on."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import qkv_env
+from qkv.checkpoint import load_checkpoint
+from qkv.config import load_config
+from qkv.errors import QkvError
+from qkv.prepare import load_prepared, prepare
+from qkv.train import (
+    Distributed,
+    Trainer,
+    label_smoothed_loss,
+    learning_rate,
+    step_checkpoints,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The built-in task, small: prepared once for the whole module."""
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(out, dataset="synthetic", train_size=1500, valid_size=40, test_size=40, progress=False)
+    return out
+
+
+def tiny_config(prepared, *overrides):
+    return load_config(
+        None,
+        [
+            "model.preset=tiny",
+            "model.dropout=0.0",
+            f"data.prepared='{prepared}'",
+            "train.max_steps=12",
+            "train.max_tokens=512",
+            "train.warmup_steps=10",
+            "train.save_every=4",
+            "train.keep_last=2",
+            "train.log_every=2",
+            "train.threads=1",
+            "eval.every_steps=6",
+            "eval.max_sentences=8",
+            *overrides,
+        ],
+    )
+
+
+def parameters(path):
+    return load_checkpoint(path)["model"]
+
+
+def assert_bitwise_equal(state_a, state_b):
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+
+
+# -- the recipe ------------------------------------------------------------------------------------
+
+
+def test_label_smoothed_loss_ignores_padding_and_matches_the_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    target = torch.tensor([[1, 2, 0], [4, 0, 0]])  # 0 is padding
+    loss, nll = label_smoothed_loss(logits, target, epsilon=0.1, pad_id=0)
+    log_probs = logits.log_softmax(-1)
+    expected_loss = expected_nll = 0.0
+    for b, t in [(0, 0), (0, 1), (1, 0)]:
+        true_nll = -log_probs[b, t, target[b, t]]
+        expected_nll += true_nll
+        expected_loss += 0.9 * true_nll + 0.1 * -log_probs[b, t].mean()
+    torch.testing.assert_close(nll, expected_nll)
+    torch.testing.assert_close(loss, expected_loss)
+
+
+def test_noam_schedule_warms_up_then_decays_as_in_the_paper():
+    d_model, warmup = 512, 4000
+    values = [learning_rate(s, "noam", 1.0, d_model, warmup) for s in (1, 2000, 4000, 16000)]
+    assert values[0] < values[1] < values[2] > values[3]
+    assert values[2] == pytest.approx(d_model**-0.5 * warmup**-0.5)
+    assert values[3] == pytest.approx(values[2] / 2)  # inverse square root of the step
+    assert learning_rate(4000, "inverse_sqrt", 5e-4, d_model, warmup) == pytest.approx(5e-4)
+    assert learning_rate(16000, "inverse_sqrt", 5e-4, d_model, warmup) == pytest.approx(2.5e-4)
+
+
+def test_accumulated_update_equals_one_big_batch(prepared, tmp_path):
+    """update_freq splits the batch, not the gradient: loss per token over the whole update."""
+    data = load_prepared(prepared)
+    config = tiny_config(prepared)
+    first, second = data.train.collate(range(0, 6)), data.train.collate(range(6, 20))
+    whole = data.train.collate(range(20))
+    accumulated = Trainer(config, tmp_path, data, Distributed(), log=lambda *_: None)
+    single = Trainer(config, tmp_path, data, Distributed(), log=lambda *_: None)
+    stats_accumulated = accumulated.update([first, second])
+    stats_single = single.update([whole])
+    assert stats_accumulated["loss"] == pytest.approx(stats_single["loss"], rel=1e-5)
+    for a, b in zip(accumulated.model.parameters(), single.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# -- a run -----------------------------------------------------------------------------------------
+
+
+def test_a_run_writes_everything_a_user_needs(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train(tiny_config(prepared), run_dir, log=lambda *_: None)
+    assert summary["steps"] == 12
+    for name in ("config.toml", "tokenizer.model", "last.pt", "best.pt", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in step_checkpoints(run_dir)] == ["checkpoint_8.pt", "checkpoint_12.pt"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "split" not in r]
+    valid_records = [r for r in records if r.get("split") == "valid"]
+    assert [r["step"] for r in valid_records] == [6, 12]
+    assert {"loss", "lr", "tokens_per_second", "epoch"} <= train_records[-1].keys()
+    assert {"loss", "ppl", "bleu"} <= valid_records[-1].keys()
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["step"] == 12 and {"optimizer", "progress", "rng"} <= last.keys()
+    assert last["meta"] == {"dataset": "synthetic", "src_lang": "words", "tgt_lang": "iso"}
+    assert load_config(run_dir / "config.toml") == tiny_config(prepared)
+
+
+def test_starting_over_an_existing_run_needs_resume(prepared, tmp_path):
+    train(tiny_config(prepared, "train.max_steps=2"), tmp_path, log=lambda *_: None)
+    with pytest.raises(QkvError, match="already holds a run"):
+        train(tiny_config(prepared, "train.max_steps=2"), tmp_path, log=lambda *_: None)
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(prepared, tmp_path):
+    train(tiny_config(prepared, "train.max_steps=8"), tmp_path, log=lambda *_: None)
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "checkpoint_8.pt").unlink()
+    messages = []
+    summary = train(tiny_config(prepared), tmp_path, resume=True, log=messages.append)
+    assert any("last.pt: not a readable checkpoint" in m for m in messages)
+    assert any("resumed from" in m and "checkpoint_4.pt" in m for m in messages)
+    assert summary["steps"] == 12 and summary["new_steps"] == 8
+
+
+def test_non_finite_losses_skip_then_stop_with_the_checkpoint_intact(prepared, tmp_path):
+    config = tiny_config(prepared, "train.max_steps=4")
+    train(config, tmp_path, log=lambda *_: None)
+    data = load_prepared(prepared)
+    messages = []
+    trainer = Trainer(tiny_config(prepared), tmp_path, data, Distributed(), log=messages.append)
+    assert trainer.resume()
+    with torch.no_grad():
+        trainer.model.encoder.layers[0].feed_forward.linear1.weight.fill_(float("nan"))
+    with pytest.raises(QkvError, match="5 non-finite losses in a row"):
+        trainer.run()
+    assert sum("loss is not finite; update skipped" in m for m in messages) == 5
+    kept = load_checkpoint(tmp_path / "last.pt")
+    assert kept["step"] == 4
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+# -- exact resume after a crash ---------------------------------------------------------------------
+
+
+def run_train_cli(config_path, run_dir, *extra, wait=True):
+    command = [
+        sys.executable,
+        "-m",
+        "qkv",
+        "train",
+        str(config_path),
+        "--out",
+        str(run_dir),
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command, env=qkv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    if wait:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    return process
+
+
+def write_config(tmp_path, prepared, *overrides):
+    from qkv.config import dump_toml
+
+    path = tmp_path / "run.toml"
+    path.write_text(dump_toml(tiny_config(prepared, *overrides)))
+    return path
+
+
+def test_sigkill_at_a_random_moment_then_resume_is_bitwise_exact(prepared, tmp_path):
+    config = write_config(
+        tmp_path, prepared, "train.max_steps=30", "train.save_every=3", "model.dropout=0.1"
+    )
+    run_train_cli(config, tmp_path / "straight")
+
+    crashed = tmp_path / "crashed"
+    process = run_train_cli(config, crashed, wait=False)
+    deadline = time.time() + 300
+    while not (crashed / "last.pt").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(random.Random().uniform(0.0, 1.0))  # anywhere: mid-step, mid-save, mid-eval
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = load_checkpoint(crashed / "last.pt")["step"]
+    run_train_cli(config, crashed, "--resume")
+
+    assert_bitwise_equal(parameters(crashed / "last.pt"), parameters(tmp_path / "straight/last.pt"))
+    print(f"killed after checkpoint of step {killed_at}")
+
+
+# -- many devices ----------------------------------------------------------------------------------
+
+
+def test_two_gloo_processes_equal_one_process_over_the_same_global_batches(prepared, tmp_path):
+    overrides = ("train.max_steps=3", "train.save_every=3", "eval.every_steps=0")
+    config = write_config(tmp_path, prepared, *overrides)
+    env = qkv_env(OMP_NUM_THREADS="1")
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "qkv", "train", str(config), "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single_config = write_config(tmp_path, prepared, *overrides, "train.update_freq=2")
+    run_train_cli(single_config, tmp_path / "single")
+    ddp_params = parameters(tmp_path / "ddp/last.pt")
+    single_params = parameters(tmp_path / "single/last.pt")
+    for name in single_params:
+        torch.testing.assert_close(ddp_params[name], single_params[name], atol=1e-5, rtol=1e-5)
+    assert not list((tmp_path / "ddp").glob("*.tmp"))
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_rejects_unknown_keys_without_traceback(run_qkv, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[train]\nmax_step = 10\n")
+    result = run_qkv("train", config, "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert "unknown key train.max_step" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_learning_rate_in_metrics_follows_the_schedule(prepared, tmp_path):
+    train(tiny_config(prepared, "train.max_steps=6", "train.log_every=1"), tmp_path, log=print)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for record in (r for r in records if "split" not in r):
+        expected = learning_rate(record["step"], "noam", 1.0, 64, 10)
+        assert math.isclose(record["lr"], expected, rel_tol=1e-9)
+    assert os.path.getsize(tmp_path / "last.pt") > 0
