@@ -5,8 +5,9 @@ random weights, generating exactly 20 tokens per sentence (min = max = 20), so e
 whatever its weights say. Each figure is sentences/s from the median of --repeats timed runs after one
 warm-up run.
 
-- qkv: `qkv.search.beam_search` / `greedy_search` (KV cache), and the same searches with the cache
-  replaced by a full forward pass over the prefix at every step ("qkv, no cache").
+- qkv: `qkv.search.beam_search` / `greedy_search` (KV cache) in fp32 and in bf16 (the model cast with
+  `.to(torch.bfloat16)`), and in fp32 with the cache replaced by a full decoder pass over the prefix at
+  every step ("no cache").
 - Hugging Face: `MarianMTModel(MarianConfig(...)).generate`, in the same process as qkv.
 - CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process
   that never imports torch: the two thread pools compete, and timed in a process where torch has run
@@ -15,6 +16,9 @@ warm-up run.
     pip install transformers ctranslate2          # benchmark-only dependencies
     python benchmarks/decode_speed.py                              # small and base, every cell
     python benchmarks/decode_speed.py --configs small --batches 32 --searches beam
+    python benchmarks/decode_speed.py --threads 1       # every system on one thread (a busy machine)
+
+Results and what they mean: benchmarks/README.md.
 """
 
 from __future__ import annotations
