@@ -76,3 +76,76 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[Transformer, Path]
 def model_checkpoint(model: Transformer, **extra) -> dict:
     """The smallest loadable checkpoint of a model (training adds its own state to this)."""
     return {"model": model.state_dict(), "model_config": model.config.to_dict(), **extra}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Averaging
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run directory's checkpoint_<step>.pt files, oldest step first."""
+    found = []
+    for path in Path(run_dir).glob("checkpoint_*.pt"):
+        step = path.stem.removeprefix("checkpoint_")
+        if step.isdigit():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def last_step_checkpoints(run_dir: str | Path, n: int) -> list[Path]:
+    """The `n` newest checkpoint_<step>.pt files of a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise QkvError(f"{run_dir}: no such run directory")
+    if n < 1:
+        raise QkvError(f"--last must be at least 1, got {n}")
+    paths = step_checkpoints(run_dir)
+    if len(paths) < n:
+        raise QkvError(
+            f"{run_dir}: asked for the last {n} checkpoints but it has {len(paths)} "
+            f"checkpoint_<step>.pt files (train.keep_last sets how many training keeps)"
+        )
+    return paths[-n:]
+
+
+def average_checkpoints(paths: list[str | Path]) -> dict:
+    """A checkpoint whose parameters are the mean of those of `paths` (the paper averaged the last 5
+    or 20 checkpoints for its final models, section 6.1).
+
+    All must share one model configuration. Sums are taken in float64 and cast back, so averaging
+    copies of one checkpoint gives its weights exactly. Tied parameters (the output projection and
+    the target embedding) stay one tensor. The result keeps the newest checkpoint's step and meta.
+    """
+    if not paths:
+        raise QkvError("no checkpoints to average")
+    checkpoints = [load_checkpoint(path) for path in paths]
+    first, first_path = checkpoints[0], Path(paths[0])
+    for path, checkpoint in zip(paths[1:], checkpoints[1:], strict=True):
+        if checkpoint.get("model_config") != first.get("model_config"):
+            raise QkvError(f"{path}: model configuration differs from {first_path}'s")
+        if checkpoint["model"].keys() != first["model"].keys():
+            raise QkvError(f"{path}: parameter names differ from {first_path}'s")
+    averaged: dict[str, torch.Tensor] = {}
+    by_storage: dict[int, torch.Tensor] = {}  # tied names share one storage: average it once
+    for name, tensor in first["model"].items():
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in by_storage and by_storage[storage].shape == tensor.shape:
+            averaged[name] = by_storage[storage]
+            continue
+        values = [checkpoint["model"][name] for checkpoint in checkpoints]
+        if not tensor.is_floating_point():
+            averaged[name] = values[-1]
+        else:
+            total = torch.zeros(tensor.shape, dtype=torch.float64)
+            for value in values:
+                total += value.double()
+            averaged[name] = (total / len(values)).to(tensor.dtype)
+        by_storage[storage] = averaged[name]
+    newest = checkpoints[-1]
+    extra = {key: newest[key] for key in ("step", "meta") if key in newest}
+    return {
+        "model": averaged,
+        "model_config": first["model_config"],
+        **extra,
+        "averaged_from": [str(path) for path in paths],
+    }

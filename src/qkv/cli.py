@@ -244,6 +244,321 @@ def _run_prepare(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# qkv translate, qkv evaluate, qkv average
+
+TRANSLATE_EXAMPLES = """\
+examples:
+  echo "Ein Hund rennt." | qkv translate runs/de_en
+  qkv translate runs/de_en -i test.de -o test.hyp --beam 5
+  qkv translate runs/de_en/checkpoint_3000.pt -i test.de --n-best 3 --scores
+
+output: one line per input line, in input order (an empty line gives an empty line).
+  --scores:         SCORE<tab>TRANSLATION
+  --n-best K:       K lines per input line: LINE_NUMBER<tab>TRANSLATION (with --scores:
+                    LINE_NUMBER<tab>SCORE<tab>TRANSLATION), best first; an empty line gives one.
+  A score is the log-probability over the length penalty, as the beam search ranks them.
+"""
+
+
+def _add_search_options(parser) -> None:
+    search = parser.add_argument_group("search")
+    search.add_argument("--beam", type=int, default=5, metavar="K", help="beam size (1: greedy)")
+    search.add_argument(
+        "--max-tokens",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="source tokens per batch, padding included (default 4096)",
+    )
+    search.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.6,
+        metavar="ALPHA",
+        help="length penalty exponent (default 0.6, the paper's)",
+    )
+    search.add_argument(
+        "--length-penalty-style",
+        choices=["gnmt", "fairseq"],
+        default="gnmt",
+        help="gnmt: ((5+len)/6)^alpha, the paper's; fairseq: len^alpha (default gnmt)",
+    )
+    search.add_argument(
+        "--max-len",
+        type=int,
+        metavar="N",
+        help="most tokens to generate, EOS included (default: source length + 50)",
+    )
+    search.add_argument(
+        "--min-len", type=int, default=0, metavar="N", help="fewest tokens before EOS (default 0)"
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenizer.model (default: the one beside the checkpoint)",
+    )
+    model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    model.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 decodes about 2x faster on CPUs with bf16 instructions (default fp32)",
+    )
+    model.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads (default: torch's, all cores; 1 is much faster on a busy machine)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _search_options(args) -> dict:
+    if args.beam < 1:
+        raise QkvError(f"--beam must be at least 1, got {args.beam}")
+    if args.max_tokens < 1:
+        raise QkvError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    return dict(
+        beam=args.beam,
+        max_tokens=args.max_tokens,
+        length_penalty=args.length_penalty,
+        length_penalty_style=args.length_penalty_style,
+        max_len=args.max_len,
+        min_len=args.min_len,
+    )
+
+
+def _load_translator(args):
+    import torch
+
+    import qkv
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    return qkv.load(
+        args.model, tokenizer=args.tokenizer, device=args.device, precision=args.precision
+    )
+
+
+def _warner(source_name: str):
+    def warn(message: str) -> None:
+        print(f"qkv: warning: {source_name}: {message}", file=sys.stderr)
+
+    return warn
+
+
+def _add_translate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "translate",
+        help="translate text with a trained model (beam search)",
+        description="Translate each line of the input with the model of a run directory or "
+        "checkpoint file.",
+        epilog=TRANSLATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    parser.add_argument("-i", "--input", metavar="FILE", help="input text (default stdin)")
+    parser.add_argument("-o", "--output", metavar="FILE", help="output file (default stdout)")
+    parser.add_argument("--n-best", type=int, metavar="K", help="write the K best translations")
+    parser.add_argument("--scores", action="store_true", help="write each translation's score")
+    _add_search_options(parser)
+    parser.set_defaults(run=_run_translate)
+
+
+def _run_translate(args) -> int:
+    from qkv.data import read_lines
+
+    options = _search_options(args)
+    if args.input:
+        lines, source_name = read_lines(args.input), args.input
+    else:
+        lines, source_name = _read_stdin(), "stdin"
+    translator = _load_translator(args)
+    results = translator.hypotheses(
+        lines,
+        n_best=args.n_best or 1,
+        progress=bool(args.input) and not args.quiet,
+        warn=_warner(source_name),
+        **options,
+    )
+    out = []
+    for number, hypotheses in enumerate(results, start=1):
+        for hypothesis in hypotheses if args.n_best else hypotheses[:1]:
+            fields = [str(number)] if args.n_best else []
+            fields += [f"{hypothesis.score:.4f}"] if args.scores else []
+            out.append("\t".join([*fields, hypothesis.text]))
+    _write_lines(out, args.output)
+    return 0
+
+
+def _read_stdin() -> list[str]:
+    text = sys.stdin.read()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _write_lines(lines: list[str], path: str | None) -> None:
+    text = "".join(f"{line}\n" for line in lines)
+    if path is None:
+        sys.stdout.write(text)
+        return
+    from qkv.atomic import atomic_write
+
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
+EVALUATE_EXAMPLES = """\
+examples:
+  qkv evaluate runs/de_en --dataset multi30k --split test_2016_flickr
+  qkv evaluate runs/de_en --src test.de --ref test.en --beam 4 --json
+  qkv evaluate runs/de_en/averaged.pt --dataset multi30k --split val --src-lang de --tgt-lang en
+
+Prints sacreBLEU's BLEU and chrF with their signatures, and lower-cased BLEU (sacreBLEU, 13a) for
+comparison with papers that quote lower-cased BLEU. With --dataset, the languages come from the
+checkpoint (what training recorded) unless --src-lang/--tgt-lang say otherwise.
+"""
+
+
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="translate a test set and score it (sacreBLEU BLEU and chrF)",
+        description="Translate a test set with a trained model and score it against references.",
+        epilog=EVALUATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    data = parser.add_argument_group("test set (a dataset split, or --src and --ref files)")
+    data.add_argument("--dataset", choices=["multi30k"], help="a named dataset")
+    data.add_argument("--split", default="test_2016_flickr", help="default test_2016_flickr")
+    data.add_argument("--src-lang", metavar="LANG", help="source language (default: training's)")
+    data.add_argument("--tgt-lang", metavar="LANG", help="target language (default: training's)")
+    data.add_argument("--data-dir", metavar="DIR", help="data folder (default $QKV_DATA_DIR)")
+    data.add_argument("--src", metavar="FILE", help="source sentences, one a line (.gz ok)")
+    data.add_argument("--ref", metavar="FILE", help="reference translations, aligned with --src")
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+    parser.add_argument("-o", "--output", metavar="FILE", help="also write the translations here")
+    _add_search_options(parser)
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    import json
+
+    from qkv.data import read_lines
+    from qkv.evaluate import format_scores, score
+
+    options = _search_options(args)
+    if bool(args.dataset) == bool(args.src or args.ref):
+        raise QkvError("give either --dataset (with --split) or both --src and --ref")
+    if not args.dataset and not (args.src and args.ref):
+        raise QkvError("--src and --ref go together: give both")
+    translator = _load_translator(args)
+    if args.dataset:
+        src_path, ref_path = _dataset_files(args, translator.meta)
+    else:
+        src_path, ref_path = args.src, args.ref
+    sources, references = read_lines(src_path), read_lines(ref_path)
+    if len(sources) != len(references):
+        raise QkvError(f"{src_path} has {len(sources)} lines but {ref_path} has {len(references)}")
+    hypotheses = translator.translate(
+        sources, progress=not args.quiet, warn=_warner(str(src_path)), **options
+    )
+    if args.output:
+        _write_lines(hypotheses, args.output)
+    scores = score(hypotheses, references)
+    if args.json:
+        details = dict(checkpoint=args.model, source=str(src_path), reference=str(ref_path))
+        print(json.dumps({**scores, **details, "beam": args.beam}, indent=2))
+    else:
+        print(format_scores(scores))
+    return 0
+
+
+def _dataset_files(args, meta: dict):
+    from qkv.datasets import multi30k_file
+
+    src_lang = args.src_lang or meta.get("src_lang")
+    tgt_lang = args.tgt_lang or meta.get("tgt_lang")
+    if not src_lang or not tgt_lang:
+        raise QkvError(
+            f"{args.model}: the checkpoint does not record its languages; "
+            "pass --src-lang and --tgt-lang"
+        )
+    files = [
+        multi30k_file(args.split, lang, args.data_dir, progress=not args.quiet)
+        for lang in (src_lang, tgt_lang)
+    ]
+    return files[0], files[1]
+
+
+AVERAGE_EXAMPLES = """\
+examples:
+  qkv average runs/de_en --last 5 -o runs/de_en/averaged.pt
+  qkv average runs/de_en/checkpoint_9000.pt runs/de_en/checkpoint_10000.pt -o averaged.pt
+  qkv translate runs/de_en/averaged.pt -i test.de
+
+The paper's base models average the last 5 checkpoints (written every 10 minutes), its big models
+the last 20. The tokenizer.model of the run is copied beside OUT when none is there, so OUT
+translates on its own.
+"""
+
+
+def _add_average(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "average",
+        help="average the parameters of several checkpoints into one",
+        description="Average the parameters of checkpoints (the paper's final models).",
+        epilog=AVERAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "paths", nargs="+", metavar="CHECKPOINT", help="checkpoint files, or one run directory"
+    )
+    parser.add_argument(
+        "--last", type=int, metavar="N", help="average the run directory's N newest checkpoints"
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint to write")
+    parser.set_defaults(run=_run_average)
+
+
+def _run_average(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from qkv.checkpoint import (
+        TOKENIZER,
+        average_checkpoints,
+        last_step_checkpoints,
+        save_checkpoint,
+    )
+
+    if args.last is not None:
+        if len(args.paths) != 1:
+            raise QkvError("--last N takes one run directory")
+        paths = last_step_checkpoints(args.paths[0], args.last)
+    else:
+        paths = [Path(p) for p in args.paths]
+        for path in paths:
+            if path.is_dir():
+                raise QkvError(f"{path}: is a run directory; pass --last N to average its newest")
+    averaged = average_checkpoints(paths)
+    output = Path(args.output)
+    save_checkpoint(output, averaged)
+    names = ", ".join(p.name for p in paths)
+    print(f"averaged {len(paths)} checkpoints ({names}) into {output}", file=sys.stderr)
+    tokenizer = Path(paths[-1]).parent / TOKENIZER
+    if not (output.parent / TOKENIZER).exists() and tokenizer.is_file():
+        shutil.copyfile(tokenizer, output.parent / TOKENIZER)
+        print(f"copied {tokenizer} beside it", file=sys.stderr)
+    return 0
+
+
 def _add_demo(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -495,4 +810,13 @@ def _run_explain(args) -> int:
 
 
 # Subcommands, in the order `qkv --help` lists them.
-COMMANDS: list = [_add_demo, _add_prepare, _add_train, _add_attention, _add_explain]
+COMMANDS: list = [
+    _add_demo,
+    _add_prepare,
+    _add_train,
+    _add_translate,
+    _add_evaluate,
+    _add_average,
+    _add_attention,
+    _add_explain,
+]

@@ -328,7 +328,7 @@ class _BeamSearch:
             kept_rows = (keep[:, None] * beam + torch.arange(beam, device=self.device)).flatten()
             self.batch.keep(kept_rows, cache_rows=rows.flatten())
         else:
-            self.batch.cache.reorder(rows.flatten())
+            self.batch.cache.reorder(rows.flatten(), cross_attention=False)
         return live_scores, ids
 
     def record(self, length, cand_scores, cand_row, cand_token, finishes, ids) -> None:

@@ -1,0 +1,372 @@
+"""Decoding speed: qkv's search against Hugging Face's MarianMTModel.generate and CTranslate2.
+
+Every system decodes the same random sources (15 subwords + EOS) with models of the same dimensions and
+random weights, generating exactly 20 tokens per sentence (min = max = 20), so each does the same work
+whatever its weights say. Each figure is sentences/s from the median of --repeats timed runs after one
+warm-up run.
+
+- qkv: `qkv.search.beam_search` / `greedy_search` (KV cache) in fp32 and in bf16 (the model cast with
+  `.to(torch.bfloat16)`), and in fp32 with the cache replaced by a full decoder pass over the prefix at
+  every step ("no cache").
+- Hugging Face: `MarianMTModel(MarianConfig(...)).generate`, in the same process as qkv.
+- CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process
+  that never imports torch: the two thread pools compete, and timed in a process where torch has run
+  CTranslate2 was up to 5x slower.
+
+    pip install transformers ctranslate2          # benchmark-only dependencies
+    python benchmarks/decode_speed.py                              # small and base, every cell
+    python benchmarks/decode_speed.py --configs small --batches 32 --searches beam
+    python benchmarks/decode_speed.py --threads 1       # every system on one thread (a busy machine)
+
+Results and what they mean: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, n_layers=3),
+    "base": dict(d_model=512, n_heads=8, d_ff=2048, n_layers=6),
+}
+VOCAB = 8000
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+NAMES = {
+    "qkv": "qkv fp32",
+    "qkv-bf16": "qkv bf16",
+    "qkv-nocache": "qkv fp32 no cache",
+    "hf": "HF fp32",
+    "ct2-fp32": "CT2 fp32",
+    "ct2-int8": "CT2 int8",
+}
+# Like against like: fp32 against fp32, and each system's fastest reduced precision against the other's.
+RATIOS = [("qkv", "hf"), ("qkv-bf16", "hf"), ("qkv", "ct2-fp32"), ("qkv-bf16", "ct2-int8")]
+SRC_LEN = 16  # subwords, EOS included
+NEW_TOKENS = 20
+BEAM = 5
+SYSTEMS = ("qkv", "qkv-bf16", "qkv-nocache", "hf", "ct2-fp32", "ct2-int8")
+
+
+def sources(batch: int, seed: int = 0) -> list[list[int]]:
+    """`batch` sources of SRC_LEN ids (random subwords, then EOS): plain Python, for every system."""
+    rng = random.Random(seed)
+    return [[rng.randrange(4, VOCAB) for _ in range(SRC_LEN - 1)] + [EOS] for _ in range(batch)]
+
+
+def median_seconds(run, repeats: int) -> float:
+    run()  # warm-up: allocator, thread pool, first-call dispatch
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def check_lengths(name: str, lengths: list[int]) -> None:
+    if set(lengths) != {NEW_TOKENS}:
+        raise SystemExit(f"{name} generated {sorted(set(lengths))} tokens, not {NEW_TOKENS}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# qkv
+
+
+def qkv_model(name: str):
+    import torch
+
+    from qkv.model import Transformer, TransformerConfig
+
+    dims = CONFIGS[name]
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        src_vocab_size=VOCAB,
+        tgt_vocab_size=VOCAB,
+        d_model=dims["d_model"],
+        n_heads=dims["n_heads"],
+        d_ff=dims["d_ff"],
+        n_encoder_layers=dims["n_layers"],
+        n_decoder_layers=dims["n_layers"],
+        share_embeddings=True,
+    )
+    return Transformer(config).eval()
+
+
+class UncachedModel:
+    """A qkv model whose `decode` ignores the KV cache and runs the decoder over the whole prefix at
+    every step: what decoding costs without the cache. The search's cache is replaced by the token
+    history, which `reorder` keeps aligned with the beams."""
+
+    def __init__(self, model):
+        self.model, self.config, self.training = model, model.config, False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def encode(self, src_ids):
+        return self.model.encode(src_ids)
+
+    def src_mask(self, src_ids):
+        return self.model.src_mask(src_ids)
+
+    def new_cache(self):
+        return TokenHistory()
+
+    def decode(self, tgt_ids, memory, src, cache):
+        import torch
+
+        cache.ids = tgt_ids if cache.ids is None else torch.cat([cache.ids, tgt_ids], dim=1)
+        return self.model.decode(cache.ids, memory, src)[:, -1:]
+
+
+class TokenHistory:
+    def __init__(self):
+        self.ids = None
+
+    def reorder(self, index, cross_attention=True):
+        self.ids = self.ids.index_select(0, index)
+
+
+def qkv_runner(model, batch: list[list[int]], search: str):
+    import torch
+
+    from qkv.search import beam_search, greedy_search
+
+    src = torch.tensor(batch)
+    lengths = dict(max_len=NEW_TOKENS, min_len=NEW_TOKENS)
+
+    def run():
+        if search == "beam":
+            ids = beam_search(model, src, beam_size=BEAM, **lengths)[0][:, 0]
+        else:
+            ids = greedy_search(model, src, **lengths)[0]
+        return [int((row != PAD).sum()) for row in ids]
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def marian_model(name: str):
+    """A MarianMTModel with the dimensions of `name` and random weights. As in real Marian models, <pad>
+    is the last id and starts the decoder, so ctranslate2's Marian converter takes it as it is."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    dims = CONFIGS[name]
+    config = MarianConfig(
+        vocab_size=VOCAB + 1,
+        decoder_vocab_size=VOCAB + 1,
+        d_model=dims["d_model"],
+        encoder_layers=dims["n_layers"],
+        decoder_layers=dims["n_layers"],
+        encoder_attention_heads=dims["n_heads"],
+        decoder_attention_heads=dims["n_heads"],
+        encoder_ffn_dim=dims["d_ff"],
+        decoder_ffn_dim=dims["d_ff"],
+        activation_function="relu",
+        max_position_embeddings=256,
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+        pad_token_id=VOCAB,
+        decoder_start_token_id=VOCAB,
+        eos_token_id=EOS,
+        forced_eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return MarianMTModel(config).eval()
+
+
+def hf_runner(model, batch: list[list[int]], search: str):
+    import torch
+
+    src = torch.tensor(batch)
+    options = dict(
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        num_beams=BEAM if search == "beam" else 1,
+        do_sample=False,
+    )
+
+    def run():
+        with torch.inference_mode():
+            ids = model.generate(src, attention_mask=torch.ones_like(src), **options)
+        return [int((row[1:] != VOCAB).sum()) for row in ids]  # after the start token
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------
+# CTranslate2
+
+
+class _Vocabulary:
+    """What ctranslate2's Marian loader reads from a tokenizer: the token strings and two of them."""
+
+    eos_token, unk_token = "</s>", "<unk>"
+
+    def get_vocab(self) -> dict[str, int]:
+        tokens = ["<blank>", "<unk>", "<s>", "</s>", *(f"t{i}" for i in range(4, VOCAB)), "<pad>"]
+        return {token: i for i, token in enumerate(tokens)}
+
+
+def convert_to_ctranslate2(model, out_dir: Path) -> Path:
+    """Convert the Marian model with ctranslate2's TransformersConverter (given our vocabulary, since
+    a random model has no SentencePiece tokenizer to load)."""
+    import ctranslate2
+
+    class Converter(ctranslate2.converters.TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            return model
+
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return _Vocabulary()
+
+    hf_dir = out_dir / "hf"
+    model.config.save_pretrained(hf_dir)
+    return Path(Converter(str(hf_dir)).convert(str(out_dir / "ct2"), force=True))
+
+
+def ctranslate2_worker(model_dir, compute_type, batch: int, search, repeats: int, threads: int):
+    """Runs in its own process (see main): prints {"seconds": median} as JSON."""
+    import ctranslate2
+
+    translator = ctranslate2.Translator(
+        model_dir, device="cpu", compute_type=compute_type, intra_threads=threads
+    )
+    tokens = [[_token(i) for i in row] for row in sources(batch)]
+    options = dict(
+        beam_size=BEAM if search == "beam" else 1,
+        max_decoding_length=NEW_TOKENS,
+        min_decoding_length=NEW_TOKENS,
+    )
+
+    def run():
+        results = translator.translate_batch(tokens, **options)
+        return [len(result.hypotheses[0]) for result in results]
+
+    check_lengths(f"CTranslate2 {compute_type}", run())
+    print(json.dumps({"seconds": median_seconds(run, repeats)}))
+
+
+def _token(i: int) -> str:
+    return {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}.get(i, f"t{i}")
+
+
+def time_ctranslate2(model_dir: Path, compute_type: str, batch: int, search: str, repeats: int):
+    import torch
+
+    command = [sys.executable, __file__, "--ct2-worker", str(model_dir), compute_type]
+    command += [str(batch), search, str(repeats), str(torch.get_num_threads())]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"CTranslate2 worker failed:\n{result.stderr}")
+    return json.loads(result.stdout.splitlines()[-1])["seconds"]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def benchmark_config(name: str, args) -> list[dict]:
+    import torch
+
+    qkv = qkv_model(name)
+    qkv_bf16 = qkv_model(name).to(torch.bfloat16)
+    marian = marian_model(name)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ct2_dir = None
+        if any(s.startswith("ct2") for s in args.systems):
+            ct2_dir = convert_to_ctranslate2(marian, Path(tmp))
+        for batch_size in args.batches:
+            batch = sources(batch_size)
+            for search in args.searches:
+                in_process = {
+                    "qkv": (qkv_runner, qkv),
+                    "qkv-bf16": (qkv_runner, qkv_bf16),
+                    "qkv-nocache": (qkv_runner, UncachedModel(qkv)),
+                    "hf": (hf_runner, marian),
+                }
+                seconds = {}
+                for system in args.systems:
+                    if system in in_process:
+                        make_runner, model = in_process[system]
+                        run = make_runner(model, batch, search)
+                        check_lengths(system, run())
+                        seconds[system] = median_seconds(run, args.repeats)
+                    else:
+                        compute_type = {"ct2-fp32": "float32", "ct2-int8": "int8"}[system]
+                        seconds[system] = time_ctranslate2(
+                            ct2_dir, compute_type, batch_size, search, args.repeats
+                        )
+                row = dict(config=name, batch=batch_size, search=search)
+                row.update({s: batch_size / t for s, t in seconds.items()})
+                rows.append(row)
+                print(format_row(row, args.systems), flush=True)
+    return rows
+
+
+def format_row(row: dict, systems) -> str:
+    search = f"beam {BEAM}" if row["search"] == "beam" else "greedy"
+    cells = [row["config"], str(row["batch"]), search]
+    cells += [f"{row[s]:.1f}" if s in row else "-" for s in systems]
+    for ours, theirs in RATIOS:
+        if ours in row and theirs in row:
+            cells.append(f"{row[ours] / row[theirs]:.2f}x")
+    return "| " + " | ".join(cells) + " |"
+
+
+def header(systems) -> str:
+    columns = ["config", "batch", "search", *(NAMES[s] for s in systems)]
+    columns += [f"{NAMES[o]} / {NAMES[t]}" for o, t in RATIOS if o in systems and t in systems]
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--ct2-worker":
+        model_dir, compute_type, batch, search, repeats, threads = sys.argv[2:8]
+        ctranslate2_worker(model_dir, compute_type, int(batch), search, int(repeats), int(threads))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 1])
+    parser.add_argument(
+        "--searches", nargs="+", default=["beam", "greedy"], choices=["beam", "greedy"]
+    )
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median)")
+    parser.add_argument(
+        "--threads", type=int, help="threads for every system (default: torch's default, all cores)"
+    )
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"source {SRC_LEN} tokens, exactly {NEW_TOKENS} generated, median of {args.repeats}"
+    )
+    print(header(args.systems))
+    for name in args.configs:
+        benchmark_config(name, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Text in, text out: a trained model, its tokenizer and the search, batched by token count.
+
+>>> translator = qkv.load("runs/de_en")             # a run directory or a checkpoint file
+>>> translator.translate(["Ein Hund läuft.", ""], beam=5)
+['A dog is running.', '']
+
+Sentences are sorted by length so each batch holds sentences of similar length (little padding), and the
+translations come back in input order. An empty sentence translates to an empty string without running
+the model; a sentence longer than the model's positions is cut to fit, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qkv.checkpoint import TOKENIZER, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from qkv.errors import QkvError
+from qkv.model import Transformer
+from qkv.search import beam_search, greedy_search, length_penalty_factor
+from qkv.tokenizer import Tokenizer
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Hypothesis:
+    """One translation: its text, its subword ids (without EOS) and its score (log-probability over
+    the length penalty, as `qkv.search.beam_search` ranks them)."""
+
+    text: str
+    score: float
+    ids: list[int]
+
+
+class Translator:
+    """A model and its tokenizer, ready to translate lists of sentences."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        meta: dict | None = None,
+    ):
+        if precision not in PRECISIONS:
+            raise QkvError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.meta = meta or {}  # what training recorded: dataset, src_lang, tgt_lang
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        tokenizer: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ) -> Translator:
+        """The model of a run directory (its best.pt, else last.pt) or of a checkpoint file, with the
+        tokenizer.model beside it (or `tokenizer`, a path)."""
+        checkpoint_path = resolve_checkpoint(path)
+        checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        model = model_from_checkpoint(checkpoint, checkpoint_path)
+        tokenizer_path = Path(tokenizer) if tokenizer else checkpoint_path.parent / TOKENIZER
+        if not tokenizer_path.exists():
+            raise QkvError(
+                f"{checkpoint_path}: no {TOKENIZER} beside it; pass the tokenizer's path "
+                "(--tokenizer on the command line)"
+            )
+        meta = checkpoint.get("meta") or {}
+        return cls(model, Tokenizer.load(tokenizer_path), device, precision, meta)
+
+    def translate(self, sentences: Sequence[str], beam: int = 5, **options) -> list[str]:
+        """The best translation of each sentence, in input order. Options as `hypotheses`."""
+        return [best[0].text for best in self.hypotheses(sentences, beam=beam, **options)]
+
+    def hypotheses(
+        self,
+        sentences: Sequence[str],
+        beam: int = 5,
+        n_best: int = 1,
+        max_tokens: int = 4096,
+        length_penalty: float = 0.6,
+        length_penalty_style: str = "gnmt",
+        max_len: int | None = None,
+        min_len: int = 0,
+        progress: bool = False,
+        warn: Callable[[str], None] | None = None,
+    ) -> list[list[Hypothesis]]:
+        """The `n_best` best translations of each sentence (best first), in input order.
+
+        beam: beam size (1: greedy search). max_tokens: source tokens per batch, padding included;
+        more is faster up to a point and takes more memory (a batch decodes beam x its sentences
+        rows). max_len, min_len: generated tokens, as in `qkv.search`. An empty sentence gives one
+        empty hypothesis with score 0. warn: called with a message for each sentence cut to the
+        model's max_len (default: `warnings.warn`).
+        """
+        if not 1 <= n_best <= beam:
+            raise QkvError(f"--n-best must be between 1 and the beam size {beam}, got {n_best}")
+        sources = self.encode(sentences, warn or _warn)
+        results: list[list[Hypothesis]] = [[Hypothesis("", 0.0, [])] for _ in sentences]
+        search = dict(
+            beam=beam,
+            n_best=n_best,
+            length_penalty=length_penalty,
+            length_penalty_style=length_penalty_style,
+            max_len=max_len,
+            min_len=min_len,
+        )
+        bar = _progress_bar(len(sentences), progress)
+        bar.update(sum(1 for ids in sources if not ids))  # empty lines are done already
+        for batch in token_batches(sources, max_tokens):
+            for index, hypotheses in zip(batch, self._search(sources, batch, search), strict=True):
+                results[index] = hypotheses
+            bar.update(len(batch))
+        bar.close()
+        return results
+
+    def encode(self, sentences: Sequence[str], warn: Callable[[str], None]) -> list[list[int]]:
+        """Source ids of each sentence, EOS included; [] for an empty one. Too long ones are cut."""
+        config = self.model.config
+        limit = config.max_len - 1  # room for EOS
+        sources = []
+        for number, sentence in enumerate(sentences, start=1):
+            ids = self.tokenizer.encode(sentence) if sentence.strip() else []
+            if len(ids) > limit:
+                warn(
+                    f"line {number}: {len(ids)} subword tokens, more than the model's "
+                    f"{limit} (max_len {config.max_len} with EOS): translating the first {limit}"
+                )
+                ids = ids[:limit]
+            sources.append([*ids, config.eos_id] if ids else [])
+        return sources
+
+    def _search(self, sources, batch: list[int], search: dict) -> list[list[Hypothesis]]:
+        config = self.model.config
+        longest = max(len(sources[i]) for i in batch)
+        src = torch.full((len(batch), longest), config.pad_id, dtype=torch.long)
+        for row, index in enumerate(batch):
+            src[row, : len(sources[index])] = torch.tensor(sources[index])
+        src = src.to(self.device)
+        if search["beam"] == 1:
+            ids, scores = greedy_search(
+                self.model, src, max_len=search["max_len"], min_len=search["min_len"]
+            )
+            # Greedy returns log-probabilities: normalise them as beam search does, so --scores
+            # means one thing whatever the beam size.
+            lengths = (ids != config.pad_id).sum(dim=1).clamp(min=1)
+            penalty = length_penalty_factor(
+                lengths.float(), search["length_penalty"], search["length_penalty_style"]
+            )
+            ids, scores = ids[:, None], (scores / penalty)[:, None]
+        else:
+            ids, scores = beam_search(
+                self.model,
+                src,
+                beam_size=search["beam"],
+                length_penalty=search["length_penalty"],
+                length_penalty_style=search["length_penalty_style"],
+                max_len=search["max_len"],
+                min_len=search["min_len"],
+                n_best=search["n_best"],
+            )
+        return [
+            [self._hypothesis(ids[row, rank], scores[row, rank]) for rank in range(ids.size(1))]
+            for row in range(len(batch))
+        ]
+
+    def _hypothesis(self, ids: torch.Tensor, score: torch.Tensor) -> Hypothesis:
+        config = self.model.config
+        tokens = [t for t in ids.tolist() if t not in (config.pad_id, config.eos_id)]
+        return Hypothesis(self.tokenizer.decode(tokens), float(score), tokens)
+
+
+def token_batches(sources: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Indices of the non-empty sources, sorted by length, cut into batches of at most `max_tokens`
+    source tokens counting padding (at least one sentence each)."""
+    order = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: len(sources[i]))
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for index in order:
+        # Sorted ascending, so this sentence is the longest of the batch it joins.
+        if batch and (len(batch) + 1) * len(sources[index]) > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(index)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="sent", desc="translating", leave=False)

@@ -1,0 +1,124 @@
+"""Translating text: the Python API (`qkv.load`), `qkv translate`, and batching that keeps input order."""
+
+import subprocess
+import sys
+
+import pytest
+
+import qkv
+from conftest import qkv_env
+from qkv.translate import Translator, token_batches
+from toy_task import reverse
+
+LINES = ["a b c d", "", "p o n", "e", "k l m n o", "j a", "", "h g f e d"]
+
+
+@pytest.fixture(scope="module")
+def translator(toy_run) -> Translator:
+    return qkv.load(toy_run)
+
+
+def test_importing_qkv_does_not_import_torch():
+    code = "import sys, qkv; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=qkv_env()
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_load_translates(translator):
+    out = translator.translate(["a b c", "p o"], beam=5)
+    assert out == ["c b a", "o p"]
+
+
+def test_batching_keeps_input_order_and_empty_lines(translator):
+    # max_tokens=8 forces several batches of length-sorted sentences
+    together = translator.translate(LINES, beam=3, max_tokens=8)
+    one_by_one = [translator.translate([line], beam=3)[0] for line in LINES]
+    assert together == one_by_one
+    assert together[1] == together[6] == ""
+    assert sum(out == reverse(line) for out, line in zip(together, LINES, strict=True)) >= 6
+
+
+def test_bf16_translates_too(toy_run):
+    out = qkv.load(toy_run, precision="bf16").translate(["a b c"], beam=2)
+    assert out == ["c b a"]
+
+
+def test_n_best_hypotheses_are_sorted(translator):
+    results = translator.hypotheses(["a b c d", "e f"], beam=4, n_best=3)
+    for hypotheses in results:
+        assert len(hypotheses) == 3
+        scores = [h.score for h in hypotheses]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_too_long_sentence_is_cut_with_a_warning(translator):
+    too_long = " ".join(["a"] * 40)  # the toy model has 32 positions
+    with pytest.warns(UserWarning, match=r"line 2: 40 subword tokens"):
+        out = translator.translate(["a b", too_long], beam=2)
+    assert len(out) == 2
+
+
+def test_token_batches_respect_the_budget_and_cover_every_sentence():
+    sources = [[1] * n for n in (5, 0, 3, 9, 2, 2, 7)]
+    batches = token_batches(sources, max_tokens=10)
+    assert sorted(i for batch in batches for i in batch) == [0, 2, 3, 4, 5, 6]  # not the empty one
+    for batch in batches:
+        assert len(batch) * max(len(sources[i]) for i in batch) <= 10 or len(batch) == 1
+    lengths = [len(sources[i]) for batch in batches for i in batch]
+    assert lengths == sorted(lengths)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_keeps_order_and_empty_lines_and_warns_with_the_line_number(
+    run_qkv, toy_run, translator
+):
+    too_long = " ".join(["b"] * 40)
+    lines = [*LINES[:3], too_long, *LINES[3:]]
+    result = run_qkv("translate", toy_run, "--beam", "3", input="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.split("\n")
+    assert out[-1] == "" and len(out) - 1 == len(lines)
+    assert out[:-1] == translator.translate(lines, beam=3, warn=lambda message: None)
+    assert out[1] == "" and out[7] == ""
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "stdin: line 4: 40 subword tokens" in warnings[0]
+
+
+def test_cli_n_best_and_scores_format(run_qkv, toy_run, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("a b c\n\np o\n")
+    out_file = tmp_path / "out.txt"
+    result = run_qkv(
+        "translate",
+        toy_run,
+        "-i",
+        source,
+        "-o",
+        out_file,
+        "--n-best",
+        "2",
+        "--scores",
+        "--beam",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in out_file.read_text().splitlines()]
+    assert [row[0] for row in rows] == ["1", "1", "2", "3", "3"]  # the empty line gives one
+    assert all(len(row) == 3 for row in rows)
+    assert rows[0][2] == "c b a" and rows[3][2] == "o p"
+    assert float(rows[0][1]) >= float(rows[1][1])
+    assert rows[2][1:] == ["0.0000", ""]
+
+
+def test_cli_rejects_bad_input_clearly(run_qkv, toy_run, tmp_path):
+    result = run_qkv("translate", toy_run, "--n-best", "3", "--beam", "2", input="a\n")
+    assert result.returncode == 2
+    assert "qkv: error: --n-best must be between 1 and the beam size 2" in result.stderr
+    result = run_qkv("translate", tmp_path / "nothing", input="a\n")
+    assert result.returncode == 2
+    assert "no such run directory or checkpoint" in result.stderr
