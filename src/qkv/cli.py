@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qkv import __version__
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qkv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (e.g. `qkv translate ... | head`) stopped reading: not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _add_train(subparsers) -> None:
@@ -623,14 +629,10 @@ KINDS = ("encoder", "decoder", "cross")  # as in qkv.visualize, repeated so --he
 
 def _load_run(run_dir: str):
     """The model of a run directory (or checkpoint) and the tokenizer saved beside it."""
-    from qkv.checkpoint import TOKENIZER, load_model
-    from qkv.tokenizer import Tokenizer
+    from qkv.translate import Translator
 
-    model, checkpoint_path = load_model(run_dir)
-    tokenizer_path = checkpoint_path.parent / TOKENIZER
-    if not tokenizer_path.is_file():
-        raise QkvError(f"{tokenizer_path}: no tokenizer beside the checkpoint")
-    return model, Tokenizer.load(tokenizer_path)
+    translator = Translator.load(run_dir)
+    return translator.model, translator.tokenizer
 
 
 def _one_based(value: int | None, what: str) -> int | None:

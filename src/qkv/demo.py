@@ -14,7 +14,8 @@ from importlib.resources import files
 from pathlib import Path
 
 from qkv.config import load_config
-from qkv.train import train, translate_ids
+from qkv.train import train
+from qkv.translate import Translator
 
 
 @dataclass
@@ -41,8 +42,7 @@ def run_demo(run_dir: str | Path, overrides: list[str] = (), n_examples: int = 8
     model, _ = load_model(run_dir)
     data = load_prepared(Path(run_dir) / "data")
     test = data.test
-    outputs = translate_ids(model, test.src, max_tokens=4096, beam=1)
-    hypotheses = [data.tokenizer.decode(ids) for ids in outputs]
+    hypotheses = Translator(model, data.tokenizer).translate(test.src_text, beam=1)
     correct = sum(h == r for h, r in zip(hypotheses, test.tgt_text, strict=True))
     examples = list(zip(test.src_text, hypotheses, test.tgt_text, strict=True))[:n_examples]
     attention_png = draw_attention(model, data.tokenizer, test.src_text[0], Path(run_dir))

@@ -28,11 +28,13 @@ from qkv.checkpoint import (
     load_checkpoint,
     model_checkpoint,
     save_checkpoint,
+    step_checkpoints,
 )
 from qkv.config import Config, dump_toml
 from qkv.data import EncodedSplit, TokenBatchSampler
 from qkv.errors import QkvError
 from qkv.model import Transformer
+from qkv.translate import Translator
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 
@@ -444,16 +446,6 @@ class Trainer:
         return False
 
 
-def step_checkpoints(run_dir: Path) -> list[Path]:
-    """checkpoint_<step>.pt files, oldest first."""
-    paths = []
-    for path in run_dir.glob("checkpoint_*.pt"):
-        step = path.stem.removeprefix("checkpoint_")
-        if step.isdigit():
-            paths.append((int(step), path))
-    return [path for _, path in sorted(paths)]
-
-
 def link_atomically(source: Path, target: Path) -> None:
     """Make `target` a hard link to `source`, replacing it in one rename (a copy where links fail)."""
     tmp = target.with_name(f".{target.name}.link.tmp")
@@ -486,39 +478,13 @@ def validate(model: Transformer, data, config: Config, device: torch.device) -> 
         nll_sum += label_smoothed_loss(logits, batch.tgt_out, 0.0, pad_id)[1].item()
         tokens += batch.n_tgt_tokens
     limit = config.eval.max_sentences or len(valid)
-    hypotheses = translate_ids(model, valid.src[:limit], config.train.max_tokens, config.eval.beam)
-    references = valid.tgt_text[:limit]
-    bleu = sacrebleu.corpus_bleu([data.tokenizer.decode(h) for h in hypotheses], [references])
+    translator = Translator(model, data.tokenizer, device)
+    hypotheses = translator.translate(
+        valid.src_text[:limit], beam=config.eval.beam, max_tokens=config.train.max_tokens
+    )
+    bleu = sacrebleu.corpus_bleu(hypotheses, [valid.tgt_text[:limit]])
     loss = nll_sum / max(tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": bleu.score}
-
-
-def translate_ids(model: Transformer, sources: list[list[int]], max_tokens: int, beam: int):
-    """Output ids (no specials) for each source (subword ids without eos), in input order."""
-    from qkv.search import beam_search, greedy_search
-
-    device = next(model.parameters()).device
-    eos, pad = model.config.eos_id, model.config.pad_id
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    outputs: list[list[int]] = [[] for _ in sources]
-    start = 0
-    while start < len(order):
-        longest = len(sources[order[min(len(order) - 1, start)]]) + 1
-        # Decoding memory grows with the output too: budget by twice the source length.
-        size = max(1, max_tokens // (2 * longest + 50) // max(beam, 1))
-        chunk = order[start : start + size]
-        src = torch.full((len(chunk), max(len(sources[i]) for i in chunk) + 1), pad)
-        for row, i in enumerate(chunk):
-            src[row, : len(sources[i]) + 1] = torch.tensor([*sources[i], eos])
-        src = src.to(device)
-        if beam > 1:
-            ids = beam_search(model, src, beam_size=beam)[0][:, 0]
-        else:
-            ids = greedy_search(model, src)[0]
-        for row, i in enumerate(chunk):
-            outputs[i] = [t for t in ids[row].tolist() if t not in (pad, eos)]
-        start += len(chunk)
-    return outputs
 
 
 # ---------------------------------------------------------------------------------------------------
