@@ -274,6 +274,10 @@ def test_tiny_model_learns_to_copy():
     )
     model = Transformer(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-9)
+    # Decaying to 0 lets the last steps settle: at a constant rate the result hovered at 97.6-100%
+    # depending on seed and thread count (summation order); with the decay, 100% on seeds 0-2, 1 or 2 threads.
+    steps = 300
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
 
     def sample(n):
         body = torch.randint(4, vocab, (n, length))
@@ -281,12 +285,13 @@ def test_tiny_model_learns_to_copy():
         eos = torch.full((n, 1), EOS)
         return body, torch.cat([bos, body], 1), torch.cat([body, eos], 1)
 
-    for _ in range(300):
+    for _ in range(steps):
         src, tgt_in, tgt_out = sample(batch)
         loss = nn.functional.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
 
     model.eval()
     src, _, tgt_out = sample(256)
