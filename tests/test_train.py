@@ -133,6 +133,16 @@ def test_a_run_writes_everything_a_user_needs(prepared, tmp_path):
     assert load_config(run_dir / "config.toml") == tiny_config(prepared)
 
 
+def test_the_end_of_a_run_is_always_validated(prepared, tmp_path):
+    """Even when the last step is a save step and no evaluation is due there."""
+    config = tiny_config(prepared, "train.max_steps=4", "train.save_every=4", "eval.every_steps=0")
+    summary = train(config, tmp_path, log=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("split") == "valid"] == [4]
+    assert summary["best_bleu"] >= 0 and (tmp_path / "best.pt").is_file()
+    assert load_checkpoint(tmp_path / "last.pt")["progress"]["best_bleu"] == summary["best_bleu"]
+
+
 def test_starting_over_an_existing_run_needs_resume(prepared, tmp_path):
     train(tiny_config(prepared, "train.max_steps=2"), tmp_path, log=lambda *_: None)
     with pytest.raises(QkvError, match="already holds a run"):

@@ -128,7 +128,7 @@ def _print_summary(summary: dict) -> None:
 
     table = Table(title="qkv train: done", show_header=False)
     table.add_row("steps", f"{summary['steps']:,} ({summary['new_steps']:,} in this run)")
-    table.add_row("epochs", str(summary["epochs"]))
+    table.add_row("epochs completed", str(summary["epochs"]))
     table.add_row("time", f"{summary['seconds']:.0f} s")
     table.add_row("target tokens/s", f"{summary['target_tokens_per_second']:,.0f}")
     table.add_row("best valid BLEU", f"{summary['best_bleu']:.2f}")

@@ -326,9 +326,10 @@ class Trainer:
                 self.progress.batches_done = 0
         bar.close()
         elapsed = time.time() - started
-        if self.last_saved_step != self.progress.step:
-            if self.last_eval_step != self.progress.step:
-                self.evaluate()
+        if self.last_eval_step != self.progress.step:  # always validate at the end
+            self.evaluate()
+            self.save()  # the saved progress must include this evaluation
+        elif self.last_saved_step != self.progress.step:
             self.save()
         tokens = self.progress.target_tokens - start_tokens
         return {
