@@ -584,9 +584,10 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     train = [r for r in records if "split" not in r and "loss" in r]
     valid = [r for r in records if r.get("split") == "valid"]
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (smoothed)")
+    # NLL on both sides: the training loss proper adds label smoothing, which validation does not.
+    ax_loss.plot([r["step"] for r in train], [r["nll"] for r in train], label="train")
     ax_loss.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="valid")
-    ax_loss.set(xlabel="step", ylabel="loss per target token", title="Loss")
+    ax_loss.set(xlabel="step", ylabel="NLL per target token", title="Loss (no label smoothing)")
     ax_loss.legend()
     ax_bleu.plot([r["step"] for r in valid], [r["bleu"] for r in valid], "o-", color="tab:green")
     ax_bleu.set(xlabel="step", ylabel="BLEU", title="Validation BLEU (greedy)")
