@@ -190,6 +190,7 @@ class Trainer:
         )
         self.train_model = self.model  # what the forward pass calls: maybe wrapped by DDP / compile
         self.bad_steps = 0
+        self.last_saved_step = self.last_eval_step = -1  # steps whose checkpoint / validation exist
         self.started = time.time()
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_info.is_main else None
 
@@ -227,9 +228,8 @@ class Trainer:
             last = i == len(batches) - 1
             sync = contextlib.nullcontext()
             if isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel) and not last:
-                sync = (
-                    self.train_model.no_sync()
-                )  # all-reduce gradients once, on the last micro-batch
+                # All-reduce gradients once, on the last micro-batch.
+                sync = self.train_model.no_sync()
             with sync:
                 src = batch.src.to(self.dist.device, non_blocking=True)
                 tgt_in = batch.tgt_in.to(self.dist.device, non_blocking=True)
@@ -341,9 +341,6 @@ class Trainer:
             "best_bleu": self.progress.best_bleu,
             "run_dir": str(self.run_dir),
         }
-
-    last_saved_step = -1
-    last_eval_step = -1
 
     def after_update(self, window: RunningWindow) -> None:
         step = self.progress.step
