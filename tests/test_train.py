@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import qkv_env
 from qkv.checkpoint import load_checkpoint
@@ -83,6 +84,24 @@ def test_label_smoothed_loss_ignores_padding_and_matches_the_formula():
         expected_loss += 0.9 * true_nll + 0.1 * -log_probs[b, t].mean()
     torch.testing.assert_close(nll, expected_nll)
     torch.testing.assert_close(loss, expected_loss)
+
+
+def test_label_smoothed_loss_and_its_gradient_equal_torch_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 7, requires_grad=True)
+    target = torch.tensor([[1, 2, 0, 0], [4, 5, 6, 0], [3, 3, 3, 3]])
+    loss, nll = label_smoothed_loss(logits, target, epsilon=0.1, pad_id=0)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    flat_logits, flat_target = logits.flatten(0, 1), target.flatten()
+    expected = F.cross_entropy(
+        flat_logits, flat_target, ignore_index=0, label_smoothing=0.1, reduction="sum"
+    )
+    (expected_gradient,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(gradient, expected_gradient)
+    expected_nll = F.cross_entropy(flat_logits, flat_target, ignore_index=0, reduction="sum")
+    torch.testing.assert_close(nll, expected_nll.detach())
+    assert not nll.requires_grad
 
 
 def test_noam_schedule_warms_up_then_decays_as_in_the_paper():

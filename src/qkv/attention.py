@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qkv.kernels import Linear, dropout, linear
+
 
 def scaled_dot_product_attention(
     q: Tensor,
@@ -43,7 +45,7 @@ def scaled_dot_product_attention(
         # Exact zeros where masked; this also empties rows that had nothing to attend to.
         weights = weights.masked_fill(~mask, 0.0)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ v, weights
 
 
@@ -120,10 +122,10 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = n_heads
         self.d_head = d_model // n_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)  # W^Q
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)  # W^K
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)  # W^V
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W^O
+        self.q_proj = Linear(d_model, d_model, bias=bias)  # W^Q
+        self.k_proj = Linear(d_model, d_model, bias=bias)  # W^K
+        self.v_proj = Linear(d_model, d_model, bias=bias)  # W^V
+        self.out_proj = Linear(d_model, d_model, bias=bias)  # W^O
 
     def split_heads(self, x: Tensor) -> Tensor:
         """(batch, len, d_model) -> (batch, n_heads, len, d_head)"""
@@ -141,7 +143,7 @@ class MultiHeadAttention(nn.Module):
         bias = None
         if self.q_proj.bias is not None:
             bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        return F.linear(x, weight, bias).chunk(3, dim=-1)
+        return linear(x, weight, bias).chunk(3, dim=-1)
 
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """K, V of the encoder output for cross-attention, as one matmul."""
@@ -149,7 +151,7 @@ class MultiHeadAttention(nn.Module):
         bias = None
         if self.k_proj.bias is not None:
             bias = torch.cat([self.k_proj.bias, self.v_proj.bias])
-        return F.linear(memory, weight, bias).chunk(2, dim=-1)
+        return linear(memory, weight, bias).chunk(2, dim=-1)
 
     def forward(
         self,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from qkv.attention import KVCache
+from qkv.kernels import Dropout, Linear
 from qkv.layers import (
     ACTIVATIONS,
     DecoderLayer,
@@ -198,10 +199,10 @@ class Transformer(nn.Module):
             self.tgt_embed = TokenEmbedding(config.tgt_vocab_size, config.d_model, config.pad_id)
         self.src_positions = positions(config.max_len, config.d_model)
         self.tgt_positions = positions(config.max_len, config.d_model)
-        self.embed_dropout = nn.Dropout(config.dropout)
+        self.embed_dropout = Dropout(config.dropout)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.output = nn.Linear(config.d_model, config.tgt_vocab_size, bias=False)
+        self.output = Linear(config.d_model, config.tgt_vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_output:
             self.output.weight = self.tgt_embed.embedding.weight

@@ -1,0 +1,111 @@
+"""qkv.kernels against the PyTorch functions they replace on the CPU, side by side in one process.
+
+linear: ``F.linear`` (MKL's sgemm for fp32) against ``qkv.kernels.linear`` (oneDNN), inference, fp32, at
+the shapes of decoding and of a training batch. dropout: ``F.dropout`` against ``qkv.kernels.dropout``,
+forward and backward, in bf16 and fp32. Each figure is the median of --repeats timed calls after warm-up;
+the two sides alternate call by call so that they share the machine's state.
+
+    python benchmarks/kernels.py                 # torch's default thread count
+    python benchmarks/kernels.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from qkv import kernels
+
+# (rows, d_in, d_out): decoding the small model at batch 32, beam 5 (160 rows) and a training batch of
+# about 4096 tokens; the last is the base model's FFN.
+LINEAR_SHAPES = [
+    (160, 256, 8000),
+    (160, 256, 1024),
+    (160, 1024, 256),
+    (160, 256, 768),
+    (5, 256, 8000),
+    (4096, 256, 1024),
+    (160, 512, 2048),
+]
+DROPOUT_SHAPE = (128, 32, 256)  # a batch of 4096 tokens of d_model 256
+
+
+def alternate(functions: dict, repeats: int) -> dict:
+    """Median seconds of each function, calling them in turn `repeats` times after one warm-up round."""
+    for function in functions.values():
+        function()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_linear(repeats: int) -> None:
+    if not kernels.ONEDNN_LINEAR:
+        print("this PyTorch build has no oneDNN linear: qkv.kernels.linear is F.linear here")
+        return
+    print("| linear, fp32 inference | F.linear (ms) | qkv linear (ms) | speed-up |")
+    print("|---|---|---|---|")
+    for rows, d_in, d_out in LINEAR_SHAPES:
+        x, weight, bias = torch.randn(rows, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
+        with torch.inference_mode():
+            median = alternate(
+                {
+                    "torch": partial(F.linear, x, weight, bias),
+                    "qkv": partial(kernels.linear, x, weight, bias),
+                },
+                repeats,
+            )
+        print(
+            f"| ({rows} x {d_in}) @ ({d_in} x {d_out}) | {median['torch'] * 1e3:.3f} | "
+            f"{median['qkv'] * 1e3:.3f} | {median['torch'] / median['qkv']:.2f}x |"
+        )
+
+
+def forward_backward(dropout, x, grad) -> None:
+    dropout(x, 0.3).backward(grad)
+
+
+def bench_dropout(repeats: int) -> None:
+    print()
+    print("| dropout p=0.3, forward + backward | F.dropout (ms) | qkv dropout (ms) | speed-up |")
+    print("|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(DROPOUT_SHAPE, dtype=dtype, requires_grad=True)
+        grad = torch.randn_like(x)
+        median = alternate(
+            {
+                "torch": partial(forward_backward, F.dropout, x, grad),
+                "qkv": partial(forward_backward, kernels.dropout, x, grad),
+            },
+            repeats,
+        )
+        shape = " x ".join(map(str, DROPOUT_SHAPE))
+        print(
+            f"| ({shape}) {str(dtype).removeprefix('torch.')} | {median['torch'] * 1e3:.2f} | "
+            f"{median['qkv'] * 1e3:.2f} | {median['torch'] / median['qkv']:.2f}x |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=21, help="timed calls per figure (median)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    bench_linear(args.repeats)
+    bench_dropout(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""qkv.kernels: the faster CPU computations of F.linear and F.dropout give what PyTorch's functions give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qkv import kernels
+from qkv.kernels import Dropout, Linear, dropout, linear, uses_onednn
+
+
+def test_linear_equals_a_float64_reference_at_fp32_precision():
+    torch.manual_seed(0)
+    for shape in [(160, 256), (4, 1, 256), (7, 3, 256), (0, 256)]:
+        x, weight, bias = torch.randn(shape), torch.randn(100, 256), torch.randn(100)
+        x_view = torch.randn(256, *shape[:-1]).movedim(0, -1)  # a non-contiguous input too
+        for inputs in (x, x_view):
+            for b in (bias, None):
+                with torch.inference_mode():
+                    out = linear(inputs, weight, b)
+                expected = F.linear(
+                    inputs.double(), weight.double(), None if b is None else b.double()
+                )
+                assert out.dtype == torch.float32 and out.shape == expected.shape
+                # fp32 accumulation of 256 products of N(0, 1) values: a bf16 product would miss by ~0.1.
+                torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-4)
+
+
+@pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
+def test_linear_takes_onednn_only_for_fp32_inference_on_cpu():
+    x, weight = torch.randn(3, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        assert uses_onednn(x, weight)
+        assert not uses_onednn(x.bfloat16(), weight.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not uses_onednn(x, weight)
+            assert linear(x, weight).dtype == torch.bfloat16  # autocast still applies
+    assert uses_onednn(x, weight)  # no tensor needs a gradient
+    assert not uses_onednn(x, weight.requires_grad_())
+
+
+def test_linear_module_trains_like_nn_linear():
+    torch.manual_seed(0)
+    ours, reference = Linear(6, 4), torch.nn.Linear(6, 4)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 6)
+    ours(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, reference.bias.grad)
+    assert list(ours.state_dict()) == ["weight", "bias"]
+
+
+def test_dropout_keeps_the_expected_fraction_and_scales_to_keep_the_mean():
+    torch.manual_seed(0)
+    x = torch.ones(1_000_003)  # not a multiple of 4: the last draw is only partly used
+    for p in (0.1, 0.3, 0.5):
+        out = dropout(x, p)
+        kept = out != 0
+        # 1M Bernoulli draws: the standard deviation of the kept fraction is under 0.0005.
+        assert abs(kept.double().mean().item() - (1 - p)) < 0.003
+        scales = out[kept].unique()
+        assert len(scales) == 1 and scales.item() == pytest.approx(1 / (1 - p), rel=1e-4)
+        assert abs(out.double().mean().item() - 1.0) < 0.005
+
+
+def test_dropout_draws_differ_and_repeat_with_the_seed():
+    x = torch.ones(64, 32)
+    torch.manual_seed(1)
+    first, second = dropout(x, 0.3), dropout(x, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, 0.3), first)
+    assert not torch.equal(first, second)
+
+
+def test_dropout_keeps_dtype_and_shape_and_passes_gradients_through_kept_elements():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.randn(4, 5, 6, dtype=dtype, requires_grad=True)
+        out = dropout(x, 0.3)
+        assert out.dtype == dtype and out.shape == x.shape
+        out.sum().backward()
+        torch.testing.assert_close(x.grad, (out != 0).to(dtype) / 0.7, rtol=1e-2, atol=0)
+
+
+def test_dropout_edge_cases():
+    x = torch.randn(10, 10)
+    assert dropout(x, 0.0) is x
+    assert dropout(x, 0.5, training=False) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dropout(x, 1.5)
+    module = Dropout(0.5)
+    module.eval()
+    assert module(x) is x
