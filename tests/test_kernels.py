@@ -28,16 +28,34 @@ def test_linear_equals_a_float64_reference_at_fp32_precision():
 
 
 @pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
-def test_linear_takes_onednn_only_for_fp32_inference_on_cpu():
+def test_linear_takes_onednn_only_for_fp32_on_cpu_outside_autocast():
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
-    with torch.no_grad():
-        assert uses_onednn(x, weight)
-        assert not uses_onednn(x.bfloat16(), weight.bfloat16())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not uses_onednn(x, weight)
-            assert linear(x, weight).dtype == torch.bfloat16  # autocast still applies
-    assert uses_onednn(x, weight)  # no tensor needs a gradient
-    assert not uses_onednn(x, weight.requires_grad_())
+    assert uses_onednn(x, weight)
+    assert uses_onednn(x, weight.requires_grad_())
+    assert not uses_onednn(x.double(), weight.double())
+    assert not uses_onednn(x.bfloat16(), weight.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_onednn(x, weight)
+        assert linear(x, weight).dtype == torch.bfloat16  # autocast still applies
+
+
+def test_linear_gradients_equal_f_linear_gradients():
+    torch.manual_seed(0)
+    weight = torch.randn(40, 24, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    upstream = torch.randn(3, 7, 40)
+    for b in (bias, None):
+        ours = torch.autograd.grad(linear(x, weight, b), [x, weight], upstream)
+        expected = torch.autograd.grad(F.linear(x, weight, b), [x, weight], upstream)
+        for got, want in zip(ours, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (bias_grad,) = torch.autograd.grad(linear(x, weight, bias), [bias], upstream)
+    torch.testing.assert_close(bias_grad, upstream.sum(dim=(0, 1)))
+    # only the inputs that need a gradient get one
+    frozen = torch.randn(40, 24)
+    (x_grad,) = torch.autograd.grad(linear(x, frozen), [x], upstream)
+    torch.testing.assert_close(x_grad, upstream @ frozen, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_module_trains_like_nn_linear():
