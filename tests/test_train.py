@@ -290,3 +290,33 @@ def test_learning_rate_in_metrics_follows_the_schedule(prepared, tmp_path):
         expected = learning_rate(record["step"], "noam", 1.0, 64, 10)
         assert math.isclose(record["lr"], expected, rel_tol=1e-9)
     assert os.path.getsize(tmp_path / "last.pt") > 0
+
+
+def test_label_smoothed_loss_in_blocks_with_bf16_logits_matches_autograd(monkeypatch):
+    """More tokens than one block of rows, bf16 logits as under autocast, every 4th token padding."""
+    import qkv.loss
+
+    monkeypatch.setattr(qkv.loss, "CPU_BLOCK_VALUES", 3 * 50)  # blocks of 3 rows of a 50-word vocab
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 50).bfloat16().requires_grad_()
+    target = torch.randint(1, 50, (4, 5))
+    target[:, ::4] = 0
+    loss, nll = label_smoothed_loss(logits, target, epsilon=0.2, pad_id=0)
+    loss.backward()
+    reference_logits = logits.detach().float().requires_grad_()
+    expected = F.cross_entropy(
+        reference_logits.flatten(0, 1),
+        target.flatten(),
+        ignore_index=0,
+        label_smoothing=0.2,
+        reduction="sum",
+    )
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    expected_nll = F.cross_entropy(
+        reference_logits.detach().flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum"
+    )
+    torch.testing.assert_close(nll, expected_nll)
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad.float(), reference_logits.grad, rtol=1e-2, atol=4e-3)
+    assert logits.grad.flatten(0, 1)[target.flatten() == 0].abs().sum() == 0  # padding: no gradient

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor
 
 from qkv.atomic import atomic_write
 from qkv.checkpoint import (
@@ -33,6 +31,7 @@ from qkv.checkpoint import (
 from qkv.config import Config, dump_toml
 from qkv.data import EncodedSplit, TokenBatchSampler
 from qkv.errors import QkvError
+from qkv.loss import label_smoothed_loss
 from qkv.model import Transformer
 from qkv.translate import Translator
 
@@ -41,24 +40,6 @@ MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 
 # ---------------------------------------------------------------------------------------------------
 # The recipe
-
-
-def label_smoothed_loss(
-    logits: Tensor, target: Tensor, epsilon: float, pad_id: int
-) -> tuple[Tensor, Tensor]:
-    """Summed label-smoothed cross-entropy (section 5.4) and summed NLL over non-pad target tokens.
-
-    logits (batch, len, vocab), target (batch, len). Smoothing spreads epsilon uniformly over the
-    vocabulary, as torch's ``label_smoothing`` does.
-    """
-    # One log-softmax for both sums (F.cross_entropy twice would compute it twice: 4% of a CPU step).
-    log_probs = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)  # (tokens, vocab)
-    target = target.flatten()
-    real = target != pad_id
-    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)  # (tokens,)
-    uniform = -log_probs.mean(dim=-1)  # cross-entropy against the uniform distribution
-    loss = torch.where(real, (1 - epsilon) * nll + epsilon * uniform, 0.0).sum()
-    return loss, torch.where(real, nll, 0.0).sum().detach()
 
 
 def learning_rate(step: int, schedule: str, lr: float, d_model: int, warmup: int) -> float:
@@ -179,6 +160,9 @@ class Trainer:
             betas=tuple(train.adam_betas),
             eps=train.adam_eps,
             weight_decay=train.weight_decay,
+            # One kernel per parameter instead of ~10: on the CPU, 8 ms against 40 ms per step of the
+            # small model.
+            fused=dist_info.device.type in ("cpu", "cuda"),
         )
         self.sampler = TokenBatchSampler(
             data.train.lengths(),
