@@ -120,7 +120,12 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if not training or p == 0:
         return x
     dropped_levels = round(p * _LEVELS)
-    if not FAST or x.device.type != "cpu" or dropped_levels == _LEVELS:
+    if (
+        not FAST
+        or x.device.type != "cpu"
+        or dropped_levels == _LEVELS
+        or torch.compiler.is_compiling()  # the compiler fuses its own dropout
+    ):
         return F.dropout(x, p, training)
     n = x.numel()
     draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
