@@ -8,7 +8,8 @@ warm-up run.
 - qkv: `qkv.search.beam_search` / `greedy_search` (KV cache) in fp32 and in bf16 (the model cast with
   `.to(torch.bfloat16)`), and in fp32 with the cache replaced by a full decoder pass over the prefix at
   every step ("no cache").
-- Hugging Face: `MarianMTModel(MarianConfig(...)).generate`, in the same process as qkv.
+- Hugging Face: `MarianMTModel(MarianConfig(...)).generate`, in the same process as qkv, in fp32 and in
+  bf16 (cast like qkv's).
 - CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process
   that never imports torch: the two thread pools compete, and timed in a process where torch has run
   CTranslate2 was up to 5x slower.
@@ -44,15 +45,22 @@ NAMES = {
     "qkv-bf16": "qkv bf16",
     "qkv-nocache": "qkv fp32 no cache",
     "hf": "HF fp32",
+    "hf-bf16": "HF bf16",
     "ct2-fp32": "CT2 fp32",
     "ct2-int8": "CT2 int8",
 }
 # Like against like: fp32 against fp32, and each system's fastest reduced precision against the other's.
-RATIOS = [("qkv", "hf"), ("qkv-bf16", "hf"), ("qkv", "ct2-fp32"), ("qkv-bf16", "ct2-int8")]
+RATIOS = [
+    ("qkv", "hf"),
+    ("qkv-bf16", "hf-bf16"),
+    ("qkv-bf16", "hf"),
+    ("qkv", "ct2-fp32"),
+    ("qkv-bf16", "ct2-int8"),
+]
 SRC_LEN = 16  # subwords, EOS included
 NEW_TOKENS = 20
 BEAM = 5
-SYSTEMS = ("qkv", "qkv-bf16", "qkv-nocache", "hf", "ct2-fp32", "ct2-int8")
+SYSTEMS = ("qkv", "qkv-bf16", "qkv-nocache", "hf", "hf-bf16", "ct2-fp32", "ct2-int8")
 
 
 def sources(batch: int, seed: int = 0) -> list[list[int]]:
@@ -287,6 +295,7 @@ def benchmark_config(name: str, args) -> list[dict]:
     qkv = qkv_model(name)
     qkv_bf16 = qkv_model(name).to(torch.bfloat16)
     marian = marian_model(name)
+    marian_bf16 = marian_model(name).to(torch.bfloat16) if "hf-bf16" in args.systems else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ct2_dir = None
@@ -300,6 +309,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                     "qkv-bf16": (qkv_runner, qkv_bf16),
                     "qkv-nocache": (qkv_runner, UncachedModel(qkv)),
                     "hf": (hf_runner, marian),
+                    "hf-bf16": (hf_runner, marian_bf16),
                 }
                 seconds = {}
                 for system in args.systems:
