@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import qkv_env
 from qkv import kernels
 from qkv.kernels import Dropout, Linear, dropout, linear, uses_onednn
 
@@ -112,3 +116,13 @@ def test_dropout_edge_cases():
     module = Dropout(0.5)
     module.eval()
     assert module(x) is x
+
+
+def test_environment_variable_turns_the_fast_kernels_off():
+    code = (
+        "import torch; from qkv import kernels; "
+        "assert not kernels.FAST and not kernels.ONEDNN_LINEAR; "
+        "x = torch.ones(1000); torch.manual_seed(0); a = kernels.dropout(x, 0.5); "
+        "torch.manual_seed(0); b = torch.nn.functional.dropout(x, 0.5); assert torch.equal(a, b)"
+    )
+    subprocess.run([sys.executable, "-c", code], env=qkv_env(QKV_FAST_KERNELS="0"), check=True)
