@@ -3,7 +3,8 @@
 Every system decodes the same random sources (15 subwords + EOS) with models of the same dimensions and
 random weights, generating exactly 20 tokens per sentence (min = max = 20), so each does the same work
 whatever its weights say. Each figure is sentences/s from the median of --repeats timed runs after one
-warm-up run.
+warm-up run; the systems in this process take turns run by run, so that a drift in the machine's speed
+reaches all of them alike.
 
 - qkv: `qkv.search.beam_search` / `greedy_search` (KV cache) in fp32 and in bf16 (the model cast with
   `.to(torch.bfloat16)`), and in fp32 with the cache replaced by a full decoder pass over the prefix at
@@ -77,6 +78,20 @@ def median_seconds(run, repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_seconds(runs: dict, repeats: int) -> dict:
+    """Median seconds of each run, the systems taking turns run by run after one warm-up run each: on a
+    machine whose speed drifts (a shared host), each system sees the same drift, so ratios hold still."""
+    for run in runs.values():
+        run()
+    times: dict = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def check_lengths(name: str, lengths: list[int]) -> None:
@@ -311,14 +326,15 @@ def benchmark_config(name: str, args) -> list[dict]:
                     "hf": (hf_runner, marian),
                     "hf-bf16": (hf_runner, marian_bf16),
                 }
-                seconds = {}
+                runs = {}
                 for system in args.systems:
                     if system in in_process:
                         make_runner, model = in_process[system]
-                        run = make_runner(model, batch, search)
-                        check_lengths(system, run())
-                        seconds[system] = median_seconds(run, args.repeats)
-                    else:
+                        runs[system] = make_runner(model, batch, search)
+                        check_lengths(system, runs[system]())
+                seconds = interleaved_median_seconds(runs, args.repeats)
+                for system in args.systems:
+                    if system not in in_process:
                         compute_type = {"ct2-fp32": "float32", "ct2-int8": "int8"}[system]
                         seconds[system] = time_ctranslate2(
                             ct2_dir, compute_type, batch_size, search, args.repeats

@@ -1,29 +1,30 @@
 """Two PyTorch functions, computed a faster way on the CPU: ``F.linear`` and ``F.dropout``.
 
 Same results (up to summation order for `linear`, and a different draw of random numbers for `dropout`),
-measured faster on this project's machine (AMD EPYC, Zen 4, AVX-512) by ``benchmarks/kernels.py``.
+measured faster on this project's machine (AMD EPYC, Zen 5, AVX-512) by ``benchmarks/cpu_kernels.py``.
 Everything else, and every other device, calls PyTorch's own function. Set ``QKV_FAST_KERNELS=0`` in the
 environment before importing qkv to call PyTorch's functions everywhere.
 
 **linear.** PyTorch computes fp32 matrix products on the CPU with MKL's sgemm, which is known to take
-slower code paths on processors that are not Intel's; on Zen 4 it ran at half the speed of oneDNN, the
-other library in every x86 build of PyTorch (``torch.ops.mkldnn``), which PyTorch already uses for bf16. One thread, fp32, the
-decoding shapes of the small model at batch 32, beam 5:
+slower code paths on processors that are not Intel's; on Zen 5 it ran at half the speed of oneDNN, the
+other library in every x86 build of PyTorch (``torch.ops.mkldnn``), which PyTorch already uses for bf16.
+Two threads, fp32, decoding shapes of the small model at batch 32, beam 5:
 
-    (160 x 256) @ (256 x 8000), the output projection     MKL 15.3 ms   oneDNN 7.2 ms
-    (160 x 256) @ (256 x 1024), the first FFN matrix      MKL  1.6 ms   oneDNN 0.8 ms
+    (160 x 256) @ (256 x 8000), the output projection     MKL 3.66 ms   oneDNN 1.81 ms
+    (160 x 256) @ (256 x 1024), the first FFN matrix      MKL 0.42 ms   oneDNN 0.20 ms
 
 oneDNN computes in fp32 too: its results differ from MKL's only in summation order (tested against
 float64). Training takes it as well, through an autograd function whose two gradients are again oneDNN
-linear maps (a (4096 x 256) @ (256 x 1024) product: 41 ms forward with MKL, 17 ms with oneDNN). Only fp32
+linear maps (a (4096 x 256) @ (256 x 1024) product: 10.9 ms with MKL, 4.8 ms with oneDNN). Only fp32
 on the CPU, outside autocast (which runs matrix products in bf16, on oneDNN already) and outside
 torch.compile.
 
 **dropout.** ``F.dropout`` on the CPU draws one Mersenne-Twister number per element (``bernoulli_``): a
-fifth of a bf16 training step of the small model. Here one 64-bit draw gives four 16-bit integers, and an
-element is kept when its integer is at or above the threshold for p; p is thereby rounded to a multiple
-of 1/65536 (0.3 becomes 19661/65536 = 0.300003), and the kept elements are scaled by exactly 1 / (1 - that p). Fwd +
-bwd of a (128, 32, 256) bf16 tensor, one thread: ``F.dropout`` 17.8 ms, this 8.8 ms.
+fifth of a bf16 training step of the small model with dropout 0.3. Here one 64-bit draw gives four 16-bit
+integers, and an element is kept when its integer is at or above the threshold for p; p is thereby
+rounded to a multiple of 1/65536 (0.3 becomes 19661/65536 = 0.300003), and the kept elements are scaled
+by exactly 1 / (1 - that p). Forward and backward of a (128, 32, 256) bf16 tensor, two threads:
+``F.dropout`` 8.2 ms, this 2.4 ms.
 """
 
 from __future__ import annotations

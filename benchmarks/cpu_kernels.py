@@ -5,8 +5,11 @@ the shapes of decoding and of a training batch. dropout: ``F.dropout`` against `
 forward and backward, in bf16 and fp32. Each figure is the median of --repeats timed calls after warm-up;
 the two sides alternate call by call so that they share the machine's state.
 
-    python benchmarks/kernels.py                 # torch's default thread count
-    python benchmarks/kernels.py --threads 1
+(Not named kernels.py: transformers imports a module called `kernels` when it finds one, and the
+script's folder is on the path when decode_speed.py runs.)
+
+    python benchmarks/cpu_kernels.py                 # torch's default thread count
+    python benchmarks/cpu_kernels.py --threads 1
 """
 
 from __future__ import annotations
