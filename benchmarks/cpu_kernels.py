@@ -15,12 +15,11 @@ script's folder is on the path when decode_speed.py runs.)
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved_median_seconds
 
 from qkv import kernels
 
@@ -38,19 +37,6 @@ LINEAR_SHAPES = [
 DROPOUT_SHAPE = (128, 32, 256)  # a batch of 4096 tokens of d_model 256
 
 
-def alternate(functions: dict, repeats: int) -> dict:
-    """Median seconds of each function, calling them in turn `repeats` times after one warm-up round."""
-    for function in functions.values():
-        function()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def bench_linear(repeats: int) -> None:
     if not kernels.ONEDNN_LINEAR:
         print("this PyTorch build has no oneDNN linear: qkv.kernels.linear is F.linear here")
@@ -60,7 +46,7 @@ def bench_linear(repeats: int) -> None:
     for rows, d_in, d_out in LINEAR_SHAPES:
         x, weight, bias = torch.randn(rows, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
         with torch.inference_mode():
-            median = alternate(
+            median = interleaved_median_seconds(
                 {
                     "torch": partial(F.linear, x, weight, bias),
                     "qkv": partial(kernels.linear, x, weight, bias),
@@ -84,7 +70,7 @@ def bench_dropout(repeats: int) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(DROPOUT_SHAPE, dtype=dtype, requires_grad=True)
         grad = torch.randn_like(x)
-        median = alternate(
+        median = interleaved_median_seconds(
             {
                 "torch": partial(forward_backward, F.dropout, x, grad),
                 "qkv": partial(forward_backward, kernels.dropout, x, grad),

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import interleaved_median_seconds
+
 CONFIGS = {
     "small": dict(d_model=256, n_heads=4, d_ff=1024, n_layers=3),
     "base": dict(d_model=512, n_heads=8, d_ff=2048, n_layers=6),
@@ -78,20 +80,6 @@ def median_seconds(run, repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def interleaved_median_seconds(runs: dict, repeats: int) -> dict:
-    """Median seconds of each run, the systems taking turns run by run after one warm-up run each: on a
-    machine whose speed drifts (a shared host), each system sees the same drift, so ratios hold still."""
-    for run in runs.values():
-        run()
-    times: dict = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def check_lengths(name: str, lengths: list[int]) -> None:
