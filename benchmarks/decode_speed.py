@@ -131,7 +131,7 @@ class UncachedModel:
     def src_mask(self, src_ids):
         return self.model.src_mask(src_ids)
 
-    def new_cache(self):
+    def new_cache(self, max_beams=None):
         return TokenHistory()
 
     def decode(self, tgt_ids, memory, src, cache):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from conftest import qkv_env
 from qkv import kernels
-from qkv.kernels import Dropout, Linear, dropout, linear, uses_onednn
+from qkv.attention import MultiHeadAttention
+from qkv.kernels import Dropout, Linear, dropout, frozen_cache, frozen_weights, linear, uses_onednn
 
 
 def test_linear_equals_a_float64_reference_at_fp32_precision():
@@ -32,12 +33,16 @@ def test_linear_equals_a_float64_reference_at_fp32_precision():
 
 
 @pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
-def test_linear_takes_onednn_only_for_fp32_on_cpu_outside_autocast():
+def test_linear_takes_onednn_for_fp32_on_cpu_outside_autocast_and_bf16_without_gradients():
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
     assert uses_onednn(x, weight)
     assert uses_onednn(x, weight.requires_grad_())
     assert not uses_onednn(x.double(), weight.double())
-    assert not uses_onednn(x.bfloat16(), weight.bfloat16())
+    x_bf16, weight_bf16 = x.bfloat16(), weight.detach().bfloat16()
+    assert uses_onednn(x_bf16, weight_bf16)
+    assert not uses_onednn(x_bf16, weight_bf16.requires_grad_())  # bf16 training: PyTorch's own
+    with torch.no_grad():
+        assert uses_onednn(x_bf16, weight_bf16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not uses_onednn(x, weight)
         assert linear(x, weight).dtype == torch.bfloat16  # autocast still applies
@@ -126,3 +131,60 @@ def test_environment_variable_turns_the_fast_kernels_off():
         "torch.manual_seed(0); b = torch.nn.functional.dropout(x, 0.5); assert torch.equal(a, b)"
     )
     subprocess.run([sys.executable, "-c", code], env=qkv_env(QKV_FAST_KERNELS="0"), check=True)
+
+
+needs_packing = pytest.mark.skipif(not kernels.PACKED_WEIGHTS, reason="no packed oneDNN weights")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_weights_are_packed_at_their_second_use_with_the_same_results(dtype):
+    torch.manual_seed(0)
+    x, weight, bias = (torch.randn(*shape).to(dtype) for shape in [(32, 1, 64), (100, 64), (100,)])
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    with torch.inference_mode(), frozen_weights():
+        outputs = [linear(x, weight, bias) for _ in range(3)]
+        packed = frozen_cache()[("onednn", id(weight))][1]
+        few_rows = linear(x[:2], weight, bias)  # too few rows to be worth packing: not packed
+    assert packed is not None and packed.layout == torch._mkldnn
+    assert frozen_cache() is None  # dropped on leaving the block
+    tolerance = 2e-4 if dtype == torch.float32 else 0.25  # bf16: 8 bits of mantissa, 64 products
+    for out in [*outputs, few_rows]:
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), expected[: out.size(0)], rtol=0, atol=tolerance)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
+
+
+@needs_packing
+def test_weights_changed_between_frozen_blocks_are_seen():
+    # Fused Adam updates parameters without bumping their version counters: only the block's scope
+    # tells a packed weight is stale.
+    x, weight = torch.randn(32, 64), torch.randn(100, 64)
+    with torch.inference_mode():
+        with frozen_weights():
+            before = [linear(x, weight) for _ in range(2)][-1]
+        weight.mul_(2)
+        with frozen_weights():
+            after = [linear(x, weight) for _ in range(2)][-1]
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-4)
+
+
+def test_nested_frozen_blocks_share_the_outermost_cache():
+    with frozen_weights():
+        outer = frozen_cache()
+        with frozen_weights():
+            assert frozen_cache() is outer
+        assert frozen_cache() is outer
+    assert frozen_cache() is None
+
+
+def test_stacked_q_k_v_weights_are_made_once_inside_a_frozen_block():
+    mha = MultiHeadAttention(16, 2)
+    projections = (mha.q_proj, mha.k_proj, mha.v_proj)
+    with torch.no_grad():
+        with frozen_weights():
+            first, _ = mha._stacked(*projections)
+            assert mha._stacked(*projections)[0] is first
+        again, _ = mha._stacked(*projections)
+    assert again is not first and torch.equal(again, first)
+    assert torch.equal(first[:16], mha.q_proj.weight) and torch.equal(first[32:], mha.v_proj.weight)

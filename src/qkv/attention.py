@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qkv.kernels import Linear, dropout, linear
+from qkv.beam_cache import SharedCrossAttentionCache, SharedSelfAttentionCache
+from qkv.kernels import Linear, dropout, frozen_cache, linear
 
 
 def scaled_dot_product_attention(
@@ -47,6 +48,16 @@ def scaled_dot_product_attention(
     if dropout_p > 0.0:
         weights = dropout(weights, dropout_p)
     return weights @ v, weights
+
+
+def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """softmax(Q K^T / sqrt(d_k) + bias) V: `scaled_dot_product_attention` with the mask given as an
+    additive one (0 = may attend, -inf = masked), for decoding, where the same mask serves every layer.
+    Three operations instead of seven on small tensors; every query must see at least one key."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
+    if bias is not None:
+        scores.add_(bias)
+    return torch.matmul(scores.softmax(dim=-1), v)
 
 
 def causal_mask(q_len: int, k_len: int | None = None, device=None) -> Tensor:
@@ -96,6 +107,12 @@ class KVCache:
                 entry.value = entry.value.index_select(0, index)
 
 
+def _stack(projections) -> tuple[Tensor, Tensor | None]:
+    weight = torch.cat([proj.weight for proj in projections])
+    has_bias = projections[0].bias is not None
+    return weight, torch.cat([proj.bias for proj in projections]) if has_bias else None
+
+
 def _fused_is_slower(q: Tensor) -> bool:
     """On CPU in bf16/fp16, PyTorch's fused (flash) kernel ran 2-4x slower than the written-out formula
     for sentence-length inputs (forward + backward, batch 128, 4 heads, length 32, torch 2.13, AVX-512),
@@ -139,19 +156,26 @@ class MultiHeadAttention(nn.Module):
 
     def project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Q, K, V of x, each (batch, len, d_model), as one matmul: faster than three on every device."""
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = None
-        if self.q_proj.bias is not None:
-            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        weight, bias = self._stacked(self.q_proj, self.k_proj, self.v_proj)
         return linear(x, weight, bias).chunk(3, dim=-1)
 
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """K, V of the encoder output for cross-attention, as one matmul."""
-        weight = torch.cat([self.k_proj.weight, self.v_proj.weight])
-        bias = None
-        if self.k_proj.bias is not None:
-            bias = torch.cat([self.k_proj.bias, self.v_proj.bias])
+        weight, bias = self._stacked(self.k_proj, self.v_proj)
         return linear(memory, weight, bias).chunk(2, dim=-1)
+
+    def _stacked(self, *projections: nn.Linear) -> tuple[Tensor, Tensor | None]:
+        """The weights (and biases) of `projections` stacked into one matrix. Inside a
+        `qkv.kernels.frozen_weights` block (a search) the stacked copy is made once: stacking anew at
+        every decoding step copied 3 d_model^2 numbers per layer and position."""
+        cache = frozen_cache()
+        if cache is None:
+            return _stack(projections)
+        key = ("stacked", *(id(proj.weight) for proj in projections))
+        entry = cache.get(key)
+        if entry is None:
+            entry = cache[key] = (projections, _stack(projections))
+        return entry[1]
 
     def forward(
         self,
@@ -173,6 +197,10 @@ class MultiHeadAttention(nn.Module):
             written-out reference path instead of the fused kernel.
         Returns (output (batch, q_len, d_model), weights or None).
         """
+        if isinstance(cache, (SharedSelfAttentionCache, SharedCrossAttentionCache)):
+            if need_weights:
+                raise ValueError("a BeamCache does not return attention weights; use a KVCache")
+            return self._forward_shared(x, memory, mask, cache), None
         if memory is not None:
             q = self.split_heads(self.q_proj(x))
             if cache is not None and cache.key is not None:
@@ -205,6 +233,28 @@ class MultiHeadAttention(nn.Module):
         else:
             out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p)
         return self.out_proj(self.merge_heads(out)), (weights if need_weights else None)
+
+    def _forward_shared(self, x, memory, mask, cache) -> Tensor:
+        """One decoding step with a `qkv.beam_cache.BeamCache`: the beams of a sentence attend together,
+        as the queries of one sequence, to the sentence's keys; the cache's mask keeps each beam to its
+        own history (self-attention) or to the source's real tokens (cross-attention)."""
+        if memory is None:
+            q, k, v = self.project_self(x)
+            k, v, bias = cache.append(k, v, self.n_heads)
+        else:
+            q = self.q_proj(x)
+            if cache.key is None:
+                cache.store(*self.project_memory(memory), mask, self.n_heads)
+            k, v, bias = cache.key, cache.value, cache.bias
+        q = cache.beams.group(q, self.n_heads)  # (sentences, n_heads, beams, d_head)
+        # k, v: (sentences, n_heads, slots or src_len, d_head)
+        if memory is not None and bias is None and cache.mask is not None:
+            out, _ = scaled_dot_product_attention(q, k, v, cache.mask)  # a source with no token
+        elif q.device.type == "cpu":
+            out = attention_with_bias(q, k, v, bias)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out_proj(cache.beams.ungroup(out))
 
     @staticmethod
     def _fused_attention(q, k, v, mask, dropout_p, is_causal) -> Tensor:

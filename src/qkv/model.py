@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from qkv.attention import KVCache
+from qkv.beam_cache import BeamCache
 from qkv.kernels import Dropout, Linear
 from qkv.layers import (
     ACTIVATIONS,
@@ -280,8 +281,14 @@ class Transformer(nn.Module):
             return logits, {"encoder": encoder_weights, **weights}
         return self.decode(tgt_ids, self.encode(src_ids), src_ids)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_decoder_layers)
+    def new_cache(
+        self, max_beams: int | None = None, max_len: int | None = None
+    ) -> KVCache | BeamCache:
+        """An empty decoder cache: a `KVCache`, or with `max_beams` a `BeamCache` for decoding up to
+        that many rows per sentence (what `qkv.search` uses), sized for `max_len` positions if given."""
+        if max_beams is None:
+            return KVCache(self.config.n_decoder_layers)
+        return BeamCache(self.config.n_decoder_layers, max_beams, max_len)
 
     def num_parameters(self) -> int:
         """Distinct trainable parameters (tied matrices counted once)."""

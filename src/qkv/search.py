@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qkv.kernels import frozen_weights
 from qkv.model import Transformer
 
 LENGTH_PENALTY_STYLES = ("gnmt", "fairseq")
@@ -61,14 +62,15 @@ def length_penalty_factor(
 
 
 def _inference(function):
-    """Run `function` in inference mode with the model in eval mode, restoring its mode afterwards."""
+    """Run `function` in inference mode with the model in eval mode, restoring its mode afterwards, and
+    with the weights frozen (`qkv.kernels.frozen_weights`): prepared once for all the steps."""
 
     @functools.wraps(function)
     def wrapper(model: Transformer, *args, **kwargs):
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), frozen_weights():
                 return function(model, *args, **kwargs)
         finally:
             model.train(was_training)
@@ -107,13 +109,16 @@ class _Batch:
     Cross-attention reads the cache, but `decode` still wants the encoder output and the source mask
     with one row per decoder row."""
 
-    def __init__(self, model: Transformer, src_ids: Tensor, max_len: int | None):
+    def __init__(
+        self, model: Transformer, src_ids: Tensor, max_len: int | None, max_beams: int = 1
+    ):
         self.model = model
         self.memory = model.encode(src_ids)  # (batch, src_len, d_model)
         self.src_mask = model.src_mask(src_ids)  # (batch, 1, 1, src_len)
         self.max_lens = max_lengths(model, src_ids, max_len)  # (batch,)
         self.sentence = torch.arange(src_ids.size(0), device=src_ids.device)  # original row of each
-        self.cache = model.new_cache()
+        longest = int(self.max_lens.max()) if src_ids.size(0) else 0
+        self.cache = model.new_cache(max_beams=max_beams, max_len=longest or None)
 
     def decode(self, last_tokens: Tensor) -> Tensor:
         """(rows,) the newest token of each row -> (rows, 1, vocab) logits of the next one."""
@@ -258,7 +263,7 @@ class _BeamSearch:
         self.model, self.config = model, model.config
         self.beam_size, self.n_best, self.min_len = beam_size, n_best, min_len
         self.length_penalty_of = length_penalty_of
-        self.batch = _Batch(model, src_ids, max_len)
+        self.batch = _Batch(model, src_ids, max_len, max_beams=beam_size)
         self.device = src_ids.device
         n_sentences = src_ids.size(0)
         self.longest = int(self.batch.max_lens.max()) if n_sentences else 0
@@ -298,7 +303,9 @@ class _BeamSearch:
         beam, vocab = self.beam_size, log_probs.size(-1)
         n_live = beam_scores.size(0)
         # (n_live, beam * vocab): every extension of every beam of a sentence competes in one row.
-        scores = (beam_scores.view(-1, 1) + log_probs).view(n_live, beam * vocab)
+        # In place: log_probs is this step's own tensor, and a fresh (rows, vocab) one would cost more
+        # than the addition (a new allocation of that size can mean new pages from the system).
+        scores = log_probs.add_(beam_scores.view(-1, 1)).view(n_live, beam * vocab)
         cand_scores, cand_flat = scores.topk(
             min(2 * beam, scores.size(1)), dim=1
         )  # (n_live, 2 beam)

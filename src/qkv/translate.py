@@ -20,6 +20,7 @@ import torch
 
 from qkv.checkpoint import TOKENIZER, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from qkv.errors import QkvError
+from qkv.kernels import frozen_weights
 from qkv.model import Transformer
 from qkv.search import beam_search, greedy_search, length_penalty_factor
 from qkv.tokenizer import Tokenizer
@@ -116,10 +117,12 @@ class Translator:
         )
         bar = _progress_bar(len(sentences), progress)
         bar.update(sum(1 for ids in sources if not ids))  # empty lines are done already
-        for batch in token_batches(sources, max_tokens):
-            for index, hypotheses in zip(batch, self._search(sources, batch, search), strict=True):
-                results[index] = hypotheses
-            bar.update(len(batch))
+        with frozen_weights():  # weights prepared once for all the batches, not once per batch
+            for batch in token_batches(sources, max_tokens):
+                hypotheses = self._search(sources, batch, search)
+                for index, sentence_hypotheses in zip(batch, hypotheses, strict=True):
+                    results[index] = sentence_hypotheses
+                bar.update(len(batch))
         bar.close()
         return results
 

@@ -1,0 +1,258 @@
+"""A KV cache whose beams share their sentence's storage, so that beam search never copies the cache.
+
+With `qkv.attention.KVCache` every decoder row (a beam) owns its keys and values. Each step of a beam
+search then copies the whole cache twice: once into the new order of the beams (``index_select``), once
+to append the new position (``cat``). Both copies grow with the output, and they were a fifth of the
+time of a beam search on the CPU.
+
+Here the beams of a sentence share one tensor per layer, and nothing in it ever moves:
+
+- the key of position t of beam b is written once, to slot ``t * max_beams + b`` of its sentence;
+- a beam attends only to the slots of its own history. Which slots those are is a boolean mask,
+  `ancestry` (sentences, beams, slots), and that small mask is all a reorder of the beams changes: a
+  new beam inherits its parent's row of it;
+- the queries of a sentence's beams attend together, (sentences, heads, beams, d_head) against
+  (sentences, heads, slots, d_head), through the same `scaled_dot_product_attention` as everywhere else.
+  Slots outside a beam's history get weight exactly zero, so the result is the per-beam attention;
+- the encoder's keys and values for cross-attention are kept once per sentence, not once per beam.
+
+Only sentences that leave the batch (finished) cause a copy: the cache keeps the rest.
+
+The contract of `reorder(index)` (what `qkv.search` does): rows are sentence-major; the new rows of a
+sentence stay together, come from the rows of one old sentence, and sentences keep their order. That
+covers reordering beams, the first expansion from one row per sentence to `max_beams`, and dropping
+sentences. Decoding runs one position per call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+DEFAULT_CAPACITY = 32  # positions, when the caller does not say how many; doubled when full
+
+
+class BeamCache:
+    """Decoder state for incremental decoding of up to `max_beams` rows per sentence (1 for greedy).
+
+    Used like `KVCache`: ``model.decode(last_tokens, memory, src_mask, cache)`` at each step and
+    ``cache.reorder(rows)`` between steps. The batch starts with one row per sentence."""
+
+    def __init__(self, n_layers: int, max_beams: int = 1, max_len: int | None = None):
+        if max_beams < 1:
+            raise ValueError(f"max_beams must be at least 1, got {max_beams}")
+        self.max_beams = max_beams
+        self.n_sentences: int | None = None  # known at the first step
+        self.width = 1  # rows per sentence now
+        self.length = 0  # positions written by every layer
+        self.capacity = max_len or DEFAULT_CAPACITY  # positions the buffers hold
+        self.ancestry: Tensor | None = None  # (n_sentences, width, capacity * max_beams) bool
+        self.bias: Tensor | None = (
+            None  # the open position's ancestry as an additive attention mask
+        )
+        self.self_attn = [
+            SharedSelfAttentionCache(self, first=i == 0, last=i == n_layers - 1)
+            for i in range(n_layers)
+        ]
+        self.cross_attn = [SharedCrossAttentionCache(self) for _ in range(n_layers)]
+
+    def __len__(self) -> int:
+        """Number of target positions already cached."""
+        return self.length
+
+    def group(self, x: Tensor, n_heads: int) -> Tensor:
+        """(rows, 1, d_model) -> (sentences, n_heads, beams, d_head): a sentence's beams as its queries."""
+        rows, _, d_model = x.shape
+        if self.n_sentences is None:
+            self.n_sentences = rows
+        if rows != self.n_sentences * self.width:
+            raise ValueError(
+                f"{rows} decoder rows, but the cache holds {self.n_sentences} sentences x "
+                f"{self.width} beams"
+            )
+        if x.size(1) != 1:
+            raise ValueError("BeamCache decodes one position per call")
+        grouped = x.view(self.n_sentences, self.width, n_heads, d_model // n_heads)
+        return grouped.transpose(1, 2)
+
+    def ungroup(self, x: Tensor) -> Tensor:
+        """(sentences, n_heads, beams, d_head) -> (rows, 1, d_model): the concatenation of the heads."""
+        n_sentences, n_heads, width, d_head = x.shape
+        return x.transpose(1, 2).reshape(n_sentences * width, 1, n_heads * d_head)
+
+    def open_position(self, dtype: torch.dtype, device) -> Tensor:
+        """Start position `length`: each beam's history gains the beam's own new slot. Returns the
+        additive mask (sentences, 1, beams, slots so far): 0 in the beam's history, -inf elsewhere;
+        shared by every layer. A beam always sees its own new slot, so no row is empty."""
+        n, width, beams = self.n_sentences, self.width, self.max_beams
+        if self.ancestry is None:
+            self.ancestry = torch.zeros(
+                n, width, self.capacity * beams, dtype=torch.bool, device=device
+            )
+        if self.length == self.capacity:
+            self.capacity *= 2
+            self.ancestry = _grow(self.ancestry, self.capacity * beams, dim=2)
+        beam = torch.arange(width, device=device)
+        self.ancestry[:, beam, self.length * beams + beam] = True
+        history = self.ancestry[:, None, :, : (self.length + 1) * beams]
+        self.bias = torch.zeros(history.shape, dtype=dtype, device=device)
+        self.bias.masked_fill_(~history, -math.inf)
+        return self.bias
+
+    def close_position(self) -> None:
+        self.length += 1
+
+    def reorder(self, index: Tensor, cross_attention: bool = True) -> None:
+        """Keep rows `index` of the batch, in that order (see the module's docstring for the contract).
+
+        cross_attention=False says, as for `KVCache.reorder`, that beams only moved within their own
+        sentences (the same sentences, the same number of rows each): then only the ancestry changes.
+        Otherwise the cache works out which sentences stay and how many rows each now has."""
+        if self.n_sentences is None:
+            raise RuntimeError("reorder before the first step")
+        if not cross_attention:
+            if index.numel() != self.n_sentences * self.width:
+                raise ValueError(
+                    "BeamCache.reorder(cross_attention=False) must keep every row count"
+                )
+            if self.ancestry is not None:
+                slots = self.ancestry.size(2)
+                self.ancestry = (
+                    self.ancestry.view(-1, slots).index_select(0, index).view_as(self.ancestry)
+                )
+            return
+        old_sentence = torch.div(index, self.width, rounding_mode="floor")
+        sentences = torch.unique_consecutive(old_sentence)
+        n_new = sentences.numel()
+        width = index.numel() // n_new if n_new else 0
+        if n_new and (
+            width * n_new != index.numel()
+            or width > self.max_beams
+            or not bool((old_sentence.view(n_new, width) == sentences[:, None]).all())
+            or not bool((sentences[1:] > sentences[:-1]).all())  # each once, in order
+        ):
+            raise ValueError(
+                "BeamCache.reorder: the rows of each sentence must stay together, come from one "
+                f"sentence, keep the sentences' order, and number at most max_beams={self.max_beams}"
+            )
+        if n_new != self.n_sentences or not bool(
+            (sentences == torch.arange(n_new, device=index.device)).all()
+        ):
+            for entry in (*self.self_attn, *self.cross_attn):
+                entry.keep_sentences(sentences)
+        if self.ancestry is not None:
+            slots = self.ancestry.size(2)
+            self.ancestry = self.ancestry.view(-1, slots).index_select(0, index)
+            self.ancestry = self.ancestry.view(n_new, width, slots)
+        self.n_sentences, self.width = n_new, width
+
+
+class SharedSelfAttentionCache:
+    """One decoder layer's self-attention keys and values: (sentences, n_heads, slots, d_head) each."""
+
+    def __init__(self, beams: BeamCache, first: bool, last: bool):
+        self.beams = beams
+        self.first, self.last = (
+            first,
+            last,
+        )  # the first layer opens each position, the last closes it
+        self.key: Tensor | None = None
+        self.value: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Write this position's keys and values, (rows, 1, d_model) each; return the sentence's keys and
+        values so far (sentences, n_heads, slots, d_head) and the additive mask of each beam's history
+        (sentences, 1, beams, slots)."""
+        beams = self.beams
+        k, v = (
+            beams.group(k, n_heads),
+            beams.group(v, n_heads),
+        )  # (sentences, n_heads, beams, d_head)
+        bias = beams.open_position(k.dtype, k.device) if self.first else beams.bias
+        slots = beams.capacity * beams.max_beams
+        if self.key is None:
+            shape = (beams.n_sentences, n_heads, slots, k.size(-1))
+            self.key, self.value = k.new_empty(shape), v.new_empty(shape)
+        elif self.key.size(2) < slots:
+            self.key, self.value = _grow(self.key, slots, dim=2), _grow(self.value, slots, dim=2)
+        start = beams.length * beams.max_beams
+        self.key[:, :, start : start + beams.width] = k
+        self.value[:, :, start : start + beams.width] = v
+        if beams.width < beams.max_beams:
+            # Slots no beam owns (only one beam exists at the first position) are masked out, but
+            # must be finite: -inf + NaN, or 0 x NaN, would still be NaN.
+            self.key[:, :, start + beams.width : start + beams.max_beams] = 0
+            self.value[:, :, start + beams.width : start + beams.max_beams] = 0
+        if self.last:
+            beams.close_position()
+        end = bias.size(-1)
+        return self.key[:, :, :end], self.value[:, :, :end], bias
+
+    def keep_sentences(self, sentences: Tensor) -> None:
+        """Keep the storage of `sentences` only: copy the slots written so far, keep the capacity."""
+        if self.key is not None:
+            used = self.beams.length * self.beams.max_beams
+            self.key, self.value = (_select(t, sentences, used) for t in (self.key, self.value))
+
+
+def _select(buffer: Tensor, sentences: Tensor, used: int) -> Tensor:
+    """buffer (sentences, n_heads, slots, d_head) -> the same for `sentences`, with the first `used`
+    slots copied and the rest left unwritten."""
+    selected = buffer.new_empty((sentences.numel(), *buffer.shape[1:]))
+    selected[:, :, :used] = buffer[:, :, :used].index_select(0, sentences)
+    return selected
+
+
+class SharedCrossAttentionCache:
+    """One decoder layer's cross-attention keys and values (sentences, n_heads, src_len, d_head), and
+    the source mask (sentences, 1, 1, src_len): projected once per sentence, at the first step.
+
+    `bias` is the mask as an additive one (0 or -inf), or None when there is no mask or when some
+    source has no token at all (its row would be all -inf; the boolean `mask` then takes over)."""
+
+    def __init__(self, beams: BeamCache):
+        self.beams = beams
+        self.key: Tensor | None = None
+        self.value: Tensor | None = None
+        self.mask: Tensor | None = None
+        self.bias: Tensor | None = None
+
+    def store(self, k: Tensor, v: Tensor, mask: Tensor | None, n_heads: int) -> None:
+        """k, v: (rows, src_len, d_model) projections of the encoder output, one row per decoder row;
+        mask: (rows, 1, 1, src_len) or None. Keeps one row per sentence."""
+        rows_per_sentence = k.size(0) // self.beams.n_sentences
+        k, v = k[::rows_per_sentence], v[::rows_per_sentence]
+        n_sentences, src_len, _ = k.shape
+        self.key = k.reshape(n_sentences, src_len, n_heads, -1).transpose(1, 2).contiguous()
+        self.value = v.reshape(n_sentences, src_len, n_heads, -1).transpose(1, 2).contiguous()
+        if mask is not None and mask.size(0) > 1:
+            mask = mask[::rows_per_sentence]
+        self.mask = mask
+        self._set_bias()
+
+    def _set_bias(self) -> None:
+        mask = self.mask
+        if mask is None or not bool(mask.any(dim=-1).all()):
+            self.bias = None
+        else:
+            bias = torch.zeros(mask.shape, dtype=self.key.dtype, device=self.key.device)
+            self.bias = bias.masked_fill_(~mask, -math.inf)
+
+    def keep_sentences(self, sentences: Tensor) -> None:
+        if self.key is not None:
+            self.key = self.key.index_select(0, sentences)
+            self.value = self.value.index_select(0, sentences)
+            if self.mask is not None and self.mask.size(0) > 1:
+                self.mask = self.mask.index_select(0, sentences)
+                self._set_bias()
+
+
+def _grow(t: Tensor, size: int, dim: int) -> Tensor:
+    """`t` with dimension `dim` enlarged to `size`: the old content first, then zeros."""
+    shape = list(t.shape)
+    shape[dim] = size
+    grown = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    grown.narrow(dim, 0, t.size(dim)).copy_(t)
+    return grown
