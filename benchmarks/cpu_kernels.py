@@ -1,7 +1,8 @@
 """qkv.kernels against the PyTorch functions they replace on the CPU, side by side in one process.
 
-linear: ``F.linear`` (MKL's sgemm for fp32) against ``qkv.kernels.linear`` (oneDNN), inference, fp32, at
-the shapes of decoding and of a training batch. dropout: ``F.dropout`` against ``qkv.kernels.dropout``,
+linear: ``F.linear`` (MKL's sgemm for fp32) against ``qkv.kernels.linear`` (oneDNN), inference, fp32 and
+bf16, at the shapes of decoding and of a training batch; and ``qkv.kernels.linear`` inside a
+``frozen_weights`` block (oneDNN's packed weights), as in every step of a search. dropout: ``F.dropout`` against ``qkv.kernels.dropout``,
 forward and backward, in bf16 and fp32. Each figure is the median of --repeats timed calls after warm-up;
 the two sides alternate call by call so that they share the machine's state.
 
@@ -15,6 +16,7 @@ script's folder is on the path when decode_speed.py runs.)
 from __future__ import annotations
 
 import argparse
+import contextvars
 from functools import partial
 
 import torch
@@ -37,26 +39,43 @@ LINEAR_SHAPES = [
 DROPOUT_SHAPE = (128, 32, 256)  # a batch of 4096 tokens of d_model 256
 
 
-def bench_linear(repeats: int) -> None:
+def frozen_context() -> contextvars.Context:
+    """A context in which a `frozen_weights` block is open and stays open: a call run in it reuses the
+    packed weight, as every step of a search does."""
+    context = contextvars.copy_context()
+    context.run(kernels._FROZEN.set, {})  # what entering `frozen_weights()` does, never left
+    return context
+
+
+def bench_linear(repeats: int, dtype: torch.dtype) -> None:
     if not kernels.ONEDNN_LINEAR:
         print("this PyTorch build has no oneDNN linear: qkv.kernels.linear is F.linear here")
         return
-    print("| linear, fp32 inference | F.linear (ms) | qkv linear (ms) | speed-up |")
+    name = str(dtype).removeprefix("torch.")
+    print(
+        f"| linear, {name} inference | F.linear (ms) | qkv linear (ms) | qkv linear, frozen (ms) |"
+    )
     print("|---|---|---|---|")
     for rows, d_in, d_out in LINEAR_SHAPES:
-        x, weight, bias = torch.randn(rows, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
+        x, weight, bias = (
+            torch.randn(*shape, dtype=dtype) for shape in [(rows, d_in), (d_out, d_in), (d_out,)]
+        )
+        frozen = frozen_context()
         with torch.inference_mode():
             median = interleaved_median_seconds(
                 {
                     "torch": partial(F.linear, x, weight, bias),
                     "qkv": partial(kernels.linear, x, weight, bias),
+                    "frozen": partial(frozen.run, kernels.linear, x, weight, bias),
                 },
                 repeats,
             )
+        torch_ms, qkv_ms, frozen_ms = (median[k] * 1e3 for k in ("torch", "qkv", "frozen"))
         print(
-            f"| ({rows} x {d_in}) @ ({d_in} x {d_out}) | {median['torch'] * 1e3:.3f} | "
-            f"{median['qkv'] * 1e3:.3f} | {median['torch'] / median['qkv']:.2f}x |"
+            f"| ({rows} x {d_in}) @ ({d_in} x {d_out}) | {torch_ms:.3f} | "
+            f"{qkv_ms:.3f} ({torch_ms / qkv_ms:.2f}x) | {frozen_ms:.3f} ({torch_ms / frozen_ms:.2f}x) |"
         )
+    print()
 
 
 def forward_backward(dropout, x, grad) -> None:
@@ -64,7 +83,6 @@ def forward_backward(dropout, x, grad) -> None:
 
 
 def bench_dropout(repeats: int) -> None:
-    print()
     print("| dropout p=0.3, forward + backward | F.dropout (ms) | qkv dropout (ms) | speed-up |")
     print("|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float32):
@@ -92,7 +110,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    bench_linear(args.repeats)
+    bench_linear(args.repeats, torch.float32)
+    bench_linear(args.repeats, torch.bfloat16)
     bench_dropout(args.repeats)
 
 
