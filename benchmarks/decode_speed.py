@@ -131,7 +131,7 @@ class UncachedModel:
     def src_mask(self, src_ids):
         return self.model.src_mask(src_ids)
 
-    def new_cache(self, max_beams=None):
+    def new_cache(self, max_beams=None, max_len=None):
         return TokenHistory()
 
     def decode(self, tgt_ids, memory, src, cache):

@@ -248,8 +248,8 @@ class MultiHeadAttention(nn.Module):
             k, v, bias = cache.key, cache.value, cache.bias
         q = cache.beams.group(q, self.n_heads)  # (sentences, n_heads, beams, d_head)
         # k, v: (sentences, n_heads, slots or src_len, d_head)
-        if memory is not None and bias is None and cache.mask is not None:
-            out, _ = scaled_dot_product_attention(q, k, v, cache.mask)  # a source with no token
+        if memory is not None and cache.has_empty_source:
+            out, _ = scaled_dot_product_attention(q, k, v, cache.mask)  # never NaN
         elif q.device.type == "cpu":
             out = attention_with_bias(q, k, v, bias)
         else:

@@ -209,8 +209,9 @@ class SharedCrossAttentionCache:
     """One decoder layer's cross-attention keys and values (sentences, n_heads, src_len, d_head), and
     the source mask (sentences, 1, 1, src_len): projected once per sentence, at the first step.
 
-    `bias` is the mask as an additive one (0 or -inf), or None when there is no mask or when some
-    source has no token at all (its row would be all -inf; the boolean `mask` then takes over)."""
+    `bias` is the mask as an additive one (0 or -inf), or None when nothing is masked, or when some
+    source has no token at all (`has_empty_source`: its row would be all -inf, so the boolean `mask`
+    and the reference formula take over)."""
 
     def __init__(self, beams: BeamCache):
         self.beams = beams
@@ -218,6 +219,7 @@ class SharedCrossAttentionCache:
         self.value: Tensor | None = None
         self.mask: Tensor | None = None
         self.bias: Tensor | None = None
+        self.has_empty_source = False
 
     def store(self, k: Tensor, v: Tensor, mask: Tensor | None, n_heads: int) -> None:
         """k, v: (rows, src_len, d_model) projections of the encoder output, one row per decoder row;
@@ -234,8 +236,9 @@ class SharedCrossAttentionCache:
 
     def _set_bias(self) -> None:
         mask = self.mask
-        if mask is None or not bool(mask.any(dim=-1).all()):
-            self.bias = None
+        self.has_empty_source = mask is not None and not bool(mask.any(dim=-1).all())
+        if mask is None or self.has_empty_source or bool(mask.all()):
+            self.bias = None  # nothing to mask out, or the boolean mask takes over
         else:
             bias = torch.zeros(mask.shape, dtype=self.key.dtype, device=self.key.device)
             self.bias = bias.masked_fill_(~mask, -math.inf)
