@@ -4,9 +4,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qkv.attention import KVCache, MultiHeadAttention, causal_mask, scaled_dot_product_attention
+from qkv.attention import (
+    KVCache,
+    MultiHeadAttention,
+    attention_with_bias,
+    causal_mask,
+    scaled_dot_product_attention,
+)
 
 TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -160,3 +167,17 @@ def test_gradcheck_attention_function():
     assert torch.autograd.gradcheck(
         lambda q, k, v: scaled_dot_product_attention(q, k, v, mask)[0], (q, k, v)
     )
+
+
+def test_attention_with_an_additive_mask_equals_the_boolean_formula():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    mask = torch.rand(3, 1, 5, 7) < 0.6
+    mask[..., 0] = True  # every query sees a key (the additive form's precondition)
+    bias = torch.zeros(mask.shape).masked_fill(~mask, -math.inf)
+    expected, _ = scaled_dot_product_attention(q, k, v, mask)
+    torch.testing.assert_close(attention_with_bias(q, k, v, bias), expected)
+    # What the cache path runs on GPUs: PyTorch's kernel with the same float mask.
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), expected)
+    unmasked, _ = scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention_with_bias(q, k, v, None), unmasked)

@@ -12,8 +12,11 @@ Here the beams of a sentence share one tensor per layer, and nothing in it ever 
   `ancestry` (sentences, beams, slots), and that small mask is all a reorder of the beams changes: a
   new beam inherits its parent's row of it;
 - the queries of a sentence's beams attend together, (sentences, heads, beams, d_head) against
-  (sentences, heads, slots, d_head), through the same `scaled_dot_product_attention` as everywhere else.
-  Slots outside a beam's history get weight exactly zero, so the result is the per-beam attention;
+  (sentences, heads, slots, d_head): softmax(Q K^T / sqrt(d_k) + mask) V with the mask as 0 / -inf
+  (`qkv.attention.attention_with_bias`). Slots outside a beam's history get weight exactly zero, so the
+  result is the per-beam attention. Each beam meets all of its sentence's slots, `max_beams` times the
+  products of per-beam attention: measured cheaper than gathering each beam's own keys (95-210 us
+  against 166-807 us per layer and step, small model, batch 32, beam 5);
 - the encoder's keys and values for cross-attention are kept once per sentence, not once per beam.
 
 Only sentences that leave the batch (finished) cause a copy: the cache keeps the rest.
@@ -49,9 +52,8 @@ class BeamCache:
         self.length = 0  # positions written by every layer
         self.capacity = max_len or DEFAULT_CAPACITY  # positions the buffers hold
         self.ancestry: Tensor | None = None  # (n_sentences, width, capacity * max_beams) bool
-        self.bias: Tensor | None = (
-            None  # the open position's ancestry as an additive attention mask
-        )
+        # The open position's ancestry as an additive attention mask, shared by the layers.
+        self.bias: Tensor | None = None
         self.self_attn = [
             SharedSelfAttentionCache(self, first=i == 0, last=i == n_layers - 1)
             for i in range(n_layers)
@@ -154,10 +156,8 @@ class SharedSelfAttentionCache:
 
     def __init__(self, beams: BeamCache, first: bool, last: bool):
         self.beams = beams
-        self.first, self.last = (
-            first,
-            last,
-        )  # the first layer opens each position, the last closes it
+        # The first layer opens each position, the last closes it.
+        self.first, self.last = first, last
         self.key: Tensor | None = None
         self.value: Tensor | None = None
 
@@ -166,10 +166,8 @@ class SharedSelfAttentionCache:
         values so far (sentences, n_heads, slots, d_head) and the additive mask of each beam's history
         (sentences, 1, beams, slots)."""
         beams = self.beams
-        k, v = (
-            beams.group(k, n_heads),
-            beams.group(v, n_heads),
-        )  # (sentences, n_heads, beams, d_head)
+        k = beams.group(k, n_heads)  # (sentences, n_heads, beams, d_head)
+        v = beams.group(v, n_heads)
         bias = beams.open_position(k.dtype, k.device) if self.first else beams.bias
         slots = beams.capacity * beams.max_beams
         if self.key is None:

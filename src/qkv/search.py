@@ -15,11 +15,14 @@ Scores are the model's own log-probabilities: PAD and BOS, never valid outputs, 
 are removed *after* the softmax, as Hugging Face's logits processors do, so a returned score is what a
 teacher-forced forward pass gives for the returned ids.
 
-How the beam search stays fast (as fairseq, Marian and CTranslate2 do it):
-- all beams of all sentences are rows of one tensor, and the decoder runs one position at a time on the
-  KV cache (`qkv.attention.KVCache`);
-- the encoder and the cross-attention keys/values run once per sentence: the first step decodes one row
-  per sentence, then the cache is expanded to `beam_size` rows each and reordered with the beams;
+How the beam search stays fast (as fairseq, Marian and CTranslate2 do it, and one step further):
+- all beams of all sentences are rows of one tensor, and the decoder runs one position at a time on a
+  KV cache;
+- the cache is a `qkv.beam_cache.BeamCache`: the beams of a sentence share its keys and values, so
+  reordering the beams moves a small mask, never the cache;
+- the encoder and the cross-attention keys/values run once per sentence, and are kept once per sentence:
+  the first step decodes one row per sentence, then each sentence gets `beam_size` rows;
+- the weights are prepared once per search (`qkv.kernels.frozen_weights`);
 - each step keeps the best 2 x beam_size candidates, so `beam_size` of them continue even if all the
   beams just produced EOS;
 - finished hypotheses are kept until no live beam can beat them, then the sentence leaves the batch and
@@ -294,7 +297,8 @@ class _BeamSearch:
         if n_sentences == 0 or self.longest == 0:
             return self.final_ids, self.final_scores
         # Step 1 on one row per sentence (all its beams would be the same BOS), so the encoder output is
-        # projected for cross-attention once per sentence; then every row is copied to beam_size rows.
+        # projected for cross-attention once per sentence; then every row becomes beam_size rows (the
+        # cache shares them, see qkv.beam_cache; the per-row tensors of `_Batch` are copied).
         bos = torch.full((n_sentences,), self.config.bos_id, device=self.device)
         log_probs = self.batch.next_log_probs(bos, 0, self.min_len)
         self.batch.keep(torch.arange(n_sentences, device=self.device).repeat_interleave(beam))
