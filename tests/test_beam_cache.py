@@ -47,6 +47,17 @@ def test_beam_search_equals_beam_search_over_a_plain_cache(beam_size, n_best, mo
     assert (ids == EOS).any()  # the comparison covered hypotheses that finish early
 
 
+def test_long_outputs_outgrow_the_initial_capacity(monkeypatch):
+    model = random_model(seed=8)
+    src = random_sources([4, 6], seed=8)
+    lengths = dict(min_len=45, max_len=45)  # more positions than the cache holds at first (32)
+    ids, scores = beam_search(model, src, beam_size=3, **lengths)
+    with_plain_cache(model, monkeypatch)
+    plain_ids, plain_scores = beam_search(model, src, beam_size=3, **lengths)
+    assert ids.size(-1) == 45 and torch.equal(ids, plain_ids)
+    torch.testing.assert_close(scores, plain_scores, rtol=0, atol=1e-5)
+
+
 def test_greedy_search_equals_greedy_search_over_a_plain_cache(monkeypatch):
     model = random_model(seed=2)
     src = random_sources([4, 11, 6, 1], seed=2)

@@ -34,7 +34,10 @@ import math
 import torch
 from torch import Tensor
 
-DEFAULT_CAPACITY = 32  # positions, when the caller does not say how many; doubled when full
+# Positions the buffers hold at first; doubled when full, up to `max_len` when the caller gives it.
+# Starting small rather than at max_len keeps memory in step with the outputs, which usually end well
+# before the search's limit (source length + 50).
+INITIAL_CAPACITY = 32
 
 
 class BeamCache:
@@ -50,7 +53,8 @@ class BeamCache:
         self.n_sentences: int | None = None  # known at the first step
         self.width = 1  # rows per sentence now
         self.length = 0  # positions written by every layer
-        self.capacity = max_len or DEFAULT_CAPACITY  # positions the buffers hold
+        self.max_len = max_len
+        self.capacity = min(max_len, INITIAL_CAPACITY) if max_len else INITIAL_CAPACITY
         self.ancestry: Tensor | None = None  # (n_sentences, width, capacity * max_beams) bool
         # The open position's ancestry as an additive attention mask, shared by the layers.
         self.bias: Tensor | None = None
@@ -95,7 +99,9 @@ class BeamCache:
             )
         if self.length == self.capacity:
             self.capacity *= 2
-            self.ancestry = _grow(self.ancestry, self.capacity * beams, dim=2)
+            if self.max_len and self.length < self.max_len:
+                self.capacity = min(self.capacity, self.max_len)
+            self.ancestry = _grow(self.ancestry, self.capacity * beams, dim=2, zeros=True)
         beam = torch.arange(width, device=device)
         self.ancestry[:, beam, self.length * beams + beam] = True
         history = self.ancestry[:, None, :, : (self.length + 1) * beams]
@@ -250,10 +256,10 @@ class SharedCrossAttentionCache:
                 self._set_bias()
 
 
-def _grow(t: Tensor, size: int, dim: int) -> Tensor:
-    """`t` with dimension `dim` enlarged to `size`: the old content first, then zeros."""
+def _grow(t: Tensor, size: int, dim: int, zeros: bool = False) -> Tensor:
+    """`t` with dimension `dim` enlarged to `size`: the old content first, then zeros or nothing."""
     shape = list(t.shape)
     shape[dim] = size
-    grown = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    grown = t.new_zeros(shape) if zeros else t.new_empty(shape)
     grown.narrow(dim, 0, t.size(dim)).copy_(t)
     return grown
