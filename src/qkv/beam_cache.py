@@ -125,11 +125,7 @@ class BeamCache:
                 raise ValueError(
                     "BeamCache.reorder(cross_attention=False) must keep every row count"
                 )
-            if self.ancestry is not None:
-                slots = self.ancestry.size(2)
-                self.ancestry = (
-                    self.ancestry.view(-1, slots).index_select(0, index).view_as(self.ancestry)
-                )
+            self._inherit_ancestry(index, self.n_sentences, self.width)
             return
         old_sentence = torch.div(index, self.width, rounding_mode="floor")
         sentences = torch.unique_consecutive(old_sentence)
@@ -150,11 +146,15 @@ class BeamCache:
         ):
             for entry in (*self.self_attn, *self.cross_attn):
                 entry.keep_sentences(sentences)
+        self._inherit_ancestry(index, n_new, width)
+        self.n_sentences, self.width = n_new, width
+
+    def _inherit_ancestry(self, index: Tensor, n_sentences: int, width: int) -> None:
+        """Each new row (beam) takes the history of old row `index[row]`."""
         if self.ancestry is not None:
             slots = self.ancestry.size(2)
-            self.ancestry = self.ancestry.view(-1, slots).index_select(0, index)
-            self.ancestry = self.ancestry.view(n_new, width, slots)
-        self.n_sentences, self.width = n_new, width
+            inherited = self.ancestry.view(-1, slots).index_select(0, index)
+            self.ancestry = inherited.view(n_sentences, width, slots)
 
 
 class SharedSelfAttentionCache:
