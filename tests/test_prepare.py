@@ -48,6 +48,7 @@ def test_prepared_folder_holds_what_training_needs(corpus, tmp_path):
     assert names == {
         "tokenizer.model", "tokenizer.vocab", "prepare.json",
         "train.pt", "val.pt", "test.pt", "val.de", "val.en", "test.de", "test.en",
+        "train.de", "train.en",
     }  # fmt: skip
     info = json.loads((out / "prepare.json").read_text())
     assert info["src_lang"] == "de" and info["tgt_lang"] == "en" and info["vocab_size"] == 150
@@ -61,7 +62,9 @@ def test_prepared_folder_holds_what_training_needs(corpus, tmp_path):
     for i in range(0, 100, 7):  # the saved ids are the text, encoded with the saved tokenizer
         assert data.tokenizer.decode(data.val.src[i]) == data.val.src_text[i]
         assert data.tokenizer.decode(data.val.tgt[i]) == data.val.tgt_text[i]
-    assert data.train.src_text is None, "training needs ids only"
+    # The training text is kept for BPE-dropout, which segments it anew each epoch.
+    assert data.train.src_text == corpus["train"].with_suffix(".de").read_text().splitlines()
+    assert data.tokenizer.decode(data.train.tgt[3]) == data.train.tgt_text[3]
     # Plain tensors: loading executes nothing from the file.
     assert torch.load(out / "train.pt", weights_only=True)["src"].dtype == torch.int32
 

@@ -129,6 +129,64 @@ def test_accumulated_update_equals_one_big_batch(prepared, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+# -- BPE-dropout -----------------------------------------------------------------------------------
+
+
+def quiet_trainer(config, run_dir, data):
+    return Trainer(config, run_dir, data, Distributed(), log=lambda *_: None)
+
+
+def test_subword_dropout_segments_each_epoch_anew_the_same_way_every_time(prepared, tmp_path):
+    data = load_prepared(prepared)
+    config = tiny_config(prepared, "data.subword_dropout=0.3")
+    trainer = quiet_trainer(config, tmp_path, data)
+    epoch_0, _ = trainer.epoch_split(0)
+    epoch_1, sampler_1 = trainer.epoch_split(1)
+    assert epoch_0.src != epoch_1.src  # (the targets are ISO dates: a token a character, no merges)
+    assert epoch_0.src != data.train.src, "merges were dropped: not the prepared segmentation"
+    assert sum(map(len, epoch_0.src)) > sum(map(len, data.train.src))
+    for i in range(0, len(data.train), 97):  # another segmentation of the same text
+        assert data.tokenizer.decode(epoch_1.src[i]) == data.train.src_text[i]
+        assert data.tokenizer.decode(epoch_1.tgt[i]) == data.train.tgt_text[i]
+    assert sampler_1.batches(1) != trainer.sampler.batches(1), "batches follow the new lengths"
+
+    again = quiet_trainer(config, tmp_path, data)  # another process, or a resumed run
+    assert again.epoch_split(1)[0].src == epoch_1.src and again.epoch_split(0)[0].tgt == epoch_0.tgt
+
+    off = quiet_trainer(tiny_config(prepared), tmp_path, data)
+    assert off.epoch_split(3)[0] is data.train
+
+
+def test_subword_dropout_keeps_prepared_ids_where_a_sample_is_too_long(prepared, tmp_path):
+    data = load_prepared(prepared)
+    longest = max(max(len(s), len(t)) for s, t in zip(data.train.src, data.train.tgt, strict=True))
+    config = tiny_config(prepared, "data.subword_dropout=0.5", f"data.max_len={longest}")
+    split, _ = quiet_trainer(config, tmp_path, data).epoch_split(0)
+    kept = [i for i in range(len(split)) if split.src[i] == data.train.src[i]]
+    assert kept, "some samples of a 50% dropout are longer than the longest prepared pair"
+    assert max(max(len(s), len(t)) for s, t in zip(split.src, split.tgt, strict=True)) <= longest
+
+
+def test_subword_dropout_resumes_exactly(prepared, tmp_path):
+    config = tiny_config(prepared, "data.subword_dropout=0.1", "model.dropout=0.1")
+    train(config, tmp_path / "straight", log=lambda *_: None)
+    train(tiny_config(prepared, "data.subword_dropout=0.1", "model.dropout=0.1",
+                      "train.max_steps=5"), tmp_path / "resumed", log=lambda *_: None)  # fmt: skip
+    train(config, tmp_path / "resumed", resume=True, log=lambda *_: None)
+    assert_bitwise_equal(
+        parameters(tmp_path / "resumed/last.pt"), parameters(tmp_path / "straight/last.pt")
+    )
+
+
+def test_subword_dropout_is_checked(prepared, tmp_path):
+    data = load_prepared(prepared)
+    with pytest.raises(QkvError, match=r"data.subword_dropout must be in \[0, 1\)"):
+        quiet_trainer(tiny_config(prepared, "data.subword_dropout=1.0"), tmp_path, data)
+    data.train.src_text = data.train.tgt_text = None  # as prepared by a qkv without training text
+    with pytest.raises(QkvError, match=r"needs the raw training text.*prepare the data again"):
+        quiet_trainer(tiny_config(prepared, "data.subword_dropout=0.1"), tmp_path, data)
+
+
 # -- a run -----------------------------------------------------------------------------------------
 
 

@@ -57,6 +57,10 @@ class DataSection:
     tokenizer_type: str = "bpe"  # 'bpe' | 'unigram'
     max_len: int = 256  # longer pairs (in subwords) are dropped when preparing
     seed: int = 1
+    # BPE-dropout (Provilkov et al., 2020): each epoch the training text is segmented anew, every merge
+    # skipped with this probability, so the model sees many segmentations of a word. 0 = off; 0.1 is
+    # the paper's value. Validation, test and translation always use the one deterministic segmentation.
+    subword_dropout: float = 0.0
 
 
 @dataclass

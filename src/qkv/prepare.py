@@ -9,7 +9,8 @@ The prepared folder:
     tokenizer.model, tokenizer.vocab   the SentencePiece model (training and translation share it)
     train.pt, val.pt[, test.pt]        subword ids without special ids, as flat int32 tensors with
                                        offsets (torch.load(..., weights_only=True) reads them)
-    val.{src}, val.{tgt}[, test.*]     raw text, one sentence a line: BLEU scores against these
+    {split}.{src}, {split}.{tgt}       raw text, one sentence a line: BLEU scores against val and test;
+                                       training segments train.* anew each epoch with BPE-dropout
     prepare.json                       languages, vocabulary, special ids, counts, origin of splits
 """
 
@@ -236,8 +237,11 @@ def _filter_train(split, stats, n_empty, max_len, max_ratio) -> tuple[EncodedSpl
     dropped.empty = n_empty
     if not keep:
         raise QkvError(f"{stats.origin}: every pair was dropped ({_reasons(dropped)})")
-    # Training reads ids only; raw text is kept for val and test, where BLEU needs references.
-    kept = EncodedSplit([split.src[i] for i in keep], [split.tgt[i] for i in keep])
+    # The raw text stays beside the ids: BPE-dropout segments it anew every epoch.
+    kept = EncodedSplit(
+        [split.src[i] for i in keep], [split.tgt[i] for i in keep],
+        [split.src_text[i] for i in keep], [split.tgt_text[i] for i in keep],
+    )  # fmt: skip
     filtered = SplitStats(
         stats.name, stats.origin, read=stats.read + n_empty, kept=len(keep), dropped=dropped,
         src_tokens=sum(map(len, kept.src)), tgt_tokens=sum(map(len, kept.tgt)),

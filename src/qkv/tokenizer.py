@@ -129,6 +129,16 @@ class Tokenizer:
         """`encode` for many sentences at once (SentencePiece runs them in parallel)."""
         return self._sp.encode(texts)
 
+    def sample_batch(self, texts: list[str], dropout: float, seed: int) -> list[list[int]]:
+        """`encode_batch` with BPE-dropout: each merge skipped with probability `dropout`.
+
+        The same seed gives the same segmentation: one thread, SentencePiece's generator seeded first.
+        """
+        spm.set_random_generator_seed(seed)
+        return self._sp.encode(
+            texts, enable_sampling=True, alpha=dropout, nbest_size=-1, num_threads=1
+        )
+
     def encode_as_pieces(self, text: str) -> list[str]:
         return self._sp.encode(text, out_type=str)
 

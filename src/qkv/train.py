@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -164,19 +165,55 @@ class Trainer:
             # small model.
             fused=dist_info.device.type in ("cpu", "cuda"),
         )
-        self.sampler = TokenBatchSampler(
-            data.train.lengths(),
-            train.max_tokens,
-            seed=train.seed,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            pad_multiple=train.pad_multiple,
-        )
+        self.subword_dropout = config.data.subword_dropout
+        if not 0.0 <= self.subword_dropout < 1.0:
+            raise QkvError(f"data.subword_dropout must be in [0, 1), not {self.subword_dropout}")
+        if self.subword_dropout and data.train.src_text is None:
+            raise QkvError(
+                f"data.subword_dropout needs the raw training text beside the ids, and {data.path} "
+                "has none (prepared by an older qkv): prepare the data again"
+            )
+        self.sampler = self.make_sampler(data.train)
+        self.epoch_data = (None, data.train, self.sampler)  # (epoch, split, sampler) in use
         self.train_model = self.model  # what the forward pass calls: maybe wrapped by DDP / compile
         self.bad_steps = 0
         self.last_saved_step = self.last_eval_step = -1  # steps whose checkpoint / validation exist
         self.started = time.time()
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_info.is_main else None
+
+    def make_sampler(self, split: EncodedSplit) -> TokenBatchSampler:
+        train = self.config.train
+        return TokenBatchSampler(
+            split.lengths(),
+            train.max_tokens,
+            seed=train.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            pad_multiple=train.pad_multiple,
+        )
+
+    def epoch_split(self, epoch: int) -> tuple[EncodedSplit, TokenBatchSampler]:
+        """The training pairs of `epoch` as ids, and their batches.
+
+        Without subword dropout, the prepared ids every epoch. With it, the raw text segmented anew
+        from a seed of (train.seed, epoch): every rank, and a resumed run, gets the same ids. A pair
+        whose sampled segmentation is longer than data.max_len keeps its prepared ids.
+        """
+        cached_epoch, split, sampler = self.epoch_data
+        if not self.subword_dropout or cached_epoch == epoch:
+            return split, sampler
+        prepared, tokenizer = self.data.train, self.data.tokenizer
+        seed = int(np.random.default_rng([self.config.train.seed, epoch]).integers(2**31))
+        src = tokenizer.sample_batch(prepared.src_text, self.subword_dropout, seed)
+        tgt = tokenizer.sample_batch(prepared.tgt_text, self.subword_dropout, seed + 1)
+        max_len = self.config.data.max_len
+        for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
+            if max(len(s), len(t)) > max_len:
+                src[i], tgt[i] = prepared.src[i], prepared.tgt[i]
+        split = EncodedSplit(src, tgt)
+        sampler = self.make_sampler(split)
+        self.epoch_data = (epoch, split, sampler)
+        return split, sampler
 
     def wrap_model(self) -> None:
         """DDP and torch.compile around the model, after any resumed weights are in place (DDP
@@ -268,15 +305,14 @@ class Trainer:
         of ``update_freq`` batches on each of N devices covers exactly the batches that one device would
         take with N times the update_freq: the same gradient, summed in another order.
         """
-        order = self.sampler.batches(self.progress.epoch)
+        split, sampler = self.epoch_split(self.progress.epoch)
+        order = sampler.batches(self.progress.epoch)
         per_update = self.config.train.update_freq
         while self.progress.batches_done < len(order):
             start = self.progress.batches_done
             mine = order[start : start + per_update]
             pad_multiple = self.config.train.pad_multiple
-            batches = [
-                self.data.train.collate(indices, pad_multiple=pad_multiple) for indices in mine
-            ]
+            batches = [split.collate(indices, pad_multiple=pad_multiple) for indices in mine]
             yield batches, len(mine)
 
     def run(self) -> dict:
