@@ -153,6 +153,12 @@ def test_subword_dropout_segments_each_epoch_anew_the_same_way_every_time(prepar
     again = quiet_trainer(config, tmp_path, data)  # another process, or a resumed run
     assert again.epoch_split(1)[0].src == epoch_1.src and again.epoch_split(0)[0].tgt == epoch_0.tgt
 
+    source_only = tiny_config(
+        prepared, "data.subword_dropout=0.3", "data.subword_dropout_side='source'"
+    )
+    split, _ = quiet_trainer(source_only, tmp_path, data).epoch_split(1)
+    assert split.src == epoch_1.src and split.tgt == data.train.tgt
+
     off = quiet_trainer(tiny_config(prepared), tmp_path, data)
     assert off.epoch_split(3)[0] is data.train
 
@@ -182,6 +188,10 @@ def test_subword_dropout_is_checked(prepared, tmp_path):
     data = load_prepared(prepared)
     with pytest.raises(QkvError, match=r"data.subword_dropout must be in \[0, 1\)"):
         quiet_trainer(tiny_config(prepared, "data.subword_dropout=1.0"), tmp_path, data)
+    with pytest.raises(
+        QkvError, match="subword_dropout_side must be one of both, source, not 'tgt'"
+    ):
+        quiet_trainer(tiny_config(prepared, "data.subword_dropout_side='tgt'"), tmp_path, data)
     data.train.src_text = data.train.tgt_text = None  # as prepared by a qkv without training text
     with pytest.raises(QkvError, match=r"needs the raw training text.*prepare the data again"):
         quiet_trainer(tiny_config(prepared, "data.subword_dropout=0.1"), tmp_path, data)

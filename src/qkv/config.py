@@ -61,6 +61,7 @@ class DataSection:
     # skipped with this probability, so the model sees many segmentations of a word. 0 = off; 0.1 is
     # the paper's value. Validation, test and translation always use the one deterministic segmentation.
     subword_dropout: float = 0.0
+    subword_dropout_side: str = "both"  # 'both' | 'source' (the target keeps its one segmentation)
 
 
 @dataclass

@@ -43,6 +43,9 @@ MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 # The recipe
 
 
+SUBWORD_DROPOUT_SIDES = ("both", "source")
+
+
 def learning_rate(step: int, schedule: str, lr: float, d_model: int, warmup: int) -> float:
     """The learning rate of update number `step` (counted from 1).
 
@@ -168,6 +171,11 @@ class Trainer:
         self.subword_dropout = config.data.subword_dropout
         if not 0.0 <= self.subword_dropout < 1.0:
             raise QkvError(f"data.subword_dropout must be in [0, 1), not {self.subword_dropout}")
+        if config.data.subword_dropout_side not in SUBWORD_DROPOUT_SIDES:
+            raise QkvError(
+                f"data.subword_dropout_side must be one of {', '.join(SUBWORD_DROPOUT_SIDES)}, "
+                f"not {config.data.subword_dropout_side!r}"
+            )
         if self.subword_dropout and data.train.src_text is None:
             raise QkvError(
                 f"data.subword_dropout needs the raw training text beside the ids, and {data.path} "
@@ -197,7 +205,8 @@ class Trainer:
 
         Without subword dropout, the prepared ids every epoch. With it, the raw text segmented anew
         from a seed of (train.seed, epoch): every rank, and a resumed run, gets the same ids. A pair
-        whose sampled segmentation is longer than data.max_len keeps its prepared ids.
+        whose sampled segmentation is longer than data.max_len keeps its prepared ids. With
+        data.subword_dropout_side = 'source', the targets keep their prepared ids.
         """
         cached_epoch, split, sampler = self.epoch_data
         if not self.subword_dropout or cached_epoch == epoch:
@@ -205,7 +214,10 @@ class Trainer:
         prepared, tokenizer = self.data.train, self.data.tokenizer
         seed = int(np.random.default_rng([self.config.train.seed, epoch]).integers(2**31))
         src = tokenizer.sample_batch(prepared.src_text, self.subword_dropout, seed)
-        tgt = tokenizer.sample_batch(prepared.tgt_text, self.subword_dropout, seed + 1)
+        if self.config.data.subword_dropout_side == "both":
+            tgt = tokenizer.sample_batch(prepared.tgt_text, self.subword_dropout, seed + 1)
+        else:
+            tgt = list(prepared.tgt)
         max_len = self.config.data.max_len
         for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
             if max(len(s), len(t)) > max_len:
