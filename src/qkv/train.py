@@ -168,15 +168,15 @@ class Trainer:
             # small model.
             fused=dist_info.device.type in ("cpu", "cuda"),
         )
-        self.subword_dropout = config.data.subword_dropout
-        if not 0.0 <= self.subword_dropout < 1.0:
-            raise QkvError(f"data.subword_dropout must be in [0, 1), not {self.subword_dropout}")
+        subword_dropout = config.data.subword_dropout
+        if not 0.0 <= subword_dropout < 1.0:
+            raise QkvError(f"data.subword_dropout must be in [0, 1), not {subword_dropout}")
         if config.data.subword_dropout_side not in SUBWORD_DROPOUT_SIDES:
             raise QkvError(
                 f"data.subword_dropout_side must be one of {', '.join(SUBWORD_DROPOUT_SIDES)}, "
                 f"not {config.data.subword_dropout_side!r}"
             )
-        if self.subword_dropout and data.train.src_text is None:
+        if subword_dropout and data.train.src_text is None:
             raise QkvError(
                 f"data.subword_dropout needs the raw training text beside the ids, and {data.path} "
                 "has none (prepared by an older qkv): prepare the data again"
@@ -209,13 +209,14 @@ class Trainer:
         data.subword_dropout_side = 'source', the targets keep their prepared ids.
         """
         cached_epoch, split, sampler = self.epoch_data
-        if not self.subword_dropout or cached_epoch == epoch:
+        dropout = self.config.data.subword_dropout
+        if not dropout or cached_epoch == epoch:
             return split, sampler
         prepared, tokenizer = self.data.train, self.data.tokenizer
         seed = int(np.random.default_rng([self.config.train.seed, epoch]).integers(2**31))
-        src = tokenizer.sample_batch(prepared.src_text, self.subword_dropout, seed)
+        src = tokenizer.sample_batch(prepared.src_text, dropout, seed)
         if self.config.data.subword_dropout_side == "both":
-            tgt = tokenizer.sample_batch(prepared.tgt_text, self.subword_dropout, seed + 1)
+            tgt = tokenizer.sample_batch(prepared.tgt_text, dropout, seed + 1)
         else:
             tgt = list(prepared.tgt)
         max_len = self.config.data.max_len
