@@ -3,7 +3,8 @@
 linear: ``F.linear`` (MKL's sgemm for fp32) against ``qkv.kernels.linear`` (oneDNN), inference, fp32 and
 bf16, at the shapes of decoding and of a training batch; and ``qkv.kernels.linear`` inside a
 ``frozen_weights`` block (oneDNN's packed weights), as in every step of a search. dropout: ``F.dropout`` against ``qkv.kernels.dropout``,
-forward and backward, in bf16 and fp32. Each figure is the median of --repeats timed calls after warm-up;
+forward and backward, in bf16 and fp32. topk: ``torch.topk`` against ``qkv.kernels.topk`` at the
+shape of a beam search's step (32 sentences x 5 beams x 8000 words, k = 10). Each figure is the median of --repeats timed calls after warm-up;
 the two sides alternate call by call so that they share the machine's state.
 
 (Not named kernels.py: transformers imports a module called `kernels` when it finds one, and the
@@ -16,7 +17,6 @@ script's folder is on the path when decode_speed.py runs.)
 from __future__ import annotations
 
 import argparse
-import contextvars
 from functools import partial
 
 import torch
@@ -37,14 +37,14 @@ LINEAR_SHAPES = [
     (160, 512, 2048),
 ]
 DROPOUT_SHAPE = (128, 32, 256)  # a batch of 4096 tokens of d_model 256
+TOPK_SHAPES = [(32, 5 * 8000), (32, 5 * 32000)]  # beam 5 over vocabularies of 8000 and 32000
 
 
-def frozen_context() -> contextvars.Context:
-    """A context in which a `frozen_weights` block is open and stays open: a call run in it reuses the
-    packed weight, as every step of a search does."""
-    context = contextvars.copy_context()
-    context.run(kernels._FROZEN.set, {})  # what entering `frozen_weights()` does, never left
-    return context
+def in_frozen_block(prepared: dict, function, *args):
+    """`function(*args)` in a `frozen_weights` block that keeps its packed weights in `prepared`, so that
+    repeated calls reuse them, as every step of a search does."""
+    with kernels.frozen_weights(prepared):
+        return function(*args)
 
 
 def bench_linear(repeats: int, dtype: torch.dtype) -> None:
@@ -60,13 +60,13 @@ def bench_linear(repeats: int, dtype: torch.dtype) -> None:
         x, weight, bias = (
             torch.randn(*shape, dtype=dtype) for shape in [(rows, d_in), (d_out, d_in), (d_out,)]
         )
-        frozen = frozen_context()
+        prepared: dict = {}
         with torch.inference_mode():
             median = interleaved_median_seconds(
                 {
                     "torch": partial(F.linear, x, weight, bias),
                     "qkv": partial(kernels.linear, x, weight, bias),
-                    "frozen": partial(frozen.run, kernels.linear, x, weight, bias),
+                    "frozen": partial(in_frozen_block, prepared, kernels.linear, x, weight, bias),
                 },
                 repeats,
             )
@@ -102,6 +102,22 @@ def bench_dropout(repeats: int) -> None:
         )
 
 
+def bench_topk(repeats: int) -> None:
+    print("| topk, k = 10 | torch.topk (ms) | qkv topk (ms) | speed-up |")
+    print("|---|---|---|---|")
+    for rows, length in TOPK_SHAPES:
+        # Log-probabilities plus beam scores, as a search ranks them.
+        x = torch.randn(rows, length).log_softmax(dim=1)
+        median = interleaved_median_seconds(
+            {"torch": partial(torch.topk, x, 10, 1), "qkv": partial(kernels.topk, x, 10)}, repeats
+        )
+        print(
+            f"| ({rows} x {length}) | {median['torch'] * 1e3:.3f} | {median['qkv'] * 1e3:.3f} | "
+            f"{median['torch'] / median['qkv']:.2f}x |"
+        )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=21, help="timed calls per figure (median)")
@@ -112,6 +128,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     bench_linear(args.repeats, torch.float32)
     bench_linear(args.repeats, torch.bfloat16)
+    bench_topk(args.repeats)
     bench_dropout(args.repeats)
 
 

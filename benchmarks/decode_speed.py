@@ -8,7 +8,9 @@ reaches all of them alike.
 
 - qkv: `qkv.search.beam_search` / `greedy_search` (KV cache) in fp32 and in bf16 (the model cast with
   `.to(torch.bfloat16)`), and in fp32 with the cache replaced by a full decoder pass over the prefix at
-  every step ("no cache").
+  every step ("no cache"). Each timed search is one batch of a file as `qkv translate` decodes it: the
+  weights are prepared for oneDNN once for the whole file (`qkv.kernels.frozen_weights`), not in every
+  batch (`--pack-per-batch` times that instead).
 - Hugging Face: `MarianMTModel(MarianConfig(...)).generate`, in the same process as qkv, in fp32 and in
   bf16 (cast like qkv's).
 - CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process
@@ -26,6 +28,7 @@ Results and what they mean: benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -149,19 +152,24 @@ class TokenHistory:
         self.ids = self.ids.index_select(0, index)
 
 
-def qkv_runner(model, batch: list[list[int]], search: str):
+def qkv_runner(model, batch: list[list[int]], search: str, pack_per_batch: bool = False):
     import torch
 
+    from qkv.kernels import frozen_weights
     from qkv.search import beam_search, greedy_search
 
     src = torch.tensor(batch)
     lengths = dict(max_len=NEW_TOKENS, min_len=NEW_TOKENS)
+    # As `qkv translate` decodes a file: the weights are prepared (packed for oneDNN) once for all its
+    # batches, not once per batch. pack_per_batch: time a search that prepares them itself.
+    prepared = None if pack_per_batch else {}
 
     def run():
-        if search == "beam":
-            ids = beam_search(model, src, beam_size=BEAM, **lengths)[0][:, 0]
-        else:
-            ids = greedy_search(model, src, **lengths)[0]
+        with frozen_weights(prepared):
+            if search == "beam":
+                ids = beam_search(model, src, beam_size=BEAM, **lengths)[0][:, 0]
+            else:
+                ids = greedy_search(model, src, **lengths)[0]
         return [int((row != PAD).sum()) for row in ids]
 
     return run
@@ -307,10 +315,11 @@ def benchmark_config(name: str, args) -> list[dict]:
         for batch_size in args.batches:
             batch = sources(batch_size)
             for search in args.searches:
+                qkv_run = functools.partial(qkv_runner, pack_per_batch=args.pack_per_batch)
                 in_process = {
-                    "qkv": (qkv_runner, qkv),
-                    "qkv-bf16": (qkv_runner, qkv_bf16),
-                    "qkv-nocache": (qkv_runner, UncachedModel(qkv)),
+                    "qkv": (qkv_run, qkv),
+                    "qkv-bf16": (qkv_run, qkv_bf16),
+                    "qkv-nocache": (qkv_run, UncachedModel(qkv)),
                     "hf": (hf_runner, marian),
                     "hf-bf16": (hf_runner, marian_bf16),
                 }
@@ -365,6 +374,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median)")
     parser.add_argument(
         "--threads", type=int, help="threads for every system (default: torch's default, all cores)"
+    )
+    parser.add_argument(
+        "--pack-per-batch",
+        action="store_true",
+        help="qkv prepares its weights for oneDNN in every timed search, as a single search does "
+        "(default: once for all, as `qkv translate` does for all the batches of a file)",
     )
     args = parser.parse_args()
 

@@ -178,6 +178,25 @@ def test_nested_frozen_blocks_share_the_outermost_cache():
     assert frozen_cache() is None
 
 
+@needs_packing
+def test_a_dictionary_passed_to_frozen_blocks_keeps_the_packed_weights_between_them():
+    layer = Linear(64, 48)
+    x = torch.randn(32, 64)
+    prepared: dict = {}
+    with torch.no_grad():
+        for _ in range(2):
+            with frozen_weights(prepared):
+                assert frozen_cache() is prepared
+                out = layer(x)
+        packed = prepared[("onednn", id(layer.weight))][1]
+        assert packed is not None  # packed at the second use, in the second block
+        with frozen_weights(prepared):
+            assert layer(x) is not None
+            assert prepared[("onednn", id(layer.weight))][1] is packed  # not packed again
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+    assert frozen_cache() is None
+
+
 def test_stacked_q_k_v_weights_are_made_once_inside_a_frozen_block():
     mha = MultiHeadAttention(16, 2)
     projections = (mha.q_proj, mha.k_proj, mha.v_proj)
@@ -188,3 +207,42 @@ def test_stacked_q_k_v_weights_are_made_once_inside_a_frozen_block():
         again, _ = mha._stacked(*projections)
     assert again is not first and torch.equal(again, first)
     assert torch.equal(first[:16], mha.q_proj.weight) and torch.equal(first[32:], mha.v_proj.weight)
+
+
+@pytest.mark.parametrize(
+    ("rows", "length", "k"),
+    [(32, 40000, 10), (3, 8000, 2), (5, 4096 * 3, 7), (2, 160 * 40, 10)],
+)
+def test_topk_equals_torch_topk(rows, length, k):
+    assert kernels._topk_chunk(length, k) is not None  # the chunked path, not the fallback
+    generator = torch.Generator().manual_seed(length + k)
+    x = torch.randn(rows, length, generator=generator)
+    x[0, :] = x[0].sort().values  # the k best in one chunk
+    x[-1, ::97] += 5.0  # the k best spread over many chunks
+    if rows > 2:
+        x[1, length // 2 :] = -torch.inf  # as the dead beams of a search's first step
+    values, indices = kernels.topk(x, k)
+    expected_values, expected_indices = x.topk(k, dim=1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+
+
+def test_topk_with_ties_returns_the_tied_values_at_valid_indices():
+    x = torch.zeros(4, 8000)
+    x[:, 100:105] = 1.0
+    values, indices = kernels.topk(x, 10)
+    assert torch.equal(values, x.topk(10, dim=1).values)
+    assert torch.equal(x.gather(1, indices), values)
+    assert indices.unique(dim=1).size(1) == 10  # no index twice
+
+
+def test_topk_falls_back_to_torch_topk_where_chunks_do_not_pay():
+    assert kernels._topk_chunk(1000, 10) is None  # a short row
+    assert kernels._topk_chunk(8009, 10) is None  # a prime length: no chunk divides it
+    assert kernels._topk_chunk(4096, 40) is None  # too few chunks of at least 32 for k = 40
+    x = torch.randn(3, 8009)
+    values, indices = kernels.topk(x, 5)
+    assert torch.equal(values, x.topk(5, dim=1).values)
+    assert torch.equal(indices, x.topk(5, dim=1).indices)
+    y = torch.randn(8000, 3).t()  # not contiguous
+    assert torch.equal(kernels.topk(y, 5)[1], y.topk(5, dim=1).indices)

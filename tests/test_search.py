@@ -146,6 +146,19 @@ def test_beam_scores_are_the_models_log_probs_over_the_length_penalty(style, whi
             assert scores[row, rank].item() == pytest.approx(expected, abs=1e-4)
 
 
+def test_beam_search_with_the_chunked_top_k_equals_torch_topk(monkeypatch):
+    """With 5 beams of a 1000-word vocabulary a step takes `qkv.kernels.topk`'s chunked path."""
+    from qkv import kernels
+
+    model, src = random_model(tgt_vocab_size=1000), random_sources([5, 9, 3, 7])
+    assert kernels._topk_chunk(5 * 1000, 10) is not None
+    chunked = beam_search(model, src, beam_size=5, n_best=5)
+    monkeypatch.setattr(kernels, "_topk_chunk", lambda length, k: None)
+    plain = beam_search(model, src, beam_size=5, n_best=5)
+    assert torch.equal(chunked[0], plain[0])
+    assert torch.equal(chunked[1], plain[1])
+
+
 @pytest.mark.parametrize("which", ["random", "trained"])
 def test_beam_finds_at_least_greedys_score(which, reverser):
     model, src = (

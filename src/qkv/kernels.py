@@ -1,7 +1,8 @@
-"""Two PyTorch functions, computed a faster way on the CPU: ``F.linear`` and ``F.dropout``; and a scope,
-`frozen_weights`, in which weights are prepared once for many products.
+"""Three PyTorch functions, computed a faster way on the CPU: ``F.linear``, ``F.dropout`` and
+``torch.topk``; and a scope, `frozen_weights`, in which weights are prepared once for many products.
 
-Same results (up to summation order for `linear`, and a different draw of random numbers for `dropout`),
+Same results (up to summation order for `linear`, a different draw of random numbers for `dropout`, and
+which of equal values comes first for `topk`),
 measured faster on this project's machine (AMD EPYC, Zen 5, AVX-512) by ``benchmarks/cpu_kernels.py``.
 Everything else, and every other device, calls PyTorch's own function. Set ``QKV_FAST_KERNELS=0`` in the
 environment before importing qkv to call PyTorch's functions everywhere.
@@ -33,12 +34,19 @@ integers, and an element is kept when its integer is at or above the threshold f
 rounded to a multiple of 1/65536 (0.3 becomes 19661/65536 = 0.300003), and the kept elements are scaled
 by exactly 1 / (1 - that p). Forward and backward of a (128, 32, 256) bf16 tensor, two threads:
 ``F.dropout`` 8.2 ms, this 2.4 ms.
+
+**topk.** A beam search picks the best 2 x beam of beam x vocab scores per sentence at every step, and
+``torch.topk`` on the CPU sorts its way through every element of a row. Here a row is cut into chunks,
+the chunks' maxima (a vectorised reduction) say which k chunks can hold the k best values, and only
+those k chunks are searched. (32 x 40000) scores, k = 10, one thread: ``torch.topk`` 0.75 ms, this
+0.21 ms.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 
 import torch
@@ -79,18 +87,22 @@ _FROZEN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("qkv_froze
 
 
 @contextlib.contextmanager
-def frozen_weights():
+def frozen_weights(prepared: dict | None = None):
     """Within this block the caller promises that no parameter changes (as during a search), so weights
     may be kept in forms prepared once: oneDNN's packed layout for `linear`, and the stacked Q/K/V
     matrices of `qkv.attention.MultiHeadAttention`. Leaving the block drops them. Nested blocks share
     the outermost one's.
+
+    prepared: a dictionary to keep the prepared weights in, for a caller that opens several blocks
+    over the same unchanged model (one per batch of a long file, say) and wants them prepared once for
+    all: pass the same (at first empty) dictionary to each, and a new one once a parameter changed.
 
     A scope, not a check: an in-place update cannot be detected reliably (PyTorch's fused Adam changes
     parameters without bumping their version counters)."""
     if _FROZEN.get() is not None:
         yield
         return
-    token = _FROZEN.set({})
+    token = _FROZEN.set({} if prepared is None else prepared)
     try:
         yield
     finally:
@@ -187,6 +199,48 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+# Chunk lengths `topk` may use, and the shortest row worth chunking.
+_TOPK_CHUNKS = range(160, 31, -1)
+_TOPK_MIN_ROW = 4096
+
+
+def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=1)`` for a 2-D x: the k largest values of each row, largest first, and their
+    indices. Where values are equal, which index comes first may differ from ``torch.topk``.
+
+    Why it is exact: each of the k chunks with the largest maxima holds a value at least as large as
+    the k-th largest chunk maximum t, so the k-th largest value is at least t too; and a value that
+    large lies in a chunk whose maximum is at least t."""
+    rows, length = x.shape
+    chunk = _topk_chunk(length, k)
+    if (
+        not FAST
+        or chunk is None
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or torch.compiler.is_compiling()
+    ):
+        return x.topk(k, dim=1)
+    chunks = x.view(rows, length // chunk, chunk)
+    best_chunks = chunks.amax(dim=2).topk(k, dim=1).indices  # (rows, k)
+    candidates = chunks.gather(1, best_chunks[:, :, None].expand(-1, -1, chunk))  # (rows, k, chunk)
+    values, within = candidates.view(rows, k * chunk).topk(k, dim=1)
+    chunk_of = best_chunks.gather(1, torch.div(within, chunk, rounding_mode="floor"))
+    return values, chunk_of * chunk + within % chunk
+
+
+@functools.cache
+def _topk_chunk(length: int, k: int) -> int | None:
+    """The longest chunk length in _TOPK_CHUNKS that divides `length` into at least 4 k chunks (fewer
+    would leave little to skip), or None: then `torch.topk` is as good."""
+    if length < _TOPK_MIN_ROW:
+        return None
+    for chunk in _TOPK_CHUNKS:
+        if length % chunk == 0 and length // chunk >= 4 * k:
+            return chunk
+    return None
 
 
 _LEVELS = 1 << 16  # 16-bit integers per draw

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qkv import kernels
 from qkv.kernels import frozen_weights
 from qkv.model import Transformer
 
@@ -324,8 +325,8 @@ class _BeamSearch:
         # In place: log_probs is this step's own tensor, and a fresh (rows, vocab) one would cost more
         # than the addition (a new allocation of that size can mean new pages from the system).
         scores = log_probs.add_(beam_scores.view(-1, 1)).view(n_live, beam * vocab)
-        cand_scores, cand_flat = scores.topk(
-            min(2 * beam, scores.size(1)), dim=1
+        cand_scores, cand_flat = kernels.topk(
+            scores, min(2 * beam, scores.size(1))
         )  # (n_live, 2 beam)
         cand_beam, cand_token = cand_flat // vocab, cand_flat % vocab
         cand_row = (
