@@ -2,10 +2,11 @@
 
 linear: ``F.linear`` (MKL's sgemm for fp32) against ``qkv.kernels.linear`` (oneDNN), inference, fp32 and
 bf16, at the shapes of decoding and of a training batch; and ``qkv.kernels.linear`` inside a
-``frozen_weights`` block (oneDNN's packed weights), as in every step of a search. dropout: ``F.dropout`` against ``qkv.kernels.dropout``,
-forward and backward, in bf16 and fp32. topk: ``torch.topk`` against ``qkv.kernels.topk`` at the
-shape of a beam search's step (32 sentences x 5 beams x 8000 words, k = 10). Each figure is the median of --repeats timed calls after warm-up;
-the two sides alternate call by call so that they share the machine's state.
+``frozen_weights`` block (oneDNN's packed weights), as in every step of a search. topk: ``torch.topk``
+against ``qkv.kernels.topk`` at the shape of a beam search's step (32 sentences x 5 beams x 8000 or
+32000 words, k = 10). dropout: ``F.dropout`` against ``qkv.kernels.dropout``, forward and backward, in
+bf16 and fp32. Each figure is the median of --repeats timed calls after warm-up; the two sides alternate
+call by call so that they share the machine's state.
 
 (Not named kernels.py: transformers imports a module called `kernels` when it finds one, and the
 script's folder is on the path when decode_speed.py runs.)

@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qkv import kernels
-from qkv.kernels import frozen_weights
+from qkv.kernels import frozen_weights, topk
 from qkv.model import Transformer
 
 LENGTH_PENALTY_STYLES = ("gnmt", "fairseq")
@@ -325,9 +324,7 @@ class _BeamSearch:
         # In place: log_probs is this step's own tensor, and a fresh (rows, vocab) one would cost more
         # than the addition (a new allocation of that size can mean new pages from the system).
         scores = log_probs.add_(beam_scores.view(-1, 1)).view(n_live, beam * vocab)
-        cand_scores, cand_flat = kernels.topk(
-            scores, min(2 * beam, scores.size(1))
-        )  # (n_live, 2 beam)
+        cand_scores, cand_flat = topk(scores, min(2 * beam, scores.size(1)))  # (n_live, 2 beam)
         cand_beam, cand_token = cand_flat // vocab, cand_flat % vocab
         cand_row = (
             torch.arange(n_live, device=self.device)[:, None] * beam + cand_beam
