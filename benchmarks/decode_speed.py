@@ -308,6 +308,7 @@ def benchmark_config(name: str, args) -> list[dict]:
     marian = marian_model(name)
     marian_bf16 = marian_model(name).to(torch.bfloat16) if "hf-bf16" in args.systems else None
     rows = []
+    qkv_run = functools.partial(qkv_runner, pack_per_batch=args.pack_per_batch)
     with tempfile.TemporaryDirectory() as tmp:
         ct2_dir = None
         if any(s.startswith("ct2") for s in args.systems):
@@ -315,7 +316,6 @@ def benchmark_config(name: str, args) -> list[dict]:
         for batch_size in args.batches:
             batch = sources(batch_size)
             for search in args.searches:
-                qkv_run = functools.partial(qkv_runner, pack_per_batch=args.pack_per_batch)
                 in_process = {
                     "qkv": (qkv_run, qkv),
                     "qkv-bf16": (qkv_run, qkv_bf16),
