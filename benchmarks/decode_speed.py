@@ -21,6 +21,7 @@ reaches all of them alike.
     python benchmarks/decode_speed.py                              # small and base, every cell
     python benchmarks/decode_speed.py --configs small --batches 32 --searches beam
     python benchmarks/decode_speed.py --threads 1       # every system on one thread (a busy machine)
+    python benchmarks/decode_speed.py --device cuda --systems qkv qkv-bf16 hf hf-bf16   # on a GPU
 
 Results and what they mean: benchmarks/README.md.
 """
@@ -125,6 +126,9 @@ class UncachedModel:
     def eval(self):
         return self
 
+    def parameters(self):
+        return self.model.parameters()
+
     def train(self, mode=True):
         return self
 
@@ -158,7 +162,7 @@ def qkv_runner(model, batch: list[list[int]], search: str, pack_per_batch: bool 
     from qkv.kernels import frozen_weights
     from qkv.search import beam_search, greedy_search
 
-    src = torch.tensor(batch)
+    src = torch.tensor(batch, device=next(model.parameters()).device)
     lengths = dict(max_len=NEW_TOKENS, min_len=NEW_TOKENS)
     # As `qkv translate` decodes a file: the weights are prepared (packed for oneDNN) once for all its
     # batches, not once per batch. pack_per_batch: time a search that prepares them itself.
@@ -170,7 +174,7 @@ def qkv_runner(model, batch: list[list[int]], search: str, pack_per_batch: bool 
                 ids = beam_search(model, src, beam_size=BEAM, **lengths)[0][:, 0]
             else:
                 ids = greedy_search(model, src, **lengths)[0]
-        return [int((row != PAD).sum()) for row in ids]
+        return (ids != PAD).sum(dim=1).tolist()  # one copy back: the search is done on any device
 
     return run
 
@@ -213,7 +217,7 @@ def marian_model(name: str):
 def hf_runner(model, batch: list[list[int]], search: str):
     import torch
 
-    src = torch.tensor(batch)
+    src = torch.tensor(batch, device=model.device)
     options = dict(
         max_new_tokens=NEW_TOKENS,
         min_new_tokens=NEW_TOKENS,
@@ -224,7 +228,7 @@ def hf_runner(model, batch: list[list[int]], search: str):
     def run():
         with torch.inference_mode():
             ids = model.generate(src, attention_mask=torch.ones_like(src), **options)
-        return [int((row[1:] != VOCAB).sum()) for row in ids]  # after the start token
+        return (ids[:, 1:] != VOCAB).sum(dim=1).tolist()  # after the start token
 
     return run
 
@@ -260,12 +264,14 @@ def convert_to_ctranslate2(model, out_dir: Path) -> Path:
     return Path(Converter(str(hf_dir)).convert(str(out_dir / "ct2"), force=True))
 
 
-def ctranslate2_worker(model_dir, compute_type, batch: int, search, repeats: int, threads: int):
+def ctranslate2_worker(
+    model_dir, compute_type, batch: int, search, repeats: int, threads: int, device: str
+):
     """Runs in its own process (see main): prints {"seconds": median} as JSON."""
     import ctranslate2
 
     translator = ctranslate2.Translator(
-        model_dir, device="cpu", compute_type=compute_type, intra_threads=threads
+        model_dir, device=device, compute_type=compute_type, intra_threads=threads
     )
     tokens = [[_token(i) for i in row] for row in sources(batch)]
     options = dict(
@@ -286,11 +292,19 @@ def _token(i: int) -> str:
     return {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}.get(i, f"t{i}")
 
 
-def time_ctranslate2(model_dir: Path, compute_type: str, batch: int, search: str, repeats: int):
+def time_ctranslate2(
+    model_dir: Path, compute_type: str, batch: int, search: str, repeats: int, device: str
+):
     import torch
 
     command = [sys.executable, __file__, "--ct2-worker", str(model_dir), compute_type]
-    command += [str(batch), search, str(repeats), str(torch.get_num_threads())]
+    command += [
+        str(batch),
+        search,
+        str(repeats),
+        str(torch.get_num_threads()),
+        device.split(":")[0],
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"CTranslate2 worker failed:\n{result.stderr}")
@@ -303,16 +317,20 @@ def time_ctranslate2(model_dir: Path, compute_type: str, batch: int, search: str
 def benchmark_config(name: str, args) -> list[dict]:
     import torch
 
-    qkv = qkv_model(name)
-    qkv_bf16 = qkv_model(name).to(torch.bfloat16)
-    marian = marian_model(name)
-    marian_bf16 = marian_model(name).to(torch.bfloat16) if "hf-bf16" in args.systems else None
+    device = torch.device(args.device)
+    qkv = qkv_model(name).to(device)
+    qkv_bf16 = qkv_model(name).to(device, torch.bfloat16)
+    marian = marian_model(name)  # on the CPU until converted for CTranslate2
+    marian_bf16 = (
+        marian_model(name).to(device, torch.bfloat16) if "hf-bf16" in args.systems else None
+    )
     rows = []
     qkv_run = functools.partial(qkv_runner, pack_per_batch=args.pack_per_batch)
     with tempfile.TemporaryDirectory() as tmp:
         ct2_dir = None
         if any(s.startswith("ct2") for s in args.systems):
             ct2_dir = convert_to_ctranslate2(marian, Path(tmp))
+        marian = marian.to(device)
         for batch_size in args.batches:
             batch = sources(batch_size)
             for search in args.searches:
@@ -334,7 +352,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                     if system not in in_process:
                         compute_type = {"ct2-fp32": "float32", "ct2-int8": "int8"}[system]
                         seconds[system] = time_ctranslate2(
-                            ct2_dir, compute_type, batch_size, search, args.repeats
+                            ct2_dir, compute_type, batch_size, search, args.repeats, args.device
                         )
                 row = dict(config=name, batch=batch_size, search=search)
                 row.update({s: batch_size / t for s, t in seconds.items()})
@@ -361,8 +379,10 @@ def header(systems) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--ct2-worker":
-        model_dir, compute_type, batch, search, repeats, threads = sys.argv[2:8]
-        ctranslate2_worker(model_dir, compute_type, int(batch), search, int(repeats), int(threads))
+        model_dir, compute_type, batch, search, repeats, threads, device = sys.argv[2:9]
+        ctranslate2_worker(
+            model_dir, compute_type, int(batch), search, int(repeats), int(threads), device
+        )
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -374,6 +394,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median)")
     parser.add_argument(
         "--threads", type=int, help="threads for every system (default: torch's default, all cores)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda: where every system runs (default cpu)"
     )
     parser.add_argument(
         "--pack-per-batch",
@@ -388,8 +411,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    where = f"{torch.get_num_threads()} threads"
+    if args.device.startswith("cuda"):
+        where = torch.cuda.get_device_name(args.device)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}, {where}; "
         f"source {SRC_LEN} tokens, exactly {NEW_TOKENS} generated, median of {args.repeats}"
     )
     print(header(args.systems))

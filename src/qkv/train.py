@@ -88,19 +88,31 @@ class Distributed:
             dist.barrier()
 
 
+def training_device(device_name: str, local_rank: int, cuda_available: bool) -> torch.device:
+    """The device of this process: 'auto' is a GPU where torch sees one. A GPU always gets its index
+    (the process's local rank under torchrun, else 0): torch.cuda.set_device refuses a bare 'cuda'."""
+    if device_name == "auto":
+        device_name = "cuda" if cuda_available else "cpu"
+    if device_name == "cuda":
+        device_name = f"cuda:{local_rank}"
+    return torch.device(device_name)
+
+
 def setup_distributed(device_name: str) -> Distributed:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda":
-        device_name = f"cuda:{local_rank}" if world_size > 1 else "cuda"
-    device = torch.device(device_name)
+    device = training_device(device_name, local_rank, torch.cuda.is_available())
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise QkvError("train.device asks for CUDA, but torch sees no GPU")
+        if device.index >= torch.cuda.device_count():
+            raise QkvError(
+                f"this process wants {device}, but torch sees {torch.cuda.device_count()} GPU(s): "
+                "start at most that many processes per node (torchrun --nproc_per_node), "
+                "or train on the CPU with --set train.device='cpu'"
+            )
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -129,10 +141,13 @@ def rng_states() -> dict:
 
 
 def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
+    """The states come back wherever the checkpoint was loaded to (the GPU, when training on one), but
+    the generators take CPU byte tensors only."""
+    torch.set_rng_state(states["torch"].cpu())
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        cuda_states = states["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([state.cpu() for state in cuda_states])
 
 
 # ---------------------------------------------------------------------------------------------------

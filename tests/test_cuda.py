@@ -1,0 +1,200 @@
+"""The CUDA paths: fused attention, the model, the search, bf16 autocast, torch.compile and the commands
+on a GPU agree with the CPU paths the other tests prove correct. Skipped where torch sees no GPU (CI);
+run them on a machine with one: `pytest tests/test_cuda.py`."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import qkv
+from conftest import qkv_env
+from qkv.attention import MultiHeadAttention
+from qkv.model import Transformer, TransformerConfig
+from qkv.search import beam_search, greedy_search
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls():
+    """TF32 would round fp32 products to 10 mantissa bits; the comparisons here are with fp32 on CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def random_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    config = TransformerConfig.preset(
+        "tiny", src_vocab_size=60, tgt_vocab_size=60, dropout=0.0, max_len=64, **overrides
+    )
+    return Transformer(config).eval()
+
+
+def padded_sources(lengths: list[int], seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        src[row, : length - 1] = torch.randint(4, 60, (length - 1,), generator=generator)
+        src[row, length - 1] = 3  # EOS
+    return src
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masking", ["key_padding", "causal"])
+def test_fused_attention_on_cuda_equals_torch_multihead_attention(dtype, masking):
+    """On CUDA, qkv's attention runs PyTorch's fused kernels (flash / memory-efficient in bf16)."""
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(64, 4, batch_first=True).to(CUDA, dtype).eval()
+    ours = MultiHeadAttention(64, 4).to(CUDA, dtype).eval()
+    with torch.no_grad():
+        w_q, w_k, w_v = reference.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = reference.in_proj_bias.chunk(3)
+        for proj, weight, bias in [
+            (ours.q_proj, w_q, b_q),
+            (ours.k_proj, w_k, b_k),
+            (ours.v_proj, w_v, b_v),
+            (ours.out_proj, reference.out_proj.weight, reference.out_proj.bias),
+        ]:
+            proj.weight.copy_(weight)
+            proj.bias.copy_(bias)
+    x = torch.randn(3, 9, 64, device=CUDA, dtype=dtype)
+    if masking == "causal":
+        out, _ = ours(x, causal=True)
+        causal = nn.Transformer.generate_square_subsequent_mask(9, device=CUDA, dtype=torch.bool)
+        expected, _ = reference(x, x, x, attn_mask=causal, need_weights=False, is_causal=True)
+    else:
+        keep = torch.arange(9, device=CUDA)[None, :] < torch.tensor([9, 5, 2], device=CUDA)[:, None]
+        out, _ = ours(x, mask=keep[:, None, None, :])
+        expected, _ = reference(x, x, x, key_padding_mask=~keep, need_weights=False)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_model_on_cuda_equals_model_on_cpu(norm_first):
+    model = random_model(norm_first=norm_first)
+    src = padded_sources([7, 4, 9])
+    tgt = padded_sources([5, 8, 3], seed=1)
+    with torch.no_grad():
+        expected = model(src, tgt)
+        got = model.to(CUDA)(src.to(CUDA), tgt.to(CUDA)).cpu()
+    # Padded positions differ only where every key is masked; compare the real ones.
+    real = tgt != 0
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_on_cuda_stays_close_to_fp32():
+    model = random_model().to(CUDA)
+    src, tgt = padded_sources([7, 4, 9]).to(CUDA), padded_sources([5, 8, 3], seed=1).to(CUDA)
+    with torch.no_grad():
+        fp32 = model(src, tgt).float().log_softmax(-1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(src, tgt).float().log_softmax(-1)
+    real = (tgt != 0).cpu()
+    assert (bf16 - fp32).abs().cpu()[real].max() < 0.1
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_search_on_cuda_equals_search_on_cpu(search):
+    model = random_model(seed=3)
+    src = padded_sources([6, 3, 9, 5])
+    run = (
+        (lambda m, s: greedy_search(m, s, max_len=12))
+        if search == "greedy"
+        else (lambda m, s: beam_search(m, s, beam_size=4, max_len=12, n_best=2))
+    )
+    ids, scores = run(model, src)
+    cuda_ids, cuda_scores = run(model.to(CUDA), src.to(CUDA))
+    assert torch.equal(cuda_ids.cpu(), ids)
+    torch.testing.assert_close(cuda_scores.cpu(), scores, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_model_on_cuda_equals_eager():
+    model = random_model().to(CUDA)
+    src, tgt = padded_sources([7, 4, 9]).to(CUDA), padded_sources([5, 8, 3], seed=1).to(CUDA)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        expected = model(src, tgt)
+        got = compiled(src, tgt)
+    real = tgt != 0
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+def test_translate_on_cuda_gives_the_cpu_translations(toy_run, run_qkv):
+    lines = "a b c\np o n m\n\ne f g h i\n"
+    cpu = run_qkv("translate", toy_run, "--device", "cpu", input=lines)
+    gpu = run_qkv("translate", toy_run, "--device", "cuda", input=lines)
+    assert cpu.returncode == 0 and gpu.returncode == 0, gpu.stderr[-2000:]
+    assert gpu.stdout == cpu.stdout
+    assert len(gpu.stdout.splitlines()) == 4 and gpu.stdout.splitlines()[2] == ""
+
+
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_training_on_cuda_in_bf16_learns_and_resumes_on_cpu(compile_model, run_qkv, tmp_path):
+    """`qkv train` on the GPU with bf16 autocast (and torch.compile): the loss falls, and its checkpoint
+    loads on a machine without a GPU and translates there as on the GPU."""
+    out = tmp_path / "run"
+    overrides = [
+        "model.preset=tiny",
+        "model.dropout=0.0",
+        "data.dataset='synthetic'",
+        "train.device='cuda'",
+        "train.precision='bf16'",
+        f"train.compile={str(compile_model).lower()}",
+        "train.max_steps=60",
+        "train.max_tokens=2048",
+        "train.warmup_steps=40",
+        "train.log_every=10",
+        "eval.every_steps=60",
+        "eval.max_sentences=16",
+    ]
+    trained = run_qkv(
+        "train", "configs/demo.toml", "--out", out, *(a for o in overrides for a in ("--set", o))
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "split" not in r]
+    assert losses[-1] < 0.7 * losses[0]
+    cpu = run_qkv("translate", out, "--device", "cpu", input="one two three\n", env=qkv_env())
+    assert cpu.returncode == 0 and len(cpu.stdout.splitlines()) == 1, cpu.stderr[-2000:]
+    sentences = ["one two three", "twenty one", "the fifth of june"]
+    on_cpu, on_gpu = qkv.load(out, device="cpu"), qkv.load(out, device="cuda")
+    assert on_cpu.translate(sentences, beam=4) == on_gpu.translate(sentences, beam=4)
+
+
+def test_a_run_on_cuda_resumes_on_cuda(run_qkv, tmp_path):
+    """Resuming loads the checkpoint onto the GPU, random number generator states included."""
+    out = tmp_path / "run"
+    common = [
+        "--set",
+        "train.device='cuda'",
+        "--set",
+        "train.save_every=5",
+        "--set",
+        "eval.every_steps=0",
+    ]
+    first = run_qkv(
+        "train", "configs/demo.toml", "--out", out, "--set", "train.max_steps=5", *common
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_qkv(
+        "train",
+        "configs/demo.toml",
+        "--out",
+        out,
+        "--resume",
+        "--set",
+        "train.max_steps=8",
+        *common,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [
+        json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert max(steps) == 8
