@@ -17,6 +17,10 @@ reaches all of them alike.
   that never imports torch: the two thread pools compete, and timed in a process where torch has run
   CTranslate2 was up to 5x slower.
 
+Before anything is timed, glibc's allocator is settled (`timing.settle_allocator`), in this process and in
+CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in the process
+(`--default-allocator` leaves it as it starts).
+
     pip install transformers ctranslate2          # benchmark-only dependencies
     python benchmarks/decode_speed.py                              # small and base, every cell
     python benchmarks/decode_speed.py --configs small --batches 32 --searches beam
@@ -39,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import interleaved_median_seconds
+from timing import interleaved_median_seconds, settle_allocator
 
 CONFIGS = {
     "small": dict(d_model=256, n_heads=4, d_ff=1024, n_layers=3),
@@ -292,19 +296,12 @@ def _token(i: int) -> str:
     return {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}.get(i, f"t{i}")
 
 
-def time_ctranslate2(
-    model_dir: Path, compute_type: str, batch: int, search: str, repeats: int, device: str
-):
+def time_ctranslate2(model_dir: Path, compute_type: str, batch: int, search: str, args) -> float:
     import torch
 
-    command = [sys.executable, __file__, "--ct2-worker", str(model_dir), compute_type]
-    command += [
-        str(batch),
-        search,
-        str(repeats),
-        str(torch.get_num_threads()),
-        device.split(":")[0],
-    ]
+    command = [sys.executable, __file__, "--ct2-worker", str(model_dir), compute_type, str(batch)]
+    command += [search, str(args.repeats), str(torch.get_num_threads()), args.device.split(":")[0]]
+    command.append("default" if args.default_allocator else "settled")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"CTranslate2 worker failed:\n{result.stderr}")
@@ -352,7 +349,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                     if system not in in_process:
                         compute_type = {"ct2-fp32": "float32", "ct2-int8": "int8"}[system]
                         seconds[system] = time_ctranslate2(
-                            ct2_dir, compute_type, batch_size, search, args.repeats, args.device
+                            ct2_dir, compute_type, batch_size, search, args
                         )
                 row = dict(config=name, batch=batch_size, search=search)
                 row.update({s: batch_size / t for s, t in seconds.items()})
@@ -379,7 +376,9 @@ def header(systems) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--ct2-worker":
-        model_dir, compute_type, batch, search, repeats, threads, device = sys.argv[2:9]
+        model_dir, compute_type, batch, search, repeats, threads, device, allocator = sys.argv[2:10]
+        if allocator == "settled":
+            settle_allocator()
         ctranslate2_worker(
             model_dir, compute_type, int(batch), search, int(repeats), int(threads), device
         )
@@ -404,7 +403,14 @@ def main() -> None:
         help="qkv prepares its weights for oneDNN in every timed search, as a single search does "
         "(default: once for all, as `qkv translate` does for all the batches of a file)",
     )
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's allocator as it starts (default: settle it first, so that every system is "
+        "timed in the same state whatever ran before it; see timing.settle_allocator)",
+    )
     args = parser.parse_args()
+    settled = not args.default_allocator and settle_allocator()  # before torch allocates anything
 
     import torch
 
@@ -416,7 +422,8 @@ def main() -> None:
         where = torch.cuda.get_device_name(args.device)
     print(
         f"torch {torch.__version__}, {where}; "
-        f"source {SRC_LEN} tokens, exactly {NEW_TOKENS} generated, median of {args.repeats}"
+        f"source {SRC_LEN} tokens, exactly {NEW_TOKENS} generated, median of {args.repeats}; "
+        f"allocator {'settled' if settled else 'as it starts'}"
     )
     print(header(args.systems))
     for name in args.configs:

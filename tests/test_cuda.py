@@ -154,9 +154,7 @@ def test_training_on_cuda_in_bf16_learns_and_resumes_on_cpu(compile_model, run_q
         "eval.every_steps=60",
         "eval.max_sentences=16",
     ]
-    trained = run_qkv(
-        "train", "configs/demo.toml", "--out", out, *(a for o in overrides for a in ("--set", o))
-    )
+    trained = run_qkv("train", "demo", "--out", out, *(a for o in overrides for a in ("--set", o)))
     assert trained.returncode == 0, trained.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "split" not in r]
@@ -179,13 +177,11 @@ def test_a_run_on_cuda_resumes_on_cuda(run_qkv, tmp_path):
         "--set",
         "eval.every_steps=0",
     ]
-    first = run_qkv(
-        "train", "configs/demo.toml", "--out", out, "--set", "train.max_steps=5", *common
-    )
+    first = run_qkv("train", "demo", "--out", out, "--set", "train.max_steps=5", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = run_qkv(
         "train",
-        "configs/demo.toml",
+        "demo",
         "--out",
         out,
         "--resume",
