@@ -197,6 +197,28 @@ def test_a_dictionary_passed_to_frozen_blocks_keeps_the_packed_weights_between_t
     assert frozen_cache() is None
 
 
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_weights_are_packed_for_products_of_any_number_of_rows(dtype):
+    """Within one search a product of a few rows does not repay the packing; over the many searches of
+    a caller that keeps the prepared weights it does (batch 1: 1 row greedy, 5 rows beam 5)."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 1, 64).to(dtype), torch.randn(100, 64).to(dtype)
+    expected = F.linear(x.double(), weight.double())
+    with torch.inference_mode():
+        with frozen_weights():
+            single_search = [linear(x, weight) for _ in range(2)][-1]
+            entry = frozen_cache().get(("onednn", id(weight)))
+            assert entry is None or entry[1] is None  # not packed
+        prepared: dict = {}
+        with frozen_weights(prepared):
+            kept = [linear(x, weight) for _ in range(2)][-1]
+        assert prepared[("onednn", id(weight))][1].layout == torch._mkldnn
+    tolerance = 2e-4 if dtype == torch.float32 else 0.25
+    for out in (single_search, kept):
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=tolerance)
+
+
 def test_stacked_q_k_v_weights_are_made_once_inside_a_frozen_block():
     mha = MultiHeadAttention(16, 2)
     projections = (mha.q_proj, mha.k_proj, mha.v_proj)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import qkv
 from conftest import qkv_env
@@ -43,6 +44,28 @@ def test_batching_keeps_input_order_and_empty_lines(translator):
 def test_bf16_translates_too(toy_run):
     out = qkv.load(toy_run, precision="bf16").translate(["a b c"], beam=2)
     assert out == ["c b a"]
+
+
+def test_prepared_weights_are_kept_across_calls_and_dropped_when_the_model_changes(toy_run):
+    translator = qkv.load(toy_run)
+    before = translator.translate(LINES, beam=3)
+    prepared = translator._prepared
+    assert any(entry[1] is not None for key, entry in prepared.items() if key[0] == "onednn")
+    assert translator.translate(LINES, beam=3) == before
+    assert translator._prepared is prepared  # kept: nothing changed
+
+    # Another model's weights, copied in place (load_state_dict): stale packed weights would still
+    # translate like the old model.
+    other = qkv.load(toy_run)
+    with torch.no_grad():
+        for parameter in other.model.parameters():
+            parameter.mul_(-1.0)
+    translator.model.load_state_dict(other.model.state_dict())
+    changed = translator.translate(LINES, beam=3)
+    assert translator._prepared is not prepared
+    fresh = Translator(other.model, other.tokenizer)
+    assert changed == fresh.translate(LINES, beam=3)
+    assert changed != before
 
 
 def test_n_best_hypotheses_are_sorted(translator):

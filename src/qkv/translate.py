@@ -55,6 +55,9 @@ class Translator:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.meta = meta or {}  # what training recorded: dataset, src_lang, tgt_lang
+        # Weights prepared for decoding (oneDNN's packed layout, stacked Q/K/V), kept across calls.
+        self._prepared: dict = {}
+        self._prepared_for: tuple | None = None
 
     @classmethod
     def load(
@@ -117,7 +120,7 @@ class Translator:
         )
         bar = _progress_bar(len(sentences), progress)
         bar.update(sum(1 for ids in sources if not ids))  # empty lines are done already
-        with frozen_weights():  # weights prepared once for all the batches, not once per batch
+        with frozen_weights(self._prepared_weights()):  # prepared once, not once per batch or call
             for batch in token_batches(sources, max_tokens):
                 hypotheses = self._search(sources, batch, search)
                 for index, sentence_hypotheses in zip(batch, hypotheses, strict=True):
@@ -125,6 +128,14 @@ class Translator:
                 bar.update(len(batch))
         bar.close()
         return results
+
+    def _prepared_weights(self) -> dict:
+        """The weights prepared for decoding by earlier calls, or a new, empty store if any parameter
+        of the model changed since (in place, as `load_state_dict` does, or its storage replaced)."""
+        state = tuple((id(p), p._version, p.data_ptr()) for p in self.model.parameters())
+        if state != self._prepared_for:
+            self._prepared, self._prepared_for = {}, state
+        return self._prepared
 
     def encode(self, sentences: Sequence[str], warn: Callable[[str], None]) -> list[list[int]]:
         """Source ids of each sentence, EOS included; [] for an empty one. Too long ones are cut."""
