@@ -39,7 +39,11 @@ class Hypothesis:
 
 
 class Translator:
-    """A model and its tokenizer, ready to translate lists of sentences."""
+    """A model and its tokenizer, ready to translate lists of sentences.
+
+    On the CPU it keeps the weights it prepared for decoding (oneDNN's packed copy of each matrix: as
+    much memory again as the model's weights) from one call to the next, and prepares them anew when
+    a parameter of `model` changes."""
 
     def __init__(
         self,
