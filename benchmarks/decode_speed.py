@@ -317,7 +317,9 @@ def benchmark_config(name: str, args) -> list[dict]:
     device = torch.device(args.device)
     qkv = qkv_model(name).to(device)
     qkv_bf16 = qkv_model(name).to(device, torch.bfloat16)
-    marian = marian_model(name)  # on the CPU until converted for CTranslate2
+    # On the CPU until converted for CTranslate2; not built (no transformers needed) for qkv alone.
+    needs_marian = any(s.startswith(("hf", "ct2")) for s in args.systems)
+    marian = marian_model(name) if needs_marian else None
     marian_bf16 = (
         marian_model(name).to(device, torch.bfloat16) if "hf-bf16" in args.systems else None
     )
@@ -327,7 +329,8 @@ def benchmark_config(name: str, args) -> list[dict]:
         ct2_dir = None
         if any(s.startswith("ct2") for s in args.systems):
             ct2_dir = convert_to_ctranslate2(marian, Path(tmp))
-        marian = marian.to(device)
+        if marian is not None:
+            marian = marian.to(device)
         for batch_size in args.batches:
             batch = sources(batch_size)
             for search in args.searches:

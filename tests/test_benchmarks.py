@@ -1,0 +1,56 @@
+"""The benchmark scripts run and print what the speed targets are read from: a row per cell with each
+system's figure and the ratios. Tiny settings; nothing here is timed against a threshold."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, qkv_env
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *args],
+        env=qkv_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_train_throughput_prints_both_systems_and_the_ratio():
+    result = run_script(
+        "train_throughput.py", "--configs", "small", "--precisions", "fp32",
+        "--repeats", "1", "--warmup", "0", "--sentences", "4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("small")]
+    assert [row[1] for row in rows] == ["qkv", "nn.Transformer"]
+    assert rows[1][-1] == "1.00x"  # the reference against itself
+    assert float(rows[0][-1].rstrip("x")) > 0 and float(rows[0][3].replace(",", "")) > 0
+
+
+def decode_rows(*systems: str) -> list[list[str]]:
+    result = run_script(
+        "decode_speed.py", "--configs", "small", "--batches", "2", "--searches", "beam", "greedy",
+        "--repeats", "1", "--systems", *systems,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| small")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_decode_speed_times_qkv_with_and_without_the_cache():
+    """Every search generated exactly the 20 tokens asked for (the script checks), in both cells."""
+    rows = decode_rows("qkv", "qkv-nocache")
+    assert [row[:3] for row in rows] == [["small", "2", "beam 5"], ["small", "2", "greedy"]]
+    assert all(float(cell) > 0 for row in rows for cell in row[3:5])
+
+
+def test_decode_speed_prints_the_ratio_to_hugging_face():
+    pytest.importorskip("transformers")
+    rows = decode_rows("qkv", "hf")
+    for row in rows:
+        qkv, hf, ratio = float(row[3]), float(row[4]), float(row[5].rstrip("x"))
+        assert ratio == pytest.approx(qkv / hf, abs=0.006)
