@@ -53,4 +53,6 @@ def test_decode_speed_prints_the_ratio_to_hugging_face():
     rows = decode_rows("qkv", "hf")
     for row in rows:
         qkv, hf, ratio = float(row[3]), float(row[4]), float(row[5].rstrip("x"))
-        assert ratio == pytest.approx(qkv / hf, abs=0.006)
+        # The figures are printed to 0.1 and the ratio to 0.01: allow for both roundings.
+        rounding = qkv / hf * (0.05 / qkv + 0.05 / hf) + 0.005
+        assert ratio == pytest.approx(qkv / hf, abs=rounding)
