@@ -10,9 +10,9 @@ from torch import nn
 
 import qkv
 from conftest import qkv_env
-from qkv.attention import MultiHeadAttention
 from qkv.model import Transformer, TransformerConfig
 from qkv.search import beam_search, greedy_search
+from test_attention import copy_from_torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")
 
@@ -51,18 +51,7 @@ def test_fused_attention_on_cuda_equals_torch_multihead_attention(dtype, masking
     """On CUDA, qkv's attention runs PyTorch's fused kernels (flash / memory-efficient in bf16)."""
     torch.manual_seed(0)
     reference = nn.MultiheadAttention(64, 4, batch_first=True).to(CUDA, dtype).eval()
-    ours = MultiHeadAttention(64, 4).to(CUDA, dtype).eval()
-    with torch.no_grad():
-        w_q, w_k, w_v = reference.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = reference.in_proj_bias.chunk(3)
-        for proj, weight, bias in [
-            (ours.q_proj, w_q, b_q),
-            (ours.k_proj, w_k, b_k),
-            (ours.v_proj, w_v, b_v),
-            (ours.out_proj, reference.out_proj.weight, reference.out_proj.bias),
-        ]:
-            proj.weight.copy_(weight)
-            proj.bias.copy_(bias)
+    ours = copy_from_torch(reference)  # on the reference's device, in its dtype
     x = torch.randn(3, 9, 64, device=CUDA, dtype=dtype)
     if masking == "causal":
         out, _ = ours(x, causal=True)
