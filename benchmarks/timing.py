@@ -18,8 +18,9 @@ def settle_allocator() -> bool:
     By default glibc starts by mapping every block over 128 KB afresh (new pages, page faults) and raises
     that threshold as large blocks are freed, so a system that allocates large tensors at every step
     speeds up as the process ages: Hugging Face's beam search ran at 64-86 sentences/s when timed first
-    in a process and 86-96 after other work or with the allocator settled. Settled from the start, every system is timed in the same,
-    fastest state, whatever ran before it. Returns False where there is no glibc (the call is skipped)."""
+    in a process, and at 86-96 after other work or with the allocator settled. Settled from the start,
+    every system is timed in the same, fastest state, whatever ran before it. Returns False where there
+    is no glibc (nothing is changed then)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

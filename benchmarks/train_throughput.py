@@ -1,8 +1,9 @@
 """Training throughput: qkv against torch.nn.Transformer, one full training step each, side by side.
 
 A step is forward, label-smoothed cross-entropy, backward and Adam, on the same batch (--sentences of
-19-32 tokens: 128 by default, about 3,300 target tokens), vocabulary, dimensions and loss. The two systems alternate in one process so they share the
-machine's state; each figure is the median of --repeats timed steps after warm-up.
+19-32 tokens: 128 by default, about 3,300 target tokens), vocabulary, dimensions and loss. The two
+systems alternate in one process so they share the machine's state; each figure is the median of
+--repeats timed steps after warm-up.
 
     python benchmarks/train_throughput.py                 # small and base, fp32 and bf16
     python benchmarks/train_throughput.py --configs small --repeats 5
@@ -158,14 +159,13 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = parser.parse_args()
-    where = (
-        torch.cuda.get_device_name(args.device)
-        if args.device.startswith("cuda")
-        else (f"{torch.get_num_threads()} threads")
-    )
+    where = f"{torch.get_num_threads()} threads"
+    if args.device.startswith("cuda"):
+        where = torch.cuda.get_device_name(args.device)
+    target_tokens = int((make_batch(args.sentences, length=32)[2] != PAD).sum())
     print(
         f"torch {torch.__version__}, {where}, {args.sentences} sentences per batch "
-        f"(~{args.sentences * 32} target tokens){', compiled' if args.compile else ''}"
+        f"({target_tokens:,} target tokens){', compiled' if args.compile else ''}"
     )
     print(
         f"{'config':7} {'system':15} {'precision':9} {'tgt tok/s':>10} "
