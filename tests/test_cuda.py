@@ -10,9 +10,9 @@ from torch import nn
 
 import qkv
 from conftest import qkv_env
-from qkv.model import Transformer, TransformerConfig
 from qkv.search import beam_search, greedy_search
 from test_attention import copy_from_torch
+from test_search import random_model, random_sources
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")
 
@@ -26,23 +26,6 @@ def exact_fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def random_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    config = TransformerConfig.preset(
-        "tiny", src_vocab_size=60, tgt_vocab_size=60, dropout=0.0, max_len=64, **overrides
-    )
-    return Transformer(config).eval()
-
-
-def padded_sources(lengths: list[int], seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for row, length in enumerate(lengths):
-        src[row, : length - 1] = torch.randint(4, 60, (length - 1,), generator=generator)
-        src[row, length - 1] = 3  # EOS
-    return src
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,8 +51,8 @@ def test_fused_attention_on_cuda_equals_torch_multihead_attention(dtype, masking
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_model_on_cuda_equals_model_on_cpu(norm_first):
     model = random_model(norm_first=norm_first)
-    src = padded_sources([7, 4, 9])
-    tgt = padded_sources([5, 8, 3], seed=1)
+    src = random_sources([7, 4, 9])
+    tgt = random_sources([5, 8, 3], vocab=30, seed=1)
     with torch.no_grad():
         expected = model(src, tgt)
         got = model.to(CUDA)(src.to(CUDA), tgt.to(CUDA)).cpu()
@@ -80,7 +63,10 @@ def test_model_on_cuda_equals_model_on_cpu(norm_first):
 
 def test_bf16_autocast_on_cuda_stays_close_to_fp32():
     model = random_model().to(CUDA)
-    src, tgt = padded_sources([7, 4, 9]).to(CUDA), padded_sources([5, 8, 3], seed=1).to(CUDA)
+    src, tgt = (
+        random_sources([7, 4, 9]).to(CUDA),
+        random_sources([5, 8, 3], vocab=30, seed=1).to(CUDA),
+    )
     with torch.no_grad():
         fp32 = model(src, tgt).float().log_softmax(-1)
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -92,7 +78,7 @@ def test_bf16_autocast_on_cuda_stays_close_to_fp32():
 @pytest.mark.parametrize("search", ["greedy", "beam"])
 def test_search_on_cuda_equals_search_on_cpu(search):
     model = random_model(seed=3)
-    src = padded_sources([6, 3, 9, 5])
+    src = random_sources([6, 3, 9, 5])
     run = (
         (lambda m, s: greedy_search(m, s, max_len=12))
         if search == "greedy"
@@ -106,7 +92,10 @@ def test_search_on_cuda_equals_search_on_cpu(search):
 
 def test_compiled_model_on_cuda_equals_eager():
     model = random_model().to(CUDA)
-    src, tgt = padded_sources([7, 4, 9]).to(CUDA), padded_sources([5, 8, 3], seed=1).to(CUDA)
+    src, tgt = (
+        random_sources([7, 4, 9]).to(CUDA),
+        random_sources([5, 8, 3], vocab=30, seed=1).to(CUDA),
+    )
     compiled = torch.compile(model)
     with torch.no_grad():
         expected = model(src, tgt)
