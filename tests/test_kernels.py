@@ -67,6 +67,26 @@ def test_linear_gradients_equal_f_linear_gradients():
     torch.testing.assert_close(x_grad, upstream @ frozen, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_relu_equals_relu_of_linear_packed_or_not_with_or_without_gradients(dtype):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(40, 3, 64), torch.randn(96, 64), torch.randn(96)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    expected = F.relu(linear(x, weight, bias))
+    assert (expected == 0).any() and (expected > 0).any()
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear_relu(x, weight, bias), expected)
+        with frozen_weights({}):  # packed at the second use
+            for _ in range(3):
+                assert torch.equal(kernels.linear_relu(x, weight, bias), expected)
+    weight.requires_grad_()
+    out = kernels.linear_relu(x, weight, None)
+    out.sum().backward()
+    reference = weight.detach().clone().requires_grad_()
+    F.relu(F.linear(x, reference)).sum().backward()
+    torch.testing.assert_close(weight.grad, reference.grad)
+
+
 def test_linear_module_trains_like_nn_linear():
     torch.manual_seed(0)
     ours, reference = Linear(6, 4), torch.nn.Linear(6, 4)
@@ -245,6 +265,33 @@ def test_topk_equals_torch_topk(rows, length, k):
         x[1, length // 2 :] = -torch.inf  # as the dead beams of a search's first step
     values, indices = kernels.topk(x, k)
     expected_values, expected_indices = x.topk(k, dim=1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize(
+    ("rows_per_group", "length", "k"), [(5, 8000, 10), (1, 8000, 10), (3, 6000, 4)]
+)
+def test_topk_of_offset_rows_in_groups_equals_torch_topk_of_the_sums(
+    rows_per_group, length, k, chunked, monkeypatch
+):
+    """A beam search's candidates: each group (a sentence) has rows_per_group rows (its beams), each row
+    its own offset (the beam's score)."""
+    if chunked:
+        assert kernels._topk_chunk(length, k, rows_per_group) is not None
+    else:
+        monkeypatch.setattr(kernels, "_topk_chunk", lambda *args: None)
+    generator = torch.Generator().manual_seed(length + k)
+    groups = 4
+    x = torch.log_softmax(torch.randn(groups * rows_per_group, length, generator=generator), 1)
+    offsets = -10 * torch.rand(groups * rows_per_group, generator=generator)
+    if rows_per_group > 1:
+        offsets[1] = -torch.inf  # a dead beam (a group of dead beams only would be all ties)
+    x[-1, ::97] += 5.0  # the k best of the last group spread over many chunks
+    values, indices = kernels.topk(x, k, offsets, rows_per_group)
+    sums = (x + offsets[:, None]).view(groups, rows_per_group * length)
+    expected_values, expected_indices = sums.topk(k, dim=1)
     assert torch.equal(values, expected_values)
     assert torch.equal(indices, expected_indices)
 

@@ -89,6 +89,36 @@ def test_the_reverser_reverses(reverser):
     assert sum(out == reverse(s) for out, s in zip(outputs, sentences, strict=True)) >= 6
 
 
+def naive_beam(model, src_row, beam_size, max_len, min_len=0, n_best=1, style="gnmt"):
+    """Beam search as a textbook writes it, for one sentence, with a full forward pass per hypothesis and
+    step: every extension of every live hypothesis competes; of the best 2 x beam_size, those among the
+    best beam_size that end (EOS, or max_len reached) are finished, and the best beam_size that do not
+    end live on. Returns the n_best finished hypotheses, best first: [(score, tokens)]."""
+    src = src_row[src_row != PAD][None]
+    live, finished = [(0.0, [])], []
+    with torch.no_grad():
+        for length in range(1, max_len + 1):
+            candidates = []
+            for score, tokens in live:
+                logits = model(src, torch.tensor([[BOS, *tokens]]))[0, -1]
+                log_probs = F.log_softmax(logits.float(), dim=-1)
+                log_probs[[PAD, BOS]] = -math.inf
+                if length <= min_len:
+                    log_probs[EOS] = -math.inf
+                candidates += [
+                    (score + lp, [*tokens, token])
+                    for token, lp in enumerate(log_probs.tolist())
+                    if lp > -math.inf
+                ]
+            candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * beam_size]
+            for score, tokens in candidates[:beam_size]:
+                if tokens[-1] == EOS or length == max_len:
+                    penalty = length_penalty_factor(length, 0.6, style)
+                    finished.append((score / penalty, tokens))
+            live = [c for c in candidates if c[1][-1] != EOS][:beam_size]
+    return sorted(finished, key=lambda c: -c[0])[:n_best]
+
+
 @pytest.mark.parametrize("which", ["random", "trained"])
 def test_cached_greedy_equals_naive_full_forward_loop(which, reverser):
     model, src = (
@@ -151,12 +181,38 @@ def test_beam_search_with_the_chunked_top_k_equals_torch_topk(monkeypatch):
     from qkv import kernels
 
     model, src = random_model(tgt_vocab_size=1000), random_sources([5, 9, 3, 7])
-    assert kernels._topk_chunk(5 * 1000, 10) is not None
+    assert kernels._topk_chunk(1000, 10, 5) is not None
     chunked = beam_search(model, src, beam_size=5, n_best=5)
-    monkeypatch.setattr(kernels, "_topk_chunk", lambda length, k: None)
+    monkeypatch.setattr(kernels, "_topk_chunk", lambda *args: None)
     plain = beam_search(model, src, beam_size=5, n_best=5)
     assert torch.equal(chunked[0], plain[0])
     assert torch.equal(chunked[1], plain[1])
+
+
+@pytest.mark.parametrize(
+    "beam_size, n_best, min_len, vocab, style",
+    [
+        (5, 1, 0, 30, "gnmt"),
+        (4, 4, 2, 30, "fairseq"),
+        (2, 2, 0, 30, "gnmt"),
+        (5, 3, 0, 1000, "gnmt"),  # chunked top-k
+        (5, 2, 0, 8, "gnmt"),  # fewer words than 2 x beam_size: the first step is padded to beams
+    ],
+)
+def test_beam_search_equals_a_textbook_beam_search(beam_size, n_best, min_len, vocab, style):
+    """The batched search (shared cache, one row per sentence at the first step, finished sentences
+    leaving the batch) finds exactly the hypotheses of the plain algorithm, with their scores."""
+    model = random_model(seed=5, tgt_vocab_size=vocab)
+    src = random_sources([5, 9, 3, 7], seed=5)
+    ids, scores = beam_search(
+        model, src, beam_size, min_len=min_len, max_len=6, n_best=n_best, length_penalty_style=style
+    )
+    for row in range(src.size(0)):
+        expected = naive_beam(model, src[row], beam_size, 6, min_len, n_best, style)
+        assert [[t for t in hyp.tolist() if t != PAD] for hyp in ids[row]] == [
+            tokens for _, tokens in expected
+        ]
+        assert scores[row].tolist() == pytest.approx([score for score, _ in expected], abs=1e-4)
 
 
 @pytest.mark.parametrize("which", ["random", "trained"])

@@ -211,6 +211,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _onednn_linear(x, _packed(weight, x.numel() // max(x.size(-1), 1)), bias)
 
 
+def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.relu(F.linear(x, weight, bias))``. Where `linear` takes oneDNN without gradients (decoding),
+    the ReLU is a post-op of the same oneDNN call, applied to each block of the output as it is
+    computed: equal results, and no second pass over the output (a (160, 1024) hidden layer: 180
+    against 200 us, packed weights)."""
+    if uses_onednn(x, weight) and not _wants_grad(x, weight, bias):
+        rows = x.numel() // max(x.size(-1), 1)
+        return torch.ops.mkldnn._linear_pointwise(x, _packed(weight, rows), bias, "relu", [], "")
+    return F.relu(linear(x, weight, bias))
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state_dict) computed by `linear`."""
 
@@ -223,15 +234,25 @@ _TOPK_CHUNKS = range(160, 31, -1)
 _TOPK_MIN_ROW = 4096
 
 
-def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def topk(
+    x: Tensor, k: int, row_offsets: Tensor | None = None, rows_per_group: int = 1
+) -> tuple[Tensor, Tensor]:
     """``x.topk(k, dim=1)`` for a 2-D x: the k largest values of each row, largest first, and their
     indices. Where values are equal, which index comes first may differ from ``torch.topk``.
 
+    With `row_offsets` (rows,) and `rows_per_group`: the k largest sums ``x[r, i] + row_offsets[r]``
+    of each group of `rows_per_group` consecutive rows laid end to end, and their indices there
+    (``(r % rows_per_group) * length + i``): ``(x + row_offsets[:, None]).view(-1, rows_per_group *
+    length).topk(k, dim=1)`` without writing every sum. (A beam search's candidates: the beams'
+    scores plus each next token's log-probability.)
+
     Why it is exact: each of the k chunks with the largest maxima holds a value at least as large as
     the k-th largest chunk maximum t, so the k-th largest value is at least t too; and a value that
-    large lies in a chunk whose maximum is at least t."""
+    large lies in a chunk whose maximum is at least t. Rounding is monotonic, so the largest sum of a
+    chunk is its largest value plus the row's offset."""
     rows, length = x.shape
-    chunk = _topk_chunk(length, k)
+    groups = rows // rows_per_group
+    chunk = _topk_chunk(length, k, rows_per_group)
     if (
         not FAST
         or chunk is None
@@ -239,23 +260,36 @@ def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         or not x.is_contiguous()
         or torch.compiler.is_compiling()
     ):
-        return x.topk(k, dim=1)
-    chunks = x.view(rows, length // chunk, chunk)
-    best_chunks = chunks.amax(dim=2).topk(k, dim=1).indices  # (rows, k)
-    candidates = chunks.gather(1, best_chunks[:, :, None].expand(-1, -1, chunk))  # (rows, k, chunk)
-    values, within = candidates.view(rows, k * chunk).topk(k, dim=1)
+        sums = x if row_offsets is None else x + row_offsets[:, None]
+        return sums.reshape(groups, rows_per_group * length).topk(k, dim=1)
+    n_chunks = length // chunk  # per row
+    chunks = x.view(rows * n_chunks, chunk)
+    maxima = chunks.view(rows, n_chunks, chunk).amax(dim=2)
+    if row_offsets is not None:
+        maxima += row_offsets[:, None]
+    per_group = rows_per_group * n_chunks
+    best_chunks = maxima.view(groups, per_group).topk(k, dim=1).indices  # (groups, k) in the group
+    # Whole chunks as rows of `chunks`: index_select copies rows 3x faster than gather picks elements.
+    chunk_ids = best_chunks + torch.arange(0, rows * n_chunks, per_group, device=x.device)[:, None]
+    chunk_ids = chunk_ids.flatten()
+    candidates = chunks.index_select(0, chunk_ids)  # (groups * k, chunk)
+    if row_offsets is not None:
+        row = torch.div(chunk_ids, n_chunks, rounding_mode="floor")
+        candidates += row_offsets.index_select(0, row)[:, None]
+    values, within = candidates.view(groups, k * chunk).topk(k, dim=1)
     chunk_of = best_chunks.gather(1, torch.div(within, chunk, rounding_mode="floor"))
     return values, chunk_of * chunk + within % chunk
 
 
 @functools.cache
-def _topk_chunk(length: int, k: int) -> int | None:
-    """The longest chunk length in _TOPK_CHUNKS that divides `length` into at least 4 k chunks (fewer
-    would leave little to skip), or None: then `torch.topk` is as good."""
-    if length < _TOPK_MIN_ROW:
+def _topk_chunk(length: int, k: int, rows_per_group: int = 1) -> int | None:
+    """The longest chunk length in _TOPK_CHUNKS that divides a row of `length` so that a group of
+    `rows_per_group` rows has at least 4 k chunks (fewer would leave little to skip), or None: then
+    `torch.topk` is as good."""
+    if length * rows_per_group < _TOPK_MIN_ROW:
         return None
     for chunk in _TOPK_CHUNKS:
-        if length % chunk == 0 and length // chunk >= 4 * k:
+        if length % chunk == 0 and rows_per_group * (length // chunk) >= 4 * k:
             return chunk
     return None
 

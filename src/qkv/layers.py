@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv.attention import AttentionCache, MultiHeadAttention
-from qkv.kernels import Dropout, Linear
+from qkv.kernels import Dropout, Linear, linear_relu
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -89,7 +89,11 @@ class FeedForward(nn.Module):
         self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        if self.activation is F.relu:
+            hidden = linear_relu(x, self.linear1.weight, self.linear1.bias)
+        else:
+            hidden = self.activation(self.linear1(x))
+        return self.linear2(self.dropout(hidden))
 
 
 class EncoderLayer(nn.Module):

@@ -94,13 +94,18 @@ def max_lengths(model: Transformer, src_ids: Tensor, max_len: int | None) -> Ten
     return lengths.clamp(max=model.config.max_len)
 
 
-def next_log_probs(
-    model: Transformer, logits: Tensor, generated: int, min_len: int, out: Tensor | None = None
-) -> Tensor:
+def next_log_probs(model: Transformer, logits: Tensor, generated: int, min_len: int) -> Tensor:
     """(rows, 1, vocab) logits of the newest position -> (rows, vocab) fp32 log-probabilities, with the
-    tokens that may not come next at -inf. `generated` tokens already exist before this one. `out`: an
-    fp32 (rows, vocab) tensor to write them to."""
-    log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1, out=out)
+    tokens that may not come next at -inf. `generated` tokens already exist before this one.
+
+    On the CPU, fp32 logits are overwritten: the log-probabilities take their place. A second rows x
+    vocab tensor at every step (5 MB at batch 32, beam 5, vocabulary 8000) pushed the weights out of
+    the processor's cache, and a fresh one could mean fresh pages from the system."""
+    log_probs = logits[:, -1].float()  # the logits themselves if they are fp32
+    if log_probs.device.type == "cpu":
+        torch.log_softmax(log_probs, dim=-1, out=log_probs)
+    else:
+        log_probs = torch.log_softmax(log_probs, dim=-1)
     config = model.config
     log_probs[:, config.pad_id] = -math.inf
     log_probs[:, config.bos_id] = -math.inf
@@ -122,10 +127,11 @@ class _Batch:
         self.memory = model.encode(src_ids)  # (batch, src_len, d_model)
         self.src_mask = model.src_mask(src_ids)  # (batch, 1, 1, src_len)
         self.max_lens = max_lengths(model, src_ids, max_len)  # (batch,)
+        # The smallest of max_lens, as a number: before it, no sentence needs to check its own.
+        self.shortest_max_len = int(self.max_lens.min()) if src_ids.size(0) else 0
         self.sentence = torch.arange(src_ids.size(0), device=src_ids.device)  # original row of each
         longest = int(self.max_lens.max()) if src_ids.size(0) else 0
         self.cache = model.new_cache(max_beams=max_beams, max_len=longest or None)
-        self._buffer: Tensor | None = None  # see `next_log_probs`
 
     def decode(self, last_tokens: Tensor) -> Tensor:
         """(rows,) the newest token of each row -> (rows, 1, vocab) logits of the next one."""
@@ -133,15 +139,8 @@ class _Batch:
 
     def next_log_probs(self, last_tokens: Tensor, generated: int, min_len: int) -> Tensor:
         """(rows,) the newest token of each row -> (rows, vocab) log-probabilities of the next one, as
-        `next_log_probs`, in a buffer that every step reuses: valid until the next call. (A new
-        rows x vocab tensor at each step often meant new pages from the system: 5 MB at batch 32,
-        beam 5, vocabulary 8000.)"""
-        logits = self.decode(last_tokens)
-        size = logits.size(0) * logits.size(-1)
-        if self._buffer is None or self._buffer.numel() < size:
-            self._buffer = torch.empty(size, device=logits.device)
-        out = self._buffer[:size].view(logits.size(0), logits.size(-1))
-        return next_log_probs(self.model, logits, generated, min_len, out=out)
+        `next_log_probs`."""
+        return next_log_probs(self.model, self.decode(last_tokens), generated, min_len)
 
     def keep(self, rows: Tensor, cache_rows: Tensor | None = None) -> None:
         """Keep `rows` (in that order) of the current batch; the cache keeps `cache_rows` (default the
@@ -149,6 +148,7 @@ class _Batch:
         self.memory = self.memory.index_select(0, rows)
         self.src_mask = self.src_mask.index_select(0, rows)
         self.max_lens = self.max_lens.index_select(0, rows)
+        self.shortest_max_len = int(self.max_lens.min()) if rows.numel() else 0
         self.sentence = self.sentence.index_select(0, rows)
         self.cache.reorder(rows if cache_rows is None else cache_rows)
 
@@ -291,22 +291,29 @@ class _BeamSearch:
         self.final_ids = torch.full(
             (n_sentences, n_best, self.longest), self.config.pad_id, device=self.device
         )
+        self.any_finished = False  # whether any sentence has a finished hypothesis yet
+        self._first_rows: dict[tuple[int, int], Tensor] = {}
 
     def run(self) -> tuple[Tensor, Tensor]:
         n_sentences, beam = self.final_scores.size(0), self.beam_size
         if n_sentences == 0 or self.longest == 0:
             return self.final_ids, self.final_scores
         # Step 1 on one row per sentence (all its beams would be the same BOS), so the encoder output is
-        # projected for cross-attention once per sentence; then every row becomes beam_size rows (the
-        # cache shares them, see qkv.beam_cache; the per-row tensors of `_Batch` are copied).
+        # projected for cross-attention once per sentence, and the first candidates are the best
+        # tokens of that one row; their choice makes every sentence beam_size rows (the cache shares
+        # them, see qkv.beam_cache; the per-row tensors of `_Batch` are copied).
         bos = torch.full((n_sentences,), self.config.bos_id, device=self.device)
-        log_probs = self.batch.next_log_probs(bos, 0, self.min_len)
-        self.batch.keep(torch.arange(n_sentences, device=self.device).repeat_interleave(beam))
-        log_probs = log_probs.repeat_interleave(beam, dim=0)  # (rows, vocab)
-        # Only the first beam is live at first, or the search would keep beam_size copies of one prefix.
-        beam_scores = torch.full((n_sentences, beam), -math.inf, device=self.device)
-        beam_scores[:, 0] = 0.0
-        ids = torch.empty((n_sentences * beam, 0), dtype=torch.long, device=self.device)
+        log_probs = self.batch.next_log_probs(bos, 0, self.min_len)  # (n_sentences, vocab)
+        if log_probs.size(-1) < 2 * beam:
+            # Too few tokens for 2 x beam candidates from one row: give each sentence beam rows of
+            # which only the first is live (-inf), as every later step has.
+            self.batch.keep(torch.arange(n_sentences, device=self.device).repeat_interleave(beam))
+            log_probs = log_probs.repeat_interleave(beam, dim=0)
+            beam_scores = torch.full((n_sentences, beam), -math.inf, device=self.device)
+            beam_scores[:, 0] = 0.0
+        else:
+            beam_scores = torch.zeros((n_sentences, 1), device=self.device)
+        ids = torch.empty((beam_scores.numel(), 0), dtype=torch.long, device=self.device)
         for step in range(self.longest):
             if step > 0:
                 log_probs = self.batch.next_log_probs(ids[:, -1], step, self.min_len)
@@ -319,64 +326,86 @@ class _BeamSearch:
         """Extend every live beam by one token (the `length`-th), record hypotheses that finish, drop the
         sentences that are done, and reorder the cache. Returns the new (beam_scores, ids)."""
         beam, vocab = self.beam_size, log_probs.size(-1)
-        n_live = beam_scores.size(0)
-        # (n_live, beam * vocab): every extension of every beam of a sentence competes in one row.
-        # In place: log_probs is this step's own tensor, and a fresh (rows, vocab) one would cost more
-        # than the addition (a new allocation of that size can mean new pages from the system).
-        scores = log_probs.add_(beam_scores.view(-1, 1)).view(n_live, beam * vocab)
-        cand_scores, cand_flat = topk(scores, min(2 * beam, scores.size(1)))  # (n_live, 2 beam)
+        # Rows per sentence now: beam, or 1 at the first step (see `run`).
+        n_live, width = beam_scores.shape
+        # Every extension of every beam of a sentence competes: its beam's score plus the token's
+        # log-probability, width x vocab sums per sentence, of which topk writes only the best.
+        n_cand = min(2 * beam, width * vocab)
+        cand_scores, cand_flat = topk(
+            log_probs, n_cand, beam_scores.view(-1), width
+        )  # (n_live, n_cand)
         cand_beam, cand_token = cand_flat // vocab, cand_flat % vocab
-        cand_row = (
-            torch.arange(n_live, device=self.device)[:, None] * beam + cand_beam
-        )  # row in ids
-        at_max_len = self.batch.max_lens[::beam] == length  # (n_live,)
+        cand_row = self.first_rows(n_live, width) + cand_beam  # row in ids and in the batch
+        at_max_len = (
+            None  # (n_live,) whether no more tokens are allowed, when any sentence is there
+        )
+        if length >= self.batch.shortest_max_len:
+            at_max_len = self.batch.max_lens[::width] == length
 
         # A candidate among the best `beam` finishes if it is EOS, or if no more tokens are allowed.
         is_eos = cand_token == self.config.eos_id
-        finishes = (is_eos | at_max_len[:, None]) & (cand_scores > -math.inf)
-        finishes[:, beam:] = False
+        finishes = (
+            is_eos[:, :beam] if at_max_len is None else is_eos[:, :beam] | at_max_len[:, None]
+        )
+        finishes &= cand_scores[:, :beam] > -math.inf
         if finishes.any():
-            self.record(length, cand_scores, cand_row, cand_token, finishes, ids)
+            best = (cand_scores[:, :beam], cand_row[:, :beam], cand_token[:, :beam])
+            self.record(length, *best, finishes, ids, width)
 
         # The best `beam` candidates that are not EOS live on (there are at least `beam` of 2 * beam).
         live_scores, pick = cand_scores.masked_fill(is_eos, -math.inf).topk(beam, dim=1)
         rows = cand_row.gather(1, pick)  # (n_live, beam) row each new beam extends
         ids = torch.cat([ids[rows.flatten()], cand_token.gather(1, pick).view(-1, 1)], dim=1)
 
-        done = at_max_len | self.cannot_improve(length, live_scores[:, 0])
-        if done.any():
+        done = at_max_len  # None: no sentence is done
+        if self.any_finished:  # before, the bound has nothing to beat
+            cannot_improve = self.cannot_improve(length, live_scores[:, 0], width)
+            done = cannot_improve if done is None else done | cannot_improve
+        if done is not None and done.any():
             keep = (~done).nonzero().squeeze(1)  # live sentences that go on
             live_scores, rows = live_scores[keep], rows[keep]
             ids = ids.view(n_live, beam, length)[keep].view(-1, length)
-            kept_rows = (keep[:, None] * beam + torch.arange(beam, device=self.device)).flatten()
+            # The per-row tensors of a sentence are equal: any of its rows will do for each new beam.
+            kept_rows = (keep[:, None] * width).expand(-1, beam).flatten()
             self.batch.keep(kept_rows, cache_rows=rows.flatten())
+        elif width < beam:
+            self.batch.keep(rows.flatten())  # the first step: beam rows per sentence from now on
         else:
             self.batch.cache.reorder(rows.flatten(), cross_attention=False)
         return live_scores, ids
 
-    def record(self, length, cand_scores, cand_row, cand_token, finishes, ids) -> None:
+    def first_rows(self, n_live: int, width: int) -> Tensor:
+        """(n_live, 1): the batch row of each live sentence's first beam (made once per shape)."""
+        key = (n_live, width)
+        if key not in self._first_rows:
+            first_rows = torch.arange(0, n_live * width, width, device=self.device)
+            self._first_rows[key] = first_rows[:, None]
+        return self._first_rows[key]
+
+    def record(self, length, cand_scores, cand_row, cand_token, finishes, ids, width) -> None:
         """Merge the candidates that finish into each live sentence's n_best finished hypotheses."""
         n_live, n_cand = cand_scores.shape
         normalised = (cand_scores / self.length_penalty_of(length)).masked_fill(
             ~finishes, -math.inf
         )
-        cand_ids = torch.cat([ids[cand_row.flatten()], cand_token.view(-1, 1)], dim=1)
+        cand_ids = torch.cat([ids[cand_row.flatten()], cand_token.reshape(-1, 1)], dim=1)
         cand_ids = F.pad(cand_ids, (0, self.longest - length), value=self.config.pad_id)
-        sentence = self.batch.sentence[:: self.beam_size]  # (n_live,) original index of each
+        sentence = self.batch.sentence[::width]  # (n_live,) original index of each
         all_scores = torch.cat([self.final_scores[sentence], normalised], dim=1)
         all_ids = torch.cat([self.final_ids[sentence], cand_ids.view(n_live, n_cand, -1)], dim=1)
         best_scores, best = all_scores.topk(self.n_best, dim=1)  # sorted, best first
+        self.any_finished = True
         self.final_scores[sentence] = best_scores
         self.final_ids[sentence] = all_ids.gather(1, best[:, :, None].expand(-1, -1, self.longest))
 
-    def cannot_improve(self, length: int, best_live: Tensor) -> Tensor:
+    def cannot_improve(self, length: int, best_live: Tensor, width: int) -> Tensor:
         """(n_live,) True where no live beam can beat the n_best-th finished hypothesis any more.
 
         Log-probabilities only fall as a hypothesis grows, so a live beam's best possible final score is
         its score now over the largest length penalty it can still reach (the penalty is monotonic in
         the length, so that is at the next length or at max_len)."""
-        sentence = self.batch.sentence[:: self.beam_size]
-        max_lens = self.batch.max_lens[:: self.beam_size]
+        sentence = self.batch.sentence[::width]
+        max_lens = self.batch.max_lens[::width]
         largest_penalty = torch.maximum(
             torch.as_tensor(self.length_penalty_of(length + 1), device=self.device),
             self.length_penalty_of(max_lens.float()),
