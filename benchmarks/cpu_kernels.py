@@ -2,9 +2,11 @@
 
 linear: ``F.linear`` (MKL's sgemm for fp32) against ``qkv.kernels.linear`` (oneDNN), inference, fp32 and
 bf16, at the shapes of decoding and of a training batch; and ``qkv.kernels.linear`` inside a
-``frozen_weights`` block (oneDNN's packed weights), as in every step of a search. topk: ``torch.topk``
+``frozen_weights`` block (oneDNN's packed weights), as in every step of a search; and the FFN's first
+product with its ReLU, separate against fused (``qkv.kernels.linear_relu``). topk: ``torch.topk``
 against ``qkv.kernels.topk`` at the shape of a beam search's step (32 sentences x 5 beams x 8000 or
-32000 words, k = 10). dropout: ``F.dropout`` against ``qkv.kernels.dropout``, forward and backward, in
+32000 words, k = 10), and with each beam's score added to its row on the way (against adding it to
+every element first); argmax: ``Tensor.argmax`` against ``qkv.kernels.argmax`` (greedy search). dropout: ``F.dropout`` against ``qkv.kernels.dropout``, forward and backward, in
 bf16 and fp32. Each figure is the median of --repeats timed calls after warm-up; the two sides alternate
 call by call so that they share the machine's state.
 
@@ -79,6 +81,38 @@ def bench_linear(repeats: int, dtype: torch.dtype) -> None:
     print()
 
 
+def relu_of_linear(x, weight, bias):
+    return torch.relu(kernels.linear(x, weight, bias))
+
+
+def bench_linear_relu(repeats: int) -> None:
+    print("| ReLU(x W^T + b), fp32 inference, frozen | linear, then relu (ms) | linear_relu (ms) |")
+    print("|---|---|---|")
+    for rows, d_in, d_out in [(160, 256, 1024), (512, 256, 1024), (160, 512, 2048)]:
+        x, weight, bias = (torch.randn(*shape) for shape in [(rows, d_in), (d_out, d_in), (d_out,)])
+        prepared: dict = {}
+        with torch.inference_mode():
+            median = interleaved_median_seconds(
+                {
+                    "separate": partial(in_frozen_block, prepared, relu_of_linear, x, weight, bias),
+                    "fused": partial(
+                        in_frozen_block, prepared, kernels.linear_relu, x, weight, bias
+                    ),
+                },
+                repeats,
+            )
+        separate_ms, fused_ms = median["separate"] * 1e3, median["fused"] * 1e3
+        print(
+            f"| ({rows} x {d_in}) @ ({d_in} x {d_out}) | {separate_ms:.3f} | "
+            f"{fused_ms:.3f} ({separate_ms / fused_ms:.2f}x) |"
+        )
+    print()
+
+
+def topk_of_sums(x, offsets, k, rows_per_group):
+    return (x + offsets[:, None]).view(-1, rows_per_group * x.size(1)).topk(k, dim=1)
+
+
 def forward_backward(dropout, x, grad) -> None:
     dropout(x, 0.3).backward(grad)
 
@@ -116,6 +150,31 @@ def bench_topk(repeats: int) -> None:
             f"| ({rows} x {length}) | {median['torch'] * 1e3:.3f} | {median['qkv'] * 1e3:.3f} | "
             f"{median['torch'] / median['qkv']:.2f}x |"
         )
+    # A beam search step: 32 sentences x 5 beams, each beam's log-probabilities plus its score.
+    x, offsets = torch.randn(160, 8000).log_softmax(dim=1), -10 * torch.rand(160)
+    median = interleaved_median_seconds(
+        {
+            "torch": partial(topk_of_sums, x, offsets, 10, 5),
+            "qkv": partial(kernels.topk, x, 10, offsets, 5),
+        },
+        repeats,
+    )
+    print(
+        f"| (160 x 8000) + beam scores, 32 groups of 5 rows | {median['torch'] * 1e3:.3f} | "
+        f"{median['qkv'] * 1e3:.3f} | {median['torch'] / median['qkv']:.2f}x |"
+    )
+    print()
+    print("| argmax | Tensor.argmax (ms) | qkv argmax (ms) | speed-up |")
+    print("|---|---|---|---|")
+    for rows in (1, 32):
+        x = torch.randn(rows, 8000).log_softmax(dim=1)
+        median = interleaved_median_seconds(
+            {"torch": partial(torch.argmax, x, 1), "qkv": partial(kernels.argmax, x)}, repeats
+        )
+        print(
+            f"| ({rows} x 8000) | {median['torch'] * 1e3:.3f} | {median['qkv'] * 1e3:.3f} | "
+            f"{median['torch'] / median['qkv']:.2f}x |"
+        )
     print()
 
 
@@ -129,6 +188,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     bench_linear(args.repeats, torch.float32)
     bench_linear(args.repeats, torch.bfloat16)
+    bench_linear_relu(args.repeats)
     bench_topk(args.repeats)
     bench_dropout(args.repeats)
 

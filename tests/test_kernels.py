@@ -296,6 +296,12 @@ def test_topk_of_offset_rows_in_groups_equals_torch_topk_of_the_sums(
     assert torch.equal(indices, expected_indices)
 
 
+@pytest.mark.parametrize("rows", [1, kernels.ARGMAX_MIN_ROWS, 40])
+def test_argmax_equals_torch_argmax(rows):
+    x = torch.randn(rows, 8000, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(kernels.argmax(x), x.argmax(dim=1))
+
+
 def test_topk_with_ties_returns_the_tied_values_at_valid_indices():
     x = torch.zeros(4, 8000)
     x[:, 100:105] = 1.0

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qkv.kernels import frozen_weights, topk
+from qkv.kernels import argmax, frozen_weights, topk
 from qkv.model import Transformer
 
 LENGTH_PENALTY_STYLES = ("gnmt", "fairseq")
@@ -166,7 +166,7 @@ def greedy_search(
     src_ids (batch, src_len) -> ids (batch, out_len) padded with pad_id after EOS, and scores (batch,):
     the sum of the log-probabilities of the ids (EOS included; no length penalty).
     """
-    return _one_best(model, src_ids, lambda log_probs: log_probs.argmax(dim=-1), max_len, min_len)
+    return _one_best(model, src_ids, argmax, max_len, min_len)
 
 
 @_inference
@@ -228,10 +228,12 @@ def _one_best(model, src_ids, choose, max_len, min_len) -> tuple[Tensor, Tensor]
         tokens = choose(log_probs)  # (rows,)
         out[batch.sentence, step] = tokens
         scores[batch.sentence] += log_probs.gather(1, tokens[:, None]).squeeze(1)
-        done = (tokens == config.eos_id) | (batch.max_lens == step + 1)
-        if done.all():
-            break
+        done = tokens == config.eos_id
+        if step + 1 >= batch.shortest_max_len:
+            done |= batch.max_lens == step + 1
         if done.any():
+            if done.all():
+                break
             live = (~done).nonzero().squeeze(1)
             batch.keep(live)
             tokens = tokens.index_select(0, live)
@@ -331,14 +333,12 @@ class _BeamSearch:
         # Every extension of every beam of a sentence competes: its beam's score plus the token's
         # log-probability, width x vocab sums per sentence, of which topk writes only the best.
         n_cand = min(2 * beam, width * vocab)
-        cand_scores, cand_flat = topk(
-            log_probs, n_cand, beam_scores.view(-1), width
-        )  # (n_live, n_cand)
+        # (n_live, n_cand) each, best first; cand_flat indexes the sentence's width x vocab sums.
+        cand_scores, cand_flat = topk(log_probs, n_cand, beam_scores.view(-1), width)
         cand_beam, cand_token = cand_flat // vocab, cand_flat % vocab
         cand_row = self.first_rows(n_live, width) + cand_beam  # row in ids and in the batch
-        at_max_len = (
-            None  # (n_live,) whether no more tokens are allowed, when any sentence is there
-        )
+        # (n_live,) whether no more tokens are allowed; None while no sentence is at its max_len.
+        at_max_len = None
         if length >= self.batch.shortest_max_len:
             at_max_len = self.batch.max_lens[::width] == length
 
