@@ -289,7 +289,7 @@ ARGMAX_MIN_ROWS = 16
 
 def argmax(x: Tensor) -> Tensor:
     """``x.argmax(dim=1)`` for a 2-D x (where values are equal, which index is returned may differ)."""
-    if x.size(0) < ARGMAX_MIN_ROWS:
+    if x.size(0) < ARGMAX_MIN_ROWS or x.device.type != "cpu":
         return x.argmax(dim=1)
     return topk(x, 1)[1][:, 0]
 
