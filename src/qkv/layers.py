@@ -90,6 +90,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation is F.relu:
+            # One call for W_1 and the ReLU (not through linear1's forward, nor its hooks).
             hidden = linear_relu(x, self.linear1.weight, self.linear1.bias)
         else:
             hidden = self.activation(self.linear1(x))
