@@ -294,7 +294,6 @@ class _BeamSearch:
             (n_sentences, n_best, self.longest), self.config.pad_id, device=self.device
         )
         self.any_finished = False  # whether any sentence has a finished hypothesis yet
-        self._first_rows: dict[tuple[int, int], Tensor] = {}
 
     def run(self) -> tuple[Tensor, Tensor]:
         n_sentences, beam = self.final_scores.size(0), self.beam_size
@@ -336,7 +335,8 @@ class _BeamSearch:
         # (n_live, n_cand) each, best first; cand_flat indexes the sentence's width x vocab sums.
         cand_scores, cand_flat = topk(log_probs, n_cand, beam_scores.view(-1), width)
         cand_beam, cand_token = cand_flat // vocab, cand_flat % vocab
-        cand_row = self.first_rows(n_live, width) + cand_beam  # row in ids and in the batch
+        first_rows = torch.arange(0, n_live * width, width, device=self.device)[:, None]
+        cand_row = first_rows + cand_beam  # row in ids and in the batch
         # (n_live,) whether no more tokens are allowed; None while no sentence is at its max_len.
         at_max_len = None
         if length >= self.batch.shortest_max_len:
@@ -373,14 +373,6 @@ class _BeamSearch:
         else:
             self.batch.cache.reorder(rows.flatten(), cross_attention=False)
         return live_scores, ids
-
-    def first_rows(self, n_live: int, width: int) -> Tensor:
-        """(n_live, 1): the batch row of each live sentence's first beam (made once per shape)."""
-        key = (n_live, width)
-        if key not in self._first_rows:
-            first_rows = torch.arange(0, n_live * width, width, device=self.device)
-            self._first_rows[key] = first_rows[:, None]
-        return self._first_rows[key]
 
     def record(self, length, cand_scores, cand_row, cand_token, finishes, ids, width) -> None:
         """Merge the candidates that finish into each live sentence's n_best finished hypotheses."""
