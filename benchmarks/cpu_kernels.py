@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timing import interleaved_median_seconds
 
 from qkv import kernels
+from qkv.hardware import describe_cpu
 
 # (rows, d_in, d_out): decoding the small model at batch 32, beam 5 (160 rows) and a training batch of
 # about 4096 tokens; the last is the base model's FFN.
@@ -51,10 +52,10 @@ def in_frozen_block(prepared: dict, function, *args):
 
 
 def bench_linear(repeats: int, dtype: torch.dtype) -> None:
-    if not kernels.ONEDNN_LINEAR:
-        print("this PyTorch build has no oneDNN linear: qkv.kernels.linear is F.linear here")
-        return
     name = str(dtype).removeprefix("torch.")
+    if not kernels.onednn_linear_works(dtype):
+        print(f"oneDNN has no {name} linear on this CPU: qkv.kernels.linear is F.linear here\n")
+        return
     print(
         f"| linear, {name} inference | F.linear (ms) | qkv linear (ms) | qkv linear, frozen (ms) |"
     )
@@ -185,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(describe_cpu() + "\n")
     bench_linear(args.repeats, torch.float32)
     bench_linear(args.repeats, torch.bfloat16)
     bench_linear_relu(args.repeats)

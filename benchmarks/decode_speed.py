@@ -25,6 +25,7 @@ CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in t
     python benchmarks/decode_speed.py                              # small and base, every cell
     python benchmarks/decode_speed.py --configs small --batches 32 --searches beam
     python benchmarks/decode_speed.py --threads 1       # every system on one thread (a busy machine)
+    python benchmarks/decode_speed.py --as-avx2         # every system as on an AVX2 CPU without bf16
     python benchmarks/decode_speed.py --device cuda --systems qkv qkv-bf16 hf hf-bf16   # on a GPU
 
 Results and what they mean: benchmarks/README.md.
@@ -43,7 +44,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import interleaved_median_seconds, settle_allocator
+from timing import (
+    AS_AVX2,
+    AS_AVX2_HELP,
+    interleaved_median_seconds,
+    run_as_avx2_if_asked,
+    settle_allocator,
+)
 
 CONFIGS = {
     "small": dict(d_model=256, n_heads=4, d_ff=1024, n_layers=3),
@@ -386,6 +393,7 @@ def main() -> None:
             model_dir, compute_type, int(batch), search, int(repeats), int(threads), device
         )
         return
+    run_as_avx2_if_asked()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 1])
@@ -412,6 +420,7 @@ def main() -> None:
         help="leave glibc's allocator as it starts (default: settle it first, so that every system is "
         "timed in the same state whatever ran before it; see timing.settle_allocator)",
     )
+    parser.add_argument(AS_AVX2, action="store_true", help=AS_AVX2_HELP)
     args = parser.parse_args()
     settled = not args.default_allocator and settle_allocator()  # before torch allocates anything
 
@@ -420,6 +429,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from qkv.hardware import describe_cpu
+
+    print(describe_cpu())
     where = f"{torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):
         where = torch.cuda.get_device_name(args.device)

@@ -4,8 +4,30 @@ the import path)."""
 from __future__ import annotations
 
 import ctypes
+import os
 import statistics
+import sys
 import time
+
+AS_AVX2 = "--as-avx2"
+AS_AVX2_HELP = (
+    "run every system as on an AVX2 CPU without bf16 (AMD Zen 3): this script again in a new process "
+    "with qkv.hardware.AVX2_ENVIRONMENT and CT2_FORCE_CPU_ISA=AVX2 set"
+)
+
+
+def run_as_avx2_if_asked() -> None:
+    """With --as-avx2 on the command line: replace this process by the same command with oneDNN, ATen,
+    MKL and CTranslate2 held to AVX2 (they read these variables once, when they start, so the
+    variables must be there before torch is imported). Call it first thing in main."""
+    from qkv.hardware import AVX2_ENVIRONMENT
+
+    limits = {**AVX2_ENVIRONMENT, "CT2_FORCE_CPU_ISA": "AVX2"}
+    if AS_AVX2 not in sys.argv[1:] or all(os.environ.get(k) == v for k, v in limits.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **limits})
+
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

@@ -7,6 +7,7 @@ systems alternate in one process so they share the machine's state; each figure 
 
     python benchmarks/train_throughput.py                 # small and base, fp32 and bf16
     python benchmarks/train_throughput.py --configs small --repeats 5
+    python benchmarks/train_throughput.py --as-avx2 --precisions fp32   # as on an AVX2 CPU
     python benchmarks/train_throughput.py --device cuda --sentences 768 --compile   # on a GPU
 """
 
@@ -19,8 +20,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import AS_AVX2, AS_AVX2_HELP, run_as_avx2_if_asked
 from torch import nn
 
+from qkv.hardware import describe_cpu
 from qkv.layers import sinusoidal_table
 from qkv.model import Transformer, TransformerConfig
 
@@ -148,6 +151,7 @@ def benchmark(config_name: str, precisions: list[str], args) -> list[dict]:
 
 
 def main() -> None:
+    run_as_avx2_if_asked()  # before torch computes anything
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -158,7 +162,9 @@ def main() -> None:
         "--sentences", type=int, default=128, help="sentences per batch, up to 32 tokens each"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(AS_AVX2, action="store_true", help=AS_AVX2_HELP)
     args = parser.parse_args()
+    print(describe_cpu())
     where = f"{torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):
         where = torch.cuda.get_device_name(args.device)

@@ -19,12 +19,20 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def assert_names_the_cpu(stdout: str) -> None:
+    """The first line says what the figures were measured on: the CPU, ATen's capability, bf16."""
+    first = stdout.splitlines()[0]
+    assert first.startswith("CPU: ") and "; ATen capability " in first, first
+    assert "; bf16 native: yes" in first or "; bf16 native: no" in first, first
+
+
 def test_train_throughput_prints_both_systems_and_the_ratio():
     result = run_script(
         "train_throughput.py", "--configs", "small", "--precisions", "fp32",
         "--repeats", "1", "--warmup", "0", "--sentences", "4",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    assert_names_the_cpu(result.stdout)
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("small")]
     assert [row[1] for row in rows] == ["qkv", "nn.Transformer"]
     assert rows[1][-1] == "1.00x"  # the reference against itself
@@ -37,6 +45,7 @@ def decode_rows(*systems: str) -> list[list[str]]:
         "--repeats", "1", "--systems", *systems,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    assert_names_the_cpu(result.stdout)
     lines = [line for line in result.stdout.splitlines() if line.startswith("| small")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 

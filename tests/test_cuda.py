@@ -135,7 +135,7 @@ def test_training_on_cuda_in_bf16_learns_and_resumes_on_cpu(compile_model, run_q
     trained = run_qkv("train", "demo", "--out", out, *(a for o in overrides for a in ("--set", o)))
     assert trained.returncode == 0, trained.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "split" not in r]
+    losses = [r["loss"] for r in records if "split" not in r and "event" not in r]
     assert losses[-1] < 0.7 * losses[0]
     cpu = run_qkv("translate", out, "--device", "cpu", input="one two three\n", env=qkv_env())
     assert cpu.returncode == 0 and len(cpu.stdout.splitlines()) == 1, cpu.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from conftest import qkv_env
 from qkv import kernels
 from qkv.attention import MultiHeadAttention
+from qkv.hardware import AVX2_ENVIRONMENT
 from qkv.kernels import Dropout, Linear, dropout, frozen_cache, frozen_weights, linear, uses_onednn
 
 
@@ -32,20 +34,112 @@ def test_linear_equals_a_float64_reference_at_fp32_precision():
                 torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-4)
 
 
-@pytest.mark.skipif(not kernels.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
-def test_linear_takes_onednn_for_fp32_on_cpu_outside_autocast_and_bf16_without_gradients():
+ONEDNN_BF16 = "oneDNN computes no bf16 on this CPU (it needs AVX-512 or AVX-NE-CONVERT)"
+needs_onednn = pytest.mark.skipif(
+    not kernels.onednn_linear_works(torch.float32), reason="this PyTorch has no oneDNN linear"
+)
+needs_onednn_bf16 = pytest.mark.skipif(
+    not kernels.onednn_linear_works(torch.bfloat16), reason=ONEDNN_BF16
+)
+
+
+@needs_onednn
+def test_linear_takes_onednn_for_fp32_on_cpu_outside_autocast():
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
     assert uses_onednn(x, weight)
     assert uses_onednn(x, weight.requires_grad_())
     assert not uses_onednn(x.double(), weight.double())
-    x_bf16, weight_bf16 = x.bfloat16(), weight.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_onednn(x, weight)
+        assert linear(x, weight).dtype == torch.bfloat16  # autocast still applies
+
+
+@needs_onednn_bf16
+def test_linear_takes_onednn_for_bf16_without_gradients():
+    x_bf16, weight_bf16 = torch.randn(3, 8).bfloat16(), torch.randn(5, 8).bfloat16()
     assert uses_onednn(x_bf16, weight_bf16)
     assert not uses_onednn(x_bf16, weight_bf16.requires_grad_())  # bf16 training: PyTorch's own
     with torch.no_grad():
         assert uses_onednn(x_bf16, weight_bf16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not uses_onednn(x, weight)
-        assert linear(x, weight).dtype == torch.bfloat16  # autocast still applies
+
+
+@pytest.fixture
+def onednn_without_bf16(monkeypatch):
+    """oneDNN as on a CPU without bf16 instructions (AMD Zen 3): its bf16 linear maps raise the error
+    they raise there. The capability checks run anew, inside and after the test."""
+    real = torch.ops.mkldnn._linear_pointwise
+    real_reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def linear_pointwise(x, weight, *args):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError(
+                "could not create a primitive descriptor for the inner product forward "
+                "propagation primitive"
+            )
+        return real(x, weight, *args)
+
+    def reorder(weight, *args):
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support")
+        return real_reorder(weight, *args)
+
+    clear = (kernels.onednn_linear_works.cache_clear, kernels.packing_works.cache_clear)
+    for function in clear:
+        function()
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", linear_pointwise)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", reorder)
+    yield
+    monkeypatch.undo()
+    for function in clear:
+        function()
+
+
+def test_where_onednn_cannot_compute_bf16_pytorch_computes_it_with_the_same_results(
+    onednn_without_bf16,
+):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(32, 1, 64), torch.randn(100, 64), torch.randn(100)
+    x, weight, bias = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    assert not kernels.onednn_linear_works(torch.bfloat16)
+    assert not kernels.packing_works(torch.bfloat16)
+    assert kernels.onednn_linear_works(torch.float32) == kernels.FAST  # fp32 is unaffected
+    assert not uses_onednn(x, weight)
+    expected = F.linear(x, weight, bias)
+    prepared: dict = {}
+    with torch.inference_mode(), frozen_weights(prepared):
+        for _ in range(3):
+            assert torch.equal(linear(x, weight, bias), expected)
+            assert torch.equal(kernels.linear_relu(x, weight, bias), expected.relu())
+    assert all(entry[1] is None for entry in prepared.values())  # nothing packed
+    layer = Linear(64, 100).bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 settings")
+def test_the_avx2_settings_take_an_x86_cpu_to_the_paths_of_one_without_bf16():
+    """qkv.hardware.AVX2_ENVIRONMENT makes this CPU behave as an AVX2 CPU without bf16 (AMD Zen 3) for
+    every path qkv takes, whatever it has: so every machine proves the fallback on real oneDNN."""
+    code = (
+        "import torch, torch.nn.functional as F; from qkv import hardware, kernels; "
+        "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'; "
+        "assert not hardware.cpu_bf16_native(); "
+        "assert hardware.resolve_precision('auto', 'cpu') == 'fp32'; "
+        "assert not kernels.onednn_linear_works(torch.bfloat16); "
+        "assert not kernels.packing_works(torch.bfloat16); "
+        "x, w = torch.randn(8, 16).bfloat16(), torch.randn(4, 16).bfloat16(); "
+        "assert torch.equal(kernels.linear(x, w), F.linear(x, w)); "
+        "assert torch.equal(kernels.linear_relu(x, w), F.linear(x, w).relu()); "
+        "print('fp32 oneDNN:', kernels.onednn_linear_works(torch.float32))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=qkv_env(**AVX2_ENVIRONMENT),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "fp32 oneDNN: True"
 
 
 def test_linear_gradients_equal_f_linear_gradients():
@@ -146,18 +240,30 @@ def test_dropout_edge_cases():
 def test_environment_variable_turns_the_fast_kernels_off():
     code = (
         "import torch; from qkv import kernels; "
-        "assert not kernels.FAST and not kernels.ONEDNN_LINEAR; "
+        "assert not kernels.FAST and not kernels.onednn_linear_works(torch.float32); "
         "x = torch.ones(1000); torch.manual_seed(0); a = kernels.dropout(x, 0.5); "
         "torch.manual_seed(0); b = torch.nn.functional.dropout(x, 0.5); assert torch.equal(a, b)"
     )
     subprocess.run([sys.executable, "-c", code], env=qkv_env(QKV_FAST_KERNELS="0"), check=True)
 
 
-needs_packing = pytest.mark.skipif(not kernels.PACKED_WEIGHTS, reason="no packed oneDNN weights")
+needs_packing = pytest.mark.skipif(
+    not kernels.packing_works(torch.float32), reason="no packed oneDNN weights"
+)
 
 
-@needs_packing
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def packable(dtype: torch.dtype):
+    """`dtype` as a parameter, skipped where oneDNN cannot pack weights of it."""
+    return pytest.param(
+        dtype,
+        marks=pytest.mark.skipif(
+            not kernels.packing_works(dtype),
+            reason=ONEDNN_BF16 if dtype == torch.bfloat16 else "no packed oneDNN weights",
+        ),
+    )
+
+
+@pytest.mark.parametrize("dtype", [packable(torch.float32), packable(torch.bfloat16)])
 def test_frozen_weights_are_packed_at_their_second_use_with_the_same_results(dtype):
     torch.manual_seed(0)
     x, weight, bias = (torch.randn(*shape).to(dtype) for shape in [(32, 1, 64), (100, 64), (100,)])
@@ -217,8 +323,7 @@ def test_a_dictionary_passed_to_frozen_blocks_keeps_the_packed_weights_between_t
     assert frozen_cache() is None
 
 
-@needs_packing
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [packable(torch.float32), packable(torch.bfloat16)])
 def test_kept_weights_are_packed_for_products_of_any_number_of_rows(dtype):
     """Within one search a product of a few rows does not repay the packing; over the many searches of
     a caller that keeps the prepared weights it does (batch 1: 1 row greedy, 5 rows beam 5)."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import qkv_env
+from qkv import hardware
 from qkv.checkpoint import load_checkpoint
 from qkv.config import load_config
 from qkv.errors import QkvError
@@ -53,6 +54,7 @@ def tiny_config(prepared, *overrides):
             "train.log_every=2",
             "train.threads=1",
             "train.device='cpu'",  # bitwise-exact resume: CUDA's embedding backward is not deterministic
+            "train.precision='fp32'",  # the same arithmetic on every CPU ('auto' has its own test)
             "eval.every_steps=6",
             "eval.max_sentences=8",
             *overrides,
@@ -211,15 +213,54 @@ def test_a_run_writes_everything_a_user_needs(prepared, tmp_path):
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in step_checkpoints(run_dir)] == ["checkpoint_8.pt", "checkpoint_12.pt"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_records = [r for r in records if "split" not in r]
+    train_records = [r for r in records if "split" not in r and "event" not in r]
     valid_records = [r for r in records if r.get("split") == "valid"]
     assert [r["step"] for r in valid_records] == [6, 12]
     assert {"loss", "lr", "tokens_per_second", "epoch"} <= train_records[-1].keys()
     assert {"loss", "ppl", "bleu"} <= valid_records[-1].keys()
+    assert records[0]["event"] == "start" and records[0]["step"] == 0
+    assert records[0]["precision"] == records[0]["precision_asked"] == "fp32"
+    assert records[0]["device"] == "cpu" and "ATen capability" in records[0]["hardware"]
     last = load_checkpoint(run_dir / "last.pt")
     assert last["step"] == 12 and {"optimizer", "progress", "rng"} <= last.keys()
+    assert last["precision"] == load_checkpoint(run_dir / "best.pt")["precision"] == "fp32"
     assert last["meta"] == {"dataset": "synthetic", "src_lang": "words", "tgt_lang": "iso"}
     assert load_config(run_dir / "config.toml") == tiny_config(prepared)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_trains_in_bf16_only_where_the_cpu_computes_it(
+    prepared, tmp_path, monkeypatch, native
+):
+    monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: native)
+    lines = []
+    config = tiny_config(prepared, "train.precision='auto'", "train.max_steps=2")
+    train(config, tmp_path, log=lines.append)
+    expected = "bf16" if native else "fp32"
+    assert any(f"precision {expected} (auto: " in line for line in lines)
+    start = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert (start["event"], start["precision"], start["precision_asked"]) == (
+        "start",
+        expected,
+        "auto",
+    )
+    assert load_checkpoint(tmp_path / "last.pt")["precision"] == expected
+    assert load_config(tmp_path / "config.toml").train.precision == "auto"  # as asked
+
+
+def test_bf16_on_a_cpu_without_it_warns_once_and_trains(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(hardware, "_warned", set())
+    lines = []
+    train(
+        tiny_config(prepared, "train.precision='bf16'", "train.max_steps=2"),
+        tmp_path,
+        log=lines.append,
+    )
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no bf16 instructions" in warnings[0]
+    assert "many times slower than fp32" in warnings[0]
+    assert load_checkpoint(tmp_path / "last.pt")["precision"] == "bf16"
 
 
 def test_the_end_of_a_run_is_always_validated(prepared, tmp_path):
@@ -370,7 +411,7 @@ def test_cli_rejects_unknown_keys_without_traceback(run_qkv, tmp_path):
 def test_learning_rate_in_metrics_follows_the_schedule(prepared, tmp_path):
     train(tiny_config(prepared, "train.max_steps=6", "train.log_every=1"), tmp_path, log=print)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    for record in (r for r in records if "split" not in r):
+    for record in (r for r in records if "split" not in r and "event" not in r):
         expected = learning_rate(record["step"], "noam", 1.0, 64, 10)
         assert math.isclose(record["lr"], expected, rel_tol=1e-9)
     assert os.path.getsize(tmp_path / "last.pt") > 0

@@ -1,5 +1,6 @@
 """Translating text: the Python API (`qkv.load`), `qkv translate`, and batching that keeps input order."""
 
+import platform
 import subprocess
 import sys
 
@@ -8,6 +9,8 @@ import torch
 
 import qkv
 from conftest import qkv_env
+from qkv import hardware
+from qkv.hardware import AVX2_ENVIRONMENT
 from qkv.translate import Translator, token_batches
 from toy_task import reverse
 
@@ -41,9 +44,30 @@ def test_batching_keeps_input_order_and_empty_lines(translator):
     assert sum(out == reverse(line) for out, line in zip(together, LINES, strict=True)) >= 6
 
 
-def test_bf16_translates_too(toy_run):
-    out = qkv.load(toy_run, precision="bf16").translate(["a b c"], beam=2)
-    assert out == ["c b a"]
+def test_bf16_translates_too_and_warns_where_the_cpu_lacks_it(toy_run, monkeypatch):
+    monkeypatch.setattr(hardware, "_warned", set())
+    messages = []
+    translator = qkv.load(toy_run, precision="bf16", warn=messages.append)
+    assert translator.precision == "bf16"
+    assert translator.translate(["a b c"], beam=2) == ["c b a"]
+    assert len(messages) == (0 if hardware.cpu_bf16_native() else 1)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 settings")
+def test_bf16_on_a_cpu_without_it_warns_once_and_translates_and_auto_takes_fp32(toy_run, run_qkv):
+    """Under qkv.hardware.AVX2_ENVIRONMENT this CPU behaves as an AMD Zen 3 (no bf16 instructions),
+    where `--precision bf16` once crashed inside oneDNN."""
+    env = qkv_env(**AVX2_ENVIRONMENT)
+    explicit = run_qkv("translate", toy_run, "--precision", "bf16", input="a b c\nj a\n", env=env)
+    assert explicit.returncode == 0, explicit.stderr
+    assert explicit.stdout == "c b a\na j\n"
+    warnings = [line for line in explicit.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "no bf16 instructions" in warnings[0], explicit.stderr
+    assert "qkv: precision bf16\n" in explicit.stderr
+    auto = run_qkv("translate", toy_run, input="a b c\n", env=env)
+    assert auto.returncode == 0 and auto.stdout == "c b a\n", auto.stderr
+    assert "qkv: precision fp32 (auto: no native bf16 on cpu)" in auto.stderr
+    assert "warning" not in auto.stderr
 
 
 def test_prepared_weights_are_kept_across_calls_and_dropped_when_the_model_changes(toy_run):

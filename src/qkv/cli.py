@@ -308,9 +308,11 @@ def _add_search_options(parser) -> None:
     model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     model.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
-        default="fp32",
-        help="bf16 decodes 1.1-1.6x faster on CPUs with bf16 instructions (default fp32)",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 where the device computes it natively (a CPU with AVX512_BF16, AMX or Arm "
+        "BF16; a recent GPU), else fp32. bf16 decodes 1.1-1.6x faster there, and many times "
+        "slower on CPUs without it (default auto)",
     )
     model.add_argument(
         "--threads",
@@ -344,9 +346,19 @@ def _load_translator(args):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    return qkv.load(
-        args.model, tokenizer=args.tokenizer, device=args.device, precision=args.precision
+    from qkv.hardware import precision_note
+
+    translator = qkv.load(
+        args.model,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        precision=args.precision,
+        warn=_warner("--precision"),
     )
+    if not args.quiet:
+        note = precision_note(args.precision, translator.precision, args.device)
+        print(f"qkv: {note}", file=sys.stderr)
+    return translator
 
 
 def _warner(source_name: str):

@@ -89,7 +89,9 @@ class TrainSection:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     clip_norm: float = 0.0  # 0 = no clipping
-    precision: str = "fp32"  # 'fp32' | 'bf16'
+    # 'auto' | 'fp32' | 'bf16' (autocast). auto: bf16 where the device computes it natively, else
+    # fp32 (qkv.hardware); bf16 on a CPU without bf16 instructions trains ~20x slower than fp32.
+    precision: str = "auto"
     compile: bool = False
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
     threads: int = 0  # CPU threads for torch; 0 = torch's default

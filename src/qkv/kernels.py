@@ -4,9 +4,17 @@ prepared once for many products.
 
 Same results (up to summation order for `linear`, a different draw of random numbers for `dropout`, and
 which of equal values comes first for `topk`),
-measured faster on this project's machine (AMD EPYC, Zen 5, AVX-512) by ``benchmarks/cpu_kernels.py``.
-Everything else, and every other device, calls PyTorch's own function. Set ``QKV_FAST_KERNELS=0`` in the
-environment before importing qkv to call PyTorch's functions everywhere.
+measured faster by ``benchmarks/cpu_kernels.py`` on this project's machine (AMD EPYC, Zen 5, AVX-512
+with bf16) and with its libraries held to AVX2 (`qkv.hardware.AVX2_ENVIRONMENT`, as on a Zen 3): there
+every kernel below was faster too, fp32 linear 1.03-1.55x (packed: 1.21-2.18x), topk 3.2-3.6x, argmax
+of 32 rows 1.67x, dropout 2.9-4.0x. Everything else, and every other device, calls PyTorch's own
+function. Set ``QKV_FAST_KERNELS=0`` in the environment before importing qkv to call PyTorch's
+functions everywhere.
+
+Nothing here assumes an instruction set: each oneDNN path is tried once per dtype, at its first use
+(`onednn_linear_works`, `packing_works`), and where it fails or computes differently (bf16 on a CPU
+without AVX-512 or AVX-NE-CONVERT, a build of PyTorch without oneDNN) PyTorch's own function runs
+instead, with the same results.
 
 **linear.** PyTorch computes fp32 matrix products on the CPU with MKL's sgemm, which is known to take
 slower code paths on processors that are not Intel's; on Zen 5 it ran at half the speed of oneDNN, the
@@ -57,28 +65,36 @@ from torch import Tensor, nn
 FAST = os.environ.get("QKV_FAST_KERNELS", "1") != "0"
 
 
-def _onednn_linear_works() -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
+def _probe(dtype: torch.dtype, packed: bool) -> bool:
+    """Whether oneDNN's linear map, plain and with its ReLU post-op, with the weight as it is or packed,
+    computes (x W^T + b) in `dtype` here, exactly as F.linear does on small integers."""
+    x = torch.arange(-6, 6, dtype=torch.float32).view(3, 4)
+    weight = torch.arange(-10, 10, dtype=torch.float32).view(5, 4) % 7 - 3
+    bias = torch.arange(5, dtype=torch.float32) - 2
+    expected = F.linear(x, weight, bias)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     try:
-        out = torch.ops.mkldnn._linear_pointwise(
-            torch.ones(2, 3), torch.ones(4, 3), None, "none", [], ""
-        )
-    except (AttributeError, RuntimeError):  # a build or a version of PyTorch without it
+        if packed:
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+        out = _onednn_linear(x, weight, bias)
+        out_relu = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+    except (AttributeError, RuntimeError):  # a build without it; a CPU or dtype oneDNN cannot do
         return False
-    return out.shape == (2, 4) and bool((out == 3).all())
+    return torch.equal(out.float(), expected) and torch.equal(out_relu.float(), expected.relu())
 
 
-ONEDNN_LINEAR = FAST and _onednn_linear_works()
+@functools.cache
+def onednn_linear_works(dtype: torch.dtype) -> bool:
+    """Whether `linear` may take oneDNN's kernel for `dtype` on this CPU: checked once, at first use.
+    bf16 needs instructions that an AVX2 CPU lacks (oneDNN: "could not create a primitive descriptor
+    for the inner product forward propagation primitive"); there PyTorch's own function runs."""
+    return FAST and torch.backends.mkldnn.is_available() and _probe(dtype, packed=False)
 
 
-def _packing_works() -> bool:
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 3))
-        out = _onednn_linear(torch.ones(2, 3), packed, None)
-    except (AttributeError, RuntimeError):
-        return False
-    return out.shape == (2, 4) and bool((out == 3).all())
+@functools.cache
+def packing_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed weights work for `dtype` on this CPU: checked once, at first use."""
+    return onednn_linear_works(dtype) and _probe(dtype, packed=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,7 +156,7 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
     unless the caller keeps the prepared weights."""
     cache = _FROZEN.get()
     min_rows = 1 if _KEPT.get() else PACK_MIN_ROWS
-    if cache is None or not PACKED_WEIGHTS or rows < min_rows:
+    if cache is None or rows < min_rows or not packing_works(weight.dtype):
         return weight
     key = ("onednn", id(weight))
     entry = cache.get(key)
@@ -156,15 +172,15 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether `linear(x, weight, ...)` takes oneDNN's kernel: fp32 on the CPU, and bf16 as well where
     no gradient is wanted (there PyTorch's own bf16 path is oneDNN already, minus the packed weights)."""
     if not (
-        ONEDNN_LINEAR
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and not torch.is_autocast_enabled("cpu")  # autocast would run it in bf16
         and not torch.compiler.is_compiling()  # let the compiler choose its own kernels
+        and x.dtype == weight.dtype
     ):
         return False
-    if x.dtype == weight.dtype == torch.float32:
-        return True
-    return x.dtype == weight.dtype == torch.bfloat16 and not _wants_grad(x, weight)
+    if x.dtype == torch.float32:
+        return onednn_linear_works(x.dtype)
+    return x.dtype == torch.bfloat16 and not _wants_grad(x, weight) and onednn_linear_works(x.dtype)
 
 
 def _wants_grad(*tensors: Tensor | None) -> bool:
@@ -173,9 +189,6 @@ def _wants_grad(*tensors: Tensor | None) -> bool:
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-PACKED_WEIGHTS = ONEDNN_LINEAR and _packing_works()
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -32,6 +32,7 @@ from qkv.checkpoint import (
 from qkv.config import Config, dump_toml
 from qkv.data import EncodedSplit, TokenBatchSampler
 from qkv.errors import QkvError
+from qkv.hardware import describe_cpu, precision_note, resolve_precision
 from qkv.loss import label_smoothed_loss
 from qkv.model import Transformer
 from qkv.translate import Translator
@@ -165,6 +166,10 @@ class Trainer:
         self.log = log if dist_info.is_main else (lambda *a, **k: None)
         self.progress = Progress()
         train = config.train
+        # 'fp32' or 'bf16': what train.precision ('auto' too) means on this device.
+        self.precision = resolve_precision(
+            train.precision, dist_info.device, warn=lambda message: self.log(f"warning: {message}")
+        )
         tokenizer = data.tokenizer
         self.model_config = config.model_config(
             tokenizer.vocab_size,
@@ -257,7 +262,7 @@ class Trainer:
     # -- one update -----------------------------------------------------------------------------
 
     def autocast(self):
-        enabled = self.config.train.precision == "bf16"
+        enabled = self.precision == "bf16"
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def update(self, batches: list) -> dict | None:
@@ -390,6 +395,25 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
 
+    def record_start(self) -> None:
+        """A line in metrics.jsonl for each start of the run (the first line of a new one): the
+        precision it trains in, on what device and CPU, from which step."""
+        if self.metrics is None:
+            return
+        device = self.dist.device
+        self.metrics.write(
+            {
+                "event": "start",
+                "step": self.progress.step,
+                "precision": self.precision,
+                "precision_asked": self.config.train.precision,
+                "device": str(device),
+                "hardware": (
+                    describe_cpu() if device.type == "cpu" else torch.cuda.get_device_name(device)
+                ),
+            }
+        )
+
     def after_update(self, window: RunningWindow) -> None:
         step = self.progress.step
         train, evaluation = self.config.train, self.config.eval
@@ -447,6 +471,7 @@ class Trainer:
             "step": self.progress.step,
             "meta": run_meta(self.data),
             "config": self.config.to_dict(),
+            "precision": self.precision,
         }
         if with_training_state:
             extra.update(
@@ -669,9 +694,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
     if resume and not trainer.resume():
         log(f"no checkpoint to resume in {run_dir}: starting from scratch")
     trainer.wrap_model()
+    trainer.record_start()
     log(
         f"training {trainer.model.num_parameters():,} parameters on {dist_info.device}"
         + (f" x {dist_info.world_size} processes" if dist_info.world_size > 1 else "")
+        + f", {precision_note(config.train.precision, trainer.precision, dist_info.device)}"
         + f"; {len(data.train):,} training pairs, {len(data.val):,} validation pairs"
     )
     return trainer.run()

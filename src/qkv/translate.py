@@ -20,12 +20,11 @@ import torch
 
 from qkv.checkpoint import TOKENIZER, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from qkv.errors import QkvError
+from qkv.hardware import DTYPES, resolve_precision
 from qkv.kernels import frozen_weights
 from qkv.model import Transformer
 from qkv.search import beam_search, greedy_search, length_penalty_factor
 from qkv.tokenizer import Tokenizer
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -43,7 +42,11 @@ class Translator:
 
     On the CPU it keeps the weights it prepared for decoding (oneDNN's packed copy of each matrix: as
     much memory again as the model's weights) from one call to the next, and prepares them anew when
-    a parameter of `model` changes."""
+    a parameter of `model` changes.
+
+    precision: 'fp32', 'bf16', or 'auto' (bf16 where the device computes it natively, see
+    `qkv.hardware`); the one chosen is `self.precision`. bf16 on a device without bf16 arithmetic
+    warns once (through `warn`, default `warnings.warn`) and runs, many times slower."""
 
     def __init__(
         self,
@@ -52,10 +55,10 @@ class Translator:
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         meta: dict | None = None,
+        warn: Callable[[str], None] | None = None,
     ):
-        if precision not in PRECISIONS:
-            raise QkvError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        self.model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
+        self.precision = resolve_precision(precision, device, warn)
+        self.model = model.to(device=device, dtype=DTYPES[self.precision]).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.meta = meta or {}  # what training recorded: dataset, src_lang, tgt_lang
@@ -70,9 +73,10 @@ class Translator:
         tokenizer: str | Path | None = None,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        warn: Callable[[str], None] | None = None,
     ) -> Translator:
         """The model of a run directory (its best.pt, else last.pt) or of a checkpoint file, with the
-        tokenizer.model beside it (or `tokenizer`, a path)."""
+        tokenizer.model beside it (or `tokenizer`, a path). precision and warn: as for the class."""
         checkpoint_path = resolve_checkpoint(path)
         checkpoint = load_checkpoint(checkpoint_path, map_location=device)
         model = model_from_checkpoint(checkpoint, checkpoint_path)
@@ -83,7 +87,7 @@ class Translator:
                 "(--tokenizer on the command line)"
             )
         meta = checkpoint.get("meta") or {}
-        return cls(model, Tokenizer.load(tokenizer_path), device, precision, meta)
+        return cls(model, Tokenizer.load(tokenizer_path), device, precision, meta, warn)
 
     def translate(self, sentences: Sequence[str], beam: int = 5, **options) -> list[str]:
         """The best translation of each sentence, in input order. Options as `hypotheses`."""
