@@ -142,7 +142,10 @@ def test_the_avx2_settings_take_an_x86_cpu_to_the_paths_of_one_without_bf16():
     assert result.stdout.strip() == "fp32 oneDNN: True"
 
 
-def test_linear_gradients_equal_f_linear_gradients():
+@pytest.mark.parametrize("weight_gradient_onednn", [True, False])
+def test_linear_gradients_equal_f_linear_gradients(monkeypatch, weight_gradient_onednn):
+    """Both ways to the weight gradient (oneDNN on AVX-512, mm elsewhere), on every CPU."""
+    monkeypatch.setattr(kernels, "WEIGHT_GRADIENT_ONEDNN", weight_gradient_onednn)
     torch.manual_seed(0)
     weight = torch.randn(40, 24, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
@@ -223,6 +226,20 @@ def test_dropout_keeps_dtype_and_shape_and_passes_gradients_through_kept_element
         assert out.dtype == dtype and out.shape == x.shape
         out.sum().backward()
         torch.testing.assert_close(x.grad, (out != 0).to(dtype) / 0.7, rtol=1e-2, atol=0)
+
+
+def test_dropout_in_fp32_is_the_product_with_a_mask_of_the_draws():
+    x = torch.randn(64, 1000, requires_grad=True)
+    torch.manual_seed(1)
+    out = dropout(x, 0.3)
+    torch.manual_seed(1)
+    draws = torch.randint(-(2**63), 2**63 - 1, (64 * 1000 // 4,), dtype=torch.int64)
+    dropped_levels = round(0.3 * 65536)
+    keep = draws.view(torch.int16).view(64, 1000) >= dropped_levels - 32768
+    scale = 65536 / (65536 - dropped_levels)
+    assert torch.equal(out, x.detach().mul(keep).mul_(scale))
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, keep.float() * scale)
 
 
 def test_dropout_edge_cases():

@@ -191,10 +191,28 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+# The weight gradient g^T x as oneDNN's linear(g^T, x^T) must copy both operands transposed first;
+# PyTorch's mm (MKL) reads them transposed where they are. Training shapes of the small model (4096
+# tokens), two threads, ms, oneDNN against mm (`benchmarks/cpu_kernels.py`):
+#                       d_in x d_out:  256 x 8000   256 x 1024   1024 x 256   256 x 768   256 x 256
+#   AVX-512 (Zen 5)                     123 / 81     9.3 / 11.5   9.0 / 12.7   7.5 / 8.4   2.6 / 3.0
+#   AVX2 (AVX2_ENVIRONMENT on Zen 5)    155 / 81    13.1 / 11.0  13.1 / 12.5   9.6 / 8.0   3.3 / 2.9
+# So mm, except for gradients under 32 MB (copies that stay in cache) where ATen runs AVX-512 code.
+WEIGHT_GRADIENT_ONEDNN = torch.backends.cpu.get_cpu_capability() == "AVX512"
+WEIGHT_GRADIENT_ONEDNN_MAX = 8 << 20  # elements of g
+
+
+def _weight_gradient(grad_2d: Tensor, x_2d: Tensor) -> Tensor:
+    """dL/dW = g^T x: grad_2d (tokens, d_out), x_2d (tokens, d_in) -> (d_out, d_in)."""
+    if WEIGHT_GRADIENT_ONEDNN and grad_2d.numel() < WEIGHT_GRADIENT_ONEDNN_MAX:
+        return _onednn_linear(grad_2d.t(), x_2d.t(), None)
+    return grad_2d.t().mm(x_2d)
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with oneDNN's kernel forwards and backwards (autograd does not know the operator).
 
-    dL/dx = g W and dL/dW = g^T x are linear maps too: ``linear(g, W^T)`` and ``linear(g^T, x^T)``."""
+    dL/dx = g W is a linear map too, ``linear(g, W^T)``; dL/dW = g^T x is `_weight_gradient`."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -210,7 +228,7 @@ class _OneDNNLinear(torch.autograd.Function):
             grad_x = _onednn_linear(grad, weight.t(), None)
         grad_2d = grad.reshape(-1, grad.size(-1))  # (tokens, d_out)
         if ctx.needs_input_grad[1]:
-            grad_weight = _onednn_linear(grad_2d.t(), x.reshape(-1, x.size(-1)).t(), None)
+            grad_weight = _weight_gradient(grad_2d, x.reshape(-1, x.size(-1)))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(dim=0)
         return grad_x, grad_weight, grad_bias
@@ -347,7 +365,14 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
     bits = draws.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
     keep = bits >= dropped_levels - _LEVELS // 2
-    return x.mul(keep).mul_(_LEVELS / (_LEVELS - dropped_levels))
+    scale = _LEVELS / (_LEVELS - dropped_levels)
+    if x.dtype == torch.float32:
+        # One fp32 mask of 0 and the scale, made in one pass: forwards one product, and backwards
+        # one (grad * mask) instead of a bool-to-float copy and two products. Same bits as below.
+        zero, kept = (torch.scalar_tensor(v, dtype=x.dtype) for v in (0.0, scale))
+        return x * torch.where(keep, kept, zero)
+    # In bf16 the scale would be rounded in such a mask; a product with the scalar rounds only once.
+    return x.mul(keep).mul_(scale)
 
 
 class Dropout(nn.Dropout):
