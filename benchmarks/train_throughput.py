@@ -25,6 +25,7 @@ from torch import nn
 
 from qkv.hardware import describe_cpu
 from qkv.layers import sinusoidal_table
+from qkv.loss import label_smoothed_loss
 from qkv.model import Transformer, TransformerConfig
 
 CONFIGS = {
@@ -32,6 +33,7 @@ CONFIGS = {
     "base": dict(d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6),
 }
 VOCAB, PAD = 8000, 0
+OWN_LOSS = "qkv+qkv.loss"
 
 
 class TorchReference(nn.Module):
@@ -80,20 +82,23 @@ def make_batch(n_sentences: int, length: int, seed: int = 0):
     return src, tgt[:, :-1], tgt[:, 1:]
 
 
-def training_step(model, optimizer, batch, precision: str) -> None:
+def training_step(model, optimizer, batch, precision: str, own_loss: bool = False) -> None:
     src, tgt_in, tgt_out = batch
     with torch.autocast(src.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = model(src, tgt_in)
-    loss = (
-        F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            tgt_out.flatten(),
-            ignore_index=PAD,
-            label_smoothing=0.1,
-            reduction="sum",
+    if own_loss:  # qkv.loss, as `qkv train` computes it: the same loss, the same gradient
+        loss = label_smoothed_loss(logits, tgt_out, 0.1, PAD)[0] / (tgt_out != PAD).sum()
+    else:
+        loss = (
+            F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                tgt_out.flatten(),
+                ignore_index=PAD,
+                label_smoothing=0.1,
+                reduction="sum",
+            )
+            / (tgt_out != PAD).sum()
         )
-        / (tgt_out != PAD).sum()
-    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -112,6 +117,8 @@ def benchmark(config_name: str, precisions: list[str], args) -> list[dict]:
     )  # fmt: skip
     torch.manual_seed(0)
     models = {"qkv": Transformer(config), "nn.Transformer": TorchReference(config)}
+    if args.own_loss:
+        models[OWN_LOSS] = Transformer(config)
     models = {name: model.to(device) for name, model in models.items()}
     optimizers = {
         name: torch.optim.Adam(
@@ -130,7 +137,7 @@ def benchmark(config_name: str, precisions: list[str], args) -> list[dict]:
         for name, precision in runs:  # alternate, so both see the same machine state
             model = systems[name].train()
             started = time.perf_counter()
-            training_step(model, optimizers[name], batch, precision)
+            training_step(model, optimizers[name], batch, precision, own_loss=name == OWN_LOSS)
             synchronize(device)
             if round_ >= warmup:
                 times[(name, precision)].append(time.perf_counter() - started)
@@ -162,6 +169,12 @@ def main() -> None:
         "--sentences", type=int, default=128, help="sentences per batch, up to 32 tokens each"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--own-loss",
+        action="store_true",
+        help=f"also time '{OWN_LOSS}': qkv with its own label-smoothed loss (qkv.loss, as `qkv "
+        "train` runs it) instead of F.cross_entropy; the other rows keep F.cross_entropy",
+    )
     parser.add_argument(AS_AVX2, action="store_true", help=AS_AVX2_HELP)
     args = parser.parse_args()
     print(describe_cpu())
