@@ -90,6 +90,7 @@ def test_without_validation_files_a_seeded_slice_of_train_is_held_out(corpus, tm
         summary = prepare(
             out, trainpref=corpus["train"], src_lang="de", tgt_lang="en",
             vocab_size=150, valid_size=40, seed=seed, progress=False,
+            force=True,  # the same seed is prepared twice into its folder
         )  # fmt: skip
         return summary, load_prepared(out)
 

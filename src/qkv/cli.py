@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -221,6 +222,11 @@ def _add_prepare(subparsers) -> None:
         help="seed for the held-out slice and the synthetic task (default 0)",
     )
     options.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a folder prepared before (never the input files, nor files prepare did not write)",
+    )
     parser.set_defaults(run=_run_prepare)
 
 
@@ -245,6 +251,7 @@ def _run_prepare(args) -> int:
         test_size=args.test_size,
         seed=args.seed,
         progress=not args.quiet,
+        force=args.force,
     )
     print_summary(summary)
     return 0
@@ -353,7 +360,7 @@ def _load_translator(args):
         tokenizer=args.tokenizer,
         device=args.device,
         precision=args.precision,
-        warn=_warner("--precision"),
+        warn=lambda message: print(f"qkv: warning: {message}", file=sys.stderr),
     )
     if not args.quiet:
         note = precision_note(args.precision, translator.precision, args.device)
@@ -380,6 +387,7 @@ def _add_translate(subparsers) -> None:
     parser.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
     parser.add_argument("-i", "--input", metavar="FILE", help="input text (default stdin)")
     parser.add_argument("-o", "--output", metavar="FILE", help="output file (default stdout)")
+    _add_force(parser)
     parser.add_argument("--n-best", type=int, metavar="K", help="write the K best translations")
     parser.add_argument("--scores", action="store_true", help="write each translation's score")
     _add_search_options(parser)
@@ -390,6 +398,7 @@ def _run_translate(args) -> int:
     from qkv.data import read_lines
 
     options = _search_options(args)
+    _check_output(args, [args.input])
     if args.input:
         lines, source_name = read_lines(args.input), args.input
     else:
@@ -410,6 +419,28 @@ def _run_translate(args) -> int:
             out.append("\t".join([*fields, hypothesis.text]))
     _write_lines(out, args.output)
     return 0
+
+
+def _add_force(parser) -> None:
+    parser.add_argument(
+        "--force", action="store_true", help="replace the -o file if it exists (never an input)"
+    )
+
+
+def _check_output(args, inputs: list) -> None:
+    """Before any work: refuse an -o that is an input (the model's files included) or that exists
+    without --force."""
+    if not args.output:
+        return
+    from qkv.checkpoint import TOKENIZER, resolve_checkpoint
+    from qkv.outputs import check_output_file
+
+    model_files = []
+    with contextlib.suppress(QkvError):  # a missing model is reported when it is loaded
+        checkpoint = resolve_checkpoint(args.model)
+        model_files = [checkpoint, checkpoint.parent / TOKENIZER]
+    sources = [*(path for path in inputs if path), *model_files]
+    check_output_file(args.output, sources, args.force)
 
 
 def _read_stdin() -> list[str]:
@@ -461,6 +492,7 @@ def _add_evaluate(subparsers) -> None:
     data.add_argument("--ref", metavar="FILE", help="reference translations, aligned with --src")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
     parser.add_argument("-o", "--output", metavar="FILE", help="also write the translations here")
+    _add_force(parser)
     _add_search_options(parser)
     parser.set_defaults(run=_run_evaluate)
 
@@ -476,6 +508,7 @@ def _run_evaluate(args) -> int:
         raise QkvError("give either --dataset (with --split) or both --src and --ref")
     if not args.dataset and not (args.src and args.ref):
         raise QkvError("--src and --ref go together: give both")
+    _check_output(args, [args.src, args.ref])
     translator = _load_translator(args)
     if args.dataset:
         src_path, ref_path = _dataset_files(args, translator.meta)
@@ -542,6 +575,11 @@ def _add_average(subparsers) -> None:
         "--last", type=int, metavar="N", help="average the run directory's N newest checkpoints"
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint to write")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it exists (never an averaged checkpoint)",
+    )
     parser.set_defaults(run=_run_average)
 
 
@@ -555,6 +593,7 @@ def _run_average(args) -> int:
         last_step_checkpoints,
         save_checkpoint,
     )
+    from qkv.outputs import check_output_file
 
     if args.last is not None:
         if len(args.paths) != 1:
@@ -565,6 +604,7 @@ def _run_average(args) -> int:
         for path in paths:
             if path.is_dir():
                 raise QkvError(f"{path}: is a run directory; pass --last N to average its newest")
+    check_output_file(args.output, paths, args.force)
     averaged = average_checkpoints(paths)
     output = Path(args.output)
     save_checkpoint(output, averaged)

@@ -34,12 +34,15 @@ from qkv.data import (
     Dropped,
     EncodedSplit,
     Pair,
+    corpus_files,
     drop_empty,
+    is_tsv,
     length_filter,
     read_corpus,
     read_parallel,
 )
 from qkv.errors import QkvError
+from qkv.outputs import same_file
 from qkv.tokenizer import MODEL_TYPES, Tokenizer
 
 DATASETS = ("multi30k", "synthetic")
@@ -135,6 +138,7 @@ def prepare(
     test_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    force: bool = False,
 ) -> PrepareSummary:
     """Prepare `out` from a named dataset (`multi30k`, `synthetic`) or from files (`trainpref`...).
 
@@ -142,6 +146,10 @@ def prepare(
     `max_ratio`); validation and test data are kept whole so that scores compare with published
     ones. Without validation files, a seeded slice of train (`valid_size`, default up to 1000
     pairs) is held out. `train_size`/`valid_size`/`test_size` size the synthetic task.
+
+    `out` may be new, empty, or hold files that prepare does not write; a folder prepared before
+    is replaced only with `force`; a file prepare would write that it did not write (one of the
+    inputs, say: `--trainpref DIR/train --out DIR`) is never replaced.
     """
     log = _logger(progress)
     src_lang, tgt_lang = _check_request(
@@ -150,6 +158,13 @@ def prepare(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QkvError(f"{out} exists and is not a folder")
+    inputs = [
+        path
+        for prefix in (trainpref, validpref, testpref)
+        if prefix is not None
+        for path in ([Path(prefix)] if is_tsv(prefix) else corpus_files(prefix, src_lang, tgt_lang))
+    ]
+    check_out(out, output_names(src_lang, tgt_lang), inputs, force)
 
     log("reading the data")
     raw, notes = _read_splits(
@@ -198,6 +213,53 @@ def prepare(
     )  # fmt: skip
     _write(out, summary, encoded, tokenizer, max_len=max_len, max_ratio=max_ratio, seed=seed)
     return summary
+
+
+SPLITS = ("train", "val", "test")
+
+
+def output_names(src_lang: str, tgt_lang: str) -> list[str]:
+    """Every file name prepare may write into its folder."""
+    names = ["tokenizer.model", "tokenizer.vocab", "prepare.json"]
+    for split in SPLITS:
+        names += [f"{split}.pt", f"{split}.{src_lang}", f"{split}.{tgt_lang}"]
+    return names
+
+
+def check_out(out: Path, names: list[str], inputs: list[Path], force: bool) -> None:
+    """Refuse an output folder where writing `names` would replace an input, a file that is not an
+    earlier prepare's output, or (without `force`) an earlier prepare's output."""
+    existing = [out / name for name in names if (out / name).exists()]
+    for path in existing:
+        for source in inputs:
+            if same_file(path, source):
+                raise QkvError(
+                    f"--out {out} holds the input {source}: preparing there would overwrite it "
+                    f"with the filtered copy ({path.name}); choose another --out"
+                )
+    if not existing:
+        return
+    earlier = _earlier_output_names(out)
+    for path in existing:
+        if path.name not in earlier:
+            raise QkvError(
+                f"--out {out} holds {path.name}, which qkv prepare did not write: it would be "
+                "replaced; choose another --out"
+            )
+    if not force:
+        raise QkvError(
+            f"--out {out} already holds prepared data (prepare.json): pass --force to replace "
+            "it, or choose another --out"
+        )
+
+
+def _earlier_output_names(out: Path) -> set[str]:
+    """The file names an earlier prepare wrote into `out`, from its prepare.json (none if unreadable)."""
+    try:
+        info = json.loads((out / "prepare.json").read_text(encoding="utf-8"))
+        return set(output_names(str(info["src_lang"]), str(info["tgt_lang"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 def _check_request(dataset, src_lang, tgt_lang, trainpref, validpref, testpref, model_type):

@@ -1,0 +1,45 @@
+"""Where qkv writes: never over a file it did not create, and never over its own inputs.
+
+Every command that writes a file (`translate -o`, `evaluate -o`, `average -o`, `attention -o`) or a
+folder (`prepare --out`) checks here first, before it reads or computes anything, so a refusal costs
+nothing and loses nothing. A file that exists is replaced only with `--force`; a file the command reads
+is never replaced, `--force` or not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from qkv.errors import QkvError
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (through links and relative paths too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+    option: str = "-o",
+) -> None:
+    """Refuse to write `path` where it is one of `inputs`, or where it exists and `force` is off."""
+    path = Path(path)
+    for source in inputs:
+        if same_file(path, source):
+            raise QkvError(
+                f"{option} {path} is also an input ({source}): writing it would destroy it; "
+                "choose another output file"
+            )
+    if path.is_dir():
+        raise QkvError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not force:
+        raise QkvError(
+            f"{option} {path} exists: pass --force to replace it, or choose another file"
+        )
