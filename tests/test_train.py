@@ -445,3 +445,23 @@ def test_label_smoothed_loss_in_blocks_with_bf16_logits_matches_autograd(monkeyp
     assert logits.grad.dtype == torch.bfloat16
     torch.testing.assert_close(logits.grad.float(), reference_logits.grad, rtol=1e-2, atol=4e-3)
     assert logits.grad.flatten(0, 1)[target.flatten() == 0].abs().sum() == 0  # padding: no gradient
+
+
+def test_a_start_cleans_what_a_killed_run_left_and_starts_its_metrics_anew(prepared, tmp_path):
+    """Killed during a save, before its first checkpoint: hidden temporary files, and metrics lines
+    that would draw a second curve."""
+    stale = {"step": 2, "epoch": 0, "loss": 9.0, "nll": 9.0}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(stale) + "\n")
+    leftovers = [".checkpoint_4.pt.zd9q8eyv", ".last.pt.k2j4h5g6.partial", ".last.pt.link.tmp"]
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    (tmp_path / ".notes.txt").write_text("mine")
+    lines = []
+    train(tiny_config(prepared, "train.max_steps=2"), tmp_path, resume=True, log=lines.append)
+    assert not any((tmp_path / name).exists() for name in leftovers)
+    assert (tmp_path / ".notes.txt").read_text() == "mine"
+    assert sum("left by a write that was cut short" in line for line in lines) == 3
+    assert json.loads((tmp_path / "metrics.jsonl.1").read_text()) == stale
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "start" and records[0]["step"] == 0
+    assert stale not in records

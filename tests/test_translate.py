@@ -1,6 +1,7 @@
 """Translating text: the Python API (`qkv.load`), `qkv translate`, and batching that keeps input order."""
 
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -169,3 +170,23 @@ def test_cli_rejects_bad_input_clearly(run_qkv, toy_run, tmp_path):
     result = run_qkv("translate", tmp_path / "nothing", input="a\n")
     assert result.returncode == 2
     assert "no such run directory or checkpoint" in result.stderr
+
+
+def test_a_run_with_a_damaged_best_checkpoint_translates_from_the_newest_good_one(
+    toy_run, tmp_path, run_qkv
+):
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    best = (run / "best.pt").read_bytes()
+    (run / "best.pt").write_bytes(best[: len(best) // 2])  # cut short
+    messages = []
+    translator = qkv.load(run, warn=messages.append)
+    assert translator.translate(["a b c"], beam=2) == ["c b a"]
+    assert len(messages) == 1 and "best.pt: not a readable checkpoint" in messages[0]
+    assert "using last.pt" in messages[0]
+    result = run_qkv("translate", run, input="a b c\n")
+    assert result.returncode == 0 and result.stdout == "c b a\n", result.stderr
+    assert result.stderr.count("qkv: warning: ") == 1 and "best.pt" in result.stderr
+    # A damaged file given by name is an error, not a silent substitute.
+    named = run_qkv("translate", run / "best.pt", input="a b c\n")
+    assert named.returncode == 2 and "best.pt: not a readable checkpoint" in named.stderr

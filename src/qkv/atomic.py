@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL, delete=False
+    ) as f:
         try:
             write(f)
             f.flush()
@@ -30,6 +33,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     os.chmod(f.name, 0o666 & ~_umask())
     os.replace(f.name, path)
     _fsync_directory(path.parent)  # make the rename itself durable
+
+
+PARTIAL = ".partial"
+# What a write cut short leaves: `.NAME.RANDOM.partial`, or `.NAME.RANDOM` (before the suffix was
+# added) for the files qkv writes into run and data folders; and train's `.last.pt.link.tmp`.
+_LEFT_BY_A_CRASH = re.compile(
+    r"\..+\.[A-Za-z0-9_]{8}\.partial"
+    r"|\.(checkpoint_\d+\.pt|last\.pt|best\.pt|metrics\.jsonl|curves\.png|config\.toml"
+    r"|tokenizer\.model|prepare\.json|(train|val|test)\.[^.]+)\.[A-Za-z0-9_]{8}"
+    r"|\.last\.pt\.link\.tmp"
+)
+
+
+def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writes cut short by a crash or a kill left in `folder` (they
+    never replaced anything, and nothing reads them); returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.iterdir() if p.is_file() and _LEFT_BY_A_CRASH.fullmatch(p.name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -11,6 +11,8 @@ checkpoint" resolve a directory to its ``best.pt`` (else ``last.pt``).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,6 +59,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def load_run_checkpoint(
+    path: str | Path, map_location="cpu", warn: Callable[[str], None] | None = None
+) -> tuple[dict, Path]:
+    """The checkpoint of a run directory (its best.pt, else last.pt) or of a checkpoint file, and the
+    file it came from. In a run directory a damaged checkpoint gives way to the newest readable one
+    (last.pt, then checkpoint_<step>.pt newest first), with one warning (through `warn`, default
+    `warnings.warn`) naming the damaged file."""
+    path = Path(path)
+    if not path.is_dir():
+        checkpoint_path = resolve_checkpoint(path)
+        return load_checkpoint(checkpoint_path, map_location), checkpoint_path
+    candidates = [path / BEST, path / LAST, *reversed(step_checkpoints(path))]
+    damaged = []
+    for candidate in (c for c in candidates if c.is_file()):
+        try:
+            checkpoint = load_checkpoint(candidate, map_location)
+        except QkvError as error:
+            damaged.append(str(error))
+            continue
+        if damaged:
+            message = f"{'; '.join(damaged)}; using {candidate.name}, the newest readable one"
+            (warn or _warn)(message)
+        return checkpoint, candidate
+    if damaged:
+        raise QkvError(damaged[0])
+    raise QkvError(f"{path}: run directory has neither {BEST} nor {LAST}")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
 def model_from_checkpoint(checkpoint: dict, source: str | Path = "checkpoint") -> Transformer:
     if "model_config" not in checkpoint:
         raise QkvError(f"{source}: checkpoint has no 'model_config'")
@@ -68,8 +102,7 @@ def model_from_checkpoint(checkpoint: dict, source: str | Path = "checkpoint") -
 def load_model(path: str | Path, map_location="cpu") -> tuple[Transformer, Path]:
     """The model of a run directory or checkpoint file, in eval mode, and the checkpoint file it came
     from (its directory also holds the tokenizer)."""
-    checkpoint_path = resolve_checkpoint(path)
-    checkpoint = load_checkpoint(checkpoint_path, map_location=map_location)
+    checkpoint, checkpoint_path = load_run_checkpoint(path, map_location=map_location)
     return model_from_checkpoint(checkpoint, checkpoint_path), checkpoint_path
 
 

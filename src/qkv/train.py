@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from qkv.atomic import atomic_write
+from qkv.atomic import atomic_write, remove_partial_writes
 from qkv.checkpoint import (
     LAST,
     TOKENIZER,
@@ -626,6 +626,18 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
 
+    def start_anew(self) -> Path | None:
+        """For a run that starts from step 0: move an earlier start's lines (a run killed before its
+        first checkpoint) to metrics.jsonl.N, the first free N, so the curves show one run. Returns
+        where they went, or None if there were none."""
+        if not self.path.is_file():
+            return None
+        number = 1
+        while (kept := self.path.with_name(f"{self.path.name}.{number}")).exists():
+            number += 1
+        os.replace(self.path, kept)
+        return kept
+
     def truncate_after(self, step: int) -> None:
         """On resume, drop what the crashed run logged after its last checkpoint."""
         if not self.path.is_file():
@@ -684,6 +696,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
             "or choose another --out"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    if dist_info.is_main:
+        for folder in (run_dir, run_dir / "data"):
+            for path in remove_partial_writes(folder):
+                log(f"removed {path}, left by a write that was cut short")
     data = load_training_data(config, run_dir, dist_info, log)
     if dist_info.is_main:
         text = dump_toml(config)
@@ -691,8 +707,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
         tokenizer_bytes = (Path(data.path) / TOKENIZER).read_bytes()
         atomic_write(run_dir / TOKENIZER, lambda file: file.write(tokenizer_bytes))
     trainer = Trainer(config, run_dir, data, dist_info, log)
-    if resume and not trainer.resume():
+    resumed = resume and trainer.resume()
+    if resume and not resumed:
         log(f"no checkpoint to resume in {run_dir}: starting from scratch")
+    if not resumed and trainer.metrics is not None:
+        kept = trainer.metrics.start_anew()
+        if kept is not None:
+            log(f"kept the metrics of a run that saved no checkpoint as {kept}")
     trainer.wrap_model()
     trainer.record_start()
     log(

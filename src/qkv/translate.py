@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qkv.checkpoint import TOKENIZER, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from qkv.checkpoint import TOKENIZER, load_run_checkpoint, model_from_checkpoint
 from qkv.errors import QkvError
 from qkv.hardware import DTYPES, resolve_precision
 from qkv.kernels import frozen_weights
@@ -76,9 +76,10 @@ class Translator:
         warn: Callable[[str], None] | None = None,
     ) -> Translator:
         """The model of a run directory (its best.pt, else last.pt) or of a checkpoint file, with the
-        tokenizer.model beside it (or `tokenizer`, a path). precision and warn: as for the class."""
-        checkpoint_path = resolve_checkpoint(path)
-        checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        tokenizer.model beside it (or `tokenizer`, a path); a damaged best.pt gives way to the newest
+        readable checkpoint, with a warning (`qkv.checkpoint.load_run_checkpoint`). precision and
+        warn: as for the class."""
+        checkpoint, checkpoint_path = load_run_checkpoint(path, map_location=device, warn=warn)
         model = model_from_checkpoint(checkpoint, checkpoint_path)
         tokenizer_path = Path(tokenizer) if tokenizer else checkpoint_path.parent / TOKENIZER
         if not tokenizer_path.exists():
