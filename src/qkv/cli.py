@@ -399,10 +399,11 @@ def _run_translate(args) -> int:
 
     options = _search_options(args)
     _check_output(args, [args.input])
+    stdin_error = None  # the first line of stdin that is not UTF-8: the lines before it still count
     if args.input:
         lines, source_name = read_lines(args.input), args.input
     else:
-        lines, source_name = _read_stdin(), "stdin"
+        (lines, stdin_error), source_name = _read_stdin(), "stdin"
     translator = _load_translator(args)
     results = translator.hypotheses(
         lines,
@@ -418,6 +419,8 @@ def _run_translate(args) -> int:
             fields += [f"{hypothesis.score:.4f}"] if args.scores else []
             out.append("\t".join([*fields, hypothesis.text]))
     _write_lines(out, args.output)
+    if stdin_error is not None:
+        raise stdin_error
     return 0
 
 
@@ -443,12 +446,11 @@ def _check_output(args, inputs: list) -> None:
     check_output_file(args.output, sources, args.force)
 
 
-def _read_stdin() -> list[str]:
-    text = sys.stdin.read()
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
+def _read_stdin() -> tuple[list[str], QkvError | None]:
+    """The lines of stdin up to the first that is not UTF-8, and the error naming it (or None)."""
+    from qkv.data import decode_lines
+
+    return decode_lines(sys.stdin.buffer.read(), "stdin")
 
 
 def _write_lines(lines: list[str], path: str | None) -> None:
@@ -734,7 +736,9 @@ def _add_attention(subparsers) -> None:
 
 def _run_attention(args) -> int:
     from qkv import visualize
+    from qkv.tokenizer import utf8_text
 
+    utf8_text(args.sentence)
     model, tokenizer = _load_run(args.run_dir)
     maps, translation = visualize.sentence_attention(model, tokenizer, args.sentence)
     caption = f"{args.sentence}  →  {translation}"
@@ -827,10 +831,12 @@ def _random_model_and_ids(text: str):
 
 def _run_explain(args) -> int:
     from qkv import explain, visualize
+    from qkv.tokenizer import utf8_text
 
     if len(args.inputs) > 2:
         raise QkvError("explain takes [RUN_DIR] TEXT: quote the text if it has spaces")
     *run_dir, text = args.inputs
+    text = utf8_text(text)
     tgt_ids = tgt_labels = None
     if run_dir:
         model, tokenizer = _load_run(run_dir[0])

@@ -123,11 +123,11 @@ class Tokenizer:
         return self._sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        return self._sp.encode(utf8_text(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` for many sentences at once (SentencePiece runs them in parallel)."""
-        return self._sp.encode(texts)
+        return self._sp.encode([utf8_text(text) for text in texts])
 
     def sample_batch(self, texts: list[str], dropout: float, seed: int) -> list[list[int]]:
         """`encode_batch` with BPE-dropout: each merge skipped with probability `dropout`.
@@ -140,7 +140,7 @@ class Tokenizer:
         )
 
     def encode_as_pieces(self, text: str) -> list[str]:
-        return self._sp.encode(text, out_type=str)
+        return self._sp.encode(utf8_text(text), out_type=str)
 
     def decode(self, ids: Iterable[int]) -> str:
         # SentencePiece's decode skips bos/eos but renders pad as a piece: drop the specials here.
@@ -168,3 +168,18 @@ def _sentences(sources: TextSource | Iterable[TextSource]) -> Iterator[str]:
             yield from read_lines(source)
         else:
             yield from source
+
+
+def utf8_text(text: str) -> str:
+    """`text`, if it can be written as UTF-8; else a clear error. A command-line argument with bytes
+    that are not UTF-8 arrives holding lone surrogates, which SentencePiece fails on with a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        # Bytes that were not UTF-8 arrive as U+DC80..U+DCFF (Python's surrogateescape).
+        what = f"byte {code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise QkvError(
+            f"not valid UTF-8 text ({what} at character {error.start + 1}): {text[:40]!a}"
+        ) from None
+    return text
