@@ -1,14 +1,19 @@
 """Configs: TOML into dataclasses; unknown names and wrong types are errors that name them."""
 
+import dataclasses
 import platform
+import re
 import subprocess
 import sys
+import typing
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import qkv_env
 from qkv.cli import recipe_names, resolve_recipe
-from qkv.config import Config, dump_toml, load_config, parse_override
+from qkv.config import Config, dump_toml, load_config, parse_override, toml_value
 from qkv.errors import QkvError
 from qkv.hardware import AVX2_ENVIRONMENT
 
@@ -60,7 +65,9 @@ def test_model_config_uses_preset_overrides_and_tokenizer_ids():
     model_config = config.model_config(123, dict(pad_id=0, bos_id=2, eos_id=3))
     assert (model_config.d_model, model_config.n_encoder_layers) == (256, 4)
     assert model_config.src_vocab_size == model_config.tgt_vocab_size == 123
-    with pytest.raises(QkvError, match="unknown preset 'medium'"):
+    with pytest.raises(
+        QkvError, match=r"model\.preset must be one of 'tiny', 'small', 'base', 'big', not 'medium'"
+    ):
         load_config(None, ["model.preset=medium"]).model_config(10, {})
 
 
@@ -108,3 +115,102 @@ def test_on_a_cpu_without_bf16_the_recipes_train_in_fp32_without_being_told():
 def test_the_demo_trains_in_fp32_everywhere():
     """The newcomer's first run gives the same result on every CPU."""
     assert load_config(resolve_recipe("demo")).train.precision == "fp32"
+
+
+# --- every value is checked when the config is read ----------------------------------------------
+
+SPECIALS = dict(pad_id=0, bos_id=2, eos_id=3)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.d_model=-8",
+            "model.d_model must be a positive multiple of model.n_heads (4), not -8",
+        ),
+        (
+            "model.d_model=0",
+            "model.d_model must be a positive multiple of model.n_heads (4), not 0",
+        ),
+        (
+            "model.d_model=-5",
+            "model.d_model must be a positive multiple of model.n_heads (4), not -5",
+        ),
+        ("model.n_heads=0", "model.n_heads must be an integer of at least 1, not 0"),
+        ("model.dropout=1.5", "model.dropout must be a probability in [0, 1), not 1.5"),
+        ("train.lr=-1", "train.lr must be a finite number above 0, not -1.0"),
+        ("train.warmup_steps=0", "train.warmup_steps must be an integer of at least 1, not 0"),
+        ("train.max_tokens=0", "train.max_tokens must be an integer of at least 1, not 0"),
+        (
+            "train.precision='fp16'",
+            "train.precision must be one of 'auto', 'fp32', 'bf16', not 'fp16'",
+        ),
+        ("eval.beam=0", "eval.beam must be an integer of at least 1, not 0"),
+    ],
+)
+def test_a_bad_value_is_an_error_naming_the_key_the_value_and_the_rule(override, message):
+    with pytest.raises(QkvError) as error:
+        load_config(None, [override])
+    assert str(error.value) == message
+
+
+def any_value():
+    return st.one_of(
+        st.integers(-(10**6), 10**6),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.text(max_size=12),
+        st.lists(st.floats(-2, 2), max_size=3),
+    )
+
+
+KEYS = [
+    (section.name, key.name)
+    for section in dataclasses.fields(Config)
+    for key in dataclasses.fields(typing.get_type_hints(Config)[section.name])
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(KEYS), value=any_value())
+def test_any_value_of_any_key_loads_into_a_buildable_config_or_is_one_clear_error(key, value):
+    section, name = key
+    try:
+        config = load_config(None, [f"{section}.{name}={toml_value(value)}"])
+    except QkvError as error:
+        assert re.match(r"(config: )?\w+\.\w+ ", str(error)), str(error)
+        return
+    if config.model.preset in ("tiny", "small"):
+        config.model_config(8000, SPECIALS)  # the model the config describes can be built
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_random_bytes_as_a_config_file_are_one_clear_error_or_a_config(data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "random.toml"
+    path.write_bytes(data)
+    try:
+        load_config(path)
+    except QkvError as error:
+        assert str(error)
+
+
+@pytest.mark.parametrize("override", ["model.d_model=-8", "model.n_heads=0", "train.lr=-1"])
+def test_cli_train_rejects_a_bad_value_before_touching_data_or_making_a_folder(
+    run_qkv, tmp_path, override
+):
+    out = tmp_path / "run"
+    result = run_qkv("train", "multi30k_en_de", "--out", out, "--set", override)
+    assert result.returncode == 2
+    assert result.stderr.startswith("qkv: error: ") and len(result.stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_train_rejects_a_config_file_of_random_bytes(run_qkv, tmp_path):
+    config = tmp_path / "bytes.toml"
+    config.write_bytes(bytes(range(256)))
+    result = run_qkv("train", config, "--out", tmp_path / "run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"qkv: error: {config}: not valid TOML")
+    assert not (tmp_path / "run").exists()

@@ -190,12 +190,13 @@ def test_subword_dropout_resumes_exactly(prepared, tmp_path):
 
 def test_subword_dropout_is_checked(prepared, tmp_path):
     data = load_prepared(prepared)
-    with pytest.raises(QkvError, match=r"data.subword_dropout must be in \[0, 1\)"):
-        quiet_trainer(tiny_config(prepared, "data.subword_dropout=1.0"), tmp_path, data)
+    # When the config is read, before any data.
+    with pytest.raises(QkvError, match=r"data\.subword_dropout must be a probability in \[0, 1\)"):
+        tiny_config(prepared, "data.subword_dropout=1.0")
     with pytest.raises(
-        QkvError, match="subword_dropout_side must be one of both, source, not 'tgt'"
+        QkvError, match="subword_dropout_side must be one of 'both', 'source', not 'tgt'"
     ):
-        quiet_trainer(tiny_config(prepared, "data.subword_dropout_side='tgt'"), tmp_path, data)
+        tiny_config(prepared, "data.subword_dropout_side='tgt'")
     data.train.src_text = data.train.tgt_text = None  # as prepared by a qkv without training text
     with pytest.raises(QkvError, match=r"needs the raw training text.*prepare the data again"):
         quiet_trainer(tiny_config(prepared, "data.subword_dropout=0.1"), tmp_path, data)

@@ -1,6 +1,7 @@
 """Run configuration: plain dataclasses, loaded from TOML, overridden with ``--set section.key=value``.
 
-An unknown section or key, or a value of the wrong type, is an error that names it.
+An unknown section or key, a value of the wrong type, or one that breaks its rule
+(`qkv.config_check`) is an error that names it.
 """
 
 from __future__ import annotations
@@ -158,7 +159,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for override in overrides:
         section, key, value = parse_override(override)
         values.setdefault(section, {})[key] = value
-    return config_from_dict(values, source=str(path) if path else "config")
+    config = config_from_dict(values, source=str(path) if path else "config")
+    from qkv.config_check import check_config  # it reads the rules' choices from other modules
+
+    check_config(config)
+    return config
 
 
 def parse_override(text: str) -> tuple[str, str, object]:

@@ -50,7 +50,10 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.d_model % self.n_heads:
+        sizes = ("d_model", "n_heads", "d_ff", "src_vocab_size", "tgt_vocab_size", "max_len")
+        problems += [f"{name} must be positive, not {getattr(self, name)}" for name in sizes
+                     if getattr(self, name) < 1]  # fmt: skip
+        if not problems and self.d_model % self.n_heads:
             problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.positional not in ("sinusoidal", "learned"):
             problems.append(

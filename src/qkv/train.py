@@ -30,6 +30,7 @@ from qkv.checkpoint import (
     step_checkpoints,
 )
 from qkv.config import Config, dump_toml
+from qkv.config_check import check_config
 from qkv.data import EncodedSplit, TokenBatchSampler
 from qkv.errors import QkvError
 from qkv.hardware import describe_cpu, precision_note, resolve_precision
@@ -42,9 +43,6 @@ MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 
 # ---------------------------------------------------------------------------------------------------
 # The recipe
-
-
-SUBWORD_DROPOUT_SIDES = ("both", "source")
 
 
 def learning_rate(step: int, schedule: str, lr: float, d_model: int, warmup: int) -> float:
@@ -188,15 +186,7 @@ class Trainer:
             # small model.
             fused=dist_info.device.type in ("cpu", "cuda"),
         )
-        subword_dropout = config.data.subword_dropout
-        if not 0.0 <= subword_dropout < 1.0:
-            raise QkvError(f"data.subword_dropout must be in [0, 1), not {subword_dropout}")
-        if config.data.subword_dropout_side not in SUBWORD_DROPOUT_SIDES:
-            raise QkvError(
-                f"data.subword_dropout_side must be one of {', '.join(SUBWORD_DROPOUT_SIDES)}, "
-                f"not {config.data.subword_dropout_side!r}"
-            )
-        if subword_dropout and data.train.src_text is None:
+        if config.data.subword_dropout and data.train.src_text is None:
             raise QkvError(
                 f"data.subword_dropout needs the raw training text beside the ids, and {data.path} "
                 "has none (prepared by an older qkv): prepare the data again"
@@ -686,6 +676,7 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:
     """Train a model as `config` says, writing everything to `run_dir`; returns the run's summary."""
+    check_config(config)  # a Config built in Python has not been checked yet
     run_dir = Path(run_dir)
     dist_info = setup_distributed(config.train.device)
     if config.train.threads:
