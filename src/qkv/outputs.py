@@ -1,7 +1,7 @@
 """Where qkv writes: never over a file it did not create, and never over its own inputs.
 
-Every command that writes a file (`translate -o`, `evaluate -o`, `average -o`, `attention -o`) or a
-folder (`prepare --out`) checks here first, before it reads or computes anything, so a refusal costs
+Every command that writes a file (`translate -o`, `evaluate -o`, `average -o`) or a folder
+(`prepare --out`) checks here first, before it reads or computes anything, so a refusal costs
 nothing and loses nothing. A file that exists is replaced only with `--force`; a file the command reads
 is never replaced, `--force` or not.
 """
@@ -42,4 +42,36 @@ def check_output_file(
     if path.exists() and not force:
         raise QkvError(
             f"{option} {path} exists: pass --force to replace it, or choose another file"
+        )
+
+
+def check_output_folder(
+    out: Path,
+    names: Iterable[str],
+    inputs: Iterable[str | os.PathLike],
+    earlier: set[str],
+    force: bool = False,
+) -> None:
+    """Refuse a folder (`qkv prepare --out`) where writing the files `names` would replace an input,
+    a file that an earlier run of the command did not write (`earlier`: the names it wrote), or,
+    without `force`, one that it did."""
+    existing = [out / name for name in names if (out / name).exists()]
+    inputs = list(inputs)
+    for path in existing:
+        for source in inputs:
+            if same_file(path, source):
+                raise QkvError(
+                    f"--out {out} holds the input {source}: preparing there would overwrite it "
+                    f"with the filtered copy ({path.name}); choose another --out"
+                )
+    for path in existing:
+        if path.name not in earlier:
+            raise QkvError(
+                f"--out {out} holds {path.name}, which qkv prepare did not write: it would be "
+                "replaced; choose another --out"
+            )
+    if existing and not force:
+        raise QkvError(
+            f"--out {out} already holds prepared data (prepare.json): pass --force to replace "
+            "it, or choose another --out"
         )

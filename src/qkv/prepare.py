@@ -42,7 +42,7 @@ from qkv.data import (
     read_parallel,
 )
 from qkv.errors import QkvError
-from qkv.outputs import same_file
+from qkv.outputs import check_output_folder
 from qkv.tokenizer import MODEL_TYPES, Tokenizer
 
 DATASETS = ("multi30k", "synthetic")
@@ -164,7 +164,8 @@ def prepare(
         if prefix is not None
         for path in ([Path(prefix)] if is_tsv(prefix) else corpus_files(prefix, src_lang, tgt_lang))
     ]
-    check_out(out, output_names(src_lang, tgt_lang), inputs, force)
+    names = output_names(src_lang, tgt_lang)
+    check_output_folder(out, names, inputs, _earlier_output_names(out), force)
 
     log("reading the data")
     raw, notes = _read_splits(
@@ -224,33 +225,6 @@ def output_names(src_lang: str, tgt_lang: str) -> list[str]:
     for split in SPLITS:
         names += [f"{split}.pt", f"{split}.{src_lang}", f"{split}.{tgt_lang}"]
     return names
-
-
-def check_out(out: Path, names: list[str], inputs: list[Path], force: bool) -> None:
-    """Refuse an output folder where writing `names` would replace an input, a file that is not an
-    earlier prepare's output, or (without `force`) an earlier prepare's output."""
-    existing = [out / name for name in names if (out / name).exists()]
-    for path in existing:
-        for source in inputs:
-            if same_file(path, source):
-                raise QkvError(
-                    f"--out {out} holds the input {source}: preparing there would overwrite it "
-                    f"with the filtered copy ({path.name}); choose another --out"
-                )
-    if not existing:
-        return
-    earlier = _earlier_output_names(out)
-    for path in existing:
-        if path.name not in earlier:
-            raise QkvError(
-                f"--out {out} holds {path.name}, which qkv prepare did not write: it would be "
-                "replaced; choose another --out"
-            )
-    if not force:
-        raise QkvError(
-            f"--out {out} already holds prepared data (prepare.json): pass --force to replace "
-            "it, or choose another --out"
-        )
 
 
 def _earlier_output_names(out: Path) -> set[str]:
