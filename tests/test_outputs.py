@@ -140,3 +140,34 @@ def test_cli_average_never_writes_over_a_checkpoint_it_averages(run_qkv, toy_run
     refused = run_qkv("average", toy_run, "--last", "2", "-o", existing)
     assert refused.returncode == 2 and "exists: pass --force" in refused.stderr
     assert existing.read_bytes() == b"mine"
+
+
+def test_cli_attention_and_explain_ask_before_replacing_a_picture_or_page(
+    run_qkv, toy_run, tmp_path
+):
+    page, picture = tmp_path / "page.html", tmp_path / "picture.png"
+    page.write_text("mine")
+    picture.write_text("mine")
+    for args in (
+        ["attention", toy_run, "a b c", "-o", picture],
+        ["attention", toy_run, "a b c", "-o", tmp_path / "new.png", "--html", page],
+        ["explain", toy_run, "a b c", "--html", page],
+    ):
+        result = run_qkv(*args)
+        assert result.returncode == 2 and "exists: pass --force" in result.stderr, result.stderr
+    assert page.read_text() == picture.read_text() == "mine"
+    replaced = run_qkv("explain", toy_run, "a b c", "--html", page, "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    assert page.read_text() != "mine"
+
+
+def test_train_never_replaces_files_in_an_out_folder_without_resume(run_qkv, tmp_path):
+    """A run killed before its first checkpoint, or a folder that is not a run: config.toml and the
+    rest would be written over."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.toml").write_text("# my notes\n")
+    result = run_qkv("train", "demo", "--out", out, "--set", "train.max_steps=1")
+    assert result.returncode == 2
+    assert "holds config.toml, which training would replace" in result.stderr
+    assert (out / "config.toml").read_text() == "# my notes\n"

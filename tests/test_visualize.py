@@ -170,7 +170,8 @@ def test_qkv_attention_one_head_and_bad_layer(run_qkv, run_dir, tmp_path, capsys
     assert result.returncode == 0, result.stderr
     assert png.is_file() and not (tmp_path / "attention.html").exists()
     # Errors in-process: a subprocess costs two seconds of importing torch.
-    assert main(["attention", str(run_dir), "the third", "--layer", "7", "-o", str(png)]) == 2
+    bad_layer = ["attention", str(run_dir), "the third", "--layer", "7", "-o", str(png), "--force"]
+    assert main(bad_layer) == 2
     assert "layer 7 does not exist" in capsys.readouterr().err
     assert main(["attention", str(tmp_path / "missing"), "the third"]) == 2
     assert "missing" in capsys.readouterr().err

@@ -433,17 +433,24 @@ def _add_force(parser) -> None:
 def _check_output(args, inputs: list) -> None:
     """Before any work: refuse an -o that is an input (the model's files included) or that exists
     without --force."""
-    if not args.output:
-        return
+    _check_written_files({"-o": args.output}, args.model, args.force, inputs)
+
+
+def _check_written_files(outputs: dict, model: str | None, force: bool, inputs: list = ()) -> None:
+    """`qkv.outputs.check_output_file` for each output given ({option: path or None}), with the
+    model's checkpoint and tokenizer among the inputs."""
     from qkv.checkpoint import TOKENIZER, resolve_checkpoint
     from qkv.outputs import check_output_file
 
     model_files = []
-    with contextlib.suppress(QkvError):  # a missing model is reported when it is loaded
-        checkpoint = resolve_checkpoint(args.model)
-        model_files = [checkpoint, checkpoint.parent / TOKENIZER]
+    if model is not None:
+        with contextlib.suppress(QkvError):  # a missing model is reported when it is loaded
+            checkpoint = resolve_checkpoint(model)
+            model_files = [checkpoint, checkpoint.parent / TOKENIZER]
     sources = [*(path for path in inputs if path), *model_files]
-    check_output_file(args.output, sources, args.force)
+    for option, output in outputs.items():
+        if output:
+            check_output_file(output, sources, force, option)
 
 
 def _read_stdin() -> tuple[list[str], QkvError | None]:
@@ -728,6 +735,9 @@ def _add_attention(subparsers) -> None:
     parser.add_argument(
         "--html", metavar="FILE", help="also write an interactive, self-contained page"
     )
+    parser.add_argument(
+        "--force", action="store_true", help="replace the picture or page if it exists"
+    )
     parser.add_argument("--layer", type=int, metavar="L", help="draw only layer L (default: all)")
     parser.add_argument("--head", type=int, metavar="H", help="draw only head H (default: all)")
     parser.add_argument("--kind", choices=KINDS, help="draw only this kind (default: all three)")
@@ -739,6 +749,8 @@ def _run_attention(args) -> int:
     from qkv.tokenizer import utf8_text
 
     utf8_text(args.sentence)
+    output = args.output or (None if args.html else "attention.png")
+    _check_written_files({"-o": output, "--html": args.html}, args.run_dir, args.force)
     model, tokenizer = _load_run(args.run_dir)
     maps, translation = visualize.sentence_attention(model, tokenizer, args.sentence)
     caption = f"{args.sentence}  →  {translation}"
@@ -751,7 +763,6 @@ def _run_attention(args) -> int:
         visualize.select(maps, kinds, layer, head)
     except ValueError as error:
         raise QkvError(str(error)) from None
-    output = args.output or (None if args.html else "attention.png")
     if output:
         fig = visualize.plot_attention(maps, kinds, layer, head, caption=caption)
         visualize.save_figure(fig, output)
@@ -798,6 +809,7 @@ def _add_explain(subparsers) -> None:
         "--heads", default="1", metavar="H", help="heads to show: 1, 1,3 or all (default 1)"
     )
     parser.add_argument("--html", metavar="FILE", help="also write the walk-through as a web page")
+    parser.add_argument("--force", action="store_true", help="replace the --html page if it exists")
     parser.set_defaults(run=_run_explain)
 
 
@@ -837,6 +849,7 @@ def _run_explain(args) -> int:
         raise QkvError("explain takes [RUN_DIR] TEXT: quote the text if it has spaces")
     *run_dir, text = args.inputs
     text = utf8_text(text)
+    _check_written_files({"--html": args.html}, run_dir[0] if run_dir else None, args.force)
     tgt_ids = tgt_labels = None
     if run_dir:
         model, tokenizer = _load_run(run_dir[0])

@@ -39,6 +39,8 @@ from qkv.model import Transformer
 from qkv.translate import Translator
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
+# What training writes into its run directory, besides the checkpoints.
+RUN_FILES = ("config.toml", TOKENIZER, "metrics.jsonl", "curves.png", "best.pt", "data")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -685,6 +687,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
         raise QkvError(
             f"{run_dir} already holds a run ({LAST}): pass --resume to continue it, "
             "or choose another --out"
+        )
+    written = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if written and not resume:
+        raise QkvError(
+            f"{run_dir} holds {written[0]}, which training would replace (a run that saved no "
+            "checkpoint, or not a run): pass --resume to start that run again, or choose another "
+            "--out"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist_info.is_main:
