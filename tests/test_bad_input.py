@@ -111,3 +111,24 @@ def test_an_argument_that_is_not_utf8_is_a_clear_error(toy_run, tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.decode().startswith("qkv: error: not valid UTF-8 text (byte ff")
         assert b"Traceback" not in result.stderr
+
+
+@FUZZ
+@given(src=st.lists(LINE, max_size=4), ref=st.lists(LINE, max_size=4))
+def test_evaluate_answers_random_files_with_scores_or_one_error(
+    src, ref, toy_run, capsys, tmp_path
+):
+    capsys.readouterr()
+    files = []
+    for name, lines in (("src.txt", src), ("ref.txt", ref)):
+        path = tmp_path / name
+        path.write_bytes(b"".join(line + b"\n" for line in lines))
+        files.append(str(path))
+    code = main(["evaluate", str(toy_run), "--src", files[0], "--ref", files[1], "--beam", "1",
+                 "--quiet", "--json"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code in (0, 2), err
+    if code == 2:
+        assert err.startswith("qkv: error: ") and len(err.strip().splitlines()) == 1, err
+    else:
+        assert '"bleu"' in out.lower()

@@ -67,3 +67,8 @@ def test_evaluate_on_a_dataset_needs_languages_when_the_checkpoint_has_none(
     result = run_qkv("evaluate", tmp_path, "--dataset", "multi30k", "--split", "val")
     assert result.returncode == 2
     assert "pass --src-lang and --tgt-lang" in result.stderr
+
+
+def test_an_empty_test_set_is_a_clear_error_not_a_sacrebleu_traceback():
+    with pytest.raises(QkvError, match="no sentences to score"):
+        score([], [])

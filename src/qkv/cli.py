@@ -526,6 +526,8 @@ def _run_evaluate(args) -> int:
     sources, references = read_lines(src_path), read_lines(ref_path)
     if len(sources) != len(references):
         raise QkvError(f"{src_path} has {len(sources)} lines but {ref_path} has {len(references)}")
+    if not sources:
+        raise QkvError(f"{src_path} is empty: no sentences to evaluate")
     hypotheses = translator.translate(
         sources, progress=not args.quiet, warn=_warner(str(src_path)), **options
     )

@@ -26,6 +26,8 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
             f"{len(hypotheses)} translations but {len(references)} references: "
             "they must be aligned line by line"
         )
+    if not hypotheses:
+        raise QkvError("no sentences to score: the test set is empty")
     hypotheses, references = list(hypotheses), [list(references)]
     result: dict = {}
     metrics = {
