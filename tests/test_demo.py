@@ -16,3 +16,13 @@ def test_demo_learns_the_built_in_task(run_qkv, tmp_path):
     assert (tmp_path / "demo" / "best.pt").is_file()
     assert (tmp_path / "demo" / "attention.png").read_bytes()[:4] == b"\x89PNG"
     assert f"attention picture: {tmp_path / 'demo' / 'attention.png'}" in result.stdout
+
+
+def test_the_demo_writes_runs_demo_where_the_readme_looks_then_numbered_folders(tmp_path):
+    from qkv.demo import default_demo_dir
+
+    assert default_demo_dir(tmp_path) == tmp_path / "demo"
+    (tmp_path / "demo").mkdir()
+    assert default_demo_dir(tmp_path) == tmp_path / "demo-2"
+    (tmp_path / "demo-2").mkdir()
+    assert default_demo_dir(tmp_path) == tmp_path / "demo-3"

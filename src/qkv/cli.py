@@ -637,22 +637,26 @@ def _add_demo(subparsers) -> None:
         epilog="examples:\n  qkv demo\n  qkv demo --steps 300 --out runs/quick-demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/demo-TIME)")
+    parser.add_argument(
+        "--out",
+        metavar="RUN_DIR",
+        help="run directory (default runs/demo, which the README's examples use; runs/demo-2, -3, "
+        "... once it exists)",
+    )
     parser.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
     parser.add_argument("--seed", type=int, help="random seed for data and training")
     parser.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
-    import time
     from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
-    from qkv.demo import run_demo
+    from qkv.demo import default_demo_dir, run_demo
 
-    run_dir = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    run_dir = Path(args.out) if args.out else default_demo_dir(Path("runs"))
     overrides = []
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")

@@ -28,6 +28,15 @@ class DemoResult:
     attention_png: Path  # the cross-attention of the last layer for the first test sentence
 
 
+def default_demo_dir(runs: Path) -> Path:
+    """runs/demo, where the README's follow-up commands look; runs/demo-2, -3, ... if it exists."""
+    candidate, number = runs / "demo", 1
+    while candidate.exists():
+        number += 1
+        candidate = runs / f"demo-{number}"
+    return candidate
+
+
 def demo_config_path() -> Path:
     return Path(str(files("qkv").joinpath("configs", "demo.toml")))
 
