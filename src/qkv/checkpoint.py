@@ -11,7 +11,6 @@ checkpoint" resolve a directory to its ``best.pt`` (else ``last.pt``).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from qkv.atomic import atomic_write
 from qkv.errors import QkvError
+from qkv.errors import warn as default_warn
 from qkv.model import Transformer, TransformerConfig
 
 BEST, LAST = "best.pt", "last.pt"
@@ -80,15 +80,11 @@ def load_run_checkpoint(
             continue
         if damaged:
             message = f"{'; '.join(damaged)}; using {candidate.name}, the newest readable one"
-            (warn or _warn)(message)
+            (warn or default_warn)(message)
         return checkpoint, candidate
     if damaged:
         raise QkvError(damaged[0])
     raise QkvError(f"{path}: run directory has neither {BEST} nor {LAST}")
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
 
 
 def model_from_checkpoint(checkpoint: dict, source: str | Path = "checkpoint") -> Transformer:

@@ -1,4 +1,4 @@
-"""The one exception type qkv raises for problems in the user's input or files."""
+"""The one exception type qkv raises for problems in the user's input or files, and its default warning."""
 
 
 class QkvError(Exception):
@@ -6,3 +6,11 @@ class QkvError(Exception):
 
     Messages name the thing and the place, e.g. ``train.de.gz:1234: not valid UTF-8``.
     """
+
+
+def warn(message: str, stacklevel: int = 3) -> None:
+    """The default for the `warn` callbacks of qkv's functions: a Python warning, reported at the
+    caller of the function that warns (the command line prints `qkv: warning: ...` instead)."""
+    import warnings
+
+    warnings.warn(message, stacklevel=stacklevel)

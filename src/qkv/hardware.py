@@ -21,13 +21,13 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from qkv.errors import QkvError
+from qkv.errors import warn as default_warn
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -106,7 +106,7 @@ def resolve_precision(
     device_type = torch.device(device).type
     if precision == "bf16" and not native and device_type not in _warned:
         _warned.add(device_type)
-        (warn or _warn)(slow_bf16_message(device))
+        (warn or default_warn)(slow_bf16_message(device))
     return precision
 
 
@@ -121,10 +121,6 @@ def slow_bf16_message(device: str | torch.device) -> str:
         "slower than fp32: it has no bf16 instructions (a training step ran 20x slower on an AMD "
         "Zen 3); precision 'auto' or 'fp32' avoids it"
     )
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
 
 
 def precision_note(precision: str, resolved: str, device: str | torch.device) -> str:
