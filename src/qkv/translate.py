@@ -11,7 +11,6 @@ the model; a sentence longer than the model's positions is cut to fit, with a wa
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from qkv.checkpoint import TOKENIZER, load_run_checkpoint, model_from_checkpoint
 from qkv.errors import QkvError
+from qkv.errors import warn as default_warn
 from qkv.hardware import DTYPES, resolve_precision
 from qkv.kernels import frozen_weights
 from qkv.model import Transformer
@@ -220,7 +220,7 @@ def token_batches(sources: list[list[int]], max_tokens: int) -> list[list[int]]:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, stacklevel=4)
+    default_warn(message, stacklevel=5)  # at the caller of `hypotheses`
 
 
 def _progress_bar(total: int, enabled: bool):
