@@ -214,3 +214,9 @@ def test_cli_train_rejects_a_config_file_of_random_bytes(run_qkv, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"qkv: error: {config}: not valid TOML")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cosine_schedule_needs_a_step_count_when_the_config_is_read(tmp_path):
+    with pytest.raises(QkvError, match=r"train\.max_steps must be above 0 with train\.lr_schedule"):
+        load_config(write(tmp_path, '[train]\nlr_schedule = "cosine"\n'))
+    assert load_config(write(tmp_path, '[train]\nlr_schedule = "cosine"\nmax_steps = 5\n'))

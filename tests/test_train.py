@@ -1,6 +1,7 @@
 """Training: the paper's recipe, exact resume after SIGKILL, data parallelism, and a run directory a user
 can rely on."""
 
+import itertools
 import json
 import math
 import os
@@ -116,6 +117,21 @@ def test_noam_schedule_warms_up_then_decays_as_in_the_paper():
     assert values[3] == pytest.approx(values[2] / 2)  # inverse square root of the step
     assert learning_rate(4000, "inverse_sqrt", 5e-4, d_model, warmup) == pytest.approx(5e-4)
     assert learning_rate(16000, "inverse_sqrt", 5e-4, d_model, warmup) == pytest.approx(2.5e-4)
+
+
+def test_cosine_schedule_warms_up_then_anneals_to_zero_at_max_steps():
+    def lr(step):
+        return learning_rate(step, "cosine", 5e-3, 64, warmup=30, max_steps=250)
+
+    assert lr(15) == pytest.approx(2.5e-3)  # linear warm-up
+    assert lr(30) == pytest.approx(5e-3)  # the peak is train.lr, whatever d_model
+    assert lr(140) == pytest.approx(2.5e-3)  # half-way down the cosine
+    assert lr(250) == pytest.approx(0.0, abs=1e-12)
+    assert lr(300) == pytest.approx(0.0, abs=1e-12)  # past max_steps (a resumed run): stays at 0
+    values = [lr(step) for step in range(30, 251)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+    with pytest.raises(QkvError, match="max_steps"):
+        learning_rate(10, "cosine", 5e-3, 64, warmup=30, max_steps=0)
 
 
 def test_accumulated_update_equals_one_big_batch(prepared, tmp_path):

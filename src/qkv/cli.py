@@ -631,7 +631,7 @@ def _run_average(args) -> int:
 def _add_demo(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train a tiny model on the built-in task (about a minute on a CPU) and show it working",
+        help="train a tiny model on the built-in task (under a minute on a CPU) and show it working",
         description="Train a tiny Transformer, offline, on the built-in task (dates written in "
         "words -> ISO dates), then translate test sentences it never saw and report its accuracy.",
         epilog="examples:\n  qkv demo\n  qkv demo --steps 300 --out runs/quick-demo",

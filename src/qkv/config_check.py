@@ -15,7 +15,7 @@ from qkv.model import PRESETS
 from qkv.prepare import DATASETS
 from qkv.tokenizer import MODEL_TYPES
 
-LR_SCHEDULES = ("noam", "inverse_sqrt")
+LR_SCHEDULES = ("noam", "inverse_sqrt", "cosine")
 SUBWORD_DROPOUT_SIDES = ("both", "source")
 POSITIONALS = ("sinusoidal", "learned")
 MIN_VOCAB_SIZE = 8  # the 4 special tokens and a few pieces: SentencePiece refuses fewer
@@ -80,6 +80,8 @@ def _check_train(config: Config) -> None:
         if not (math.isfinite(value) and value > 0):
             _fail(f"train.{key}", value, "a finite number above 0")
     _choice("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    if train.lr_schedule == "cosine" and train.max_steps <= 0:
+        _fail("train.max_steps", train.max_steps, "above 0 with train.lr_schedule = 'cosine'")
     betas = train.adam_betas
     if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
         _fail("train.adam_betas", betas, "two numbers in [0, 1), like [0.9, 0.98]")
