@@ -1,13 +1,14 @@
-"""qkv.kernels against the PyTorch functions they replace on the CPU, side by side in one process.
+"""qkv's CPU kernels against the PyTorch functions they replace, side by side in one process.
 
 linear: ``F.linear`` (MKL's sgemm for fp32) against ``qkv.kernels.linear`` (oneDNN), inference, fp32 and
-bf16, at the shapes of decoding and of a training batch; and ``qkv.kernels.linear`` inside a
-``frozen_weights`` block (oneDNN's packed weights), as in every step of a search; and the FFN's first
-product with its ReLU, separate against fused (``qkv.kernels.linear_relu``). topk: ``torch.topk``
-against ``qkv.kernels.topk`` at the shape of a beam search's step (32 sentences x 5 beams x 8000 or
-32000 words, k = 10), and with each beam's score added to its row on the way (against adding it to
-every element first); argmax: ``Tensor.argmax`` against ``qkv.kernels.argmax`` (greedy search). dropout: ``F.dropout`` against ``qkv.kernels.dropout``, forward and backward, in
-bf16 and fp32. Each figure is the median of --repeats timed calls after warm-up; the two sides alternate
+bf16, at the shapes of decoding and of a training batch; and the decoding engine's
+``qkv.inference.linear.PreparedLinear`` (oneDNN's packed weights), as in every step of a search; and
+the FFN's first product with its ReLU, separate against fused (``PreparedLinear(..., relu=True)``).
+topk: ``torch.topk`` against ``qkv.inference.topk.topk`` at the shape of a beam search's step (32
+sentences x 5 beams x 8000 or 32000 words, k = 10), and with each beam's score added to its row on the
+way (against adding it to every element first); argmax: ``Tensor.argmax`` against
+``qkv.inference.topk.argmax`` (greedy search). dropout: ``F.dropout`` against ``qkv.kernels.dropout``,
+forward and backward, in bf16 and fp32. Each figure is the median of --repeats timed calls after warm-up; the two sides alternate
 call by call so that they share the machine's state.
 
 (Not named kernels.py: transformers imports a module called `kernels` when it finds one, and the
@@ -28,6 +29,8 @@ from timing import interleaved_median_seconds
 
 from qkv import kernels
 from qkv.hardware import describe_cpu
+from qkv.inference import topk as topk_module
+from qkv.inference.linear import PreparedLinear
 
 # (rows, d_in, d_out): decoding the small model at batch 32, beam 5 (160 rows) and a training batch of
 # about 4096 tokens; the last is the base model's FFN.
@@ -44,33 +47,26 @@ DROPOUT_SHAPE = (128, 32, 256)  # a batch of 4096 tokens of d_model 256
 TOPK_SHAPES = [(32, 5 * 8000), (32, 5 * 32000)]  # beam 5 over vocabularies of 8000 and 32000
 
 
-def in_frozen_block(prepared: dict, function, *args):
-    """`function(*args)` in a `frozen_weights` block that keeps its packed weights in `prepared`, so that
-    repeated calls reuse them, as every step of a search does."""
-    with kernels.frozen_weights(prepared):
-        return function(*args)
-
-
 def bench_linear(repeats: int, dtype: torch.dtype) -> None:
     name = str(dtype).removeprefix("torch.")
     if not kernels.onednn_linear_works(dtype):
         print(f"oneDNN has no {name} linear on this CPU: qkv.kernels.linear is F.linear here\n")
         return
     print(
-        f"| linear, {name} inference | F.linear (ms) | qkv linear (ms) | qkv linear, frozen (ms) |"
+        f"| linear, {name} inference | F.linear (ms) | qkv linear (ms) | qkv linear, packed (ms) |"
     )
     print("|---|---|---|---|")
     for rows, d_in, d_out in LINEAR_SHAPES:
         x, weight, bias = (
             torch.randn(*shape, dtype=dtype) for shape in [(rows, d_in), (d_out, d_in), (d_out,)]
         )
-        prepared: dict = {}
         with torch.inference_mode():
+            prepared = PreparedLinear(weight, bias)
             median = interleaved_median_seconds(
                 {
                     "torch": partial(F.linear, x, weight, bias),
                     "qkv": partial(kernels.linear, x, weight, bias),
-                    "frozen": partial(in_frozen_block, prepared, kernels.linear, x, weight, bias),
+                    "frozen": partial(prepared, x),
                 },
                 repeats,
             )
@@ -82,24 +78,19 @@ def bench_linear(repeats: int, dtype: torch.dtype) -> None:
     print()
 
 
-def relu_of_linear(x, weight, bias):
-    return torch.relu(kernels.linear(x, weight, bias))
+def relu_of(linear, x):
+    return torch.relu(linear(x))
 
 
 def bench_linear_relu(repeats: int) -> None:
-    print("| ReLU(x W^T + b), fp32 inference, frozen | linear, then relu (ms) | linear_relu (ms) |")
+    print("| ReLU(x W^T + b), fp32 inference, packed | linear, then relu (ms) | fused (ms) |")
     print("|---|---|---|")
     for rows, d_in, d_out in [(160, 256, 1024), (512, 256, 1024), (160, 512, 2048)]:
         x, weight, bias = (torch.randn(*shape) for shape in [(rows, d_in), (d_out, d_in), (d_out,)])
-        prepared: dict = {}
         with torch.inference_mode():
+            linear, fused = PreparedLinear(weight, bias), PreparedLinear(weight, bias, relu=True)
             median = interleaved_median_seconds(
-                {
-                    "separate": partial(in_frozen_block, prepared, relu_of_linear, x, weight, bias),
-                    "fused": partial(
-                        in_frozen_block, prepared, kernels.linear_relu, x, weight, bias
-                    ),
-                },
+                {"separate": partial(relu_of, linear, x), "fused": partial(fused, x)},
                 repeats,
             )
         separate_ms, fused_ms = median["separate"] * 1e3, median["fused"] * 1e3
@@ -145,7 +136,8 @@ def bench_topk(repeats: int) -> None:
         # Log-probabilities plus beam scores, as a search ranks them.
         x = torch.randn(rows, length).log_softmax(dim=1)
         median = interleaved_median_seconds(
-            {"torch": partial(torch.topk, x, 10, 1), "qkv": partial(kernels.topk, x, 10)}, repeats
+            {"torch": partial(torch.topk, x, 10, 1), "qkv": partial(topk_module.topk, x, 10)},
+            repeats,
         )
         print(
             f"| ({rows} x {length}) | {median['torch'] * 1e3:.3f} | {median['qkv'] * 1e3:.3f} | "
@@ -156,7 +148,7 @@ def bench_topk(repeats: int) -> None:
     median = interleaved_median_seconds(
         {
             "torch": partial(topk_of_sums, x, offsets, 10, 5),
-            "qkv": partial(kernels.topk, x, 10, offsets, 5),
+            "qkv": partial(topk_module.topk, x, 10, offsets, 5),
         },
         repeats,
     )
@@ -170,7 +162,7 @@ def bench_topk(repeats: int) -> None:
     for rows in (1, 32):
         x = torch.randn(rows, 8000).log_softmax(dim=1)
         median = interleaved_median_seconds(
-            {"torch": partial(torch.argmax, x, 1), "qkv": partial(kernels.argmax, x)}, repeats
+            {"torch": partial(torch.argmax, x, 1), "qkv": partial(topk_module.argmax, x)}, repeats
         )
         print(
             f"| ({rows} x 8000) | {median['torch'] * 1e3:.3f} | {median['qkv'] * 1e3:.3f} | "

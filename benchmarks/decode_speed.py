@@ -8,9 +8,9 @@ reaches all of them alike.
 
 - qkv: `qkv.search.beam_search` / `greedy_search` (KV cache) in fp32 and in bf16 (the model cast with
   `.to(torch.bfloat16)`), and in fp32 with the cache replaced by a full decoder pass over the prefix at
-  every step ("no cache"). Each timed search is one batch of a file as `qkv translate` decodes it: the
-  weights are prepared for oneDNN once for the whole file (`qkv.kernels.frozen_weights`), not in every
-  batch (`--pack-per-batch` times that instead).
+  every step ("no cache", tests/reference_engine.py). Each timed search is one batch of a file as `qkv
+  translate` decodes it: the model is prepared for decoding once for the whole file
+  (`qkv.inference.prepare_for_decoding`), not in every batch (`--pack-per-batch` times that instead).
 - Hugging Face: `MarianMTModel(MarianConfig(...)).generate`, in the same process as qkv, in fp32 and in
   bf16 (cast like qkv's).
 - CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process
@@ -126,65 +126,36 @@ def qkv_model(name: str):
     return Transformer(config).eval()
 
 
-class UncachedModel:
-    """A qkv model whose `decode` ignores the KV cache and runs the decoder over the whole prefix at
-    every step: what decoding costs without the cache. The search's cache is replaced by the token
-    history, which `reorder` keeps aligned with the beams."""
+def uncached_engine(model):
+    """The tests' reference engine: the model over each row's whole history, no cache."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from reference_engine import UncachedEngine
 
-    def __init__(self, model):
-        self.model, self.config, self.training = model, model.config, False
-
-    def eval(self):
-        return self
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def train(self, mode=True):
-        return self
-
-    def encode(self, src_ids):
-        return self.model.encode(src_ids)
-
-    def src_mask(self, src_ids):
-        return self.model.src_mask(src_ids)
-
-    def new_cache(self, max_beams=None, max_len=None):
-        return TokenHistory()
-
-    def decode(self, tgt_ids, memory, src, cache):
-        import torch
-
-        cache.ids = tgt_ids if cache.ids is None else torch.cat([cache.ids, tgt_ids], dim=1)
-        return self.model.decode(cache.ids, memory, src)[:, -1:]
-
-
-class TokenHistory:
-    def __init__(self):
-        self.ids = None
-
-    def reorder(self, index, cross_attention=True):
-        self.ids = self.ids.index_select(0, index)
+    return UncachedEngine(model)
 
 
 def qkv_runner(model, batch: list[list[int]], search: str, pack_per_batch: bool = False):
     import torch
 
-    from qkv.kernels import frozen_weights
+    from qkv.inference import prepare_for_decoding
     from qkv.search import beam_search, greedy_search
 
-    src = torch.tensor(batch, device=next(model.parameters()).device)
+    is_engine = not hasattr(model, "src_embed")  # the uncached reference is its own engine
+    parameters = (model.model if is_engine else model).parameters()
+    src = torch.tensor(batch, device=next(parameters).device)
     lengths = dict(max_len=NEW_TOKENS, min_len=NEW_TOKENS)
     # As `qkv translate` decodes a file: the weights are prepared (packed for oneDNN) once for all its
     # batches, not once per batch. pack_per_batch: time a search that prepares them itself.
-    prepared = None if pack_per_batch else {}
+    prepared = model if pack_per_batch or is_engine else None
+    if prepared is None:
+        with torch.inference_mode():
+            prepared = prepare_for_decoding(model)
 
     def run():
-        with frozen_weights(prepared):
-            if search == "beam":
-                ids = beam_search(model, src, beam_size=BEAM, **lengths)[0][:, 0]
-            else:
-                ids = greedy_search(model, src, **lengths)[0]
+        if search == "beam":
+            ids = beam_search(prepared, src, beam_size=BEAM, **lengths)[0][:, 0]
+        else:
+            ids = greedy_search(prepared, src, **lengths)[0]
         return (ids != PAD).sum(dim=1).tolist()  # one copy back: the search is done on any device
 
     return run
@@ -344,7 +315,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                 in_process = {
                     "qkv": (qkv_run, qkv),
                     "qkv-bf16": (qkv_run, qkv_bf16),
-                    "qkv-nocache": (qkv_run, UncachedModel(qkv)),
+                    "qkv-nocache": (qkv_run, uncached_engine(qkv)),
                     "hf": (hf_runner, marian),
                     "hf-bf16": (hf_runner, marian_bf16),
                 }

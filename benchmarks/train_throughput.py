@@ -24,6 +24,7 @@ from timing import AS_AVX2, AS_AVX2_HELP, run_as_avx2_if_asked
 from torch import nn
 
 from qkv.hardware import describe_cpu
+from qkv.kernels import use_fast_kernels
 from qkv.layers import sinusoidal_table
 from qkv.loss import label_smoothed_loss
 from qkv.model import Transformer, TransformerConfig
@@ -116,9 +117,13 @@ def benchmark(config_name: str, precisions: list[str], args) -> list[dict]:
         **CONFIGS[config_name],
     )  # fmt: skip
     torch.manual_seed(0)
-    models = {"qkv": Transformer(config), "nn.Transformer": TorchReference(config)}
+    # As `qkv train` builds its model: the reference model with qkv.kernels' linear maps and dropout.
+    models = {
+        "qkv": use_fast_kernels(Transformer(config)),
+        "nn.Transformer": TorchReference(config),
+    }
     if args.own_loss:
-        models[OWN_LOSS] = Transformer(config)
+        models[OWN_LOSS] = use_fast_kernels(Transformer(config))
     models = {name: model.to(device) for name, model in models.items()}
     optimizers = {
         name: torch.optim.Adam(

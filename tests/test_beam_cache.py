@@ -1,12 +1,13 @@
-"""qkv.beam_cache: beams that share their sentence's cache decode exactly as beams with their own."""
+"""qkv.inference.beam_cache: beams that share their sentence's cache decode exactly as beams that run
+the reference model over their own whole history."""
 
 import pytest
 import torch
 
-from qkv.attention import KVCache
-from qkv.beam_cache import BeamCache
+from qkv.inference import BeamCache, prepare_for_decoding
 from qkv.model import Transformer, TransformerConfig
 from qkv.search import beam_search, greedy_search
+from reference_engine import UncachedEngine
 from toy_task import pad_rows
 
 PAD, EOS = 0, 3
@@ -29,65 +30,62 @@ def random_sources(lengths, vocab=12, seed=0) -> torch.Tensor:
     return pad_rows(rows, PAD)
 
 
-def with_plain_cache(model, monkeypatch):
-    """Make the searches use a `KVCache` (one copy per beam, reordered by copying): the reference."""
-    n_layers = model.config.n_decoder_layers
-    monkeypatch.setattr(model, "new_cache", lambda max_beams=None, max_len=None: KVCache(n_layers))
-
-
 @pytest.mark.parametrize("beam_size,n_best", [(1, 1), (3, 2), (5, 5)])
-def test_beam_search_equals_beam_search_over_a_plain_cache(beam_size, n_best, monkeypatch):
+def test_beam_search_equals_beam_search_without_a_cache(beam_size, n_best):
     model = random_model()
     src = random_sources([5, 9, 2, 7, 12, 3], seed=1)  # different max lengths: sentences leave
     ids, scores = beam_search(model, src, beam_size=beam_size, n_best=n_best)
-    with_plain_cache(model, monkeypatch)
-    plain_ids, plain_scores = beam_search(model, src, beam_size=beam_size, n_best=n_best)
+    plain = UncachedEngine(model)
+    plain_ids, plain_scores = beam_search(plain, src, beam_size=beam_size, n_best=n_best)
     assert torch.equal(ids, plain_ids)
     torch.testing.assert_close(scores, plain_scores, rtol=0, atol=1e-5)
     assert (ids == EOS).any()  # the comparison covered hypotheses that finish early
 
 
-def test_long_outputs_outgrow_the_initial_capacity(monkeypatch):
+def test_long_outputs_outgrow_the_initial_capacity():
     model = random_model(seed=8)
     src = random_sources([4, 6], seed=8)
     lengths = dict(min_len=45, max_len=45)  # more positions than the cache holds at first (32)
     ids, scores = beam_search(model, src, beam_size=3, **lengths)
-    with_plain_cache(model, monkeypatch)
-    plain_ids, plain_scores = beam_search(model, src, beam_size=3, **lengths)
+    plain_ids, plain_scores = beam_search(UncachedEngine(model), src, beam_size=3, **lengths)
     assert ids.size(-1) == 45 and torch.equal(ids, plain_ids)
     torch.testing.assert_close(scores, plain_scores, rtol=0, atol=1e-5)
 
 
-def test_greedy_search_equals_greedy_search_over_a_plain_cache(monkeypatch):
+def test_greedy_search_equals_greedy_search_without_a_cache():
     model = random_model(seed=2)
     src = random_sources([4, 11, 6, 1], seed=2)
     ids, scores = greedy_search(model, src)
-    with_plain_cache(model, monkeypatch)
-    plain_ids, plain_scores = greedy_search(model, src)
+    plain_ids, plain_scores = greedy_search(UncachedEngine(model), src)
     assert torch.equal(ids, plain_ids)
     torch.testing.assert_close(scores, plain_scores, rtol=0, atol=1e-5)
 
 
-def decode_steps(model, src, cache, steps, parents):
+def decode_steps(engine, src, cache, steps, parents):
     """Decode `steps` positions; before step t > 0 reorder the cache with `parents[t]` (old rows)."""
-    memory, src_mask = model.encode(src), model.src_mask(src)
+    memory, src_mask = engine.encode(src)
     tokens = torch.full((src.size(0),), 2)  # BOS
     all_logits = []
     for step in range(steps):
         if step > 0:
             rows = parents[step]
             cache.reorder(rows)
-            memory, src_mask, tokens = memory[rows], src_mask[rows], tokens[rows]
-        logits = model.decode(tokens[:, None], memory, src_mask, cache)[:, -1]
+            tokens = tokens[rows]
+        logits = engine.step(tokens, memory, src_mask, cache)[:, -1]
         all_logits.append(logits)
         tokens = logits.argmax(dim=-1)
     return all_logits
 
 
-def decode_steps_without_reorder(model, src, cache, steps):
+def decode_steps_without_reorder(engine, src, cache, steps):
     return decode_steps(
-        model, src, cache, steps, {t: torch.arange(src.size(0)) for t in range(steps)}
+        engine, src, cache, steps, {t: torch.arange(src.size(0)) for t in range(steps)}
     )
+
+
+def shared_and_plain(model):
+    """The engine over a BeamCache, and the reference: the model over each row's whole history."""
+    return prepare_for_decoding(model), UncachedEngine(model)
 
 
 def test_reordering_growing_and_dropping_sentences_match_a_plain_cache():
@@ -105,8 +103,9 @@ def test_reordering_growing_and_dropping_sentences_match_a_plain_cache():
         6: torch.tensor([3, 4, 5]),  # the first leaves too
     }
     with torch.inference_mode():
-        shared = decode_steps(model, src, BeamCache(2, max_beams=beams, max_len=2), 7, parents)
-        plain = decode_steps(model, src, KVCache(2), 7, parents)
+        engine, reference = shared_and_plain(model)
+        shared = decode_steps(engine, src, BeamCache(2, max_beams=beams, max_len=2), 7, parents)
+        plain = decode_steps(reference, src, reference.new_cache(), 7, parents)
     for step, (a, b) in enumerate(zip(shared, plain, strict=True)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {step}")
@@ -117,8 +116,9 @@ def test_a_source_without_tokens_gives_no_nan():
     src = random_sources([4, 6], seed=4)
     src[1] = PAD  # a row that is all padding: cross-attention has nothing to attend to
     with torch.inference_mode():
-        shared = decode_steps_without_reorder(model, src, BeamCache(2, max_beams=1), 3)
-        plain = decode_steps_without_reorder(model, src, KVCache(2), 3)
+        engine, reference = shared_and_plain(model)
+        shared = decode_steps_without_reorder(engine, src, BeamCache(2, max_beams=1), 3)
+        plain = decode_steps_without_reorder(reference, src, reference.new_cache(), 3)
     for a, b in zip(shared, plain, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -128,8 +128,9 @@ def test_one_row_per_sentence_is_the_greedy_case():
     model = random_model(seed=5)
     src = random_sources([3, 7, 5], seed=5)
     with torch.inference_mode():
-        shared = decode_steps_without_reorder(model, src, BeamCache(2, max_beams=1), 5)
-        plain = decode_steps_without_reorder(model, src, KVCache(2), 5)
+        engine, reference = shared_and_plain(model)
+        shared = decode_steps_without_reorder(engine, src, BeamCache(2, max_beams=1), 5)
+        plain = decode_steps_without_reorder(reference, src, reference.new_cache(), 5)
     for a, b in zip(shared, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -139,7 +140,7 @@ def test_reorders_that_break_the_contract_are_refused():
     src = random_sources([3, 4], seed=6)
     cache = BeamCache(2, max_beams=2)
     with torch.inference_mode():
-        decode_steps_without_reorder(model, src, cache, 1)
+        decode_steps_without_reorder(prepare_for_decoding(model), src, cache, 1)
         cache.reorder(torch.tensor([0, 0, 1, 1]))  # expand to 2 beams: allowed
         with pytest.raises(ValueError, match="stay together"):
             cache.reorder(torch.tensor([0, 2, 1, 3]))  # rows of two sentences mixed
@@ -149,11 +150,3 @@ def test_reorders_that_break_the_contract_are_refused():
             cache.reorder(torch.tensor([0, 1]), cross_attention=False)
     with pytest.raises(ValueError, match="max_beams"):
         BeamCache(2, max_beams=0)
-
-
-def test_attention_weights_are_not_available_from_a_beam_cache():
-    model = random_model()
-    src = random_sources([3], seed=7)
-    cache = BeamCache(2)
-    with torch.inference_mode(), pytest.raises(ValueError, match="attention weights"):
-        model.decode(torch.full((1, 1), 2), model.encode(src), src, cache, return_attention=True)

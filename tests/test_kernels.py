@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from conftest import qkv_env
 from qkv import kernels
-from qkv.attention import MultiHeadAttention
 from qkv.hardware import AVX2_ENVIRONMENT
-from qkv.kernels import Dropout, Linear, dropout, frozen_cache, frozen_weights, linear, uses_onednn
+from qkv.inference.linear import PreparedLinear
+from qkv.kernels import Dropout, Linear, dropout, linear, use_fast_kernels, uses_onednn
 
 
 def test_linear_equals_a_float64_reference_at_fp32_precision():
@@ -105,12 +105,13 @@ def test_where_onednn_cannot_compute_bf16_pytorch_computes_it_with_the_same_resu
     assert kernels.onednn_linear_works(torch.float32) == kernels.FAST  # fp32 is unaffected
     assert not uses_onednn(x, weight)
     expected = F.linear(x, weight, bias)
-    prepared: dict = {}
-    with torch.inference_mode(), frozen_weights(prepared):
+    prepared, prepared_relu = PreparedLinear(weight, bias), PreparedLinear(weight, bias, relu=True)
+    assert prepared.packed is prepared.weight  # nothing packed
+    with torch.inference_mode():
         for _ in range(3):
             assert torch.equal(linear(x, weight, bias), expected)
-            assert torch.equal(kernels.linear_relu(x, weight, bias), expected.relu())
-    assert all(entry[1] is None for entry in prepared.values())  # nothing packed
+            assert torch.equal(prepared(x), expected)
+            assert torch.equal(prepared_relu(x), expected.relu())
     layer = Linear(64, 100).bfloat16()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
@@ -122,6 +123,7 @@ def test_the_avx2_settings_take_an_x86_cpu_to_the_paths_of_one_without_bf16():
     every path qkv takes, whatever it has: so every machine proves the fallback on real oneDNN."""
     code = (
         "import torch, torch.nn.functional as F; from qkv import hardware, kernels; "
+        "from qkv.inference.linear import PreparedLinear; "
         "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'; "
         "assert not hardware.cpu_bf16_native(); "
         "assert hardware.resolve_precision('auto', 'cpu') == 'fp32'; "
@@ -129,7 +131,7 @@ def test_the_avx2_settings_take_an_x86_cpu_to_the_paths_of_one_without_bf16():
         "assert not kernels.packing_works(torch.bfloat16); "
         "x, w = torch.randn(8, 16).bfloat16(), torch.randn(4, 16).bfloat16(); "
         "assert torch.equal(kernels.linear(x, w), F.linear(x, w)); "
-        "assert torch.equal(kernels.linear_relu(x, w), F.linear(x, w).relu()); "
+        "assert torch.equal(PreparedLinear(w, relu=True)(x), F.linear(x, w).relu()); "
         "print('fp32 oneDNN:', kernels.onednn_linear_works(torch.float32))"
     )
     result = subprocess.run(
@@ -162,26 +164,6 @@ def test_linear_gradients_equal_f_linear_gradients(monkeypatch, weight_gradient_
     frozen = torch.randn(40, 24)
     (x_grad,) = torch.autograd.grad(linear(x, frozen), [x], upstream)
     torch.testing.assert_close(x_grad, upstream @ frozen, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_relu_equals_relu_of_linear_packed_or_not_with_or_without_gradients(dtype):
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(40, 3, 64), torch.randn(96, 64), torch.randn(96)
-    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-    expected = F.relu(linear(x, weight, bias))
-    assert (expected == 0).any() and (expected > 0).any()
-    with torch.inference_mode():
-        assert torch.equal(kernels.linear_relu(x, weight, bias), expected)
-        with frozen_weights({}):  # packed at the second use
-            for _ in range(3):
-                assert torch.equal(kernels.linear_relu(x, weight, bias), expected)
-    weight.requires_grad_()
-    out = kernels.linear_relu(x, weight, None)
-    out.sum().backward()
-    reference = weight.detach().clone().requires_grad_()
-    F.relu(F.linear(x, reference)).sum().backward()
-    torch.testing.assert_close(weight.grad, reference.grad)
 
 
 def test_linear_module_trains_like_nn_linear():
@@ -264,182 +246,21 @@ def test_environment_variable_turns_the_fast_kernels_off():
     subprocess.run([sys.executable, "-c", code], env=qkv_env(QKV_FAST_KERNELS="0"), check=True)
 
 
-needs_packing = pytest.mark.skipif(
-    not kernels.packing_works(torch.float32), reason="no packed oneDNN weights"
-)
+def test_use_fast_kernels_changes_how_a_model_computes_not_what_it_holds():
+    from qkv.model import Transformer, TransformerConfig
 
-
-def packable(dtype: torch.dtype):
-    """`dtype` as a parameter, skipped where oneDNN cannot pack weights of it."""
-    return pytest.param(
-        dtype,
-        marks=pytest.mark.skipif(
-            not kernels.packing_works(dtype),
-            reason=ONEDNN_BF16 if dtype == torch.bfloat16 else "no packed oneDNN weights",
-        ),
-    )
-
-
-@pytest.mark.parametrize("dtype", [packable(torch.float32), packable(torch.bfloat16)])
-def test_frozen_weights_are_packed_at_their_second_use_with_the_same_results(dtype):
     torch.manual_seed(0)
-    x, weight, bias = (torch.randn(*shape).to(dtype) for shape in [(32, 1, 64), (100, 64), (100,)])
-    expected = F.linear(x.double(), weight.double(), bias.double())
-    with torch.inference_mode(), frozen_weights():
-        outputs = [linear(x, weight, bias) for _ in range(3)]
-        packed = frozen_cache()[("onednn", id(weight))][1]
-        few_rows = linear(x[:2], weight, bias)  # too few rows to be worth packing: not packed
-    assert packed is not None and packed.layout == torch._mkldnn
-    assert frozen_cache() is None  # dropped on leaving the block
-    tolerance = 2e-4 if dtype == torch.float32 else 0.25  # bf16: 8 bits of mantissa, 64 products
-    for out in [*outputs, few_rows]:
-        assert out.dtype == dtype
-        torch.testing.assert_close(out.double(), expected[: out.size(0)], rtol=0, atol=tolerance)
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
-
-
-@needs_packing
-def test_weights_changed_between_frozen_blocks_are_seen():
-    # Fused Adam updates parameters without bumping their version counters: only the block's scope
-    # tells a packed weight is stale.
-    x, weight = torch.randn(32, 64), torch.randn(100, 64)
-    with torch.inference_mode():
-        with frozen_weights():
-            before = [linear(x, weight) for _ in range(2)][-1]
-        weight.mul_(2)
-        with frozen_weights():
-            after = [linear(x, weight) for _ in range(2)][-1]
-    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-4)
-
-
-def test_nested_frozen_blocks_share_the_outermost_cache():
-    with frozen_weights():
-        outer = frozen_cache()
-        with frozen_weights():
-            assert frozen_cache() is outer
-        assert frozen_cache() is outer
-    assert frozen_cache() is None
-
-
-@needs_packing
-def test_a_dictionary_passed_to_frozen_blocks_keeps_the_packed_weights_between_them():
-    layer = Linear(64, 48)
-    x = torch.randn(32, 64)
-    prepared: dict = {}
+    config = TransformerConfig.preset("tiny", src_vocab_size=20, tgt_vocab_size=20, dropout=0.0)
+    plain = Transformer(config).eval()
+    fast = Transformer(config).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert use_fast_kernels(fast) is fast
+    assert all(type(m) is not torch.nn.Linear for m in fast.modules())
+    assert {type(m) for m in fast.modules()} >= {Linear, Dropout}
+    assert fast.encoder.layers[0].self_attn.linear is linear  # the stacked Q/K/V product too
+    assert plain.encoder.layers[0].self_attn.linear is F.linear
+    assert all(type(m) not in (Linear, Dropout) for m in plain.modules())  # the model is plain
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    src, tgt = torch.randint(4, 20, (3, 7)), torch.randint(4, 20, (3, 5))
     with torch.no_grad():
-        for _ in range(2):
-            with frozen_weights(prepared):
-                assert frozen_cache() is prepared
-                out = layer(x)
-        packed = prepared[("onednn", id(layer.weight))][1]
-        assert packed is not None  # packed at the second use, in the second block
-        with frozen_weights(prepared):
-            assert layer(x) is not None
-            assert prepared[("onednn", id(layer.weight))][1] is packed  # not packed again
-        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
-    assert frozen_cache() is None
-
-
-@pytest.mark.parametrize("dtype", [packable(torch.float32), packable(torch.bfloat16)])
-def test_kept_weights_are_packed_for_products_of_any_number_of_rows(dtype):
-    """Within one search a product of a few rows does not repay the packing; over the many searches of
-    a caller that keeps the prepared weights it does (batch 1: 1 row greedy, 5 rows beam 5)."""
-    torch.manual_seed(0)
-    x, weight = torch.randn(1, 1, 64).to(dtype), torch.randn(100, 64).to(dtype)
-    expected = F.linear(x.double(), weight.double())
-    with torch.inference_mode():
-        with frozen_weights():
-            single_search = [linear(x, weight) for _ in range(2)][-1]
-            entry = frozen_cache().get(("onednn", id(weight)))
-            assert entry is None or entry[1] is None  # not packed
-        prepared: dict = {}
-        with frozen_weights(prepared):
-            kept = [linear(x, weight) for _ in range(2)][-1]
-        assert prepared[("onednn", id(weight))][1].layout == torch._mkldnn
-    tolerance = 2e-4 if dtype == torch.float32 else 0.25
-    for out in (single_search, kept):
-        torch.testing.assert_close(out.double(), expected, rtol=0, atol=tolerance)
-
-
-def test_stacked_q_k_v_weights_are_made_once_inside_a_frozen_block():
-    mha = MultiHeadAttention(16, 2)
-    projections = (mha.q_proj, mha.k_proj, mha.v_proj)
-    with torch.no_grad():
-        with frozen_weights():
-            first, _ = mha._stacked(*projections)
-            assert mha._stacked(*projections)[0] is first
-        again, _ = mha._stacked(*projections)
-    assert again is not first and torch.equal(again, first)
-    assert torch.equal(first[:16], mha.q_proj.weight) and torch.equal(first[32:], mha.v_proj.weight)
-
-
-@pytest.mark.parametrize(
-    ("rows", "length", "k"),
-    [(32, 40000, 10), (3, 8000, 2), (5, 4096 * 3, 7), (2, 160 * 40, 10)],
-)
-def test_topk_equals_torch_topk(rows, length, k):
-    assert kernels._topk_chunk(length, k) is not None  # the chunked path, not the fallback
-    generator = torch.Generator().manual_seed(length + k)
-    x = torch.randn(rows, length, generator=generator)
-    x[0, :] = x[0].sort().values  # the k best in one chunk
-    x[-1, ::97] += 5.0  # the k best spread over many chunks
-    if rows > 2:
-        x[1, length // 2 :] = -torch.inf  # as the dead beams of a search's first step
-    values, indices = kernels.topk(x, k)
-    expected_values, expected_indices = x.topk(k, dim=1)
-    assert torch.equal(values, expected_values)
-    assert torch.equal(indices, expected_indices)
-
-
-@pytest.mark.parametrize("chunked", [True, False])
-@pytest.mark.parametrize(
-    ("rows_per_group", "length", "k"), [(5, 8000, 10), (1, 8000, 10), (3, 6000, 4)]
-)
-def test_topk_of_offset_rows_in_groups_equals_torch_topk_of_the_sums(
-    rows_per_group, length, k, chunked, monkeypatch
-):
-    """A beam search's candidates: each group (a sentence) has rows_per_group rows (its beams), each row
-    its own offset (the beam's score)."""
-    if chunked:
-        assert kernels._topk_chunk(length, k, rows_per_group) is not None
-    else:
-        monkeypatch.setattr(kernels, "_topk_chunk", lambda *args: None)
-    generator = torch.Generator().manual_seed(length + k)
-    groups = 4
-    x = torch.log_softmax(torch.randn(groups * rows_per_group, length, generator=generator), 1)
-    offsets = -10 * torch.rand(groups * rows_per_group, generator=generator)
-    if rows_per_group > 1:
-        offsets[1] = -torch.inf  # a dead beam (a group of dead beams only would be all ties)
-    x[-1, ::97] += 5.0  # the k best of the last group spread over many chunks
-    values, indices = kernels.topk(x, k, offsets, rows_per_group)
-    sums = (x + offsets[:, None]).view(groups, rows_per_group * length)
-    expected_values, expected_indices = sums.topk(k, dim=1)
-    assert torch.equal(values, expected_values)
-    assert torch.equal(indices, expected_indices)
-
-
-@pytest.mark.parametrize("rows", [1, kernels.ARGMAX_MIN_ROWS, 40])
-def test_argmax_equals_torch_argmax(rows):
-    x = torch.randn(rows, 8000, generator=torch.Generator().manual_seed(rows))
-    assert torch.equal(kernels.argmax(x), x.argmax(dim=1))
-
-
-def test_topk_with_ties_returns_the_tied_values_at_valid_indices():
-    x = torch.zeros(4, 8000)
-    x[:, 100:105] = 1.0
-    values, indices = kernels.topk(x, 10)
-    assert torch.equal(values, x.topk(10, dim=1).values)
-    assert torch.equal(x.gather(1, indices), values)
-    assert indices.unique(dim=1).size(1) == 10  # no index twice
-
-
-def test_topk_falls_back_to_torch_topk_where_chunks_do_not_pay():
-    assert kernels._topk_chunk(1000, 10) is None  # a short row
-    assert kernels._topk_chunk(8009, 10) is None  # a prime length: no chunk divides it
-    assert kernels._topk_chunk(4096, 40) is None  # too few chunks of at least 32 for k = 40
-    x = torch.randn(3, 8009)
-    values, indices = kernels.topk(x, 5)
-    assert torch.equal(values, x.topk(5, dim=1).values)
-    assert torch.equal(indices, x.topk(5, dim=1).indices)
-    y = torch.randn(8000, 3).t()  # not contiguous
-    assert torch.equal(kernels.topk(y, 5)[1], y.topk(5, dim=1).indices)
+        torch.testing.assert_close(fast(src, tgt), plain(src, tgt), rtol=1e-5, atol=1e-5)

@@ -1,10 +1,11 @@
-"""The Transformer: equal to torch.nn.Transformer, causal, invariant to padding and batching, cacheable,
-differentiable, the paper's size, and able to learn."""
+"""The Transformer: equal to torch.nn.Transformer, causal, invariant to padding and batching,
+differentiable, the paper's size, and able to learn (decoding over a cache: test_inference.py)."""
 
 import pytest
 import torch
 from torch import nn
 
+from qkv.inference import prepare_for_decoding
 from qkv.model import Transformer, TransformerConfig, padding_mask
 from test_attention import TOLERANCES, copy_from_torch
 
@@ -170,23 +171,6 @@ def test_return_attention_gives_the_same_logits_and_normalised_weights():
     assert (attention["decoder"][0][0].triu(diagonal=1) == 0).all()  # nor the future
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_kv_cache_decoding_equals_one_full_forward_pass(norm_first):
-    model = tiny_model(5, norm_first=norm_first)
-    src = random_ids(3, 7, 40)
-    src[2, 3:] = PAD
-    tgt = random_ids(3, 6, 30)
-    with torch.no_grad():
-        full = model(src, tgt)
-        memory = model.encode(src)
-        cache = model.new_cache()
-        steps = []
-        for t in range(tgt.size(1)):
-            steps.append(model.decode(tgt[:, t : t + 1], memory, src, cache=cache))
-        assert len(cache) == tgt.size(1)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
 def test_gradcheck_tiny_model_in_float64():
     torch.manual_seed(6)
     config = TransformerConfig(
@@ -295,14 +279,15 @@ def test_tiny_model_learns_to_copy():
 
     model.eval()
     src, _, tgt_out = sample(256)
-    with torch.no_grad():
-        memory = model.encode(src)
-        cache = model.new_cache()
-        token = torch.full((256, 1), BOS)
+    with torch.inference_mode():
+        engine = prepare_for_decoding(model)  # greedy, one position at a time over the cache
+        memory, src_mask = engine.encode(src)
+        cache = engine.new_cache()
+        token = torch.full((256,), BOS)
         predicted = []
-        for _ in range(length + 1):  # greedy, on the cached decoder
-            token = model.decode(token, memory, src, cache=cache)[:, -1:].argmax(-1)
-            predicted.append(token)
+        for _ in range(length + 1):
+            token = engine.step(token, memory, src_mask, cache)[:, -1].argmax(-1)
+            predicted.append(token[:, None])
     accuracy = (torch.cat(predicted, 1) == tgt_out).float().mean().item()
     assert accuracy >= 0.99, f"copy accuracy {accuracy:.3f}"
 

@@ -177,13 +177,13 @@ def test_beam_scores_are_the_models_log_probs_over_the_length_penalty(style, whi
 
 
 def test_beam_search_with_the_chunked_top_k_equals_torch_topk(monkeypatch):
-    """With 5 beams of a 1000-word vocabulary a step takes `qkv.kernels.topk`'s chunked path."""
-    from qkv import kernels
+    """With 5 beams of a 1000-word vocabulary a step takes `qkv.inference.topk`'s chunked path."""
+    from qkv.inference import topk as topk_module
 
     model, src = random_model(tgt_vocab_size=1000), random_sources([5, 9, 3, 7])
-    assert kernels._topk_chunk(1000, 10, 5) is not None
+    assert topk_module._topk_chunk(1000, 10, 5) is not None
     chunked = beam_search(model, src, beam_size=5, n_best=5)
-    monkeypatch.setattr(kernels, "_topk_chunk", lambda *args: None)
+    monkeypatch.setattr(topk_module, "_topk_chunk", lambda *args: None)
     plain = beam_search(model, src, beam_size=5, n_best=5)
     assert torch.equal(chunked[0], plain[0])
     assert torch.equal(chunked[1], plain[1])
@@ -291,16 +291,19 @@ def test_deterministic(reverser):
 
 
 def test_finished_sentences_leave_the_batch(reverser, monkeypatch):
+    from qkv.inference import prepare_for_decoding
+
     model, _, src = reverser  # outputs of different lengths: "e" ends long before "f g h i j k"
     rows_per_step = []
-    decode = model.decode
+    engine = prepare_for_decoding(model)
+    step = engine.step
 
-    def counting_decode(tgt_ids, *args, **kwargs):
-        rows_per_step.append(tgt_ids.size(0))
-        return decode(tgt_ids, *args, **kwargs)
+    def counting_step(last_tokens, *args, **kwargs):
+        rows_per_step.append(last_tokens.size(0))
+        return step(last_tokens, *args, **kwargs)
 
-    monkeypatch.setattr(model, "decode", counting_decode)
-    beam_search(model, src, beam_size=4)
+    monkeypatch.setattr(engine, "step", counting_step)
+    beam_search(engine, src, beam_size=4)
     assert rows_per_step[0] == src.size(0)  # the first step: one row per sentence, not per beam
     assert rows_per_step[1] == 4 * src.size(0)
     assert rows_per_step[-1] < rows_per_step[1]

@@ -74,10 +74,9 @@ def test_bf16_on_a_cpu_without_it_warns_once_and_translates_and_auto_takes_fp32(
 def test_prepared_weights_are_kept_across_calls_and_dropped_when_the_model_changes(toy_run):
     translator = qkv.load(toy_run)
     before = translator.translate(LINES, beam=3)
-    prepared = translator._prepared
-    assert any(entry[1] is not None for key, entry in prepared.items() if key[0] == "onednn")
+    prepared = translator.engine()
     assert translator.translate(LINES, beam=3) == before
-    assert translator._prepared is prepared  # kept: nothing changed
+    assert translator.engine() is prepared  # kept: nothing changed
 
     # Another model's weights, copied in place (load_state_dict): stale packed weights would still
     # translate like the old model.
@@ -87,7 +86,7 @@ def test_prepared_weights_are_kept_across_calls_and_dropped_when_the_model_chang
             parameter.mul_(-1.0)
     translator.model.load_state_dict(other.model.state_dict())
     changed = translator.translate(LINES, beam=3)
-    assert translator._prepared is not prepared
+    assert translator.engine() is not prepared
     fresh = Translator(other.model, other.tokenizer)
     assert changed == fresh.translate(LINES, beam=3)
     assert changed != before

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qkv.attention import AttentionCache, MultiHeadAttention
-from qkv.kernels import Dropout, Linear, linear_relu
+from qkv.attention import MultiHeadAttention
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -83,18 +82,13 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "relu"):
         super().__init__()
-        self.linear1 = Linear(d_model, d_ff)
-        self.linear2 = Linear(d_ff, d_model)
-        self.dropout = Dropout(dropout)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
         self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activation is F.relu:
-            # One call for W_1 and the ReLU (not through linear1's forward, nor its hooks).
-            hidden = linear_relu(x, self.linear1.weight, self.linear1.bias)
-        else:
-            hidden = self.activation(self.linear1(x))
-        return self.linear2(self.dropout(hidden))
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
 class EncoderLayer(nn.Module):
@@ -118,7 +112,7 @@ class EncoderLayer(nn.Module):
         self.feed_forward = FeedForward(d_model, d_ff, dropout=dropout, activation=activation)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(
         self, x: Tensor, src_mask: Tensor | None, need_weights: bool = False
@@ -160,15 +154,13 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(
         self,
         y: Tensor,
         memory: Tensor,
         src_mask: Tensor | None,
-        self_cache: AttentionCache | None = None,
-        cross_cache: AttentionCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """y: (batch, tgt_len, d_model); memory: (batch, src_len, d_model) from the last encoder layer.
@@ -177,12 +169,10 @@ class DecoderLayer(nn.Module):
         """
 
         def self_attention(h):
-            return self.self_attn(h, causal=True, cache=self_cache, need_weights=need_weights)
+            return self.self_attn(h, causal=True, need_weights=need_weights)
 
         def cross_attention(h):
-            return self.cross_attn(
-                h, memory, mask=src_mask, cache=cross_cache, need_weights=need_weights
-            )
+            return self.cross_attn(h, memory, mask=src_mask, need_weights=need_weights)
 
         if self.norm_first:
             attended, self_weights = self_attention(self.norm1(y))

@@ -8,9 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qkv.attention import KVCache
-from qkv.beam_cache import BeamCache
-from qkv.kernels import Dropout, Linear
 from qkv.layers import (
     ACTIVATIONS,
     DecoderLayer,
@@ -150,19 +147,11 @@ class Decoder(nn.Module):
         y: Tensor,
         memory: Tensor,
         src_mask: Tensor | None,
-        cache: KVCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         self_weights, cross_weights = [], []
-        for i, layer in enumerate(self.layers):
-            y, self_w, cross_w = layer(
-                y,
-                memory,
-                src_mask,
-                self_cache=cache.self_attn[i] if cache is not None else None,
-                cross_cache=cache.cross_attn[i] if cache is not None else None,
-                need_weights=need_weights,
-            )
+        for layer in self.layers:
+            y, self_w, cross_w = layer(y, memory, src_mask, need_weights=need_weights)
             if need_weights:
                 self_weights.append(self_w)
                 cross_weights.append(cross_w)
@@ -203,10 +192,10 @@ class Transformer(nn.Module):
             self.tgt_embed = TokenEmbedding(config.tgt_vocab_size, config.d_model, config.pad_id)
         self.src_positions = positions(config.max_len, config.d_model)
         self.tgt_positions = positions(config.max_len, config.d_model)
-        self.embed_dropout = Dropout(config.dropout)
+        self.embed_dropout = nn.Dropout(config.dropout)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.output = Linear(config.d_model, config.tgt_vocab_size, bias=False)
+        self.output = nn.Linear(config.d_model, config.tgt_vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_output:
             self.output.weight = self.tgt_embed.embedding.weight
@@ -247,23 +236,20 @@ class Transformer(nn.Module):
         tgt_ids: Tensor,
         memory: Tensor,
         src: Tensor,
-        cache: KVCache | None = None,
         return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
         """Logits (batch, tgt_len, tgt_vocab_size) for target ids given the encoder output.
 
         src: the source ids (batch, src_len) or their mask from `src_mask` (batch, 1, 1, src_len).
-        cache: a `KVCache` from `new_cache()` for incremental decoding. tgt_ids then holds only the *new*
-            positions (usually one), which come after the ``len(cache)`` positions already decoded.
+        (Decoding one new position at a time over a cache: `qkv.inference.DecodingEngine.step`.)
         With return_attention, also {'decoder': [...], 'cross': [...]}: per layer, the self-attention weights
         (batch, n_heads, tgt_len, tgt_len so far) and the encoder-decoder weights (batch, n_heads, tgt_len,
         src_len).
         """
         src_mask = src if src.dtype == torch.bool else self.src_mask(src)
-        offset = len(cache) if cache is not None else 0
-        y = self.tgt_embed(tgt_ids) + self.tgt_positions(tgt_ids.size(1), offset)
+        y = self.tgt_embed(tgt_ids) + self.tgt_positions(tgt_ids.size(1))
         y, self_weights, cross_weights = self.decoder(
-            self.embed_dropout(y), memory, src_mask, cache=cache, need_weights=return_attention
+            self.embed_dropout(y), memory, src_mask, need_weights=return_attention
         )
         logits = self.output(y)
         if return_attention:
@@ -283,15 +269,6 @@ class Transformer(nn.Module):
             logits, weights = self.decode(tgt_ids, memory, src_ids, return_attention=True)
             return logits, {"encoder": encoder_weights, **weights}
         return self.decode(tgt_ids, self.encode(src_ids), src_ids)
-
-    def new_cache(
-        self, max_beams: int | None = None, max_len: int | None = None
-    ) -> KVCache | BeamCache:
-        """An empty decoder cache: a `KVCache`, or with `max_beams` a `BeamCache` for decoding up to
-        that many rows per sentence (what `qkv.search` uses), sized for `max_len` positions if given."""
-        if max_beams is None:
-            return KVCache(self.config.n_decoder_layers)
-        return BeamCache(self.config.n_decoder_layers, max_beams, max_len)
 
     def num_parameters(self) -> int:
         """Distinct trainable parameters (tied matrices counted once)."""

@@ -1,6 +1,8 @@
-"""Greedy search, sampling and batched beam search over the cached decoder.
+"""Greedy search, sampling and batched beam search, on the decoding engine (`qkv.inference`).
 
-Every function takes source ids (batch, src_len): subword ids followed by EOS, padded with ``pad_id``;
+Every function takes a model (`qkv.model.Transformer`, prepared for decoding for that call) or an
+engine already prepared (`qkv.inference.prepare_for_decoding`, kept across calls by `Translator`), and
+source ids (batch, src_len): subword ids followed by EOS, padded with ``pad_id``;
 special ids come from ``model.config``. Outputs are padded with ``pad_id`` after EOS.
 
 Lengths count generated tokens, BOS not included, as Hugging Face's ``max_new_tokens``:
@@ -16,13 +18,13 @@ are removed *after* the softmax, as Hugging Face's logits processors do, so a re
 teacher-forced forward pass gives for the returned ids.
 
 How the beam search stays fast (as fairseq, Marian and CTranslate2 do it, and one step further):
-- all beams of all sentences are rows of one tensor, and the decoder runs one position at a time on a
-  KV cache;
-- the cache is a `qkv.beam_cache.BeamCache`: the beams of a sentence share its keys and values, so
+- all beams of all sentences are rows of one tensor, and the engine decodes one position at a time on
+  a KV cache, `qkv.inference.BeamCache`: the beams of a sentence share its keys and values, so
   reordering the beams moves a small mask, never the cache;
 - the encoder and the cross-attention keys/values run once per sentence, and are kept once per sentence:
   the first step decodes one row per sentence, then each sentence gets `beam_size` rows;
-- the weights are prepared once per search (`qkv.kernels.frozen_weights`);
+- the candidates come from `qkv.inference.topk`, which searches only the parts of each row that can
+  hold the best;
 - each step keeps the best 2 x beam_size candidates, so `beam_size` of them continue even if all the
   beams just produced EOS;
 - finished hypotheses are kept until no live beam can beat them, then the sentence leaves the batch and
@@ -38,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qkv.kernels import argmax, frozen_weights, topk
+from qkv.inference import DecodingEngine, prepare_for_decoding
+from qkv.inference.topk import argmax, topk
 from qkv.model import Transformer
 
 LENGTH_PENALTY_STYLES = ("gnmt", "fairseq")
@@ -65,23 +68,28 @@ def length_penalty_factor(
 
 
 def _inference(function):
-    """Run `function` in inference mode with the model in eval mode, restoring its mode afterwards, and
-    with the weights frozen (`qkv.kernels.frozen_weights`): prepared once for all the steps."""
+    """Run `function` on an engine, in inference mode, with the model in eval mode (restored
+    afterwards). Given a model, the engine is prepared for this call."""
 
     @functools.wraps(function)
-    def wrapper(model: Transformer, *args, **kwargs):
+    def wrapper(model_or_engine: Transformer | DecodingEngine, *args, **kwargs):
+        given_a_model = isinstance(model_or_engine, Transformer)
+        model = model_or_engine if given_a_model else model_or_engine.model
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), frozen_weights():
-                return function(model, *args, **kwargs)
+            with torch.inference_mode():
+                engine = prepare_for_decoding(model) if given_a_model else model_or_engine
+                return function(engine, *args, **kwargs)
         finally:
             model.train(was_training)
 
     return wrapper
 
 
-def max_lengths(model: Transformer, src_ids: Tensor, max_len: int | None) -> Tensor:
+def max_lengths(
+    model: Transformer | DecodingEngine, src_ids: Tensor, max_len: int | None
+) -> Tensor:
     """(batch,) the most tokens each hypothesis may generate, EOS included."""
     if max_len is None:
         src_lengths = (src_ids != model.config.pad_id).sum(dim=1)
@@ -94,7 +102,9 @@ def max_lengths(model: Transformer, src_ids: Tensor, max_len: int | None) -> Ten
     return lengths.clamp(max=model.config.max_len)
 
 
-def next_log_probs(model: Transformer, logits: Tensor, generated: int, min_len: int) -> Tensor:
+def next_log_probs(
+    model: Transformer | DecodingEngine, logits: Tensor, generated: int, min_len: int
+) -> Tensor:
     """(rows, 1, vocab) logits of the newest position -> (rows, vocab) fp32 log-probabilities, with the
     tokens that may not come next at -inf. `generated` tokens already exist before this one.
 
@@ -117,36 +127,38 @@ def next_log_probs(model: Transformer, logits: Tensor, generated: int, min_len: 
 class _Batch:
     """The rows still being decoded, and the per-sentence tensors that shrink with them.
 
-    Cross-attention reads the cache, but `decode` still wants the encoder output and the source mask
-    with one row per decoder row."""
+    Cross-attention reads the cache after the first step, which alone reads the encoder output."""
 
     def __init__(
-        self, model: Transformer, src_ids: Tensor, max_len: int | None, max_beams: int = 1
+        self, engine: DecodingEngine, src_ids: Tensor, max_len: int | None, max_beams: int = 1
     ):
-        self.model = model
-        self.memory = model.encode(src_ids)  # (batch, src_len, d_model)
-        self.src_mask = model.src_mask(src_ids)  # (batch, 1, 1, src_len)
-        self.max_lens = max_lengths(model, src_ids, max_len)  # (batch,)
+        self.engine = engine
+        # (batch, src_len, d_model), (batch, 1, 1, src_len)
+        self.memory, self.src_mask = engine.encode(src_ids)
+        self.max_lens = max_lengths(engine, src_ids, max_len)  # (batch,)
         # The smallest of max_lens, as a number: before it, no sentence needs to check its own.
         self.shortest_max_len = int(self.max_lens.min()) if src_ids.size(0) else 0
         self.sentence = torch.arange(src_ids.size(0), device=src_ids.device)  # original row of each
         longest = int(self.max_lens.max()) if src_ids.size(0) else 0
-        self.cache = model.new_cache(max_beams=max_beams, max_len=longest or None)
+        self.cache = engine.new_cache(max_beams=max_beams, max_len=longest or None)
+        self.started = False
 
     def decode(self, last_tokens: Tensor) -> Tensor:
         """(rows,) the newest token of each row -> (rows, 1, vocab) logits of the next one."""
-        return self.model.decode(last_tokens[:, None], self.memory, self.src_mask, self.cache)
+        logits = self.engine.step(last_tokens, self.memory, self.src_mask, self.cache)
+        if not self.started:  # the cache holds the encoder's keys and values from now on
+            self.memory = self.src_mask = None
+            self.started = True
+        return logits
 
     def next_log_probs(self, last_tokens: Tensor, generated: int, min_len: int) -> Tensor:
         """(rows,) the newest token of each row -> (rows, vocab) log-probabilities of the next one, as
         `next_log_probs`."""
-        return next_log_probs(self.model, self.decode(last_tokens), generated, min_len)
+        return next_log_probs(self.engine, self.decode(last_tokens), generated, min_len)
 
     def keep(self, rows: Tensor, cache_rows: Tensor | None = None) -> None:
         """Keep `rows` (in that order) of the current batch; the cache keeps `cache_rows` (default the
         same rows: they differ when beams are reordered, as their per-sentence tensors are equal)."""
-        self.memory = self.memory.index_select(0, rows)
-        self.src_mask = self.src_mask.index_select(0, rows)
         self.max_lens = self.max_lens.index_select(0, rows)
         self.shortest_max_len = int(self.max_lens.min()) if rows.numel() else 0
         self.sentence = self.sentence.index_select(0, rows)
@@ -159,7 +171,10 @@ class _Batch:
 
 @_inference
 def greedy_search(
-    model: Transformer, src_ids: Tensor, max_len: int | None = None, min_len: int = 0
+    model: Transformer | DecodingEngine,
+    src_ids: Tensor,
+    max_len: int | None = None,
+    min_len: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The most likely next token at every step.
 
@@ -171,7 +186,7 @@ def greedy_search(
 
 @_inference
 def sample(
-    model: Transformer,
+    model: Transformer | DecodingEngine,
     src_ids: Tensor,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -214,10 +229,10 @@ def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Te
     return logits
 
 
-def _one_best(model, src_ids, choose, max_len, min_len) -> tuple[Tensor, Tensor]:
+def _one_best(engine, src_ids, choose, max_len, min_len) -> tuple[Tensor, Tensor]:
     """Decode one hypothesis per sentence, picking each token with `choose((rows, vocab)) -> (rows,)`."""
-    config = model.config
-    batch = _Batch(model, src_ids, max_len)
+    config = engine.config
+    batch = _Batch(engine, src_ids, max_len)
     n_sentences = src_ids.size(0)
     longest = int(batch.max_lens.max()) if n_sentences else 0
     out = torch.full((n_sentences, longest), config.pad_id, device=src_ids.device)
@@ -252,7 +267,7 @@ def _trim(ids: Tensor, pad_id: int) -> Tensor:
 
 @_inference
 def beam_search(
-    model: Transformer,
+    model: Transformer | DecodingEngine,
     src_ids: Tensor,
     beam_size: int = 5,
     length_penalty: float = 0.6,
@@ -280,11 +295,11 @@ class _BeamSearch:
     """The state of one batched beam search. Rows of the decoder batch are (sentence, beam) pairs,
     sentence-major: the beams of live sentence i are rows i * beam_size ... (i + 1) * beam_size - 1."""
 
-    def __init__(self, model, src_ids, beam_size, length_penalty_of, max_len, min_len, n_best):
-        self.model, self.config = model, model.config
+    def __init__(self, engine, src_ids, beam_size, length_penalty_of, max_len, min_len, n_best):
+        self.config = engine.config
         self.beam_size, self.n_best, self.min_len = beam_size, n_best, min_len
         self.length_penalty_of = length_penalty_of
-        self.batch = _Batch(model, src_ids, max_len, max_beams=beam_size)
+        self.batch = _Batch(engine, src_ids, max_len, max_beams=beam_size)
         self.device = src_ids.device
         n_sentences = src_ids.size(0)
         self.longest = int(self.batch.max_lens.max()) if n_sentences else 0
@@ -302,7 +317,7 @@ class _BeamSearch:
         # Step 1 on one row per sentence (all its beams would be the same BOS), so the encoder output is
         # projected for cross-attention once per sentence, and the first candidates are the best
         # tokens of that one row; their choice makes every sentence beam_size rows (the cache shares
-        # them, see qkv.beam_cache; the per-row tensors of `_Batch` are copied).
+        # them, see qkv.inference.beam_cache; the per-row tensors of `_Batch` are copied).
         bos = torch.full((n_sentences,), self.config.bos_id, device=self.device)
         log_probs = self.batch.next_log_probs(bos, 0, self.min_len)  # (n_sentences, vocab)
         if log_probs.size(-1) < 2 * beam:

@@ -34,6 +34,7 @@ from qkv.config_check import check_config
 from qkv.data import EncodedSplit, TokenBatchSampler
 from qkv.errors import QkvError
 from qkv.hardware import describe_cpu, precision_note, resolve_precision
+from qkv.kernels import use_fast_kernels
 from qkv.loss import label_smoothed_loss
 from qkv.model import Transformer
 from qkv.translate import Translator
@@ -191,7 +192,8 @@ class Trainer:
         )
         torch.manual_seed(train.seed)
         random.seed(train.seed)
-        self.model = Transformer(self.model_config).to(dist_info.device)
+        # The reference model, its linear maps and dropout computed by qkv.kernels (same parameters).
+        self.model = use_fast_kernels(Transformer(self.model_config).to(dist_info.device))
         self.optimizer = torch.optim.Adam(
             self.model.parameters(),
             lr=0.0,

@@ -21,7 +21,7 @@ from qkv.checkpoint import TOKENIZER, load_run_checkpoint, model_from_checkpoint
 from qkv.errors import QkvError
 from qkv.errors import warn as default_warn
 from qkv.hardware import DTYPES, resolve_precision
-from qkv.kernels import frozen_weights
+from qkv.inference import DecodingEngine, prepare_for_decoding
 from qkv.model import Transformer
 from qkv.search import beam_search, greedy_search, length_penalty_factor
 from qkv.tokenizer import Tokenizer
@@ -40,9 +40,10 @@ class Hypothesis:
 class Translator:
     """A model and its tokenizer, ready to translate lists of sentences.
 
-    On the CPU it keeps the weights it prepared for decoding (oneDNN's packed copy of each matrix: as
-    much memory again as the model's weights) from one call to the next, and prepares them anew when
-    a parameter of `model` changes.
+    It prepares the model for decoding once (`qkv.inference.prepare_for_decoding`: on the CPU,
+    oneDNN's packed copy of each matrix, as much memory again as the model's weights) and keeps that
+    engine from one call to the next. ``translator.model.load_state_dict(...)`` drops it, so the next
+    call prepares the new weights; after changing parameters any other way, call `refresh()`.
 
     precision: 'fp32', 'bf16', or 'auto' (bf16 where the device computes it natively, see
     `qkv.hardware`); the one chosen is `self.precision`. bf16 on a device without bf16 arithmetic
@@ -62,9 +63,19 @@ class Translator:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.meta = meta or {}  # what training recorded: dataset, src_lang, tgt_lang
-        # Weights prepared for decoding (oneDNN's packed layout, stacked Q/K/V), kept across calls.
-        self._prepared: dict = {}
-        self._prepared_for: tuple | None = None
+        self._engine: DecodingEngine | None = None  # prepared at the first call, kept across calls
+        self.model.register_load_state_dict_post_hook(lambda module, keys: self.refresh())
+
+    def refresh(self) -> None:
+        """Forget the engine prepared from the model's weights: the next call prepares it anew."""
+        self._engine = None
+
+    def engine(self) -> DecodingEngine:
+        """The model prepared for decoding, kept from one call to the next."""
+        if self._engine is None:
+            with torch.inference_mode():
+                self._engine = prepare_for_decoding(self.model)
+        return self._engine
 
     @classmethod
     def load(
@@ -129,22 +140,14 @@ class Translator:
         )
         bar = _progress_bar(len(sentences), progress)
         bar.update(sum(1 for ids in sources if not ids))  # empty lines are done already
-        with frozen_weights(self._prepared_weights()):  # prepared once, not once per batch or call
-            for batch in token_batches(sources, max_tokens):
-                hypotheses = self._search(sources, batch, search)
-                for index, sentence_hypotheses in zip(batch, hypotheses, strict=True):
-                    results[index] = sentence_hypotheses
-                bar.update(len(batch))
+        engine = self.engine()
+        for batch in token_batches(sources, max_tokens):
+            hypotheses = self._search(engine, sources, batch, search)
+            for index, sentence_hypotheses in zip(batch, hypotheses, strict=True):
+                results[index] = sentence_hypotheses
+            bar.update(len(batch))
         bar.close()
         return results
-
-    def _prepared_weights(self) -> dict:
-        """The weights prepared for decoding by earlier calls, or a new, empty store if any parameter
-        of the model changed since (in place, as `load_state_dict` does, or its storage replaced)."""
-        state = tuple((id(p), p._version, p.data_ptr()) for p in self.model.parameters())
-        if state != self._prepared_for:
-            self._prepared, self._prepared_for = {}, state
-        return self._prepared
 
     def encode(self, sentences: Sequence[str], warn: Callable[[str], None]) -> list[list[int]]:
         """Source ids of each sentence, EOS included; [] for an empty one. Too long ones are cut."""
@@ -162,7 +165,7 @@ class Translator:
             sources.append([*ids, config.eos_id] if ids else [])
         return sources
 
-    def _search(self, sources, batch: list[int], search: dict) -> list[list[Hypothesis]]:
+    def _search(self, engine, sources, batch: list[int], search: dict) -> list[list[Hypothesis]]:
         config = self.model.config
         longest = max(len(sources[i]) for i in batch)
         src = torch.full((len(batch), longest), config.pad_id, dtype=torch.long)
@@ -171,7 +174,7 @@ class Translator:
         src = src.to(self.device)
         if search["beam"] == 1:
             ids, scores = greedy_search(
-                self.model, src, max_len=search["max_len"], min_len=search["min_len"]
+                engine, src, max_len=search["max_len"], min_len=search["min_len"]
             )
             # Greedy returns log-probabilities: normalise them as beam search does, so --scores
             # means one thing whatever the beam size.
@@ -182,7 +185,7 @@ class Translator:
             ids, scores = ids[:, None], (scores / penalty)[:, None]
         else:
             ids, scores = beam_search(
-                self.model,
+                engine,
                 src,
                 beam_size=search["beam"],
                 length_penalty=search["length_penalty"],

@@ -1,9 +1,8 @@
 """A KV cache whose beams share their sentence's storage, so that beam search never copies the cache.
 
-With `qkv.attention.KVCache` every decoder row (a beam) owns its keys and values. Each step of a beam
-search then copies the whole cache twice: once into the new order of the beams (``index_select``), once
-to append the new position (``cat``). Both copies grow with the output, and they were a fifth of the
-time of a beam search on the CPU.
+Were every decoder row (a beam) to own its keys and values, each step of a beam search would copy the
+whole cache twice: once into the new order of the beams (``index_select``), once to append the new
+position (``cat``). Both copies grow with the output (a fifth of the time of a beam search on a CPU).
 
 Here the beams of a sentence share one tensor per layer, and nothing in it ever moves:
 
@@ -13,7 +12,7 @@ Here the beams of a sentence share one tensor per layer, and nothing in it ever 
   it is all that a reorder of the beams changes: a new beam inherits its parent's row of it;
 - the queries of a sentence's beams attend together, (sentences, heads, beams, d_head) against
   (sentences, heads, slots, d_head): softmax(Q K^T / sqrt(d_k) + mask) V
-  (`qkv.attention.attention_with_bias`). Slots outside a beam's history get weight exactly zero, so the
+  (`qkv.inference.engine.attention_with_bias`). Slots outside a beam's history get weight exactly zero, so the
   result is the per-beam attention. Each beam meets all of its sentence's slots, `max_beams` times the
   products of per-beam attention: measured cheaper than gathering each beam's own keys (95-210 us
   against 166-807 us per layer and step, small model, batch 32, beam 5);
@@ -43,7 +42,7 @@ INITIAL_CAPACITY = 32
 class BeamCache:
     """Decoder state for incremental decoding of up to `max_beams` rows per sentence (1 for greedy).
 
-    Used like `KVCache`: ``model.decode(last_tokens, memory, src_mask, cache)`` at each step and
+    ``engine.step(last_tokens, memory, src_mask, cache)`` at each step (`qkv.inference.engine`) and
     ``cache.reorder(rows)`` between steps. The batch starts with one row per sentence."""
 
     def __init__(self, n_layers: int, max_beams: int = 1, max_len: int | None = None):
@@ -115,9 +114,8 @@ class BeamCache:
     def reorder(self, index: Tensor, cross_attention: bool = True) -> None:
         """Keep rows `index` of the batch, in that order (see the module's docstring for the contract).
 
-        cross_attention=False says, as for `KVCache.reorder`, that beams only moved within their own
-        sentences (the same sentences, the same number of rows each): then only the ancestry changes.
-        Otherwise the cache works out which sentences stay and how many rows each now has."""
+        cross_attention=False says that beams only moved within their own sentences (the same
+        sentences, the same number of rows each): then only the ancestry changes. Otherwise the cache works out which sentences stay and how many rows each now has."""
         if self.n_sentences is None:
             raise RuntimeError("reorder before the first step")
         if not cross_attention:

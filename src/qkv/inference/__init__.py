@@ -1,0 +1,15 @@
+"""The decoding engine: what makes translation fast, kept apart from the reference model.
+
+    engine = prepare_for_decoding(model)         # the weights prepared once (qkv.inference.linear)
+    memory, src_mask = engine.encode(src_ids)
+    cache = engine.new_cache(max_beams=5)        # qkv.inference.beam_cache
+    logits = engine.step(last_tokens, memory, src_mask, cache)   # one position, every row
+
+`qkv.search` runs its searches on an engine (given a model, it prepares one for the call); `qkv.model`
+knows nothing of it.
+"""
+
+from qkv.inference.beam_cache import BeamCache
+from qkv.inference.engine import DecodingEngine, prepare_for_decoding
+
+__all__ = ["BeamCache", "DecodingEngine", "prepare_for_decoding"]

@@ -1,0 +1,192 @@
+"""The decoding engine: a trained model prepared for decoding one token at a time.
+
+``engine = prepare_for_decoding(model)`` computes what ``model.encode`` and ``model.decode`` compute,
+with the model's own embeddings, positions and LayerNorms and the same formulas, in the way that makes
+decoding fast (tests check that its logits equal the reference model's):
+
+- the linear maps are prepared once (`qkv.inference.linear`): oneDNN's packed weights on the CPU, the
+  ReLU fused into the first feed-forward matrix, Q/K/V stacked into one matrix;
+- the decoder runs one position per call over a `BeamCache`, in which the beams of a sentence share the
+  sentence's keys and values, and the encoder's keys and values are projected once per sentence;
+- the beams of a sentence attend together as the queries of one sequence:
+  softmax(Q K^T / sqrt(d_k) + bias) V, where the additive `bias` (0 or -inf) keeps each beam to its own
+  history (`attention_with_bias`).
+
+The engine holds copies of the linear maps' weights (packed, stacked) and uses the model's own
+embeddings and LayerNorms: prepare a new one after the model's parameters change. The model is left as
+it is; search (`qkv.search`) runs on the engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qkv.attention import attention_weights, fused_attention, fused_is_faster
+from qkv.inference.beam_cache import BeamCache
+from qkv.inference.linear import PreparedLinear
+from qkv.model import Transformer
+
+
+def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """softmax(Q K^T / sqrt(d_k) + bias) V: `qkv.attention.scaled_dot_product_attention` with the mask
+    given as an additive one (0 = may attend, -inf = masked), which the cache keeps for every layer.
+    Three operations instead of seven on small tensors; every query must see at least one key."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
+    if bias is not None:
+        scores.add_(bias)
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def prepare_for_decoding(model: Transformer) -> DecodingEngine:
+    """The engine of `model` as it is now (its device, dtype and weights)."""
+    return DecodingEngine(model)
+
+
+class _Attention:
+    """One attention sublayer's projections, prepared: Q/K/V stacked for self-attention; Q alone and
+    K/V stacked (applied once to the encoder output) for cross-attention."""
+
+    def __init__(self, attention, cross: bool):
+        self.n_heads = attention.n_heads
+        if cross:
+            self.q = PreparedLinear.of(attention.q_proj)
+            self.kv = PreparedLinear.stacked(attention.k_proj, attention.v_proj)
+        else:
+            self.qkv = PreparedLinear.stacked(attention.q_proj, attention.k_proj, attention.v_proj)
+        self.out = PreparedLinear.of(attention.out_proj)
+
+
+class _FeedForward:
+    """max(0, x W_1 + b_1) W_2 + b_2, the ReLU fused into W_1's product (another activation after it)."""
+
+    def __init__(self, feed_forward):
+        relu = feed_forward.activation is F.relu
+        self.linear1 = PreparedLinear.of(feed_forward.linear1, relu=relu)
+        self.activation = None if relu else feed_forward.activation
+        self.linear2 = PreparedLinear.of(feed_forward.linear2)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        hidden = self.linear1(x)
+        if self.activation is not None:
+            hidden = self.activation(hidden)
+        return self.linear2(hidden)
+
+
+def _split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """(batch, len, d_model) -> (batch, n_heads, len, d_head)"""
+    batch, length, d_model = x.shape
+    return x.view(batch, length, n_heads, d_model // n_heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """(batch, n_heads, len, d_head) -> (batch, len, d_model)"""
+    batch, n_heads, length, d_head = x.shape
+    return x.transpose(1, 2).reshape(batch, length, n_heads * d_head)
+
+
+class DecodingEngine:
+    """`encode` a batch of sources, then `step` the decoder one position at a time over `new_cache()`."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.config = model.config
+        self.on_cpu = model.output.weight.device.type == "cpu"
+        self.encoder = [
+            (layer, _Attention(layer.self_attn, cross=False), _FeedForward(layer.feed_forward))
+            for layer in model.encoder.layers
+        ]
+        self.decoder = [
+            (
+                layer,
+                _Attention(layer.self_attn, cross=False),
+                _Attention(layer.cross_attn, cross=True),
+                _FeedForward(layer.feed_forward),
+            )
+            for layer in model.decoder.layers
+        ]
+        self.output = PreparedLinear(model.output.weight)
+
+    def new_cache(self, max_beams: int = 1, max_len: int | None = None) -> BeamCache:
+        """An empty decoder cache for up to `max_beams` rows per sentence and `max_len` positions."""
+        return BeamCache(len(self.decoder), max_beams, max_len)
+
+    # --- the encoder ---------------------------------------------------------------------------------
+
+    def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """src_ids (batch, src_len) -> the encoder output (batch, src_len, d_model), as
+        ``model.encode``, and the source mask (batch, 1, 1, src_len), True = real token."""
+        model = self.model
+        src_mask = model.src_mask(src_ids)
+        x = model.src_embed(src_ids) + model.src_positions(src_ids.size(1))
+        for layer, attention, feed_forward in self.encoder:
+            if layer.norm_first:
+                x = x + self._self_attention(attention, layer.norm1(x), src_mask)
+                x = x + feed_forward(layer.norm2(x))
+            else:
+                x = layer.norm1(x + self._self_attention(attention, x, src_mask))
+                x = layer.norm2(x + feed_forward(x))
+        return model.encoder.final_norm(x), src_mask
+
+    @staticmethod
+    def _self_attention(attention: _Attention, x: Tensor, mask: Tensor) -> Tensor:
+        q, k, v = (_split_heads(t, attention.n_heads) for t in attention.qkv(x).chunk(3, dim=-1))
+        if fused_is_faster(q):
+            out = fused_attention(q, k, v, mask)
+        else:
+            out = attention_weights(q, k, mask) @ v
+        return attention.out(_merge_heads(out))
+
+    # --- the decoder, one position per call ----------------------------------------------------------
+
+    def step(
+        self, last_tokens: Tensor, memory: Tensor, src_mask: Tensor, cache: BeamCache
+    ) -> Tensor:
+        """(rows,) the newest token of each row -> (rows, 1, tgt_vocab_size) logits of the next one.
+
+        memory, src_mask: from `encode`, one row per sentence or per decoder row (read at the first
+        step only: the cache keeps the cross-attention keys and values)."""
+        model = self.model
+        y = model.tgt_embed(last_tokens[:, None]) + model.tgt_positions(1, len(cache))
+        for i, (layer, self_attention, cross_attention, feed_forward) in enumerate(self.decoder):
+            self_entry, cross_entry = cache.self_attn[i], cache.cross_attn[i]
+            if layer.norm_first:
+                y = y + self._cached_self_attention(self_attention, layer.norm1(y), self_entry)
+                h = layer.norm2(y)
+                y = y + self._cross_attention(cross_attention, h, memory, src_mask, cross_entry)
+                y = y + feed_forward(layer.norm3(y))
+            else:
+                y = layer.norm1(y + self._cached_self_attention(self_attention, y, self_entry))
+                attended = self._cross_attention(cross_attention, y, memory, src_mask, cross_entry)
+                y = layer.norm2(y + attended)
+                y = layer.norm3(y + feed_forward(y))
+        return self.output(model.decoder.final_norm(y))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        if self.on_cpu:
+            return attention_with_bias(q, k, v, bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    def _cached_self_attention(self, attention: _Attention, y: Tensor, entry) -> Tensor:
+        """y (rows, 1, d_model): the new position's keys and values join the cache; each beam attends
+        to its own history."""
+        cache = entry.beams
+        q, k, v = attention.qkv(y).chunk(3, dim=-1)
+        k, v, bias = entry.append(k, v, attention.n_heads)  # (sentences, n_heads, slots, d_head)
+        q = cache.group(q, attention.n_heads)  # (sentences, n_heads, beams, d_head)
+        return attention.out(cache.ungroup(self._attend(q, k, v, bias)))
+
+    def _cross_attention(self, attention: _Attention, y, memory, src_mask, entry) -> Tensor:
+        """y (rows, 1, d_model) attends to the encoder output, projected at the first step only."""
+        cache = entry.beams
+        if entry.key is None:
+            entry.store(*attention.kv(memory).chunk(2, dim=-1), src_mask, attention.n_heads)
+        q = cache.group(attention.q(y), attention.n_heads)
+        if entry.has_empty_source:  # a row of -inf would be NaN: the boolean mask, written out
+            out = attention_weights(q, entry.key, entry.mask) @ entry.value
+        else:
+            out = self._attend(q, entry.key, entry.value, entry.bias)
+        return attention.out(cache.ungroup(out))

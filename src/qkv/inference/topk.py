@@ -1,0 +1,94 @@
+"""``torch.topk`` and ``argmax`` for a beam search on the CPU: the best 2 x beam of beam x vocab
+scores per sentence at every step.
+
+``torch.topk`` on the CPU sorts its way through every element of a row. Here a row is cut into chunks,
+the chunks' maxima (a vectorised reduction) say which k chunks can hold the k best values, and only
+those k chunks are searched (timings in benchmarks/README.md, "CPU kernels"). Same values; where values
+are equal, which index comes first may differ from ``torch.topk``. Other devices, and
+``QKV_FAST_KERNELS=0``, call PyTorch's own function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from qkv.kernels import FAST
+
+# Chunk lengths `topk` may use, and the shortest row worth chunking.
+_TOPK_CHUNKS = range(160, 31, -1)
+_TOPK_MIN_ROW = 4096
+
+
+def topk(
+    x: Tensor, k: int, row_offsets: Tensor | None = None, rows_per_group: int = 1
+) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=1)`` for a 2-D x: the k largest values of each row, largest first, and their
+    indices. Where values are equal, which index comes first may differ from ``torch.topk``.
+
+    With `row_offsets` (rows,) and `rows_per_group`: the k largest sums ``x[r, i] + row_offsets[r]``
+    of each group of `rows_per_group` consecutive rows laid end to end, and their indices there
+    (``(r % rows_per_group) * length + i``): ``(x + row_offsets[:, None]).view(-1, rows_per_group *
+    length).topk(k, dim=1)`` without writing every sum. (A beam search's candidates: the beams'
+    scores plus each next token's log-probability.)
+
+    Why it is exact: each of the k chunks with the largest maxima holds a value at least as large as
+    the k-th largest chunk maximum t, so the k-th largest value is at least t too; and a value that
+    large lies in a chunk whose maximum is at least t. Rounding is monotonic, so the largest sum of a
+    chunk is its largest value plus the row's offset."""
+    rows, length = x.shape
+    groups = rows // rows_per_group
+    chunk = _topk_chunk(length, k, rows_per_group)
+    if (
+        not FAST
+        or chunk is None
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or torch.compiler.is_compiling()
+    ):
+        sums = x if row_offsets is None else x + row_offsets[:, None]
+        return sums.reshape(groups, rows_per_group * length).topk(k, dim=1)
+    n_chunks = length // chunk  # per row
+    chunks = x.view(rows * n_chunks, chunk)
+    maxima = chunks.view(rows, n_chunks, chunk).amax(dim=2)
+    if row_offsets is not None:
+        maxima += row_offsets[:, None]
+    per_group = rows_per_group * n_chunks
+    best_chunks = maxima.view(groups, per_group).topk(k, dim=1).indices  # (groups, k) in the group
+    # Whole chunks as rows of `chunks`: index_select copies rows 3x faster than gather picks elements.
+    chunk_ids = best_chunks + torch.arange(0, rows * n_chunks, per_group, device=x.device)[:, None]
+    chunk_ids = chunk_ids.flatten()
+    candidates = chunks.index_select(0, chunk_ids)  # (groups * k, chunk)
+    if row_offsets is not None:
+        row = torch.div(chunk_ids, n_chunks, rounding_mode="floor")
+        candidates += row_offsets.index_select(0, row)[:, None]
+    values, within = candidates.view(groups, k * chunk).topk(k, dim=1)
+    chunk_of = best_chunks.gather(1, torch.div(within, chunk, rounding_mode="floor"))
+    return values, chunk_of * chunk + within % chunk
+
+
+# From this many rows on, `argmax` takes `topk`'s chunk maxima: PyTorch's argmax of a 2-D tensor on the
+# CPU takes ~2.3 us a row of 8000 (71 us for 32 rows, against 40 us), but 6 against 22 us for one row.
+ARGMAX_MIN_ROWS = 16
+
+
+def argmax(x: Tensor) -> Tensor:
+    """``x.argmax(dim=1)`` for a 2-D x (where values are equal, which index is returned may differ)."""
+    if x.size(0) < ARGMAX_MIN_ROWS or x.device.type != "cpu":
+        return x.argmax(dim=1)
+    return topk(x, 1)[1][:, 0]
+
+
+@functools.cache
+def _topk_chunk(length: int, k: int, rows_per_group: int = 1) -> int | None:
+    """The longest chunk length in _TOPK_CHUNKS that divides a row of `length` so that a group of
+    `rows_per_group` rows has at least 4 k chunks (fewer would leave little to skip), or None: then
+    `torch.topk` is as good."""
+    if length * rows_per_group < _TOPK_MIN_ROW:
+        return None
+    for chunk in _TOPK_CHUNKS:
+        if length % chunk == 0 and rows_per_group * (length // chunk) >= 4 * k:
+            return chunk
+    return None

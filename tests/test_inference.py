@@ -1,0 +1,265 @@
+"""The decoding engine (qkv.inference) computes what the reference model computes, faster: its prepared
+linear maps, its additive-mask attention, its decoder steps over the beam cache, and its top-k."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qkv import kernels
+from qkv.attention import scaled_dot_product_attention
+from qkv.inference import prepare_for_decoding
+from qkv.inference import topk as topk_module
+from qkv.inference.engine import attention_with_bias
+from qkv.inference.linear import PreparedLinear
+from qkv.model import Transformer, TransformerConfig
+
+PAD, BOS, EOS = 0, 2, 3
+ONEDNN_BF16 = "oneDNN computes no bf16 on this CPU (it needs AVX-512 or AVX-NE-CONVERT)"
+
+
+def packable(dtype: torch.dtype):
+    """`dtype` as a parameter, skipped where oneDNN cannot pack weights of it."""
+    return pytest.param(
+        dtype,
+        marks=pytest.mark.skipif(
+            not kernels.packing_works(dtype),
+            reason=ONEDNN_BF16 if dtype == torch.bfloat16 else "no packed oneDNN weights",
+        ),
+    )
+
+
+# --- prepared linear maps ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [packable(torch.float32), packable(torch.bfloat16)])
+def test_prepared_weights_are_packed_once_with_the_same_results_for_any_number_of_rows(dtype):
+    torch.manual_seed(0)
+    x, weight, bias = (torch.randn(*shape).to(dtype) for shape in [(32, 1, 64), (100, 64), (100,)])
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    prepared = PreparedLinear(weight, bias)
+    assert prepared.packed.layout == torch._mkldnn
+    with torch.inference_mode():
+        outputs = [prepared(x) for _ in range(3)]
+        one_row = prepared(x[:1])  # batch 1, greedy: one row
+    tolerance = 2e-4 if dtype == torch.float32 else 0.25  # bf16: 8 bits of mantissa, 64 products
+    for out in [*outputs, one_row]:
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), expected[: out.size(0)], rtol=0, atol=tolerance)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_relu_equals_relu_of_the_linear_map(dtype):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(40, 3, 64), torch.randn(96, 64), torch.randn(96)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    with torch.inference_mode():
+        expected = PreparedLinear(weight, bias)(x).relu()
+        assert (expected == 0).any() and (expected > 0).any()
+        assert torch.equal(PreparedLinear(weight, bias, relu=True)(x), expected)
+
+
+def test_stacked_projections_give_each_projection_side_by_side():
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(16, 16) for _ in range(3))
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        stacked = PreparedLinear.stacked(q, k, v)(x).chunk(3, dim=-1)
+        for got, linear in zip(stacked, (q, k, v), strict=True):
+            torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_engine_sees_changed_weights():
+    # Fused Adam changes parameters without bumping their version counters: an engine cannot tell
+    # that its packed copies went stale, so it is prepared anew after a change (Translator does on
+    # load_state_dict; training prepares one per validation).
+    model = random_model(seed=1)
+    src = random_sources([5, 3])
+    with torch.inference_mode():
+        before = first_step_logits(prepare_for_decoding(model), src)
+        model.decoder.layers[-1].feed_forward.linear2.weight.mul_(2)
+        after = first_step_logits(prepare_for_decoding(model), src)
+        torch.testing.assert_close(after, model(src, torch.full((2, 1), BOS)))
+    assert not torch.allclose(after, before)
+
+
+# --- attention over the cache -------------------------------------------------------------------------
+
+
+def test_attention_with_an_additive_mask_equals_the_boolean_formula():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    mask = torch.rand(3, 1, 5, 7) < 0.6
+    mask[..., 0] = True  # every query sees a key (the additive form's precondition)
+    bias = torch.zeros(mask.shape).masked_fill(~mask, -math.inf)
+    expected, _ = scaled_dot_product_attention(q, k, v, mask)
+    torch.testing.assert_close(attention_with_bias(q, k, v, bias), expected)
+    # What the engine runs on GPUs: PyTorch's kernel with the same float mask.
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), expected)
+    unmasked, _ = scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention_with_bias(q, k, v, None), unmasked)
+
+
+# --- the engine against the reference model ---------------------------------------------------------
+
+
+def random_model(seed=0, vocab=30, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    settings = dict(src_vocab_size=vocab, tgt_vocab_size=vocab, dropout=0.0, max_len=64)
+    return Transformer(TransformerConfig.preset("tiny", **{**settings, **overrides})).eval()
+
+
+def random_sources(lengths, vocab=30, seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), PAD)
+    for row, n in enumerate(lengths):
+        src[row, : n - 1] = torch.randint(4, vocab, (n - 1,), generator=generator)
+        src[row, n - 1] = EOS
+    return src
+
+
+def first_step_logits(engine, src):
+    memory, src_mask = engine.encode(src)
+    bos = torch.full((src.size(0),), BOS)
+    return engine.step(bos, memory, src_mask, engine.new_cache())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"norm_first": True},
+        {"activation": "gelu"},
+        {"positional": "learned", "share_embeddings": False, "tie_output": False},
+    ],
+    ids=["post-LN", "pre-LN", "gelu", "learned-positions-untied"],
+)
+def test_engine_steps_equal_one_full_forward_pass_of_the_reference_model(overrides):
+    model = random_model(seed=5, **overrides)
+    src = random_sources([7, 4, 6], seed=5)
+    tgt = torch.randint(4, 30, (3, 6), generator=torch.Generator().manual_seed(5))
+    tgt[:, 0] = BOS
+    with torch.inference_mode():
+        full = model(src, tgt)  # (3, 6, vocab)
+        reference_memory = model.encode(src)
+        engine = prepare_for_decoding(model)
+        memory, src_mask = engine.encode(src)
+        cache = engine.new_cache()
+        steps = [engine.step(tgt[:, t], memory, src_mask, cache) for t in range(tgt.size(1))]
+        assert len(cache) == tgt.size(1)
+    torch.testing.assert_close(memory, reference_memory, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_encoder_output_is_projected_for_cross_attention_once():
+    model = random_model(seed=6)
+    src = random_sources([5, 7], seed=6)
+    with torch.inference_mode():
+        engine = prepare_for_decoding(model)
+        memory, src_mask = engine.encode(src)
+        cache = engine.new_cache()
+        engine.step(torch.full((2,), BOS), memory, src_mask, cache)
+        projected = [entry.key for entry in cache.cross_attn]
+        # Later steps read the cache: they need neither the encoder output nor the mask.
+        engine.step(torch.full((2,), 5), None, None, cache)
+    assert all(entry.key is key for entry, key in zip(cache.cross_attn, projected, strict=True))
+
+
+def test_a_source_without_tokens_gives_no_nan():
+    model = random_model(seed=4)
+    src = random_sources([4, 6], seed=4)
+    src[1] = PAD  # a row that is all padding: cross-attention has nothing to attend to
+    with torch.inference_mode():
+        logits = first_step_logits(prepare_for_decoding(model), src)
+        reference = model(src, torch.full((2, 1), BOS))
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_engine_leaves_the_model_as_it_was():
+    model = random_model(seed=7)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    classes = [type(module) for module in model.modules()]
+    prepare_for_decoding(model)
+    assert [type(module) for module in model.modules()] == classes
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+# --- top-k ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "length", "k"),
+    [(32, 40000, 10), (3, 8000, 2), (5, 4096 * 3, 7), (2, 160 * 40, 10)],
+)
+def test_topk_equals_torch_topk(rows, length, k):
+    assert topk_module._topk_chunk(length, k) is not None  # the chunked path, not the fallback
+    generator = torch.Generator().manual_seed(length + k)
+    x = torch.randn(rows, length, generator=generator)
+    x[0, :] = x[0].sort().values  # the k best in one chunk
+    x[-1, ::97] += 5.0  # the k best spread over many chunks
+    if rows > 2:
+        x[1, length // 2 :] = -torch.inf  # as the dead beams of a search's first step
+    values, indices = topk_module.topk(x, k)
+    expected_values, expected_indices = x.topk(k, dim=1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize(
+    ("rows_per_group", "length", "k"), [(5, 8000, 10), (1, 8000, 10), (3, 6000, 4)]
+)
+def test_topk_of_offset_rows_in_groups_equals_torch_topk_of_the_sums(
+    rows_per_group, length, k, chunked, monkeypatch
+):
+    """A beam search's candidates: each group (a sentence) has rows_per_group rows (its beams), each row
+    its own offset (the beam's score)."""
+    if chunked:
+        assert topk_module._topk_chunk(length, k, rows_per_group) is not None
+    else:
+        monkeypatch.setattr(topk_module, "_topk_chunk", lambda *args: None)
+    generator = torch.Generator().manual_seed(length + k)
+    groups = 4
+    x = torch.log_softmax(torch.randn(groups * rows_per_group, length, generator=generator), 1)
+    offsets = -10 * torch.rand(groups * rows_per_group, generator=generator)
+    if rows_per_group > 1:
+        offsets[1] = -torch.inf  # a dead beam (a group of dead beams only would be all ties)
+    x[-1, ::97] += 5.0  # the k best of the last group spread over many chunks
+    values, indices = topk_module.topk(x, k, offsets, rows_per_group)
+    sums = (x + offsets[:, None]).view(groups, rows_per_group * length)
+    expected_values, expected_indices = sums.topk(k, dim=1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("rows", [1, topk_module.ARGMAX_MIN_ROWS, 40])
+def test_argmax_equals_torch_argmax(rows):
+    x = torch.randn(rows, 8000, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(topk_module.argmax(x), x.argmax(dim=1))
+
+
+def test_topk_with_ties_returns_the_tied_values_at_valid_indices():
+    x = torch.zeros(4, 8000)
+    x[:, 100:105] = 1.0
+    values, indices = topk_module.topk(x, 10)
+    assert torch.equal(values, x.topk(10, dim=1).values)
+    assert torch.equal(x.gather(1, indices), values)
+    assert indices.unique(dim=1).size(1) == 10  # no index twice
+
+
+def test_topk_falls_back_to_torch_topk_where_chunks_do_not_pay():
+    assert topk_module._topk_chunk(1000, 10) is None  # a short row
+    assert topk_module._topk_chunk(8009, 10) is None  # a prime length: no chunk divides it
+    assert topk_module._topk_chunk(4096, 40) is None  # too few chunks of at least 32 for k = 40
+    x = torch.randn(3, 8009)
+    values, indices = topk_module.topk(x, 5)
+    assert torch.equal(values, x.topk(5, dim=1).values)
+    assert torch.equal(indices, x.topk(5, dim=1).indices)
+    y = torch.randn(8000, 3).t()  # not contiguous
+    assert torch.equal(topk_module.topk(y, 5)[1], y.topk(5, dim=1).indices)
