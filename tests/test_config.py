@@ -220,3 +220,19 @@ def test_a_cosine_schedule_needs_a_step_count_when_the_config_is_read(tmp_path):
     with pytest.raises(QkvError, match=r"train\.max_steps must be above 0 with train\.lr_schedule"):
         load_config(write(tmp_path, '[train]\nlr_schedule = "cosine"\n'))
     assert load_config(write(tmp_path, '[train]\nlr_schedule = "cosine"\nmax_steps = 5\n'))
+
+
+def test_the_model_section_overrides_transformer_config_and_has_no_defaults_of_its_own():
+    import dataclasses
+
+    from qkv.config import ModelSection
+    from qkv.model import TransformerConfig
+
+    model_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    for field in dataclasses.fields(ModelSection):
+        if field.name != "preset":
+            assert field.name in model_fields, field.name
+            assert field.default is None, field.name  # the preset's or TransformerConfig's value
+    # A joint tokenizer's one vocabulary: shared embeddings, as the paper's models (section 3.4).
+    config = load_config().model_config(100, dict(pad_id=0, bos_id=2, eos_id=3))
+    assert config.share_embeddings and config.tie_output

@@ -95,11 +95,22 @@ def model_from_checkpoint(checkpoint: dict, source: str | Path = "checkpoint") -
     return model.eval()
 
 
-def load_model(path: str | Path, map_location="cpu") -> tuple[Transformer, Path]:
+def load_model(
+    path: str | Path, map_location="cpu", warn: Callable[[str], None] | None = None
+) -> tuple[Transformer, Path]:
     """The model of a run directory or checkpoint file, in eval mode, and the checkpoint file it came
-    from (its directory also holds the tokenizer)."""
-    checkpoint, checkpoint_path = load_run_checkpoint(path, map_location=map_location)
-    return model_from_checkpoint(checkpoint, checkpoint_path), checkpoint_path
+    from (its directory also holds the tokenizer). warn: as for `load_run_checkpoint`."""
+    model, checkpoint_path, _ = load_trained_model(path, map_location, warn)
+    return model, checkpoint_path
+
+
+def load_trained_model(
+    path: str | Path, map_location="cpu", warn: Callable[[str], None] | None = None
+) -> tuple[Transformer, Path, dict]:
+    """`load_model`, and what training recorded about the run (dataset, src_lang, tgt_lang)."""
+    checkpoint, checkpoint_path = load_run_checkpoint(path, map_location=map_location, warn=warn)
+    model = model_from_checkpoint(checkpoint, checkpoint_path)
+    return model, checkpoint_path, checkpoint.get("meta") or {}
 
 
 def model_checkpoint(model: Transformer, **extra) -> dict:

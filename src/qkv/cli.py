@@ -9,6 +9,7 @@ import sys
 
 from qkv import __version__
 from qkv.errors import QkvError
+from qkv.kinds import KINDS
 
 # Each subcommand has an `_add_<name>(subparsers)` that builds its parser and sets `run=_run_<name>`.
 # Heavy modules (torch, sentencepiece) are imported inside the `_run_*` functions so `--help` is instant.
@@ -691,8 +692,6 @@ def _run_demo(args) -> int:
 
 # --- Looking inside: attention pictures and the step-by-step of self-attention -----------------------
 
-KINDS = ("encoder", "decoder", "cross")  # as in qkv.visualize, repeated so --help needs no torch
-
 
 def _load_run(run_dir: str):
     """The model of a run directory (or checkpoint) and the tokenizer saved beside it."""
@@ -763,7 +762,7 @@ def _run_attention(args) -> int:
     print(f"source:      {' '.join(maps.src_labels)}")
     print(f"translation: {translation}")
 
-    kinds = [args.kind] if args.kind else list(visualize.KINDS)
+    kinds = [args.kind] if args.kind else list(KINDS)
     layer, head = _one_based(args.layer, "layer"), _one_based(args.head, "head")
     try:
         visualize.select(maps, kinds, layer, head)

@@ -19,7 +19,8 @@ from qkv.model import PRESETS, TransformerConfig
 
 @dataclass
 class ModelSection:
-    """The model: a preset ('tiny', 'small', 'base', 'big') and any dimension overridden.
+    """The model: a preset ('tiny', 'small', 'base', 'big') and any field of `qkv.model.TransformerConfig`
+    overridden. None means the preset's value, else TransformerConfig's default: one set of defaults.
 
     Vocabulary sizes and special ids are not set here: they come from the tokenizer."""
 
@@ -35,8 +36,8 @@ class ModelSection:
     norm_first: bool | None = None
     positional: str | None = None
     activation: str | None = None
-    share_embeddings: bool | None = True
-    tie_output: bool | None = True
+    share_embeddings: bool | None = None
+    tie_output: bool | None = None
 
 
 @dataclass

@@ -9,8 +9,6 @@ padding, lengths padded to a multiple of 8 so compiled kernels see few distinct 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,57 +17,13 @@ import numpy as np
 import torch
 
 from qkv.errors import QkvError
+from qkv.text import decode_lines, read_lines  # noqa: F401  (qkv.data.read_lines, as before)
 from qkv.tokenizer import SPECIALS, SpecialIds
 
 Pair = tuple[str, str]
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 text file (plain or `.gz`), without line endings."""
-    path = Path(path)
-    lines, error = decode_lines(_read_bytes(path), str(path))
-    if error is not None:
-        raise error
-    return lines
-
-
-def decode_lines(data: bytes, name: str) -> tuple[list[str], QkvError | None]:
-    """The lines of UTF-8 text, without line endings, up to the first line that is not valid UTF-8,
-    and then an error naming it (`name:line: not valid UTF-8`), else None."""
-    error = None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as bad:
-        line_start = data.rfind(b"\n", 0, bad.start) + 1
-        text = data[:line_start].decode("utf-8")
-        line = data.count(b"\n", 0, bad.start) + 1
-        error = QkvError(f"{name}:{line}: not valid UTF-8")
-    # Split on "\n" only: str.splitlines() would also break at \x1c, \u2028 and friends, which
-    # appear inside real sentences and would shift one side of a parallel corpus against the other.
-    lines = text.removeprefix("\ufeff").split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines], error
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise QkvError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise QkvError(f"{path}: is a directory, not a text file") from None
-    except OSError as error:
-        raise QkvError(f"{path}: cannot read ({error.strerror})") from None
-    if path.suffix != ".gz":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as error:
-        raise QkvError(f"{path}: not a valid gzip file ({error})") from None
 
 
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> list[Pair]:
@@ -297,7 +251,6 @@ class TokenBatchSampler:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
         self.rank, self.world_size, self.pad_multiple = rank, world_size, pad_multiple
-        self.epoch, self.start = 0, 0
         lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
         self._padded = -(-lengths // pad_multiple) * pad_multiple
         self._lengths = lengths
@@ -316,16 +269,6 @@ class TokenBatchSampler:
                 f"lower max_tokens"
             )
         self.batches_per_rank = n_batches // world_size
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Choose the epoch (and the batch to begin at, when resuming) for the next iteration."""
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        return iter(self.batches(self.epoch, self.start))
-
-    def __len__(self) -> int:
-        return self.batches_per_rank
 
     def batches(self, epoch: int, start: int = 0) -> list[list[int]]:
         """This rank's batches for `epoch`, from batch number `start` on."""

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from qkv.attention import MultiHeadAttention, causal_mask
+from qkv.kinds import KINDS
 from qkv.model import Transformer
 
 
@@ -60,8 +61,8 @@ class SublayerInput:
 
 def attention_module(model: Transformer, kind: str, layer: int) -> MultiHeadAttention:
     """The MultiHeadAttention of a kind ('encoder', 'decoder', 'cross') and 0-based layer."""
-    if kind not in ("encoder", "decoder", "cross"):
-        raise ValueError(f"unknown attention kind {kind!r}; choose encoder, decoder or cross")
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kind {kind!r}; choose {', '.join(KINDS)}")
     stack = model.encoder.layers if kind == "encoder" else model.decoder.layers
     if not 0 <= layer < len(stack):
         raise ValueError(f"layer {layer + 1} does not exist: the {kind} stack has {len(stack)}")

@@ -37,15 +37,17 @@ class TransformerConfig:
     )
     positional: str = "sinusoidal"  # 'sinusoidal' | 'learned'
     activation: str = "relu"  # 'relu' (the paper) | 'gelu'
-    share_embeddings: bool = (
-        False  # one embedding matrix for source and target (needs one vocabulary)
-    )
+    # One embedding matrix for source and target (section 3.4; needs one vocabulary). None: share
+    # when the two vocabularies have one size, as qkv's joint tokenizer gives them.
+    share_embeddings: bool | None = None
     tie_output: bool = True  # output projection = target embedding matrix (section 3.4)
     pad_id: int = 0
     bos_id: int = 2
     eos_id: int = 3
 
     def __post_init__(self) -> None:
+        if self.share_embeddings is None:
+            self.share_embeddings = self.src_vocab_size == self.tgt_vocab_size
         problems = []
         sizes = ("d_model", "n_heads", "d_ff", "src_vocab_size", "tgt_vocab_size", "max_len")
         problems += [f"{name} must be positive, not {getattr(self, name)}" for name in sizes

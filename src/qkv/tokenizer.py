@@ -14,6 +14,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from qkv.errors import QkvError
+from qkv.text import read_lines
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,6 @@ def _sentences(sources: TextSource | Iterable[TextSource]) -> Iterator[str]:
         sources = [sources]
     for source in sources:
         if isinstance(source, str | os.PathLike):
-            from qkv.data import read_lines  # data imports nothing from here, so no cycle at load
-
             yield from read_lines(source)
         else:
             yield from source

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qkv.checkpoint import TOKENIZER, load_run_checkpoint, model_from_checkpoint
+from qkv.checkpoint import TOKENIZER, load_trained_model
 from qkv.errors import QkvError
 from qkv.errors import warn as default_warn
 from qkv.hardware import DTYPES, resolve_precision
@@ -90,15 +90,13 @@ class Translator:
         tokenizer.model beside it (or `tokenizer`, a path); a damaged best.pt gives way to the newest
         readable checkpoint, with a warning (`qkv.checkpoint.load_run_checkpoint`). precision and
         warn: as for the class."""
-        checkpoint, checkpoint_path = load_run_checkpoint(path, map_location=device, warn=warn)
-        model = model_from_checkpoint(checkpoint, checkpoint_path)
+        model, checkpoint_path, meta = load_trained_model(path, map_location=device, warn=warn)
         tokenizer_path = Path(tokenizer) if tokenizer else checkpoint_path.parent / TOKENIZER
         if not tokenizer_path.exists():
             raise QkvError(
                 f"{checkpoint_path}: no {TOKENIZER} beside it; pass the tokenizer's path "
                 "(--tokenizer on the command line)"
             )
-        meta = checkpoint.get("meta") or {}
         return cls(model, Tokenizer.load(tokenizer_path), device, precision, meta, warn)
 
     def translate(self, sentences: Sequence[str], beam: int = 5, **options) -> list[str]:

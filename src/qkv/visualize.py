@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from qkv.errors import QkvError
+from qkv.kinds import KINDS
 from qkv.model import Transformer
 
-KINDS = ("encoder", "decoder", "cross")
 KIND_NAMES = {
     "encoder": "Encoder self-attention",
     "decoder": "Decoder self-attention",
