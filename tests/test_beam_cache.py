@@ -16,8 +16,15 @@ PAD, EOS = 0, 3
 def random_model(seed=0, vocab=12) -> Transformer:
     """A small vocabulary, so that EOS comes often and sentences finish at different steps."""
     torch.manual_seed(seed)
+    # share_embeddings=False: the weights these tests were written against (TransformerConfig's
+    # default shares them when the two vocabularies have one size).
     config = TransformerConfig.preset(
-        "tiny", src_vocab_size=vocab, tgt_vocab_size=vocab, dropout=0.0, max_len=64
+        "tiny",
+        src_vocab_size=vocab,
+        tgt_vocab_size=vocab,
+        dropout=0.0,
+        max_len=64,
+        share_embeddings=False,
     )
     return Transformer(config).eval()
 

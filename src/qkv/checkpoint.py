@@ -189,3 +189,17 @@ def average_checkpoints(paths: list[str | Path]) -> dict:
         **extra,
         "averaged_from": [str(path) for path in paths],
     }
+
+
+def save_average(paths: list[str | Path], output: str | Path) -> Path | None:
+    """Average `paths` into the checkpoint `output` (`average_checkpoints`), and copy the run's
+    tokenizer.model beside it when none is there, so that `output` translates on its own. Returns
+    the tokenizer copied, or None."""
+    output = Path(output)
+    save_checkpoint(output, average_checkpoints(paths))
+    tokenizer = Path(paths[-1]).parent / TOKENIZER
+    if (output.parent / TOKENIZER).exists() or not tokenizer.is_file():
+        return None
+    target = output.parent / TOKENIZER
+    atomic_write(target, lambda file: file.write(tokenizer.read_bytes()))
+    return tokenizer

@@ -357,3 +357,30 @@ def _html_table(m: Matrix, digits: int) -> str:
         cells = "".join(f"<td>{value:.{digits}f}</td>" for value in row)
         rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
     return "<table>" + "".join(rows) + "</table>"
+
+
+def random_model(text: str) -> tuple[Transformer, list[int], list[str]]:
+    """A seeded, randomly initialised tiny model whose vocabulary is the words of `text`, with the
+    text's ids and labels (EOS last): the steps of attention without a training run. Its special ids
+    are the tokenizer's (`qkv.tokenizer.SPECIALS`); each distinct word gets the next id."""
+    from qkv.errors import QkvError
+    from qkv.model import TransformerConfig
+    from qkv.tokenizer import SPECIALS
+
+    words = text.split()
+    if not words:
+        raise QkvError("the text is empty")
+    first_id = max(SPECIALS.pad, SPECIALS.unk, SPECIALS.bos, SPECIALS.eos) + 1
+    vocab = {word: first_id + i for i, word in enumerate(dict.fromkeys(words))}
+    torch.manual_seed(0)
+    size = first_id + len(vocab)
+    config = TransformerConfig.preset(
+        "tiny",
+        src_vocab_size=size,
+        tgt_vocab_size=size,
+        pad_id=SPECIALS.pad,
+        bos_id=SPECIALS.bos,
+        eos_id=SPECIALS.eos,
+    )
+    model = Transformer(config).eval()
+    return model, [vocab[w] for w in words] + [config.eos_id], [*words, "</s>"]

@@ -55,3 +55,11 @@ def _read_bytes(path: Path) -> bytes:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as error:
         raise QkvError(f"{path}: not a valid gzip file ({error})") from None
+
+
+def read_stdin() -> tuple[list[str], QkvError | None]:
+    """The lines of stdin up to the first that is not UTF-8, and the error naming it (or None): the
+    lines before a bad one still count, as a file's do in `decode_lines`."""
+    import sys
+
+    return decode_lines(sys.stdin.buffer.read(), "stdin")

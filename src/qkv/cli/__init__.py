@@ -1,0 +1,67 @@
+"""The `qkv` command line: argument handling only; the work lives in the modules it calls.
+
+One module per command (or pair of commands that share their options): each has `_add_<name>(subparsers)`,
+which builds its parser and sets `run=_run_<name>`. Heavy modules (torch, sentencepiece) are imported
+inside the `_run_*` functions, so that `qkv --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from qkv import __version__
+from qkv.cli.average import _add_average
+from qkv.cli.demo import _add_demo
+from qkv.cli.look import _add_attention, _add_explain
+from qkv.cli.prepare import _add_prepare
+from qkv.cli.train import _add_train
+from qkv.cli.translate import _add_evaluate, _add_translate
+from qkv.errors import QkvError
+from qkv.recipes import recipe_names, resolve_recipe  # noqa: F401  (qkv.cli.resolve_recipe, as before)
+
+# Subcommands, in the order `qkv --help` lists them.
+COMMANDS: list = [
+    _add_demo,
+    _add_prepare,
+    _add_train,
+    _add_translate,
+    _add_evaluate,
+    _add_average,
+    _add_attention,
+    _add_explain,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qkv",
+        description="The Transformer of 'Attention Is All You Need': train, translate, look inside.",
+    )
+    parser.add_argument("--version", action="version", version=f"qkv {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args) or 0
+    except QkvError as error:
+        print(f"qkv: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qkv: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader (e.g. `qkv translate ... | head`) stopped reading: not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -1,0 +1,53 @@
+"""What the commands share: messages on stderr, checks of the files they would write, writing lines."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from qkv.errors import QkvError
+
+
+def log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def add_force(parser) -> None:
+    parser.add_argument(
+        "--force", action="store_true", help="replace the -o file if it exists (never an input)"
+    )
+
+
+def check_output(args, inputs: list) -> None:
+    """Before any work: refuse an -o that is an input (the model's files included) or that exists
+    without --force."""
+    check_written_files({"-o": args.output}, args.model, args.force, inputs)
+
+
+def check_written_files(outputs: dict, model: str | None, force: bool, inputs: list = ()) -> None:
+    """`qkv.outputs.check_output_file` for each output given ({option: path or None}), with the
+    model's checkpoint and tokenizer among the inputs."""
+    from qkv.checkpoint import TOKENIZER, resolve_checkpoint
+    from qkv.outputs import check_output_file
+
+    model_files = []
+    if model is not None:
+        with contextlib.suppress(QkvError):  # a missing model is reported when it is loaded
+            checkpoint = resolve_checkpoint(model)
+            model_files = [checkpoint, checkpoint.parent / TOKENIZER]
+    sources = [*(path for path in inputs if path), *model_files]
+    for option, output in outputs.items():
+        if output:
+            check_output_file(output, sources, force, option)
+
+
+def write_lines(lines: list[str], path: str | None) -> None:
+    text = "".join(f"{line}\n" for line in lines)
+    if path is None:
+        sys.stdout.write(text)
+        return
+    from qkv.atomic import atomic_write
+
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
