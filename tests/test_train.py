@@ -13,23 +13,16 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import qkv_env
 from qkv import hardware
-from qkv.checkpoint import load_checkpoint
+from qkv.checkpoint import load_checkpoint, step_checkpoints
 from qkv.config import load_config
+from qkv.distributed import Distributed, training_device
 from qkv.errors import QkvError
 from qkv.prepare import load_prepared, prepare
-from qkv.train import (
-    Distributed,
-    Trainer,
-    label_smoothed_loss,
-    learning_rate,
-    step_checkpoints,
-    train,
-    training_device,
-)
+from qkv.schedule import learning_rate
+from qkv.train import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -74,41 +67,6 @@ def assert_bitwise_equal(state_a, state_b):
 
 
 # -- the recipe ------------------------------------------------------------------------------------
-
-
-def test_label_smoothed_loss_ignores_padding_and_matches_the_formula():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 5)
-    target = torch.tensor([[1, 2, 0], [4, 0, 0]])  # 0 is padding
-    loss, nll = label_smoothed_loss(logits, target, epsilon=0.1, pad_id=0)
-    log_probs = logits.log_softmax(-1)
-    expected_loss = expected_nll = 0.0
-    for b, t in [(0, 0), (0, 1), (1, 0)]:
-        true_nll = -log_probs[b, t, target[b, t]]
-        expected_nll += true_nll
-        expected_loss += 0.9 * true_nll + 0.1 * -log_probs[b, t].mean()
-    torch.testing.assert_close(nll, expected_nll)
-    torch.testing.assert_close(loss, expected_loss)
-
-
-def test_label_smoothed_loss_and_its_gradient_equal_torch_cross_entropy():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 4, 7, requires_grad=True)
-    target = torch.tensor([[1, 2, 0, 0], [4, 5, 6, 0], [3, 3, 3, 3]])
-    loss, nll = label_smoothed_loss(logits, target, epsilon=0.1, pad_id=0)
-    (gradient,) = torch.autograd.grad(loss, logits)
-    flat_logits, flat_target = logits.flatten(0, 1), target.flatten()
-    expected = F.cross_entropy(
-        flat_logits, flat_target, ignore_index=0, label_smoothing=0.1, reduction="sum"
-    )
-    (expected_gradient,) = torch.autograd.grad(expected, logits)
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(gradient, expected_gradient)
-    expected_nll = F.cross_entropy(flat_logits, flat_target, ignore_index=0, reduction="sum")
-    torch.testing.assert_close(nll, expected_nll.detach())
-    assert not nll.requires_grad
-
-
 def test_noam_schedule_warms_up_then_decays_as_in_the_paper():
     d_model, warmup = 512, 4000
     values = [learning_rate(s, "noam", 1.0, d_model, warmup) for s in (1, 2000, 4000, 16000)]
@@ -432,36 +390,6 @@ def test_learning_rate_in_metrics_follows_the_schedule(prepared, tmp_path):
         expected = learning_rate(record["step"], "noam", 1.0, 64, 10)
         assert math.isclose(record["lr"], expected, rel_tol=1e-9)
     assert os.path.getsize(tmp_path / "last.pt") > 0
-
-
-def test_label_smoothed_loss_in_blocks_with_bf16_logits_matches_autograd(monkeypatch):
-    """More tokens than one block of rows, bf16 logits as under autocast, every 4th token padding."""
-    import qkv.loss
-
-    monkeypatch.setattr(qkv.loss, "CPU_BLOCK_VALUES", 3 * 50)  # blocks of 3 rows of a 50-word vocab
-    torch.manual_seed(0)
-    logits = torch.randn(4, 5, 50).bfloat16().requires_grad_()
-    target = torch.randint(1, 50, (4, 5))
-    target[:, ::4] = 0
-    loss, nll = label_smoothed_loss(logits, target, epsilon=0.2, pad_id=0)
-    loss.backward()
-    reference_logits = logits.detach().float().requires_grad_()
-    expected = F.cross_entropy(
-        reference_logits.flatten(0, 1),
-        target.flatten(),
-        ignore_index=0,
-        label_smoothing=0.2,
-        reduction="sum",
-    )
-    expected.backward()
-    torch.testing.assert_close(loss, expected)
-    expected_nll = F.cross_entropy(
-        reference_logits.detach().flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum"
-    )
-    torch.testing.assert_close(nll, expected_nll)
-    assert logits.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.grad.float(), reference_logits.grad, rtol=1e-2, atol=4e-3)
-    assert logits.grad.flatten(0, 1)[target.flatten() == 0].abs().sum() == 0  # padding: no gradient
 
 
 def test_a_start_cleans_what_a_killed_run_left_and_starts_its_metrics_anew(prepared, tmp_path):

@@ -43,7 +43,7 @@ def demo_config_path() -> Path:
 
 def run_demo(run_dir: str | Path, overrides: list[str] = (), n_examples: int = 8, log=print):
     from qkv.checkpoint import load_model
-    from qkv.prepare import load_prepared
+    from qkv.prepared import load_prepared
 
     started = time.time()
     config = load_config(demo_config_path(), overrides)

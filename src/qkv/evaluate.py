@@ -12,12 +12,16 @@ from collections.abc import Sequence
 
 from qkv.errors import QkvError
 
+METRICS = ("bleu", "chrf", "bleu_lowercase")
 
-def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+
+def score(
+    hypotheses: Sequence[str], references: Sequence[str], metrics: Sequence[str] = METRICS
+) -> dict:
     """Corpus scores of `hypotheses` against one reference each.
 
     Returns {"bleu", "bleu_signature", "chrf", "chrf_signature", "bleu_lowercase",
-    "bleu_lowercase_signature", "sentences"}; scores are 0-100.
+    "bleu_lowercase_signature", "sentences"} (those of `metrics`); scores are 0-100.
     """
     import sacrebleu
 
@@ -30,12 +34,13 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
         raise QkvError("no sentences to score: the test set is empty")
     hypotheses, references = list(hypotheses), [list(references)]
     result: dict = {}
-    metrics = {
-        "bleu": sacrebleu.BLEU(),
-        "chrf": sacrebleu.CHRF(),
-        "bleu_lowercase": sacrebleu.BLEU(lowercase=True),
+    every_metric = {
+        "bleu": sacrebleu.BLEU,
+        "chrf": sacrebleu.CHRF,
+        "bleu_lowercase": lambda: sacrebleu.BLEU(lowercase=True),
     }
-    for name, metric in metrics.items():
+    for name in metrics:
+        metric = every_metric[name]()
         result[name] = metric.corpus_score(hypotheses, references).score
         result[f"{name}_signature"] = str(metric.get_signature())
     result["sentences"] = len(hypotheses)

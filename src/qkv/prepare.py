@@ -16,7 +16,6 @@ The prepared folder:
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -26,10 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from qkv import datasets
-from qkv.atomic import atomic_write
 from qkv.data import (
     Dropped,
     EncodedSplit,
@@ -43,13 +39,13 @@ from qkv.data import (
 )
 from qkv.errors import QkvError
 from qkv.outputs import check_output_folder
+from qkv.prepared import PreparedData, load_prepared, write_info, write_split  # noqa: F401
 from qkv.tokenizer import MODEL_TYPES, Tokenizer
 
 DATASETS = ("multi30k", "synthetic")
 DEFAULT_VOCAB_SIZE = {"multi30k": 8000, "synthetic": 200, None: 8000}
 DEFAULT_SYNTHETIC_SIZES = {"train": 20_000, "val": 500, "test": 500}
 MAX_HELD_OUT = 1000  # validation pairs taken from train when no validation files are given
-FORMAT_VERSION = 1
 SYNTHETIC_SRC, SYNTHETIC_TGT = datasets.SYNTHETIC_LANGS
 
 
@@ -83,36 +79,6 @@ class PrepareSummary:
     splits: list[SplitStats]
     notes: list[str]
     tokenizer_seconds: float
-
-
-@dataclass
-class PreparedData:
-    """A prepared folder loaded: the tokenizer, the encoded splits (raw text for val/test)."""
-
-    path: Path
-    tokenizer: Tokenizer
-    info: dict
-    splits: dict[str, EncodedSplit]
-
-    @property
-    def src_lang(self) -> str:
-        return self.info["src_lang"]
-
-    @property
-    def tgt_lang(self) -> str:
-        return self.info["tgt_lang"]
-
-    @property
-    def train(self) -> EncodedSplit:
-        return self.splits["train"]
-
-    @property
-    def val(self) -> EncodedSplit:
-        return self.splits["val"]
-
-    @property
-    def test(self) -> EncodedSplit | None:
-        return self.splits.get("test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,16 +356,8 @@ def print_summary(summary: PrepareSummary, file=None) -> None:
 
 def _write(out, summary, encoded, tokenizer, **settings) -> None:
     for name, split in encoded.items():
-        atomic_write(out / f"{name}.pt", lambda f, s=split: torch.save(_flatten(s), f))
-        if split.src_text is not None:
-            for lang, lines in (
-                (summary.src_lang, split.src_text),
-                (summary.tgt_lang, split.tgt_text),
-            ):
-                text = "".join(line + "\n" for line in lines)
-                atomic_write(out / f"{name}.{lang}", lambda f, t=text: f.write(t.encode("utf-8")))
+        write_split(out, name, split, summary.src_lang, summary.tgt_lang)
     info = {
-        "format_version": FORMAT_VERSION,
         "dataset": summary.dataset,
         "src_lang": summary.src_lang,
         "tgt_lang": summary.tgt_lang,
@@ -411,8 +369,7 @@ def _write(out, summary, encoded, tokenizer, **settings) -> None:
         "tokenizer_seconds": round(summary.tokenizer_seconds, 3),
         **settings,
     }
-    text = json.dumps(info, indent=2) + "\n"
-    atomic_write(out / "prepare.json", lambda f: f.write(text.encode("utf-8")))
+    write_info(out, info)
 
 
 def _split_info(stats: SplitStats) -> dict:
@@ -424,46 +381,3 @@ def _split_info(stats: SplitStats) -> dict:
         "src_tokens": stats.src_tokens,
         "tgt_tokens": stats.tgt_tokens,
     }
-
-
-def _flatten(split: EncodedSplit) -> dict[str, torch.Tensor]:
-    """Ragged id lists as one flat int32 tensor plus offsets per side: compact, fast to load."""
-    tensors = {}
-    for side, rows in (("src", split.src), ("tgt", split.tgt)):
-        lengths = torch.tensor([0] + [len(r) for r in rows], dtype=torch.int64)
-        tensors[side] = torch.tensor([i for r in rows for i in r], dtype=torch.int32)
-        tensors[f"{side}_offsets"] = lengths.cumsum(0)
-    return tensors
-
-
-def _unflatten(tensors: dict[str, torch.Tensor], side: str) -> list[list[int]]:
-    flat, offsets = tensors[side].tolist(), tensors[f"{side}_offsets"].tolist()
-    return [flat[a:b] for a, b in itertools.pairwise(offsets)]
-
-
-def load_prepared(path: str | os.PathLike) -> PreparedData:
-    """Read a folder written by `prepare`; never executes code from it (weights_only loads)."""
-    path = Path(path)
-    info_path = path / "prepare.json"
-    if not info_path.is_file():
-        raise QkvError(f"{path} is not a prepared data folder (no prepare.json): run qkv prepare")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    if info.get("format_version") != FORMAT_VERSION:
-        raise QkvError(
-            f"{info_path}: format version {info.get('format_version')}, this qkv reads "
-            f"{FORMAT_VERSION}: run qkv prepare again"
-        )
-    tokenizer = Tokenizer.load(path / "tokenizer.model")
-    splits = {}
-    for name in info["splits"]:
-        tensors = torch.load(path / f"{name}.pt", weights_only=True)
-        src_file, tgt_file = (
-            path / f"{name}.{lang}" for lang in (info["src_lang"], info["tgt_lang"])
-        )
-        src_text = tgt_text = None
-        if src_file.is_file():
-            src_text, tgt_text = map(list, zip(*read_parallel(src_file, tgt_file), strict=True))
-        splits[name] = EncodedSplit(
-            _unflatten(tensors, "src"), _unflatten(tensors, "tgt"), src_text, tgt_text
-        )
-    return PreparedData(path, tokenizer, info, splits)

@@ -8,17 +8,14 @@ so gradient accumulation and data parallelism give the same gradient as one big 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from qkv.atomic import atomic_write, remove_partial_writes
 from qkv.checkpoint import (
@@ -32,107 +29,20 @@ from qkv.checkpoint import (
 from qkv.config import Config, dump_toml
 from qkv.config_check import check_config
 from qkv.data import EncodedSplit, TokenBatchSampler
+from qkv.distributed import Distributed, restore_rng_states, rng_states, setup_distributed
 from qkv.errors import QkvError
 from qkv.hardware import describe_cpu, precision_note, resolve_precision
 from qkv.kernels import use_fast_kernels
 from qkv.loss import label_smoothed_loss
+from qkv.metrics import MetricsLog, RunningWindow, plot_curves, progress_bar
 from qkv.model import Transformer
-from qkv.translate import Translator
+from qkv.schedule import learning_rate
+from qkv.training_data import load_training_data, resegmented, run_meta
+from qkv.validation import validate
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 # What training writes into its run directory, besides the checkpoints.
 RUN_FILES = ("config.toml", TOKENIZER, "metrics.jsonl", "curves.png", "best.pt", "data")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The recipe
-
-
-def learning_rate(
-    step: int, schedule: str, lr: float, d_model: int, warmup: int, max_steps: int = 0
-) -> float:
-    """The learning rate of update number `step` (counted from 1).
-
-    'noam' (section 5.3): lr * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5).
-    'inverse_sqrt' (fairseq): linear warm-up to lr, then lr * sqrt(warmup / step).
-    'cosine' (Loshchilov & Hutter, 2017, without restarts): linear warm-up to lr, then half a cosine
-    down to 0 at `max_steps`. Both schedules above never anneal; in a short run of known length
-    (the demo) the last, small steps are what make every character of the output right.
-    """
-    step = max(step, 1)
-    if schedule == "noam":
-        return lr * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
-    if schedule == "inverse_sqrt":
-        return lr * min(step / warmup, math.sqrt(warmup / step))
-    if schedule == "cosine":
-        if max_steps <= 0:
-            raise QkvError("train.lr_schedule = 'cosine' needs train.max_steps > 0")
-        if step <= warmup:
-            return lr * step / warmup
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise QkvError(
-        f"train.lr_schedule must be 'noam', 'inverse_sqrt' or 'cosine', not {schedule!r}"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Devices
-
-
-@dataclass
-class Distributed:
-    """Where this process sits among the processes torchrun started (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def training_device(device_name: str, local_rank: int, cuda_available: bool) -> torch.device:
-    """The device of this process: 'auto' is a GPU where torch sees one. A GPU always gets its index
-    (the process's local rank under torchrun, else 0): torch.cuda.set_device refuses a bare 'cuda'."""
-    if device_name == "auto":
-        device_name = "cuda" if cuda_available else "cpu"
-    if device_name == "cuda":
-        device_name = f"cuda:{local_rank}"
-    return torch.device(device_name)
-
-
-def setup_distributed(device_name: str) -> Distributed:
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = training_device(device_name, local_rank, torch.cuda.is_available())
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise QkvError("train.device asks for CUDA, but torch sees no GPU")
-        if device.index >= torch.cuda.device_count():
-            raise QkvError(
-                f"this process wants {device}, but torch sees {torch.cuda.device_count()} GPU(s): "
-                "start at most that many processes per node (torchrun --nproc_per_node), "
-                "or train on the CPU with --set train.device='cpu'"
-            )
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,23 +59,6 @@ class Progress:
     target_tokens: int = 0  # seen so far, all devices
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict) -> None:
-    """The states come back wherever the checkpoint was loaded to (the GPU, when training on one), but
-    the generators take CPU byte tensors only."""
-    torch.set_rng_state(states["torch"].cpu())
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        cuda_states = states["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all([state.cpu() for state in cuda_states])
-
-
 # ---------------------------------------------------------------------------------------------------
 # The run
 
@@ -176,7 +69,9 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, data, dist_info: Distributed, log=print):
         self.config = config
         self.run_dir = run_dir
-        self.data = data  # qkv.prepare.PreparedData: tokenizer, encoded splits, raw validation text
+        self.data = (
+            data  # qkv.prepared.PreparedData: tokenizer, encoded splits, raw validation text
+        )
         self.dist = dist_info
         self.log = log if dist_info.is_main else (lambda *a, **k: None)
         self.progress = Progress()
@@ -229,29 +124,12 @@ class Trainer:
         )
 
     def epoch_split(self, epoch: int) -> tuple[EncodedSplit, TokenBatchSampler]:
-        """The training pairs of `epoch` as ids, and their batches.
-
-        Without subword dropout, the prepared ids every epoch. With it, the raw text segmented anew
-        from a seed of (train.seed, epoch): every rank, and a resumed run, gets the same ids. A pair
-        whose sampled segmentation is longer than data.max_len keeps its prepared ids. With
-        data.subword_dropout_side = 'source', the targets keep their prepared ids.
-        """
+        """The training pairs of `epoch` as ids, and their batches: the prepared ids every epoch, or
+        with subword dropout the text segmented anew for the epoch (`resegmented`)."""
         cached_epoch, split, sampler = self.epoch_data
-        dropout = self.config.data.subword_dropout
-        if not dropout or cached_epoch == epoch:
+        if not self.config.data.subword_dropout or cached_epoch == epoch:
             return split, sampler
-        prepared, tokenizer = self.data.train, self.data.tokenizer
-        seed = int(np.random.default_rng([self.config.train.seed, epoch]).integers(2**31))
-        src = tokenizer.sample_batch(prepared.src_text, dropout, seed)
-        if self.config.data.subword_dropout_side == "both":
-            tgt = tokenizer.sample_batch(prepared.tgt_text, dropout, seed + 1)
-        else:
-            tgt = list(prepared.tgt)
-        max_len = self.config.data.max_len
-        for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
-            if max(len(s), len(t)) > max_len:
-                src[i], tgt[i] = prepared.src[i], prepared.tgt[i]
-        split = EncodedSplit(src, tgt)
+        split = resegmented(self.data, self.config, epoch)
         sampler = self.make_sampler(split)
         self.epoch_data = (epoch, split, sampler)
         return split, sampler
@@ -543,157 +421,6 @@ def link_atomically(source: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Validation
-
-
-@torch.no_grad()
-def validate(model: Transformer, data, config: Config, device: torch.device) -> dict:
-    """Loss and perplexity on the validation split (teacher forcing), and BLEU of greedy (or beam)
-    translations of its sources against the raw reference text."""
-    import sacrebleu
-
-    valid: EncodedSplit = data.val
-    pad_id = model.config.pad_id
-    sampler = TokenBatchSampler(valid.lengths(), config.train.max_tokens, shuffle=False)
-    nll_sum = tokens = 0.0
-    for indices in sampler.batches(0):
-        batch = valid.collate(indices).to(device)
-        logits = model(batch.src, batch.tgt_in)
-        nll_sum += label_smoothed_loss(logits, batch.tgt_out, 0.0, pad_id)[1].item()
-        tokens += batch.n_tgt_tokens
-    limit = config.eval.max_sentences or len(valid)
-    translator = Translator(model, data.tokenizer, device)
-    hypotheses = translator.translate(
-        valid.src_text[:limit], beam=config.eval.beam, max_tokens=config.train.max_tokens
-    )
-    bleu = sacrebleu.corpus_bleu(hypotheses, [valid.tgt_text[:limit]])
-    loss = nll_sum / max(tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": bleu.score}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Watching it
-
-
-class RunningWindow:
-    """Averages of the updates since the last log line, for the progress bar and metrics.jsonl."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = self.nll = 0.0
-        self.tokens = 0
-        self.lr = 0.0
-        self.started = time.time()
-
-    def add(self, stats: dict) -> None:
-        self.loss += stats["loss"] * stats["tokens"]
-        self.nll += stats["nll"] * stats["tokens"]
-        self.tokens += stats["tokens"]
-        self.lr = stats["lr"]
-
-    def averages(self) -> dict:
-        seconds = max(time.time() - self.started, 1e-9)
-        tokens = max(self.tokens, 1)
-        values = {
-            "loss": self.loss / tokens,
-            "nll": self.nll / tokens,
-            "ppl": math.exp(min(self.nll / tokens, 50)),
-            "lr": self.lr,
-            "tokens_per_second": self.tokens / seconds,
-        }
-        self.reset()
-        return values
-
-    def postfix(self, epoch: int) -> str:
-        tokens = max(self.tokens, 1)
-        seconds = max(time.time() - self.started, 1e-9)
-        return (
-            f"epoch {epoch + 1} loss {self.loss / tokens:.3f} lr {self.lr:.2e} "
-            f"{self.tokens / seconds:,.0f} tok/s"
-        )
-
-
-def progress_bar(total: int | None, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="step",
-        disable=not enabled,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object a line, appended and flushed, so a crash loses at most one line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        record = {"time": round(time.time(), 3), **record}
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
-
-    def start_anew(self) -> Path | None:
-        """For a run that starts from step 0: move an earlier start's lines (a run killed before its
-        first checkpoint) to metrics.jsonl.N, the first free N, so the curves show one run. Returns
-        where they went, or None if there were none."""
-        if not self.path.is_file():
-            return None
-        number = 1
-        while (kept := self.path.with_name(f"{self.path.name}.{number}")).exists():
-            number += 1
-        os.replace(self.path, kept)
-        return kept
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop what the crashed run logged after its last checkpoint."""
-        if not self.path.is_file():
-            return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        atomic_write(self.path, lambda file: file.write(text.encode()))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a crash
-            records.append(json.loads(line))
-    return records
-
-
-def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """Training loss and validation loss/BLEU against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    train = [r for r in records if "split" not in r and "loss" in r]
-    valid = [r for r in records if r.get("split") == "valid"]
-    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
-    # NLL on both sides: the training loss proper adds label smoothing, which validation does not.
-    ax_loss.plot([r["step"] for r in train], [r["nll"] for r in train], label="train")
-    ax_loss.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="valid")
-    ax_loss.set(xlabel="step", ylabel="NLL per target token", title="Loss (no label smoothing)")
-    ax_loss.legend()
-    ax_bleu.plot([r["step"] for r in valid], [r["bleu"] for r in valid], "o-", color="tab:green")
-    ax_bleu.set(xlabel="step", ylabel="BLEU", title="Validation BLEU (greedy)")
-    for ax in (ax_loss, ax_bleu):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(png_path, lambda file: fig.savefig(file, format="png", dpi=100))
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -744,42 +471,3 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
         + f"; {len(data.train):,} training pairs, {len(data.val):,} validation pairs"
     )
     return trainer.run()
-
-
-def run_meta(data) -> dict:
-    """What a checkpoint records of its data, for translation and evaluation later."""
-    return {key: data.info.get(key) for key in ("dataset", "src_lang", "tgt_lang")}
-
-
-def load_training_data(config: Config, run_dir: Path, dist_info: Distributed, log):
-    """The prepared data the config names; prepared into RUN_DIR/data first when it is not there yet."""
-    from qkv.prepare import load_prepared, prepare
-
-    data_config = config.data
-    if data_config.prepared:
-        return load_prepared(data_config.prepared)
-    if not data_config.dataset and not data_config.trainpref:
-        raise QkvError(
-            "the config names no data: set data.dataset (e.g. 'multi30k' or 'synthetic'), "
-            "data.trainpref, or data.prepared"
-        )
-    prepared_dir = run_dir / "data"
-    if dist_info.is_main and not (prepared_dir / "prepare.json").is_file():
-        log(f"preparing data into {prepared_dir}")
-        prepare(
-            out=prepared_dir,
-            dataset=data_config.dataset,
-            trainpref=data_config.trainpref,
-            validpref=data_config.validpref,
-            testpref=data_config.testpref,
-            src_lang=data_config.src_lang,
-            tgt_lang=data_config.tgt_lang,
-            data_dir=data_config.data_dir,
-            vocab_size=data_config.vocab_size,
-            model_type=data_config.tokenizer_type,
-            max_len=data_config.max_len,
-            seed=data_config.seed,
-            progress=dist_info.is_main,
-        )
-    dist_info.barrier()
-    return load_prepared(prepared_dir)
