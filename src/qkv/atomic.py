@@ -70,3 +70,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def link_atomically(source: Path, target: Path) -> None:
+    """Make `target` a hard link to `source`, replacing it in one rename (a copy where links fail)."""
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write(target, lambda file: file.write(source.read_bytes()))
+        return
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point

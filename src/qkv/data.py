@@ -222,6 +222,22 @@ def collate(
     )
 
 
+def cut_into_batches(indices: list[int], costs: list[int], max_tokens: int) -> list[list[int]]:
+    """`indices`, in their order, cut into consecutive batches: a batch takes the next example while
+    its size times its widest example's cost stays within `max_tokens` (one example at least)."""
+    batches, current, widest = [], [], 0
+    for index, cost in zip(indices, costs, strict=True):
+        widest_with = max(widest, cost)
+        if current and (len(current) + 1) * widest_with > max_tokens:
+            batches.append(current)
+            current, widest_with = [], cost
+        current.append(index)
+        widest = widest_with
+    if current:
+        batches.append(current)
+    return batches
+
+
 class TokenBatchSampler:
     """Batches of example indices holding at most `max_tokens` tokens each, padding included.
 
@@ -290,16 +306,7 @@ class TokenBatchSampler:
         return batches
 
     def _cut(self, order: np.ndarray) -> list[list[int]]:
-        batches, current, widest = [], [], 0
-        for index, cost in zip(order.tolist(), self._cost[order].tolist(), strict=True):
-            widest_with = max(widest, cost)
-            if current and (len(current) + 1) * widest_with > self.max_tokens:
-                batches.append(current)
-                current, widest_with = [], cost
-            current.append(index)
-            widest = widest_with
-        batches.append(current)
-        return batches
+        return cut_into_batches(order.tolist(), self._cost[order].tolist(), self.max_tokens)
 
     def padding_efficiency(self, epoch: int = 0) -> float:
         """Share of non-pad entries in the src and tgt tensors of all batches of an epoch."""

@@ -7,10 +7,9 @@ bf16 where the device has bf16 arithmetic and fp32 elsewhere:
 - a CPU with bf16 instructions that oneDNN uses: AVX512_BF16 (AMD Zen 4 and Zen 5, Intel Cooper Lake
   and later), AMX-BF16 (Intel Sapphire Rapids and later), or Arm's BF16 extension.
 
-Everywhere else bf16 is emulated, and slow. On a 2-core AMD EPYC Zen 3 (AVX2, no bf16) a bf16 training
-step of the small model ran 20x slower than fp32 (45 against 925 target tokens/s); with oneDNN and ATen
-held to AVX2 on a Zen 5 (the settings in `AVX2_ENVIRONMENT`) a (512 x 512) bf16 product took 98 ms
-against 1.3 ms in fp32. Asked for explicitly, bf16 still runs there, correctly, after one warning.
+Everywhere else bf16 is emulated, and slow: on an AVX2 CPU without bf16 a training step of the small
+model ran 20x slower in bf16 than in fp32 (benchmarks/README.md, "Two kinds of CPU"). Asked for
+explicitly, bf16 still runs there, correctly, after one warning.
 
 A CPU with AVX-512 but without AVX512_BF16 (Intel Skylake-X, Ice Lake) passes oneDNN's own bf16 check,
 which emulates the arithmetic with AVX-512 instructions: "auto" takes fp32 there too.

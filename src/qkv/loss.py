@@ -9,9 +9,8 @@ respect to the logits of a real token is
 
 Autograd through ``log_softmax`` would keep the (tokens, vocab) fp32 log-probabilities for the backward
 pass and make several passes over them (4000 tokens x 8000 words: 128 MB each time). Here they are
-computed a block of rows at a time, so they stay in the cache, and recomputed in the backward pass: one
-training batch of the small model (3840 tokens, 8000 words, bf16 logits), one thread: 790 ms for the loss
-and its gradient through autograd, 150-270 ms with this function.
+computed a block of rows at a time, so they stay in the cache, and recomputed in the backward pass:
+3-5x faster than autograd on a training batch of the small model (benchmarks/README.md, "CPU kernels").
 """
 
 from __future__ import annotations
@@ -37,9 +36,8 @@ def label_smoothed_loss(
 
 
 def _blocks(logits: Tensor):
-    """Slices of rows to compute at once: cache-sized on the CPU (a (3840, 8000) loss and its gradient
-    took 150 ms in blocks of 32 rows, 250 ms in blocks of 256, 575 ms in one block, one thread); all
-    rows on a GPU, where each block costs kernel launches."""
+    """Slices of rows to compute at once: cache-sized on the CPU (smaller blocks measured faster,
+    benchmarks/README.md); all rows on a GPU, where each block costs kernel launches."""
     n_rows, vocab = logits.shape
     per_block = max(1, CPU_BLOCK_VALUES // vocab if logits.device.type == "cpu" else n_rows)
     for start in range(0, n_rows, per_block):

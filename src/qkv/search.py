@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qkv.inference import DecodingEngine, prepare_for_decoding
-from qkv.inference.topk import argmax, topk
+from qkv.inference.topk import argmax, best_extensions
 from qkv.model import Transformer
 
 LENGTH_PENALTY_STYLES = ("gnmt", "fairseq")
@@ -345,10 +345,10 @@ class _BeamSearch:
         # Rows per sentence now: beam, or 1 at the first step (see `run`).
         n_live, width = beam_scores.shape
         # Every extension of every beam of a sentence competes: its beam's score plus the token's
-        # log-probability, width x vocab sums per sentence, of which topk writes only the best.
+        # log-probability, width x vocab sums per sentence; the best 2 x beam go on.
         n_cand = min(2 * beam, width * vocab)
         # (n_live, n_cand) each, best first; cand_flat indexes the sentence's width x vocab sums.
-        cand_scores, cand_flat = topk(log_probs, n_cand, beam_scores.view(-1), width)
+        cand_scores, cand_flat = best_extensions(log_probs, beam_scores, n_cand)
         cand_beam, cand_token = cand_flat // vocab, cand_flat % vocab
         first_rows = torch.arange(0, n_live * width, width, device=self.device)[:, None]
         cand_row = first_rows + cand_beam  # row in ids and in the batch

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qkv.atomic import atomic_write, remove_partial_writes
+from qkv.atomic import atomic_write, link_atomically, remove_partial_writes
 from qkv.checkpoint import (
     LAST,
     TOKENIZER,
@@ -95,8 +94,7 @@ class Trainer:
             betas=tuple(train.adam_betas),
             eps=train.adam_eps,
             weight_decay=train.weight_decay,
-            # One kernel per parameter instead of ~10: on the CPU, 8 ms against 40 ms per step of the
-            # small model.
+            # One kernel per parameter instead of ~10 (a fifth of the optimizer's time on a CPU).
             fused=dist_info.device.type in ("cpu", "cuda"),
         )
         if config.data.subword_dropout and data.train.src_text is None:
@@ -406,22 +404,6 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.progress.step}")
             return True
         return False
-
-
-def link_atomically(source: Path, target: Path) -> None:
-    """Make `target` a hard link to `source`, replacing it in one rename (a copy where links fail)."""
-    tmp = target.with_name(f".{target.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        atomic_write(target, lambda file: file.write(source.read_bytes()))
-        return
-    os.replace(tmp, target)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Entry point
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:

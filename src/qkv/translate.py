@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qkv.checkpoint import TOKENIZER, load_trained_model
+from qkv.data import cut_into_batches
 from qkv.errors import QkvError
 from qkv.errors import warn as default_warn
 from qkv.hardware import DTYPES, resolve_precision
@@ -205,19 +206,9 @@ class Translator:
 
 def token_batches(sources: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Indices of the non-empty sources, sorted by length, cut into batches of at most `max_tokens`
-    source tokens counting padding (at least one sentence each)."""
+    source tokens counting padding (at least one sentence each), as training's batches are cut."""
     order = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: len(sources[i]))
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    for index in order:
-        # Sorted ascending, so this sentence is the longest of the batch it joins.
-        if batch and (len(batch) + 1) * len(sources[index]) > max_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(index)
-    if batch:
-        batches.append(batch)
-    return batches
+    return cut_into_batches(order, [len(sources[i]) for i in order], max_tokens)
 
 
 def _warn(message: str) -> None:

@@ -14,8 +14,8 @@ Here the beams of a sentence share one tensor per layer, and nothing in it ever 
   (sentences, heads, slots, d_head): softmax(Q K^T / sqrt(d_k) + mask) V
   (`qkv.inference.engine.attention_with_bias`). Slots outside a beam's history get weight exactly zero, so the
   result is the per-beam attention. Each beam meets all of its sentence's slots, `max_beams` times the
-  products of per-beam attention: measured cheaper than gathering each beam's own keys (95-210 us
-  against 166-807 us per layer and step, small model, batch 32, beam 5);
+  products of per-beam attention: measured cheaper than gathering each beam's own keys
+  (benchmarks/README.md, "CPU kernels");
 - the encoder's keys and values for cross-attention are kept once per sentence, not once per beam.
 
 Only sentences that leave the batch (finished) cause a copy: the cache keeps the rest.

@@ -69,8 +69,8 @@ def topk(
     return values, chunk_of * chunk + within % chunk
 
 
-# From this many rows on, `argmax` takes `topk`'s chunk maxima: PyTorch's argmax of a 2-D tensor on the
-# CPU takes ~2.3 us a row of 8000 (71 us for 32 rows, against 40 us), but 6 against 22 us for one row.
+# From this many rows on, `argmax` takes `topk`'s chunk maxima: PyTorch's own argmax is faster for a
+# few rows and slower for many (benchmarks/README.md, "CPU kernels").
 ARGMAX_MIN_ROWS = 16
 
 
@@ -92,3 +92,12 @@ def _topk_chunk(length: int, k: int, rows_per_group: int = 1) -> int | None:
         if length % chunk == 0 and rows_per_group * (length // chunk) >= 4 * k:
             return chunk
     return None
+
+
+def best_extensions(log_probs: Tensor, beam_scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """A beam search's candidates: for each sentence, the k best sums beam score + log-probability of
+    the next token over its beams and the whole vocabulary.
+
+    log_probs (sentences * beams, vocab); beam_scores (sentences, beams). Returns the sums (sentences,
+    k), best first, and where each is: beam * vocab + token."""
+    return topk(log_probs, k, beam_scores.reshape(-1), rows_per_group=beam_scores.size(1))
