@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qkv.atomic import atomic_write
+from qkv.atomic import atomic_write, link_atomically
 from qkv.errors import QkvError
 from qkv.errors import warn as default_warn
 from qkv.model import Transformer, TransformerConfig
@@ -203,3 +203,33 @@ def save_average(paths: list[str | Path], output: str | Path) -> Path | None:
     target = output.parent / TOKENIZER
     atomic_write(target, lambda file: file.write(tokenizer.read_bytes()))
     return tokenizer
+
+
+def save_step_checkpoint(run_dir: Path, step: int, checkpoint: dict, keep_last: int) -> Path:
+    """checkpoint_<step>.pt, and last.pt pointing at the same bytes; all but the `keep_last` newest
+    step files removed (0 keeps them all)."""
+    step_path = run_dir / f"checkpoint_{step}.pt"
+    save_checkpoint(step_path, checkpoint)
+    link_atomically(step_path, run_dir / LAST)
+    for old in step_checkpoints(run_dir)[: -keep_last or None]:
+        old.unlink(missing_ok=True)
+    return step_path
+
+
+def load_resumable_checkpoint(
+    run_dir: Path, map_location, log: Callable[[str], None]
+) -> tuple[dict, Path] | None:
+    """The newest readable checkpoint of `run_dir` that holds the training state (last.pt, then
+    checkpoint_<step>.pt newest first), and its path; a damaged one is skipped with a warning
+    through `log`. None when there is none."""
+    for path in [run_dir / LAST, *reversed(step_checkpoints(run_dir))]:
+        if not path.is_file():
+            continue
+        try:
+            checkpoint = load_checkpoint(path, map_location=map_location)
+        except QkvError as error:
+            log(f"warning: {error}; trying an older checkpoint")
+            continue
+        if "optimizer" in checkpoint:
+            return checkpoint, path
+    return None

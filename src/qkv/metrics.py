@@ -66,6 +66,24 @@ def progress_bar(total: int | None, initial: int, enabled: bool):
     )
 
 
+def start_record(step: int, precision: str, precision_asked: str, device) -> dict:
+    """The line metrics.jsonl gets at each start of a run: from which step, in which precision (and
+    what the config asked for), on what device and CPU or GPU."""
+    import torch
+
+    from qkv.hardware import describe_cpu
+
+    hardware = describe_cpu() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return {
+        "event": "start",
+        "step": step,
+        "precision": precision,
+        "precision_asked": precision_asked,
+        "device": str(device),
+        "hardware": hardware,
+    }
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object a line, appended and flushed, so a crash loses at most one line."""
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qkv.inference import DecodingEngine, prepare_for_decoding
+from qkv.inference import DecodingEngine, log_softmax, prepare_for_decoding
 from qkv.inference.topk import argmax, best_extensions
 from qkv.model import Transformer
 
@@ -105,17 +105,10 @@ def max_lengths(
 def next_log_probs(
     model: Transformer | DecodingEngine, logits: Tensor, generated: int, min_len: int
 ) -> Tensor:
-    """(rows, 1, vocab) logits of the newest position -> (rows, vocab) fp32 log-probabilities, with the
-    tokens that may not come next at -inf. `generated` tokens already exist before this one.
-
-    On the CPU, fp32 logits are overwritten: the log-probabilities take their place. A second rows x
-    vocab tensor at every step (5 MB at batch 32, beam 5, vocabulary 8000) pushed the weights out of
-    the processor's cache, and a fresh one could mean fresh pages from the system."""
-    log_probs = logits[:, -1].float()  # the logits themselves if they are fp32
-    if log_probs.device.type == "cpu":
-        torch.log_softmax(log_probs, dim=-1, out=log_probs)
-    else:
-        log_probs = torch.log_softmax(log_probs, dim=-1)
+    """(rows, 1, vocab) logits of the newest position -> (rows, vocab) fp32 log-probabilities
+    (`qkv.inference.log_softmax`), with the tokens that may not come next at -inf. `generated`
+    tokens already exist before this one."""
+    log_probs = log_softmax(logits[:, -1])
     config = model.config
     log_probs[:, config.pad_id] = -math.inf
     log_probs[:, config.bos_id] = -math.inf

@@ -16,24 +16,24 @@ from pathlib import Path
 
 import torch
 
-from qkv.atomic import atomic_write, link_atomically, remove_partial_writes
+from qkv.atomic import atomic_write, remove_partial_writes
 from qkv.checkpoint import (
     LAST,
     TOKENIZER,
-    load_checkpoint,
+    load_resumable_checkpoint,
     model_checkpoint,
     save_checkpoint,
-    step_checkpoints,
+    save_step_checkpoint,
 )
 from qkv.config import Config, dump_toml
 from qkv.config_check import check_config
 from qkv.data import EncodedSplit, TokenBatchSampler
 from qkv.distributed import Distributed, restore_rng_states, rng_states, setup_distributed
 from qkv.errors import QkvError
-from qkv.hardware import describe_cpu, precision_note, resolve_precision
+from qkv.hardware import precision_note, resolve_precision
 from qkv.kernels import use_fast_kernels
 from qkv.loss import label_smoothed_loss
-from qkv.metrics import MetricsLog, RunningWindow, plot_curves, progress_bar
+from qkv.metrics import MetricsLog, RunningWindow, plot_curves, progress_bar, start_record
 from qkv.model import Transformer
 from qkv.schedule import learning_rate
 from qkv.training_data import load_training_data, resegmented, run_meta
@@ -285,23 +285,10 @@ class Trainer:
         }
 
     def record_start(self) -> None:
-        """A line in metrics.jsonl for each start of the run (the first line of a new one): the
-        precision it trains in, on what device and CPU, from which step."""
-        if self.metrics is None:
-            return
-        device = self.dist.device
-        self.metrics.write(
-            {
-                "event": "start",
-                "step": self.progress.step,
-                "precision": self.precision,
-                "precision_asked": self.config.train.precision,
-                "device": str(device),
-                "hardware": (
-                    describe_cpu() if device.type == "cpu" else torch.cuda.get_device_name(device)
-                ),
-            }
-        )
+        """A line in metrics.jsonl for each start of the run (the first line of a new one)."""
+        if self.metrics is not None:
+            precision = (self.precision, self.config.train.precision)
+            self.metrics.write(start_record(self.progress.step, *precision, self.dist.device))
 
     def after_update(self, window: RunningWindow) -> None:
         step = self.progress.step
@@ -375,35 +362,25 @@ class Trainer:
         self.last_saved_step = self.progress.step
         if not self.dist.is_main:
             return
-        step_path = self.run_dir / f"checkpoint_{self.progress.step}.pt"
-        save_checkpoint(step_path, self.checkpoint())
-        link_atomically(step_path, self.run_dir / LAST)
-        for old in step_checkpoints(self.run_dir)[: -self.config.train.keep_last or None]:
-            old.unlink(missing_ok=True)
+        save_step_checkpoint(
+            self.run_dir, self.progress.step, self.checkpoint(), self.config.train.keep_last
+        )
 
     def resume(self) -> bool:
         """Continue from the newest readable checkpoint of the run directory; False if there is none."""
-        candidates = [self.run_dir / LAST, *reversed(step_checkpoints(self.run_dir))]
-        for path in candidates:
-            if not path.is_file():
-                continue
-            try:
-                checkpoint = load_checkpoint(path, map_location=self.dist.device)
-            except QkvError as error:
-                self.log(f"warning: {error}; trying an older checkpoint")
-                continue
-            if "optimizer" not in checkpoint:
-                continue
-            self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.progress = Progress(**checkpoint["progress"])
-            restore_rng_states(checkpoint["rng"])
-            self.last_saved_step = self.progress.step
-            if self.metrics is not None:
-                self.metrics.truncate_after(self.progress.step)
-            self.log(f"resumed from {path} at step {self.progress.step}")
-            return True
-        return False
+        found = load_resumable_checkpoint(self.run_dir, self.dist.device, self.log)
+        if found is None:
+            return False
+        checkpoint, path = found
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.progress = Progress(**checkpoint["progress"])
+        restore_rng_states(checkpoint["rng"])
+        self.last_saved_step = self.progress.step
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.progress.step)
+        self.log(f"resumed from {path} at step {self.progress.step}")
+        return True
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:

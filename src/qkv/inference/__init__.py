@@ -10,6 +10,6 @@ knows nothing of it.
 """
 
 from qkv.inference.beam_cache import BeamCache
-from qkv.inference.engine import DecodingEngine, prepare_for_decoding
+from qkv.inference.engine import DecodingEngine, log_softmax, prepare_for_decoding
 
-__all__ = ["BeamCache", "DecodingEngine", "prepare_for_decoding"]
+__all__ = ["BeamCache", "DecodingEngine", "log_softmax", "prepare_for_decoding"]
