@@ -59,10 +59,7 @@ class BeamCache:
         self.ancestry: Tensor | None = None
         # The open position's part of it, (sentences, 1, beams, slots so far): shared by the layers.
         self.bias: Tensor | None = None
-        self.self_attn = [
-            SharedSelfAttentionCache(self, first=i == 0, last=i == n_layers - 1)
-            for i in range(n_layers)
-        ]
+        self.self_attn = [SharedSelfAttentionCache(self) for _ in range(n_layers)]
         self.cross_attn = [SharedCrossAttentionCache(self) for _ in range(n_layers)]
 
     def __len__(self) -> int:
@@ -72,8 +69,6 @@ class BeamCache:
     def group(self, x: Tensor, n_heads: int) -> Tensor:
         """(rows, 1, d_model) -> (sentences, n_heads, beams, d_head): a sentence's beams as its queries."""
         rows, _, d_model = x.shape
-        if self.n_sentences is None:
-            self.n_sentences = rows
         if rows != self.n_sentences * self.width:
             raise ValueError(
                 f"{rows} decoder rows, but the cache holds {self.n_sentences} sentences x "
@@ -89,10 +84,18 @@ class BeamCache:
         n_sentences, n_heads, width, d_head = x.shape
         return x.transpose(1, 2).reshape(n_sentences * width, 1, n_heads * d_head)
 
-    def open_position(self, dtype: torch.dtype, device) -> Tensor:
-        """Start position `length`: each beam's history gains the beam's own new slot. Returns the
-        additive mask (sentences, 1, beams, slots so far): 0 in the beam's history, -inf elsewhere;
-        shared by every layer. A beam always sees its own new slot, so no row is empty."""
+    def open_position(self, rows: int, dtype: torch.dtype, device) -> Tensor:
+        """Start position `length` for `rows` decoder rows (the engine, before the first layer): each
+        beam's history gains the beam's own new slot. Returns the additive mask (sentences, 1, beams,
+        slots so far): 0 in the beam's history, -inf elsewhere; shared by every layer (`bias`). A beam
+        always sees its own new slot, so no row is empty."""
+        if self.n_sentences is None:
+            self.n_sentences = rows
+        if rows != self.n_sentences * self.width:
+            raise ValueError(
+                f"{rows} decoder rows, but the cache holds {self.n_sentences} sentences x "
+                f"{self.width} beams"
+            )
         n, width, beams = self.n_sentences, self.width, self.max_beams
         if self.ancestry is None:
             shape = (n, width, self.capacity * beams)
@@ -109,6 +112,7 @@ class BeamCache:
         return self.bias
 
     def close_position(self) -> None:
+        """End the open position (the engine, after the last layer wrote its keys and values)."""
         self.length += 1
 
     def reorder(self, index: Tensor, cross_attention: bool = True) -> None:
@@ -158,21 +162,19 @@ class BeamCache:
 class SharedSelfAttentionCache:
     """One decoder layer's self-attention keys and values: (sentences, n_heads, slots, d_head) each."""
 
-    def __init__(self, beams: BeamCache, first: bool, last: bool):
+    def __init__(self, beams: BeamCache):
         self.beams = beams
-        # The first layer opens each position, the last closes it.
-        self.first, self.last = first, last
         self.key: Tensor | None = None
         self.value: Tensor | None = None
 
     def append(self, k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Write this position's keys and values, (rows, 1, d_model) each; return the sentence's keys and
-        values so far (sentences, n_heads, slots, d_head) and the additive mask of each beam's history
-        (sentences, 1, beams, slots)."""
+        """Write the open position's keys and values, (rows, 1, d_model) each; return the sentence's
+        keys and values so far (sentences, n_heads, slots, d_head) and the additive mask of each
+        beam's history (sentences, 1, beams, slots)."""
         beams = self.beams
         k = beams.group(k, n_heads)  # (sentences, n_heads, beams, d_head)
         v = beams.group(v, n_heads)
-        bias = beams.open_position(k.dtype, k.device) if self.first else beams.bias
+        bias = beams.bias
         slots = beams.capacity * beams.max_beams
         if self.key is None:
             shape = (beams.n_sentences, n_heads, slots, k.size(-1))
@@ -187,8 +189,6 @@ class SharedSelfAttentionCache:
             # must be finite: -inf + NaN, or 0 x NaN, would still be NaN.
             self.key[:, :, start + beams.width : start + beams.max_beams] = 0
             self.value[:, :, start + beams.width : start + beams.max_beams] = 0
-        if self.last:
-            beams.close_position()
         end = bias.size(-1)
         return self.key[:, :, :end], self.value[:, :, :end], bias
 

@@ -161,6 +161,7 @@ class DecodingEngine:
         step only: the cache keeps the cross-attention keys and values)."""
         model = self.model
         y = model.tgt_embed(last_tokens[:, None]) + model.tgt_positions(1, len(cache))
+        cache.open_position(y.size(0), y.dtype, y.device)  # every layer writes this position
         for i, (layer, self_attention, cross_attention, feed_forward) in enumerate(self.decoder):
             self_entry, cross_entry = cache.self_attn[i], cache.cross_attn[i]
             if layer.norm_first:
@@ -173,6 +174,7 @@ class DecodingEngine:
                 attended = self._cross_attention(cross_attention, y, memory, src_mask, cross_entry)
                 y = layer.norm2(y + attended)
                 y = layer.norm3(y + feed_forward(y))
+        cache.close_position()
         return self.output(model.decoder.final_norm(y))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
