@@ -46,11 +46,12 @@ def test_the_demo_shows_live_progress(demo):
 
 
 def readme_commands_on_the_demo() -> list[str]:
-    """Every README bash line that uses the demo's run directory, except those that train it again."""
+    """Every README bash line that uses the demo's run directory, except those that train it again
+    and the server (which runs until stopped: tests/test_serve.py runs one)."""
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL):
         for line in block.splitlines():
-            if "runs/demo" in line and not re.search(r"qkv (train|demo)\b", line):
+            if "runs/demo" in line and not re.search(r"qkv (train|demo|serve)\b", line):
                 lines.append(line.split("  #")[0].rstrip())
     return lines
 
@@ -107,3 +108,22 @@ def test_the_demo_writes_runs_demo_where_the_readme_looks_then_numbered_folders(
     assert default_demo_dir(tmp_path) == tmp_path / "demo-2"
     (tmp_path / "demo-2").mkdir()
     assert default_demo_dir(tmp_path) == tmp_path / "demo-3"
+
+
+def test_readme_serve_examples_answer_as_written_on_the_demo_model(demo):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from qkv.serve import load_models
+    from qkv.serve.app import create_app
+
+    cwd, _ = demo
+    sentence = "the third of may nineteen ninety"
+    with TestClient(create_app(load_models([str(cwd / "runs" / "demo")]))) as client:
+        answer = client.post("/translate", json={"q": sentence, "source": "words", "target": "iso"})
+        assert answer.json() == {"translatedText": "1990-05-03"}
+        languages = client.get("/languages").json()
+        assert languages == [{"code": "words", "name": "Dates in words", "targets": ["iso"]}]
+        body = {"text": [sentence], "source": "words", "target": "iso", "n_best": 2}
+        hypotheses = client.post("/v1/translate", json=body).json()["translations"][0]["hypotheses"]
+        assert hypotheses[0]["text"] == "1990-05-03" and len(hypotheses) == 2

@@ -16,6 +16,7 @@ from qkv.cli.average import _add_average
 from qkv.cli.demo import _add_demo
 from qkv.cli.look import _add_attention, _add_explain
 from qkv.cli.prepare import _add_prepare
+from qkv.cli.serve import _add_serve
 from qkv.cli.train import _add_train
 from qkv.cli.translate import _add_evaluate, _add_translate
 from qkv.errors import QkvError
@@ -31,6 +32,7 @@ COMMANDS: list = [
     _add_average,
     _add_attention,
     _add_explain,
+    _add_serve,
 ]
 
 

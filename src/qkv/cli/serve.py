@@ -1,0 +1,90 @@
+"""`qkv serve`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qkv.errors import QkvError
+
+SERVE_EXAMPLES = """\
+examples:
+  qkv serve runs/demo
+  qkv serve runs/de_en runs/en_de --port 5000 --beam 4
+  curl -s localhost:5000/translate -H 'Content-Type: application/json' \\
+      -d '{"q": "Ein Hund rennt.", "source": "de", "target": "en"}'
+
+API: LibreTranslate's POST /translate and GET /languages (its clients work unchanged), qkv's
+POST /v1/translate (hypotheses, scores, subword tokens), GET /health, GET /metrics (Prometheus),
+and the interactive documentation at /docs. Needs the extra: pip install "qkv[serve]".
+"""
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve trained models over HTTP (LibreTranslate's API, batched across requests)",
+        description="Serve one or more trained models, each for the language pair it was trained "
+        "on, over HTTP. Sentences of requests that arrive within --max-wait-ms are decoded in one "
+        "batched search.",
+        epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("models", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT")
+    parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    parser.add_argument("--port", type=int, default=5000, help="default 5000")
+    parser.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="default auto"
+    )
+    parser.add_argument(
+        "--max-chars", type=int, default=5000, help="characters per request (default 5000)"
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long a request waits for others to share its batch (default 10; 0: no batching)",
+    )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=4096, help="source tokens per batch (default 4096)"
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting before 429 (default 256)"
+    )
+    parser.add_argument("--api-keys", metavar="FILE", help="require one of these keys (one a line)")
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from qkv.serve.app import create_app
+    except ImportError as error:
+        raise QkvError(f'qkv serve needs its extra: pip install "qkv[serve]" ({error})') from None
+    from qkv.serve import load_models, read_api_keys
+
+    if args.beam < 1:
+        raise QkvError(f"--beam must be at least 1, got {args.beam}")
+    api_keys = read_api_keys(args.api_keys) if args.api_keys else None
+    models = load_models(
+        args.models,
+        args.device,
+        args.precision,
+        warn=lambda message: print(f"qkv: warning: {message}", file=sys.stderr),
+    )
+    for model in models:
+        print(f"qkv serve: {model.name}: {model.source} -> {model.target}", file=sys.stderr)
+    app = create_app(
+        models,
+        beam=args.beam,
+        max_chars=args.max_chars,
+        api_keys=api_keys,
+        max_wait_ms=args.max_wait_ms,
+        max_batch_tokens=args.max_batch_tokens,
+        max_queue=args.max_queue,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,48 @@
+"""`qkv serve`: trained models behind an HTTP API that LibreTranslate's clients speak, batching the
+sentences of concurrent requests into one search (`qkv.serve.batcher`, `qkv.serve.app`).
+
+FastAPI, uvicorn and prometheus_client are the optional extra `qkv[serve]`, imported only here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from qkv.errors import QkvError
+
+
+def load_models(
+    paths: Sequence[str],
+    device: str = "cpu",
+    precision: str = "auto",
+    warn: Callable[[str], None] | None = None,
+):
+    """A `ServedModel` for each run directory or checkpoint, with the language pair its training
+    recorded. A model that cannot be loaded, or two that serve one pair, is an error naming it."""
+    from qkv.serve.app import ServedModel
+    from qkv.translate import Translator
+
+    models, pairs = [], {}
+    for path in paths:
+        translator = Translator.load(path, device=device, precision=precision, warn=warn)
+        source, target = translator.meta.get("src_lang"), translator.meta.get("tgt_lang")
+        if not source or not target:
+            raise QkvError(
+                f"{path}: the checkpoint does not record its languages (src_lang, tgt_lang)"
+            )
+        if (source, target) in pairs:
+            raise QkvError(f"{path} and {pairs[source, target]} both translate {source}->{target}")
+        pairs[source, target] = path
+        models.append(ServedModel(str(path), translator, source, target))
+    return models
+
+
+def read_api_keys(path: str) -> set[str]:
+    """One key a line; blank lines and lines starting with # are skipped."""
+    from qkv.text import read_lines
+
+    keys = {line.strip() for line in read_lines(path)}
+    keys = {key for key in keys if key and not key.startswith("#")}
+    if not keys:
+        raise QkvError(f"{path}: no API keys in it (one a line)")
+    return keys

@@ -1,0 +1,275 @@
+"""The HTTP API: LibreTranslate's (`POST /translate`, `GET /languages`), so that its clients work
+unchanged, and qkv's own (`POST /v1/translate` with hypotheses, scores and subword tokens), with
+`GET /health` and Prometheus metrics at `GET /metrics`.
+
+Every error is `{"error": "..."}`: 400 for a bad or missing field (named), 403 for a bad API key
+(when keys are required), 413 over `max_chars`, 429 when the queue is full (with Retry-After).
+Input the client sent never causes a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, Field
+
+from qkv.errors import QkvError
+from qkv.serve.batcher import Batcher, QueueFull
+from qkv.translate import Translator
+
+LANGUAGE_NAMES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech"}
+LANGUAGE_NAMES |= {"words": "Dates in words", "iso": "ISO dates"}  # the built-in task
+
+
+@dataclass
+class ServedModel:
+    """A model and the language pair it was trained on."""
+
+    name: str  # where it was loaded from
+    translator: Translator
+    source: str
+    target: str
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class TranslateRequest(BaseModel):
+    """qkv's own request: sentences and the search."""
+
+    text: list[str]
+    source: str | None = None
+    target: str | None = None
+    beam: int = Field(5, ge=1, le=64)
+    n_best: int = Field(1, ge=1, le=64)
+    length_penalty: float = 0.6
+
+
+def create_app(
+    models: Sequence[ServedModel],
+    beam: int = 5,
+    max_chars: int = 5000,
+    api_keys: set[str] | None = None,
+    max_wait_ms: float = 10.0,
+    max_batch_tokens: int = 4096,
+    max_queue: int = 256,
+) -> FastAPI:
+    """The server's app for `models` (uvicorn runs it; tests call it with FastAPI's TestClient)."""
+    registry = CollectorRegistry()
+    requests = Counter("qkv_requests", "Requests, by route and status", ["route", "status"],
+                       registry=registry)  # fmt: skip
+    latency = Histogram("qkv_request_seconds", "Request latency", ["route"], registry=registry)
+    batch_sizes = Histogram("qkv_batch_sentences", "Sentences per decoded batch",
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)  # fmt: skip
+    tokens_out = Counter("qkv_output_tokens", "Subword tokens generated", registry=registry)
+
+    def decode(key, sentences: list[str]) -> list:
+        index, search_beam, n_best, length_penalty = key
+        translator = models[index].translator
+        return translator.hypotheses(
+            sentences, beam=search_beam, n_best=n_best, length_penalty=length_penalty
+        )
+
+    def measure(key, sentence: str) -> int:
+        return len(models[key[0]].translator.tokenizer.encode(sentence)) + 1
+
+    batcher = Batcher(
+        decode, measure, max_wait_ms, max_batch_tokens, max_queue,
+        on_batch=lambda n_sentences, n_requests: batch_sizes.observe(n_sentences),
+    )  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()  # SIGTERM: uvicorn stops accepting, the requests in flight finish
+
+    app = FastAPI(
+        title="qkv",
+        description="Translation with a qkv Transformer: LibreTranslate's API and qkv's own.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return JSONResponse({"error": error.message}, error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'body'}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        return JSONResponse({"error": f"invalid request: {problems}"}, 400)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.url.path
+        requests.labels(route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    def pick_model(source: str | None, target: str | None) -> int:
+        if not target:
+            raise ApiError(400, "missing field: target")
+        if not source:
+            raise ApiError(400, "missing field: source")
+        if source == "auto":
+            matches = [i for i, m in enumerate(models) if m.target == target]
+            if len(matches) > 1:
+                sources = ", ".join(models[i].source for i in matches)
+                raise ApiError(400, f"source 'auto' is ambiguous for target {target!r}: "
+                                    f"give one of {sources}")  # fmt: skip
+        else:
+            matches = [i for i, m in enumerate(models) if (m.source, m.target) == (source, target)]
+        if not matches:
+            pairs = ", ".join(f"{m.source}->{m.target}" for m in models)
+            raise ApiError(400, f"no model translates {source}->{target}; this server has {pairs}")
+        return matches[0]
+
+    def check_size(texts: list[str]) -> None:
+        chars = sum(len(text) for text in texts)
+        if chars > max_chars:
+            raise ApiError(413, f"{chars} characters, more than this server's limit of {max_chars}")
+
+    def check_key(api_key) -> None:
+        if api_keys is not None and api_key not in api_keys:
+            raise ApiError(403, "invalid or missing api_key")
+
+    async def translate(index: int, texts: list[str], search_beam: int, n_best: int, alpha: float):
+        try:
+            results = await batcher.submit((index, search_beam, n_best, alpha), texts)
+        except QueueFull:
+            raise ApiError(429, "too many requests waiting: retry shortly",
+                           {"Retry-After": "1"}) from None  # fmt: skip
+        except QkvError as error:
+            raise ApiError(400, str(error)) from None
+        tokens_out.inc(sum(len(h.ids) for hypotheses in results for h in hypotheses))
+        return results
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "models": [{"name": m.name, "source": m.source, "target": m.target} for m in models],
+            "queued": batcher.queued,
+        }
+
+    @app.get("/languages")
+    async def languages():
+        by_source: dict[str, list[str]] = {}
+        for model in models:
+            by_source.setdefault(model.source, []).append(model.target)
+        return [
+            {"code": code, "name": LANGUAGE_NAMES.get(code, code), "targets": targets}
+            for code, targets in by_source.items()
+        ]
+
+    @app.post("/translate")
+    async def libretranslate(request: Request):
+        fields = await _fields(request)
+        check_key(fields.get("api_key"))
+        q = fields.get("q")
+        if q is None:
+            raise ApiError(400, "missing field: q")
+        texts = [q] if isinstance(q, str) else q
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ApiError(400, "q must be a string or a list of strings")
+        text_format = fields.get("format") or "text"
+        if text_format != "text":
+            raise ApiError(400, f"format {text_format!r} is not supported: send format 'text'")
+        alternatives = _integer(fields.get("alternatives", 0), "alternatives", 0, 16)
+        check_size(texts)
+        index = pick_model(fields.get("source"), fields.get("target"))
+        search_beam = max(beam, alternatives + 1)
+        results = await translate(index, texts, search_beam, alternatives + 1, 0.6)
+        best = [hypotheses[0].text for hypotheses in results]
+        others = [[h.text for h in hypotheses[1:]] for hypotheses in results]
+        single = isinstance(q, str)
+        answer: dict = {"translatedText": best[0] if single else best}
+        if alternatives:
+            answer["alternatives"] = others[0] if single else others
+        if fields.get("source") == "auto":
+            detected = {"confidence": 100.0, "language": models[index].source}
+            answer["detectedLanguage"] = detected if single else [detected] * len(texts)
+        return answer
+
+    @app.post("/v1/translate")
+    async def translate_v1(body: TranslateRequest):
+        if body.n_best > body.beam:
+            raise ApiError(400, f"n_best ({body.n_best}) must not exceed beam ({body.beam})")
+        check_size(body.text)
+        index = pick_model(body.source, body.target)
+        tokenizer = models[index].translator.tokenizer
+        results = await translate(index, body.text, body.beam, body.n_best, body.length_penalty)
+        return {
+            "source": models[index].source,
+            "target": models[index].target,
+            "translations": [
+                {
+                    "hypotheses": [
+                        {
+                            "text": h.text,
+                            "score": h.score,
+                            "tokens": [tokenizer.id_to_piece(i) for i in h.ids],
+                        }
+                        for h in hypotheses
+                    ]
+                }
+                for hypotheses in results
+            ],
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _fields(request: Request) -> dict:
+    """A LibreTranslate request's fields, from JSON or from a form (a repeated q is a list)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()
+        fields = {key: form.get(key) for key in form}
+        if len(form.getlist("q")) > 1:
+            fields["q"] = form.getlist("q")
+        return fields
+    try:
+        fields = json.loads(await request.body() or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON (or send a form)") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, "the body must be a JSON object with q, source and target")
+    return fields
+
+
+def _integer(value, name: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"{name} must be a whole number, not {value!r}") from None
+    if not low <= number <= high:
+        raise ApiError(400, f"{name} must be between {low} and {high}, not {number}")
+    return number

@@ -1,0 +1,187 @@
+"""`qkv serve`: LibreTranslate's API and qkv's own, every error as {"error": ...}, batching across
+requests, metrics, and a real server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'qkv[serve]'")
+import httpx
+from fastapi.testclient import TestClient
+
+from conftest import qkv_env
+from qkv.serve import load_models
+from qkv.serve.app import create_app
+from qkv.translate import Translator
+
+LINES = ["a b c", "d e", "f g h i"]
+
+
+@pytest.fixture(scope="module")
+def models(toy_run):
+    return load_models([str(toy_run)], precision="fp32")  # xx -> yy: reverses its letters
+
+
+@pytest.fixture(scope="module")
+def expected(toy_run):
+    return Translator.load(toy_run).translate(LINES, beam=5)
+
+
+@pytest.fixture
+def client(models):
+    with TestClient(create_app(models)) as client:
+        yield client
+
+
+def test_health_and_languages(client):
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/languages").json() == [{"code": "xx", "name": "xx", "targets": ["yy"]}]
+
+
+def test_libretranslate_json_string_and_list_and_form(client, expected):
+    one = client.post("/translate", json={"q": LINES[0], "source": "xx", "target": "yy"})
+    assert one.status_code == 200 and one.json() == {"translatedText": expected[0]}
+    many = client.post("/translate", json={"q": LINES, "source": "xx", "target": "yy"})
+    assert many.json() == {"translatedText": expected}
+    form = client.post("/translate", data={"q": LINES[1], "source": "xx", "target": "yy"})
+    assert form.json() == {"translatedText": expected[1]}
+    auto = client.post("/translate", json={"q": LINES[0], "source": "auto", "target": "yy"})
+    assert auto.json()["detectedLanguage"] == {"confidence": 100.0, "language": "xx"}
+
+
+def test_alternatives_are_the_next_best_hypotheses(client, toy_run):
+    answer = client.post(
+        "/translate", json={"q": LINES[0], "source": "xx", "target": "yy", "alternatives": 2}
+    ).json()
+    best = Translator.load(toy_run).hypotheses([LINES[0]], beam=5, n_best=3)[0]
+    assert answer["translatedText"] == best[0].text
+    assert answer["alternatives"] == [best[1].text, best[2].text]
+
+
+def test_a_hundred_sentences_unicode_and_an_empty_one(client):
+    lines = [f"{'a b c d'[: 1 + i % 7]}" for i in range(100)] + ["é ü 漢字", ""]
+    answer = client.post("/translate", json={"q": lines, "source": "xx", "target": "yy"})
+    assert answer.status_code == 200
+    translated = answer.json()["translatedText"]
+    assert len(translated) == 102 and translated[-1] == ""
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"source": "xx", "target": "yy"}, 400, "missing field: q"),
+        ({"q": "a", "source": "xx"}, 400, "missing field: target"),
+        ({"q": "a", "target": "yy"}, 400, "missing field: source"),
+        ({"q": "a", "source": "de", "target": "en"}, 400, "no model translates de->en"),
+        ({"q": 5, "source": "xx", "target": "yy"}, 400, "q must be a string or a list"),
+        ({"q": "a", "source": "xx", "target": "yy", "format": "html"}, 400, "format 'html'"),
+        ({"q": "a", "source": "xx", "target": "yy", "alternatives": "x"}, 400, "alternatives"),
+        ({"q": "a" * 5001, "source": "xx", "target": "yy"}, 413, "limit of 5000"),
+    ],
+)
+def test_bad_requests_get_a_clear_error(client, body, status, message):
+    answer = client.post("/translate", json=body)
+    assert answer.status_code == status
+    assert message in answer.json()["error"]
+
+
+def test_a_body_that_is_not_json_is_a_400(client):
+    answer = client.post("/translate", content=b"{not json", headers={"content-type": "text/plain"})
+    assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]
+
+
+def test_api_keys_are_required_when_given(models, expected):
+    with TestClient(create_app(models, api_keys={"secret"})) as client:
+        body = {"q": LINES[0], "source": "xx", "target": "yy"}
+        assert client.post("/translate", json=body).status_code == 403
+        assert client.post("/translate", json={**body, "api_key": "wrong"}).status_code == 403
+        answer = client.post("/translate", json={**body, "api_key": "secret"})
+        assert answer.json() == {"translatedText": expected[0]}
+
+
+def test_a_full_queue_is_a_429_with_retry_after(models):
+    with TestClient(create_app(models, max_queue=0)) as client:
+        answer = client.post("/translate", json={"q": "a", "source": "xx", "target": "yy"})
+        assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+        assert "retry" in answer.json()["error"]
+
+
+def test_v1_translate_gives_hypotheses_scores_and_subword_tokens(client, toy_run):
+    body = {"text": [LINES[0]], "source": "xx", "target": "yy", "beam": 4, "n_best": 2}
+    answer = client.post("/v1/translate", json=body).json()
+    hypotheses = answer["translations"][0]["hypotheses"]
+    reference = Translator.load(toy_run).hypotheses([LINES[0]], beam=4, n_best=2)[0]
+    assert [h["text"] for h in hypotheses] == [h.text for h in reference]
+    assert [h["score"] for h in hypotheses] == pytest.approx([h.score for h in reference])
+    assert "".join(hypotheses[0]["tokens"]).replace("▁", " ").strip() == reference[0].text
+    bad = client.post("/v1/translate", json={"text": "not a list", "source": "xx", "target": "yy"})
+    assert bad.status_code == 400 and "text" in bad.json()["error"]
+    too_many = client.post("/v1/translate", json={**body, "n_best": 5})
+    assert too_many.status_code == 400 and "n_best" in too_many.json()["error"]
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_sentences(models, expected):
+    app = create_app(models, max_wait_ms=300)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        client = httpx.AsyncClient(transport=transport, base_url="http://qkv")
+        async with app.router.lifespan_context(app), client:
+            bodies = [{"q": line, "source": "xx", "target": "yy"} for line in LINES * 3]
+            answers = await asyncio.gather(*(client.post("/translate", json=b) for b in bodies))
+            metrics = (await client.get("/metrics")).text
+        return answers, metrics
+
+    answers, metrics = asyncio.run(run())
+    assert [a.json()["translatedText"] for a in answers] == expected * 3
+    count = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith("qkv_batch_sentences_count")))  # fmt: skip
+    assert count < 9, "9 requests decoded in fewer batches than requests"
+    assert 'qkv_requests_total{route="/translate",status="200"} 9.0' in metrics
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_real_server_on_a_loopback_port_answers_and_stops_cleanly_on_sigterm(toy_run, expected):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "serve", str(toy_run), "--port", str(port), "--precision", "fp32"],
+        env=qkv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"q": LINES, "source": "xx", "target": "yy"}
+        answer = httpx.post(f"{url}/translate", content=json.dumps(body),
+                            headers={"content-type": "application/json"})  # fmt: skip
+        assert answer.json() == {"translatedText": expected}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    # uvicorn shuts down (the requests in flight finish), then ends by the signal it caught.
+    assert server.returncode in (0, -signal.SIGTERM), stderr[-2000:]
+    assert "Application shutdown complete" in stderr
+    assert "xx -> yy" in stderr
+
+
+def test_a_model_that_cannot_be_loaded_is_a_clear_error_at_start(run_qkv, tmp_path):
+    result = run_qkv("serve", tmp_path / "missing")
+    assert result.returncode == 2
+    assert result.stderr.startswith("qkv: error:") and "missing" in result.stderr
