@@ -127,3 +127,7 @@ def test_readme_serve_examples_answer_as_written_on_the_demo_model(demo):
         body = {"text": [sentence], "source": "words", "target": "iso", "n_best": 2}
         hypotheses = client.post("/v1/translate", json=body).json()["translations"][0]["hypotheses"]
         assert hypotheses[0]["text"] == "1990-05-03" and len(hypotheses) == 2
+        explained = client.post(
+            "/v1/explain", json={"text": sentence, "source": "words", "target": "iso", "layer": 2}
+        ).json()
+        assert explained["title"].startswith("Encoder self-attention, layer 2")

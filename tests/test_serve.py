@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'qkv[serve]'")
 import httpx
@@ -185,3 +186,52 @@ def test_a_model_that_cannot_be_loaded_is_a_clear_error_at_start(run_qkv, tmp_pa
     result = run_qkv("serve", tmp_path / "missing")
     assert result.returncode == 2
     assert result.stderr.startswith("qkv: error:") and "missing" in result.stderr
+
+
+def test_v1_translate_with_attention_gives_the_models_own_weights(client, toy_run):
+    from qkv import visualize
+
+    body = {"text": [LINES[0], ""], "source": "xx", "target": "yy", "attention": True}
+    first, empty = client.post("/v1/translate", json=body).json()["translations"]
+    assert "attention" not in empty  # an empty sentence has nothing to attend to
+    attention = first["attention"]
+    translator = Translator.load(toy_run)
+    src_ids = visualize.source_ids(translator.model, translator.tokenizer, LINES[0])
+    best = translator.hypotheses([LINES[0]], beam=5)[0][0]
+    pieces = translator.tokenizer.id_to_piece
+    tgt_ids = [translator.tokenizer.bos_id, *best.ids]
+    maps = visualize.collect_attention(
+        translator.model,
+        src_ids,
+        tgt_ids,
+        [pieces(i) for i in src_ids],
+        [pieces(i) for i in tgt_ids],
+    )
+    assert attention["src_tokens"] == maps.src_labels and attention["tgt_tokens"] == maps.tgt_labels
+    for kind in ("encoder", "decoder", "cross"):
+        got = torch.tensor(attention[kind])
+        assert got.shape == maps.weights[kind].shape
+        torch.testing.assert_close(got, maps.weights[kind], rtol=0, atol=1e-4)
+
+
+def test_v1_explain_is_the_step_by_step_of_qkv_explain(client, toy_run):
+    from qkv import explain, visualize
+
+    body = {"text": LINES[2], "source": "xx", "target": "yy", "kind": "encoder", "layer": 1,
+            "heads": [1]}  # fmt: skip
+    answer = client.post("/v1/explain", json=body).json()
+    translator = Translator.load(toy_run)
+    src_ids = visualize.source_ids(translator.model, translator.tokenizer, LINES[2])
+    labels = [translator.tokenizer.id_to_piece(i) for i in src_ids]
+    expected = explain.explain(translator.model, src_ids, labels, "encoder", 0, [0])
+    assert answer["title"] == expected.title
+    assert [step["name"] for step in answer["steps"]] == [step.name for step in expected.steps]
+    torch.testing.assert_close(
+        torch.tensor(answer["output"]), expected.output.float(), rtol=0, atol=1e-4
+    )
+    cross = client.post("/v1/explain", json={**body, "kind": "cross"}).json()
+    assert cross["translation"] and cross["steps"]
+    bad_kind = client.post("/v1/explain", json={**body, "kind": "sideways"})
+    assert bad_kind.status_code == 400 and "kind must be one of" in bad_kind.json()["error"]
+    bad_layer = client.post("/v1/explain", json={**body, "layer": 9})
+    assert bad_layer.status_code == 400 and "does not exist" in bad_layer.json()["error"]

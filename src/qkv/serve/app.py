@@ -1,5 +1,6 @@
 """The HTTP API: LibreTranslate's (`POST /translate`, `GET /languages`), so that its clients work
-unchanged, and qkv's own (`POST /v1/translate` with hypotheses, scores and subword tokens), with
+unchanged, and qkv's own (`POST /v1/translate` with hypotheses, scores, subword tokens and, when
+asked, every attention weight; `POST /v1/explain`, the step-by-step of one attention sublayer), with
 `GET /health` and Prometheus metrics at `GET /metrics`.
 
 Every error is `{"error": "..."}`: 400 for a bad or missing field (named), 403 for a bad API key
@@ -9,7 +10,9 @@ Input the client sent never causes a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -28,7 +31,9 @@ from prometheus_client import (
 from pydantic import BaseModel, Field
 
 from qkv.errors import QkvError
+from qkv.kinds import KINDS
 from qkv.serve.batcher import Batcher, QueueFull
+from qkv.serve.inside import attention_json, explanation_json
 from qkv.translate import Translator
 
 LANGUAGE_NAMES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech"}
@@ -60,6 +65,18 @@ class TranslateRequest(BaseModel):
     beam: int = Field(5, ge=1, le=64)
     n_best: int = Field(1, ge=1, le=64)
     length_penalty: float = 0.6
+    attention: bool = False  # every attention weight of each best translation
+
+
+class ExplainRequest(BaseModel):
+    """The step-by-step of one attention sublayer on one sentence; layer and heads count from 1."""
+
+    text: str
+    source: str | None = None
+    target: str | None = None
+    kind: str = "encoder"
+    layer: int = Field(1, ge=1)
+    heads: list[int] | None = None  # None: every head
 
 
 def create_app(
@@ -80,12 +97,28 @@ def create_app(
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)  # fmt: skip
     tokens_out = Counter("qkv_output_tokens", "Subword tokens generated", registry=registry)
 
+    # One computation on the models at a time: the batcher's searches and the looks inside.
+    model_lock = threading.Lock()
+
     def decode(key, sentences: list[str]) -> list:
         index, search_beam, n_best, length_penalty = key
         translator = models[index].translator
-        return translator.hypotheses(
-            sentences, beam=search_beam, n_best=n_best, length_penalty=length_penalty
-        )
+        with model_lock:
+            return translator.hypotheses(
+                sentences, beam=search_beam, n_best=n_best, length_penalty=length_penalty
+            )
+
+    async def inside(function, *args):
+        """`function(*args)` on a model, off the event loop; a ValueError or QkvError is a 400."""
+
+        def locked():
+            with model_lock:
+                return function(*args)
+
+        try:
+            return await asyncio.to_thread(locked)
+        except (ValueError, QkvError) as error:
+            raise ApiError(400, str(error)) from None
 
     def measure(key, sentence: str) -> int:
         return len(models[key[0]].translator.tokenizer.encode(sentence)) + 1
@@ -220,25 +253,45 @@ def create_app(
             raise ApiError(400, f"n_best ({body.n_best}) must not exceed beam ({body.beam})")
         check_size(body.text)
         index = pick_model(body.source, body.target)
-        tokenizer = models[index].translator.tokenizer
+        translator = models[index].translator
+        tokenizer = translator.tokenizer
         results = await translate(index, body.text, body.beam, body.n_best, body.length_penalty)
+        translations = []
+        for sentence, hypotheses in zip(body.text, results, strict=True):
+            translation: dict = {
+                "hypotheses": [
+                    {
+                        "text": h.text,
+                        "score": h.score,
+                        "tokens": [tokenizer.id_to_piece(i) for i in h.ids],
+                    }
+                    for h in hypotheses
+                ]
+            }
+            if body.attention and sentence.strip():
+                translation["attention"] = await inside(
+                    attention_json, translator, sentence, hypotheses[0]
+                )
+            translations.append(translation)
         return {
             "source": models[index].source,
             "target": models[index].target,
-            "translations": [
-                {
-                    "hypotheses": [
-                        {
-                            "text": h.text,
-                            "score": h.score,
-                            "tokens": [tokenizer.id_to_piece(i) for i in h.ids],
-                        }
-                        for h in hypotheses
-                    ]
-                }
-                for hypotheses in results
-            ],
+            "translations": translations,
         }
+
+    @app.post("/v1/explain")
+    async def explain_v1(body: ExplainRequest):
+        if body.kind not in KINDS:
+            raise ApiError(400, f"kind must be one of {', '.join(KINDS)}, not {body.kind!r}")
+        check_size([body.text])
+        index = pick_model(body.source, body.target)
+        heads = None if body.heads is None else [head - 1 for head in body.heads]
+        if heads is not None and any(head < 0 for head in heads):
+            raise ApiError(400, "heads count from 1")
+        translator = models[index].translator
+        return await inside(
+            explanation_json, translator, body.text, body.kind, body.layer - 1, heads
+        )
 
     @app.get("/metrics")
     async def metrics():
