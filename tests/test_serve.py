@@ -13,6 +13,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'qkv[serve]'")
 import httpx
@@ -92,6 +94,20 @@ def test_bad_requests_get_a_clear_error(client, body, status, message):
     answer = client.post("/translate", json=body)
     assert answer.status_code == status
     assert message in answer.json()["error"]
+
+
+def test_text_utf8_cannot_hold_is_a_400_not_a_500(client):
+    body = b'{"q": ["a b", "x \\ud800 y"], "source": "xx", "target": "yy"}'
+    answer = client.post("/translate", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"].startswith("text 2:")
+    v1 = b'{"text": ["\\udfff"], "source": "xx", "target": "yy"}'
+    answer = client.post("/v1/translate", content=v1, headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+
+
+def test_an_unknown_route_is_a_404_in_the_same_shape(client):
+    answer = client.get("/nowhere")
+    assert answer.status_code == 404 and answer.json() == {"error": "Not Found"}
 
 
 def test_a_body_that_is_not_json_is_a_400(client):
@@ -235,3 +251,29 @@ def test_v1_explain_is_the_step_by_step_of_qkv_explain(client, toy_run):
     assert bad_kind.status_code == 400 and "kind must be one of" in bad_kind.json()["error"]
     bad_layer = client.post("/v1/explain", json={**body, "layer": 9})
     assert bad_layer.status_code == 400 and "does not exist" in bad_layer.json()["error"]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.one_of(
+        st.binary(max_size=200),
+        st.dictionaries(
+            st.sampled_from(["q", "source", "target", "format", "alternatives", "api_key"]),
+            st.one_of(
+                st.text(max_size=30),
+                st.integers(),
+                st.none(),
+                st.lists(st.text(max_size=10), max_size=3),
+                st.booleans(),
+            ),
+        ).map(lambda fields: json.dumps(fields).encode()),
+    )
+)
+def test_no_request_body_gets_a_500(client, body):
+    for route in ("/translate", "/v1/translate", "/v1/explain"):
+        answer = client.post(route, content=body, headers={"content-type": "application/json"})
+        assert answer.status_code in (200, 400, 413), (route, body, answer.text)
+        if answer.status_code != 200:
+            assert answer.json()["error"]

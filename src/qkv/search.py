@@ -310,7 +310,7 @@ class _BeamSearch:
         # Step 1 on one row per sentence (all its beams would be the same BOS), so the encoder output is
         # projected for cross-attention once per sentence, and the first candidates are the best
         # tokens of that one row; their choice makes every sentence beam_size rows (the cache shares
-        # them, see qkv.inference.beam_cache; the per-row tensors of `_Batch` are copied).
+        # them, see qkv.inference.beam_cache).
         bos = torch.full((n_sentences,), self.config.bos_id, device=self.device)
         log_probs = self.batch.next_log_probs(bos, 0, self.min_len)  # (n_sentences, vocab)
         if log_probs.size(-1) < 2 * beam:

@@ -29,11 +29,13 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv.errors import QkvError
 from qkv.kinds import KINDS
 from qkv.serve.batcher import Batcher, QueueFull
 from qkv.serve.inside import attention_json, explanation_json
+from qkv.tokenizer import utf8_text
 from qkv.translate import Translator
 
 LANGUAGE_NAMES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech"}
@@ -145,6 +147,11 @@ def create_app(
     async def api_error(request: Request, error: ApiError):
         return JSONResponse({"error": error.message}, error.status, headers=error.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        # FastAPI's own errors (a body it cannot parse, an unknown route) in the same shape
+        return JSONResponse({"error": str(error.detail)}, error.status_code, headers=error.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         problems = "; ".join(
@@ -181,9 +188,15 @@ def create_app(
         return matches[0]
 
     def check_size(texts: list[str]) -> None:
+        """Within max_chars, and text that UTF-8 can hold (JSON may carry lone surrogates)."""
         chars = sum(len(text) for text in texts)
         if chars > max_chars:
             raise ApiError(413, f"{chars} characters, more than this server's limit of {max_chars}")
+        for number, text in enumerate(texts, start=1):
+            try:
+                utf8_text(text)
+            except QkvError as error:
+                raise ApiError(400, f"text {number}: {error}") from None
 
     def check_key(api_key) -> None:
         if api_keys is not None and api_key not in api_keys:
