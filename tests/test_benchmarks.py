@@ -1,6 +1,7 @@
 """The benchmark scripts run and print what the speed targets are read from: a row per cell with each
 system's figure and the ratios. Tiny settings; nothing here is timed against a threshold."""
 
+import json
 import subprocess
 import sys
 
@@ -65,3 +66,22 @@ def test_decode_speed_prints_the_ratio_to_hugging_face():
         # The figures are printed to 0.1 and the ratio to 0.01: allow for both roundings.
         rounding = qkv / hf * (0.05 / qkv + 0.05 / hf) + 0.005
         assert ratio == pytest.approx(qkv / hf, abs=rounding)
+
+
+def test_serve_load_prints_a_row_per_client_count_with_and_without_batching(toy_run, tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    sentences = tmp_path / "sentences.xx"
+    sentences.write_text("a b c\nd e\nf g h i\n")
+    result = run_script(
+        "serve_load.py", str(toy_run), "--clients", "1", "3", "--seconds", "0.5",
+        "--src", str(sentences), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_names_the_cpu(result.stdout)
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert [(row["batching"], row["clients"]) for row in report["rows"]] == [
+        ("on", 1), ("on", 3), ("off", 1), ("off", 3)
+    ]  # fmt: skip
+    assert all(row["errors"] == 0 and row["per_second"] > 0 for row in report["rows"])
+    assert report["one_batch_ms"] > 0
+    assert "batching on, 3 clients:" in result.stdout
