@@ -69,6 +69,21 @@ def test_alternatives_are_the_next_best_hypotheses(client, toy_run):
     assert answer["alternatives"] == [best[1].text, best[2].text]
 
 
+def test_html_translates_the_text_nodes_and_keeps_the_markup(client, expected):
+    page = (
+        '<p class="x">a b c</p>\n<br/><b> d e </b><!-- f g --><script>var a = "b";</script>'
+        "<i>f g h i</i>"
+    )
+    body = {"q": page, "source": "xx", "target": "yy", "format": "html"}
+    answer = client.post("/translate", json=body).json()["translatedText"]
+    assert answer == (
+        f'<p class="x">{expected[0]}</p>\n<br/><b> {expected[1]} </b><!-- f g -->'
+        f'<script>var a = "b";</script><i>{expected[2]}</i>'
+    )
+    markup_only = client.post("/translate", json={**body, "q": "<br/>"}).json()
+    assert markup_only == {"translatedText": "<br/>"}
+
+
 def test_a_hundred_sentences_unicode_and_an_empty_one(client):
     lines = [f"{'a b c d'[: 1 + i % 7]}" for i in range(100)] + ["é ü 漢字", ""]
     answer = client.post("/translate", json={"q": lines, "source": "xx", "target": "yy"})
@@ -85,7 +100,7 @@ def test_a_hundred_sentences_unicode_and_an_empty_one(client):
         ({"q": "a", "target": "yy"}, 400, "missing field: source"),
         ({"q": "a", "source": "de", "target": "en"}, 400, "no model translates de->en"),
         ({"q": 5, "source": "xx", "target": "yy"}, 400, "q must be a string or a list"),
-        ({"q": "a", "source": "xx", "target": "yy", "format": "html"}, 400, "format 'html'"),
+        ({"q": "a", "source": "xx", "target": "yy", "format": "pdf"}, 400, "format must be"),
         ({"q": "a", "source": "xx", "target": "yy", "alternatives": "x"}, 400, "alternatives"),
         ({"q": "a" * 5001, "source": "xx", "target": "yy"}, 413, "limit of 5000"),
     ],

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qkv.errors import QkvError
 from qkv.kinds import KINDS
 from qkv.serve.batcher import Batcher, QueueFull
+from qkv.serve.html_text import join_html, split_html, text_nodes
 from qkv.serve.inside import attention_json, explanation_json
 from qkv.tokenizer import utf8_text
 from qkv.translate import Translator
@@ -242,15 +243,29 @@ def create_app(
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise ApiError(400, "q must be a string or a list of strings")
         text_format = fields.get("format") or "text"
-        if text_format != "text":
-            raise ApiError(400, f"format {text_format!r} is not supported: send format 'text'")
+        if text_format not in ("text", "html"):
+            raise ApiError(400, f"format must be 'text' or 'html', not {text_format!r}")
         alternatives = _integer(fields.get("alternatives", 0), "alternatives", 0, 16)
         check_size(texts)
         index = pick_model(fields.get("source"), fields.get("target"))
         search_beam = max(beam, alternatives + 1)
-        results = await translate(index, texts, search_beam, alternatives + 1, 0.6)
-        best = [hypotheses[0].text for hypotheses in results]
-        others = [[h.text for h in hypotheses[1:]] for hypotheses in results]
+        if text_format == "html":
+            if alternatives:
+                raise ApiError(400, "alternatives are given for format 'text' only")
+            pages = [split_html(text) for text in texts]
+            nodes = [text_nodes(parts) for parts in pages]
+            flat = [node for page_nodes in nodes for node in page_nodes]
+            results = await translate(index, flat, search_beam, 1, 0.6) if flat else []
+            translated, start = [], 0
+            for parts, page_nodes in zip(pages, nodes, strict=True):
+                node_results = results[start : start + len(page_nodes)]
+                translated.append(join_html(parts, [r[0].text for r in node_results]))
+                start += len(page_nodes)
+            best, others = translated, [[] for _ in texts]
+        else:
+            results = await translate(index, texts, search_beam, alternatives + 1, 0.6)
+            best = [hypotheses[0].text for hypotheses in results]
+            others = [[h.text for h in hypotheses[1:]] for hypotheses in results]
         single = isinstance(q, str)
         answer: dict = {"translatedText": best[0] if single else best}
         if alternatives:
