@@ -138,9 +138,10 @@ def qkv_runner(model, batch: list[list[int]], search: str, pack_per_batch: bool 
     import torch
 
     from qkv.inference import prepare_for_decoding
+    from qkv.model import Transformer
     from qkv.search import beam_search, greedy_search
 
-    is_engine = not hasattr(model, "src_embed")  # the uncached reference is its own engine
+    is_engine = not isinstance(model, Transformer)  # the uncached reference is its own engine
     parameters = (model.model if is_engine else model).parameters()
     src = torch.tensor(batch, device=next(parameters).device)
     lengths = dict(max_len=NEW_TOKENS, min_len=NEW_TOKENS)

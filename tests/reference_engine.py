@@ -13,9 +13,6 @@ class TokenHistory:
     def __init__(self):
         self.ids = self.memory = self.src_mask = None
 
-    def __len__(self) -> int:
-        return 0 if self.ids is None else self.ids.size(1)
-
     def reorder(self, index, cross_attention=True):
         self.ids, self.memory, self.src_mask = (
             t.index_select(0, index) for t in (self.ids, self.memory, self.src_mask)

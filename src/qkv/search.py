@@ -134,14 +134,11 @@ class _Batch:
         self.sentence = torch.arange(src_ids.size(0), device=src_ids.device)  # original row of each
         longest = int(self.max_lens.max()) if src_ids.size(0) else 0
         self.cache = engine.new_cache(max_beams=max_beams, max_len=longest or None)
-        self.started = False
 
     def decode(self, last_tokens: Tensor) -> Tensor:
         """(rows,) the newest token of each row -> (rows, 1, vocab) logits of the next one."""
         logits = self.engine.step(last_tokens, self.memory, self.src_mask, self.cache)
-        if not self.started:  # the cache holds the encoder's keys and values from now on
-            self.memory = self.src_mask = None
-            self.started = True
+        self.memory = self.src_mask = None  # the cache holds the encoder's keys and values now
         return logits
 
     def next_log_probs(self, last_tokens: Tensor, generated: int, min_len: int) -> Tensor:

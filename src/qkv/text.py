@@ -6,6 +6,7 @@ other."""
 from __future__ import annotations
 
 import gzip
+import sys
 import zlib
 from pathlib import Path
 
@@ -60,6 +61,4 @@ def _read_bytes(path: Path) -> bytes:
 def read_stdin() -> tuple[list[str], QkvError | None]:
     """The lines of stdin up to the first that is not UTF-8, and the error naming it (or None): the
     lines before a bad one still count, as a file's do in `decode_lines`."""
-    import sys
-
     return decode_lines(sys.stdin.buffer.read(), "stdin")

@@ -261,7 +261,7 @@ def create_app(
                 node_results = results[start : start + len(page_nodes)]
                 translated.append(join_html(parts, [r[0].text for r in node_results]))
                 start += len(page_nodes)
-            best, others = translated, [[] for _ in texts]
+            best, others = translated, []  # no alternatives for html (refused above)
         else:
             results = await translate(index, texts, search_beam, alternatives + 1, 0.6)
             best = [hypotheses[0].text for hypotheses in results]

@@ -68,8 +68,6 @@ def join_html(parts: list[tuple[bool, str]], translations: list[str]) -> str:
             lead = content[: len(content) - len(content.lstrip())]
             trail = content[len(content.rstrip()) :]
             out.append(lead + html.escape(next(translated), quote=False) + trail)
-        elif is_text:
-            out.append(content)
         else:
             out.append(content)
     return "".join(out)
