@@ -53,3 +53,16 @@ def toy_run(tmp_path_factory) -> Path:
     from toy_task import build_toy_run
 
     return build_toy_run(tmp_path_factory.mktemp("toy_run"))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`qkv demo` with no argument, in a fresh folder, as the Quick start runs it (the whole recipe,
+    ~10 s): (the folder, with runs/demo in it; the CompletedProcess). Built once per session."""
+    cwd = tmp_path_factory.mktemp("newcomer")
+    result = subprocess.run(
+        [sys.executable, "-m", "qkv", "demo"],
+        cwd=cwd, env=qkv_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, result

@@ -13,20 +13,8 @@ from conftest import REPO, qkv_env
 README = (REPO / "README.md").read_text()
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`qkv demo` with no argument, in a fresh folder: the whole recipe, as the Quick start runs it."""
-    cwd = tmp_path_factory.mktemp("newcomer")
-    result = subprocess.run(
-        [sys.executable, "-m", "qkv", "demo"],
-        cwd=cwd, env=qkv_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd, result
-
-
-def test_the_demo_reaches_90_percent_on_dates_it_never_saw(demo):
-    cwd, result = demo
+def test_the_demo_reaches_90_percent_on_dates_it_never_saw(demo_run):
+    cwd, result = demo_run
     # Chance is ~0: an exact ISO date out of ~73,000 possible days.
     match = re.search(r"exact-match accuracy on (\d+) test sentences: ([\d.]+)%", result.stdout)
     assert match, result.stdout
@@ -39,8 +27,8 @@ def test_the_demo_reaches_90_percent_on_dates_it_never_saw(demo):
     assert "attention picture: runs/demo/attention.png" in result.stdout
 
 
-def test_the_demo_shows_live_progress(demo):
-    _, result = demo
+def test_the_demo_shows_live_progress(demo_run):
+    _, result = demo_run
     bar = re.split(r"[\r\n]", result.stderr)
     assert len([frame for frame in bar if "tok/s" in frame and "loss" in frame]) >= 3, result.stderr
 
@@ -62,8 +50,8 @@ def test_readme_lists_the_commands_a_newcomer_runs_after_the_demo():
         assert f"qkv {command} runs/demo" in commands
 
 
-def test_readme_commands_run_as_written_after_the_demo(demo):
-    cwd, _ = demo
+def test_readme_commands_run_as_written_after_the_demo(demo_run):
+    cwd, _ = demo_run
     commands = readme_commands_on_the_demo()
     script = f'qkv() {{ "{sys.executable}" -m qkv "$@"; }}\nset -e\n' + "\n".join(commands)
     result = subprocess.run(
@@ -82,8 +70,8 @@ def test_readme_commands_run_as_written_after_the_demo(demo):
         assert (cwd / written).is_file(), written
 
 
-def test_readme_python_examples_run_after_the_demo(demo):
-    cwd, _ = demo
+def test_readme_python_examples_run_after_the_demo(demo_run):
+    cwd, _ = demo_run
     blocks = [block for block in re.findall(r"```python\n(.*?)```", README, re.DOTALL)]
     namespaces = []
     before = Path.cwd()
@@ -110,14 +98,14 @@ def test_the_demo_writes_runs_demo_where_the_readme_looks_then_numbered_folders(
     assert default_demo_dir(tmp_path) == tmp_path / "demo-3"
 
 
-def test_readme_serve_examples_answer_as_written_on_the_demo_model(demo):
+def test_readme_serve_examples_answer_as_written_on_the_demo_model(demo_run):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     from fastapi.testclient import TestClient
 
     from qkv.serve import load_models
     from qkv.serve.app import create_app
 
-    cwd, _ = demo
+    cwd, _ = demo_run
     sentence = "the third of may nineteen ninety"
     with TestClient(create_app(load_models([str(cwd / "runs" / "demo")]))) as client:
         answer = client.post("/translate", json={"q": sentence, "source": "words", "target": "iso"})

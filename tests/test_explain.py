@@ -101,6 +101,9 @@ def test_html_shows_every_step_and_loads_nothing():
         assert s.name.replace("<", "&lt;") in page
     for reference in ("http://", "https://", "//cdn", "src=", "href="):
         assert reference not in page
+    assert (
+        "QKV.steps(" in page and "<table" not in page
+    )  # drawn as grids (tests/test_page.py looks)
 
 
 def test_bad_layer_or_head_is_refused():

@@ -44,6 +44,24 @@ def client(models):
         yield client
 
 
+def test_the_page_is_one_self_contained_file(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert (
+        "<title>qkv: xx \u2192 yy</title>" in page.text
+        and "QKV.matrix(" in page.text
+        and "v1/translate" in page.text
+    )
+    for reference in (
+        "http://",
+        "https://",
+        "src=",
+        "@import",
+        "url(",
+    ):  # tests/test_page.py runs it
+        assert reference not in page.text
+
+
 def test_health_and_languages(client):
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/languages").json() == [{"code": "xx", "name": "xx", "targets": ["yy"]}]
@@ -262,6 +280,16 @@ def test_v1_explain_is_the_step_by_step_of_qkv_explain(client, toy_run):
     )
     cross = client.post("/v1/explain", json={**body, "kind": "cross"}).json()
     assert cross["translation"] and cross["steps"]
+    # The decoder reads the translation it is given (the page sends the beam's best), BOS first.
+    given = client.post(
+        "/v1/explain", json={**body, "kind": "decoder", "translation": "q r"}
+    ).json()
+    assert given["translation"] == "q r"
+    assert given["steps"][0]["matrices"][0]["row_labels"][1:] == [
+        translator.tokenizer.id_to_piece(i) for i in translator.tokenizer.encode("q r")
+    ]
+    softmax = next(step for step in given["steps"] if step["name"] == "softmax")
+    assert softmax["scale"] == "weights" and given["steps"][0]["scale"] == "diverging"
     bad_kind = client.post("/v1/explain", json={**body, "kind": "sideways"})
     assert bad_kind.status_code == 400 and "kind must be one of" in bad_kind.json()["error"]
     bad_layer = client.post("/v1/explain", json={**body, "layer": 9})

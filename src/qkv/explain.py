@@ -13,7 +13,6 @@ page (`render_html`). The last step equals the sublayer's output in the forward 
 
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field
 
@@ -40,6 +39,9 @@ class Step:
     name: str
     description: str
     matrices: list[Matrix]
+    scale: str = (
+        "diverging"  # how a picture colours it: "weights" (0 to 1) or "diverging" (around 0)
+    )
 
 
 @dataclass
@@ -196,6 +198,7 @@ def explain_attention(
             "each row turned into weights that are positive and sum to 1"
             + ("; masked positions (later or padding tokens) get weight 0" if masked else ""),
             per_head("softmax(Q K^T / sqrt(d_k))", weights, q_rows, k_rows),
+            scale="weights",
         ),
         Step(
             "Z = softmax(...) V",
@@ -324,39 +327,44 @@ def render_text(explanation: Explanation, **limits) -> str:
     return "\n".join(out)
 
 
-def render_html(explanation: Explanation, digits: int = 3) -> str:
-    """The walk-through as one self-contained HTML page (no scripts or anything from the network)."""
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(explanation.title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
-        "table{border-collapse:collapse;font-family:monospace;font-size:.8em;margin:.4em 0 1em}"
-        "td,th{padding:.1em .4em;text-align:right;border-bottom:1px solid #eee}"
-        "th{font-weight:normal;color:#555}.desc{color:#555;margin:.2em 0}"
-        ".m{overflow-x:auto}</style></head><body>",
-        f"<h1>{html.escape(explanation.title)}</h1>",
-        *(f"<p>{html.escape(note)}</p>" for note in explanation.notes),
-    ]
-    for number, step in enumerate(explanation.steps, 1):
-        parts.append(f"<h2>{number}. {html.escape(step.name)}</h2>")
-        parts.append(f'<p class="desc">{html.escape(step.description)}</p>')
-        for m in step.matrices:
-            parts.append(f'<div class="m"><b>{html.escape(m.label)}</b> {tuple(m.values.shape)}')
-            parts.append(_html_table(m, digits))
-            parts.append("</div>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+def to_dict(explanation: Explanation, digits: int = 4) -> dict:
+    """The walk-through as plain JSON-able data (what the server's /v1/explain answers and the pages
+    draw), values rounded to `digits` decimals: 1e-4 is below what a picture shows."""
+
+    def rounded(values: Tensor) -> list:
+        return torch.round(values.float(), decimals=digits).tolist()
+
+    return {
+        "title": explanation.title,
+        "notes": explanation.notes,
+        "steps": [
+            {
+                "name": step.name,
+                "description": step.description,
+                "scale": step.scale,
+                "matrices": [
+                    {
+                        "label": matrix.label,
+                        "shape": list(matrix.values.shape),
+                        "values": rounded(matrix.values),
+                        "row_labels": matrix.row_labels,
+                        "col_labels": matrix.col_labels,
+                    }
+                    for matrix in step.matrices
+                ],
+            }
+            for step in explanation.steps
+        ],
+        "output": rounded(explanation.output),
+    }
 
 
-def _html_table(m: Matrix, digits: int) -> str:
-    cols = m.col_labels or [str(j) for j in range(m.values.size(1))]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    rows = [f"<tr><th></th>{head}</tr>"]
-    for label, row in zip(m.row_labels, m.values.tolist(), strict=True):
-        cells = "".join(f"<td>{value:.{digits}f}</td>" for value in row)
-        rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
-    return "<table>" + "".join(rows) + "</table>"
+def render_html(explanation: Explanation) -> str:
+    """The walk-through as one self-contained web page (nothing from the network): each matrix drawn
+    as a coloured grid with its shape and the number on hover, by the drawing `qkv serve`'s page uses."""
+    from qkv import pages
+
+    return pages.fill("explain.html", title=explanation.title, data=to_dict(explanation))
 
 
 def random_model(text: str) -> tuple[Transformer, list[int], list[str]]:

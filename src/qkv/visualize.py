@@ -10,8 +10,6 @@ page and the CLI show them 1-based, as people count.
 
 from __future__ import annotations
 
-import html
-import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,8 +212,6 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
 
 # --- The web page ------------------------------------------------------------------------------------
 
-_HTML_TEMPLATE = Path(__file__).with_name("web") / "attention.html"
-
 
 def attention_html(maps: AttentionMaps, title: str, caption: str = "") -> str:
     """One self-contained HTML page (data and script inlined, nothing loaded from the network) where the
@@ -237,14 +233,9 @@ def attention_html(maps: AttentionMaps, title: str, caption: str = "") -> str:
         },
         "reading": READING,
     }
-    # "</" inside a <script> would end it early; JSON allows the escaped form "<\/".
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
-    page = _HTML_TEMPLATE.read_text(encoding="utf-8")
-    return (
-        page.replace("{{title}}", html.escape(title))
-        .replace("{{caption}}", html.escape(caption))
-        .replace("{{data}}", payload)
-    )
+    from qkv import pages
+
+    return pages.fill("attention.html", title=title, caption=caption, data=data)
 
 
 def write_attention_html(

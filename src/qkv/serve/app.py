@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -31,6 +31,7 @@ from prometheus_client import (
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qkv import pages
 from qkv.errors import QkvError
 from qkv.kinds import KINDS
 from qkv.serve.batcher import Batcher, QueueFull
@@ -80,6 +81,7 @@ class ExplainRequest(BaseModel):
     kind: str = "encoder"
     layer: int = Field(1, ge=1)
     heads: list[int] | None = None  # None: every head
+    translation: str | None = None  # what the decoder reads (None: the greedy translation)
 
 
 def create_app(
@@ -214,6 +216,15 @@ def create_app(
         tokens_out.inc(sum(len(h.ids) for hypotheses in results for h in hypotheses))
         return results
 
+    page = pages.fill(
+        "index.html", title="qkv: " + ", ".join(f"{m.source} \u2192 {m.target}" for m in models)
+    )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        """The page: translate, then look at the attention (qkv/web/index.html, self-contained)."""
+        return page
+
     @app.get("/health")
     async def health():
         return {
@@ -317,9 +328,12 @@ def create_app(
         if heads is not None and any(head < 0 for head in heads):
             raise ApiError(400, "heads count from 1")
         translator = models[index].translator
+        if body.translation is not None:
+            check_size([body.text, body.translation])
         return await inside(
-            explanation_json, translator, body.text, body.kind, body.layer - 1, heads
-        )
+            explanation_json,
+            translator, body.text, body.kind, body.layer - 1, heads, body.translation,
+        )  # fmt: skip
 
     @app.get("/metrics")
     async def metrics():

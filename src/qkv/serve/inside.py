@@ -35,39 +35,25 @@ def attention_json(translator: Translator, sentence: str, hypothesis: Hypothesis
 
 
 def explanation_json(
-    translator: Translator, sentence: str, kind: str, layer: int, heads: list[int] | None
+    translator: Translator,
+    sentence: str,
+    kind: str,
+    layer: int,
+    heads: list[int] | None,
+    translation: str | None = None,
 ) -> dict:
-    """`qkv.explain.explain` of one sublayer (layer and heads 0-based) on `sentence` (and, for the
-    decoder's sublayers, on its greedy translation), as JSON."""
+    """`qkv.explain.explain` of one sublayer (layer and heads 0-based) on `sentence`, as JSON. The
+    decoder's sublayers read `translation` (BOS, then its subwords, as the decoder reads a hypothesis)
+    or, when it is None, the greedy translation."""
     tokenizer, model = translator.tokenizer, translator.model
     src_ids = visualize.source_ids(model, tokenizer, sentence)
     labels = [tokenizer.id_to_piece(i) for i in src_ids]
     tgt_ids = tgt_labels = None
-    translation = None
     if kind != "encoder":
-        tgt_ids, translation = visualize.greedy_decoder_input(model, tokenizer, src_ids)
+        if translation is None:
+            tgt_ids, translation = visualize.greedy_decoder_input(model, tokenizer, src_ids)
+        else:
+            tgt_ids = [tokenizer.bos_id, *tokenizer.encode(translation)]
         tgt_labels = [tokenizer.id_to_piece(i) for i in tgt_ids]
     result = explain.explain(model, src_ids, labels, kind, layer, heads, tgt_ids, tgt_labels)
-    return {
-        "title": result.title,
-        "translation": translation,
-        "notes": result.notes,
-        "steps": [
-            {
-                "name": step.name,
-                "description": step.description,
-                "matrices": [
-                    {
-                        "label": matrix.label,
-                        "shape": list(matrix.values.shape),
-                        "values": _rounded(matrix.values),
-                        "row_labels": matrix.row_labels,
-                        "col_labels": matrix.col_labels,
-                    }
-                    for matrix in step.matrices
-                ],
-            }
-            for step in result.steps
-        ],
-        "output": _rounded(result.output),
-    }
+    return {**explain.to_dict(result, DIGITS), "translation": translation}
