@@ -74,14 +74,15 @@ def test_serve_load_prints_a_row_per_client_count_with_and_without_batching(toy_
     sentences.write_text("a b c\nd e\nf g h i\n")
     result = run_script(
         "serve_load.py", str(toy_run), "--clients", "1", "3", "--seconds", "0.5",
-        "--src", str(sentences), "--json",
+        "--src", str(sentences), "--json", "--plot", str(tmp_path / "load.png"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert_names_the_cpu(result.stdout)
     report = json.loads(result.stdout.splitlines()[-1])
     assert [(row["batching"], row["clients"]) for row in report["rows"]] == [
-        ("on", 1), ("on", 3), ("off", 1), ("off", 3)
+        ("on", 1), ("on", 3), ("off", 1), ("off", 3), ("none", 1), ("none", 3)
     ]  # fmt: skip
     assert all(row["errors"] == 0 and row["per_second"] > 0 for row in report["rows"])
-    assert report["one_batch_ms"] > 0
+    assert set(report["one_batch_ms"]) == {"1", "3"} and min(report["one_batch_ms"].values()) > 0
     assert "batching on, 3 clients:" in result.stdout
+    assert (tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"
