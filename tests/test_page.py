@@ -153,7 +153,9 @@ def test_translate_look_at_cross_attention_then_step_by_step(server, chromium):
     assert_steps_drawn(page.locator("#steps .qkv-step"), expected)
     page.locator("#steps .qkv-step").nth(1).locator(".qkv-cell").nth(5).hover()
     SCREENSHOT.parent.mkdir(exist_ok=True)
-    # README's picture: the translation, the explorer and the first steps
+    # README's picture: the translation, the explorer and the first steps; without the time taken,
+    # so that the picture changes only when the page does
+    page.add_style_tag(content=".timing { visibility: hidden; }")
     page.screenshot(path=str(SCREENSHOT), full_page=True,
                     clip={"x": 0, "y": 0, "width": 1200, "height": 1900})  # fmt: skip
     assert SCREENSHOT.read_bytes()[:4] == b"\x89PNG"
