@@ -61,6 +61,7 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 NAMES = {
     "qkv": "qkv fp32",
     "qkv-bf16": "qkv bf16",
+    "qkv-int8": "qkv int8",
     "qkv-nocache": "qkv fp32 no cache",
     "hf": "HF fp32",
     "hf-bf16": "HF bf16",
@@ -74,11 +75,12 @@ RATIOS = [
     ("qkv-bf16", "hf"),
     ("qkv", "ct2-fp32"),
     ("qkv-bf16", "ct2-int8"),
+    ("qkv-int8", "ct2-int8"),
 ]
 SRC_LEN = 16  # subwords, EOS included
 NEW_TOKENS = 20
 BEAM = 5
-SYSTEMS = ("qkv", "qkv-bf16", "qkv-nocache", "hf", "hf-bf16", "ct2-fp32", "ct2-int8")
+SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "hf", "hf-bf16", "ct2-fp32", "ct2-int8")
 
 
 def sources(batch: int, seed: int = 0) -> list[list[int]]:
@@ -134,7 +136,9 @@ def uncached_engine(model):
     return UncachedEngine(model)
 
 
-def qkv_runner(model, batch: list[list[int]], search: str, pack_per_batch: bool = False):
+def qkv_runner(
+    model, batch: list[list[int]], search: str, pack_per_batch: bool = False, int8: bool = False
+):
     import torch
 
     from qkv.inference import prepare_for_decoding
@@ -147,10 +151,10 @@ def qkv_runner(model, batch: list[list[int]], search: str, pack_per_batch: bool 
     lengths = dict(max_len=NEW_TOKENS, min_len=NEW_TOKENS)
     # As `qkv translate` decodes a file: the weights are prepared (packed for oneDNN) once for all its
     # batches, not once per batch. pack_per_batch: time a search that prepares them itself.
-    prepared = model if pack_per_batch or is_engine else None
+    prepared = model if (pack_per_batch and not int8) or is_engine else None
     if prepared is None:
         with torch.inference_mode():
-            prepared = prepare_for_decoding(model)
+            prepared = prepare_for_decoding(model, int8=int8)  # int8: --precision int8's engine
 
     def run():
         if search == "beam":
@@ -316,6 +320,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                 in_process = {
                     "qkv": (qkv_run, qkv),
                     "qkv-bf16": (qkv_run, qkv_bf16),
+                    "qkv-int8": (functools.partial(qkv_run, int8=True), qkv),
                     "qkv-nocache": (qkv_run, uncached_engine(qkv)),
                     "hf": (hf_runner, marian),
                     "hf-bf16": (hf_runner, marian_bf16),

@@ -71,6 +71,35 @@ def test_bf16_on_a_cpu_without_it_warns_once_and_translates_and_auto_takes_fp32(
     assert "warning" not in auto.stderr
 
 
+def test_int8_translates_as_fp32_does(toy_run, run_qkv):
+    from qkv.inference.linear import int8_works
+
+    if int8_works() is not None:
+        pytest.skip(int8_works())
+    translator = qkv.load(toy_run, precision="int8")
+    assert translator.precision == "int8"
+    assert translator.engine().int8
+    assert translator.model.output.weight.dtype == torch.float32  # the model itself stays fp32
+    fp32 = qkv.load(toy_run).translate(LINES, beam=3)
+    int8 = translator.translate(LINES, beam=3)
+    assert sum(a == b for a, b in zip(int8, fp32, strict=True)) >= len(LINES) - 1
+    result = run_qkv("translate", toy_run, "--precision", "int8", input="a b c\n")
+    assert result.returncode == 0 and result.stdout == "c b a\n", result.stderr
+    assert "qkv: precision int8\n" in result.stderr and "warning" not in result.stderr
+
+
+def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(toy_run, monkeypatch):
+    from qkv.inference import linear
+
+    monkeypatch.setattr(linear, "int8_works", lambda: "no quantised engine (as on some builds)")
+    messages = []
+    translator = qkv.load(toy_run, precision="int8", warn=messages.append)
+    assert translator.translate(["a b c"], beam=2) == ["c b a"]
+    assert translator.translate(["p o"], beam=2) == ["o p"]
+    assert messages == ["no quantised engine (as on some builds): translating in fp32"]
+    assert translator.precision == "fp32" and not translator.engine().int8
+
+
 def test_prepared_weights_are_kept_across_calls_and_dropped_when_the_model_changes(toy_run):
     translator = qkv.load(toy_run)
     before = translator.translate(LINES, beam=3)

@@ -23,6 +23,7 @@ from qkv.errors import QkvError
 from qkv.errors import warn as default_warn
 from qkv.hardware import DTYPES, resolve_precision
 from qkv.inference import DecodingEngine, prepare_for_decoding
+from qkv.inference.linear import Int8Unavailable
 from qkv.model import Transformer
 from qkv.search import beam_search, greedy_search, length_penalty_factor
 from qkv.tokenizer import Tokenizer
@@ -48,7 +49,9 @@ class Translator:
 
     precision: 'fp32', 'bf16', or 'auto' (bf16 where the device computes it natively, see
     `qkv.hardware`); the one chosen is `self.precision`. bf16 on a device without bf16 arithmetic
-    warns once (through `warn`, default `warnings.warn`) and runs, many times slower."""
+    warns once (through `warn`, default `warnings.warn`) and runs, many times slower. 'int8': the
+    model stays fp32 and decoding multiplies by int8 weights (`qkv.inference.linear`; on the CPU);
+    where PyTorch's quantised kernels do not run, it warns once and decodes in fp32."""
 
     def __init__(
         self,
@@ -59,8 +62,11 @@ class Translator:
         meta: dict | None = None,
         warn: Callable[[str], None] | None = None,
     ):
-        self.precision = resolve_precision(precision, device, warn)
-        self.model = model.to(device=device, dtype=DTYPES[self.precision]).eval()
+        int8 = precision == "int8"
+        self.precision = "int8" if int8 else resolve_precision(precision, device, warn)
+        self.model = model.to(device=device, dtype=DTYPES["fp32" if int8 else self.precision])
+        self.model.eval()
+        self._warn = warn or _warn
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.meta = meta or {}  # what training recorded: dataset, src_lang, tgt_lang
@@ -75,8 +81,23 @@ class Translator:
         """The model prepared for decoding, kept from one call to the next."""
         if self._engine is None:
             with torch.inference_mode():
-                self._engine = prepare_for_decoding(self.model)
+                if self.precision == "int8":
+                    self._engine = self._int8_engine()
+                else:
+                    self._engine = prepare_for_decoding(self.model)
         return self._engine
+
+    def _int8_engine(self) -> DecodingEngine:
+        if self.device.type != "cpu":
+            why = f"int8 decoding runs on the CPU, not {self.device.type}"
+        else:
+            try:
+                return prepare_for_decoding(self.model, int8=True)
+            except Int8Unavailable as error:
+                why = str(error)
+        self._warn(f"{why}: translating in fp32")
+        self.precision = "fp32"
+        return prepare_for_decoding(self.model)
 
     @classmethod
     def load(

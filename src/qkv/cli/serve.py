@@ -36,7 +36,10 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="default auto"
+        "--precision",
+        choices=["auto", "fp32", "bf16", "int8"],
+        default="auto",
+        help="as for qkv translate (default auto)",
     )
     parser.add_argument(
         "--max-chars", type=int, default=5000, help="characters per request (default 5000)"

@@ -63,11 +63,12 @@ def _add_search_options(parser) -> None:
     model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     model.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16"],
+        choices=["auto", "fp32", "bf16", "int8"],
         default="auto",
         help="auto: bf16 where the device computes it natively (a CPU with AVX512_BF16, AMX or Arm "
         "BF16; a recent GPU), else fp32. bf16 decodes 1.1-1.6x faster there, and many times "
-        "slower on CPUs without it (default auto)",
+        "slower on CPUs without it. int8: int8 weights in every linear map, on the CPU "
+        "(default auto)",
     )
     model.add_argument(
         "--threads",

@@ -51,33 +51,35 @@ def log_softmax(logits: Tensor) -> Tensor:
     return torch.log_softmax(log_probs, dim=-1)
 
 
-def prepare_for_decoding(model: Transformer) -> DecodingEngine:
-    """The engine of `model` as it is now (its device, dtype and weights)."""
-    return DecodingEngine(model)
+def prepare_for_decoding(model: Transformer, int8: bool = False) -> DecodingEngine:
+    """The engine of `model` as it is now (its device, dtype and weights). int8: every linear map
+    with int8 weights (`qkv.inference.linear`; an fp32 model on the CPU), or `Int8Unavailable`."""
+    return DecodingEngine(model, int8)
 
 
 class _Attention:
     """One attention sublayer's projections, prepared: Q/K/V stacked for self-attention; Q alone and
     K/V stacked (applied once to the encoder output) for cross-attention."""
 
-    def __init__(self, attention, cross: bool):
+    def __init__(self, attention, cross: bool, int8: bool):
         self.n_heads = attention.n_heads
         if cross:
-            self.q = PreparedLinear.of(attention.q_proj)
-            self.kv = PreparedLinear.stacked(attention.k_proj, attention.v_proj)
+            self.q = PreparedLinear.of(attention.q_proj, int8=int8)
+            self.kv = PreparedLinear.stacked(attention.k_proj, attention.v_proj, int8=int8)
         else:
-            self.qkv = PreparedLinear.stacked(attention.q_proj, attention.k_proj, attention.v_proj)
-        self.out = PreparedLinear.of(attention.out_proj)
+            projections = attention.q_proj, attention.k_proj, attention.v_proj
+            self.qkv = PreparedLinear.stacked(*projections, int8=int8)
+        self.out = PreparedLinear.of(attention.out_proj, int8=int8)
 
 
 class _FeedForward:
     """max(0, x W_1 + b_1) W_2 + b_2, the ReLU fused into W_1's product (another activation after it)."""
 
-    def __init__(self, feed_forward):
+    def __init__(self, feed_forward, int8: bool):
         relu = feed_forward.activation is F.relu
-        self.linear1 = PreparedLinear.of(feed_forward.linear1, relu=relu)
+        self.linear1 = PreparedLinear.of(feed_forward.linear1, relu=relu, int8=int8)
         self.activation = None if relu else feed_forward.activation
-        self.linear2 = PreparedLinear.of(feed_forward.linear2)
+        self.linear2 = PreparedLinear.of(feed_forward.linear2, int8=int8)
 
     def __call__(self, x: Tensor) -> Tensor:
         hidden = self.linear1(x)
@@ -101,24 +103,29 @@ def _merge_heads(x: Tensor) -> Tensor:
 class DecodingEngine:
     """`encode` a batch of sources, then `step` the decoder one position at a time over `new_cache()`."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, int8: bool = False):
         self.model = model
         self.config = model.config
+        self.int8 = int8
         self.on_cpu = model.output.weight.device.type == "cpu"
         self.encoder = [
-            (layer, _Attention(layer.self_attn, cross=False), _FeedForward(layer.feed_forward))
+            (
+                layer,
+                _Attention(layer.self_attn, cross=False, int8=int8),
+                _FeedForward(layer.feed_forward, int8),
+            )
             for layer in model.encoder.layers
         ]
         self.decoder = [
             (
                 layer,
-                _Attention(layer.self_attn, cross=False),
-                _Attention(layer.cross_attn, cross=True),
-                _FeedForward(layer.feed_forward),
+                _Attention(layer.self_attn, cross=False, int8=int8),
+                _Attention(layer.cross_attn, cross=True, int8=int8),
+                _FeedForward(layer.feed_forward, int8),
             )
             for layer in model.decoder.layers
         ]
-        self.output = PreparedLinear(model.output.weight)
+        self.output = PreparedLinear(model.output.weight, int8=int8)
 
     def new_cache(self, max_beams: int = 1, max_len: int | None = None) -> BeamCache:
         """An empty decoder cache for up to `max_beams` rows per sentence and `max_len` positions."""

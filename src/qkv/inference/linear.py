@@ -8,10 +8,18 @@ of self-attention; K and V of the encoder output) are stacked into one matrix: o
 three. Same results as ``F.linear`` up to summation order; other devices and dtypes call ``F.linear``.
 Timings: benchmarks/README.md, "CPU kernels".
 
+With ``int8=True`` (`qkv translate --precision int8`) the weights are stored in int8, one scale per
+output feature (symmetric), and each product quantises its input on the fly, one scale per call
+("dynamic"): PyTorch's own quantised kernels (fbgemm or oneDNN on x86, qnnpack on Arm), where
+`int8_works()`; elsewhere the map stays fp32, and `Int8Unavailable` says why.
+
 A prepared map holds copies of the weights: it does not follow later changes of the model's parameters.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +28,63 @@ from torch import Tensor, nn
 from qkv.kernels import FAST, onednn_linear_works, packing_works
 
 
+class Int8Unavailable(RuntimeError):
+    """PyTorch's quantised linear kernels do not run here (no quantised engine, an unsupported CPU)."""
+
+
+def _quantised_weight(weight: Tensor) -> Tensor:
+    """(d_out, d_in) fp32 -> int8 with one symmetric scale per output feature (row)."""
+    scales = weight.abs().amax(dim=1).clamp_min(1e-8) / 127
+    zero_points = torch.zeros(weight.size(0), dtype=torch.long)
+    with warnings.catch_warnings():  # PyTorch marks its quantised tensors for a later replacement
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+        warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
+        return torch.quantize_per_channel(
+            weight.float(), scales.float(), zero_points, 0, torch.qint8
+        )
+
+
+def _reduce_range() -> bool:
+    """fbgemm's x86 kernels add pairs of u8 x s8 products in 16 bits: 7-bit inputs cannot overflow."""
+    return torch.backends.quantized.engine in ("x86", "fbgemm")
+
+
+@functools.cache
+def int8_works() -> str | None:
+    """None if the quantised linear kernels run on this machine (checked once, on a small product
+    against fp32), else why not."""
+    engine = torch.backends.quantized.engine
+    if engine == "none":
+        return "this PyTorch build has no quantised engine"
+    try:
+        weight, x = torch.randn(16, 32), torch.randn(3, 32)
+        packed = torch.ops.quantized.linear_prepack(_quantised_weight(weight), None)
+        out = torch.ops.quantized.linear_dynamic(x, packed, _reduce_range())
+    except (RuntimeError, NotImplementedError) as error:
+        return f"PyTorch's quantised engine {engine!r} failed here: {str(error).splitlines()[0]}"
+    if not torch.allclose(out, F.linear(x, weight), atol=0.2, rtol=0.1):
+        return f"PyTorch's quantised engine {engine!r} gave wrong products here"
+    return None
+
+
 class PreparedLinear:
     """x W^T + b (then a ReLU if `relu`) for x (..., d_in), with W (d_out, d_in) prepared once."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, relu: bool = False):
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None = None, relu: bool = False, int8: bool = False
+    ):
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.relu = relu
+        self.int8 = None  # the int8 weights, packed for PyTorch's quantised kernels
+        if int8:
+            if weight.device.type != "cpu" or weight.dtype != torch.float32:
+                raise Int8Unavailable("int8 runs on the CPU, from fp32 weights")
+            if (why := int8_works()) is not None:
+                raise Int8Unavailable(why)
+            bias = None if self.bias is None else self.bias.float()
+            self.int8 = torch.ops.quantized.linear_prepack(_quantised_weight(self.weight), bias)
+            self.reduce_range = _reduce_range()
         self.onednn = (
             FAST
             and weight.device.type == "cpu"
@@ -34,22 +92,26 @@ class PreparedLinear:
             and onednn_linear_works(weight.dtype)
         )
         self.packed = self.weight
-        if self.onednn and packing_works(weight.dtype):
+        if self.onednn and packing_works(weight.dtype) and not int8:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
 
     @classmethod
-    def stacked(cls, *linears: nn.Linear) -> PreparedLinear:
+    def stacked(cls, *linears: nn.Linear, int8: bool = False) -> PreparedLinear:
         """The projections `linears` of one input as one map: their outputs side by side."""
         weight = torch.cat([linear.weight for linear in linears])
         has_bias = linears[0].bias is not None
         bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
-        return cls(weight, bias)
+        return cls(weight, bias, int8=int8)
 
     @classmethod
-    def of(cls, linear: nn.Linear, relu: bool = False) -> PreparedLinear:
-        return cls(linear.weight, linear.bias, relu)
+    def of(cls, linear: nn.Linear, relu: bool = False, int8: bool = False) -> PreparedLinear:
+        return cls(linear.weight, linear.bias, relu, int8)
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.int8 is not None:
+            product = torch.ops.quantized.linear_relu_dynamic if self.relu else None
+            product = product or torch.ops.quantized.linear_dynamic
+            return product(x, self.int8, self.reduce_range)
         if self.onednn and x.dtype == self.weight.dtype and not torch.is_autocast_enabled("cpu"):
             post_op = "relu" if self.relu else "none"
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, post_op, [], "")
