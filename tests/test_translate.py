@@ -1,6 +1,7 @@
 """Translating text: the Python API (`qkv.load`), `qkv translate`, and batching that keeps input order."""
 
 import platform
+import select
 import shutil
 import subprocess
 import sys
@@ -218,3 +219,52 @@ def test_a_run_with_a_damaged_best_checkpoint_translates_from_the_newest_good_on
     # A damaged file given by name is an error, not a silent substitute.
     named = run_qkv("translate", run / "best.pt", input="a b c\n")
     assert named.returncode == 2 and "best.pt: not a readable checkpoint" in named.stderr
+
+
+def test_stdin_is_translated_line_by_line_as_it_arrives(toy_run):
+    """A person typing into `qkv translate` (or a slow pipe): each translation comes out before the
+    next line is sent, and the process ends when the input does."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "translate", str(toy_run), "--quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=qkv_env(), bufsize=1,
+    )  # fmt: skip
+    try:
+        for line in ["a b c", "", "p o n"]:
+            process.stdin.write(line + "\n")
+            process.stdin.flush()
+            # the translation comes before the next line is sent (reading all input first would
+            # wait here for an end of input that never comes)
+            ready, _, _ = select.select([process.stdout], [], [], 60)
+            assert ready, f"no translation of {line!r} within 60 s of sending it"
+            assert process.stdout.readline() == reverse(line) + "\n"
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+        assert process.stdout.read() == ""
+    finally:
+        process.kill()
+
+
+def test_a_file_is_translated_in_chunks_in_input_order(toy_run, tmp_path, monkeypatch, capsys):
+    from qkv.cli import main
+    from qkv.cli import translate as translate_command
+
+    lines = [*LINES, " ".join(["a"] * 40), *reversed(LINES), "k j"]  # line 9 is too long
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(translate_command, "FILE_CHUNK_LINES", 4)  # 18 lines: 5 chunks
+    assert main(["translate", str(toy_run), "-i", str(source), "--beam", "3", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    with pytest.warns(UserWarning):
+        expected = qkv.load(toy_run).translate(lines, beam=3)
+    assert out.splitlines() == expected
+    assert f"{source}: line 9: 40 subword tokens" in err  # numbered in the file, not in its chunk
+
+
+def test_a_line_that_is_not_utf8_ends_a_file_after_the_lines_before_it(run_qkv, toy_run, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"a b c\np o\n\xff\xfe\nj a\n")
+    result = run_qkv("translate", toy_run, "-i", source, "--quiet")
+    assert result.returncode == 2
+    assert result.stdout == "c b a\no p\n"
+    assert result.stderr.splitlines()[-1] == f"qkv: error: {source}:3: not valid UTF-8"

@@ -6,9 +6,13 @@ other."""
 from __future__ import annotations
 
 import gzip
+import queue
 import sys
+import threading
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from qkv.errors import QkvError
 
@@ -62,3 +66,118 @@ def read_stdin() -> tuple[list[str], QkvError | None]:
     """The lines of stdin up to the first that is not UTF-8, and the error naming it (or None): the
     lines before a bad one still count, as a file's do in `decode_lines`."""
     return decode_lines(sys.stdin.buffer.read(), "stdin")
+
+
+# --- Reading as the lines come: `qkv translate` on a large file, a pipe or a person typing -------------
+
+
+class NotUtf8(QkvError):
+    """A line that is not UTF-8: `name:line: not valid UTF-8`. The lines before it are good."""
+
+
+def _decoded(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
+    """UTF-8 lines as `decode_lines` makes them (split on "\n" only, "\r" and a first BOM removed),
+    one at a time; a line that is not UTF-8 raises an error naming it."""
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotUtf8(f"{name}:{number}: not valid UTF-8") from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")
+        yield line.removesuffix("\n").removesuffix("\r")
+
+
+def _chunked(lines: Iterator[str], size: int) -> Iterator[list[str]]:
+    """Lists of `size` lines (the last may be shorter). An error while reading comes after the chunk
+    of the lines before it, so that those are translated."""
+    chunk: list[str] = []
+    try:
+        for line in lines:
+            chunk.append(line)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except NotUtf8:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    try:
+        return gzip.open(path) if path.suffix == ".gz" else open(path, "rb")
+    except FileNotFoundError:
+        raise QkvError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise QkvError(f"{path}: is a directory, not a text file") from None
+    except OSError as error:
+        raise QkvError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    with _open_binary(path) as file:
+        try:
+            yield from file
+        except (OSError, EOFError, zlib.error) as error:
+            raise QkvError(f"{path}: not a valid gzip file ({error})") from None
+
+
+def count_lines(path: str | Path) -> int:
+    """The number of lines of a text file (plain or .gz), read once without decoding: a progress
+    bar's total."""
+    return sum(1 for _ in _raw_lines(Path(path)))
+
+
+def line_chunks(path: str | Path, size: int) -> Iterator[list[str]]:
+    """The lines of a UTF-8 text file (plain or .gz), `size` at a time, read as they are needed, so
+    that memory holds one chunk whatever the file's size. A line that is not UTF-8 raises an error
+    naming the file and line, after the chunk of the lines before it."""
+    path = Path(path)
+    return _chunked(_decoded(_raw_lines(path), str(path)), size)
+
+
+_END = object()
+
+
+def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> Iterator[list[str]]:
+    """The lines of `stream` (stdin) as they arrive: each chunk is every line that has arrived by the
+    time the caller asks (at least one, at most `max_lines`). A person typing gets each line back as
+    soon as it is translated; a fast pipe still fills whole batches. A line that is not UTF-8 raises
+    an error naming it, after the lines before it."""
+    arrived: queue.Queue = queue.Queue(
+        maxsize=4 * max_lines
+    )  # a fast pipe waits for the translator
+
+    def read() -> None:
+        try:
+            for line in _decoded(iter(stream.readline, b""), name):
+                arrived.put(line)
+            arrived.put(_END)
+        except NotUtf8 as error:
+            arrived.put(error)
+
+    threading.Thread(target=read, name="qkv-read-stdin", daemon=True).start()
+    finished = False
+    while not finished:
+        chunk: list[str] = []
+        item = arrived.get()  # wait for the first line
+        while True:
+            if item is _END:
+                finished = True
+                break
+            if isinstance(item, NotUtf8):
+                if chunk:
+                    yield chunk
+                raise item
+            chunk.append(item)
+            if len(chunk) == max_lines:
+                break
+            try:
+                item = arrived.get_nowait()  # and take what else is there already
+            except queue.Empty:
+                break
+        if chunk:
+            yield chunk

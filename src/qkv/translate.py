@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,8 +136,9 @@ class Translator:
         length_penalty_style: str = "gnmt",
         max_len: int | None = None,
         min_len: int = 0,
-        progress: bool = False,
+        progress: bool | Any = False,
         warn: Callable[[str], None] | None = None,
+        first_line: int = 1,
     ) -> list[list[Hypothesis]]:
         """The `n_best` best translations of each sentence (best first), in input order.
 
@@ -144,11 +146,12 @@ class Translator:
         more is faster up to a point and takes more memory (a batch decodes beam x its sentences
         rows). max_len, min_len: generated tokens, as in `qkv.search`. An empty sentence gives one
         empty hypothesis with score 0. warn: called with a message for each sentence cut to the
-        model's max_len (default: `warnings.warn`).
+        model's max_len (default: `warnings.warn`), which names its line: `first_line` is the line
+        number of sentences[0]. progress: a progress bar of its own, or a tqdm bar to advance.
         """
         if not 1 <= n_best <= beam:
             raise QkvError(f"--n-best must be between 1 and the beam size {beam}, got {n_best}")
-        sources = self.encode(sentences, warn or _warn)
+        sources = self.encode(sentences, warn or _warn, first_line)
         results: list[list[Hypothesis]] = [[Hypothesis("", 0.0, [])] for _ in sentences]
         search = dict(
             beam=beam,
@@ -158,7 +161,8 @@ class Translator:
             max_len=max_len,
             min_len=min_len,
         )
-        bar = _progress_bar(len(sentences), progress)
+        own_bar = isinstance(progress, bool)
+        bar = _progress_bar(len(sentences), progress) if own_bar else progress
         bar.update(sum(1 for ids in sources if not ids))  # empty lines are done already
         engine = self.engine()
         for batch in token_batches(sources, max_tokens):
@@ -166,15 +170,19 @@ class Translator:
             for index, sentence_hypotheses in zip(batch, hypotheses, strict=True):
                 results[index] = sentence_hypotheses
             bar.update(len(batch))
-        bar.close()
+        if own_bar:
+            bar.close()
         return results
 
-    def encode(self, sentences: Sequence[str], warn: Callable[[str], None]) -> list[list[int]]:
-        """Source ids of each sentence, EOS included; [] for an empty one. Too long ones are cut."""
+    def encode(
+        self, sentences: Sequence[str], warn: Callable[[str], None], first_line: int = 1
+    ) -> list[list[int]]:
+        """Source ids of each sentence, EOS included; [] for an empty one. Too long ones are cut,
+        with a warning naming the line (`first_line` is sentences[0]'s)."""
         config = self.model.config
         limit = config.max_len - 1  # room for EOS
         sources = []
-        for number, sentence in enumerate(sentences, start=1):
+        for number, sentence in enumerate(sentences, start=first_line):
             ids = self.tokenizer.encode(sentence) if sentence.strip() else []
             if len(ids) > limit:
                 warn(

@@ -143,34 +143,74 @@ def _add_translate(subparsers) -> None:
     parser.set_defaults(run=_run_translate)
 
 
+# Lines of a file translated at a time: memory holds one chunk (sorted by length inside, as batches
+# are), whatever the file's size.
+FILE_CHUNK_LINES = 10_000
+# At most this many lines of stdin at a time: what has arrived while the previous chunk was translated.
+STDIN_CHUNK_LINES = 1_000
+
+
 def _run_translate(args) -> int:
-    from qkv.text import read_lines, read_stdin
+    from qkv.atomic import atomic_write
+    from qkv.text import NotUtf8, arriving_chunks, count_lines, line_chunks
 
     options = _search_options(args)
     check_output(args, [args.input])
-    stdin_error = None  # the first line of stdin that is not UTF-8: the lines before it still count
-    if args.input:
-        lines, source_name = read_lines(args.input), args.input
-    else:
-        (lines, stdin_error), source_name = read_stdin(), "stdin"
     translator = _load_translator(args)
-    results = translator.hypotheses(
-        lines,
-        n_best=args.n_best or 1,
-        progress=bool(args.input) and not args.quiet,
-        warn=_warner(source_name),
-        **options,
-    )
+    source_name = args.input or "stdin"
+    if args.input:
+        chunks = line_chunks(args.input, FILE_CHUNK_LINES)
+        bar = _progress_bar(count_lines(args.input), enabled=not args.quiet)
+    else:  # a terminal or a pipe: each line goes out as soon as it is translated
+        chunks = arriving_chunks(sys.stdin.buffer, STDIN_CHUNK_LINES)
+        bar = _progress_bar(None, enabled=False)
+    read_error = None  # the first line that is not UTF-8: the lines before it are still translated
+
+    def translate_all(write) -> None:
+        nonlocal read_error
+        first_line = 1
+        try:
+            for lines in chunks:
+                results = translator.hypotheses(
+                    lines, n_best=args.n_best or 1, progress=bar, warn=_warner(source_name),
+                    first_line=first_line, **options,
+                )  # fmt: skip
+                write(_format_results(results, first_line, args))
+                first_line += len(lines)
+        except NotUtf8 as error:  # raised when the lines before it are written
+            read_error = error
+        bar.close()
+
+    if args.output:
+        atomic_write(
+            args.output, lambda file: translate_all(lambda text: file.write(text.encode()))
+        )
+    else:
+
+        def write_stdout(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        translate_all(write_stdout)
+    if read_error is not None:
+        raise read_error
+    return 0
+
+
+def _format_results(results, first_line: int, args) -> str:
     out = []
-    for number, hypotheses in enumerate(results, start=1):
+    for number, hypotheses in enumerate(results, start=first_line):
         for hypothesis in hypotheses if args.n_best else hypotheses[:1]:
             fields = [str(number)] if args.n_best else []
             fields += [f"{hypothesis.score:.4f}"] if args.scores else []
             out.append("\t".join([*fields, hypothesis.text]))
-    write_lines(out, args.output)
-    if stdin_error is not None:
-        raise stdin_error
-    return 0
+    return "".join(f"{line}\n" for line in out)
+
+
+def _progress_bar(total: int | None, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="sent", desc="translating", leave=False)
 
 
 EVALUATE_EXAMPLES = """\
