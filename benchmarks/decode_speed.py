@@ -170,13 +170,14 @@ def qkv_runner(
 # Hugging Face
 
 
-def marian_model(name: str):
-    """A MarianMTModel with the dimensions of `name` and random weights. As in real Marian models, <pad>
-    is the last id and starts the decoder, so ctranslate2's Marian converter takes it as it is."""
+def marian_model(name: str, dims: dict | None = None):
+    """A MarianMTModel with the dimensions of `name` (or `dims`, keys as CONFIGS') and random weights.
+    As in real Marian models, <pad> is the last id and starts the decoder, so ctranslate2's Marian
+    converter takes it as it is."""
     import torch
     from transformers import MarianConfig, MarianMTModel
 
-    dims = CONFIGS[name]
+    dims = dims or CONFIGS[name]
     config = MarianConfig(
         vocab_size=VOCAB + 1,
         decoder_vocab_size=VOCAB + 1,

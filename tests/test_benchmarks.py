@@ -86,3 +86,19 @@ def test_serve_load_prints_a_row_per_client_count_with_and_without_batching(toy_
     assert set(report["one_batch_ms"]) == {"1", "3"} and min(report["one_batch_ms"].values()) > 0
     assert "batching on, 3 clients:" in result.stdout
     assert (tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cold_start_times_fresh_processes_to_their_first_translation(toy_run):
+    result = run_script(
+        "cold_start.py", "--run", str(toy_run), "--systems", "python", "qkv-fp32", "--repeats", "1"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_names_the_cpu(result.stdout)
+    rows = dict(
+        line.strip("|").replace(" ", "").split("|")
+        for line in result.stdout.splitlines()
+        if line.startswith("| python") or line.startswith("| qkv-fp32")
+    )
+    assert set(rows) == {"python", "qkv-fp32"}
+    # a fresh qkv imports torch, loads and translates: longer than a bare interpreter
+    assert float(rows["qkv-fp32"]) > float(rows["python"]) > 0
