@@ -13,7 +13,7 @@ from qkv.tokenizer import Tokenizer
 SENTENCE = "the third of may nineteen ninety"
 
 
-def make_tiny_run(run_dir: Path, norm_first: bool = False, seed: int = 0) -> Path:
+def make_tiny_run(run_dir: Path, norm_first: bool = False, seed: int = 0, **overrides) -> Path:
     pairs = synthetic_pairs(400, seed=seed)
     tokenizer = Tokenizer.train(
         [[src for src, _ in pairs], [tgt for _, tgt in pairs]], run_dir / TOKENIZER, vocab_size=120
@@ -25,6 +25,7 @@ def make_tiny_run(run_dir: Path, norm_first: bool = False, seed: int = 0) -> Pat
         tgt_vocab_size=tokenizer.vocab_size,
         max_len=64,
         norm_first=norm_first,
+        **overrides,
     )
     save_checkpoint(run_dir / BEST, model_checkpoint(Transformer(config)))
     return run_dir

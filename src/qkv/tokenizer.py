@@ -151,6 +151,9 @@ class Tokenizer:
     def id_to_piece(self, id: int) -> str:
         return self._sp.id_to_piece(int(id))
 
+    def piece_to_id(self, piece: str) -> int:
+        return self._sp.piece_to_id(piece)
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"
 

@@ -14,6 +14,7 @@ import sys
 from qkv import __version__
 from qkv.cli.average import _add_average
 from qkv.cli.demo import _add_demo
+from qkv.cli.export import _add_export
 from qkv.cli.look import _add_attention, _add_explain
 from qkv.cli.prepare import _add_prepare
 from qkv.cli.serve import _add_serve
@@ -30,6 +31,7 @@ COMMANDS: list = [
     _add_translate,
     _add_evaluate,
     _add_average,
+    _add_export,
     _add_attention,
     _add_explain,
     _add_serve,

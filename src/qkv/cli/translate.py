@@ -112,7 +112,12 @@ def _load_translator(args):
         warn=lambda message: print(f"qkv: warning: {message}", file=sys.stderr),
     )
     if not args.quiet:
-        note = precision_note(args.precision, translator.precision, args.device)
+        if translator.precision.startswith("ctranslate2"):  # qkv export's directory
+            note = (
+                f"{args.model}: a CTranslate2 model, computing in {translator.precision.split()[1]}"
+            )
+        else:
+            note = precision_note(args.precision, translator.precision, args.device)
         print(f"qkv: {note}", file=sys.stderr)
     return translator
 

@@ -1,0 +1,134 @@
+"""Translating with a model that `qkv export --format ctranslate2` wrote: the `Translator` interface
+(`hypotheses`, `translate`, `tokenizer`, `meta`, `precision`) over `ctranslate2.Translator`, so that
+`qkv translate DIR` and `qkv evaluate DIR` take the same options and print the same things.
+
+One difference, said once on use: CTranslate2 ranks beams by score / len^alpha, qkv's
+`length_penalty_style="fairseq"`; qkv's default "gnmt" penalty ((5 + len) / 6)^alpha is not in it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from qkv.checkpoint import TOKENIZER
+from qkv.errors import QkvError
+from qkv.tokenizer import Tokenizer
+from qkv.translate import Hypothesis
+
+MODEL_FILES = ("model.bin", "config.json")
+COMPUTE_TYPES = {"auto": "default", "fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
+EXTRA_POSITIONS = 50  # generated tokens beyond the source's length, as qkv's default max_len
+
+
+def is_ctranslate2_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in MODEL_FILES)
+
+
+class CTranslate2Translator:
+    """A CTranslate2 model directory with its tokenizer.model, translating as `qkv.translate`'s."""
+
+    def __init__(self, path: str | Path, tokenizer: str | Path | None = None, device: str = "cpu",
+                 precision: str = "auto", warn: Callable[[str], None] | None = None):  # fmt: skip
+        try:
+            import ctranslate2
+        except ImportError:
+            raise QkvError(
+                f'{path} is a CTranslate2 model: pip install "qkv[export]" to translate with it'
+            ) from None
+        path = Path(path)
+        if precision not in COMPUTE_TYPES:
+            raise QkvError(
+                f"precision must be one of {', '.join(COMPUTE_TYPES)}, not {precision!r}"
+            )
+        tokenizer_path = Path(tokenizer) if tokenizer else path / TOKENIZER
+        if not tokenizer_path.exists():
+            raise QkvError(f"{path}: no {TOKENIZER} in it; pass the tokenizer's path (--tokenizer)")
+        self.tokenizer = Tokenizer.load(tokenizer_path)
+        info_path = path / "qkv_export.json"
+        self.meta = json.loads(info_path.read_text()) if info_path.exists() else {}
+        self.max_len = self.meta.get("max_len", 256)
+        self.translator = ctranslate2.Translator(
+            str(path), device=device.split(":")[0], compute_type=COMPUTE_TYPES[precision]
+        )
+        self.precision = f"ctranslate2 {self.translator.compute_type}"
+        self._warn = warn or _warn
+        self._told_penalty = False
+
+    def translate(self, sentences: Sequence[str], beam: int = 5, **options) -> list[str]:
+        return [best[0].text for best in self.hypotheses(sentences, beam=beam, **options)]
+
+    def hypotheses(
+        self,
+        sentences: Sequence[str],
+        beam: int = 5,
+        n_best: int = 1,
+        max_tokens: int = 4096,
+        length_penalty: float = 0.6,
+        length_penalty_style: str = "gnmt",
+        max_len: int | None = None,
+        min_len: int = 0,
+        progress=False,
+        warn: Callable[[str], None] | None = None,
+        first_line: int = 1,
+    ) -> list[list[Hypothesis]]:
+        """As `qkv.translate.Translator.hypotheses`, decoded by CTranslate2."""
+        if not 1 <= n_best <= beam:
+            raise QkvError(f"--n-best must be between 1 and the beam size {beam}, got {n_best}")
+        if (
+            beam > 1
+            and length_penalty
+            and length_penalty_style == "gnmt"
+            and not self._told_penalty
+        ):
+            self._told_penalty = True
+            self._warn(
+                "CTranslate2 ranks beams by score / len^alpha (--length-penalty-style fairseq); "
+                "qkv's gnmt penalty ((5 + len) / 6)^alpha is not in it"
+            )
+        warn = warn or self._warn
+        pieces = []
+        limit = self.max_len - 1  # room for EOS, as qkv's model
+        for number, sentence in enumerate(sentences, start=first_line):
+            tokens = self.tokenizer.encode_as_pieces(sentence) if sentence.strip() else []
+            if len(tokens) > limit:
+                warn(f"line {number}: {len(tokens)} subword tokens, more than the model's {limit}: "
+                     f"translating the first {limit}")  # fmt: skip
+                tokens = tokens[:limit]
+            pieces.append(tokens)
+        results = [[Hypothesis("", 0.0, [])] for _ in sentences]
+        todo = [i for i, tokens in enumerate(pieces) if tokens]
+        if not todo:
+            return results
+        longest = max(len(pieces[i]) for i in todo) + 1
+        outputs = self.translator.translate_batch(
+            [pieces[i] for i in todo],
+            beam_size=beam,
+            num_hypotheses=n_best,
+            length_penalty=length_penalty,
+            max_decoding_length=max_len or min(longest + EXTRA_POSITIONS, self.max_len),
+            min_decoding_length=min_len,
+            max_batch_size=max_tokens,
+            batch_type="tokens",
+            return_scores=True,
+        )
+        to_id = self.tokenizer.piece_to_id
+        for index, output in zip(todo, outputs, strict=True):
+            results[index] = [
+                Hypothesis(self.tokenizer.decode(ids), float(score), ids)
+                for ids, score in (
+                    ([to_id(piece) for piece in tokens], score)
+                    for tokens, score in zip(output.hypotheses, output.scores, strict=True)
+                )
+            ]
+        if not isinstance(progress, bool):
+            progress.update(len(sentences))
+        return results
+
+
+def _warn(message: str) -> None:
+    from qkv.errors import warn
+
+    warn(message, stacklevel=4)

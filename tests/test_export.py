@@ -1,0 +1,101 @@
+"""`qkv export --format ctranslate2`: CTranslate2 computes what qkv computes, from the same checkpoint,
+and `qkv translate DIR` translates with what was exported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "ctranslate2", reason='the export extra is not installed: pip install "qkv[export]"'
+)
+import ctranslate2
+
+import qkv
+from qkv.evaluate import score
+from qkv.export.ct2_translator import CTranslate2Translator
+from qkv.export.ctranslate2 import export
+from qkv.translate import Translator
+from tiny_run import SENTENCE, make_tiny_run
+
+SENTENCES = [SENTENCE, "the first of june two thousand", "nine", "december the twelfth nineteen"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(norm_first=False, positional="sinusoidal"),
+        dict(norm_first=True, positional="sinusoidal"),
+        dict(norm_first=False, positional="learned"),
+        dict(norm_first=True, positional="learned", activation="gelu"),
+    ],
+    ids=["post-LN", "pre-LN", "post-LN learned positions", "pre-LN learned positions gelu"],
+)
+def test_ctranslate2_gives_qkvs_log_probabilities_for_random_models(tmp_path, overrides):
+    run_dir = make_tiny_run(tmp_path / "run", seed=3, **overrides)
+    out = export(run_dir, tmp_path / "ct2")
+    translator = Translator.load(run_dir)
+    model, tokenizer = translator.model, translator.tokenizer
+    ct2 = ctranslate2.Translator(str(out), compute_type="float32")
+    targets = ["1990-05-03", "2000-06-01", "9", ""]
+    for sentence, target in zip(SENTENCES, targets, strict=True):
+        src = [*tokenizer.encode(sentence), tokenizer.eos_id]
+        tgt = tokenizer.encode(target)
+        with torch.no_grad():
+            logits = model(torch.tensor([src]), torch.tensor([[tokenizer.bos_id, *tgt]]))
+        expected = torch.log_softmax(logits[0], dim=-1)[
+            range(len(tgt) + 1), [*tgt, tokenizer.eos_id]
+        ]
+        result = ct2.score_batch(
+            [tokenizer.encode_as_pieces(sentence)], [tokenizer.encode_as_pieces(target)]
+        )
+        torch.testing.assert_close(torch.tensor(result[0].log_probs), expected, rtol=0, atol=1e-4)
+
+
+def test_the_demo_model_translates_the_same_greedy_and_with_beam_5(demo_run, tmp_path):
+    run_dir = demo_run[0] / "runs" / "demo"
+    sentences = (run_dir / "data" / "test.words").read_text().splitlines()[:200]
+    out = export(run_dir, tmp_path / "ct2")
+    ours, theirs = Translator.load(run_dir), qkv.load(out)
+    assert isinstance(theirs, CTranslate2Translator)
+    greedy = [ours.hypotheses(sentences, beam=1), theirs.hypotheses(sentences, beam=1)]
+    assert [h[0].ids for h in greedy[0]] == [h[0].ids for h in greedy[1]]
+    search = dict(beam=5, length_penalty=1.0, length_penalty_style="fairseq")
+    beam = [ours.hypotheses(sentences, **search), theirs.hypotheses(sentences, **search)]
+    same = [a[0].ids == b[0].ids for a, b in zip(*beam, strict=True)]
+    assert sum(same) >= 0.99 * len(sentences)
+    for a, b, equal in zip(*beam, same, strict=True):
+        if equal:
+            assert abs(a[0].score - b[0].score) < 1e-3
+
+
+def test_int8_scores_within_half_a_bleu_point_of_float32(demo_run, tmp_path):
+    run_dir = demo_run[0] / "runs" / "demo"
+    sentences = (run_dir / "data" / "test.words").read_text().splitlines()
+    references = (run_dir / "data" / "test.iso").read_text().splitlines()
+    bleu = {}
+    for quantization in (None, "int8"):
+        out = export(run_dir, tmp_path / str(quantization), quantization)
+        translations = qkv.load(out).translate(sentences, beam=5, length_penalty_style="fairseq")
+        bleu[quantization] = score(translations, references, metrics=["bleu"])["bleu"]
+    assert abs(bleu["int8"] - bleu[None]) <= 0.5, bleu
+
+
+def test_qkv_export_then_qkv_translate_on_the_directory(run_qkv, demo_run, tmp_path):
+    run_dir = demo_run[0] / "runs" / "demo"
+    out = tmp_path / "ct2"
+    result = run_qkv("export", run_dir, "--format", "ctranslate2", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.bin").is_file() and (out / "tokenizer.model").is_file()
+    text = "the third of may nineteen ninety\n\ntwelve june two thousand and one\n"
+    options = ["--length-penalty-style", "fairseq"]
+    ours = run_qkv("translate", run_dir, *options, input=text)
+    theirs = run_qkv("translate", out, *options, input=text)
+    assert theirs.returncode == 0, theirs.stderr
+    assert theirs.stdout == ours.stdout == "1990-05-03\n\n2001-06-12\n"
+    assert "a CTranslate2 model, computing in float32" in theirs.stderr
+    again = run_qkv("export", run_dir, "--format", "ctranslate2", "-o", out)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert (
+        run_qkv("export", run_dir, "--format", "ctranslate2", "-o", out, "--force").returncode == 0
+    )
