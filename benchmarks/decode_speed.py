@@ -67,6 +67,8 @@ NAMES = {
     "hf-bf16": "HF bf16",
     "ct2-fp32": "CT2 fp32",
     "ct2-int8": "CT2 int8",
+    "qkv-ct2-fp32": "qkv → CT2 fp32",
+    "qkv-ct2-int8": "qkv → CT2 int8",
 }
 # Like against like: fp32 against fp32, and each system's fastest reduced precision against the other's.
 RATIOS = [
@@ -76,11 +78,20 @@ RATIOS = [
     ("qkv", "ct2-fp32"),
     ("qkv-bf16", "ct2-int8"),
     ("qkv-int8", "ct2-int8"),
+    ("qkv-ct2-fp32", "ct2-fp32"),
+    ("qkv-ct2-int8", "ct2-int8"),
 ]
 SRC_LEN = 16  # subwords, EOS included
 NEW_TOKENS = 20
 BEAM = 5
-SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "hf", "hf-bf16", "ct2-fp32", "ct2-int8")
+SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "hf", "hf-bf16", "ct2-fp32", "ct2-int8",
+           "qkv-ct2-fp32", "qkv-ct2-int8")  # fmt: skip
+CT2_SYSTEMS = {  # system: (which model, compute type)
+    "ct2-fp32": ("marian", "float32"),
+    "ct2-int8": ("marian", "int8"),
+    "qkv-ct2-fp32": ("qkv", "float32"),
+    "qkv-ct2-int8": ("qkv", "int8"),
+}
 
 
 def sources(batch: int, seed: int = 0) -> list[list[int]]:
@@ -235,6 +246,21 @@ class _Vocabulary:
         return {token: i for i, token in enumerate(tokens)}
 
 
+def export_qkv_to_ctranslate2(model, out_dir: Path) -> Path:
+    """The qkv model as `qkv export --format ctranslate2` writes it (its spec, in float32; the worker
+    asks for int8 at load time), with the benchmark's vocabulary; sources carry their EOS already."""
+    from qkv.export.ctranslate2 import build_spec
+
+    vocabulary = list(_Vocabulary().get_vocab())[:VOCAB]  # no <pad> at the end: qkv's pad is id 0
+    spec = build_spec(model, vocabulary, {"unk": UNK, "bos": BOS, "eos": EOS})
+    spec.config.add_source_eos = False
+    spec.validate()
+    spec.optimize()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec.save(str(out_dir))
+    return out_dir
+
+
 def convert_to_ctranslate2(model, out_dir: Path) -> Path:
     """Convert the Marian model with ctranslate2's TransformersConverter (given our vocabulary, since
     a random model has no SentencePiece tokenizer to load)."""
@@ -310,9 +336,11 @@ def benchmark_config(name: str, args) -> list[dict]:
     rows = []
     qkv_run = functools.partial(qkv_runner, pack_per_batch=args.pack_per_batch)
     with tempfile.TemporaryDirectory() as tmp:
-        ct2_dir = None
+        ct2_dirs = {}
         if any(s.startswith("ct2") for s in args.systems):
-            ct2_dir = convert_to_ctranslate2(marian, Path(tmp))
+            ct2_dirs["marian"] = convert_to_ctranslate2(marian, Path(tmp))
+        if any(s.startswith("qkv-ct2") for s in args.systems):
+            ct2_dirs["qkv"] = export_qkv_to_ctranslate2(qkv_model(name), Path(tmp) / "qkv_ct2")
         if marian is not None:
             marian = marian.to(device)
         for batch_size in args.batches:
@@ -335,9 +363,9 @@ def benchmark_config(name: str, args) -> list[dict]:
                 seconds = interleaved_median_seconds(runs, args.repeats)
                 for system in args.systems:
                     if system not in in_process:
-                        compute_type = {"ct2-fp32": "float32", "ct2-int8": "int8"}[system]
+                        which, compute_type = CT2_SYSTEMS[system]
                         seconds[system] = time_ctranslate2(
-                            ct2_dir, compute_type, batch_size, search, args
+                            ct2_dirs[which], compute_type, batch_size, search, args
                         )
                 row = dict(config=name, batch=batch_size, search=search)
                 row.update({s: batch_size / t for s, t in seconds.items()})
