@@ -69,6 +69,7 @@ NAMES = {
     "ct2-int8": "CT2 int8",
     "qkv-ct2-fp32": "qkv → CT2 fp32",
     "qkv-ct2-int8": "qkv → CT2 int8",
+    "qkv-onnx": "qkv → ONNX Runtime",
 }
 # Like against like: fp32 against fp32, and each system's fastest reduced precision against the other's.
 RATIOS = [
@@ -80,12 +81,13 @@ RATIOS = [
     ("qkv-int8", "ct2-int8"),
     ("qkv-ct2-fp32", "ct2-fp32"),
     ("qkv-ct2-int8", "ct2-int8"),
+    ("qkv-onnx", "qkv"),
 ]
 SRC_LEN = 16  # subwords, EOS included
 NEW_TOKENS = 20
 BEAM = 5
 SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "hf", "hf-bf16", "ct2-fp32", "ct2-int8",
-           "qkv-ct2-fp32", "qkv-ct2-int8")  # fmt: skip
+           "qkv-ct2-fp32", "qkv-ct2-int8", "qkv-onnx")  # fmt: skip
 CT2_SYSTEMS = {  # system: (which model, compute type)
     "ct2-fp32": ("marian", "float32"),
     "ct2-int8": ("marian", "int8"),
@@ -156,9 +158,12 @@ def qkv_runner(
     from qkv.model import Transformer
     from qkv.search import beam_search, greedy_search
 
-    is_engine = not isinstance(model, Transformer)  # the uncached reference is its own engine
-    parameters = (model.model if is_engine else model).parameters()
-    src = torch.tensor(batch, device=next(parameters).device)
+    is_engine = not isinstance(
+        model, Transformer
+    )  # the uncached reference, ONNX: their own engines
+    torch_model = model.model if is_engine else model
+    device = next(torch_model.parameters()).device if torch_model is not None else "cpu"
+    src = torch.tensor(batch, device=device)
     lengths = dict(max_len=NEW_TOKENS, min_len=NEW_TOKENS)
     # As `qkv translate` decodes a file: the weights are prepared (packed for oneDNN) once for all its
     # batches, not once per batch. pack_per_batch: time a search that prepares them itself.
@@ -339,6 +344,12 @@ def benchmark_config(name: str, args) -> list[dict]:
         ct2_dirs = {}
         if any(s.startswith("ct2") for s in args.systems):
             ct2_dirs["marian"] = convert_to_ctranslate2(marian, Path(tmp))
+        onnx_engine = None
+        if "qkv-onnx" in args.systems:
+            from qkv.export.onnx import export_graphs
+            from qkv.onnx import OnnxEngine
+
+            onnx_engine = OnnxEngine(export_graphs(qkv_model(name), Path(tmp) / "onnx"))
         if any(s.startswith("qkv-ct2") for s in args.systems):
             ct2_dirs["qkv"] = export_qkv_to_ctranslate2(qkv_model(name), Path(tmp) / "qkv_ct2")
         if marian is not None:
@@ -350,6 +361,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                     "qkv": (qkv_run, qkv),
                     "qkv-bf16": (qkv_run, qkv_bf16),
                     "qkv-int8": (functools.partial(qkv_run, int8=True), qkv),
+                    "qkv-onnx": (qkv_run, onnx_engine),
                     "qkv-nocache": (qkv_run, uncached_engine(qkv)),
                     "hf": (hf_runner, marian),
                     "hf-bf16": (hf_runner, marian_bf16),

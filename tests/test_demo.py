@@ -34,19 +34,19 @@ def test_the_demo_shows_live_progress(demo_run):
     assert len([frame for frame in bar if "tok/s" in frame and "loss" in frame]) >= 3, result.stderr
 
 
-HAS_CTRANSLATE2 = importlib.util.find_spec("ctranslate2") is not None
+HAS_EXPORT = all(importlib.util.find_spec(name) for name in ("ctranslate2", "onnx", "onnxruntime"))
 
 
 def readme_commands_on_the_demo() -> list[str]:
     """Every README bash line that uses the demo's run directory, except those that train it again
     and the server (which runs until stopped: tests/test_serve.py runs one), and the export's when
-    ctranslate2 (the export extra) is not installed."""
+    the export extra (ctranslate2, onnx, onnxruntime) is not installed."""
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL):
         for line in block.splitlines():
             runs_the_demo = "runs/demo" in line and not re.search(r"qkv (train|demo|serve)\b", line)
-            exports = re.search(r"qkv export|runs/demo/ct2", line)
-            if runs_the_demo and (HAS_CTRANSLATE2 or not exports):
+            exports = re.search(r"qkv export|runs/demo/(ct2|onnx)", line)
+            if runs_the_demo and (HAS_EXPORT or not exports):
                 lines.append(line.split("  #")[0].rstrip())
     return lines
 
@@ -75,8 +75,9 @@ def test_readme_commands_run_as_written_after_the_demo(demo_run):
         "head.png",
     ):
         assert (cwd / written).is_file(), written
-    if HAS_CTRANSLATE2:
+    if HAS_EXPORT:
         assert (cwd / "runs/demo/ct2_int8/model.bin").is_file()
+        assert (cwd / "runs/demo/onnx/decoder_step.onnx").is_file()
 
 
 def test_readme_python_examples_run_after_the_demo(demo_run):

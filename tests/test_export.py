@@ -93,7 +93,7 @@ def test_qkv_export_then_qkv_translate_on_the_directory(run_qkv, demo_run, tmp_p
     theirs = run_qkv("translate", out, *options, input=text)
     assert theirs.returncode == 0, theirs.stderr
     assert theirs.stdout == ours.stdout == "1990-05-03\n\n2001-06-12\n"
-    assert "a CTranslate2 model, computing in float32" in theirs.stderr
+    assert "exported, run by ctranslate2 in float32" in theirs.stderr
     again = run_qkv("export", run_dir, "--format", "ctranslate2", "-o", out)
     assert again.returncode == 2 and "--force" in again.stderr
     assert (

@@ -69,20 +69,23 @@ def length_penalty_factor(
 
 def _inference(function):
     """Run `function` on an engine, in inference mode, with the model in eval mode (restored
-    afterwards). Given a model, the engine is prepared for this call."""
+    afterwards). Given a model, the engine is prepared for this call. An engine without a PyTorch
+    model (`engine.model` None, as `qkv.onnx.OnnxEngine`) runs as it is."""
 
     @functools.wraps(function)
     def wrapper(model_or_engine: Transformer | DecodingEngine, *args, **kwargs):
         given_a_model = isinstance(model_or_engine, Transformer)
         model = model_or_engine if given_a_model else model_or_engine.model
-        was_training = model.training
-        model.eval()
+        was_training = model is not None and model.training
+        if model is not None:
+            model.eval()
         try:
             with torch.inference_mode():
                 engine = prepare_for_decoding(model) if given_a_model else model_or_engine
                 return function(engine, *args, **kwargs)
         finally:
-            model.train(was_training)
+            if model is not None:
+                model.train(was_training)
 
     return wrapper
 

@@ -11,10 +11,13 @@ examples:
   qkv export runs/de_en --format ctranslate2 -o runs/de_en/ct2
   qkv export runs/de_en --format ctranslate2 --quantization int8 -o runs/de_en/ct2_int8
   qkv translate runs/de_en/ct2 -i test.de           # translated by CTranslate2, same options
+  qkv export runs/de_en --format onnx -o runs/de_en/onnx
+  qkv translate runs/de_en/onnx -i test.de          # qkv's search over ONNX Runtime
 
-Needs ctranslate2: pip install "qkv[export]". The directory holds CTranslate2's model.bin,
-config.json and vocabulary, and the run's tokenizer.model, so `ctranslate2.Translator(DIR)` (with
-SentencePiece for the subwords) and `qkv translate DIR` both load it.
+Needs the export extra: pip install "qkv[export]" (ctranslate2, onnx, onnxruntime). A CTranslate2
+directory holds its model.bin, config.json and vocabulary; an ONNX one encoder.onnx and
+decoder_step.onnx (the KV cache as inputs and outputs) and qkv_onnx.json. Both get the run's
+tokenizer.model, so `qkv translate DIR` and `qkv evaluate DIR` load them.
 """
 
 
@@ -23,16 +26,18 @@ def _add_export(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "export",
-        help="write a trained model for another inference engine (CTranslate2)",
+        help="write a trained model for another inference engine (CTranslate2, ONNX)",
         description="Write the model of a run directory or checkpoint for another inference engine.",
         epilog=EXPORT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
-    parser.add_argument("--format", required=True, choices=["ctranslate2"], help="the engine")
+    parser.add_argument(
+        "--format", required=True, choices=["ctranslate2", "onnx"], help="the engine"
+    )
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write")
     parser.add_argument(
-        "--quantization", choices=QUANTIZATIONS, help="weights' type (default: float32)"
+        "--quantization", choices=QUANTIZATIONS, help="CTranslate2's weights (default: float32)"
     )
     parser.add_argument("--force", action="store_true", help="replace DIR's model if it exists")
     parser.set_defaults(run=_run_export)
@@ -41,13 +46,22 @@ def _add_export(subparsers) -> None:
 def _run_export(args) -> int:
     from pathlib import Path
 
-    from qkv.export.ctranslate2 import export
-
     out = Path(args.output)
-    if (out / "model.bin").exists() and not args.force:
+    written = {"ctranslate2": "model.bin", "onnx": "encoder.onnx"}[args.format]
+    if (out / written).exists() and not args.force:
         raise QkvError(f"{out} holds a model already: --force replaces it")
     if out.exists() and not out.is_dir():
         raise QkvError(f"{out} is a file, not a directory")
+    if args.format == "onnx":
+        from qkv.export.onnx import OPSET, export
+
+        if args.quantization:
+            raise QkvError("--quantization is for --format ctranslate2")
+        export(args.model, out)
+        print(f"wrote {out}: encoder.onnx and decoder_step.onnx (opset {OPSET}), tokenizer.model")
+        return 0
+    from qkv.export.ctranslate2 import export
+
     export(args.model, out, args.quantization)
     kind = args.quantization or "float32"
     print(f"wrote {out}: a CTranslate2 model ({kind}) and its tokenizer.model")

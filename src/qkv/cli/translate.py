@@ -112,10 +112,9 @@ def _load_translator(args):
         warn=lambda message: print(f"qkv: warning: {message}", file=sys.stderr),
     )
     if not args.quiet:
-        if translator.precision.startswith("ctranslate2"):  # qkv export's directory
-            note = (
-                f"{args.model}: a CTranslate2 model, computing in {translator.precision.split()[1]}"
-            )
+        engine, _, compute = translator.precision.rpartition(" ")
+        if engine:  # a directory of qkv export: "ctranslate2 float32", "onnxruntime fp32"
+            note = f"{args.model}: exported, run by {engine} in {compute}"
         else:
             note = precision_note(args.precision, translator.precision, args.device)
         print(f"qkv: {note}", file=sys.stderr)
