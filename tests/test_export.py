@@ -50,6 +50,10 @@ def test_ctranslate2_gives_qkvs_log_probabilities_for_random_models(tmp_path, ov
             [tokenizer.encode_as_pieces(sentence)], [tokenizer.encode_as_pieces(target)]
         )
         torch.testing.assert_close(torch.tensor(result[0].log_probs), expected, rtol=0, atol=1e-4)
+    # and the same greedy output, 20 tokens of a random model's choosing
+    ours = translator.hypotheses(SENTENCES, beam=1, max_len=20)
+    theirs = CTranslate2Translator(out).hypotheses(SENTENCES, beam=1, max_len=20)
+    assert [h[0].ids for h in theirs] == [h[0].ids for h in ours]
 
 
 def test_the_demo_model_translates_the_same_greedy_and_with_beam_5(demo_run, tmp_path):

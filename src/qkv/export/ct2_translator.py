@@ -54,6 +54,9 @@ class CTranslate2Translator:
             str(path), device=device.split(":")[0], compute_type=COMPUTE_TYPES[precision]
         )
         self.precision = f"ctranslate2 {self.translator.compute_type}"
+        # qkv's search never generates padding or BOS (`qkv.search.next_log_probs`): nor does this
+        piece = self.tokenizer.id_to_piece
+        self._never = [[piece(self.tokenizer.pad_id)], [piece(self.tokenizer.bos_id)]]
         self._warn = warn or _warn
         self._told_penalty = False
 
@@ -113,6 +116,7 @@ class CTranslate2Translator:
             max_batch_size=max_tokens,
             batch_type="tokens",
             return_scores=True,
+            suppress_sequences=self._never,
         )
         to_id = self.tokenizer.piece_to_id
         for index, output in zip(todo, outputs, strict=True):
