@@ -1,4 +1,5 @@
-"""Reading text files: UTF-8 lines, plain or gzipped, with errors that name the file and the line.
+"""Reading text files: UTF-8 lines, plain or gzipped, with errors that name the file and the line;
+whole (`read_lines`), a chunk at a time (`line_chunks`), or as they arrive on stdin (`arriving_chunks`).
 
 Its own module so that the tokenizer and the data pipeline both read text without importing each
 other."""
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import queue
-import sys
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
@@ -60,12 +60,6 @@ def _read_bytes(path: Path) -> bytes:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as error:
         raise QkvError(f"{path}: not a valid gzip file ({error})") from None
-
-
-def read_stdin() -> tuple[list[str], QkvError | None]:
-    """The lines of stdin up to the first that is not UTF-8, and the error naming it (or None): the
-    lines before a bad one still count, as a file's do in `decode_lines`."""
-    return decode_lines(sys.stdin.buffer.read(), "stdin")
 
 
 # --- Reading as the lines come: `qkv translate` on a large file, a pipe or a person typing -------------

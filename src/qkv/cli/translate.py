@@ -160,14 +160,15 @@ def _run_translate(args) -> int:
 
     options = _search_options(args)
     check_output(args, [args.input])
-    translator = _load_translator(args)
     source_name = args.input or "stdin"
-    if args.input:
+    if args.input:  # counted first: a missing or broken file fails before the model loads
+        total = count_lines(args.input)
         chunks = line_chunks(args.input, FILE_CHUNK_LINES)
-        bar = _progress_bar(count_lines(args.input), enabled=not args.quiet)
+        bar = _progress_bar(total, enabled=not args.quiet)
     else:  # a terminal or a pipe: each line goes out as soon as it is translated
         chunks = arriving_chunks(sys.stdin.buffer, STDIN_CHUNK_LINES)
         bar = _progress_bar(None, enabled=False)
+    translator = _load_translator(args)
     read_error = None  # the first line that is not UTF-8: the lines before it are still translated
 
     def translate_all(write) -> None:

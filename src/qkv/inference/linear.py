@@ -109,8 +109,8 @@ class PreparedLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.int8 is not None:
-            product = torch.ops.quantized.linear_relu_dynamic if self.relu else None
-            product = product or torch.ops.quantized.linear_dynamic
+            quantized = torch.ops.quantized
+            product = quantized.linear_relu_dynamic if self.relu else quantized.linear_dynamic
             return product(x, self.int8, self.reduce_range)
         if self.onednn and x.dtype == self.weight.dtype and not torch.is_autocast_enabled("cpu"):
             post_op = "relu" if self.relu else "none"
