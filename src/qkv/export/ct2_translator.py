@@ -15,7 +15,7 @@ from pathlib import Path
 from qkv.checkpoint import TOKENIZER
 from qkv.errors import QkvError
 from qkv.tokenizer import Tokenizer
-from qkv.translate import Hypothesis
+from qkv.translate import Hypothesis, _progress_bar, token_batches
 
 MODEL_FILES = ("model.bin", "config.json")
 COMPUTE_TYPES = {"auto": "default", "fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
@@ -102,33 +102,37 @@ class CTranslate2Translator:
                 tokens = tokens[:limit]
             pieces.append(tokens)
         results = [[Hypothesis("", 0.0, [])] for _ in sentences]
-        todo = [i for i, tokens in enumerate(pieces) if tokens]
-        if not todo:
-            return results
-        longest = max(len(pieces[i]) for i in todo) + 1
-        outputs = self.translator.translate_batch(
-            [pieces[i] for i in todo],
-            beam_size=beam,
-            num_hypotheses=n_best,
-            length_penalty=length_penalty,
-            max_decoding_length=max_len or min(longest + EXTRA_POSITIONS, self.max_len),
-            min_decoding_length=min_len,
-            max_batch_size=max_tokens,
-            batch_type="tokens",
-            return_scores=True,
-            suppress_sequences=self._never,
-        )
+        own_bar = isinstance(progress, bool)
+        bar = _progress_bar(len(sentences), progress) if own_bar else progress
+        bar.update(sum(1 for tokens in pieces if not tokens))  # empty lines are done already
         to_id = self.tokenizer.piece_to_id
-        for index, output in zip(todo, outputs, strict=True):
-            results[index] = [
-                Hypothesis(self.tokenizer.decode(ids), float(score), ids)
-                for ids, score in (
-                    ([to_id(piece) for piece in tokens], score)
-                    for tokens, score in zip(output.hypotheses, output.scores, strict=True)
-                )
-            ]
-        if not isinstance(progress, bool):
-            progress.update(len(sentences))
+        # Batches of similar lengths, as qkv's: each bounds its hypotheses by its longest source + 50.
+        sources = [
+            [*tokens, "</s>"] if tokens else [] for tokens in pieces
+        ]  # EOS counted, as qkv's
+        for batch in token_batches(sources, max_tokens):
+            longest = max(len(sources[i]) for i in batch)
+            outputs = self.translator.translate_batch(
+                [pieces[i] for i in batch],
+                beam_size=beam,
+                num_hypotheses=n_best,
+                length_penalty=length_penalty,
+                max_decoding_length=max_len or min(longest + EXTRA_POSITIONS, self.max_len),
+                min_decoding_length=min_len,
+                return_scores=True,
+                suppress_sequences=self._never,
+            )
+            for index, output in zip(batch, outputs, strict=True):
+                results[index] = [
+                    Hypothesis(self.tokenizer.decode(ids), float(score), ids)
+                    for ids, score in (
+                        ([to_id(piece) for piece in tokens], score)
+                        for tokens, score in zip(output.hypotheses, output.scores, strict=True)
+                    )
+                ]
+            bar.update(len(batch))
+        if own_bar:
+            bar.close()
         return results
 
 
