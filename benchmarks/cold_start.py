@@ -47,11 +47,9 @@ SYSTEMS = ("python", "qkv-fp32", "qkv-int8", "ct2-fp32", "ct2-int8")
 
 def build_run(config: str, out: Path) -> Path:
     """A run directory with a random model of `config`'s dimensions and a Multi30k tokenizer."""
-    import torch
 
     from qkv.checkpoint import BEST, TOKENIZER, model_checkpoint, save_checkpoint
     from qkv.datasets import multi30k_file
-    from qkv.model import Transformer, TransformerConfig
     from qkv.text import read_lines
     from qkv.tokenizer import Tokenizer
 
@@ -60,20 +58,7 @@ def build_run(config: str, out: Path) -> Path:
         read_lines(multi30k_file("train", lang, data_dir, progress=False)) for lang in ["de", "en"]
     ]
     tokenizer = Tokenizer.train(texts, out / TOKENIZER, vocab_size=decode_speed.VOCAB)
-    dims = decode_speed.CONFIGS[config]
-    torch.manual_seed(0)
-    model = Transformer(
-        TransformerConfig(
-            src_vocab_size=tokenizer.vocab_size,
-            tgt_vocab_size=tokenizer.vocab_size,
-            d_model=dims["d_model"],
-            n_heads=dims["n_heads"],
-            d_ff=dims["d_ff"],
-            n_encoder_layers=dims["n_layers"],
-            n_decoder_layers=dims["n_layers"],
-            share_embeddings=True,
-        )
-    )
+    model = decode_speed.qkv_model(config, tokenizer.vocab_size)  # random, seeded
     save_checkpoint(out / BEST, model_checkpoint(model))
     return out
 

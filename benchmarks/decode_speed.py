@@ -121,7 +121,7 @@ def check_lengths(name: str, lengths: list[int]) -> None:
 # qkv
 
 
-def qkv_model(name: str):
+def qkv_model(name: str, vocab_size: int = VOCAB):
     import torch
 
     from qkv.model import Transformer, TransformerConfig
@@ -129,8 +129,8 @@ def qkv_model(name: str):
     dims = CONFIGS[name]
     torch.manual_seed(0)
     config = TransformerConfig(
-        src_vocab_size=VOCAB,
-        tgt_vocab_size=VOCAB,
+        src_vocab_size=vocab_size,
+        tgt_vocab_size=vocab_size,
         d_model=dims["d_model"],
         n_heads=dims["n_heads"],
         d_ff=dims["d_ff"],

@@ -28,10 +28,10 @@ def fill(template: str, title: str = "qkv", data=None, **texts: str) -> str:
     {{drawing_js}} and {{drawing_css}} from the shared drawing."""
     values = {key: html.escape(text) for key, text in {"title": title, **texts}.items()}
     values["data"] = script_json(data)
-    values["drawing_js"] = asset("drawing.js")
-    values["drawing_css"] = asset("drawing.css")
+    shared = {"drawing_js": "drawing.js", "drawing_css": "drawing.css"}  # read where used
 
     def value(match: re.Match) -> str:
-        return values[match.group(1)]
+        name = match.group(1)
+        return asset(shared[name]) if name in shared else values[name]
 
     return re.sub(r"\{\{(\w+)\}\}", value, asset(template))

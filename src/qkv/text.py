@@ -6,6 +6,7 @@ other."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import queue
 import threading
@@ -46,20 +47,29 @@ def decode_lines(data: bytes, name: str) -> tuple[list[str], QkvError | None]:
 
 
 def _read_bytes(path: Path) -> bytes:
+    with _reading(path) as file:
+        return file.read()
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[BinaryIO]:
+    """`path` open for reading bytes, gunzipped if it ends in .gz, its errors said as QkvErrors
+    naming it (missing, a folder, unreadable, not gzip)."""
     try:
-        raw = path.read_bytes()
+        file = gzip.open(path) if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
     except FileNotFoundError:
         raise QkvError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise QkvError(f"{path}: is a directory, not a text file") from None
     except OSError as error:
         raise QkvError(f"{path}: cannot read ({error.strerror})") from None
-    if path.suffix != ".gz":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as error:
-        raise QkvError(f"{path}: not a valid gzip file ({error})") from None
+    with file:
+        try:
+            yield file
+        except (OSError, EOFError, zlib.error) as error:
+            if path.suffix == ".gz":
+                raise QkvError(f"{path}: not a valid gzip file ({error})") from None
+            raise QkvError(f"{path}: cannot read ({error})") from None
 
 
 # --- Reading as the lines come: `qkv translate` on a large file, a pipe or a person typing -------------
@@ -100,23 +110,9 @@ def _chunked(lines: Iterator[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    try:
-        return gzip.open(path) if path.suffix == ".gz" else open(path, "rb")
-    except FileNotFoundError:
-        raise QkvError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise QkvError(f"{path}: is a directory, not a text file") from None
-    except OSError as error:
-        raise QkvError(f"{path}: cannot read ({error.strerror})") from None
-
-
 def _raw_lines(path: Path) -> Iterator[bytes]:
-    with _open_binary(path) as file:
-        try:
-            yield from file
-        except (OSError, EOFError, zlib.error) as error:
-            raise QkvError(f"{path}: not a valid gzip file ({error})") from None
+    with _reading(path) as file:
+        yield from file
 
 
 def count_lines(path: str | Path) -> int:

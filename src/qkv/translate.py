@@ -244,7 +244,7 @@ def _warn(message: str) -> None:
     default_warn(message, stacklevel=5)  # at the caller of `hypotheses`
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int | None, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, unit="sent", desc="translating", leave=False)

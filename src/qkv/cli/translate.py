@@ -157,6 +157,7 @@ STDIN_CHUNK_LINES = 1_000
 def _run_translate(args) -> int:
     from qkv.atomic import atomic_write
     from qkv.text import NotUtf8, arriving_chunks, count_lines, line_chunks
+    from qkv.translate import _progress_bar
 
     options = _search_options(args)
     check_output(args, [args.input])
@@ -210,12 +211,6 @@ def _format_results(results, first_line: int, args) -> str:
             fields += [f"{hypothesis.score:.4f}"] if args.scores else []
             out.append("\t".join([*fields, hypothesis.text]))
     return "".join(f"{line}\n" for line in out)
-
-
-def _progress_bar(total: int | None, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, unit="sent", desc="translating", leave=False)
 
 
 EVALUATE_EXAMPLES = """\

@@ -62,6 +62,19 @@ def _norm(spec, norm: torch.nn.LayerNorm) -> None:
     spec.gamma, spec.beta = _array(norm.weight), _array(norm.bias)
 
 
+def _self_attention(spec, attention, norm: torch.nn.LayerNorm) -> None:
+    """Q, K and V fused into CTranslate2's first linear, W^O its second, and the sublayer's norm."""
+    _linear(spec.linear[0], attention.q_proj, attention.k_proj, attention.v_proj)
+    _linear(spec.linear[1], attention.out_proj)
+    _norm(spec.layer_norm, norm)
+
+
+def _feed_forward(spec, feed_forward, norm: torch.nn.LayerNorm) -> None:
+    _linear(spec.linear_0, feed_forward.linear1)
+    _linear(spec.linear_1, feed_forward.linear2)
+    _norm(spec.layer_norm, norm)
+
+
 def _positions(spec, positions) -> None:
     if hasattr(positions, "table"):  # sinusoidal: the paper's table, as qkv computes it
         spec.encodings = _array(positions.table)
@@ -104,35 +117,16 @@ def build_spec(model: Transformer, vocabulary: list[str], specials: dict[str, in
     _positions(encoder.position_encodings, model.src_positions)
     _positions(decoder.position_encodings, model.tgt_positions)
     for layer_spec, layer in zip(encoder.layer, model.encoder.layers, strict=True):
-        attention = layer.self_attn
-        _linear(
-            layer_spec.self_attention.linear[0],
-            attention.q_proj,
-            attention.k_proj,
-            attention.v_proj,
-        )
-        _linear(layer_spec.self_attention.linear[1], attention.out_proj)
-        _norm(layer_spec.self_attention.layer_norm, layer.norm1)
-        _linear(layer_spec.ffn.linear_0, layer.feed_forward.linear1)
-        _linear(layer_spec.ffn.linear_1, layer.feed_forward.linear2)
-        _norm(layer_spec.ffn.layer_norm, layer.norm2)
+        _self_attention(layer_spec.self_attention, layer.self_attn, layer.norm1)
+        _feed_forward(layer_spec.ffn, layer.feed_forward, layer.norm2)
     for layer_spec, layer in zip(decoder.layer, model.decoder.layers, strict=True):
-        attention, cross = layer.self_attn, layer.cross_attn
-        _linear(
-            layer_spec.self_attention.linear[0],
-            attention.q_proj,
-            attention.k_proj,
-            attention.v_proj,
-        )
-        _linear(layer_spec.self_attention.linear[1], attention.out_proj)
-        _norm(layer_spec.self_attention.layer_norm, layer.norm1)
+        _self_attention(layer_spec.self_attention, layer.self_attn, layer.norm1)
+        cross = layer.cross_attn
         _linear(layer_spec.attention.linear[0], cross.q_proj)
         _linear(layer_spec.attention.linear[1], cross.k_proj, cross.v_proj)
         _linear(layer_spec.attention.linear[2], cross.out_proj)
         _norm(layer_spec.attention.layer_norm, layer.norm2)
-        _linear(layer_spec.ffn.linear_0, layer.feed_forward.linear1)
-        _linear(layer_spec.ffn.linear_1, layer.feed_forward.linear2)
-        _norm(layer_spec.ffn.layer_norm, layer.norm3)
+        _feed_forward(layer_spec.ffn, layer.feed_forward, layer.norm3)
     if config.norm_first:  # pre-LN: each stack ends with a LayerNorm
         _norm(encoder.layer_norm, model.encoder.final_norm)
         _norm(decoder.layer_norm, model.decoder.final_norm)

@@ -15,7 +15,6 @@ PyTorch's TorchScript-based one, opset OPSET. onnx and onnxruntime are the optio
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import warnings
 from pathlib import Path
@@ -24,29 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from qkv.errors import QkvError
+from qkv.inference.engine import _merge_heads, _split_heads, attention_with_bias
 from qkv.model import Transformer
 
 OPSET = 17
 ENCODER, DECODER_STEP, INFO = "encoder.onnx", "decoder_step.onnx", "qkv_onnx.json"
-
-
-def _heads(x: Tensor, n_heads: int) -> Tensor:
-    """(batch, len, d_model) -> (batch, n_heads, len, d_head)"""
-    batch, length, d_model = x.shape
-    return x.reshape(batch, length, n_heads, d_model // n_heads).transpose(1, 2)
-
-
-def _merge(x: Tensor) -> Tensor:
-    """(batch, n_heads, len, d_head) -> (batch, len, d_model)"""
-    batch, n_heads, length, d_head = x.shape
-    return x.transpose(1, 2).reshape(batch, length, n_heads * d_head)
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    if bias is not None:
-        scores = scores + bias
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 class EncoderGraph(nn.Module):
@@ -59,8 +40,8 @@ class EncoderGraph(nn.Module):
         keys, values = [], []
         for layer in self.model.decoder.layers:
             cross = layer.cross_attn
-            keys.append(_heads(cross.k_proj(memory), cross.n_heads))
-            values.append(_heads(cross.v_proj(memory), cross.n_heads))
+            keys.append(_split_heads(cross.k_proj(memory), cross.n_heads))
+            values.append(_split_heads(cross.v_proj(memory), cross.n_heads))
         return torch.stack(keys), torch.stack(values)
 
 
@@ -83,18 +64,18 @@ class DecoderStepGraph(nn.Module):
 
             def self_attention(x, i=i, layer=layer):
                 attention = layer.self_attn
-                q, k, v = (_heads(p(x), attention.n_heads) for p in
+                q, k, v = (_split_heads(p(x), attention.n_heads) for p in
                            (attention.q_proj, attention.k_proj, attention.v_proj))  # fmt: skip
                 k = torch.cat([self_keys[i], k], dim=2)
                 v = torch.cat([self_values[i], v], dim=2)
                 new_keys.append(k), new_values.append(v)
-                return attention.out_proj(_merge(_attend(q, k, v, None)))
+                return attention.out_proj(_merge_heads(attention_with_bias(q, k, v, None)))
 
             def cross_attention(x, i=i, layer=layer):
                 attention = layer.cross_attn
-                q = _heads(attention.q_proj(x), attention.n_heads)
-                out = _attend(q, cross_keys[i], cross_values[i], cross_bias)
-                return attention.out_proj(_merge(out))
+                q = _split_heads(attention.q_proj(x), attention.n_heads)
+                out = attention_with_bias(q, cross_keys[i], cross_values[i], cross_bias)
+                return attention.out_proj(_merge_heads(out))
 
             if layer.norm_first:
                 y = y + self_attention(layer.norm1(y))
@@ -108,8 +89,9 @@ class DecoderStepGraph(nn.Module):
         return logits, torch.stack(new_keys), torch.stack(new_values)
 
 
-def export_graphs(model: Transformer, out_dir: str | Path) -> Path:
-    """Write encoder.onnx, decoder_step.onnx and qkv_onnx.json (the model's config) for `model`."""
+def export_graphs(model: Transformer, out_dir: str | Path, meta: dict | None = None) -> Path:
+    """Write encoder.onnx, decoder_step.onnx and qkv_onnx.json (`meta`, the opset and the model's
+    config) for `model`."""
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError:
@@ -149,7 +131,7 @@ def export_graphs(model: Transformer, out_dir: str | Path) -> Path:
                           "new_self_values": {1: "rows", 3: "next"}},
             opset_version=OPSET,
         )  # fmt: skip
-    info = {"opset": OPSET, "model_config": config.to_dict()}
+    info = {**(meta or {}), "opset": OPSET, "model_config": config.to_dict()}
     (out_dir / INFO).write_text(json.dumps(info, indent=2))
     return out_dir
 
@@ -163,9 +145,6 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     tokenizer_path = checkpoint_path.parent / TOKENIZER
     if not tokenizer_path.exists():
         raise QkvError(f"{checkpoint_path}: no {TOKENIZER} beside it")
-    out_dir = export_graphs(model, out_dir)
+    out_dir = export_graphs(model, out_dir, {**meta, "source": str(checkpoint_path)})
     shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
-    info = json.loads((out_dir / INFO).read_text())
-    info = {**meta, "source": str(checkpoint_path), **info}
-    (out_dir / INFO).write_text(json.dumps(info, indent=2))
     return out_dir
