@@ -63,6 +63,7 @@ NAMES = {
     "qkv-bf16": "qkv bf16",
     "qkv-int8": "qkv int8",
     "qkv-nocache": "qkv fp32 no cache",
+    "qkv-compiled": "qkv fp32 compiled",
     "hf": "HF fp32",
     "hf-bf16": "HF bf16",
     "ct2-fp32": "CT2 fp32",
@@ -77,6 +78,7 @@ RATIOS = [
     ("qkv-bf16", "hf-bf16"),
     ("qkv-bf16", "hf"),
     ("qkv", "ct2-fp32"),
+    ("qkv-compiled", "ct2-fp32"),
     ("qkv-bf16", "ct2-int8"),
     ("qkv-int8", "ct2-int8"),
     ("qkv-ct2-fp32", "ct2-fp32"),
@@ -86,7 +88,7 @@ RATIOS = [
 SRC_LEN = 16  # subwords, EOS included
 NEW_TOKENS = 20
 BEAM = 5
-SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "hf", "hf-bf16", "ct2-fp32", "ct2-int8",
+SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "qkv-compiled", "hf", "hf-bf16", "ct2-fp32", "ct2-int8",
            "qkv-ct2-fp32", "qkv-ct2-int8", "qkv-onnx")  # fmt: skip
 CT2_SYSTEMS = {  # system: (which model, compute type)
     "ct2-fp32": ("marian", "float32"),
@@ -350,6 +352,11 @@ def benchmark_config(name: str, args) -> list[dict]:
             from qkv.onnx import OnnxEngine
 
             onnx_engine = OnnxEngine(export_graphs(qkv_model(name), Path(tmp) / "onnx"))
+        compiled_engine = None
+        if "qkv-compiled" in args.systems:
+            from qkv.inference.compiled import CompiledEngine
+
+            compiled_engine = CompiledEngine(qkv)  # compiled in the untimed first run of a cell
         if any(s.startswith("qkv-ct2") for s in args.systems):
             ct2_dirs["qkv"] = export_qkv_to_ctranslate2(qkv_model(name), Path(tmp) / "qkv_ct2")
         if marian is not None:
@@ -362,6 +369,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                     "qkv-bf16": (qkv_run, qkv_bf16),
                     "qkv-int8": (functools.partial(qkv_run, int8=True), qkv),
                     "qkv-onnx": (qkv_run, onnx_engine),
+                    "qkv-compiled": (qkv_run, compiled_engine),
                     "qkv-nocache": (qkv_run, uncached_engine(qkv)),
                     "hf": (hf_runner, marian),
                     "hf-bf16": (hf_runner, marian_bf16),

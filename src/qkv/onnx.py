@@ -88,7 +88,9 @@ class OnnxEngine:
         keys, values = self.encoder.run(None, {"src_ids": ids})
         return (keys, values), ids
 
-    def new_cache(self, max_beams: int = 1, max_len: int | None = None) -> OnnxCache:
+    def new_cache(
+        self, max_beams: int = 1, max_len: int | None = None, sentences: int | None = None
+    ) -> OnnxCache:
         return OnnxCache()
 
     def step(self, last_tokens: Tensor, memory, src_ids, cache: OnnxCache) -> Tensor:

@@ -136,7 +136,9 @@ class _Batch:
         self.shortest_max_len = int(self.max_lens.min()) if src_ids.size(0) else 0
         self.sentence = torch.arange(src_ids.size(0), device=src_ids.device)  # original row of each
         longest = int(self.max_lens.max()) if src_ids.size(0) else 0
-        self.cache = engine.new_cache(max_beams=max_beams, max_len=longest or None)
+        self.cache = engine.new_cache(
+            max_beams=max_beams, max_len=longest or None, sentences=src_ids.size(0)
+        )
 
     def decode(self, last_tokens: Tensor) -> Tensor:
         """(rows,) the newest token of each row -> (rows, 1, vocab) logits of the next one."""

@@ -71,6 +71,13 @@ def _add_search_options(parser) -> None:
         "(default auto)",
     )
     model.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode one sentence at a time (or up to 4, with --beam 1) with a compiled decoder "
+        "step: 1.2-1.8x faster on the CPU in fp32, after ~10-30 s of compiling at its first use "
+        "(a C++ compiler needed; without one, a warning and the usual engine)",
+    )
+    model.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -110,11 +117,14 @@ def _load_translator(args):
         device=args.device,
         precision=args.precision,
         warn=lambda message: print(f"qkv: warning: {message}", file=sys.stderr),
+        **({"compile": True} if args.compile else {}),
     )
     if not args.quiet:
         engine, _, compute = translator.precision.rpartition(" ")
         if engine:  # a directory of qkv export: "ctranslate2 float32", "onnxruntime fp32"
             note = f"{args.model}: exported, run by {engine} in {compute}"
+        elif args.compile and args.precision == "auto" and translator.precision == "fp32":
+            note = "precision fp32 (auto with --compile: the compiled step computes in fp32)"
         else:
             note = precision_note(args.precision, translator.precision, args.device)
         print(f"qkv: {note}", file=sys.stderr)

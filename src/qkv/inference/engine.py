@@ -127,8 +127,11 @@ class DecodingEngine:
         ]
         self.output = PreparedLinear(model.output.weight, int8=int8)
 
-    def new_cache(self, max_beams: int = 1, max_len: int | None = None) -> BeamCache:
-        """An empty decoder cache for up to `max_beams` rows per sentence and `max_len` positions."""
+    def new_cache(
+        self, max_beams: int = 1, max_len: int | None = None, sentences: int | None = None
+    ) -> BeamCache:
+        """An empty decoder cache for up to `max_beams` rows per sentence and `max_len` positions
+        (`sentences`: how many the search starts with, which a compiled engine's choice needs)."""
         return BeamCache(len(self.decoder), max_beams, max_len)
 
     # --- the encoder ---------------------------------------------------------------------------------

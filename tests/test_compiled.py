@@ -1,0 +1,158 @@
+"""The compiled decoder step (qkv.inference.compiled) is an engine choice, not a second model: the same
+search over it gives the eager engine's ids (greedy, fp32) and beams, compiled or not, and where it
+cannot compile it says so once and decodes as the eager engine does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import qkv
+from qkv.inference import BeamCache, prepare_for_decoding
+from qkv.inference import compiled as compiled_module
+from qkv.inference.compiled import CompiledEngine, StaticCache
+from qkv.search import beam_search, greedy_search
+from test_search import random_model, random_sources
+
+# Freezing alone compiles in a few seconds; max_autotune measures ~2 s per product shape, so only the
+# command-line test compiles with the options `qkv translate --compile` runs with.
+QUICK = {"freezing": True}
+
+
+@pytest.fixture
+def quick_compile(monkeypatch):
+    monkeypatch.setattr(compiled_module, "INDUCTOR_OPTIONS", QUICK)
+
+
+def uncompiled(model) -> CompiledEngine:
+    """The engine with its static step run eagerly (what a failed compile falls back to)."""
+    engine = CompiledEngine(model)
+    engine.compiled_step = None
+    return engine
+
+
+def assert_same_greedy(engine, reference, src, **lengths):
+    ids, scores = greedy_search(engine, src, **lengths)
+    ref_ids, ref_scores = greedy_search(reference, src, **lengths)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"norm_first": True}, {"positional": "learned"}, {"share_embeddings": False}],
+    ids=["post-LN", "pre-LN", "learned positions", "own target embeddings"],
+)
+def test_the_static_step_gives_the_eager_engines_greedy_ids_and_scores(overrides):
+    model = random_model(**overrides)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    src = random_sources([7, 3, 11])  # padding: sources of three lengths, 3 rows
+    cache = engine.new_cache(max_beams=1, max_len=20, sentences=3)
+    assert isinstance(cache, StaticCache)
+    assert_same_greedy(engine, reference, src, max_len=20)
+    assert_same_greedy(engine, reference, src[:1, :7], max_len=9, min_len=9)
+
+
+def test_the_static_cache_reorders_beams_as_the_beam_cache_does():
+    model = random_model(seed=3)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    src = random_sources([6, 9], seed=1)  # 2 sentences x beam 2 = 4 rows: the static cache
+    for options in [dict(beam_size=2, max_len=12), dict(beam_size=2, n_best=2, length_penalty=0)]:
+        ids, scores = beam_search(engine, src, **options)
+        ref_ids, ref_scores = beam_search(reference, src, **options)
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_more_rows_than_max_rows_take_the_beam_cache_with_the_same_results():
+    model = random_model()
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), BeamCache)
+    assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=5), BeamCache)
+    assert isinstance(engine.new_cache(max_beams=1, max_len=10), BeamCache)  # unknown: eager
+    src = random_sources([5, 8, 4, 6, 7])
+    assert_same_greedy(engine, reference, src, max_len=10)
+
+
+def test_a_source_without_tokens_takes_the_eager_step_for_that_search():
+    model = random_model()
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    src = random_sources([5, 4])
+    src[1] = 0  # every position padding: an additive mask would give NaN
+    ids, scores = greedy_search(engine, src, max_len=6)
+    ref_ids, ref_scores = greedy_search(reference, src, max_len=6)
+    assert torch.equal(ids, ref_ids) and not scores.isnan().any()
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_the_compiled_step_gives_the_eager_ids_and_compiles_once_per_number_of_rows(quick_compile):
+    model = random_model(seed=1)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    assert engine.unavailable is None, engine.unavailable
+    assert_same_greedy(engine, reference, random_sources([7]), max_len=20)
+    graphs = counters["stats"]["unique_graphs"]
+    # Another source length and another capacity: the same program (they are dynamic).
+    assert_same_greedy(engine, reference, random_sources([12], seed=2), max_len=30)
+    assert_same_greedy(engine, reference, random_sources([3], seed=3), max_len=9, min_len=9)
+    assert counters["stats"]["unique_graphs"] == graphs
+    # Two sentences: one program more, which serves the search to its end, one row or two.
+    assert_same_greedy(engine, reference, random_sources([4, 9], seed=4), max_len=15)
+    assert engine.compiled_rows == {1, 2} and engine.unavailable is None
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_without_a_compiler_it_says_so_once_and_decodes_as_the_eager_engine(monkeypatch):
+    monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
+    messages = []
+    model = random_model()
+    engine = CompiledEngine(model, warn=messages.append)
+    assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=1), BeamCache)
+    src = random_sources([6])
+    assert_same_greedy(engine, prepare_for_decoding(model), src, max_len=10)
+    assert len(messages) == 1 and "C++ compiler" in messages[0], messages
+
+
+def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeypatch):
+    def broken_compile(module, **options):
+        def fail(*args):
+            raise RuntimeError("InductorError: no such compiler flag (as on an unusual platform)")
+
+        return fail
+
+    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
+    messages = []
+    model = random_model()
+    engine, reference = CompiledEngine(model, warn=messages.append), prepare_for_decoding(model)
+    src = random_sources([6, 4])
+    assert_same_greedy(engine, reference, src, max_len=10)  # the search that met the failure
+    assert_same_greedy(engine, reference, src, max_len=10)  # later ones: the eager engine
+    assert len(messages) == 1 and "could not compile the decoder step" in messages[0], messages
+    assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=1), BeamCache)
+
+
+def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, quick_compile):
+    """In process, quick options; the command compiles with Inductor's own C++ products chosen by
+    measuring (max_autotune), frozen weights and a C++ wrapper."""
+    lines = ["a b c d", "p o n", "k l m"]
+    messages = []
+    translator = qkv.load(toy_run, compile=True, warn=messages.append)
+    assert isinstance(translator.engine(), CompiledEngine)
+    assert translator.translate(lines, beam=1) == qkv.load(toy_run).translate(lines, beam=1)
+    assert translator.engine().compiled_rows == {3} and messages == []
+    int8 = qkv.load(toy_run, compile=True, precision="int8", warn=messages.append)
+    if int8.precision == "int8":
+        int8.engine()
+        assert messages == ["the compiled step runs fp32 models: int8 takes the eager step"]
+    result = run_qkv("translate", toy_run, "--compile", "--beam", "1", input="a b c\nj a\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "c b a\na j\n" and "warning" not in result.stderr
+    assert "precision fp32 (auto with --compile" in result.stderr
+
+
+def test_two_engines_keep_to_their_own_weights(quick_compile):
+    """The programs of every engine hang on one method: each must run its own frozen weights."""
+    first, second = random_model(seed=4), random_model(seed=5)
+    src = random_sources([8], seed=6)
+    for model in (first, second):  # the second engine meets the first's program
+        assert_same_greedy(CompiledEngine(model), prepare_for_decoding(model), src, max_len=12)
