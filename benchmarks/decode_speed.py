@@ -356,7 +356,8 @@ def benchmark_config(name: str, args) -> list[dict]:
         if "qkv-compiled" in args.systems:
             from qkv.inference.compiled import CompiledEngine
 
-            compiled_engine = CompiledEngine(qkv)  # compiled in the untimed first run of a cell
+            # Compiled in the untimed first run of a cell, kept in this run's temporary folder.
+            compiled_engine = CompiledEngine(qkv, cache_dir=Path(tmp) / "compiled")
         if any(s.startswith("qkv-ct2") for s in args.systems):
             ct2_dirs["qkv"] = export_qkv_to_ctranslate2(qkv_model(name), Path(tmp) / "qkv_ct2")
         if marian is not None:

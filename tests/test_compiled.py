@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 import qkv
 from qkv.inference import BeamCache, prepare_for_decoding
@@ -20,6 +19,13 @@ from test_search import random_model, random_sources
 QUICK = {"freezing": True}
 
 
+@pytest.fixture(autouse=True)
+def compile_cache(tmp_path, monkeypatch):
+    """Compiled programs go to a fresh folder, never to the user's cache."""
+    monkeypatch.setenv("QKV_COMPILE_CACHE", str(tmp_path / "compiled"))
+    return tmp_path / "compiled"
+
+
 @pytest.fixture
 def quick_compile(monkeypatch):
     monkeypatch.setattr(compiled_module, "INDUCTOR_OPTIONS", QUICK)
@@ -28,7 +34,7 @@ def quick_compile(monkeypatch):
 def uncompiled(model) -> CompiledEngine:
     """The engine with its static step run eagerly (what a failed compile falls back to)."""
     engine = CompiledEngine(model)
-    engine.compiled_step = None
+    engine.program = lambda arguments: engine.static_step
     return engine
 
 
@@ -68,10 +74,11 @@ def test_the_static_cache_reorders_beams_as_the_beam_cache_does():
 def test_more_rows_than_max_rows_take_the_beam_cache_with_the_same_results():
     model = random_model()
     engine, reference = uncompiled(model), prepare_for_decoding(model)
-    assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), BeamCache)
-    assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=5), BeamCache)
+    assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
+    assert isinstance(engine.new_cache(max_beams=3, max_len=10, sentences=2), BeamCache)
+    assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=6), BeamCache)
     assert isinstance(engine.new_cache(max_beams=1, max_len=10), BeamCache)  # unknown: eager
-    src = random_sources([5, 8, 4, 6, 7])
+    src = random_sources([5, 8, 4, 6, 7, 3])
     assert_same_greedy(engine, reference, src, max_len=10)
 
 
@@ -86,20 +93,27 @@ def test_a_source_without_tokens_takes_the_eager_step_for_that_search():
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
 
 
-def test_the_compiled_step_gives_the_eager_ids_and_compiles_once_per_number_of_rows(quick_compile):
+def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
+    quick_compile, compile_cache, monkeypatch
+):
     model = random_model(seed=1)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     assert engine.unavailable is None, engine.unavailable
-    assert_same_greedy(engine, reference, random_sources([7]), max_len=20)
-    graphs = counters["stats"]["unique_graphs"]
-    # Another source length and another capacity: the same program (they are dynamic).
-    assert_same_greedy(engine, reference, random_sources([12], seed=2), max_len=30)
-    assert_same_greedy(engine, reference, random_sources([3], seed=3), max_len=9, min_len=9)
-    assert counters["stats"]["unique_graphs"] == graphs
-    # Two sentences: one program more, which serves the search to its end, one row or two.
-    assert_same_greedy(engine, reference, random_sources([4, 9], seed=4), max_len=15)
-    assert engine.compiled_rows == {1, 2} and engine.unavailable is None
-    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert_same_greedy(engine, reference, random_sources([7, 4]), max_len=20)
+    assert [p.name for p in compile_cache.iterdir()] == [engine.package_path(2).name]
+    # Other source lengths, another capacity, one sentence finishing early: the same program.
+    assert_same_greedy(engine, reference, random_sources([12, 3], seed=2), max_len=30)
+    assert_same_greedy(engine, reference, random_sources([3, 5], seed=3), max_len=9, min_len=9)
+    assert engine.compiled_rows == {2} and engine.unavailable is None
+    assert len(list(compile_cache.iterdir())) == 1
+    # A new engine of the same weights loads the program: nothing is compiled again.
+    monkeypatch.setattr(compiled_module, "compile_package", None)
+    again = CompiledEngine(model)
+    assert_same_greedy(again, reference, random_sources([4, 9], seed=4), max_len=15)
+    assert again.compiled_rows == {2} and again.unavailable is None
+    # Other weights: another key, so a program of their own; another number of rows, another program.
+    assert CompiledEngine(random_model(seed=9)).package_path(2) != engine.package_path(2)
+    assert engine.package_path(1) != engine.package_path(2)
 
 
 def test_without_a_compiler_it_says_so_once_and_decodes_as_the_eager_engine(monkeypatch):
@@ -114,13 +128,10 @@ def test_without_a_compiler_it_says_so_once_and_decodes_as_the_eager_engine(monk
 
 
 def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeypatch):
-    def broken_compile(module, **options):
-        def fail(*args):
-            raise RuntimeError("InductorError: no such compiler flag (as on an unusual platform)")
+    def broken_compile(step, arguments, path):
+        raise RuntimeError("InductorError: no such compiler flag (as on an unusual platform)")
 
-        return fail
-
-    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled_module, "compile_package", broken_compile)
     messages = []
     model = random_model()
     engine, reference = CompiledEngine(model, warn=messages.append), prepare_for_decoding(model)
@@ -128,31 +139,30 @@ def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeyp
     assert_same_greedy(engine, reference, src, max_len=10)  # the search that met the failure
     assert_same_greedy(engine, reference, src, max_len=10)  # later ones: the eager engine
     assert len(messages) == 1 and "could not compile the decoder step" in messages[0], messages
+    assert "RuntimeError: InductorError: no such compiler flag" in messages[0]
     assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=1), BeamCache)
 
 
 def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, quick_compile):
     """In process, quick options; the command compiles with Inductor's own C++ products chosen by
-    measuring (max_autotune), frozen weights and a C++ wrapper."""
+    measuring (max_autotune), into the run directory's compiled/ folder, and loads them later."""
     lines = ["a b c d", "p o n", "k l m"]
-    messages = []
-    translator = qkv.load(toy_run, compile=True, warn=messages.append)
+    messages, said = [], []
+    translator = qkv.load(toy_run, compile=True, warn=messages.append, say=said.append)
     assert isinstance(translator.engine(), CompiledEngine)
+    assert translator.engine().cache_dir == toy_run / "compiled"
     assert translator.translate(lines, beam=1) == qkv.load(toy_run).translate(lines, beam=1)
     assert translator.engine().compiled_rows == {3} and messages == []
+    assert said[0] == "compiling the decoder step for 3 rows (once, ~20-40 s)"
+    assert said[1].startswith("compiled in ") and "compiled/decoder-step-3-rows-" in said[1]
     int8 = qkv.load(toy_run, compile=True, precision="int8", warn=messages.append)
     if int8.precision == "int8":
         int8.engine()
         assert messages == ["the compiled step runs fp32 models: int8 takes the eager step"]
-    result = run_qkv("translate", toy_run, "--compile", "--beam", "1", input="a b c\nj a\n")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "c b a\na j\n" and "warning" not in result.stderr
-    assert "precision fp32 (auto with --compile" in result.stderr
-
-
-def test_two_engines_keep_to_their_own_weights(quick_compile):
-    """The programs of every engine hang on one method: each must run its own frozen weights."""
-    first, second = random_model(seed=4), random_model(seed=5)
-    src = random_sources([8], seed=6)
-    for model in (first, second):  # the second engine meets the first's program
-        assert_same_greedy(CompiledEngine(model), prepare_for_decoding(model), src, max_len=12)
+    for run in range(2):
+        result = run_qkv("translate", toy_run, "--compile", "--beam", "1", input="a b c\nj a\n")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "c b a\na j\n" and "warning" not in result.stderr
+        assert "precision fp32 (auto with --compile" in result.stderr
+        # Compiled by the first command, loaded by the second.
+        assert ("qkv: compiling the decoder step for 2 rows" in result.stderr) == (run == 0)

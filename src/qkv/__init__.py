@@ -23,6 +23,7 @@ def load(path, **options):
         if not is_onnx_dir(path):
             return Translator.load(path, **options)
         exported = OnnxTranslator
+    options.pop("say", None)  # what compiling would tell: nothing to compile here
     if options.pop("compile", False):
         warn = options.get("warn") or warnings.warn
         warn(f"{path}: an exported model runs on its own engine; the compiled step does not apply")

@@ -24,7 +24,7 @@ from qkv.errors import QkvError
 from qkv.errors import warn as default_warn
 from qkv.hardware import DTYPES, resolve_precision
 from qkv.inference import DecodingEngine, prepare_for_decoding
-from qkv.inference.compiled import CompiledEngine
+from qkv.inference.compiled import COMPILED, CompiledEngine
 from qkv.inference.linear import Int8Unavailable
 from qkv.model import Transformer
 from qkv.search import beam_search, greedy_search, length_penalty_factor
@@ -55,10 +55,11 @@ class Translator:
     model stays fp32 and decoding multiplies by int8 weights (`qkv.inference.linear`; on the CPU);
     where PyTorch's quantised kernels do not run, it warns once and decodes in fp32.
 
-    compile: decode batches of up to 4 rows (sentences x beams: greedy, `beam=1`, on a few
-    sentences) with a compiled decoder step (`qkv.inference.compiled`, fp32 on the CPU; 'auto' then
-    means fp32): 1.2-1.8x faster once compiled, at a one-time cost of ~10-30 s for each number of
-    rows, at its first use. Where it cannot run, it says why once and decodes as without it."""
+    compile: decode batches of up to 5 rows (sentences x beams: one sentence with beam 5, or up to 5
+    greedy) with a compiled decoder step (`qkv.inference.compiled`, fp32 on the CPU; 'auto' then
+    means fp32): up to 2.3x faster, at a one-time cost of ~20-40 s for each number of rows at its
+    first use; the program is then kept on disk (`say` is told when it compiles). Where it cannot
+    run, it says why once and decodes as without it."""
 
     def __init__(
         self,
@@ -69,9 +70,13 @@ class Translator:
         meta: dict | None = None,
         warn: Callable[[str], None] | None = None,
         compile: bool = False,
+        say: Callable[[str], None] | None = None,
     ):
         int8 = precision == "int8"
-        self.compile = compile
+        self.compile, self.say = compile, say
+        self.compile_cache: Path | None = (
+            None  # where compiled programs are kept (None: the default)
+        )
         if compile and precision == "auto" and torch.device(device).type == "cpu":
             precision = "fp32"  # what the compiled step computes in
         self.precision = "int8" if int8 else resolve_precision(precision, device, warn)
@@ -97,7 +102,9 @@ class Translator:
                     if self.compile:
                         self._warn("the compiled step runs fp32 models: int8 takes the eager step")
                 elif self.compile:
-                    self._engine = CompiledEngine(self.model, warn=self._warn)
+                    self._engine = CompiledEngine(
+                        self.model, self._warn, cache_dir=self.compile_cache, say=self.say
+                    )
                 else:
                     self._engine = prepare_for_decoding(self.model)
         return self._engine
@@ -123,11 +130,13 @@ class Translator:
         precision: str = "fp32",
         warn: Callable[[str], None] | None = None,
         compile: bool = False,
+        say: Callable[[str], None] | None = None,
     ) -> Translator:
         """The model of a run directory (its best.pt, else last.pt) or of a checkpoint file, with the
         tokenizer.model beside it (or `tokenizer`, a path); a damaged best.pt gives way to the newest
         readable checkpoint, with a warning (`qkv.checkpoint.load_run_checkpoint`). precision,
-        warn and compile: as for the class."""
+        warn, compile and say: as for the class; compiled programs are kept in the folder `compiled`
+        beside the checkpoint."""
         model, checkpoint_path, meta = load_trained_model(path, map_location=device, warn=warn)
         tokenizer_path = Path(tokenizer) if tokenizer else checkpoint_path.parent / TOKENIZER
         if not tokenizer_path.exists():
@@ -136,7 +145,9 @@ class Translator:
                 "(--tokenizer on the command line)"
             )
         tokenizer_model = Tokenizer.load(tokenizer_path)
-        return cls(model, tokenizer_model, device, precision, meta, warn, compile)
+        translator = cls(model, tokenizer_model, device, precision, meta, warn, compile, say)
+        translator.compile_cache = checkpoint_path.parent / COMPILED
+        return translator
 
     def translate(self, sentences: Sequence[str], beam: int = 5, **options) -> list[str]:
         """The best translation of each sentence, in input order. Options as `hypotheses`."""

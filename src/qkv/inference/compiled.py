@@ -2,51 +2,64 @@
 
 At batch 1 the eager engine's step is ~240 small PyTorch operators, and its products of one row by a
 matrix (oneDNN's packed call, ~15 µs each at 256 x 256 where the arithmetic takes ~3) cost more than
-the arithmetic: CTranslate2 decoded a sentence 2x faster. Here the step is one program, compiled by
-PyTorch's Inductor for a fixed number of rows:
+the arithmetic: CTranslate2 decoded a sentence 2x faster. Here the step is one program of compiled
+C++, made by PyTorch's AOTInductor (`torch.export`, then `aoti_compile_and_package`) for a fixed
+number of rows:
 
 - the cache has fixed shapes: keys and values of every layer in one tensor (2, layers, rows, heads,
   capacity, d_head), preallocated for the search's longest output and written at the step's position;
   a slot not written yet is zero and masked out (-inf);
 - the encoder's keys and values are projected once per search, padded to a multiple of 8 positions
   (the padding masked out);
-- `torch.compile` with the weights frozen into the program (``freezing``) and Inductor's own C++
-  matrix products chosen by measuring (``max_autotune`` with the CPP backend; packed weights, the bias
-  and ReLU fused), and a C++ wrapper around the kernels (``cpp_wrapper``). The capacity and the source
-  length are dynamic: one program per number of rows, compiled at its first use (~10-30 s; Inductor
-  keeps what it compiled and measured in its cache, TORCHINDUCTOR_CACHE_DIR, by default
-  /tmp/torchinductor_<user>, and a later process compiles again from it in less time).
+- the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
+  chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
+  weights, the bias and ReLU fused). The capacity and the source length are dynamic: one program per
+  number of rows.
+
+A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
+products) and saved as a package (`decoder-step-R-rows-KEY.pt2`) in the engine's `cache_dir`: the
+run directory's `compiled/` folder (`COMPILED`) when the model comes from one (`Translator.load`), else
+`QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY is a hash of the weights, the configuration, this
+file, PyTorch's version, the CPU's capability and the number of threads, so a package is only ever
+loaded where it was made for; loading one takes ~30 ms.
 
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
-(sentences x beams) on the CPU in fp32; larger batches, other devices and dtypes take the eager step
-(at 32 rows and more oneDNN's products are as fast, and rows drop as sentences finish: one program per
-count). The search (`qkv.search`) is the same. Where Inductor cannot compile (no C++ compiler, an
-unsupported platform), the same step runs uncompiled for that search and the engine says so once, then
-uses the eager step.
+(sentences x beams: beam 5 on one sentence) on the CPU in fp32; larger batches, other devices and
+dtypes take the eager step. The search (`qkv.search`) is the same. Where the
+program cannot be made (no C++ compiler, an unsupported platform), the same step runs uncompiled for
+that search and the engine says so once, then uses the eager step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import shutil
+import tempfile
+import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qkv.atomic import atomic_write
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.engine import DecodingEngine
 from qkv.model import Transformer
 
-# Sentences x beams. At 5 rows (beam 5 on one sentence) the eager step was as fast (benchmarks/README.md).
-MAX_ROWS = 4
+# Sentences x beams: beam 5 on one sentence, greedy on up to 5. More rows, fewer programs: at 32 rows
+# and more oneDNN's products in the eager step are as fast, and rows drop as sentences finish.
+MAX_ROWS = 5
+COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
 SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this (never 0 or 1)
 INDUCTOR_OPTIONS = {
     "freezing": True,
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
-    "cpp_wrapper": True,
 }
 
 
@@ -143,16 +156,57 @@ def _residual(layer, norm, y: Tensor, sublayer_out: Tensor) -> Tensor:
     return y + sublayer_out if layer.norm_first else norm(y + sublayer_out)
 
 
-# The compiled programs of every StaticDecoderStep hang on its `forward`; this one guard, the identity of
-# the step's own stacked weights (new for each step), keeps each engine to its own programs. Its weights
-# are constants of the program (frozen), so the guards Dynamo sets on every submodule (~30 µs a call)
-# would check nothing more.
-_IDENTITY = "self._modules['qkv_weights']._parameters['0']"
+def default_cache_dir() -> Path:
+    """Where compiled programs are kept when no run directory is given."""
+    if directory := os.environ.get("QKV_COMPILE_CACHE"):
+        return Path(directory)
+    return Path.home() / ".cache" / "qkv" / "compiled"
 
 
-def _guards_worth_checking(guards) -> list[bool]:
-    """Keep the guards on the inputs and the global state, and the step's identity."""
-    return [not guard.name.startswith("self") or guard.name == _IDENTITY for guard in guards]
+def program_key(step: StaticDecoderStep) -> str:
+    """What a compiled program depends on, hashed: the weights and configuration, this code,
+    PyTorch, the CPU's capability, the threads (Inductor's products are made for that many), and
+    the options."""
+    digest = hashlib.blake2b(digest_size=8)
+    context = {
+        "config": step.model.config.to_dict(),
+        "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "options": INDUCTOR_OPTIONS,
+        "code": Path(__file__).read_text(encoding="utf-8"),
+    }
+    digest.update(json.dumps(context, sort_keys=True, default=str).encode())
+    for name, tensor in step.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> None:
+    """Export the step for arguments like these (any capacity and source length) and compile it
+    with AOTInductor into the package `path` (written atomically)."""
+    capacity = torch.export.Dim("capacity", min=SLOT_MULTIPLE, max=1 << 20)
+    src_slots = torch.export.Dim("src_slots", min=SLOT_MULTIPLE, max=1 << 20)
+    dynamic_shapes = {
+        "tokens": None,
+        "position": None,
+        "self_kv": {4: capacity},
+        "cross_kv": {4: src_slots},
+        "cross_bias": {3: src_slots},
+    }
+    with torch.inference_mode(False), torch.no_grad():
+        examples = tuple(
+            t.clone() for t in arguments
+        )  # export traces; it must not see inference tensors
+        exported = torch.export.export(step, examples, dynamic_shapes=dynamic_shapes)
+    with tempfile.TemporaryDirectory() as scratch:
+        made = torch._inductor.aoti_compile_and_package(
+            exported,
+            package_path=str(Path(scratch) / "step.pt2"),
+            inductor_configs=dict(INDUCTOR_OPTIONS),
+        )
+        atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
 
 
 class StaticCache:
@@ -192,35 +246,58 @@ class StaticCache:
         if cross_attention:
             self.cross_kv = self.cross_kv.index_select(2, index)
             self.cross_bias = self.cross_bias.index_select(0, index)
-        self.mark_dynamic()
-
-    def mark_dynamic(self) -> None:
-        """One program serves every capacity and source length (not every number of rows)."""
-        torch._dynamo.mark_dynamic(self.self_kv, 4)
-        torch._dynamo.mark_dynamic(self.cross_kv, 4)
-        torch._dynamo.mark_dynamic(self.cross_bias, 3)
 
 
 class CompiledEngine(DecodingEngine):
     """`DecodingEngine` whose step is compiled (`StaticDecoderStep`) for batches of up to `MAX_ROWS`
-    rows. `warn` says once why the compiled step is not taken, if it is not."""
+    rows. `warn` says once why the compiled step is not taken, if it is not; `cache_dir` keeps the
+    compiled programs (default `default_cache_dir()`); `say`, if given, is told when a program is
+    compiled (it takes a while) and where it is kept."""
 
-    def __init__(self, model: Transformer, warn=warnings.warn):
+    def __init__(
+        self,
+        model: Transformer,
+        warn=warnings.warn,
+        cache_dir: str | Path | None = None,
+        say=None,
+    ):
         super().__init__(model)
-        self.warn = warn
+        self.warn, self.say = warn, say
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
-        self.compiled_step = None
-        self.compiled_rows: set[int] = set()  # the row counts compiled so far
-        if self.unavailable is None:
-            self.compiled_step = torch.compile(
-                self.static_step,
-                dynamic=False,
-                fullgraph=True,
-                options={"guard_filter_fn": _guards_worth_checking},
-            )
-        else:
+        self.programs: dict[int, object] = {}  # rows -> the loaded program
+        self.compile_seconds: dict[int, float] = {}  # rows -> seconds it took (0: from the cache)
+        self._key: str | None = None
+        if self.unavailable is not None:
             warn(f"{self.unavailable}: decoding takes the eager step")
+
+    @property
+    def compiled_rows(self) -> set[int]:
+        return set(self.programs)
+
+    def package_path(self, rows: int) -> Path:
+        if self._key is None:
+            self._key = program_key(self.static_step)
+        return self.cache_dir / f"decoder-step-{rows}-rows-{self._key}.pt2"
+
+    def program(self, arguments: tuple) -> object:
+        """The program for this number of rows: loaded, from the cache, or compiled and saved."""
+        rows = arguments[0].size(0)
+        if rows not in self.programs:
+            path = self.package_path(rows)
+            started = time.perf_counter()
+            if not path.exists():
+                if self.say:
+                    rows_ = f"{rows} row" + ("s" if rows > 1 else "")
+                    self.say(f"compiling the decoder step for {rows_} (once, ~20-40 s)")
+                compile_package(self.static_step, arguments, path)
+                if self.say:
+                    seconds = time.perf_counter() - started
+                    self.say(f"compiled in {seconds:.1f} s, kept in {path}")
+            self.programs[rows] = torch._inductor.aoti_load_package(str(path))
+            self.compile_seconds[rows] = time.perf_counter() - started
+        return self.programs[rows]
 
     def new_cache(
         self, max_beams: int = 1, max_len: int | None = None, sentences: int | None = None
@@ -245,21 +322,15 @@ class CompiledEngine(DecodingEngine):
         tokens = cache.filled(last_tokens)
         position = torch.tensor(cache.length)
         arguments = (tokens, position, cache.self_kv, cache.cross_kv, cache.cross_bias)
-        if self.compiled_step is not None:
+        logits = None
+        if self.unavailable is None:
             try:
-                if cache.rows in self.compiled_rows:
-                    logits = self.compiled_step(*arguments)
-                else:  # the options are read when it compiles; setting them costs ~20 µs a call
-                    with torch._inductor.config.patch(INDUCTOR_OPTIONS):
-                        logits = self.compiled_step(*arguments)
-                    self.compiled_rows.add(cache.rows)
-            except Exception as error:  # Inductor's failures have many types; the step is the same
-                self.compiled_step = None
+                logits = self.program(arguments)(*arguments)
+            except Exception as error:  # export's and Inductor's failures have many types
                 why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
                 self.unavailable = f"PyTorch could not compile the decoder step here ({why})"
                 self.warn(f"{self.unavailable}: decoding takes the eager step")
-                cache.self_kv.select(4, cache.length).zero_()  # a failed call may have written
-        if self.compiled_step is None:
+        if logits is None:
             logits = self.static_step(*arguments)
         cache.length += 1
         return logits[:rows]
@@ -293,5 +364,4 @@ class CompiledEngine(DecodingEngine):
         shape = (2, len(self.decoder), rows, n_heads, cache.capacity, d_head)
         cache.self_kv = memory.new_zeros(shape)
         cache.cross_kv, cache.cross_bias = cross_kv, cross_bias
-        cache.mark_dynamic()
         return True
