@@ -6,13 +6,15 @@ the imports, loading the checkpoint and the tokenizer, preparing the weights, an
 first line of output; each figure is the median of --repeats fresh processes, after one unmeasured
 start that warms the file cache. CTranslate2 runs in a fresh `python -c` that imports ctranslate2,
 loads the converted Marian model of the same dimensions (decode_speed.py's) and translates one
-source of 16 tokens. "python" is the bare interpreter, for scale.
+source of 16 tokens. "python" is the bare interpreter, for scale. "qkv-compiled" is `qkv translate
+--compile`: its unmeasured first start compiles the decoder step (printed apart), the measured starts
+load the compiled program from the run directory.
 
 The qkv run directory is built here: a randomly initialised model of the config's dimensions with
 a SentencePiece tokenizer trained on the Multi30k copy ($QKV_DATA_DIR/multi30k, German and English,
 8000 subwords), or --run RUN_DIR (any trained run; its dimensions are used for CTranslate2's model).
 
-    python benchmarks/cold_start.py                      # small, qkv fp32 and int8, CT2 fp32 and int8
+    python benchmarks/cold_start.py              # small: qkv fp32, int8, compiled; CT2 fp32 and int8
     python benchmarks/cold_start.py --config base --repeats 9
 """
 
@@ -42,7 +44,7 @@ result = translator.translate_batch([tokens], beam_size=5, max_decoding_length=2
                                     min_decoding_length=20)
 print(" ".join(result[0].hypotheses[0]), flush=True)
 """
-SYSTEMS = ("python", "qkv-fp32", "qkv-int8", "ct2-fp32", "ct2-int8")
+SYSTEMS = ("python", "qkv-fp32", "qkv-int8", "qkv-compiled", "ct2-fp32", "ct2-int8")
 
 
 def build_run(config: str, out: Path) -> Path:
@@ -109,6 +111,9 @@ def commands(
         "python": ([sys.executable, "-c", "print('ready', flush=True)"], None),
         "qkv-fp32": ([*qkv, "--precision", "fp32"], SENTENCE + "\n"),
         "qkv-int8": ([*qkv, "--precision", "int8"], SENTENCE + "\n"),
+        # The unmeasured first start compiles the step into the run's compiled/ folder; the measured
+        # ones load it from there.
+        "qkv-compiled": ([*qkv, "--precision", "fp32", "--compile"], SENTENCE + "\n"),
         "ct2-fp32": ([part.replace("{compute_type}", "float32") for part in ct2], None),
         "ct2-int8": ([part.replace("{compute_type}", "int8") for part in ct2], None),
     }
@@ -139,10 +144,10 @@ def main() -> None:
             marian = decode_speed.marian_model(args.config, dims)
             ct2_dir = decode_speed.convert_to_ctranslate2(marian, tmp)
         runs = commands(run_dir, ct2_dir, args.threads)
-        medians = {}
+        medians, first_starts = {}, {}
         for system in args.systems:
             command, stdin_text = runs[system]
-            first_line_ms(command, stdin_text)  # warms the file cache
+            first_starts[system] = first_line_ms(command, stdin_text)  # warms the file cache
             times = [first_line_ms(command, stdin_text) for _ in range(args.repeats)]
             medians[system] = statistics.median(times)
     shape = (
@@ -154,7 +159,13 @@ def main() -> None:
     print("|---|---|")
     for system, ms in medians.items():
         print(f"| {system} | {ms:.0f} |")
-    for ours, theirs in (("qkv-fp32", "ct2-fp32"), ("qkv-int8", "ct2-int8")):
+    if "qkv-compiled" in first_starts:
+        print(f"qkv-compiled's first start, compiling: {first_starts['qkv-compiled']:.0f} ms")
+    for ours, theirs in (
+        ("qkv-fp32", "ct2-fp32"),
+        ("qkv-int8", "ct2-int8"),
+        ("qkv-compiled", "ct2-fp32"),
+    ):
         if ours in medians and theirs in medians:
             print(f"{ours} / {theirs}: {medians[ours] / medians[theirs]:.2f}x the time")
 

@@ -26,7 +26,7 @@ class UncachedEngine:
     def encode(self, src_ids):
         return self.model.encode(src_ids), self.model.src_mask(src_ids)
 
-    def new_cache(self, max_beams=1, max_len=None) -> TokenHistory:
+    def new_cache(self, max_beams=1, max_len=None, sentences=None) -> TokenHistory:
         return TokenHistory()
 
     def step(self, last_tokens, memory, src_mask, cache: TokenHistory):

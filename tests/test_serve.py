@@ -24,6 +24,7 @@ from conftest import qkv_env
 from qkv.serve import load_models
 from qkv.serve.app import create_app
 from qkv.translate import Translator
+from toy_task import reverse
 
 LINES = ["a b c", "d e", "f g h i"]
 
@@ -229,6 +230,34 @@ def test_a_real_server_on_a_loopback_port_answers_and_stops_cleanly_on_sigterm(t
     assert server.returncode in (0, -signal.SIGTERM), stderr[-2000:]
     assert "Application shutdown complete" in stderr
     assert "xx -> yy" in stderr
+
+
+def test_a_server_with_compile_compiles_before_it_starts_and_translates_the_same(toy_run):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "serve", str(toy_run), "--port", str(port), "--compile",
+         "--beam", "2", "--max-wait-ms", "0"],
+        env=qkv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(1200):  # compiling comes first (unless an earlier test left the program)
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        for line in ["a b c d", "p o n"]:
+            body = {"q": line, "source": "xx", "target": "yy"}
+            answer = httpx.post(f"{url}/translate", json=body)
+            assert answer.json() == {"translatedText": reverse(line)}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode in (0, -signal.SIGTERM), stderr[-2000:]
+    assert "warning" not in stderr
+    # One sentence with beam 2 is 2 rows: that program, compiled or loaded, sits in the run.
+    assert list((toy_run / "compiled").glob("decoder-step-2-rows-*.pt2")), stderr[-2000:]
 
 
 def test_a_model_that_cannot_be_loaded_is_a_clear_error_at_start(run_qkv, tmp_path):

@@ -42,6 +42,13 @@ def _add_serve(subparsers) -> None:
         help="as for qkv translate (default auto)",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="as for qkv translate: batches of up to 5 rows (one request with beam 5) through a "
+        "compiled decoder step, compiled (or loaded from the run's compiled/ folder) before the "
+        "server starts",
+    )
+    parser.add_argument(
         "--max-chars", type=int, default=5000, help="characters per request (default 5000)"
     )
     parser.add_argument(
@@ -77,9 +84,13 @@ def _run_serve(args) -> int:
         args.device,
         args.precision,
         warn=lambda message: print(f"qkv: warning: {message}", file=sys.stderr),
+        compile=args.compile,
+        say=lambda message: print(f"qkv serve: {message}", file=sys.stderr),
     )
     for model in models:
         print(f"qkv serve: {model.name}: {model.source} -> {model.target}", file=sys.stderr)
+        if args.compile:  # one request, one sentence: compiled now, not while a client waits
+            model.translator.translate(["."], beam=args.beam)
     app = create_app(
         models,
         beam=args.beam,

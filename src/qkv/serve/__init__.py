@@ -16,15 +16,20 @@ def load_models(
     device: str = "cpu",
     precision: str = "auto",
     warn: Callable[[str], None] | None = None,
+    compile: bool = False,
+    say: Callable[[str], None] | None = None,
 ):
     """A `ServedModel` for each run directory or checkpoint, with the language pair its training
-    recorded. A model that cannot be loaded, or two that serve one pair, is an error naming it."""
+    recorded. A model that cannot be loaded, or two that serve one pair, is an error naming it.
+    compile, say: as for `qkv.translate.Translator`."""
     from qkv.serve.app import ServedModel
     from qkv.translate import Translator
 
     models, pairs = [], {}
     for path in paths:
-        translator = Translator.load(path, device=device, precision=precision, warn=warn)
+        translator = Translator.load(
+            path, device=device, precision=precision, warn=warn, compile=compile, say=say
+        )
         source, target = translator.meta.get("src_lang"), translator.meta.get("tgt_lang")
         if not source or not target:
             raise QkvError(
