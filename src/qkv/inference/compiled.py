@@ -51,15 +51,21 @@ from qkv.inference.beam_cache import BeamCache
 from qkv.inference.engine import DecodingEngine
 from qkv.model import Transformer
 
-# Sentences x beams: beam 5 on one sentence, greedy on up to 5. More rows, fewer programs: at 32 rows
-# and more oneDNN's products in the eager step are as fast, and rows drop as sentences finish.
+# Sentences x beams: beam 5 on one sentence, greedy on up to 5. Beyond, the eager step: at 32 rows its
+# oneDNN products were as fast. At 2-5 rows Inductor's products were slower than oneDNN's when the
+# weights a step reads outgrow the processor's cache: measured (benchmarks/README.md), beam 5 on one
+# sentence was 1.4-1.5x the eager step with the small model (19 MB of decoder and output weights) and
+# 0.78-0.84x with the base model (105 MB), on AVX-512 and on AVX2; one row gained with both (1.4-2.3x).
 MAX_ROWS = 5
+MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, the compiled step takes one row only
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
 SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this (never 0 or 1)
 INDUCTOR_OPTIONS = {
     "freezing": True,
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,  # no table of timings on stderr for each product
+    "max_autotune_report_choices_stats": False,
 }
 
 
@@ -266,6 +272,10 @@ class CompiledEngine(DecodingEngine):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
+        # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
+        # weights are counted once, as the program holds them).
+        decoder_weights = [*model.decoder.parameters(), model.output.weight]
+        self.step_bytes = sum(p.numel() * p.element_size() for p in decoder_weights)
         self.programs: dict[int, object] = {}  # rows -> the loaded program
         self.compile_seconds: dict[int, float] = {}  # rows -> seconds it took (0: from the cache)
         self._key: str | None = None
@@ -305,7 +315,8 @@ class CompiledEngine(DecodingEngine):
         """A `StaticCache` for `sentences` x `max_beams` rows up to `MAX_ROWS` while the compiled
         step works; else the eager engine's `BeamCache`."""
         rows = None if sentences is None else sentences * max_beams
-        if self.unavailable is None and rows is not None and rows <= MAX_ROWS:
+        most_rows = MAX_ROWS if self.step_bytes <= MAX_WEIGHT_BYTES_FOR_ROWS else 1
+        if self.unavailable is None and rows is not None and rows <= most_rows:
             max_len = max_len or self.config.max_len
             return StaticCache(len(self.decoder), rows, max_beams, max_len)
         return super().new_cache(max_beams, max_len)
