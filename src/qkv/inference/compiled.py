@@ -202,9 +202,8 @@ def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> No
         "cross_bias": {3: src_slots},
     }
     with torch.inference_mode(False), torch.no_grad():
-        examples = tuple(
-            t.clone() for t in arguments
-        )  # export traces; it must not see inference tensors
+        # Copies made outside inference mode: export traces, and must not meet inference tensors.
+        examples = tuple(t.clone() for t in arguments)
         exported = torch.export.export(step, examples, dynamic_shapes=dynamic_shapes)
     with tempfile.TemporaryDirectory() as scratch:
         made = torch._inductor.aoti_compile_and_package(
@@ -292,7 +291,7 @@ class CompiledEngine(DecodingEngine):
         decoder_weights = [*model.decoder.parameters(), model.output.weight]
         self.step_bytes = sum(p.numel() * p.element_size() for p in decoder_weights)
         self.programs: dict[int, object] = {}  # rows -> the loaded program
-        self.compile_seconds: dict[int, float] = {}  # rows -> seconds it took (0: from the cache)
+        self.compile_seconds: dict[int, float] = {}  # rows -> seconds to compile or load it
         self._key: str | None = None
         if self.unavailable is not None:
             warn(f"{self.unavailable}: decoding takes the eager step")
@@ -344,8 +343,7 @@ class CompiledEngine(DecodingEngine):
         if cache.self_kv is None and not self._start(cache, memory, src_mask):
             return super().step(last_tokens, memory, src_mask, cache.fallback)
         rows = last_tokens.size(0)
-        # Also contiguous: a column of the ids, strided, would mean a new program.
-        tokens = cache.filled(last_tokens)
+        tokens = cache.filled(last_tokens)  # also contiguous (the search's is a column of its ids)
         position = torch.tensor(cache.length)
         arguments = (tokens, position, cache.self_kv, cache.cross_kv, cache.cross_bias)
         logits = None
