@@ -76,16 +76,18 @@ def _inference(function):
     def wrapper(model_or_engine: Transformer | DecodingEngine, *args, **kwargs):
         given_a_model = isinstance(model_or_engine, Transformer)
         model = model_or_engine if given_a_model else model_or_engine.model
+        # Switching every module's mode costs ~0.2 ms each way, 5% of a compiled search of one
+        # sentence: only a model in training mode is switched (the engines use no dropout).
         was_training = model is not None and model.training
-        if model is not None:
+        if was_training:
             model.eval()
         try:
             with torch.inference_mode():
                 engine = prepare_for_decoding(model) if given_a_model else model_or_engine
                 return function(engine, *args, **kwargs)
         finally:
-            if model is not None:
-                model.train(was_training)
+            if was_training:
+                model.train()
 
     return wrapper
 
