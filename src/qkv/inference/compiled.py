@@ -146,7 +146,9 @@ class StaticDecoderStep(nn.Module):
             attended = _attend(q, cross_kv[0, i], cross_kv[1, i], cross_bias)
             y = _residual(layer, layer.norm2, y, attention.out_proj(attended))
             h = layer.norm3(y) if layer.norm_first else y
-            feed_forward = layer.feed_forward  # its formula, without its dropout (whatever the mode)
+            feed_forward = (
+                layer.feed_forward
+            )  # its formula, without its dropout (whatever the mode)
             hidden = feed_forward.activation(feed_forward.linear1(h))
             y = _residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
         return model.output(model.decoder.final_norm(y))
