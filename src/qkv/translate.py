@@ -74,9 +74,8 @@ class Translator:
     ):
         int8 = precision == "int8"
         self.compile, self.say = compile, say
-        self.compile_cache: Path | None = (
-            None  # where compiled programs are kept (None: the default)
-        )
+        # Where compiled programs are kept (None: qkv.inference.compiled.default_cache_dir()).
+        self.compile_cache: Path | None = None
         if compile and precision == "auto" and torch.device(device).type == "cpu":
             precision = "fp32"  # what the compiled step computes in
         self.precision = "int8" if int8 else resolve_precision(precision, device, warn)
