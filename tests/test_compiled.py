@@ -58,6 +58,8 @@ def test_the_static_step_gives_the_eager_engines_greedy_ids_and_scores(overrides
     assert isinstance(cache, StaticCache)
     assert_same_greedy(engine, reference, src, max_len=20)
     assert_same_greedy(engine, reference, src[:1, :7], max_len=9, min_len=9)
+    # 40 positions: the cache starts with 32 slots and grows.
+    assert_same_greedy(engine, reference, src[:2, :7], max_len=40, min_len=40)
 
 
 def test_the_static_cache_reorders_beams_as_the_beam_cache_does():
@@ -114,6 +116,7 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     # Other source lengths, another capacity, one sentence finishing early: the same program.
     assert_same_greedy(engine, reference, random_sources([12, 3], seed=2), max_len=30)
     assert_same_greedy(engine, reference, random_sources([3, 5], seed=3), max_len=9, min_len=9)
+    assert_same_greedy(engine, reference, random_sources([6, 5], seed=5), max_len=40, min_len=40)
     assert engine.compiled_rows == {2} and engine.unavailable is None
     assert len(list(compile_cache.iterdir())) == 1
     # A new engine of the same weights loads the program: nothing is compiled again.

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
-from qkv.inference.beam_cache import BeamCache
+from qkv.inference.beam_cache import INITIAL_CAPACITY, BeamCache
 from qkv.inference.engine import DecodingEngine
 from qkv.model import Transformer
 
@@ -244,7 +244,11 @@ class StaticCache:
 
     def __init__(self, n_layers: int, rows: int, max_beams: int, max_len: int):
         self.n_layers, self.rows, self.max_beams = n_layers, rows, max_beams
-        self.capacity = _round_up(max_len)
+        # As BeamCache: a few positions at first, doubled when full (the program's capacity is
+        # dynamic). Each step attends to, and each reorder moves, every slot: allocated for the
+        # search's limit (source length + 50), they made a real beam search slower than the eager one.
+        self.max_capacity = _round_up(max_len)
+        self.capacity = min(self.max_capacity, INITIAL_CAPACITY)
         self.length = 0
         self.self_kv: Tensor | None = None  # (2, layers, rows, heads, capacity, d_head)
         self.cross_kv: Tensor | None = None  # (2, layers, rows, heads, src_slots, d_head)
@@ -253,6 +257,16 @@ class StaticCache:
 
     def __len__(self) -> int:
         return self.fallback.length if self.fallback is not None else self.length
+
+    def make_room(self) -> None:
+        """Room for the next position: the slots doubled when all are written."""
+        if self.length == self.capacity:
+            self.capacity = min(2 * self.capacity, self.max_capacity)
+            grown = self.self_kv.new_zeros(
+                (*self.self_kv.shape[:4], self.capacity, self.self_kv.size(5))
+            )
+            grown[:, :, :, :, : self.length] = self.self_kv
+            self.self_kv = grown
 
     def filled(self, index: Tensor) -> Tensor:
         """(n,) row indices -> (rows,): the last one repeated."""
@@ -346,6 +360,7 @@ class CompiledEngine(DecodingEngine):
             return super().step(last_tokens, memory, src_mask, cache.fallback)
         if cache.self_kv is None and not self._start(cache, memory, src_mask):
             return super().step(last_tokens, memory, src_mask, cache.fallback)
+        cache.make_room()
         rows = last_tokens.size(0)
         tokens = cache.filled(last_tokens)  # also contiguous (the search's is a column of its ids)
         position = torch.tensor(cache.length)
@@ -368,7 +383,7 @@ class CompiledEngine(DecodingEngine):
         False when a source has no token at all (its attention would be NaN with an additive mask):
         then this search takes the eager step, whose reference formula covers it."""
         if src_mask is not None and not bool(src_mask.any(dim=-1).all()):
-            cache.fallback = BeamCache(len(self.decoder), cache.max_beams, cache.capacity)
+            cache.fallback = BeamCache(len(self.decoder), cache.max_beams, cache.max_capacity)
             return False
         config = self.config
         filled = cache.filled(torch.arange(memory.size(0), device=memory.device))
