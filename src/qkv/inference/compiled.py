@@ -7,8 +7,8 @@ C++, made by PyTorch's AOTInductor (`torch.export`, then `aoti_compile_and_packa
 number of rows:
 
 - the cache has fixed shapes: keys and values of every layer in one tensor (2, layers, rows, heads,
-  capacity, d_head), preallocated for the search's longest output and written at the step's position;
-  a slot not written yet is zero and masked out (-inf);
+  capacity, d_head), written at the step's position, 32 positions at first and doubled when full (as
+  `BeamCache`); a slot not written yet is zero and masked out (-inf);
 - the encoder's keys and values are projected once per search, padded to a multiple of 8 positions
   (the padding masked out);
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
