@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
-from qkv.inference.beam_cache import INITIAL_CAPACITY, BeamCache
-from qkv.inference.engine import DecodingEngine
+from qkv.inference.beam_cache import INITIAL_CAPACITY, BeamCache, _grow
+from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias
 from qkv.model import Transformer
 
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5. Beyond, the eager step: at 32 rows its
@@ -155,10 +155,8 @@ class StaticDecoderStep(nn.Module):
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """softmax(Q K^T / sqrt(d_k) + bias) V for (rows, heads, 1, d_head) queries -> (rows, 1, d_model)."""
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1))) + bias
-    out = torch.matmul(scores.softmax(dim=-1), v)  # (rows, heads, 1, d_head)
-    return out.transpose(1, 2).reshape(q.size(0), 1, -1)
+    """The eager engine's attention for (rows, heads, 1, d_head) queries -> (rows, 1, d_model)."""
+    return _merge_heads(attention_with_bias(q, k, v, bias))
 
 
 def _residual(layer, norm, y: Tensor, sublayer_out: Tensor) -> Tensor:
@@ -262,14 +260,12 @@ class StaticCache:
         """Room for the next position: the slots doubled when all are written."""
         if self.length == self.capacity:
             self.capacity = min(2 * self.capacity, self.max_capacity)
-            grown = self.self_kv.new_zeros(
-                (*self.self_kv.shape[:4], self.capacity, self.self_kv.size(5))
-            )
-            grown[:, :, :, :, : self.length] = self.self_kv
-            self.self_kv = grown
+            self.self_kv = _grow(self.self_kv, self.capacity, dim=4, fill=0.0)
 
     def filled(self, index: Tensor) -> Tensor:
-        """(n,) row indices -> (rows,): the last one repeated."""
+        """(n,) row indices -> (rows,): the last one repeated (contiguous, as the program wants)."""
+        if index.numel() == self.rows:  # every step of a search whose rows are all live
+            return index.contiguous()
         return torch.cat([index, index[-1:].expand(self.rows - index.numel())])
 
     def reorder(self, index: Tensor, cross_attention: bool = True) -> None:
