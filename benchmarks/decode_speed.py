@@ -18,7 +18,9 @@ reaches all of them alike.
   bf16 (cast like qkv's).
 - CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process
   that never imports torch: the two thread pools compete, and timed in a process where torch has run
-  CTranslate2 was up to 5x slower.
+  CTranslate2 was up to 5x slower. That process takes its turns with the others all the same: it times
+  one search each time it is asked (over a pipe), with a short pause before every turn so that no
+  system's idle threads still spin on the cores (`timing.PAUSE_SECONDS`).
 
 Before anything is timed, glibc's allocator is settled (`timing.settle_allocator`), in this process and in
 CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in the process
@@ -37,10 +39,10 @@ Results and what they mean: benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,8 @@ from pathlib import Path
 from timing import (
     AS_AVX2,
     AS_AVX2_HELP,
+    PAUSE_SECONDS,
+    Measured,
     interleaved_median_seconds,
     run_as_avx2_if_asked,
     settle_allocator,
@@ -105,16 +109,6 @@ def sources(batch: int, seed: int = 0) -> list[list[int]]:
     """`batch` sources of SRC_LEN ids (random subwords, then EOS): plain Python, for every system."""
     rng = random.Random(seed)
     return [[rng.randrange(4, VOCAB) for _ in range(SRC_LEN - 1)] + [EOS] for _ in range(batch)]
-
-
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up: allocator, thread pool, first-call dispatch
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def check_lengths(name: str, lengths: list[int]) -> None:
@@ -288,10 +282,10 @@ def convert_to_ctranslate2(model, out_dir: Path) -> Path:
     return Path(Converter(str(hf_dir)).convert(str(out_dir / "ct2"), force=True))
 
 
-def ctranslate2_worker(
-    model_dir, compute_type, batch: int, search, repeats: int, threads: int, device: str
-):
-    """Runs in its own process (see main): prints {"seconds": median} as JSON."""
+def ctranslate2_worker(model_dir, compute_type, batch: int, search, threads: int, device: str):
+    """Runs in its own process (`CTranslate2Turns`): says {"ready": true} once its model is loaded and
+    has generated the right lengths, then times one search for each line it reads, printing
+    {"seconds": ...} as JSON, until its input ends."""
     import ctranslate2
 
     translator = ctranslate2.Translator(
@@ -309,23 +303,63 @@ def ctranslate2_worker(
         return [len(result.hypotheses[0]) for result in results]
 
     check_lengths(f"CTranslate2 {compute_type}", run())
-    print(json.dumps({"seconds": median_seconds(run, repeats)}))
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        run()
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
 def _token(i: int) -> str:
     return {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}.get(i, f"t{i}")
 
 
-def time_ctranslate2(model_dir: Path, compute_type: str, batch: int, search: str, args) -> float:
-    import torch
+class CTranslate2Turns:
+    """A CTranslate2 system for one cell, in its own process (`ctranslate2_worker`), called like the
+    runs in this process: each call has it time one search and returns the seconds it measured
+    (`timing.Measured`, without the pipe's time), so that it takes turns with them."""
 
-    command = [sys.executable, __file__, "--ct2-worker", str(model_dir), compute_type, str(batch)]
-    command += [search, str(args.repeats), str(torch.get_num_threads()), args.device.split(":")[0]]
-    command.append("default" if args.default_allocator else "settled")
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"CTranslate2 worker failed:\n{result.stderr}")
-    return json.loads(result.stdout.splitlines()[-1])["seconds"]
+    def __init__(self, model_dir: Path, compute_type: str, batch: int, search: str, args):
+        import torch
+
+        command = [
+            sys.executable,
+            __file__,
+            "--ct2-worker",
+            str(model_dir),
+            compute_type,
+            str(batch),
+        ]
+        command += [search, str(torch.get_num_threads()), args.device.split(":")[0]]
+        command.append("default" if args.default_allocator else "settled")
+        # Read only if the worker fails; closed by __exit__, as the pipes are.
+        self.errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True
+        )
+        self._reply()  # {"ready": true}: loaded, and the lengths were right
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.process.wait()
+        self.errors.seek(0)
+        raise SystemExit(f"CTranslate2 worker failed:\n{self.errors.read()[-4000:]}")
+
+    def __call__(self) -> Measured:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return Measured(self._reply()["seconds"])
+
+    def __enter__(self) -> CTranslate2Turns:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.stdin.close()  # the worker's loop ends
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
+        self.errors.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,18 +413,21 @@ def benchmark_config(name: str, args) -> list[dict]:
                     "hf-bf16": (hf_runner, marian_bf16),
                 }
                 runs = {}
-                for system in args.systems:
-                    if system in in_process:
-                        make_runner, model = in_process[system]
-                        runs[system] = make_runner(model, batch, search)
-                        check_lengths(system, runs[system]())
-                seconds = interleaved_median_seconds(runs, args.repeats)
-                for system in args.systems:
-                    if system not in in_process:
-                        which, compute_type = CT2_SYSTEMS[system]
-                        seconds[system] = time_ctranslate2(
-                            ct2_dirs[which], compute_type, batch_size, search, args
-                        )
+                with contextlib.ExitStack() as workers:
+                    for system in args.systems:
+                        if system in in_process:
+                            make_runner, model = in_process[system]
+                            runs[system] = make_runner(model, batch, search)
+                            check_lengths(system, runs[system]())
+                        else:
+                            which, compute_type = CT2_SYSTEMS[system]
+                            turns = CTranslate2Turns(
+                                ct2_dirs[which], compute_type, batch_size, search, args
+                            )
+                            runs[system] = workers.enter_context(turns)
+                    elsewhere = any(system not in in_process for system in args.systems)
+                    pause = PAUSE_SECONDS if elsewhere else 0.0
+                    seconds = interleaved_median_seconds(runs, args.repeats, pause)
                 row = dict(config=name, batch=batch_size, search=search)
                 row.update({s: batch_size / t for s, t in seconds.items()})
                 rows.append(row)
@@ -416,12 +453,10 @@ def header(systems) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--ct2-worker":
-        model_dir, compute_type, batch, search, repeats, threads, device, allocator = sys.argv[2:10]
+        model_dir, compute_type, batch, search, threads, device, allocator = sys.argv[2:9]
         if allocator == "settled":
             settle_allocator()
-        ctranslate2_worker(
-            model_dir, compute_type, int(batch), search, int(repeats), int(threads), device
-        )
+        ctranslate2_worker(model_dir, compute_type, int(batch), search, int(threads), device)
         return
     run_as_avx2_if_asked()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

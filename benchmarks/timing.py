@@ -52,15 +52,29 @@ def settle_allocator() -> bool:
     return bool(mmap_ok and trim_ok)
 
 
-def interleaved_median_seconds(runs: dict, repeats: int) -> dict:
+# Between two turns of runs in different processes: OpenMP's threads (PyTorch's and CTranslate2's
+# libgomp) spin a few milliseconds after their last parallel work before they sleep, and would take the
+# next run's cores meanwhile.
+PAUSE_SECONDS = 0.02
+
+
+class Measured(float):
+    """Seconds a run measured itself (a run in another process, timed there): what
+    `interleaved_median_seconds` takes instead of its own clock, which would add the pipe's time."""
+
+
+def interleaved_median_seconds(runs: dict, repeats: int, pause: float = 0.0) -> dict:
     """Median seconds of each run, the runs taking turns `repeats` times after one warm-up call each: on
-    a machine whose speed drifts (a shared host), each run sees the same drift, so ratios hold still."""
+    a machine whose speed drifts (a shared host), each run sees the same drift, so ratios hold still.
+    A run that returns `Measured` seconds is timed by that figure; `pause` seconds pass before each."""
     for run in runs.values():
         run()
     times: dict = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
+            time.sleep(pause)
             start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            result = run()
+            elapsed = time.perf_counter() - start
+            times[name].append(result if isinstance(result, Measured) else elapsed)
     return {name: statistics.median(values) for name, values in times.items()}

@@ -68,6 +68,19 @@ def test_decode_speed_prints_the_ratio_to_hugging_face():
         assert ratio == pytest.approx(qkv / hf, abs=rounding)
 
 
+def test_decode_speed_takes_turns_with_ctranslate2_in_its_own_process():
+    """CTranslate2 runs in a worker process that times one search per request, so it alternates with
+    the systems in the benchmark's process; its figure and the ratio come out like theirs."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("ctranslate2")
+    rows = decode_rows("qkv", "ct2-fp32")
+    assert [row[:3] for row in rows] == [["small", "2", "beam 5"], ["small", "2", "greedy"]]
+    for row in rows:
+        qkv, ct2, ratio = float(row[3]), float(row[4]), float(row[5].rstrip("x"))
+        rounding = qkv / ct2 * (0.05 / qkv + 0.05 / ct2) + 0.005
+        assert ct2 > 0 and ratio == pytest.approx(qkv / ct2, abs=rounding)
+
+
 def test_serve_load_prints_a_row_per_client_count_with_and_without_batching(toy_run, tmp_path):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     sentences = tmp_path / "sentences.xx"
