@@ -7,8 +7,11 @@ C++, made by PyTorch's AOTInductor (`torch.export`, then `aoti_compile_and_packa
 number of rows:
 
 - the cache has fixed shapes: keys and values of every layer in one tensor (2, layers, rows, heads,
-  capacity, d_head), written at the step's position, 32 positions at first and doubled when full (as
-  `BeamCache`); a slot not written yet is zero and masked out (-inf);
+  capacity, d_head), 32 positions at first and doubled when full (as `BeamCache`); a slot not written
+  yet is zero and masked out (-inf). The program only reads it: it attends to the slots before the
+  step's position and to the new keys and values, and returns those, which the engine writes into the
+  cache (one copy). Written inside the program, the cache was an input the program mutates, and
+  Inductor copied all of it at every layer to do so (~20 µs a layer at 5 rows and 32 slots);
 - the encoder's keys and values are projected once per search, padded to a multiple of 8 positions
   (the padding masked out);
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
@@ -118,27 +121,29 @@ class StaticDecoderStep(nn.Module):
         self_kv: Tensor,
         cross_kv: Tensor,
         cross_bias: Tensor,
-    ) -> Tensor:
-        """tokens (rows,) at `position` (a 0-d tensor) -> (rows, 1, vocab) logits of the next token.
+    ) -> tuple[Tensor, Tensor]:
+        """tokens (rows,) at `position` (a 0-d tensor) -> (rows, 1, vocab) logits of the next token,
+        and this position's keys and values (2, layers, rows, heads, d_head), for the cache.
 
-        self_kv (2, layers, rows, heads, capacity, d_head): keys and values so far; this position's are
-        written into it. cross_kv (2, layers, rows, heads, src_slots, d_head), cross_bias (rows, 1, 1,
+        self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
+        (read only). cross_kv (2, layers, rows, heads, src_slots, d_head), cross_bias (rows, 1, 1,
         src_slots): the encoder's, with 0 / -inf for real / padded source positions."""
         model, n_heads = self.model, self.n_heads
         rows = tokens.size(0)
         at = position.view(1)
         y = model.tgt_embed(tokens[:, None]) + self.positions.index_select(0, at)[None]
         capacity = self_kv.size(4)
-        # (1, 1, 1, capacity): the slots written so far, this one included
+        # (1, 1, 1, capacity): the slots of earlier positions
         slots = torch.arange(capacity, device=tokens.device)
-        self_bias = torch.where(slots <= position, 0.0, -math.inf).view(1, 1, 1, capacity)
+        self_bias = torch.where(slots < position, 0.0, -math.inf).view(1, 1, 1, capacity)
+        new_keys, new_values = [], []
         for i, layer in enumerate(model.decoder.layers):
             bias = self.qkv_biases[i] if len(self.qkv_biases) else None
             h = layer.norm1(y) if layer.norm_first else y
             q, k, v = F.linear(h, self.qkv_weights[i], bias).view(rows, 3, n_heads, 1, -1).unbind(1)
-            self_kv[0, i].index_copy_(2, at, k)  # (rows, heads, capacity, d_head)
-            self_kv[1, i].index_copy_(2, at, v)
-            attended = _attend(q, self_kv[0, i], self_kv[1, i], self_bias)
+            new_keys.append(k)
+            new_values.append(v)
+            attended = _attend_with_new(q, self_kv[0, i], self_kv[1, i], self_bias, k, v)
             y = _residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
             attention = layer.cross_attn
             h = layer.norm2(y) if layer.norm_first else y
@@ -151,12 +156,29 @@ class StaticDecoderStep(nn.Module):
             )  # its formula, without its dropout (whatever the mode)
             hidden = feed_forward.activation(feed_forward.linear1(h))
             y = _residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
-        return model.output(model.decoder.final_norm(y))
+        # (2, layers, rows, heads, d_head)
+        new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)]).squeeze(-2)
+        return model.output(model.decoder.final_norm(y)), new_kv
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """The eager engine's attention for (rows, heads, 1, d_head) queries -> (rows, 1, d_model)."""
     return _merge_heads(attention_with_bias(q, k, v, bias))
+
+
+def _attend_with_new(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, new_k: Tensor, new_v: Tensor
+) -> Tensor:
+    """`_attend` to the cached keys k and values v (rows, heads, capacity, d_head), masked by bias,
+    and to one more key and value (rows, heads, 1, d_head), without writing them into the cache:
+    softmax over [q k^T + bias, q new_k^T] / sqrt(d_k), its weights split between v and new_v."""
+    scale = 1.0 / math.sqrt(q.size(-1))
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul(scale).add(bias)  # (rows, heads, 1, capacity)
+    new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(scale)  # (rows, heads, 1, 1)
+    weights = torch.cat([scores, new_score], dim=-1).softmax(dim=-1)
+    capacity = k.size(-2)
+    out = torch.matmul(weights[..., :capacity], v) + weights[..., capacity:] * new_v
+    return _merge_heads(out)
 
 
 def _residual(layer, norm, y: Tensor, sublayer_out: Tensor) -> Tensor:
@@ -225,8 +247,9 @@ def load_package(path: Path):
     except (AttributeError, TypeError):  # another PyTorch's signature: its public way
         return torch._inductor.aoti_load_package(str(path))
 
-    def run(*arguments: Tensor) -> Tensor:
-        return loader.run(list(arguments))[0]
+    def run(*arguments: Tensor) -> tuple[Tensor, Tensor]:
+        logits, new_kv = loader.run(list(arguments))
+        return logits, new_kv
 
     return run
 
@@ -361,16 +384,18 @@ class CompiledEngine(DecodingEngine):
         tokens = cache.filled(last_tokens)  # also contiguous (the search's is a column of its ids)
         position = torch.tensor(cache.length)
         arguments = (tokens, position, cache.self_kv, cache.cross_kv, cache.cross_bias)
-        logits = None
+        outputs = None
         if self.unavailable is None:
             try:
-                logits = self.program(arguments)(*arguments)
+                outputs = self.program(arguments)(*arguments)
             except Exception as error:  # export's and Inductor's failures have many types
                 why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
                 self.unavailable = f"PyTorch could not compile the decoder step here ({why})"
                 self.warn(f"{self.unavailable}: decoding takes the eager step")
-        if logits is None:
-            logits = self.static_step(*arguments)
+        if outputs is None:
+            outputs = self.static_step(*arguments)
+        logits, new_kv = outputs
+        cache.self_kv[..., cache.length, :] = new_kv
         cache.length += 1
         return logits[:rows]
 
