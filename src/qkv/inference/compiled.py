@@ -55,12 +55,13 @@ from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bi
 from qkv.model import Transformer
 
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5. Beyond, the eager step: at 32 rows its
-# oneDNN products were as fast. At 2-5 rows Inductor's products were slower than oneDNN's when the
-# weights a step reads outgrow the processor's cache: measured (benchmarks/README.md), beam 5 on one
-# sentence was 1.4-1.5x the eager step with the small model (19 MB of decoder and output weights) and
-# 0.78-0.84x with the base model (105 MB), on AVX-512 and on AVX2; one row gained with both (1.4-2.3x).
+# oneDNN products were as fast. At 2-5 rows, where the weights a step reads outgrow the processor's
+# cache, Inductor's products gain on AVX-512 and not on AVX2: measured (benchmarks/README.md), beam 5
+# on one sentence of the base model (105 MB of decoder and output weights) was 1.17-1.22x the eager
+# step on AVX-512 and 0.94-0.99x on AVX2; the small model (19 MB) gained on both, and so did one row.
 MAX_ROWS = 5
-MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, the compiled step takes one row only
+MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
+WIDE_VECTORS = ("AVX512",)  # ATen capabilities whose products gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
 SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this (never 0 or 1)
 INDUCTOR_OPTIONS = {
@@ -366,7 +367,9 @@ class CompiledEngine(DecodingEngine):
         """A `StaticCache` for `sentences` x `max_beams` rows up to `MAX_ROWS` while the compiled
         step works; else the eager engine's `BeamCache`."""
         rows = None if sentences is None else sentences * max_beams
-        most_rows = MAX_ROWS if self.step_bytes <= MAX_WEIGHT_BYTES_FOR_ROWS else 1
+        fits = self.step_bytes <= MAX_WEIGHT_BYTES_FOR_ROWS
+        wide = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
+        most_rows = MAX_ROWS if fits or wide else 1
         if self.unavailable is None and rows is not None and rows <= most_rows:
             max_len = max_len or self.config.max_len
             return StaticCache(len(self.decoder), rows, max_beams, max_len)
