@@ -64,12 +64,20 @@ MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECT
 WIDE_VECTORS = ("AVX512",)  # ATen capabilities whose products gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
 SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this (never 0 or 1)
+# Inductor splits a loop of its own kernels (not the products) across the threads when each thread
+# would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
+# ran on two threads with three barriers, which cost more than its arithmetic. With 16K, the norms, the
+# embedding and attention over the slots of a short sentence run on one thread: the small model's
+# program at 5 rows 320 -> 249 µs (AVX-512) and 561 -> 433 µs (AVX2), at one row 208 -> 178 µs; a
+# trained model's sentences 5-8% faster with beam 5 (benchmarks/README.md, "Fewer barriers").
+SERIAL_LOOP_ELEMENTS = 16384  # per thread
 INDUCTOR_OPTIONS = {
     "freezing": True,
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
     "autotune_num_choices_displayed": 0,  # no table of timings on stderr for each product
     "max_autotune_report_choices_stats": False,
+    "cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS,
 }
 
 
