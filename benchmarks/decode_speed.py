@@ -19,8 +19,10 @@ reaches all of them alike.
 - CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process
   that never imports torch: the two thread pools compete, and timed in a process where torch has run
   CTranslate2 was up to 5x slower. That process takes its turns with the others all the same: it times
-  one search each time it is asked (over a pipe), with a short pause before every turn so that no
-  system's idle threads still spin on the cores (`timing.PAUSE_SECONDS`).
+  one search each time it is asked (over a pipe). Every process starts with a short OpenMP spin
+  (GOMP_SPINCOUNT=20000, unless set: idle threads sleep within a millisecond) and the turns are 2 ms
+  apart, so that no system's idle threads still spin on the cores (`timing.SHORT_SPIN`,
+  `timing.PAUSE_SECONDS`).
 
 Before anything is timed, glibc's allocator is settled (`timing.settle_allocator`), in this process and in
 CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in the process
@@ -42,6 +44,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -53,6 +56,7 @@ from timing import (
     AS_AVX2,
     AS_AVX2_HELP,
     PAUSE_SECONDS,
+    SHORT_SPIN,
     Measured,
     interleaved_median_seconds,
     run_as_avx2_if_asked,
@@ -458,7 +462,8 @@ def main() -> None:
             settle_allocator()
         ctranslate2_worker(model_dir, compute_type, int(batch), search, int(threads), device)
         return
-    run_as_avx2_if_asked()
+    # GOMP_SPINCOUNT: the user's if set, else a short spin for the turns (timing.SHORT_SPIN).
+    run_as_avx2_if_asked(also={k: os.environ.get(k, v) for k, v in SHORT_SPIN.items()})
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 1])
@@ -503,7 +508,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {where}; "
         f"source {SRC_LEN} tokens, exactly {NEW_TOKENS} generated, median of {args.repeats}; "
-        f"allocator {'settled' if settled else 'as it starts'}"
+        f"allocator {'settled' if settled else 'as it starts'}; "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}"
     )
     print(header(args.systems))
     for name in args.configs:

@@ -16,17 +16,20 @@ AS_AVX2_HELP = (
 )
 
 
-def run_as_avx2_if_asked() -> None:
+def run_as_avx2_if_asked(also: dict | None = None) -> None:
     """With --as-avx2 on the command line: replace this process by the same command with oneDNN, ATen,
     MKL and CTranslate2 held to AVX2 (they read these variables once, when they start, so the
-    variables must be there before torch is imported). Call it first thing in main."""
+    variables must be there before torch is imported). `also`: more variables this process must
+    start with, asked or not. Call it first thing in main."""
     from qkv.hardware import AVX2_ENVIRONMENT
 
-    limits = {**AVX2_ENVIRONMENT, "CT2_FORCE_CPU_ISA": "AVX2"}
-    if AS_AVX2 not in sys.argv[1:] or all(os.environ.get(k) == v for k, v in limits.items()):
+    wanted = dict(also or {})
+    if AS_AVX2 in sys.argv[1:]:
+        wanted.update(AVX2_ENVIRONMENT, CT2_FORCE_CPU_ISA="AVX2")
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
         return
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **limits})
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -52,10 +55,16 @@ def settle_allocator() -> bool:
     return bool(mmap_ok and trim_ok)
 
 
-# Between two turns of runs in different processes: OpenMP's threads (PyTorch's and CTranslate2's
-# libgomp) spin a few milliseconds after their last parallel work before they sleep, and would take the
-# next run's cores meanwhile.
-PAUSE_SECONDS = 0.02
+# Runs in different processes take turns. OpenMP's threads (PyTorch's and CTranslate2's libgomp) spin
+# 3-6 ms after their last parallel work before they sleep, and would take the next run's cores: both
+# systems were 1.6-1.9x slower with 0-3 ms between turns. A longer pause let them sleep, but on this
+# virtual machine idle cores came back slow at times: with 20 ms between turns one search in three or
+# so took twice as long, whichever system it was (CTranslate2 alone too; steady without pauses). So the
+# processes start with a short spin (GOMP_SPINCOUNT 20000: well under a millisecond, longer than any
+# gap between parallel regions of one search) and the turns are 2 ms apart: steady, and each system as
+# fast as when alone (benchmarks/README.md, "Taking turns").
+SHORT_SPIN = {"GOMP_SPINCOUNT": "20000"}
+PAUSE_SECONDS = 0.002
 
 
 class Measured(float):

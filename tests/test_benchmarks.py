@@ -47,6 +47,8 @@ def decode_rows(*systems: str) -> list[list[str]]:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert_names_the_cpu(result.stdout)
+    # Every process starts with a short OpenMP spin, so that the turns do not meet spinning threads.
+    assert "GOMP_SPINCOUNT=20000" in result.stdout.splitlines()[1]
     lines = [line for line in result.stdout.splitlines() if line.startswith("| small")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
