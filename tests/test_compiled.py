@@ -136,6 +136,36 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     assert engine.package_path(1) != engine.package_path(2)
 
 
+def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(monkeypatch):
+    """Five beams of one sentence, five rows, every product Inductor's C++ (on AVX2 from register
+    blocks of 5 rows): `qkv translate --compile` measures them against oneDNN's and takes the faster;
+    here they are the only choice, so nothing is measured (a few seconds to compile)."""
+    options = dict(compiled_module.INDUCTOR_OPTIONS, max_autotune_gemm_backends="CPP")
+    monkeypatch.setattr(compiled_module, "INDUCTOR_OPTIONS", options)
+    model = random_model(seed=3)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    src = random_sources([9])
+    ids, scores = beam_search(engine, src, beam_size=5, max_len=12, n_best=5)
+    ref_ids, ref_scores = beam_search(reference, src, beam_size=5, max_len=12, n_best=5)
+    assert engine.compiled_rows == {5} and engine.unavailable is None
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_five_row_blocks_are_offered_while_a_step_compiles_and_only_then():
+    import torch._inductor.select_algorithm  # Inductor's import order: before cpp_micro_gemm
+    from torch._inductor.codegen import cpp_micro_gemm
+    from torch._inductor.cpu_vec_isa import VecAVX2
+
+    blocks = cpp_micro_gemm.micro_gemm_configs[cpp_micro_gemm.CppMicroGemmFP32Vec]
+    before = list(blocks)
+    with compiled_module._five_row_blocks_on_avx2():
+        added = blocks[len(before) :]
+        assert [tuple(block.register_blocking) for block in added] == [(5, 16, 1)]
+        assert added[0].vec_isa_cls is VecAVX2 and added[0].input_dtype == torch.float
+    assert blocks == before
+
+
 def test_without_a_compiler_it_says_so_once_and_decodes_as_the_eager_engine(monkeypatch):
     monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
     messages = []

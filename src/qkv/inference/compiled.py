@@ -35,6 +35,7 @@ that search and the engine says so once, then uses the eager step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -71,6 +72,7 @@ SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this
 # program at 5 rows 320 -> 249 µs (AVX-512) and 561 -> 433 µs (AVX2), at one row 208 -> 178 µs; a
 # trained model's sentences 5-8% faster with beam 5 (benchmarks/README.md, "Fewer barriers").
 SERIAL_LOOP_ELEMENTS = 16384  # per thread
+AVX2_ROW_BLOCK = (5, 16, 1)  # rows, columns, depth of a register block (`_five_row_blocks_on_avx2`)
 INDUCTOR_OPTIONS = {
     "freezing": True,
     "max_autotune": True,
@@ -238,13 +240,43 @@ def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> No
         # Copies made outside inference mode: export traces, and must not meet inference tensors.
         examples = tuple(t.clone() for t in arguments)
         exported = torch.export.export(step, examples, dynamic_shapes=dynamic_shapes)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _five_row_blocks_on_avx2():
         made = torch._inductor.aoti_compile_and_package(
             exported,
             package_path=str(Path(scratch) / "step.pt2"),
             inductor_configs=dict(INDUCTOR_OPTIONS),
         )
         atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
+
+
+@contextlib.contextmanager
+def _five_row_blocks_on_avx2():
+    """While it lasts, Inductor may also build its fp32 products on AVX2 from register blocks of 5
+    rows x 16 columns (`AVX2_ROW_BLOCK`). Its own AVX2 blocks are 4 x 24, 4 x 16 and 8 x 8, and it
+    ranks 4 x 16 first for 5 rows (a beam of 5 on one sentence), which then takes two passes over the
+    weights, the second for one row: the small model's program at 5 rows took 498-522 µs, against
+    299-301 µs with 5 x 16 blocks (10 accumulators of 8 floats, 13 of AVX2's 16 registers), and the
+    same ~195 µs at one row. A private table of PyTorch's: where it is not as this expects, the
+    compile goes on without the extra blocks."""
+    try:
+        # Inductor's own import order: cpp_micro_gemm on its own meets a circular import.
+        import torch._inductor.select_algorithm
+        from torch._inductor.codegen import cpp_micro_gemm
+        from torch._inductor.cpu_vec_isa import VecAVX2
+
+        blocks = cpp_micro_gemm.micro_gemm_configs[cpp_micro_gemm.CppMicroGemmFP32Vec]
+        extra = cpp_micro_gemm.generate_gemm_config(
+            VecAVX2, [AVX2_ROW_BLOCK], input_dtype=torch.float
+        )
+    except (ImportError, AttributeError, KeyError, TypeError):
+        yield
+        return
+    blocks.extend(extra)
+    try:
+        yield
+    finally:
+        for block in extra:
+            blocks.remove(block)
 
 
 def load_package(path: Path):
