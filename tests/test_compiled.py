@@ -87,16 +87,17 @@ def test_more_rows_than_max_rows_take_the_beam_cache_with_the_same_results():
 def test_models_whose_weights_outgrow_the_cache_compile_one_row_only_without_wide_vectors(
     monkeypatch,
 ):
+    assert set(compiled_module.WIDE_VECTORS) == {"AVX512", "AVX2"}  # the two measured
     model = random_model()
     engine = uncompiled(model)
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
     monkeypatch.setattr(compiled_module, "MAX_WEIGHT_BYTES_FOR_ROWS", engine.step_bytes - 1)
     capability = torch.backends.cpu.get_cpu_capability()
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", ())  # as on AVX2
+    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", ())  # as on a CPU not measured (Arm)
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), BeamCache)
     assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=2), BeamCache)
     assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=1), StaticCache)
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (capability,))  # as on AVX-512
+    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (capability,))  # as on AVX-512, AVX2
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
     assert isinstance(engine.new_cache(max_beams=3, max_len=10, sentences=2), BeamCache)
 

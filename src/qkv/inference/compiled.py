@@ -57,12 +57,14 @@ from qkv.model import Transformer
 
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5. Beyond, the eager step: at 32 rows its
 # oneDNN products were as fast. At 2-5 rows, where the weights a step reads outgrow the processor's
-# cache, Inductor's products gain on AVX-512 and not on AVX2: measured (benchmarks/README.md), beam 5
-# on one sentence of the base model (105 MB of decoder and output weights) was 1.17-1.22x the eager
-# step on AVX-512 and 0.94-0.99x on AVX2; the small model (19 MB) gained on both, and so did one row.
+# cache, Inductor's products gained on AVX-512 and not on AVX2 (4-row register blocks, two passes over
+# the weights for 5 rows); with 5-row blocks (`AVX2_ROW_BLOCK`) they gain on both: beam 5 on one
+# sentence of the base model (105 MB of decoder and output weights), compiled / eager, 1.17-1.22x on
+# AVX-512 and 1.46-1.51x on AVX2 (benchmarks/README.md). Elsewhere (Arm, no vectors), not measured: a
+# model that large takes the compiled step for one row, which gained on every CPU measured.
 MAX_ROWS = 5
 MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
-WIDE_VECTORS = ("AVX512",)  # ATen capabilities whose products gain at every size of model
+WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose products gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
 SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this (never 0 or 1)
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
