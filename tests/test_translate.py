@@ -245,6 +245,25 @@ def test_stdin_is_translated_line_by_line_as_it_arrives(toy_run):
         process.kill()
 
 
+def test_an_error_while_stdin_is_still_open_exits_with_the_error_not_an_abort(toy_run):
+    """The thread that reads stdin waits for more input while the translation fails (the beam is
+    smaller than --n-best): the process must end with the error, not abort at shutdown on the lock of
+    a reader that thread holds (it did, 3 times in 30, with the input closed; every time with it open)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "translate", str(toy_run), "--n-best", "3", "--beam", "2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=qkv_env(),
+    )  # fmt: skip
+    try:
+        process.stdin.write(b"a b c\n")
+        process.stdin.flush()  # and left open
+        assert process.wait(timeout=60) == 2
+        stderr = process.stderr.read().decode()
+        assert "--n-best must be between 1 and the beam size 2" in stderr
+        assert "Fatal Python error" not in stderr
+    finally:
+        process.kill()
+
+
 def test_a_file_is_translated_in_chunks_in_input_order(toy_run, tmp_path, monkeypatch, capsys):
     from qkv.cli import main
     from qkv.cli import translate as translate_command
