@@ -57,10 +57,10 @@ class Translator:
 
     compile: decode batches of up to 5 rows (sentences x beams: one sentence with beam 5, or up to 5
     greedy) with a compiled decoder step (`qkv.inference.compiled`, fp32 on the CPU; 'auto' then
-    means fp32): 1.4-2.5x faster on one sentence of a small model (benchmarks/README.md), at a
-    one-time cost of ~20-40 s for each number of rows at its first use; the program is then kept on
-    disk (`say` is told when it compiles). Where it cannot run, it says why once and decodes as
-    without it."""
+    means fp32): 2.2-2.8x faster on one sentence of a small model, 1.2-1.5x of a base one
+    (benchmarks/README.md), at a one-time cost of ~20-40 s for each number of rows at its first use;
+    the program is then kept on disk (`say` is told when it compiles). Where it cannot run, it says
+    why once and decodes as without it."""
 
     def __init__(
         self,

@@ -74,9 +74,9 @@ def _add_search_options(parser) -> None:
         "--compile",
         action="store_true",
         help="batches of up to 5 rows (sentences x beams: one sentence at a time, as typed "
-        "lines arrive) through a compiled decoder step, fp32 on the CPU: 1.4-2.5x faster on one "
-        "sentence of a small model; compiled once per number of rows (~20-40 s) and kept in the "
-        "run's compiled/ folder. "
+        "lines arrive) through a compiled decoder step, fp32 on the CPU: 2.2-2.8x faster on one "
+        "sentence of a small model, 1.2-1.5x of a base one; compiled once per number of rows "
+        "(~20-40 s) and kept in the run's compiled/ folder. "
         "Needs a C++ compiler (without one: a warning, and the usual engine)",
     )
     model.add_argument(
