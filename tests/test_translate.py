@@ -248,7 +248,7 @@ def test_stdin_is_translated_line_by_line_as_it_arrives(toy_run):
 def test_an_error_while_stdin_is_still_open_exits_with_the_error_not_an_abort(toy_run):
     """The thread that reads stdin waits for more input while the translation fails (the beam is
     smaller than --n-best): the process must end with the error, not abort at shutdown on the lock of
-    a reader that thread holds (it did, 3 times in 30, with the input closed; every time with it open)."""
+    a reader that thread holds (it did 3 times in 30 with the input closed, and here, with it open)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "qkv", "translate", str(toy_run), "--n-best", "3", "--beam", "2"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=qkv_env(),

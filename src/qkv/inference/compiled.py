@@ -72,7 +72,8 @@ SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this
 # ran on two threads with three barriers, which cost more than its arithmetic. With 16K, the norms, the
 # embedding and attention over the slots of a short sentence run on one thread: the small model's
 # program at 5 rows 320 -> 249 µs (AVX-512) and 561 -> 433 µs (AVX2), at one row 208 -> 178 µs; a
-# trained model's sentences 5-8% faster with beam 5 (benchmarks/README.md, "Fewer barriers").
+# trained model's sentences 5-6% faster with beam 5, 2-7% greedy (benchmarks/README.md, "Fewer
+# barriers").
 SERIAL_LOOP_ELEMENTS = 16384  # per thread
 AVX2_ROW_BLOCK = (5, 16, 1)  # rows, columns, depth of a register block (`_five_row_blocks_on_avx2`)
 INDUCTOR_OPTIONS = {
