@@ -6,9 +6,9 @@ the arithmetic: CTranslate2 decoded a sentence 2x faster. Here the step is one p
 C++, made by PyTorch's AOTInductor (`torch.export`, then `aoti_compile_and_package`) for a fixed
 number of rows:
 
-- the cache has fixed shapes: keys and values of every layer in one tensor (2, layers, rows, heads,
-  capacity, d_head), 32 positions at first and doubled when full (as `BeamCache`); a slot not written
-  yet is zero and masked out (-inf). The program only reads it: it attends to the slots before the
+- the cache (`StaticCache`, `qkv.inference.static_cache`) has fixed shapes: keys and values of every
+  layer in one tensor (2, layers, rows, heads, capacity, d_head), 32 positions at first and doubled
+  when full (as `BeamCache`); a slot not written yet is zero and masked out (-inf). The program only reads it: it attends to the slots before the
   step's position and to the new keys and values, and returns those, which the engine writes into the
   cache (one copy). Written inside the program, the cache was an input the program mutates, and
   Inductor copied all of it at every layer to do so (~20 µs a layer at 5 rows and 32 slots);
@@ -51,8 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
-from qkv.inference.beam_cache import INITIAL_CAPACITY, BeamCache, _grow
+from qkv.inference import static_cache
+from qkv.inference.beam_cache import BeamCache
 from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias
+from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, _round_up
 from qkv.model import Transformer
 
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5. Beyond, the eager step: at 32 rows its
@@ -66,7 +68,6 @@ MAX_ROWS = 5
 MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
 WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose products gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
-SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this (never 0 or 1)
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
 # would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
 # ran on two threads with three barriers, which cost more than its arithmetic. With 16K, the norms, the
@@ -95,10 +96,6 @@ def compiled_step_unavailable(model: Transformer) -> str | None:
     if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
         return "the compiled step needs a C++ compiler (c++, g++ or clang++) for PyTorch's Inductor"
     return None
-
-
-def _round_up(n: int, multiple: int = SLOT_MULTIPLE) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
 
 
 def _positions_table(positions: nn.Module) -> Tensor:
@@ -208,7 +205,7 @@ def default_cache_dir() -> Path:
 
 
 def program_key(step: StaticDecoderStep) -> str:
-    """What a compiled program depends on, hashed: the weights and configuration, this code,
+    """What a compiled program depends on, hashed: the weights and configuration, qkv's code for it,
     PyTorch, the CPU's capability, the threads (Inductor's products are made for that many), and
     the options."""
     digest = hashlib.blake2b(digest_size=8)
@@ -218,7 +215,8 @@ def program_key(step: StaticDecoderStep) -> str:
         "capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "options": INDUCTOR_OPTIONS,
-        "code": Path(__file__).read_text(encoding="utf-8"),
+        # this file and the cache's (its slot padding shapes the program's inputs)
+        "code": [Path(f).read_text(encoding="utf-8") for f in (__file__, static_cache.__file__)],
     }
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in step.state_dict().items():
@@ -296,57 +294,6 @@ def load_package(path: Path):
         return logits, new_kv
 
     return run
-
-
-class StaticCache:
-    """The compiled step's cache: `BeamCache`'s contract (`reorder`, `len`) over tensors of fixed
-    shapes, one row per (sentence, beam).
-
-    It keeps `rows` rows from the first step to the last (sentences x beams at the most), so that one
-    program serves the whole search: while the search has fewer (one row per sentence at the first
-    step of a beam search; sentences that finished), the last row is repeated to fill them, and its
-    results are dropped. A reorder moves the rows (small, at a few rows)."""
-
-    def __init__(self, n_layers: int, rows: int, max_beams: int, max_len: int):
-        self.n_layers, self.rows, self.max_beams = n_layers, rows, max_beams
-        # As BeamCache: a few positions at first, doubled when full (the program's capacity is
-        # dynamic). Each step attends to, and each reorder moves, every slot: allocated for the
-        # search's limit (source length + 50), they made a real beam search slower than the eager one.
-        self.max_capacity = _round_up(max_len)
-        self.capacity = min(self.max_capacity, INITIAL_CAPACITY)
-        self.length = 0
-        self.self_kv: Tensor | None = None  # (2, layers, rows, heads, capacity, d_head)
-        self.cross_kv: Tensor | None = None  # (2, layers, rows, heads, src_slots, d_head)
-        self.cross_bias: Tensor | None = None  # (rows, 1, 1, src_slots)
-        self.fallback: BeamCache | None = None  # set when this search takes the eager step
-
-    def __len__(self) -> int:
-        return self.fallback.length if self.fallback is not None else self.length
-
-    def make_room(self) -> None:
-        """Room for the next position: the slots doubled when all are written."""
-        if self.length == self.capacity:
-            self.capacity = min(2 * self.capacity, self.max_capacity)
-            self.self_kv = _grow(self.self_kv, self.capacity, dim=4, fill=0.0)
-
-    def filled(self, index: Tensor) -> Tensor:
-        """(n,) row indices -> (rows,): the last one repeated (contiguous, as the program wants)."""
-        if index.numel() == self.rows:  # every step of a search whose rows are all live
-            return index.contiguous()
-        return torch.cat([index, index[-1:].expand(self.rows - index.numel())])
-
-    def reorder(self, index: Tensor, cross_attention: bool = True) -> None:
-        """Keep rows `index`, in that order."""
-        if self.fallback is not None:
-            self.fallback.reorder(index, cross_attention)
-            return
-        if index.numel() == 0:  # every sentence is done: no step follows
-            return
-        index = self.filled(index)
-        self.self_kv = self.self_kv.index_select(2, index)
-        if cross_attention:
-            self.cross_kv = self.cross_kv.index_select(2, index)
-            self.cross_bias = self.cross_bias.index_select(0, index)
 
 
 class CompiledEngine(DecodingEngine):
