@@ -56,15 +56,29 @@ def int8_works() -> str | None:
     engine = torch.backends.quantized.engine
     if engine == "none":
         return "this PyTorch build has no quantised engine"
+    # Fixed inputs: the verdict must not change from one process to the next.
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(16, 32, generator=generator), torch.randn(3, 32, generator=generator)
     try:
-        weight, x = torch.randn(16, 32), torch.randn(3, 32)
         packed = torch.ops.quantized.linear_prepack(_quantised_weight(weight), None)
         out = torch.ops.quantized.linear_dynamic(x, packed, _reduce_range())
     except (RuntimeError, NotImplementedError) as error:
         return f"PyTorch's quantised engine {engine!r} failed here: {str(error).splitlines()[0]}"
-    if not torch.allclose(out, F.linear(x, weight), atol=0.2, rtol=0.1):
+    if not _int8_product_is_close(out, F.linear(x, weight)):
         return f"PyTorch's quantised engine {engine!r} gave wrong products here"
     return None
+
+
+def _int8_product_is_close(int8_product: Tensor, fp32_product: Tensor) -> bool:
+    """Whether an int8 product is the fp32 one up to quantisation error.
+
+    Measured over the whole product, not element by element: an element near zero may be off by
+    more than itself, while the error over all of them stays at 1-2% of the product's norm
+    (2.2% at worst in 3000 random 3 x 32 by 32 x 16 products, 7-bit inputs); a broken kernel
+    is off by about as much as the product itself.
+    """
+    error = (int8_product.float() - fp32_product.float()).norm()
+    return bool(error <= 0.05 * fp32_product.float().norm())
 
 
 class PreparedLinear:
