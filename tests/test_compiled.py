@@ -62,6 +62,33 @@ def test_the_static_step_gives_the_eager_engines_greedy_ids_and_scores(overrides
     assert_same_greedy(engine, reference, src[:2, :7], max_len=40, min_len=40)
 
 
+def test_the_static_step_bans_ids_and_finds_the_best_token_as_the_eager_engine_does():
+    model = random_model(seed=4)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    src = random_sources([5, 8], seed=6)
+    banned = (model.config.pad_id, model.config.bos_id, model.config.eos_id)
+    with torch.inference_mode():
+        caches = [e.new_cache(max_beams=1, max_len=10, sentences=2) for e in (engine, reference)]
+        assert isinstance(caches[0], StaticCache) and isinstance(caches[1], BeamCache)
+        (memory, src_mask), tokens = reference.encode(src), torch.tensor([2, 2])
+        for step in range(4):
+            memory_now, mask_now = (memory, src_mask) if step == 0 else (None, None)
+            log_probs, ref_log_probs = (
+                e.next_log_probs(tokens, memory_now, mask_now, cache, banned[: 2 + step % 2])
+                for e, cache in zip((engine, reference), caches, strict=True)
+            )
+            torch.testing.assert_close(log_probs, ref_log_probs, rtol=0, atol=1e-5)
+            assert log_probs[:, list(banned[: 2 + step % 2])].eq(-torch.inf).all()
+            assert step % 2 or log_probs[:, banned[2]].isfinite().all()  # only when asked
+            tokens = ref_log_probs.argmax(dim=1)
+        best, best_log_probs = engine.next_best(tokens, None, None, caches[0], banned)
+        ref_log_probs = reference.next_log_probs(tokens, None, None, caches[1], banned)
+        assert torch.equal(best, ref_log_probs.argmax(dim=1)) and best.tolist() != [2, 2]
+        torch.testing.assert_close(
+            best_log_probs, ref_log_probs.max(dim=1).values, rtol=0, atol=1e-5
+        )
+
+
 def test_the_static_cache_reorders_beams_as_the_beam_cache_does():
     model = random_model(seed=3)
     engine, reference = uncompiled(model), prepare_for_decoding(model)

@@ -19,6 +19,7 @@ from torch import Tensor
 from qkv.checkpoint import TOKENIZER
 from qkv.errors import QkvError
 from qkv.export.onnx import DECODER_STEP, ENCODER, INFO
+from qkv.inference.engine import NextToken
 from qkv.model import TransformerConfig
 from qkv.tokenizer import Tokenizer
 from qkv.translate import Translator
@@ -52,7 +53,7 @@ class OnnxCache:
             self.src_ids = np.take(self.src_ids, rows, axis=0)
 
 
-class OnnxEngine:
+class OnnxEngine(NextToken):
     """The two graphs on ONNX Runtime, with the calls of `qkv.inference.DecodingEngine`."""
 
     model = None  # no PyTorch model: the searches leave train/eval alone

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qkv.inference import DecodingEngine, log_softmax, prepare_for_decoding
-from qkv.inference.topk import argmax, best_extensions
+from qkv.inference import DecodingEngine, prepare_for_decoding
+from qkv.inference.engine import NextToken
+from qkv.inference.topk import best_extensions
 from qkv.model import Transformer
 
 LENGTH_PENALTY_STYLES = ("gnmt", "fairseq")
@@ -107,23 +108,17 @@ def max_lengths(
     return lengths.clamp(max=model.config.max_len)
 
 
-def next_log_probs(
-    model: Transformer | DecodingEngine, logits: Tensor, generated: int, min_len: int
-) -> Tensor:
-    """(rows, 1, vocab) logits of the newest position -> (rows, vocab) fp32 log-probabilities
-    (`qkv.inference.log_softmax`), with the tokens that may not come next at -inf. `generated`
-    tokens already exist before this one."""
-    log_probs = log_softmax(logits[:, -1])
-    config = model.config
-    banned = (config.pad_id, config.bos_id) + ((config.eos_id,) if generated < min_len else ())
-    # One operation, not one per id: at one sentence a step is a few hundred microseconds.
-    return log_probs.index_fill_(1, _ids_tensor(banned, log_probs.device), -math.inf)
+def banned_ids(config, generated: int, min_len: int) -> tuple[int, ...]:
+    """The ids that may not come next when `generated` tokens exist: PAD and BOS, never valid outputs,
+    and EOS before `min_len`."""
+    return (config.pad_id, config.bos_id) + ((config.eos_id,) if generated < min_len else ())
 
 
-@functools.cache
-def _ids_tensor(ids: tuple[int, ...], device: torch.device) -> Tensor:
-    with torch.inference_mode(False):  # kept across calls, in and out of inference mode
-        return torch.tensor(ids, device=device)
+class _FromStep(NextToken):
+    """`NextToken`'s calls for an engine that has only `step`."""
+
+    def __init__(self, engine):
+        self.step = engine.step
 
 
 class _Batch:
@@ -145,17 +140,28 @@ class _Batch:
         self.cache = engine.new_cache(
             max_beams=max_beams, max_len=longest or None, sentences=src_ids.size(0)
         )
-
-    def decode(self, last_tokens: Tensor) -> Tensor:
-        """(rows,) the newest token of each row -> (rows, 1, vocab) logits of the next one."""
-        logits = self.engine.step(last_tokens, self.memory, self.src_mask, self.cache)
-        self.memory = self.src_mask = None  # the cache holds the encoder's keys and values now
-        return logits
+        # An engine needs only `step`: `NextToken` makes the rest from it.
+        self.next_token = engine if isinstance(engine, NextToken) else _FromStep(engine)
 
     def next_log_probs(self, last_tokens: Tensor, generated: int, min_len: int) -> Tensor:
-        """(rows,) the newest token of each row -> (rows, vocab) log-probabilities of the next one, as
-        `next_log_probs`."""
-        return next_log_probs(self.engine, self.decode(last_tokens), generated, min_len)
+        """(rows,) the newest token of each row -> (rows, vocab) log-probabilities of the next one, with
+        the tokens that may not come next at -inf. `generated` tokens already exist before it."""
+        banned = banned_ids(self.engine.config, generated, min_len)
+        log_probs = self.next_token.next_log_probs(
+            last_tokens, self.memory, self.src_mask, self.cache, banned
+        )
+        self.memory = self.src_mask = None  # the cache holds the encoder's keys and values now
+        return log_probs
+
+    def next_best(self, last_tokens: Tensor, generated: int, min_len: int) -> tuple[Tensor, Tensor]:
+        """(rows,) the newest token of each row -> the most likely next token of each row and its
+        log-probability (as `next_log_probs` gives them)."""
+        banned = banned_ids(self.engine.config, generated, min_len)
+        best = self.next_token.next_best(
+            last_tokens, self.memory, self.src_mask, self.cache, banned
+        )
+        self.memory = self.src_mask = None
+        return best
 
     def keep(self, rows: Tensor, cache_rows: Tensor | None = None) -> None:
         """Keep `rows` (in that order) of the current batch; the cache keeps `cache_rows` (default the
@@ -182,7 +188,7 @@ def greedy_search(
     src_ids (batch, src_len) -> ids (batch, out_len) padded with pad_id after EOS, and scores (batch,):
     the sum of the log-probabilities of the ids (EOS included; no length penalty).
     """
-    return _one_best(model, src_ids, argmax, max_len, min_len)
+    return _one_best(model, src_ids, None, max_len, min_len)
 
 
 @_inference
@@ -231,7 +237,8 @@ def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Te
 
 
 def _one_best(engine, src_ids, choose, max_len, min_len) -> tuple[Tensor, Tensor]:
-    """Decode one hypothesis per sentence, picking each token with `choose((rows, vocab)) -> (rows,)`."""
+    """Decode one hypothesis per sentence, picking each token with `choose((rows, vocab)) -> (rows,)`,
+    or the most likely one if `choose` is None."""
     config = engine.config
     batch = _Batch(engine, src_ids, max_len)
     n_sentences = src_ids.size(0)
@@ -241,9 +248,12 @@ def _one_best(engine, src_ids, choose, max_len, min_len) -> tuple[Tensor, Tensor
     tokens = torch.full((n_sentences,), config.bos_id, device=src_ids.device)  # (rows,)
     all_live = True  # every sentence still decoded, in its own row: plain writes, not scatters
     for step in range(longest):
-        log_probs = batch.next_log_probs(tokens, step, min_len)  # (rows, vocab)
-        tokens = choose(log_probs)  # (rows,)
-        token_log_probs = log_probs.gather(1, tokens[:, None]).squeeze(1)
+        if choose is None:  # the most likely token, which the engine may find within its step
+            tokens, token_log_probs = batch.next_best(tokens, step, min_len)  # (rows,) each
+        else:
+            log_probs = batch.next_log_probs(tokens, step, min_len)  # (rows, vocab)
+            tokens = choose(log_probs)  # (rows,)
+            token_log_probs = log_probs.gather(1, tokens[:, None]).squeeze(1)
         if all_live:
             out[:, step] = tokens
             scores += token_log_probs

@@ -54,7 +54,7 @@ class CTranslate2Translator:
             str(path), device=device.split(":")[0], compute_type=COMPUTE_TYPES[precision]
         )
         self.precision = f"ctranslate2 {self.translator.compute_type}"
-        # qkv's search never generates padding or BOS (`qkv.search.next_log_probs`): nor does this
+        # qkv's search never generates padding or BOS (`qkv.search.banned_ids`): nor does this
         piece = self.tokenizer.id_to_piece
         self._never = [[piece(self.tokenizer.pad_id)], [piece(self.tokenizer.bos_id)]]
         self._warn = warn or _warn

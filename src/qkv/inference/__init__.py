@@ -4,6 +4,10 @@
     memory, src_mask = engine.encode(src_ids)
     cache = engine.new_cache(max_beams=5)        # qkv.inference.beam_cache
     logits = engine.step(last_tokens, memory, src_mask, cache)   # one position, every row
+    # or what the searches call, made from `step` (`NextToken`): log-probabilities with some ids
+    # banned, or the most likely next token and its log-probability
+    log_probs = engine.next_log_probs(last_tokens, memory, src_mask, cache, banned=(pad_id,))
+    best, best_log_probs = engine.next_best(last_tokens, memory, src_mask, cache)
 
 `qkv.search` runs its searches on an engine (given a model, it prepares one for the call); `qkv.model`
 knows nothing of it.

@@ -19,6 +19,7 @@ it is; search (`qkv.search`) runs on the engine.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 from qkv.attention import attention_weights, fused_attention, fused_is_faster
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.linear import PreparedLinear
+from qkv.inference.topk import argmax
 from qkv.model import Transformer
 
 # On the CPU, one query per (sentence, head) over the cache, for at most this many of them (greedy on a
@@ -55,6 +57,45 @@ def log_softmax(logits: Tensor) -> Tensor:
     if log_probs.device.type == "cpu":
         return torch.log_softmax(log_probs, dim=-1, out=log_probs)
     return torch.log_softmax(log_probs, dim=-1)
+
+
+def without(log_probs: Tensor, banned: tuple[int, ...]) -> Tensor:
+    """(rows, vocab) log-probabilities with the `banned` ids set to -inf, in place."""
+    # One operation, not one per id: at one sentence a step is a few hundred microseconds.
+    return log_probs.index_fill_(1, _ids_tensor(banned, log_probs.device), -math.inf)
+
+
+@functools.cache
+def _ids_tensor(ids: tuple[int, ...], device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # kept across calls, in and out of inference mode
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+class NextToken:
+    """What the searches ask of an engine at each step, from its `step`: the next token's
+    log-probabilities, or the most likely next token. An engine whose step can compute these
+    itself (`qkv.inference.compiled`: inside its compiled program) overrides them."""
+
+    def step(self, last_tokens: Tensor, memory, src_mask, cache) -> Tensor:
+        raise NotImplementedError
+
+    def next_log_probs(
+        self, last_tokens: Tensor, memory, src_mask, cache, banned: tuple[int, ...] = ()
+    ) -> Tensor:
+        """(rows,) the newest token of each row -> (rows, vocab) fp32 log-probabilities of the next
+        one (`log_softmax` of `step`'s logits), with the `banned` ids at -inf: removed after the
+        softmax, so that a score is what a teacher-forced forward pass gives."""
+        logits = self.step(last_tokens, memory, src_mask, cache)
+        return without(log_softmax(logits[:, -1]), banned)
+
+    def next_best(
+        self, last_tokens: Tensor, memory, src_mask, cache, banned: tuple[int, ...] = ()
+    ) -> tuple[Tensor, Tensor]:
+        """(rows,) the newest token of each row -> the most likely next token of each row (rows,)
+        and its log-probability (rows,), as `next_log_probs` gives them."""
+        log_probs = self.next_log_probs(last_tokens, memory, src_mask, cache, banned)
+        best = argmax(log_probs)
+        return best, log_probs.gather(1, best[:, None]).squeeze(1)
 
 
 def prepare_for_decoding(model: Transformer, int8: bool = False) -> DecodingEngine:
@@ -106,7 +147,7 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(batch, length, n_heads * d_head)
 
 
-class DecodingEngine:
+class DecodingEngine(NextToken):
     """`encode` a batch of sources, then `step` the decoder one position at a time over `new_cache()`."""
 
     def __init__(self, model: Transformer, int8: bool = False):
