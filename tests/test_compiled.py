@@ -100,6 +100,30 @@ def test_the_static_cache_reorders_beams_as_the_beam_cache_does():
         torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
 
 
+def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_the_moved_one():
+    from qkv.inference.static_cache import gather_history
+
+    generator = torch.Generator().manual_seed(0)
+    for rows in (3, 1):
+        cache = StaticCache(n_layers=2, rows=rows, max_beams=rows, max_len=40)
+        cache.start(torch.zeros(2, 2, rows, 2, cache.capacity, 4))
+        moved = cache.self_kv.clone()  # the same history, reordered by moving it
+        for step in range(37):  # past the first 32 slots: the cache grows
+            cache.make_room()
+            moved = torch.cat([moved, torch.zeros_like(moved)], dim=4)[..., : cache.capacity, :]
+            new_kv = torch.randn(2, 2, rows, 2, 4, generator=generator)
+            cache.write(new_kv)
+            moved[..., step, :] = new_kv
+            index = torch.randint(0, rows, (rows,), generator=generator)
+            keys_before = cache.self_kv.data_ptr()
+            cache.reorder(index, cross_attention=False)
+            moved = moved.index_select(2, index)
+            if rows > 1:
+                assert cache.self_kv.data_ptr() == keys_before  # nothing moved
+            history = gather_history(cache.self_kv, cache.ancestry)
+            assert torch.equal(history[..., : step + 1, :], moved[..., : step + 1, :])
+
+
 def test_more_rows_than_max_rows_take_the_beam_cache_with_the_same_results():
     model = random_model()
     engine, reference = uncompiled(model), prepare_for_decoding(model)

@@ -10,8 +10,10 @@ number of rows:
   layer in one tensor (2, layers, rows, heads, capacity, d_head), 32 positions at first and doubled
   when full (as `BeamCache`); a slot not written yet is zero and masked out (-inf). The program only
   reads it: it attends to the slots before the step's position and to the new keys and values, and
-  returns those, which the engine writes into the cache (one copy). Written inside the program, the cache was an input the program mutates, and
-  Inductor copied all of it at every layer to do so (~20 µs a layer at 5 rows and 32 slots);
+  returns those, which the engine writes into the cache (one copy). Written inside the program, the
+  cache was an input the program mutates, and Inductor copied all of it at every layer to do so
+  (~20 µs a layer at 5 rows and 32 slots). A reorder of the beams moves no keys or values: the
+  program gathers each row's slots from the rows its ancestors wrote them to;
 - the encoder's keys and values are projected once per search, padded to a multiple of 8 positions
   (the padding masked out);
 - the program ends with what the searches do first (`NextToken`): the log-softmax, the banned ids
@@ -57,7 +59,7 @@ from qkv.atomic import atomic_write
 from qkv.inference import static_cache
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias
-from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, _round_up
+from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, _round_up, gather_history
 from qkv.model import Transformer
 
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5. Beyond, the eager step: at 32 rows its
@@ -133,6 +135,7 @@ class StaticDecoderStep(nn.Module):
         tokens: Tensor,
         position: Tensor,
         self_kv: Tensor,
+        ancestry: Tensor,
         cross_kv: Tensor,
         cross_bias: Tensor,
         banned_bias: Tensor,
@@ -143,8 +146,9 @@ class StaticDecoderStep(nn.Module):
         (rows,); and this position's keys and values (2, layers, rows, heads, d_head), for the cache.
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
-        (read only). cross_kv (2, layers, rows, heads, src_slots, d_head), cross_bias (rows, 1, 1,
-        src_slots): the encoder's, with 0 / -inf for real / padded source positions. banned_bias
+        (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`). cross_kv (2,
+        layers, rows, heads, src_slots, d_head), cross_bias (rows, 1, 1, src_slots): the encoder's,
+        with 0 / -inf for real / padded source positions. banned_bias
         (vocab,): -inf for the tokens that may not come next, else 0, added after the softmax."""
         model, n_heads = self.model, self.n_heads
         rows = tokens.size(0)
@@ -154,6 +158,7 @@ class StaticDecoderStep(nn.Module):
         # (1, 1, 1, capacity): the slots of earlier positions
         slots = torch.arange(capacity, device=tokens.device)
         self_bias = torch.where(slots < position, 0.0, -math.inf).view(1, 1, 1, capacity)
+        history = gather_history(self_kv, ancestry)  # (2, layers, rows, heads, capacity, d_head)
         new_keys, new_values = [], []
         for i, layer in enumerate(model.decoder.layers):
             bias = self.qkv_biases[i] if len(self.qkv_biases) else None
@@ -161,7 +166,7 @@ class StaticDecoderStep(nn.Module):
             q, k, v = F.linear(h, self.qkv_weights[i], bias).view(rows, 3, n_heads, 1, -1).unbind(1)
             new_keys.append(k)
             new_values.append(v)
-            attended = _attend_with_new(q, self_kv[0, i], self_kv[1, i], self_bias, k, v)
+            attended = _attend_with_new(q, history[0, i], history[1, i], self_bias, k, v)
             y = _residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
             attention = layer.cross_attn
             h = layer.norm2(y) if layer.norm_first else y
@@ -245,6 +250,7 @@ def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> No
         "tokens": None,
         "position": None,
         "self_kv": {4: capacity},
+        "ancestry": {1: capacity},
         "cross_kv": {4: src_slots},
         "cross_bias": {3: src_slots},
         "banned_bias": None,
@@ -415,7 +421,10 @@ class CompiledEngine(DecodingEngine):
         tokens = cache.filled(last_tokens)  # also contiguous (the search's is a column of its ids)
         position = torch.tensor(cache.length)
         banned_bias = self._banned_bias(banned)
-        arguments = (tokens, position, cache.self_kv, cache.cross_kv, cache.cross_bias, banned_bias)
+        arguments = (
+            tokens, position, cache.self_kv, cache.ancestry, cache.cross_kv, cache.cross_bias,
+            banned_bias,
+        )  # fmt: skip
         outputs = None
         if self.unavailable is None:
             try:
@@ -427,8 +436,7 @@ class CompiledEngine(DecodingEngine):
         if outputs is None:
             outputs = self.static_step(*arguments)
         log_probs, best, best_log_probs, new_kv = outputs
-        cache.self_kv[..., cache.length, :] = new_kv
-        cache.length += 1
+        cache.write(new_kv)
         return log_probs[:rows], best[:rows], best_log_probs[:rows]
 
     def _banned_bias(self, banned: tuple[int, ...]) -> Tensor:
@@ -468,7 +476,7 @@ class CompiledEngine(DecodingEngine):
         else:
             real.masked_fill_(src_mask, 0.0)
         shape = (2, len(self.decoder), rows, n_heads, cache.capacity, d_head)
-        cache.self_kv = memory.new_zeros(shape)
+        cache.start(memory.new_zeros(shape))
         cache.cross_kv, cache.cross_bias = cross_kv, cross_bias
         return True
 

@@ -16,6 +16,15 @@ def _round_up(n: int, multiple: int = SLOT_MULTIPLE) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def gather_history(self_kv: Tensor, ancestry: Tensor) -> Tensor:
+    """The keys and values of each row's own beam, (2, layers, rows, heads, capacity, d_head): slot
+    s of row r from row ancestry[r, s] of `self_kv` (`StaticCache`); one row is its own."""
+    if self_kv.size(2) == 1:
+        return self_kv
+    slots = torch.arange(self_kv.size(4), device=self_kv.device)
+    return self_kv[:, :, ancestry, :, slots].permute(2, 3, 0, 4, 1, 5)
+
+
 class StaticCache:
     """The compiled step's cache: `BeamCache`'s contract (`reorder`, `len`) over tensors of fixed
     shapes, one row per (sentence, beam).
@@ -23,7 +32,16 @@ class StaticCache:
     It keeps `rows` rows from the first step to the last (sentences x beams at the most), so that one
     program serves the whole search: while the search has fewer (one row per sentence at the first
     step of a beam search; sentences that finished), the last row is repeated to fill them, and its
-    results are dropped. A reorder moves the rows (small, at a few rows)."""
+    results are dropped.
+
+    With several rows, a reorder moves no keys or values: row r writes the keys and values of each
+    position into its own row of `self_kv`, and `ancestry[r, s]` says which row of `self_kv` holds
+    slot s of the beam that is row r now (a reorder is `ancestry.index_select(0, index)`, a few
+    hundred integers). The program reads each slot from there. Moving the keys and values
+    themselves (0.7-1.5 MB at five rows of the small model) took 15-40 µs a step of a beam search
+    of ~500 µs; gathering them costs less. One row (greedy on one sentence) is never reordered
+    before its search ends, and its program reads `self_kv` as it is (the gather made it 2-5%
+    slower)."""
 
     def __init__(self, n_layers: int, rows: int, max_beams: int, max_len: int):
         self.n_layers, self.rows, self.max_beams = n_layers, rows, max_beams
@@ -34,6 +52,8 @@ class StaticCache:
         self.capacity = min(self.max_capacity, INITIAL_CAPACITY)
         self.length = 0
         self.self_kv: Tensor | None = None  # (2, layers, rows, heads, capacity, d_head)
+        self.ancestry: Tensor | None = None  # (rows, capacity): the row of self_kv of each slot
+        self.row_ids: Tensor | None = None  # 0 ... rows - 1
         self.cross_kv: Tensor | None = None  # (2, layers, rows, heads, src_slots, d_head)
         self.cross_bias: Tensor | None = None  # (rows, 1, 1, src_slots)
         self.fallback: BeamCache | None = None  # set when this search takes the eager step
@@ -46,6 +66,20 @@ class StaticCache:
         if self.length == self.capacity:
             self.capacity = min(2 * self.capacity, self.max_capacity)
             self.self_kv = _grow(self.self_kv, self.capacity, dim=4, fill=0.0)
+            self.ancestry = _grow(self.ancestry, self.capacity, dim=1, fill=0)
+
+    def start(self, self_kv: Tensor) -> None:
+        """Take the (zero) keys and values of the first step; each row its own ancestor."""
+        self.self_kv = self_kv
+        self.row_ids = torch.arange(self.rows, device=self_kv.device)
+        self.ancestry = self.row_ids[:, None].expand(self.rows, self.capacity).contiguous()
+
+    def write(self, new_kv: Tensor) -> None:
+        """Append this position's keys and values (2, layers, rows, heads, d_head): each row's to
+        its own row of `self_kv`, where its slot of `ancestry` points."""
+        self.self_kv.select(4, self.length).copy_(new_kv)
+        self.ancestry.select(1, self.length).copy_(self.row_ids)
+        self.length += 1
 
     def filled(self, index: Tensor) -> Tensor:
         """(n,) row indices -> (rows,): the last one repeated (contiguous, as the program wants)."""
@@ -61,7 +95,10 @@ class StaticCache:
         if index.numel() == 0:  # every sentence is done: no step follows
             return
         index = self.filled(index)
-        self.self_kv = self.self_kv.index_select(2, index)
+        if self.rows > 1:
+            self.ancestry = self.ancestry.index_select(0, index)
+        else:  # the program reads the one row as it is
+            self.self_kv = self.self_kv.index_select(2, index)
         if cross_attention:
             self.cross_kv = self.cross_kv.index_select(2, index)
             self.cross_bias = self.cross_bias.index_select(0, index)
