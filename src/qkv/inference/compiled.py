@@ -148,8 +148,8 @@ class StaticDecoderStep(nn.Module):
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
         (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`). cross_kv (2,
         layers, rows, heads, src_slots, d_head), cross_bias (rows, 1, 1, src_slots): the encoder's,
-        with 0 / -inf for real / padded source positions. banned_bias
-        (vocab,): -inf for the tokens that may not come next, else 0, added after the softmax."""
+        with 0 / -inf for real / padded source positions. banned_bias (vocab,): -inf for the
+        tokens that may not come next, else 0, added after the softmax."""
         model, n_heads = self.model, self.n_heads
         rows = tokens.size(0)
         at = position.view(1)

@@ -39,9 +39,9 @@ class StaticCache:
     slot s of the beam that is row r now (a reorder is `ancestry.index_select(0, index)`, a few
     hundred integers). The program reads each slot from there. Moving the keys and values
     themselves (0.7-1.5 MB at five rows of the small model) took 15-40 µs a step of a beam search
-    of ~500 µs; gathering them costs less. One row (greedy on one sentence) is never reordered
-    before its search ends, and its program reads `self_kv` as it is (the gather made it 2-5%
-    slower)."""
+    of ~500 µs; gathering them costs less. One row (greedy on one sentence) has nothing to
+    reorder: its program reads `self_kv` as it is (the gather made it 2-5% slower), and a reorder
+    of it moves it."""
 
     def __init__(self, n_layers: int, rows: int, max_beams: int, max_len: int):
         self.n_layers, self.rows, self.max_beams = n_layers, rows, max_beams
