@@ -129,10 +129,29 @@ def test_more_rows_than_max_rows_take_the_beam_cache_with_the_same_results():
     engine, reference = uncompiled(model), prepare_for_decoding(model)
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
     assert isinstance(engine.new_cache(max_beams=3, max_len=10, sentences=2), BeamCache)
-    assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=6), BeamCache)
+    assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=33), BeamCache)
     assert isinstance(engine.new_cache(max_beams=1, max_len=10), BeamCache)  # unknown: eager
-    src = random_sources([5, 8, 4, 6, 7, 3])
-    assert_same_greedy(engine, reference, src, max_len=10)
+    src = random_sources([5, 8, 4, 6, 7, 3] * 6)
+    assert_same_greedy(engine, reference, src[:33], max_len=10)  # the eager step
+    beams = dict(beam_size=3, max_len=8)
+    ids, scores = beam_search(engine, src[:2], **beams)
+    ref_ids, ref_scores = beam_search(reference, src[:2], **beams)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_one_beam_on_more_sentences_takes_a_program_of_8_16_or_32_rows_with_the_same_results():
+    model = random_model()
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    rows = {n: engine.program_rows(n, max_beams=1) for n in (1, 5, 6, 8, 9, 16, 17, 32, 33)}
+    assert rows == {1: 1, 5: 5, 6: 8, 8: 8, 9: 16, 16: 16, 17: 32, 32: 32, 33: None}
+    assert engine.program_rows(2, max_beams=5) is None  # beams: at most MAX_ROWS rows
+    src = random_sources([5, 8, 4, 6, 7, 3, 9])  # 7 sentences: 8 rows, the last one repeated
+    cache = engine.new_cache(max_beams=1, max_len=12, sentences=7)
+    assert isinstance(cache, StaticCache) and cache.rows == 8
+    # Each sentence's own limit (its length + 50): they finish at different steps, the cache grows.
+    assert_same_greedy(engine, reference, src)
+    assert_same_greedy(engine, reference, src, max_len=6, min_len=6)
 
 
 def test_models_whose_weights_outgrow_the_cache_compile_one_row_only_without_wide_vectors(
@@ -151,6 +170,7 @@ def test_models_whose_weights_outgrow_the_cache_compile_one_row_only_without_wid
     monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (capability,))  # as on AVX-512, AVX2
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
     assert isinstance(engine.new_cache(max_beams=3, max_len=10, sentences=2), BeamCache)
+    assert engine.program_rows(6, max_beams=1) is None  # more sentences: only a model that fits
 
 
 def test_a_source_without_tokens_takes_the_eager_step_for_that_search():

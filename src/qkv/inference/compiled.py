@@ -32,7 +32,8 @@ file, PyTorch's version, the CPU's capability and the number of threads, so a pa
 loaded where it was made for; loading one takes ~5 ms (`load_package`).
 
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
-(sentences x beams: beam 5 on one sentence) on the CPU in fp32; larger batches, other devices and
+(sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,
+sampling; rows rounded up to 8, 16 or 32), on the CPU in fp32; larger batches, other devices and
 dtypes take the eager step. The search (`qkv.search`) is the same. Where the
 program cannot be made (no C++ compiler, an unsupported platform), the same step runs uncompiled for
 that search and the engine says so once, then uses the eager step.
@@ -62,14 +63,23 @@ from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bi
 from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, _round_up, gather_history
 from qkv.model import Transformer
 
-# Sentences x beams: beam 5 on one sentence, greedy on up to 5. Beyond, the eager step: at 32 rows its
-# oneDNN products were as fast. At 2-5 rows, where the weights a step reads outgrow the processor's
-# cache, Inductor's products gained on AVX-512 and not on AVX2 (4-row register blocks, two passes over
-# the weights for 5 rows); with 5-row blocks (`AVX2_ROW_BLOCK`) they gain on both: beam 5 on one
+# Sentences x beams: beam 5 on one sentence, greedy on up to 5 (more sentences: `ONE_BEAM_ROWS`). At
+# 2-5 rows, where the weights a step reads outgrow the processor's cache, Inductor's products gained
+# on AVX-512 and not on AVX2 (4-row register blocks, two passes over the weights for 5 rows); with
+# 5-row blocks (`AVX2_ROW_BLOCK`) they gain on both: beam 5 on one
 # sentence of the base model (105 MB of decoder and output weights), compiled / eager, 1.17-1.22x on
 # AVX-512 and 1.46-1.51x on AVX2 (benchmarks/README.md). Elsewhere (Arm, no vectors), not measured: a
 # model that large takes the compiled step for one row, which gained on every CPU measured.
 MAX_ROWS = 5
+# One hypothesis per sentence (greedy, sampling) on more sentences: the rows are rounded up to one of
+# these (the cache repeats its last row in the others), so that a few programs serve every batch.
+# Since the program stopped copying its cache, it gained there too: compiled / eager, greedy on the
+# small model, 8 rows 1.53-1.54x, 16 rows 1.28-1.31x, 32 rows 1.07-1.13x (AVX-512 and AVX2). A beam
+# of 5 on 8 sentences (40 rows) gained nothing, and 160 rows lost (0.83-0.90x): beams stay at MAX_ROWS.
+# The benchmark's greedy batch of 32 sentences, compiled / eager: small 1.02-1.16x (AVX2, three runs)
+# and 1.13-1.15x (AVX-512, two); base 0.94x and 1.05x, so only models whose step fits
+# MAX_WEIGHT_BYTES_FOR_ROWS.
+ONE_BEAM_ROWS = (8, 16, 32)
 MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
 WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose products gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
@@ -315,7 +325,7 @@ def load_package(path: Path):
 
 class CompiledEngine(DecodingEngine):
     """`DecodingEngine` whose step is compiled (`StaticDecoderStep`) for batches of up to `MAX_ROWS`
-    rows. `warn` says once why the compiled step is not taken, if it is not; `cache_dir` keeps the
+    rows, or of up to 32 sentences with one beam each (`program_rows`). `warn` says once why the compiled step is not taken, if it is not; `cache_dir` keeps the
     compiled programs (default `default_cache_dir()`); `say`, if given, is told when a program is
     compiled (it takes a while) and where it is kept."""
 
@@ -372,16 +382,29 @@ class CompiledEngine(DecodingEngine):
     def new_cache(
         self, max_beams: int = 1, max_len: int | None = None, sentences: int | None = None
     ) -> BeamCache | StaticCache:
-        """A `StaticCache` for `sentences` x `max_beams` rows up to `MAX_ROWS` while the compiled
+        """A `StaticCache` for `sentences` x `max_beams` rows (`program_rows`) while the compiled
         step works; else the eager engine's `BeamCache`."""
-        rows = None if sentences is None else sentences * max_beams
-        fits = self.step_bytes <= MAX_WEIGHT_BYTES_FOR_ROWS
-        wide = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
-        most_rows = MAX_ROWS if fits or wide else 1
-        if self.unavailable is None and rows is not None and rows <= most_rows:
+        rows = None if sentences is None else self.program_rows(sentences, max_beams)
+        if self.unavailable is None and rows is not None:
             max_len = max_len or self.config.max_len
             return StaticCache(len(self.decoder), rows, max_beams, max_len)
         return super().new_cache(max_beams, max_len)
+
+    def program_rows(self, sentences: int, max_beams: int) -> int | None:
+        """The rows of the program that decodes `sentences` x `max_beams` rows, or None: the eager
+        step. Up to `MAX_ROWS` rows as they are; one beam per sentence, up to `ONE_BEAM_ROWS` for a
+        model whose step fits `MAX_WEIGHT_BYTES_FOR_ROWS` (the base model's 32-row program was 0.94x
+        the eager step on AVX2, 1.05x on AVX-512)."""
+        rows = sentences * max_beams
+        fits = self.step_bytes <= MAX_WEIGHT_BYTES_FOR_ROWS
+        wide = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
+        if not (fits or wide):
+            return 1 if rows == 1 else None
+        if rows <= MAX_ROWS:
+            return rows
+        if max_beams == 1 and fits:
+            return next((bucket for bucket in ONE_BEAM_ROWS if bucket >= rows), None)
+        return None
 
     def step(self, last_tokens: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
         """As `DecodingEngine.step`; over a `StaticCache` the logits come normalised (they are the
