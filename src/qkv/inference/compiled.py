@@ -66,9 +66,9 @@ from qkv.model import Transformer
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5 (more sentences: `ONE_BEAM_ROWS`). At
 # 2-5 rows, where the weights a step reads outgrow the processor's cache, Inductor's products gained
 # on AVX-512 and not on AVX2 (4-row register blocks, two passes over the weights for 5 rows); with
-# 5-row blocks (`AVX2_ROW_BLOCK`) they gain on both: beam 5 on one
-# sentence of the base model (105 MB of decoder and output weights), compiled / eager, 1.17-1.22x on
-# AVX-512 and 1.46-1.51x on AVX2 (benchmarks/README.md). Elsewhere (Arm, no vectors), not measured: a
+# 5-row blocks (`AVX2_ROW_BLOCK`) they gain on both: beam 5 on one sentence of the base model (105 MB
+# of decoder and output weights), compiled / eager, 1.17-1.22x on AVX-512 and 1.46-1.51x on AVX2
+# (benchmarks/README.md). Elsewhere (Arm, no vectors), not measured: a
 # model that large takes the compiled step for one row, which gained on every CPU measured.
 MAX_ROWS = 5
 # One hypothesis per sentence (greedy, sampling) on more sentences: the rows are rounded up to one of
@@ -325,9 +325,10 @@ def load_package(path: Path):
 
 class CompiledEngine(DecodingEngine):
     """`DecodingEngine` whose step is compiled (`StaticDecoderStep`) for batches of up to `MAX_ROWS`
-    rows, or of up to 32 sentences with one beam each (`program_rows`). `warn` says once why the compiled step is not taken, if it is not; `cache_dir` keeps the
-    compiled programs (default `default_cache_dir()`); `say`, if given, is told when a program is
-    compiled (it takes a while) and where it is kept."""
+    rows, or of up to 32 sentences with one beam each (`program_rows`). `warn` says once why the
+    compiled step is not taken, if it is not; `cache_dir` keeps the compiled programs (default
+    `default_cache_dir()`); `say`, if given, is told when a program is compiled (it takes a while)
+    and where it is kept."""
 
     def __init__(
         self,
