@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.inference import BeamCache, prepare_for_decoding
+from qkv.inference import BeamCache, aoti, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference.compiled import CompiledEngine, StaticCache
 from qkv.search import beam_search, greedy_search
@@ -28,7 +28,7 @@ def compile_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def quick_compile(monkeypatch):
-    monkeypatch.setattr(compiled_module, "INDUCTOR_OPTIONS", QUICK)
+    monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
 
 
 def uncompiled(model) -> CompiledEngine:
@@ -212,8 +212,8 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     """Five beams of one sentence, five rows, every product Inductor's C++ (on AVX2 from register
     blocks of 5 rows): `qkv translate --compile` measures them against oneDNN's and takes the faster;
     here they are the only choice, so nothing is measured (a few seconds to compile)."""
-    options = dict(compiled_module.INDUCTOR_OPTIONS, max_autotune_gemm_backends="CPP")
-    monkeypatch.setattr(compiled_module, "INDUCTOR_OPTIONS", options)
+    options = dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="CPP")
+    monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", options)
     model = random_model(seed=3)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     src = random_sources([9])
@@ -231,7 +231,7 @@ def test_five_row_blocks_are_offered_while_a_step_compiles_and_only_then():
 
     blocks = cpp_micro_gemm.micro_gemm_configs[cpp_micro_gemm.CppMicroGemmFP32Vec]
     before = list(blocks)
-    with compiled_module._five_row_blocks_on_avx2():
+    with aoti._five_row_blocks_on_avx2():
         added = blocks[len(before) :]
         assert [tuple(block.register_blocking) for block in added] == [(5, 16, 1)]
         assert added[0].vec_isa_cls is VecAVX2 and added[0].input_dtype == torch.float

@@ -77,7 +77,7 @@ class Translator:
     ):
         int8 = precision == "int8"
         self.compile, self.say = compile, say
-        # Where compiled programs are kept (None: qkv.inference.compiled.default_cache_dir()).
+        # Where compiled programs are kept (None: qkv.inference.aoti.default_cache_dir()).
         self.compile_cache: Path | None = None
         if compile and precision == "auto" and torch.device(device).type == "cpu":
             precision = "fp32"  # what the compiled step computes in

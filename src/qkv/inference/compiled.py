@@ -27,9 +27,10 @@ number of rows:
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
 products) and saved as a package (`decoder-step-R-rows-KEY.pt2`) in the engine's `cache_dir`: the
 run directory's `compiled/` folder (`COMPILED`) when the model comes from one (`Translator.load`), else
-`QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY is a hash of the weights, the configuration, this
-file, PyTorch's version, the CPU's capability and the number of threads, so a package is only ever
-loaded where it was made for; loading one takes ~5 ms (`load_package`).
+`QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY is a hash of the weights, the configuration, the
+code of the step, its cache and its packaging, PyTorch's version, the CPU's capability and the number
+of threads, so a package is only ever loaded where it was made for; loading one takes ~5 ms. Options,
+key, compiling and loading: `qkv.inference.aoti`.
 
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
 (sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,
@@ -41,13 +42,8 @@ that search and the engine says so once, then uses the eager step.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -56,8 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qkv.atomic import atomic_write
-from qkv.inference import static_cache
+from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias
 from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, _round_up, gather_history
@@ -83,23 +78,6 @@ ONE_BEAM_ROWS = (8, 16, 32)
 MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
 WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose products gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
-# Inductor splits a loop of its own kernels (not the products) across the threads when each thread
-# would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
-# ran on two threads with three barriers, which cost more than its arithmetic. With 16K, the norms, the
-# embedding and attention over the slots of a short sentence run on one thread: the small model's
-# program at 5 rows 320 -> 249 µs (AVX-512) and 561 -> 433 µs (AVX2), at one row 208 -> 178 µs; a
-# trained model's sentences 5-6% faster with beam 5, 2-7% greedy (benchmarks/README.md, "Fewer
-# barriers").
-SERIAL_LOOP_ELEMENTS = 16384  # per thread
-AVX2_ROW_BLOCK = (5, 16, 1)  # rows, columns, depth of a register block (`_five_row_blocks_on_avx2`)
-INDUCTOR_OPTIONS = {
-    "freezing": True,
-    "max_autotune": True,
-    "max_autotune_gemm_backends": "CPP,ATEN",
-    "autotune_num_choices_displayed": 0,  # no table of timings on stderr for each product
-    "max_autotune_report_choices_stats": False,
-    "cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS,
-}
 
 
 def compiled_step_unavailable(model: Transformer) -> str | None:
@@ -223,37 +201,9 @@ def _residual(layer, norm, y: Tensor, sublayer_out: Tensor) -> Tensor:
     return y + sublayer_out if layer.norm_first else norm(y + sublayer_out)
 
 
-def default_cache_dir() -> Path:
-    """Where compiled programs are kept when no run directory is given."""
-    if directory := os.environ.get("QKV_COMPILE_CACHE"):
-        return Path(directory)
-    return Path.home() / ".cache" / "qkv" / "compiled"
-
-
-def program_key(step: StaticDecoderStep) -> str:
-    """What a compiled program depends on, hashed: the weights and configuration, qkv's code for it,
-    PyTorch, the CPU's capability, the threads (Inductor's products are made for that many), and
-    the options."""
-    digest = hashlib.blake2b(digest_size=8)
-    context = {
-        "config": step.model.config.to_dict(),
-        "torch": torch.__version__,
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "options": INDUCTOR_OPTIONS,
-        # this file and the cache's (its slot padding shapes the program's inputs)
-        "code": [Path(f).read_text(encoding="utf-8") for f in (__file__, static_cache.__file__)],
-    }
-    digest.update(json.dumps(context, sort_keys=True, default=str).encode())
-    for name, tensor in step.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> None:
     """Export the step for arguments like these (any capacity and source length) and compile it
-    with AOTInductor into the package `path` (written atomically)."""
+    with AOTInductor into the package `path` (`qkv.inference.aoti`)."""
     capacity = torch.export.Dim("capacity", min=SLOT_MULTIPLE, max=1 << 20)
     src_slots = torch.export.Dim("src_slots", min=SLOT_MULTIPLE, max=1 << 20)
     dynamic_shapes = {
@@ -269,66 +219,15 @@ def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> No
         # Copies made outside inference mode: export traces, and must not meet inference tensors.
         examples = tuple(t.clone() for t in arguments)
         exported = torch.export.export(step, examples, dynamic_shapes=dynamic_shapes)
-    with tempfile.TemporaryDirectory() as scratch, _five_row_blocks_on_avx2():
-        made = torch._inductor.aoti_compile_and_package(
-            exported,
-            package_path=str(Path(scratch) / "step.pt2"),
-            inductor_configs=dict(INDUCTOR_OPTIONS),
-        )
-        atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
-
-
-@contextlib.contextmanager
-def _five_row_blocks_on_avx2():
-    """While it lasts, Inductor may also build its fp32 products on AVX2 from register blocks of 5
-    rows x 16 columns (`AVX2_ROW_BLOCK`). Its own AVX2 blocks are 4 x 24, 4 x 16 and 8 x 8, and it
-    ranks 4 x 16 first for 5 rows (a beam of 5 on one sentence), which then takes two passes over the
-    weights, the second for one row: the small model's program at 5 rows took 498-522 µs, against
-    299-301 µs with 5 x 16 blocks (10 accumulators of 8 floats, 13 of AVX2's 16 registers), and the
-    same ~195 µs at one row. A private table of PyTorch's: where it is not as this expects, the
-    compile goes on without the extra blocks."""
-    try:
-        # Inductor's own import order: cpp_micro_gemm on its own meets a circular import.
-        import torch._inductor.select_algorithm
-        from torch._inductor.codegen import cpp_micro_gemm
-        from torch._inductor.cpu_vec_isa import VecAVX2
-
-        blocks = cpp_micro_gemm.micro_gemm_configs[cpp_micro_gemm.CppMicroGemmFP32Vec]
-        extra = cpp_micro_gemm.generate_gemm_config(
-            VecAVX2, [AVX2_ROW_BLOCK], input_dtype=torch.float
-        )
-    except (ImportError, AttributeError, KeyError, TypeError):
-        yield
-        return
-    blocks.extend(extra)
-    try:
-        yield
-    finally:
-        for block in extra:
-            blocks.remove(block)
-
-
-def load_package(path: Path):
-    """The program of an AOTInductor package, as a function of the step's arguments. PyTorch's own
-    loader runs the package's C++ directly: no import of the compiler (~2 s from a cold process,
-    against ~5 ms) and no flattening of the arguments at each call (~30 µs)."""
-    try:
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-    except (AttributeError, TypeError):  # another PyTorch's signature: its public way
-        return torch._inductor.aoti_load_package(str(path))
-
-    def run(*arguments: Tensor) -> tuple[Tensor, ...]:
-        return tuple(loader.run(list(arguments)))
-
-    return run
+    aoti.package(exported, path)
 
 
 class CompiledEngine(DecodingEngine):
     """`DecodingEngine` whose step is compiled (`StaticDecoderStep`) for batches of up to `MAX_ROWS`
     rows, or of up to 32 sentences with one beam each (`program_rows`). `warn` says once why the
     compiled step is not taken, if it is not; `cache_dir` keeps the compiled programs (default
-    `default_cache_dir()`); `say`, if given, is told when a program is compiled (it takes a while)
-    and where it is kept."""
+    `aoti.default_cache_dir()`); `say`, if given, is told when a program is compiled (it takes a
+    while) and where it is kept."""
 
     def __init__(
         self,
@@ -339,7 +238,7 @@ class CompiledEngine(DecodingEngine):
     ):
         super().__init__(model)
         self.warn, self.say = warn, say
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
@@ -359,7 +258,7 @@ class CompiledEngine(DecodingEngine):
 
     def package_path(self, rows: int) -> Path:
         if self._key is None:
-            self._key = program_key(self.static_step)
+            self._key = aoti.program_key(self.static_step)
         return self.cache_dir / f"decoder-step-{rows}-rows-{self._key}.pt2"
 
     def program(self, arguments: tuple) -> object:
@@ -376,7 +275,7 @@ class CompiledEngine(DecodingEngine):
                 if self.say:
                     seconds = time.perf_counter() - started
                     self.say(f"compiled in {seconds:.1f} s, kept in {path}")
-            self.programs[rows] = load_package(path)
+            self.programs[rows] = aoti.load_package(path)
             self.compile_seconds[rows] = time.perf_counter() - started
         return self.programs[rows]
 

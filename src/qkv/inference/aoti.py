@@ -1,0 +1,125 @@
+"""The compiled decoder step as a package on disk: AOTInductor's options, the package's key, its
+compilation and its loading (`qkv.inference.compiled` exports the step and uses these)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qkv.atomic import atomic_write
+from qkv.inference import static_cache
+
+# Inductor splits a loop of its own kernels (not the products) across the threads when each thread
+# would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
+# ran on two threads with three barriers, which cost more than its arithmetic. With 16K, the norms, the
+# embedding and attention over the slots of a short sentence run on one thread: the small model's
+# program at 5 rows 320 -> 249 µs (AVX-512) and 561 -> 433 µs (AVX2), at one row 208 -> 178 µs; a
+# trained model's sentences 5-6% faster with beam 5, 2-7% greedy (benchmarks/README.md, "Fewer
+# barriers").
+SERIAL_LOOP_ELEMENTS = 16384  # per thread
+AVX2_ROW_BLOCK = (5, 16, 1)  # rows, columns, depth of a register block (`_five_row_blocks_on_avx2`)
+INDUCTOR_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,  # no table of timings on stderr for each product
+    "max_autotune_report_choices_stats": False,
+    "cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS,
+}
+
+
+def default_cache_dir() -> Path:
+    """Where compiled programs are kept when no run directory is given."""
+    if directory := os.environ.get("QKV_COMPILE_CACHE"):
+        return Path(directory)
+    return Path.home() / ".cache" / "qkv" / "compiled"
+
+
+def program_key(step: nn.Module) -> str:
+    """What a compiled program depends on, hashed: the weights and configuration, qkv's code for it,
+    PyTorch, the CPU's capability, the threads (Inductor's products are made for that many), and
+    the options."""
+    digest = hashlib.blake2b(digest_size=8)
+    context = {
+        "config": step.model.config.to_dict(),
+        "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "options": INDUCTOR_OPTIONS,
+        # the step's code, the cache's (its slot padding shapes the program's inputs) and this file
+        "code": [Path(f).read_text(encoding="utf-8") for f in _code_files(step)],
+    }
+    digest.update(json.dumps(context, sort_keys=True, default=str).encode())
+    for name, tensor in step.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _five_row_blocks_on_avx2():
+    """While it lasts, Inductor may also build its fp32 products on AVX2 from register blocks of 5
+    rows x 16 columns (`AVX2_ROW_BLOCK`). Its own AVX2 blocks are 4 x 24, 4 x 16 and 8 x 8, and it
+    ranks 4 x 16 first for 5 rows (a beam of 5 on one sentence), which then takes two passes over the
+    weights, the second for one row: the small model's program at 5 rows took 498-522 µs, against
+    299-301 µs with 5 x 16 blocks (10 accumulators of 8 floats, 13 of AVX2's 16 registers), and the
+    same ~195 µs at one row. A private table of PyTorch's: where it is not as this expects, the
+    compile goes on without the extra blocks."""
+    try:
+        # Inductor's own import order: cpp_micro_gemm on its own meets a circular import.
+        import torch._inductor.select_algorithm
+        from torch._inductor.codegen import cpp_micro_gemm
+        from torch._inductor.cpu_vec_isa import VecAVX2
+
+        blocks = cpp_micro_gemm.micro_gemm_configs[cpp_micro_gemm.CppMicroGemmFP32Vec]
+        extra = cpp_micro_gemm.generate_gemm_config(
+            VecAVX2, [AVX2_ROW_BLOCK], input_dtype=torch.float
+        )
+    except (ImportError, AttributeError, KeyError, TypeError):
+        yield
+        return
+    blocks.extend(extra)
+    try:
+        yield
+    finally:
+        for block in extra:
+            blocks.remove(block)
+
+
+def load_package(path: Path):
+    """The program of an AOTInductor package, as a function of the step's arguments. PyTorch's own
+    loader runs the package's C++ directly: no import of the compiler (~2 s from a cold process,
+    against ~5 ms) and no flattening of the arguments at each call (~30 µs)."""
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    except (AttributeError, TypeError):  # another PyTorch's signature: its public way
+        return torch._inductor.aoti_load_package(str(path))
+
+    def run(*arguments: Tensor) -> tuple[Tensor, ...]:
+        return tuple(loader.run(list(arguments)))
+
+    return run
+
+
+def package(exported, path: Path) -> None:
+    """Compile an exported program with AOTInductor (`INDUCTOR_OPTIONS`) into the package `path`,
+    written atomically."""
+    with tempfile.TemporaryDirectory() as scratch, _five_row_blocks_on_avx2():
+        made = torch._inductor.aoti_compile_and_package(
+            exported,
+            package_path=str(Path(scratch) / "step.pt2"),
+            inductor_configs=dict(INDUCTOR_OPTIONS),
+        )
+        atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
+
+
+def _code_files(step: nn.Module) -> list[str]:
+    return [inspect.getfile(type(step)), static_cache.__file__, __file__]
