@@ -145,13 +145,19 @@ def _lines_of(stream: BinaryIO) -> Iterator[bytes]:
     except (AttributeError, OSError, io.UnsupportedOperation):
         yield from iter(stream.readline, b"")
         return
-    pending = b""
+    pending: list[
+        bytes
+    ] = []  # the start of a line still arriving, in pieces (a long line: no copies)
     while data := os.read(fd, 1 << 16):
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if pending:
-        yield pending
+        *lines, rest = data.split(b"\n")
+        if lines:
+            lines[0] = b"".join([*pending, lines[0]])
+            pending = []
+            for line in lines:
+                yield line + b"\n"
+        pending.append(rest)
+    if tail := b"".join(pending):
+        yield tail
 
 
 def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> Iterator[list[str]]:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
-from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias
+from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias, without
 from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, _round_up, gather_history
 from qkv.model import Transformer
 
@@ -367,8 +367,7 @@ class CompiledEngine(DecodingEngine):
         bias = self._banned_biases.get(banned)
         if bias is None:
             with torch.inference_mode(False):  # kept across calls, in and out of inference mode
-                bias = torch.zeros(self.config.tgt_vocab_size)
-                bias[list(banned)] = -math.inf
+                bias = without(torch.zeros(1, self.config.tgt_vocab_size), banned)[0]
             self._banned_biases[banned] = bias
         return bias
 

@@ -40,8 +40,8 @@ class StaticCache:
     hundred integers). The program reads each slot from there. Moving the keys and values
     themselves (0.7-1.5 MB at five rows of the small model) took 15-40 µs a step of a beam search
     of ~500 µs; gathering them costs less. One row (greedy on one sentence) has nothing to
-    reorder: its program reads `self_kv` as it is (the gather made it 2-5% slower), and a reorder
-    of it moves it."""
+    reorder (its only index is 0): its program reads `self_kv` as it is (the gather made it 2-5%
+    slower)."""
 
     def __init__(self, n_layers: int, rows: int, max_beams: int, max_len: int):
         self.n_layers, self.rows, self.max_beams = n_layers, rows, max_beams
@@ -95,10 +95,7 @@ class StaticCache:
         if index.numel() == 0:  # every sentence is done: no step follows
             return
         index = self.filled(index)
-        if self.rows > 1:
-            self.ancestry = self.ancestry.index_select(0, index)
-        else:  # the program reads the one row as it is
-            self.self_kv = self.self_kv.index_select(2, index)
+        self.ancestry = self.ancestry.index_select(0, index)
         if cross_attention:
             self.cross_kv = self.cross_kv.index_select(2, index)
             self.cross_bias = self.cross_bias.index_select(0, index)
