@@ -9,6 +9,7 @@ systems alternate in one process so they share the machine's state; each figure 
     python benchmarks/train_throughput.py --configs small --repeats 5
     python benchmarks/train_throughput.py --as-avx2 --precisions fp32   # as on an AVX2 CPU
     python benchmarks/train_throughput.py --device cuda --sentences 768 --compile   # on a GPU
+    python benchmarks/train_throughput.py --heap-allocator    # glibc set as `qkv train` sets it
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from timing import AS_AVX2, AS_AVX2_HELP, run_as_avx2_if_asked
 from torch import nn
 
+from qkv.allocator import keep_large_blocks_on_the_heap
 from qkv.hardware import describe_cpu
 from qkv.kernels import use_fast_kernels
 from qkv.layers import sinusoidal_table
@@ -180,8 +182,16 @@ def main() -> None:
         help=f"also time '{OWN_LOSS}': qkv with its own label-smoothed loss (qkv.loss, as `qkv "
         "train` runs it) instead of F.cross_entropy; the other rows keep F.cross_entropy",
     )
+    parser.add_argument(
+        "--heap-allocator",
+        action="store_true",
+        help="every system with glibc's large blocks served from its heap and kept there, as `qkv "
+        "train` sets it on the CPU (qkv.allocator); by default glibc as a plain PyTorch script has "
+        "it, which maps each block over 32 MB afresh",
+    )
     parser.add_argument(AS_AVX2, action="store_true", help=AS_AVX2_HELP)
     args = parser.parse_args()
+    heap = args.heap_allocator and keep_large_blocks_on_the_heap()  # before torch allocates
     print(describe_cpu())
     where = f"{torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):
@@ -189,7 +199,8 @@ def main() -> None:
     target_tokens = int((make_batch(args.sentences, length=32)[2] != PAD).sum())
     print(
         f"torch {torch.__version__}, {where}, {args.sentences} sentences per batch "
-        f"({target_tokens:,} target tokens){', compiled' if args.compile else ''}"
+        f"({target_tokens:,} target tokens){', compiled' if args.compile else ''}; glibc's "
+        + ("large blocks on its heap" if heap else "allocator as it starts")
     )
     print(
         f"{'config':7} {'system':15} {'precision':9} {'tgt tok/s':>10} "

@@ -2,6 +2,7 @@
 system's figure and the ratios. Tiny settings; nothing here is timed against a threshold."""
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -38,6 +39,17 @@ def test_train_throughput_prints_both_systems_and_the_ratio():
     assert [row[1] for row in rows] == ["qkv", "nn.Transformer"]
     assert rows[1][-1] == "1.00x"  # the reference against itself
     assert float(rows[0][-1].rstrip("x")) > 0 and float(rows[0][3].replace(",", "")) > 0
+    assert "glibc's allocator as it starts" in result.stdout
+
+
+def test_train_throughput_can_set_glibc_as_qkv_train_does():
+    result = run_script(
+        "train_throughput.py", "--configs", "small", "--precisions", "fp32",
+        "--repeats", "1", "--warmup", "0", "--sentences", "4", "--heap-allocator",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert ("glibc's large blocks on its heap" in result.stdout) == glibc, result.stdout
 
 
 def decode_rows(*systems: str) -> list[list[str]]:

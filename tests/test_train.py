@@ -238,6 +238,15 @@ def test_bf16_on_a_cpu_without_it_warns_once_and_trains(prepared, tmp_path, monk
     assert load_checkpoint(tmp_path / "last.pt")["precision"] == "bf16"
 
 
+def test_training_on_the_cpu_keeps_large_blocks_on_the_heap(prepared, tmp_path, monkeypatch):
+    calls = []  # what that does to glibc: tests/test_allocator.py
+    monkeypatch.setattr(
+        sys.modules["qkv.train"], "keep_large_blocks_on_the_heap", lambda: calls.append(1)
+    )
+    train(tiny_config(prepared, "train.max_steps=1"), tmp_path, log=lambda *_: None)
+    assert calls == [1]
+
+
 def test_the_end_of_a_run_is_always_validated(prepared, tmp_path):
     """Even when the last step is a save step and no evaluation is due there."""
     config = tiny_config(prepared, "train.max_steps=4", "train.save_every=4", "eval.every_steps=0")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from qkv.allocator import keep_large_blocks_on_the_heap
 from qkv.atomic import atomic_write, remove_partial_writes
 from qkv.checkpoint import (
     LAST,
@@ -390,6 +391,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
     dist_info = setup_distributed(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    if dist_info.device.type == "cpu":
+        keep_large_blocks_on_the_heap()  # the logits and their gradient, reused at every step
     if (run_dir / LAST).exists() and not resume:
         raise QkvError(
             f"{run_dir} already holds a run ({LAST}): pass --resume to continue it, "
