@@ -265,6 +265,17 @@ def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeyp
     assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=1), BeamCache)
 
 
+def test_each_program_a_search_can_take_and_the_fewest_sentences_that_take_it():
+    engine = uncompiled(random_model())  # a small model: its step fits MAX_WEIGHT_BYTES_FOR_ROWS
+    # Greedy: 1-5 rows as they are, then rounded up to 8, 16 and 32.
+    assert engine.sentences_per_program(1) == [1, 2, 3, 4, 5, 6, 9, 17]
+    assert engine.sentences_per_program(2) == [1, 2]  # 2 and 4 rows; 3 sentences are 6 rows
+    assert engine.sentences_per_program(5) == [1]
+    assert engine.sentences_per_program(6) == []  # 6 rows: the eager step
+    engine.unavailable = "no compiler here"
+    assert engine.sentences_per_program(1) == []
+
+
 def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, quick_compile):
     """In process, quick options; the command compiles with Inductor's own C++ products chosen by
     measuring (max_autotune), into the run directory's compiled/ folder, and loads them later."""

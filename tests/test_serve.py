@@ -20,8 +20,9 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 import httpx
 from fastapi.testclient import TestClient
 
+import qkv
 from conftest import qkv_env
-from qkv.serve import load_models
+from qkv.serve import compile_ahead, load_models
 from qkv.serve.app import create_app
 from qkv.translate import Translator
 from toy_task import reverse
@@ -236,7 +237,7 @@ def test_a_server_with_compile_compiles_before_it_starts_and_translates_the_same
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "qkv", "serve", str(toy_run), "--port", str(port), "--compile",
-         "--beam", "2", "--max-wait-ms", "0"],
+         "--beam", "3", "--max-wait-ms", "0"],
         env=qkv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -256,8 +257,26 @@ def test_a_server_with_compile_compiles_before_it_starts_and_translates_the_same
         _, stderr = server.communicate(timeout=30)
     assert server.returncode in (0, -signal.SIGTERM), stderr[-2000:]
     assert "warning" not in stderr
-    # One sentence with beam 2 is 2 rows: that program, compiled or loaded, sits in the run.
-    assert list((toy_run / "compiled").glob("decoder-step-2-rows-*.pt2")), stderr[-2000:]
+    # With beam 3 only one sentence is compiled (3 rows; 2 would be 6, over MAX_ROWS): that
+    # program, compiled or loaded, sits in the run.
+    assert list((toy_run / "compiled").glob("decoder-step-3-rows-*.pt2")), stderr[-2000:]
+
+
+def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch):
+    translator = qkv.load(toy_run, compile=True)
+    engine = translator.engine()
+    programs_run = set()
+
+    def program(arguments):  # the static step as it is: nothing compiled here
+        programs_run.add(arguments[0].size(0))
+        return engine.static_step
+
+    monkeypatch.setattr(engine, "program", program)
+    assert compile_ahead(translator, beam=1) == 8
+    assert programs_run == {1, 2, 3, 4, 5, 8, 16, 32}
+    programs_run.clear()
+    assert compile_ahead(translator, beam=5) == 1 and programs_run == {5}
+    assert compile_ahead(qkv.load(toy_run), beam=1) == 0  # no compiled step to make
 
 
 def test_a_model_that_cannot_be_loaded_is_a_clear_error_at_start(run_qkv, tmp_path):

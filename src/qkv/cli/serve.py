@@ -44,9 +44,10 @@ def _add_serve(subparsers) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="as for qkv translate: batches of up to 5 rows (one request with beam 5) through a "
-        "compiled decoder step, compiled (or loaded from the run's compiled/ folder) before the "
-        "server starts",
+        help="as for qkv translate: batches of up to 5 rows (one request with beam 5; with beam 1, "
+        "up to 32 requests' sentences) through a compiled decoder step, every program a batch can "
+        "take compiled (or loaded from the run's compiled/ folder) before the server starts: one "
+        "with beam 5, up to eight with beam 1, ~20-40 s each the first time",
     )
     parser.add_argument(
         "--max-chars", type=int, default=5000, help="characters per request (default 5000)"
@@ -74,7 +75,7 @@ def _run_serve(args) -> int:
         from qkv.serve.app import create_app
     except ImportError as error:
         raise QkvError(f'qkv serve needs its extra: pip install "qkv[serve]" ({error})') from None
-    from qkv.serve import load_models, read_api_keys
+    from qkv.serve import compile_ahead, load_models, read_api_keys
 
     if args.beam < 1:
         raise QkvError(f"--beam must be at least 1, got {args.beam}")
@@ -89,8 +90,8 @@ def _run_serve(args) -> int:
     )
     for model in models:
         print(f"qkv serve: {model.name}: {model.source} -> {model.target}", file=sys.stderr)
-        if args.compile:  # one request, one sentence: compiled now, not while a client waits
-            model.translator.translate(["."], beam=args.beam)
+        if args.compile:  # every program a batch can run on: compiled now, not while a client waits
+            compile_ahead(model.translator, args.beam)
     app = create_app(
         models,
         beam=args.beam,

@@ -306,6 +306,19 @@ class CompiledEngine(DecodingEngine):
             return next((bucket for bucket in ONE_BEAM_ROWS if bucket >= rows), None)
         return None
 
+    def sentences_per_program(self, max_beams: int) -> list[int]:
+        """For each program that a search with `max_beams` beams can run on, the fewest sentences
+        that run it, smallest first ([] where nothing compiles): what a server translates before it
+        listens, so that no request waits for a compile."""
+        if self.unavailable is not None:
+            return []
+        fewest: dict[int, int] = {}
+        for sentences in range(1, max(MAX_ROWS, ONE_BEAM_ROWS[-1]) + 1):
+            rows = self.program_rows(sentences, max_beams)
+            if rows is not None:
+                fewest.setdefault(rows, sentences)
+        return sorted(fewest.values())
+
     def step(self, last_tokens: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
         """As `DecodingEngine.step`; over a `StaticCache` the logits come normalised (they are the
         log-probabilities: the same softmax)."""

@@ -11,6 +11,22 @@ from collections.abc import Callable, Sequence
 from qkv.errors import QkvError
 
 
+def compile_ahead(translator, beam: int) -> int:
+    """Compile now (or load from the run's compiled/ folder) every program of the compiled decoder
+    step that a batch of requests with `beam` beams can run on (`CompiledEngine.sentences_per_program`:
+    one with beam 5; eight, from 1 to 32 sentences, with beam 1), so that no client waits for a
+    compile. Returns how many; 0 for an engine without a compiled step."""
+    from qkv.inference.compiled import CompiledEngine
+
+    engine = translator.engine()
+    if not isinstance(engine, CompiledEngine):
+        return 0
+    counts = engine.sentences_per_program(beam)
+    for sentences in counts:
+        translator.translate(["."] * sentences, beam=beam)
+    return len(counts)
+
+
 def load_models(
     paths: Sequence[str],
     device: str = "cpu",
