@@ -36,12 +36,12 @@ def _glibc() -> ctypes.CDLL | None:
 
 @functools.cache
 def keep_large_blocks_on_the_heap() -> bool:
-    """Have glibc serve every block from its heap (no mmap) and keep what is freed there, for this
-    whole process; True if it now does. Once per process."""
+    """Have glibc serve every block from its heap (no mmap) and keep what is freed there, for the
+    rest of this process (it cannot be undone); True if it now does."""
     if os.environ.get(DEFAULT_MALLOC_ENV, "") not in ("", "0"):
         return False
     libc = _glibc()
     if libc is None:
         return False
-    # Trim first: were mmap refused while the heap still shrank, freed blocks would go back anyway.
+    # Both: with mmap refused alone, a freed block at the heap's top would still go back to the system.
     return bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)) and bool(libc.mallopt(_M_MMAP_MAX, 0))

@@ -14,7 +14,7 @@ from qkv.errors import QkvError
 def compile_ahead(translator, beam: int) -> int:
     """Compile now (or load from the run's compiled/ folder) every program of the compiled decoder
     step that a batch of requests with `beam` beams can run on (`CompiledEngine.sentences_per_program`:
-    one with beam 5; eight, from 1 to 32 sentences, with beam 1), so that no client waits for a
+    one with beam 5; up to eight, from 1 to 32 sentences, with beam 1), so that no client waits for a
     compile. Returns how many; 0 for an engine without a compiled step."""
     from qkv.inference.compiled import CompiledEngine
 
