@@ -11,7 +11,7 @@ import qkv
 from qkv.inference import BeamCache, aoti, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference.compiled import CompiledEngine, StaticCache
-from qkv.search import beam_search, greedy_search
+from qkv.search import beam_search, greedy_search, sample
 from test_search import random_model, random_sources
 
 # Freezing alone compiles in a few seconds; max_autotune measures ~2 s per product shape, so only the
@@ -34,7 +34,7 @@ def quick_compile(monkeypatch):
 def uncompiled(model) -> CompiledEngine:
     """The engine with its static step run eagerly (what a failed compile falls back to)."""
     engine = CompiledEngine(model)
-    engine.program = lambda arguments: engine.static_step
+    engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
     return engine
 
 
@@ -60,6 +60,23 @@ def test_the_static_step_gives_the_eager_engines_greedy_ids_and_scores(overrides
     assert_same_greedy(engine, reference, src[:1, :7], max_len=9, min_len=9)
     # 40 positions: the cache starts with 32 slots and grows.
     assert_same_greedy(engine, reference, src[:2, :7], max_len=40, min_len=40)
+
+
+def test_sentences_that_finish_at_different_steps_leave_the_others_their_rows():
+    """Each sentence its own length limit (its source's + 50): they finish one after another, and
+    the rest go on in the rows they had, through greedy search's program and through the
+    log-probabilities sampling reads (top-k 1: the same draws as greedy)."""
+    model = random_model(seed=2)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    src = random_sources([3, 9, 1, 6, 12], seed=8)
+    ids, scores = greedy_search(engine, src)
+    ref_ids, ref_scores = greedy_search(reference, src)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+    assert len(set((ref_ids != model.config.pad_id).sum(dim=1).tolist())) > 1  # they did differ
+    drawn, drawn_scores = sample(engine, src, top_k=1)
+    assert torch.equal(drawn, ref_ids)
+    torch.testing.assert_close(drawn_scores, ref_scores, rtol=0, atol=1e-4)
 
 
 def test_the_static_step_bans_ids_and_finds_the_best_token_as_the_eager_engine_does():
@@ -104,8 +121,8 @@ def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_t
     from qkv.inference.static_cache import gather_history
 
     generator = torch.Generator().manual_seed(0)
-    for rows in (3, 1):
-        cache = StaticCache(n_layers=2, rows=rows, max_beams=rows, max_len=40)
+    for rows, max_beams in ((3, 3), (1, 1)):
+        cache = StaticCache(n_layers=2, rows=rows, max_beams=max_beams, max_len=40)
         cache.start(torch.zeros(2, 2, rows, 2, cache.capacity, 4))
         moved = cache.self_kv.clone()  # the same history, reordered by moving it
         for step in range(37):  # past the first 32 slots: the cache grows
@@ -118,10 +135,28 @@ def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_t
             keys_before = cache.self_kv.data_ptr()
             cache.reorder(index, cross_attention=False)
             moved = moved.index_select(2, index)
-            if rows > 1:
-                assert cache.self_kv.data_ptr() == keys_before  # nothing moved
+            assert cache.self_kv.data_ptr() == keys_before  # nothing moved
             history = gather_history(cache.self_kv, cache.ancestry)
             assert torch.equal(history[..., : step + 1, :], moved[..., : step + 1, :])
+
+
+def test_with_one_beam_finished_sentences_leave_their_rows_and_nothing_moves():
+    cache = StaticCache(n_layers=2, rows=4, max_beams=1, max_len=10)
+    cache.start(torch.zeros(2, 2, 4, 2, cache.capacity, 4))
+    cache.cross_kv, cache.cross_bias = torch.randn(2, 2, 4, 2, 8, 4), torch.zeros(4, 1, 1, 8)
+    held = cache.self_kv, cache.ancestry.clone(), cache.cross_kv, cache.cross_bias
+    outputs = torch.arange(4) * 10  # what a program returns for each of its rows
+    # Three sentences in a program of four rows: the last one repeated.
+    assert cache.program_tokens(torch.tensor([5, 6, 7])).tolist() == [5, 6, 7, 7]
+    assert cache.search_rows(outputs).tolist() == [0, 10, 20]
+    cache.reorder(torch.tensor([0, 2]))  # the second sentence finished
+    assert cache.program_tokens(torch.tensor([8, 9])).tolist() == [8, 6, 9, 7]
+    assert cache.search_rows(outputs).tolist() == [0, 20]
+    cache.reorder(torch.tensor([1]))  # then the first
+    assert cache.program_tokens(torch.tensor([4])).tolist() == [8, 6, 4, 7]
+    assert cache.search_rows(outputs).tolist() == [20]
+    assert cache.self_kv is held[0] and torch.equal(cache.ancestry, held[1])  # each row its own
+    assert cache.cross_kv is held[2] and cache.cross_bias is held[3]
 
 
 def test_more_rows_than_max_rows_take_the_beam_cache_with_the_same_results():
@@ -191,7 +226,8 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     assert engine.unavailable is None, engine.unavailable
     assert_same_greedy(engine, reference, random_sources([7, 4]), max_len=20)
-    assert [p.name for p in compile_cache.iterdir()] == [engine.package_path(2).name]
+    # Greedy search's own program: only the best token, each row's history read in place.
+    assert [p.name for p in compile_cache.iterdir()] == [engine.package_path(2, greedy=True).name]
     # Other source lengths, another capacity, one sentence finishing early: the same program.
     assert_same_greedy(engine, reference, random_sources([12, 3], seed=2), max_len=30)
     assert_same_greedy(engine, reference, random_sources([3, 5], seed=3), max_len=9, min_len=9)
@@ -206,6 +242,7 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     # Other weights: another key, so a program of their own; another number of rows, another program.
     assert CompiledEngine(random_model(seed=9)).package_path(2) != engine.package_path(2)
     assert engine.package_path(1) != engine.package_path(2)
+    assert engine.package_path(2, greedy=True) != engine.package_path(2)
 
 
 def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(monkeypatch):
@@ -286,7 +323,7 @@ def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, quick
     assert translator.engine().cache_dir == toy_run / "compiled"
     assert translator.translate(lines, beam=1) == qkv.load(toy_run).translate(lines, beam=1)
     assert translator.engine().compiled_rows == {3} and messages == []
-    assert said[0] == "compiling the decoder step for 3 rows (once, ~20-40 s)"
+    assert said[0] == "compiling the decoder step for 3 rows, greedy (once, ~20-40 s)"
     assert said[1].startswith("compiled in ") and "compiled/decoder-step-3-rows-" in said[1]
     int8 = qkv.load(toy_run, compile=True, precision="int8", warn=messages.append)
     if int8.precision == "int8":

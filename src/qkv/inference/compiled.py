@@ -18,14 +18,18 @@ number of rows:
   (the padding masked out);
 - the program ends with what the searches do first (`NextToken`): the log-softmax, the banned ids
   set to -inf (an input of 0 / -inf per id), and the most likely token of each row with its
-  log-probability (~25 µs of operator calls a step fewer, at one sentence);
+  log-probability (~25 µs of operator calls a step fewer, at one sentence). Greedy search has a
+  program of its own (`greedy=True`), which returns only the most likely token and its
+  log-probability (no rows x vocabulary log-probabilities written), and reads each row's keys and
+  values where they are: one beam per sentence reorders only when sentences finish, and its cache
+  then moves them;
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
   weights, the bias and ReLU fused). The capacity and the source length are dynamic: one program per
   number of rows.
 
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
-products) and saved as a package (`decoder-step-R-rows-KEY.pt2`) in the engine's `cache_dir`: the
+products) and saved as a package (`decoder-step-R-rows[-greedy]-KEY.pt2`) in the engine's `cache_dir`: the
 run directory's `compiled/` folder (`COMPILED`) when the model comes from one (`Translator.load`), else
 `QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY is a hash of the weights, the configuration, the
 code of the step, its cache and its packaging, PyTorch's version, the CPU's capability and the number
@@ -101,9 +105,10 @@ class StaticDecoderStep(nn.Module):
     """One decoder position for every row, over a cache of fixed shapes: what `DecodingEngine.step`
     computes, with the same formulas, as one graph for the compiler."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, greedy: bool = False):
         super().__init__()
         self.model = model
+        self.greedy = greedy  # only the best token, and each row's history in its own row
         self.n_heads = model.config.n_heads
         self.positions = _positions_table(model.tgt_positions)
         # Q, K and V of self-attention as one product (a frozen copy, as the eager engine keeps).
@@ -130,11 +135,13 @@ class StaticDecoderStep(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """tokens (rows,) at `position` (a 0-d tensor) -> what the searches ask of a step
         (`qkv.inference.engine.NextToken`): the log-probabilities of the next token (rows, vocab),
-        with the banned ones at -inf, the most likely next token (rows,) and its log-probability
-        (rows,); and this position's keys and values (2, layers, rows, heads, d_head), for the cache.
+        with the banned ones at -inf (not with `greedy`), the most likely next token (rows,) and its
+        log-probability (rows,); and this position's keys and values (2, layers, rows, heads,
+        d_head), for the cache.
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
-        (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`). cross_kv (2,
+        (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`; with `greedy`, in
+        row r: ancestry is not read). cross_kv (2,
         layers, rows, heads, src_slots, d_head), cross_bias (rows, 1, 1, src_slots): the encoder's,
         with 0 / -inf for real / padded source positions. banned_bias (vocab,): -inf for the
         tokens that may not come next, else 0, added after the softmax."""
@@ -146,7 +153,8 @@ class StaticDecoderStep(nn.Module):
         # (1, 1, 1, capacity): the slots of earlier positions
         slots = torch.arange(capacity, device=tokens.device)
         self_bias = torch.where(slots < position, 0.0, -math.inf).view(1, 1, 1, capacity)
-        history = gather_history(self_kv, ancestry)  # (2, layers, rows, heads, capacity, d_head)
+        # (2, layers, rows, heads, capacity, d_head)
+        history = self_kv if self.greedy else gather_history(self_kv, ancestry)
         new_keys, new_values = [], []
         for i, layer in enumerate(model.decoder.layers):
             bias = self.qkv_biases[i] if len(self.qkv_biases) else None
@@ -171,6 +179,9 @@ class StaticDecoderStep(nn.Module):
         new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)]).squeeze(-2)
         logits = model.output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
         # The search's own first operations, here at a few µs instead of ~25 µs of calls a step.
+        if self.greedy:  # the best of log_softmax(logits) + banned_bias, without writing it out
+            best_logits, best = (logits + banned_bias).max(dim=-1)
+            return best, best_logits - torch.logsumexp(logits, dim=-1), new_kv
         log_probs = torch.log_softmax(logits, dim=-1) + banned_bias
         best_log_probs, best = log_probs.max(dim=-1)
         return log_probs, best, best_log_probs, new_kv
@@ -241,12 +252,14 @@ class CompiledEngine(DecodingEngine):
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
+        self.greedy_step = StaticDecoderStep(model, greedy=True).eval()
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
         # weights are counted once, as the program holds them).
         decoder_weights = [*model.decoder.parameters(), model.output.weight]
         self.step_bytes = sum(p.numel() * p.element_size() for p in decoder_weights)
-        self.programs: dict[int, object] = {}  # rows -> the loaded program
-        self.compile_seconds: dict[int, float] = {}  # rows -> seconds to compile or load it
+        self.programs: dict[tuple[int, bool], object] = {}  # (rows, greedy) -> the loaded program
+        # (rows, greedy) -> seconds to compile or load it
+        self.compile_seconds: dict[tuple[int, bool], float] = {}
         self._key: str | None = None
         self._banned_biases: dict[tuple[int, ...], Tensor] = {}
         if self.unavailable is not None:
@@ -254,30 +267,38 @@ class CompiledEngine(DecodingEngine):
 
     @property
     def compiled_rows(self) -> set[int]:
-        return set(self.programs)
+        return {rows for rows, _ in self.programs}
 
-    def package_path(self, rows: int) -> Path:
+    def package_path(self, rows: int, greedy: bool = False) -> Path:
         if self._key is None:
             self._key = aoti.program_key(self.static_step)
-        return self.cache_dir / f"decoder-step-{rows}-rows-{self._key}.pt2"
+        kind = "-greedy" if greedy else ""
+        return self.cache_dir / f"decoder-step-{rows}-rows{kind}-{self._key}.pt2"
 
-    def program(self, arguments: tuple) -> object:
-        """The program for this number of rows: loaded, from the cache, or compiled and saved."""
+    def program(self, arguments: tuple, greedy: bool = False) -> object:
+        """The program for this number of rows (greedy search's own with `greedy`): loaded, from
+        the cache, or compiled and saved."""
         rows = arguments[0].size(0)
-        if rows not in self.programs:
-            path = self.package_path(rows)
+        if (rows, greedy) not in self.programs:
+            path = self.package_path(rows, greedy)
             started = time.perf_counter()
             if not path.exists():
                 if self.say:
-                    rows_ = f"{rows} row" + ("s" if rows > 1 else "")
+                    rows_ = (
+                        f"{rows} row" + ("s" if rows > 1 else "") + (", greedy" if greedy else "")
+                    )
                     self.say(f"compiling the decoder step for {rows_} (once, ~20-40 s)")
-                compile_package(self.static_step, arguments, path)
+                compile_package(self.step_module(greedy), arguments, path)
                 if self.say:
                     seconds = time.perf_counter() - started
                     self.say(f"compiled in {seconds:.1f} s, kept in {path}")
-            self.programs[rows] = aoti.load_package(path)
-            self.compile_seconds[rows] = time.perf_counter() - started
-        return self.programs[rows]
+            self.programs[rows, greedy] = aoti.load_package(path)
+            self.compile_seconds[rows, greedy] = time.perf_counter() - started
+        return self.programs[rows, greedy]
+
+    def step_module(self, greedy: bool = False) -> StaticDecoderStep:
+        """The step a program is compiled from, and what runs when it cannot be."""
+        return self.greedy_step if greedy else self.static_step
 
     def new_cache(
         self, max_beams: int = 1, max_len: int | None = None, sentences: int | None = None
@@ -339,7 +360,9 @@ class CompiledEngine(DecodingEngine):
     ) -> tuple[Tensor, Tensor]:
         if not self._takes_static_step(cache, memory, src_mask):
             return super().next_best(last_tokens, memory, src_mask, _eager_cache(cache), banned)
-        _, best, best_log_probs = self._static_step(last_tokens, cache, banned)
+        # One beam per sentence keeps each row's history in its row (StaticCache.reorder).
+        greedy = cache.max_beams == 1
+        _, best, best_log_probs = self._static_step(last_tokens, cache, banned, greedy)
         return best, best_log_probs
 
     def _takes_static_step(self, cache, memory: Tensor, src_mask: Tensor) -> bool:
@@ -349,12 +372,14 @@ class CompiledEngine(DecodingEngine):
             return False
         return cache.self_kv is not None or self._start(cache, memory, src_mask)
 
-    def _static_step(self, last_tokens: Tensor, cache: StaticCache, banned: tuple[int, ...]):
-        """(rows,) the newest tokens -> the next token's log-probabilities (rows, vocab), its most
-        likely one and that one's log-probability (rows,), from the program (`StaticDecoderStep`)."""
+    def _static_step(
+        self, last_tokens: Tensor, cache: StaticCache, banned: tuple[int, ...], greedy: bool = False
+    ):
+        """(rows,) the newest tokens -> the next token's log-probabilities (rows, vocab; None with
+        `greedy`), its most likely one and that one's log-probability (rows,), from the program
+        (`StaticDecoderStep`)."""
         cache.make_room()
-        rows = last_tokens.size(0)
-        tokens = cache.filled(last_tokens)  # also contiguous (the search's is a column of its ids)
+        tokens = cache.program_tokens(last_tokens)  # contiguous (the search's is a column of ids)
         position = torch.tensor(cache.length)
         banned_bias = self._banned_bias(banned)
         arguments = (
@@ -364,16 +389,18 @@ class CompiledEngine(DecodingEngine):
         outputs = None
         if self.unavailable is None:
             try:
-                outputs = self.program(arguments)(*arguments)
+                outputs = self.program(arguments, greedy)(*arguments)
             except Exception as error:  # export's and Inductor's failures have many types
                 why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
                 self.unavailable = f"PyTorch could not compile the decoder step here ({why})"
                 self.warn(f"{self.unavailable}: decoding takes the eager step")
         if outputs is None:
-            outputs = self.static_step(*arguments)
-        log_probs, best, best_log_probs, new_kv = outputs
+            outputs = self.step_module(greedy)(*arguments)
+        log_probs, (best, best_log_probs, new_kv) = (
+            (None, outputs) if greedy else (cache.search_rows(outputs[0]), outputs[1:])
+        )
         cache.write(new_kv)
-        return log_probs[:rows], best[:rows], best_log_probs[:rows]
+        return log_probs, cache.search_rows(best), cache.search_rows(best_log_probs)
 
     def _banned_bias(self, banned: tuple[int, ...]) -> Tensor:
         """(vocab,) -inf at the `banned` ids, else 0: made once for each set of ids."""

@@ -34,14 +34,19 @@ class StaticCache:
     step of a beam search; sentences that finished), the last row is repeated to fill them, and its
     results are dropped.
 
-    With several rows, a reorder moves no keys or values: row r writes the keys and values of each
+    With several beams, a reorder moves no keys or values: row r writes the keys and values of each
     position into its own row of `self_kv`, and `ancestry[r, s]` says which row of `self_kv` holds
     slot s of the beam that is row r now (a reorder is `ancestry.index_select(0, index)`, a few
     hundred integers). The program reads each slot from there. Moving the keys and values
     themselves (0.7-1.5 MB at five rows of the small model) took 15-40 µs a step of a beam search
-    of ~500 µs; gathering them costs less. One row (greedy on one sentence) has nothing to
-    reorder (its only index is 0): its program reads `self_kv` as it is (the gather made it 2-5%
-    slower)."""
+    of ~500 µs; gathering them costs less.
+
+    With one beam per sentence (greedy, sampling), rows reorder only when sentences finish: then
+    nothing moves; each sentence keeps its row (`live_rows`), the finished ones' rows go on being
+    computed (the program's rows are fixed anyway) and their results are dropped. So the ancestry
+    stays the identity and greedy search's program reads each row's history as it is (gathering it
+    took 2-4% of a greedy batch of 32 sentences). One row has nothing to reorder: its programs read
+    `self_kv` as it is (the gather made greedy on one sentence 2-5% slower)."""
 
     def __init__(self, n_layers: int, rows: int, max_beams: int, max_len: int):
         self.n_layers, self.rows, self.max_beams = n_layers, rows, max_beams
@@ -56,6 +61,11 @@ class StaticCache:
         self.row_ids: Tensor | None = None  # 0 ... rows - 1
         self.cross_kv: Tensor | None = None  # (2, layers, rows, heads, src_slots, d_head)
         self.cross_bias: Tensor | None = None  # (rows, 1, 1, src_slots)
+        # One beam per sentence, once a sentence has finished: the row of each sentence still
+        # decoded (None: the search's rows are the first ones, the last repeated after them).
+        self.live_rows: Tensor | None = None
+        self._tokens: Tensor | None = None  # the program's last tokens, every row
+        self._searched = 0  # rows of the search at the last step
         self.fallback: BeamCache | None = None  # set when this search takes the eager step
 
     def __len__(self) -> int:
@@ -81,6 +91,25 @@ class StaticCache:
         self.ancestry.select(1, self.length).copy_(self.row_ids)
         self.length += 1
 
+    def program_tokens(self, last_tokens: Tensor) -> Tensor:
+        """(n,) the search's newest tokens -> (rows,) the program's: each in its sentence's row
+        (`live_rows`), or first, the last repeated after them. Rows of finished sentences keep
+        their last token: their results are dropped (`search_rows`)."""
+        self._searched = last_tokens.numel()
+        if self.live_rows is None:
+            tokens = self.filled(last_tokens)
+        else:
+            tokens = self._tokens.index_copy(0, self.live_rows, last_tokens)
+        self._tokens = tokens
+        return tokens
+
+    def search_rows(self, program_output: Tensor) -> Tensor:
+        """A program output (rows, ...) -> the search's rows of it (n, ...), as `program_tokens`
+        placed them."""
+        if self.live_rows is None:
+            return program_output[: self._searched]
+        return program_output.index_select(0, self.live_rows)
+
     def filled(self, index: Tensor) -> Tensor:
         """(n,) row indices -> (rows,): the last one repeated (contiguous, as the program wants)."""
         if index.numel() == self.rows:  # every step of a search whose rows are all live
@@ -93,6 +122,13 @@ class StaticCache:
             self.fallback.reorder(index, cross_attention)
             return
         if index.numel() == 0:  # every sentence is done: no step follows
+            return
+        if self.max_beams == 1:
+            # Only finished sentences leave: nothing moves, each sentence keeps its row (the greedy
+            # program reads every row's history there), and the others' results are dropped.
+            self.live_rows = (
+                index if self.live_rows is None else self.live_rows.index_select(0, index)
+            )
             return
         index = self.filled(index)
         self.ancestry = self.ancestry.index_select(0, index)
