@@ -21,20 +21,19 @@ number of rows:
   log-probability (~25 µs of operator calls a step fewer, at one sentence). Greedy search has a
   program of its own (`greedy=True`), which returns only the most likely token and its
   log-probability (no rows x vocabulary log-probabilities written), and reads each row's keys and
-  values where they are: one beam per sentence reorders only when sentences finish, and its cache
-  then moves them;
+  values where they are: with one beam per sentence, the cache keeps each sentence in its row;
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
   weights, the bias and ReLU fused). The capacity and the source length are dynamic: one program per
   number of rows.
 
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
-products) and saved as a package (`decoder-step-R-rows[-greedy]-KEY.pt2`) in the engine's `cache_dir`: the
-run directory's `compiled/` folder (`COMPILED`) when the model comes from one (`Translator.load`), else
-`QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY is a hash of the weights, the configuration, the
-code of the step, its cache and its packaging, PyTorch's version, the CPU's capability and the number
-of threads, so a package is only ever loaded where it was made for; loading one takes ~5 ms. Options,
-key, compiling and loading: `qkv.inference.aoti`.
+products) and saved as a package (`decoder-step-R-rows[-greedy]-KEY.pt2`) in the engine's
+`cache_dir`: the run directory's `compiled/` folder (`COMPILED`) when the model comes from one
+(`Translator.load`), else `QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY is a hash of the
+weights, the configuration, the code of the step, its cache and its packaging, PyTorch's version,
+the CPU's capability and the number of threads, so a package is only ever loaded where it was made
+for; loading one takes ~5 ms. Options, key, compiling and loading: `qkv.inference.aoti`.
 
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
 (sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,

@@ -31,8 +31,8 @@ class StaticCache:
 
     It keeps `rows` rows from the first step to the last (sentences x beams at the most), so that one
     program serves the whole search: while the search has fewer (one row per sentence at the first
-    step of a beam search; sentences that finished), the last row is repeated to fill them, and its
-    results are dropped.
+    step of a beam search; sentences that finished), the last row is repeated to fill them (with one
+    beam, finished sentences keep their rows instead: below), and those results are dropped.
 
     With several beams, a reorder moves no keys or values: row r writes the keys and values of each
     position into its own row of `self_kv`, and `ancestry[r, s]` says which row of `self_kv` holds
