@@ -104,12 +104,17 @@ class StaticDecoderStep(nn.Module):
     """One decoder position for every row, over a cache of fixed shapes: what `DecodingEngine.step`
     computes, with the same formulas, as one graph for the compiler."""
 
-    def __init__(self, model: Transformer, greedy: bool = False):
+    def __init__(
+        self, model: Transformer, greedy: bool = False, like: StaticDecoderStep | None = None
+    ):
         super().__init__()
         self.model = model
         self.greedy = greedy  # only the best token, and each row's history in its own row
         self.n_heads = model.config.n_heads
         self.positions = _positions_table(model.tgt_positions)
+        if like is not None:  # another step of the same model: its stacked copies, not new ones
+            self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
+            return
         # Q, K and V of self-attention as one product (a frozen copy, as the eager engine keeps).
         self.qkv_weights = nn.ParameterList()
         self.qkv_biases = nn.ParameterList()
@@ -140,10 +145,10 @@ class StaticDecoderStep(nn.Module):
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
         (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`; with `greedy`, in
-        row r: ancestry is not read). cross_kv (2,
-        layers, rows, heads, src_slots, d_head), cross_bias (rows, 1, 1, src_slots): the encoder's,
-        with 0 / -inf for real / padded source positions. banned_bias (vocab,): -inf for the
-        tokens that may not come next, else 0, added after the softmax."""
+        row r: ancestry is not read). cross_kv (2, layers, rows, heads, src_slots, d_head),
+        cross_bias (rows, 1, 1, src_slots): the encoder's, with 0 / -inf for real / padded source
+        positions. banned_bias (vocab,): -inf for the tokens that may not come next, else 0, added
+        after the softmax."""
         model, n_heads = self.model, self.n_heads
         rows = tokens.size(0)
         at = position.view(1)
@@ -251,7 +256,7 @@ class CompiledEngine(DecodingEngine):
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
-        self.greedy_step = StaticDecoderStep(model, greedy=True).eval()
+        self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
         # weights are counted once, as the program holds them).
         decoder_weights = [*model.decoder.parameters(), model.output.weight]
@@ -395,9 +400,11 @@ class CompiledEngine(DecodingEngine):
                 self.warn(f"{self.unavailable}: decoding takes the eager step")
         if outputs is None:
             outputs = self.step_module(greedy)(*arguments)
-        log_probs, (best, best_log_probs, new_kv) = (
-            (None, outputs) if greedy else (cache.search_rows(outputs[0]), outputs[1:])
-        )
+        if greedy:
+            log_probs, (best, best_log_probs, new_kv) = None, outputs
+        else:
+            log_probs, best, best_log_probs, new_kv = outputs
+            log_probs = cache.search_rows(log_probs)
         cache.write(new_kv)
         return log_probs, cache.search_rows(best), cache.search_rows(best_log_probs)
 
