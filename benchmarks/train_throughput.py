@@ -3,13 +3,16 @@
 A step is forward, label-smoothed cross-entropy, backward and Adam, on the same batch (--sentences of
 19-32 tokens: 128 by default, about 3,300 target tokens), vocabulary, dimensions and loss. The two
 systems alternate in one process so they share the machine's state; each figure is the median of
---repeats timed steps after warm-up.
+--repeats timed steps after warm-up. qkv runs as `qkv train` runs it: eager, its model skips the
+padding of the batch (`Transformer.forward`'s only_at: ~22% of the positions here); compiled, it
+computes every position. `--every-position` and `--full-length` show the step without that.
 
     python benchmarks/train_throughput.py                 # small and base, fp32 and bf16
     python benchmarks/train_throughput.py --configs small --repeats 5
     python benchmarks/train_throughput.py --as-avx2 --precisions fp32   # as on an AVX2 CPU
     python benchmarks/train_throughput.py --device cuda --sentences 768 --compile   # on a GPU
     python benchmarks/train_throughput.py --heap-allocator    # glibc set as `qkv train` sets it
+    python benchmarks/train_throughput.py --full-length       # no padding in the batch
 """
 
 from __future__ import annotations
@@ -73,10 +76,11 @@ class TorchReference(nn.Module):
         return hidden @ self.embed.weight.T
 
 
-def make_batch(n_sentences: int, length: int, seed: int = 0):
-    """A padded batch with realistic ragged lengths (60-100% of `length`)."""
+def make_batch(n_sentences: int, length: int, seed: int = 0, full_length: bool = False):
+    """A padded batch with realistic ragged lengths (60-100% of `length`), or all of `length`."""
     generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(int(0.6 * length), length + 1, (n_sentences,), generator=generator)
+    shortest = length if full_length else int(0.6 * length)
+    lengths = torch.randint(shortest, length + 1, (n_sentences,), generator=generator)
     src = torch.randint(4, VOCAB, (n_sentences, length), generator=generator)
     tgt = torch.randint(4, VOCAB, (n_sentences, length + 1), generator=generator)
     positions = torch.arange(length)
@@ -85,16 +89,22 @@ def make_batch(n_sentences: int, length: int, seed: int = 0):
     return src, tgt[:, :-1], tgt[:, 1:]
 
 
-def training_step(model, optimizer, batch, precision: str, own_loss: bool = False) -> None:
+def training_step(
+    model, optimizer, batch, precision: str, own_loss: bool = False, skip_padding: bool = False
+) -> None:
     src, tgt_in, tgt_out = batch
     with torch.autocast(src.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(src, tgt_in)
+        if skip_padding:  # qkv's logits at the real target positions only, as `qkv train` asks
+            real = tgt_out != PAD
+            logits, tgt_out = model(src, tgt_in, only_at=real), tgt_out[real]
+        else:
+            logits = model(src, tgt_in)
     if own_loss:  # qkv.loss, as `qkv train` computes it: the same loss, the same gradient
         loss = label_smoothed_loss(logits, tgt_out, 0.1, PAD)[0] / (tgt_out != PAD).sum()
     else:
         loss = (
             F.cross_entropy(
-                logits.flatten(0, 1).float(),
+                logits.flatten(0, -2).float(),
                 tgt_out.flatten(),
                 ignore_index=PAD,
                 label_smoothing=0.1,
@@ -135,7 +145,10 @@ def benchmark(config_name: str, precisions: list[str], args) -> list[dict]:
     }
     # torch.compile wraps the forward pass only: the loss and the optimizer stay as they are.
     systems = {n: torch.compile(m) if args.compile else m for n, m in models.items()}
-    batch = tuple(t.to(device) for t in make_batch(n_sentences=args.sentences, length=32))
+    batch = make_batch(args.sentences, length=32, full_length=args.full_length)
+    batch = tuple(t.to(device) for t in batch)
+    # As `qkv train`: eager, qkv's model skips the padding; compiled, it computes every position.
+    skip_padding = not (args.compile or args.every_position)
     target_tokens = int((batch[2] != PAD).sum())
     repeats, warmup = args.repeats, args.warmup
     runs = [(name, precision) for precision in precisions for name in systems]
@@ -144,7 +157,15 @@ def benchmark(config_name: str, precisions: list[str], args) -> list[dict]:
         for name, precision in runs:  # alternate, so both see the same machine state
             model = systems[name].train()
             started = time.perf_counter()
-            training_step(model, optimizers[name], batch, precision, own_loss=name == OWN_LOSS)
+            qkv = name != "nn.Transformer"
+            training_step(
+                model,
+                optimizers[name],
+                batch,
+                precision,
+                own_loss=name == OWN_LOSS,
+                skip_padding=qkv and skip_padding,
+            )
             synchronize(device)
             if round_ >= warmup:
                 times[(name, precision)].append(time.perf_counter() - started)
@@ -189,6 +210,17 @@ def main() -> None:
         "train` sets it on the CPU (qkv.allocator); by default glibc as a plain PyTorch script has "
         "it, which maps each block over 32 MB afresh",
     )
+    parser.add_argument(
+        "--every-position",
+        action="store_true",
+        help="qkv computes every position of the batch, padding included, as nn.Transformer does "
+        "(by default, eager, it skips the padding, as `qkv train` does)",
+    )
+    parser.add_argument(
+        "--full-length",
+        action="store_true",
+        help="every sentence of the batch 32 tokens long: no padding, so nothing for qkv to skip",
+    )
     parser.add_argument(AS_AVX2, action="store_true", help=AS_AVX2_HELP)
     args = parser.parse_args()
     heap = args.heap_allocator and keep_large_blocks_on_the_heap()  # before torch allocates
@@ -196,10 +228,13 @@ def main() -> None:
     where = f"{torch.get_num_threads()} threads"
     if args.device.startswith("cuda"):
         where = torch.cuda.get_device_name(args.device)
-    target_tokens = int((make_batch(args.sentences, length=32)[2] != PAD).sum())
+    _, _, tgt_out = make_batch(args.sentences, length=32, full_length=args.full_length)
+    target_tokens = int((tgt_out != PAD).sum())
+    skipped = "every position" if args.compile or args.every_position else "the padding skipped"
     print(
         f"torch {torch.__version__}, {where}, {args.sentences} sentences per batch "
-        f"({target_tokens:,} target tokens){', compiled' if args.compile else ''}; glibc's "
+        f"({target_tokens:,} target tokens, {1 - target_tokens / tgt_out.numel():.0%} of the "
+        f"positions padding; qkv: {skipped}){', compiled' if args.compile else ''}; glibc's "
         + ("large blocks on its heap" if heap else "allocator as it starts")
     )
     print(

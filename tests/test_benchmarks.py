@@ -40,16 +40,21 @@ def test_train_throughput_prints_both_systems_and_the_ratio():
     assert rows[1][-1] == "1.00x"  # the reference against itself
     assert float(rows[0][-1].rstrip("x")) > 0 and float(rows[0][3].replace(",", "")) > 0
     assert "glibc's allocator as it starts" in result.stdout
+    assert "of the positions padding; qkv: the padding skipped" in result.stdout
 
 
-def test_train_throughput_can_set_glibc_as_qkv_train_does():
+def test_train_throughput_can_set_glibc_as_qkv_train_does_and_leave_the_padding_out():
     result = run_script(
         "train_throughput.py", "--configs", "small", "--precisions", "fp32",
         "--repeats", "1", "--warmup", "0", "--sentences", "4", "--heap-allocator",
+        "--full-length", "--every-position", "--own-loss",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     glibc = platform.libc_ver()[0] == "glibc"
     assert ("glibc's large blocks on its heap" in result.stdout) == glibc, result.stdout
+    assert "(128 target tokens, 0% of the positions padding; qkv: every position)" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("small")]
+    assert [row[1] for row in rows] == ["qkv", "nn.Transformer", "qkv+qkv.loss"]
 
 
 def decode_rows(*systems: str) -> list[list[str]]:

@@ -153,6 +153,61 @@ def test_a_sentence_alone_equals_it_in_a_padded_batch(norm_first):
             torch.testing.assert_close(batched[i, : t.size(1)], alone, atol=1e-5, rtol=1e-5)
 
 
+def padded_batch(generator: torch.Generator):
+    """Sources and targets of ragged lengths, padded at the end, and the targets' real positions."""
+    src, tgt = random_ids(3, 8, 40, generator), random_ids(3, 6, 30, generator)
+    for row, (s, t) in enumerate([(3, 4), (8, 6), (5, 1)]):
+        src[row, s:], tgt[row, t:] = PAD, PAD
+    return src, tgt, tgt != PAD
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_only_at_gives_the_logits_at_the_real_positions_and_their_gradients(norm_first):
+    model = tiny_model(9, norm_first=norm_first).eval()  # no dropout: both ways compute the same
+    src, tgt, real = padded_batch(torch.Generator().manual_seed(1))
+    target = random_ids(3, 6, 30, torch.Generator().manual_seed(2))
+    full = model(src, tgt)
+    some = model(src, tgt, only_at=real)
+    assert some.shape == (int(real.sum()), 30)
+    torch.testing.assert_close(some, full[real], atol=1e-5, rtol=1e-5)
+    gradients = []
+    for logits in (full[real], some):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(logits, target[real]).backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_only_at_skips_the_feed_forward_network_at_the_padding():
+    model = tiny_model(10).eval()
+    src, tgt, real = padded_batch(torch.Generator().manual_seed(3))
+    rows_seen = []
+    for layer in [*model.encoder.layers, *model.decoder.layers]:
+        layer.feed_forward.register_forward_hook(
+            lambda _, args, __: rows_seen.append(args[0].shape)
+        )
+    model(src, tgt, only_at=real)
+    n_src, n_tgt = int((src != PAD).sum()), int(real.sum())
+    assert rows_seen == [(n_src, 64)] * 2 + [(n_tgt, 64)] * 2
+    rows_seen.clear()
+    model(src, tgt)  # without only_at, every position
+    assert rows_seen == [(3, 8, 64)] * 2 + [(3, 6, 64)] * 2
+
+
+def test_only_at_refuses_a_mask_that_is_not_padding_at_the_end():
+    model = tiny_model(11)
+    src, tgt, real = padded_batch(torch.Generator().manual_seed(4))
+    holes = real.clone()
+    holes[1, 2] = False  # a position left out before one kept: the causal decoder would see it
+    with pytest.raises(ValueError, match="True at the start of each row"):
+        model(src, tgt, only_at=holes)
+    with pytest.raises(ValueError, match="bool mask shaped like tgt_ids"):
+        model(src, tgt, only_at=real[:, :-1])
+    with pytest.raises(ValueError, match="no attention to return"):
+        model(src, tgt, return_attention=True, only_at=real)
+
+
 def test_return_attention_gives_the_same_logits_and_normalised_weights():
     model = tiny_model(4)
     src = random_ids(2, 6, 40)

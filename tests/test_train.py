@@ -107,6 +107,22 @@ def test_accumulated_update_equals_one_big_batch(prepared, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_an_update_skips_the_padding_and_equals_one_over_every_position(prepared, tmp_path):
+    data = load_prepared(prepared)
+    batch = data.train.collate(range(0, 24, 2))  # ragged lengths: padding on both sides
+    assert (batch.tgt_out == 0).any() and (batch.src == 0).any()
+    skipping = quiet_trainer(tiny_config(prepared), tmp_path, data)
+    every = quiet_trainer(tiny_config(prepared), tmp_path, data)
+    every.config.train.compile = True  # as when compiled (no model wrapped here): every position
+    logits, targets = skipping.logits(batch.src, batch.tgt_in, batch.tgt_out)
+    assert logits.shape[0] == targets.shape[0] == batch.n_tgt_tokens
+    assert every.logits(batch.src, batch.tgt_in, batch.tgt_out)[0].shape[:2] == batch.tgt_out.shape
+    stats_skipping, stats_every = skipping.update([batch]), every.update([batch])
+    assert stats_skipping["loss"] == pytest.approx(stats_every["loss"], rel=1e-5)
+    for a, b in zip(skipping.model.parameters(), every.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 # -- BPE-dropout -----------------------------------------------------------------------------------
 
 

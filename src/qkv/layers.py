@@ -4,6 +4,7 @@ encoder and decoder layers (paper section 3.1-3.5)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,21 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
+def at_rows(sublayer: Callable[[Tensor], Tensor], x: Tensor, rows: Tensor | None) -> Tensor:
+    """A position-wise sublayer computed only at `rows`, indices into the flattened (batch * len)
+    positions of x (batch, len, d_model); the other positions keep x as it is. None: everywhere.
+
+    Training skips the padding this way (`Transformer.forward`'s ``only_at``): a pad position of the
+    source is never attended to, and one at the end of a target is seen by no earlier position (the
+    decoder is causal) and has no loss, so neither needs its feed-forward network, the largest product
+    of a layer. The attention sublayers still see every position: they need the padded layout.
+    """
+    if rows is None:
+        return sublayer(x)
+    flat = x.flatten(0, 1)  # (batch * len, d_model)
+    return flat.index_copy(0, rows, sublayer(flat.index_select(0, rows))).view_as(x)
+
+
 class EncoderLayer(nn.Module):
     """Self-attention, then the feed-forward network; each sublayer wrapped as LayerNorm(x + Dropout(f(x)))
     (post-LN, the paper) or x + Dropout(f(LayerNorm(x))) (pre-LN, ``norm_first=True``)."""
@@ -115,20 +131,30 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, src_mask: Tensor | None, need_weights: bool = False
+        self,
+        x: Tensor,
+        src_mask: Tensor | None,
+        need_weights: bool = False,
+        rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """x: (batch, src_len, d_model); src_mask: (batch, 1, 1, src_len), True = real token."""
+        """x: (batch, src_len, d_model); src_mask: (batch, 1, 1, src_len), True = real token.
+
+        rows: where to compute the feed-forward sublayer, see `at_rows` (None: everywhere).
+        """
         if self.norm_first:
             attended, weights = self.self_attn(
                 self.norm1(x), mask=src_mask, need_weights=need_weights
             )
             x = x + self.dropout(attended)
-            x = x + self.dropout(self.feed_forward(self.norm2(x)))
         else:
             attended, weights = self.self_attn(x, mask=src_mask, need_weights=need_weights)
             x = self.norm1(x + self.dropout(attended))
-            x = self.norm2(x + self.dropout(self.feed_forward(x)))
-        return x, weights
+        return at_rows(self.feed_forward_sublayer, x, rows), weights
+
+    def feed_forward_sublayer(self, x: Tensor) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(self.feed_forward(self.norm2(x)))
+        return self.norm2(x + self.dropout(self.feed_forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -162,10 +188,12 @@ class DecoderLayer(nn.Module):
         memory: Tensor,
         src_mask: Tensor | None,
         need_weights: bool = False,
+        rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """y: (batch, tgt_len, d_model); memory: (batch, src_len, d_model) from the last encoder layer.
 
         Returns (y, self-attention weights, cross-attention weights); weights only with need_weights.
+        rows: where to compute the feed-forward sublayer, see `at_rows` (None: everywhere).
         """
 
         def self_attention(h):
@@ -179,11 +207,14 @@ class DecoderLayer(nn.Module):
             y = y + self.dropout(attended)
             attended, cross_weights = cross_attention(self.norm2(y))
             y = y + self.dropout(attended)
-            y = y + self.dropout(self.feed_forward(self.norm3(y)))
         else:
             attended, self_weights = self_attention(y)
             y = self.norm1(y + self.dropout(attended))
             attended, cross_weights = cross_attention(y)
             y = self.norm2(y + self.dropout(attended))
-            y = self.norm3(y + self.dropout(self.feed_forward(y)))
-        return y, self_weights, cross_weights
+        return at_rows(self.feed_forward_sublayer, y, rows), self_weights, cross_weights
+
+    def feed_forward_sublayer(self, y: Tensor) -> Tensor:
+        if self.norm_first:
+            return y + self.dropout(self.feed_forward(self.norm3(y)))
+        return self.norm3(y + self.dropout(self.feed_forward(y)))

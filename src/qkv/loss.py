@@ -28,9 +28,10 @@ def label_smoothed_loss(
 ) -> tuple[Tensor, Tensor]:
     """Summed label-smoothed cross-entropy and summed NLL (no gradient) over non-pad target tokens.
 
-    logits (batch, len, vocab), any float dtype (computed in fp32); target (batch, len).
+    logits (batch, len, vocab), any float dtype (computed in fp32), and target (batch, len); or logits
+    (tokens, vocab) and target (tokens,), as ``Transformer.forward(..., only_at=)`` gives them.
     """
-    logits = logits.flatten(0, 1)
+    logits = logits.flatten(0, -2)
     target = target.flatten()
     return _LabelSmoothedCrossEntropy.apply(logits, target, epsilon, pad_id)
 

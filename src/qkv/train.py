@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from qkv.allocator import keep_large_blocks_on_the_heap
 from qkv.atomic import atomic_write, remove_partial_writes
@@ -150,6 +151,15 @@ class Trainer:
         enabled = self.precision == "bf16"
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def logits(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits where the loss wants them, and the targets there. Eager, the model skips the
+        padding (`Transformer.forward`'s only_at); compiled, it computes every position, so that
+        the compiler sees no shape that depends on the data."""
+        if self.config.train.compile:
+            return self.train_model(src, tgt_in), tgt_out
+        real = tgt_out != self.model_config.pad_id
+        return self.train_model(src, tgt_in, only_at=real), tgt_out[real]
+
     def update(self, batches: list) -> dict | None:
         """Forward and backward over this device's batches of one update, then one optimizer step.
 
@@ -174,7 +184,7 @@ class Trainer:
                 tgt_in = batch.tgt_in.to(self.dist.device, non_blocking=True)
                 tgt_out = batch.tgt_out.to(self.dist.device, non_blocking=True)
                 with self.autocast():
-                    logits = self.train_model(src, tgt_in)
+                    logits, tgt_out = self.logits(src, tgt_in, tgt_out)
                 loss, nll = label_smoothed_loss(logits, tgt_out, train.label_smoothing, pad_id)
                 (loss * scale).backward()
             loss_sum += loss.item()

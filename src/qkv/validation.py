@@ -26,8 +26,9 @@ def validate(model: Transformer, data, config: Config, device: torch.device) -> 
     nll_sum = tokens = 0.0
     for indices in sampler.batches(0):
         batch = valid.collate(indices).to(device)
-        logits = model(batch.src, batch.tgt_in)
-        nll_sum += label_smoothed_loss(logits, batch.tgt_out, 0.0, pad_id)[1].item()
+        real = batch.tgt_out != pad_id
+        logits = model(batch.src, batch.tgt_in, only_at=real)
+        nll_sum += label_smoothed_loss(logits, batch.tgt_out[real], 0.0, pad_id)[1].item()
         tokens += batch.n_tgt_tokens
     limit = config.eval.max_sentences or len(valid)
     translator = Translator(model, data.tokenizer, device)
