@@ -97,9 +97,10 @@ def at_rows(sublayer: Callable[[Tensor], Tensor], x: Tensor, rows: Tensor | None
     positions of x (batch, len, d_model); the other positions keep x as it is. None: everywhere.
 
     Training skips the padding this way (`Transformer.forward`'s ``only_at``): a pad position of the
-    source is never attended to, and one at the end of a target is seen by no earlier position (the
-    decoder is causal) and has no loss, so neither needs its feed-forward network, the largest product
-    of a layer. The attention sublayers still see every position: they need the padded layout.
+    source is never attended to, and one at the end of a target has no loss and is seen by no real
+    position (those come before it, and the decoder is causal), so neither needs its feed-forward
+    network, the largest product of a layer. Attention still sees every position: it needs the padded
+    layout.
     """
     if rows is None:
         return sublayer(x)

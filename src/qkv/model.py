@@ -307,9 +307,10 @@ class Transformer(nn.Module):
 
         only_at, a bool mask (batch, tgt_len) whose True positions come first in each row (training
         passes ``tgt_out != pad_id``): the logits at those positions only, (n_true, tgt_vocab_size) in
-        row-major order, equal to ``forward(src_ids, tgt_ids)[only_at]``. The output projection and the
-        feed-forward sublayers then skip the padding of both sides (`qkv.layers.at_rows`): on a batch
-        with a fifth of its positions padding, a training step is ~10% faster (benchmarks/README.md).
+        row-major order, equal to ``forward(src_ids, tgt_ids)[only_at]`` (up to dropout's draws in
+        training). The output projection and the feed-forward sublayers then skip the padding of both
+        sides (`qkv.layers.at_rows`): on batches padded to multiples of 8, a fifth padding, a training
+        step was 13% faster (benchmarks/README.md, "Skipping the padding").
         """
         if return_attention:
             if only_at is not None:
