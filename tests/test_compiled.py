@@ -106,6 +106,29 @@ def test_the_static_step_bans_ids_and_finds_the_best_token_as_the_eager_engine_d
         )
 
 
+@pytest.mark.parametrize("rows", [3, 8], ids=["a row per sentence", "the last one repeated"])
+def test_the_first_step_lays_out_the_encoders_keys_and_values_for_every_row(rows):
+    model = random_model(seed=4)
+    engine = CompiledEngine(model)  # nothing compiles: only the layout of the first step
+    src = random_sources([5, 9, 2], seed=2)  # 9 positions: padded to 16 slots
+    with torch.inference_mode():
+        memory, src_mask = engine.encode(src)
+        cache = StaticCache(len(engine.decoder), rows=rows, max_beams=1, max_len=12)
+        assert engine._start(cache, memory, src_mask)
+        n_heads, d_head = model.config.n_heads, model.config.d_head
+        assert cache.cross_kv.shape == (2, len(engine.decoder), rows, n_heads, 16, d_head)
+        assert (cache.cross_kv[..., 9:, :] == 0).all()  # past the source: masked out, and finite
+        sentence_of_row = [0, 1, 2, 2, 2, 2, 2, 2][:rows]
+        for i, layer in enumerate(model.decoder.layers):
+            attention = layer.cross_attn
+            for j, projection in enumerate((attention.k_proj, attention.v_proj)):
+                expected = projection(memory).view(3, 9, n_heads, d_head).transpose(1, 2)
+                laid_out = cache.cross_kv[j, i, :, :, :9]
+                torch.testing.assert_close(laid_out, expected[sentence_of_row])
+    assert torch.equal(cache.cross_bias[:, 0, 0, :9] == 0, src_mask[sentence_of_row, 0, 0])
+    assert (cache.cross_bias[..., 9:] == -torch.inf).all()
+
+
 def test_the_static_cache_reorders_beams_as_the_beam_cache_does():
     model = random_model(seed=3)
     engine, reference = uncompiled(model), prepare_for_decoding(model)

@@ -431,9 +431,12 @@ class CompiledEngine(DecodingEngine):
         rows, src_len = cache.rows, memory.size(1)
         n_heads, d_head = config.n_heads, config.d_head
         src_slots = _round_up(src_len)
-        cross_kv = memory.new_zeros((2, len(self.decoder), rows, n_heads, src_slots, d_head))
+        cross_kv = memory.new_empty((2, len(self.decoder), rows, n_heads, src_slots, d_head))
+        cross_kv[..., src_len:, :] = 0  # slots past the source: masked out, but must be finite
         for i, (_, _, cross_attention, _) in enumerate(self.decoder):
-            kv = cross_attention.kv(memory).index_select(0, filled)
+            kv = cross_attention.kv(memory)
+            if rows != memory.size(0):  # else `filled` is every sentence in its own row
+                kv = kv.index_select(0, filled)
             for j, t in enumerate(kv.chunk(2, dim=-1)):  # (rows, src_len, d_model) each
                 heads = t.view(rows, src_len, n_heads, d_head).transpose(1, 2)
                 cross_kv[j, i, :, :, :src_len] = heads
