@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias, without
-from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, _round_up, gather_history
+from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, gather_history
 from qkv.model import Transformer
 
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5 (more sentences: `ONE_BEAM_ROWS`). At
@@ -424,31 +424,11 @@ class CompiledEngine(DecodingEngine):
         if src_mask is not None and not bool(src_mask.any(dim=-1).all()):
             cache.fallback = BeamCache(len(self.decoder), cache.max_beams, cache.max_capacity)
             return False
+        projected = [cross_attention.kv(memory) for _, _, cross_attention, _ in self.decoder]
+        cache.set_source(projected, src_mask, self.config.n_heads)
         config = self.config
-        filled = cache.filled(torch.arange(memory.size(0), device=memory.device))
-        if src_mask is not None:
-            src_mask = src_mask.index_select(0, filled)
-        rows, src_len = cache.rows, memory.size(1)
-        n_heads, d_head = config.n_heads, config.d_head
-        src_slots = _round_up(src_len)
-        cross_kv = memory.new_empty((2, len(self.decoder), rows, n_heads, src_slots, d_head))
-        cross_kv[..., src_len:, :] = 0  # slots past the source: masked out, but must be finite
-        for i, (_, _, cross_attention, _) in enumerate(self.decoder):
-            kv = cross_attention.kv(memory)
-            if rows != memory.size(0):  # else `filled` is every sentence in its own row
-                kv = kv.index_select(0, filled)
-            for j, t in enumerate(kv.chunk(2, dim=-1)):  # (rows, src_len, d_model) each
-                heads = t.view(rows, src_len, n_heads, d_head).transpose(1, 2)
-                cross_kv[j, i, :, :, :src_len] = heads
-        cross_bias = memory.new_full((rows, 1, 1, src_slots), -math.inf)
-        real = cross_bias[..., :src_len]
-        if src_mask is None:
-            real.zero_()
-        else:
-            real.masked_fill_(src_mask, 0.0)
-        shape = (2, len(self.decoder), rows, n_heads, cache.capacity, d_head)
+        shape = (2, len(self.decoder), cache.rows, config.n_heads, cache.capacity, config.d_head)
         cache.start(memory.new_zeros(shape))
-        cache.cross_kv, cache.cross_bias = cross_kv, cross_bias
         return True
 
 

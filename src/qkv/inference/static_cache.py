@@ -4,6 +4,8 @@ search."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -77,6 +79,30 @@ class StaticCache:
             self.capacity = min(2 * self.capacity, self.max_capacity)
             self.self_kv = _grow(self.self_kv, self.capacity, dim=4, fill=0.0)
             self.ancestry = _grow(self.ancestry, self.capacity, dim=1, fill=0)
+
+    def set_source(self, projected: list[Tensor], src_mask: Tensor | None, n_heads: int) -> None:
+        """Lay out each layer's cross-attention keys and values, `projected` (sentences, src_len,
+        2 * d_model), in `cross_kv`, each sentence in its row(s), and the source mask as the additive
+        `cross_bias` (0 for a real token, -inf for padding and the slots past the source)."""
+        sentences, src_len, two_d_model = projected[0].shape
+        d_head = two_d_model // 2 // n_heads
+        src_slots = _round_up(src_len)
+        filled = self.filled(torch.arange(sentences, device=projected[0].device))
+        shape = (2, len(projected), self.rows, n_heads, src_slots, d_head)
+        self.cross_kv = projected[0].new_empty(shape)
+        self.cross_kv[..., src_len:, :] = 0  # slots past the source: masked out, but must be finite
+        for i, kv in enumerate(projected):
+            if self.rows != sentences:  # else `filled` is every sentence in its own row
+                kv = kv.index_select(0, filled)
+            for j, t in enumerate(kv.chunk(2, dim=-1)):  # (rows, src_len, d_model) each
+                heads = t.view(self.rows, src_len, n_heads, d_head).transpose(1, 2)
+                self.cross_kv[j, i, :, :, :src_len] = heads
+        self.cross_bias = projected[0].new_full((self.rows, 1, 1, src_slots), -math.inf)
+        real = self.cross_bias[..., :src_len]
+        if src_mask is None:
+            real.zero_()
+        else:
+            real.masked_fill_(src_mask.index_select(0, filled), 0.0)
 
     def start(self, self_kv: Tensor) -> None:
         """Take the (zero) keys and values of the first step; each row its own ancestor."""
