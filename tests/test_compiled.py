@@ -163,6 +163,19 @@ def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_t
             assert torch.equal(history[..., : step + 1, :], moved[..., : step + 1, :])
 
 
+def test_with_one_beam_the_ancestry_is_each_rows_own_as_the_cache_grows():
+    from qkv.inference.static_cache import gather_history
+
+    cache = StaticCache(n_layers=2, rows=3, max_beams=1, max_len=40)
+    cache.start(torch.zeros(2, 2, 3, 2, cache.capacity, 4))
+    for _ in range(37):  # past the first 32 slots: the cache grows
+        cache.make_room()
+        cache.write(torch.randn(2, 2, 3, 2, 4))
+    assert cache.capacity > 32
+    assert torch.equal(cache.ancestry, torch.arange(3)[:, None].expand(3, cache.capacity))
+    assert torch.equal(gather_history(cache.self_kv, cache.ancestry), cache.self_kv)
+
+
 def test_with_one_beam_finished_sentences_leave_their_rows_and_nothing_moves():
     cache = StaticCache(n_layers=2, rows=4, max_beams=1, max_len=10)
     cache.start(torch.zeros(2, 2, 4, 2, cache.capacity, 4))

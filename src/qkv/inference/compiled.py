@@ -45,6 +45,7 @@ that search and the engine says so once, then uses the eager step.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
@@ -58,6 +59,7 @@ from torch import Tensor, nn
 from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias, without
+from qkv.inference.linear import PreparedLinear
 from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, gather_history
 from qkv.model import Transformer
 
@@ -256,6 +258,14 @@ class CompiledEngine(DecodingEngine):
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
+        # Every layer's cross-attention K and V as one product, for the first step: one call instead
+        # of one per layer (at one sentence, 104 -> 73 µs for the small model held to AVX2). A second
+        # packed copy of those weights (1.5 MB for the small model); the eager step keeps its own.
+        cross = [layer.cross_attn for layer in model.decoder.layers]
+        projections = [p for attention in cross for p in (attention.k_proj, attention.v_proj)]
+        self.cross_kv_projection = (
+            PreparedLinear.stacked(*projections) if self.unavailable is None else None
+        )
         self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
         # weights are counted once, as the program holds them).
@@ -384,7 +394,7 @@ class CompiledEngine(DecodingEngine):
         (`StaticDecoderStep`)."""
         cache.make_room()
         tokens = cache.program_tokens(last_tokens)  # contiguous (the search's is a column of ids)
-        position = torch.tensor(cache.length)
+        position = _position(cache.length)
         banned_bias = self._banned_bias(banned)
         arguments = (
             tokens, position, cache.self_kv, cache.ancestry, cache.cross_kv, cache.cross_bias,
@@ -424,12 +434,18 @@ class CompiledEngine(DecodingEngine):
         if src_mask is not None and not bool(src_mask.any(dim=-1).all()):
             cache.fallback = BeamCache(len(self.decoder), cache.max_beams, cache.max_capacity)
             return False
-        projected = [cross_attention.kv(memory) for _, _, cross_attention, _ in self.decoder]
-        cache.set_source(projected, src_mask, self.config.n_heads)
+        cache.set_source(self.cross_kv_projection(memory), src_mask, self.config.n_heads)
         config = self.config
         shape = (2, len(self.decoder), cache.rows, config.n_heads, cache.capacity, config.d_head)
         cache.start(memory.new_zeros(shape))
         return True
+
+
+@functools.cache
+def _position(length: int) -> Tensor:
+    """The program's position input, a 0-d tensor: made once per position, not at every step."""
+    with torch.inference_mode(False):  # kept across calls, in and out of inference mode
+        return torch.tensor(length)
 
 
 def _eager_cache(cache):

@@ -78,26 +78,31 @@ class StaticCache:
         if self.length == self.capacity:
             self.capacity = min(2 * self.capacity, self.max_capacity)
             self.self_kv = _grow(self.self_kv, self.capacity, dim=4, fill=0.0)
-            self.ancestry = _grow(self.ancestry, self.capacity, dim=1, fill=0)
+            if self.max_beams == 1:  # the ancestry stays the identity (`write`)
+                self.ancestry = self._identity()
+            else:
+                self.ancestry = _grow(self.ancestry, self.capacity, dim=1, fill=0)
 
-    def set_source(self, projected: list[Tensor], src_mask: Tensor | None, n_heads: int) -> None:
-        """Lay out each layer's cross-attention keys and values, `projected` (sentences, src_len,
-        2 * d_model), in `cross_kv`, each sentence in its row(s), and the source mask as the additive
-        `cross_bias` (0 for a real token, -inf for padding and the slots past the source)."""
-        sentences, src_len, two_d_model = projected[0].shape
-        d_head = two_d_model // 2 // n_heads
+    def set_source(self, projected: Tensor, src_mask: Tensor | None, n_heads: int) -> None:
+        """Lay out every layer's cross-attention keys and values, `projected` (sentences, src_len,
+        layers * 2 * d_model: each layer's keys, then its values), in `cross_kv`, each sentence in
+        its row(s), and the source mask as the additive `cross_bias` (0 for a real token, -inf for
+        padding and the slots past the source). One copy for all layers: at one sentence, a copy per
+        layer and per keys or values cost more than the product that made them."""
+        sentences, src_len, width = projected.shape
+        d_head = width // (2 * self.n_layers * n_heads)
         src_slots = _round_up(src_len)
-        filled = self.filled(torch.arange(sentences, device=projected[0].device))
-        shape = (2, len(projected), self.rows, n_heads, src_slots, d_head)
-        self.cross_kv = projected[0].new_empty(shape)
+        filled = self.filled(torch.arange(sentences, device=projected.device))
+        # (2, layers, sentences, heads, src_len, d_head)
+        heads = projected.view(sentences, src_len, self.n_layers, 2, n_heads, d_head)
+        heads = heads.permute(3, 2, 0, 4, 1, 5)
+        if self.rows != sentences:  # else `filled` is every sentence in its own row
+            heads = heads.index_select(2, filled)
+        shape = (2, self.n_layers, self.rows, n_heads, src_slots, d_head)
+        self.cross_kv = projected.new_empty(shape)
         self.cross_kv[..., src_len:, :] = 0  # slots past the source: masked out, but must be finite
-        for i, kv in enumerate(projected):
-            if self.rows != sentences:  # else `filled` is every sentence in its own row
-                kv = kv.index_select(0, filled)
-            for j, t in enumerate(kv.chunk(2, dim=-1)):  # (rows, src_len, d_model) each
-                heads = t.view(self.rows, src_len, n_heads, d_head).transpose(1, 2)
-                self.cross_kv[j, i, :, :, :src_len] = heads
-        self.cross_bias = projected[0].new_full((self.rows, 1, 1, src_slots), -math.inf)
+        self.cross_kv[..., :src_len, :] = heads
+        self.cross_bias = projected.new_full((self.rows, 1, 1, src_slots), -math.inf)
         real = self.cross_bias[..., :src_len]
         if src_mask is None:
             real.zero_()
@@ -108,13 +113,18 @@ class StaticCache:
         """Take the (zero) keys and values of the first step; each row its own ancestor."""
         self.self_kv = self_kv
         self.row_ids = torch.arange(self.rows, device=self_kv.device)
-        self.ancestry = self.row_ids[:, None].expand(self.rows, self.capacity).contiguous()
+        self.ancestry = self._identity()
+
+    def _identity(self) -> Tensor:
+        """(rows, capacity): every slot of each row in that row."""
+        return self.row_ids[:, None].expand(self.rows, self.capacity).contiguous()
 
     def write(self, new_kv: Tensor) -> None:
         """Append this position's keys and values (2, layers, rows, heads, d_head): each row's to
         its own row of `self_kv`, where its slot of `ancestry` points."""
         self.self_kv.select(4, self.length).copy_(new_kv)
-        self.ancestry.select(1, self.length).copy_(self.row_ids)
+        if self.max_beams > 1:  # with one beam, rows never reorder: every slot is already its own
+            self.ancestry.select(1, self.length).copy_(self.row_ids)
         self.length += 1
 
     def program_tokens(self, last_tokens: Tensor) -> Tensor:
@@ -132,9 +142,11 @@ class StaticCache:
     def search_rows(self, program_output: Tensor) -> Tensor:
         """A program output (rows, ...) -> the search's rows of it (n, ...), as `program_tokens`
         placed them."""
-        if self.live_rows is None:
-            return program_output[: self._searched]
-        return program_output.index_select(0, self.live_rows)
+        if self.live_rows is not None:
+            return program_output.index_select(0, self.live_rows)
+        if self._searched == self.rows:
+            return program_output
+        return program_output[: self._searched]
 
     def filled(self, index: Tensor) -> Tensor:
         """(n,) row indices -> (rows,): the last one repeated (contiguous, as the program wants)."""
