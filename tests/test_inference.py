@@ -228,6 +228,40 @@ def test_engine_steps_equal_one_full_forward_pass_of_the_reference_model(overrid
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "lengths, max_scores, written_out",
+    [
+        ([7, 4, 6], None, True),  # small scores: the additive bias, written out
+        ([7, 4, 6], 0, False),  # "large" scores: PyTorch's fused kernel
+        ([7, 1, 6], None, False),  # a source of padding alone: the boolean mask
+    ],
+    ids=["written-out", "fused", "empty-source"],
+)
+def test_the_engines_encoder_equals_the_models_whichever_attention_it_takes(
+    lengths, max_scores, written_out, monkeypatch
+):
+    from qkv.inference import engine as engine_module
+
+    if max_scores is not None:
+        monkeypatch.setattr(engine_module, "WRITTEN_OUT_MAX_SCORES", max_scores)
+    model = random_model(seed=7)
+    src = random_sources(lengths, seed=7)
+    if lengths[1] == 1:
+        src[1] = PAD  # not even EOS
+    taken = []
+    monkeypatch.setattr(
+        engine_module, "attention_with_bias", lambda *a: taken.append(1) or attention_with_bias(*a)
+    )
+    with torch.inference_mode():
+        engine = prepare_for_decoding(model)
+        memory, src_mask = engine.encode(src)
+        reference = model.encode(src)
+    assert bool(taken) == written_out
+    real = src_mask[:, 0, 0, :, None]  # the output at padding positions is never read
+    torch.testing.assert_close(memory * real, reference * real, rtol=1e-5, atol=1e-5)
+    assert not memory.isnan().any()
+
+
 def test_the_encoder_output_is_projected_for_cross_attention_once():
     model = random_model(seed=6)
     src = random_sources([5, 7], seed=6)

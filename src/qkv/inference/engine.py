@@ -37,6 +37,13 @@ from qkv.model import Transformer
 # or with a query per beam, it was slower (measured on AVX-512 and AVX2, benchmarks/README.md). It made
 # an eager greedy search of one sentence 5-6% faster.
 FUSED_MAX_HEAD_ROWS = 32
+# The encoder's self-attention on the CPU, written out with the source mask as an additive bias made
+# once per batch (`attention_with_bias`), while the scores (batch x heads x src_len x src_len) are at
+# most this many: PyTorch's fused kernel with a boolean mask was 1.3-6.5x slower there (32 sentences
+# of 16 tokens, 4 heads: 364 against 99 µs a layer held to AVX2; 303 against 89 on AVX-512), and
+# faster for some batches of 128-token sources (0.5-0.7x), whose scores are 4M or more
+# (benchmarks/README.md, "The encoder's attention").
+WRITTEN_OUT_MAX_SCORES = 2**21
 
 
 def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
@@ -189,19 +196,33 @@ class DecodingEngine(NextToken):
         model = self.model
         src_mask = model.src_mask(src_ids)
         x = model.src_embed(src_ids) + model.src_positions(src_ids.size(1))
+        bias = self._source_bias(src_mask, x.dtype)
         for layer, attention, feed_forward in self.encoder:
             if layer.norm_first:
-                x = x + self._self_attention(attention, layer.norm1(x), src_mask)
+                x = x + self._self_attention(attention, layer.norm1(x), src_mask, bias)
                 x = x + feed_forward(layer.norm2(x))
             else:
-                x = layer.norm1(x + self._self_attention(attention, x, src_mask))
+                x = layer.norm1(x + self._self_attention(attention, x, src_mask, bias))
                 x = layer.norm2(x + feed_forward(x))
         return model.encoder.final_norm(x), src_mask
 
+    def _source_bias(self, src_mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """(batch, 1, 1, src_len) the source mask as an additive one (0 or -inf), for the encoder's
+        attention written out (`WRITTEN_OUT_MAX_SCORES`); None where the fused kernel takes it: off
+        the CPU, for large scores, and when a source has no token (its row would be all -inf)."""
+        batch, _, _, src_len = src_mask.shape
+        scores = batch * self.config.n_heads * src_len * src_len
+        if not self.on_cpu or scores > WRITTEN_OUT_MAX_SCORES or not bool(src_mask.any(-1).all()):
+            return None
+        bias = torch.zeros(src_mask.shape, dtype=dtype, device=src_mask.device)
+        return bias.masked_fill_(~src_mask, -math.inf)
+
     @staticmethod
-    def _self_attention(attention: _Attention, x: Tensor, mask: Tensor) -> Tensor:
+    def _self_attention(attention: _Attention, x: Tensor, mask: Tensor, bias: Tensor | None):
         q, k, v = (_split_heads(t, attention.n_heads) for t in attention.qkv(x).chunk(3, dim=-1))
-        if fused_is_faster(q):
+        if bias is not None:
+            out = attention_with_bias(q, k, v, bias)
+        elif fused_is_faster(q):
             out = fused_attention(q, k, v, mask)
         else:
             out = attention_weights(q, k, mask) @ v
