@@ -63,22 +63,17 @@ from qkv.inference.linear import PreparedLinear
 from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, gather_history
 from qkv.model import Transformer
 
-# Sentences x beams: beam 5 on one sentence, greedy on up to 5 (more sentences: `ONE_BEAM_ROWS`). At
-# 2-5 rows, where the weights a step reads outgrow the processor's cache, Inductor's products gained
-# on AVX-512 and not on AVX2 (4-row register blocks, two passes over the weights for 5 rows); with
-# 5-row blocks (`AVX2_ROW_BLOCK`) they gain on both: beam 5 on one sentence of the base model (105 MB
-# of decoder and output weights), compiled / eager, 1.17-1.22x on AVX-512 and 1.46-1.51x on AVX2
-# (benchmarks/README.md). Elsewhere (Arm, no vectors), not measured: a
-# model that large takes the compiled step for one row, which gained on every CPU measured.
+# Sentences x beams: beam 5 on one sentence, greedy on up to 5 (more sentences: `ONE_BEAM_ROWS`). With
+# 5-row register blocks on AVX2 (`AVX2_ROW_BLOCK`), Inductor's products gain at 2-5 rows on AVX-512
+# and AVX2 even where the weights outgrow the processor's cache: beam 5 on one sentence of the base
+# model (105 MB), compiled / eager, 1.17-1.22x on AVX-512, 1.46-1.51x on AVX2 (benchmarks/README.md).
+# Elsewhere (Arm, no vectors), not measured: a model that large compiles one row only.
 MAX_ROWS = 5
 # One hypothesis per sentence (greedy, sampling) on more sentences: the rows are rounded up to one of
 # these (the cache repeats its last row in the others), so that a few programs serve every batch.
-# Since the program stopped copying its cache, it gained there too: compiled / eager, greedy on the
-# small model, 8 rows 1.53-1.54x, 16 rows 1.28-1.31x, 32 rows 1.07-1.13x (AVX-512 and AVX2). A beam
-# of 5 on 8 sentences (40 rows) gained nothing, and 160 rows lost (0.83-0.90x): beams stay at MAX_ROWS.
-# The benchmark's greedy batch of 32 sentences, compiled / eager: small 1.02-1.16x (AVX2, three runs)
-# and 1.13-1.15x (AVX-512, two); base 0.94x and 1.05x, so only models whose step fits
-# MAX_WEIGHT_BYTES_FOR_ROWS.
+# Compiled / eager, greedy on the small model: 8 rows 1.53-1.54x, 16 rows 1.28-1.31x, 32 rows
+# 1.07-1.13x (AVX-512 and AVX2); the base model at 32 rows 0.94x and 1.05x, so only models whose step
+# fits MAX_WEIGHT_BYTES_FOR_ROWS. Beams stay at MAX_ROWS: 40 rows gained nothing, 160 lost (0.83-0.90x).
 ONE_BEAM_ROWS = (8, 16, 32)
 MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
 WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose products gain at every size of model
