@@ -103,3 +103,17 @@ def test_qkv_export_then_qkv_translate_on_the_directory(run_qkv, demo_run, tmp_p
     assert (
         run_qkv("export", run_dir, "--format", "ctranslate2", "-o", out, "--force").returncode == 0
     )
+
+
+def test_early_exit_on_an_exported_model_says_once_that_it_is_qkvs_own(tmp_path):
+    run_dir = make_tiny_run(tmp_path / "run", seed=3)
+    told = []
+    translator = CTranslate2Translator(export(run_dir, tmp_path / "ct2"), warn=told.append)
+    plain = translator.hypotheses(SENTENCES, beam=2, length_penalty_style="fairseq")
+    assert not told
+    for _ in range(2):
+        early = translator.hypotheses(
+            SENTENCES, beam=2, length_penalty_style="fairseq", early_exit=True
+        )
+        assert [h[0].ids for h in early] == [h[0].ids for h in plain]  # CTranslate2's own rule
+    assert len(told) == 1 and "--early-exit is for qkv's own engine" in told[0]

@@ -89,11 +89,14 @@ def test_the_reverser_reverses(reverser):
     assert sum(out == reverse(s) for out, s in zip(outputs, sentences, strict=True)) >= 6
 
 
-def naive_beam(model, src_row, beam_size, max_len, min_len=0, n_best=1, style="gnmt"):
+def naive_beam(
+    model, src_row, beam_size, max_len, min_len=0, n_best=1, style="gnmt", early_exit=False
+):
     """Beam search as a textbook writes it, for one sentence, with a full forward pass per hypothesis and
     step: every extension of every live hypothesis competes; of the best 2 x beam_size, those among the
     best beam_size that end (EOS, or max_len reached) are finished, and the best beam_size that do not
-    end live on. Returns the n_best finished hypotheses, best first: [(score, tokens)]."""
+    end live on (early_exit: until the best candidate of a step ends with n_best finished). Returns
+    the n_best finished hypotheses, best first: [(score, tokens)]."""
     src = src_row[src_row != PAD][None]
     live, finished = [(0.0, [])], []
     with torch.no_grad():
@@ -116,6 +119,8 @@ def naive_beam(model, src_row, beam_size, max_len, min_len=0, n_best=1, style="g
                     penalty = length_penalty_factor(length, 0.6, style)
                     finished.append((score / penalty, tokens))
             live = [c for c in candidates if c[1][-1] != EOS][:beam_size]
+            if early_exit and candidates[0][1][-1] == EOS and len(finished) >= n_best:
+                break
     return sorted(finished, key=lambda c: -c[0])[:n_best]
 
 
@@ -213,6 +218,37 @@ def test_beam_search_equals_a_textbook_beam_search(beam_size, n_best, min_len, v
             tokens for _, tokens in expected
         ]
         assert scores[row].tolist() == pytest.approx([score for score, _ in expected], abs=1e-4)
+
+
+@pytest.mark.parametrize("n_best", [1, 3])
+def test_early_exit_equals_a_textbook_search_that_stops_when_its_best_candidate_ends(
+    n_best, monkeypatch
+):
+    from qkv.inference import prepare_for_decoding
+
+    model = random_model(seed=2, tgt_vocab_size=8)
+    with torch.no_grad():  # EOS's logits scaled up: it comes first at different steps
+        model.output.weight[EOS] *= 3
+    src = random_sources([5, 9, 3, 7], seed=2)
+    engine = prepare_for_decoding(model)
+    rows = {True: 0, False: 0}  # decoder rows computed, over all steps
+    for early_exit in (True, False):
+        step = engine.step
+
+        def counting_step(last_tokens, *args, step=step, early_exit=early_exit, **kwargs):
+            rows[early_exit] += last_tokens.size(0)
+            return step(last_tokens, *args, **kwargs)
+
+        monkeypatch.setattr(engine, "step", counting_step)
+        ids, scores = beam_search(engine, src, 5, max_len=40, n_best=n_best, early_exit=early_exit)
+        monkeypatch.undo()
+        for row in range(src.size(0)):
+            expected = naive_beam(model, src[row], 5, 40, n_best=n_best, early_exit=early_exit)
+            assert [[t for t in hyp.tolist() if t != PAD] for hyp in ids[row]] == [
+                tokens for _, tokens in expected
+            ]
+            assert scores[row].tolist() == pytest.approx([score for score, _ in expected], abs=1e-4)
+    assert rows[True] < rows[False], rows  # sentences left the batch sooner
 
 
 @pytest.mark.parametrize("which", ["random", "trained"])

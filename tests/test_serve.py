@@ -368,3 +368,25 @@ def test_no_request_body_gets_a_500(client, body):
         assert answer.status_code in (200, 400, 413), (route, body, answer.text)
         if answer.status_code != 200:
             assert answer.json()["error"]
+
+
+def test_early_exit_is_the_servers_unless_a_request_says(models, monkeypatch):
+    translator = models[0].translator
+    original = translator.hypotheses
+    searched = []  # early_exit of each decoded batch
+
+    def hypotheses(sentences, **search):
+        searched.append(search["early_exit"])
+        return original(sentences, **search)
+
+    monkeypatch.setattr(translator, "hypotheses", hypotheses)
+    body = {"text": [LINES[0]], "source": "xx", "target": "yy"}
+    for server_default in (True, False):
+        with TestClient(create_app(models, early_exit=server_default)) as client:
+            searched.clear()
+            libre = {"q": LINES[1], "source": "xx", "target": "yy"}
+            assert client.post("/translate", json=libre).status_code == 200
+            assert client.post("/v1/translate", json=body).status_code == 200
+            answer = client.post("/v1/translate", json={**body, "early_exit": not server_default})
+            assert answer.status_code == 200
+            assert searched == [server_default, server_default, not server_default]

@@ -287,3 +287,38 @@ def test_a_line_that_is_not_utf8_ends_a_file_after_the_lines_before_it(run_qkv, 
     assert result.returncode == 2
     assert result.stdout == "c b a\no p\n"
     assert result.stderr.splitlines()[-1] == f"qkv: error: {source}:3: not valid UTF-8"
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate"])
+def test_early_exit_reaches_the_beam_search_from_the_command_line(
+    command, toy_run, tmp_path, monkeypatch, capsys
+):
+    from qkv import translate as translate_module
+    from qkv.cli import main
+
+    searched = []  # early_exit of each beam search
+    original = translate_module.beam_search
+
+    def beam_search(*args, **kwargs):
+        searched.append(kwargs["early_exit"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(translate_module, "beam_search", beam_search)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(LINES) + "\n")
+    arguments = [command, str(toy_run), "--quiet", "--precision", "fp32"]
+    if command == "translate":
+        arguments += ["-i", str(source)]
+    else:
+        references = tmp_path / "ref.txt"
+        references.write_text("\n".join(reverse(line) for line in LINES) + "\n")
+        arguments += ["--src", str(source), "--ref", str(references)]
+    capsys.readouterr()
+    assert main([*arguments, "--early-exit"]) == 0
+    out = capsys.readouterr().out
+    assert searched and set(searched) == {True}
+    if command == "translate":
+        assert out.splitlines() == Translator.load(toy_run).translate(LINES, early_exit=True)
+    searched.clear()
+    assert main(arguments) == 0
+    assert searched and set(searched) == {False}

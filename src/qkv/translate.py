@@ -165,6 +165,7 @@ class Translator:
         length_penalty_style: str = "gnmt",
         max_len: int | None = None,
         min_len: int = 0,
+        early_exit: bool = False,
         progress: bool | Any = False,
         warn: Callable[[str], None] | None = None,
         first_line: int = 1,
@@ -173,7 +174,8 @@ class Translator:
 
         beam: beam size (1: greedy search). max_tokens: source tokens per batch, padding included;
         more is faster up to a point and takes more memory (a batch decodes beam x its sentences
-        rows). max_len, min_len: generated tokens, as in `qkv.search`. An empty sentence gives one
+        rows). max_len, min_len: generated tokens, and early_exit, as in `qkv.search.beam_search`
+        (a sentence ends when its best candidate does; fewer steps). An empty sentence gives one
         empty hypothesis with score 0. warn: called with a message for each sentence cut to the
         model's max_len (default: `warnings.warn`), which names its line: `first_line` is the line
         number of sentences[0]. progress: a progress bar of its own, or a tqdm bar to advance.
@@ -189,6 +191,7 @@ class Translator:
             length_penalty_style=length_penalty_style,
             max_len=max_len,
             min_len=min_len,
+            early_exit=early_exit,
         )
         own_bar = isinstance(progress, bool)
         bar = _progress_bar(len(sentences), progress) if own_bar else progress
@@ -250,6 +253,7 @@ class Translator:
                 max_len=search["max_len"],
                 min_len=search["min_len"],
                 n_best=search["n_best"],
+                early_exit=search["early_exit"],
             )
         return [
             [self._hypothesis(ids[row, rank], scores[row, rank]) for rank in range(ids.size(1))]

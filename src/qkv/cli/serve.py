@@ -34,6 +34,12 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     parser.add_argument("--port", type=int, default=5000, help="default 5000")
     parser.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    parser.add_argument(
+        "--early-exit",
+        action="store_true",
+        help="as for qkv translate: end a sentence's beam search when its best candidate ends "
+        "(~30%% fewer steps; a request's early_exit says otherwise for it)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument(
         "--precision",
@@ -100,6 +106,7 @@ def _run_serve(args) -> int:
         max_wait_ms=args.max_wait_ms,
         max_batch_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
+        early_exit=args.early_exit,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

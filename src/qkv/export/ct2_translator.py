@@ -59,6 +59,7 @@ class CTranslate2Translator:
         self._never = [[piece(self.tokenizer.pad_id)], [piece(self.tokenizer.bos_id)]]
         self._warn = warn or _warn
         self._told_penalty = False
+        self._told_early_exit = False
 
     def translate(self, sentences: Sequence[str], beam: int = 5, **options) -> list[str]:
         return [best[0].text for best in self.hypotheses(sentences, beam=beam, **options)]
@@ -73,6 +74,7 @@ class CTranslate2Translator:
         length_penalty_style: str = "gnmt",
         max_len: int | None = None,
         min_len: int = 0,
+        early_exit: bool = False,
         progress=False,
         warn: Callable[[str], None] | None = None,
         first_line: int = 1,
@@ -90,6 +92,12 @@ class CTranslate2Translator:
             self._warn(
                 "CTranslate2 ranks beams by score / len^alpha (--length-penalty-style fairseq); "
                 "qkv's gnmt penalty ((5 + len) / 6)^alpha is not in it"
+            )
+        if beam > 1 and early_exit and not self._told_early_exit:
+            self._told_early_exit = True
+            self._warn(
+                "CTranslate2 ends a sentence's beam search when beam x patience hypotheses have "
+                "ended; --early-exit is for qkv's own engine"
             )
         warn = warn or self._warn
         pieces = []

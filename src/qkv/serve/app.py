@@ -69,6 +69,7 @@ class TranslateRequest(BaseModel):
     beam: int = Field(5, ge=1, le=64)
     n_best: int = Field(1, ge=1, le=64)
     length_penalty: float = 0.6
+    early_exit: bool | None = None  # None: the server's (`qkv serve --early-exit`)
     attention: bool = False  # every attention weight of each best translation
 
 
@@ -92,8 +93,10 @@ def create_app(
     max_wait_ms: float = 10.0,
     max_batch_tokens: int = 4096,
     max_queue: int = 256,
+    early_exit: bool = False,
 ) -> FastAPI:
-    """The server's app for `models` (uvicorn runs it; tests call it with FastAPI's TestClient)."""
+    """The server's app for `models` (uvicorn runs it; tests call it with FastAPI's TestClient).
+    early_exit: the beam search's, for requests that do not say (`qkv.search.beam_search`)."""
     registry = CollectorRegistry()
     requests = Counter("qkv_requests", "Requests, by route and status", ["route", "status"],
                        registry=registry)  # fmt: skip
@@ -106,12 +109,11 @@ def create_app(
     model_lock = threading.Lock()
 
     def decode(key, sentences: list[str]) -> list:
-        index, search_beam, n_best, length_penalty = key
+        index, search_beam, n_best, length_penalty, exit_early = key
         translator = models[index].translator
+        search = dict(beam=search_beam, n_best=n_best, length_penalty=length_penalty)
         with model_lock:
-            return translator.hypotheses(
-                sentences, beam=search_beam, n_best=n_best, length_penalty=length_penalty
-            )
+            return translator.hypotheses(sentences, **search, early_exit=exit_early)
 
     async def inside(function, *args):
         """`function(*args)` on a model, off the event loop; a ValueError or QkvError is a 400."""
@@ -205,9 +207,12 @@ def create_app(
         if api_keys is not None and api_key not in api_keys:
             raise ApiError(403, "invalid or missing api_key")
 
-    async def translate(index: int, texts: list[str], search_beam: int, n_best: int, alpha: float):
+    async def translate(
+        index: int, texts: list[str], search_beam: int, n_best: int, alpha: float, exit_early=None
+    ):
+        exit_early = early_exit if exit_early is None else exit_early
         try:
-            results = await batcher.submit((index, search_beam, n_best, alpha), texts)
+            results = await batcher.submit((index, search_beam, n_best, alpha, exit_early), texts)
         except QueueFull:
             raise ApiError(429, "too many requests waiting: retry shortly",
                            {"Retry-After": "1"}) from None  # fmt: skip
@@ -294,7 +299,8 @@ def create_app(
         index = pick_model(body.source, body.target)
         translator = models[index].translator
         tokenizer = translator.tokenizer
-        results = await translate(index, body.text, body.beam, body.n_best, body.length_penalty)
+        search = (body.beam, body.n_best, body.length_penalty, body.early_exit)
+        results = await translate(index, body.text, *search)
         translations = []
         for sentence, hypotheses in zip(body.text, results, strict=True):
             translation: dict = {
