@@ -303,7 +303,7 @@ def beam_search(
 
     A sentence ends when no live beam can beat its n_best-th finished hypothesis, or with `early_exit`
     (OpenNMT-py's rule) when its best candidate is EOS and it has n_best: ~30% fewer steps on Multi30k
-    one sentence at a time, BLEU within 0.2 (benchmarks/README.md, "Real sentences").
+    one sentence at a time, BLEU within 0.2 (benchmarks/README.md, "real sentences").
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
