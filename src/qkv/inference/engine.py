@@ -39,10 +39,10 @@ from qkv.model import Transformer
 FUSED_MAX_HEAD_ROWS = 32
 # The encoder's self-attention on the CPU, written out with the source mask as an additive bias made
 # once per batch (`attention_with_bias`), while the scores (batch x heads x src_len x src_len) are at
-# most this many: PyTorch's fused kernel with a boolean mask was 1.3-6.5x slower there (32 sentences
-# of 16 tokens, 4 heads: 364 against 99 µs a layer held to AVX2; 303 against 89 on AVX-512), and
-# faster for some batches of 128-token sources (0.5-0.7x), whose scores are 4M or more
-# (benchmarks/README.md, "The encoder's attention").
+# most this many: PyTorch's fused kernel with a boolean mask was up to 6.5x slower there (32 sentences
+# of 16 tokens, 4 heads: 364 against 99 µs a layer held to AVX2; 303 against 89 on AVX-512). It was
+# faster (the formula at 0.5-0.7x) for 128-token sources in batches of 4M scores or more, and in two
+# cases of 0.5M (benchmarks/README.md, "The encoder's attention", session 17).
 WRITTEN_OUT_MAX_SCORES = 2**21
 
 
