@@ -328,6 +328,8 @@ class _BeamSearch:
         self.device = src_ids.device
         n_sentences = src_ids.size(0)
         self.longest = int(self.batch.max_lens.max()) if n_sentences else 0
+        # Each sentence's length penalty at its max_len (`cannot_improve`), by original index.
+        self.max_len_penalty = length_penalty_of(self.batch.max_lens.float())
         # Finished hypotheses of every sentence, best first: normalised scores and ids.
         self.final_scores = torch.full((n_sentences, n_best), -math.inf, device=self.device)
         self.final_ids = torch.full(
@@ -452,9 +454,6 @@ class _BeamSearch:
         its score now over the largest length penalty it can still reach (the penalty is monotonic in
         the length, so that is at the next length or at max_len)."""
         sentence = self.batch.sentence[::width]
-        max_lens = self.batch.max_lens[::width]
-        largest_penalty = torch.maximum(
-            torch.as_tensor(self.length_penalty_of(length + 1), device=self.device),
-            self.length_penalty_of(max_lens.float()),
-        )
-        return best_live / largest_penalty <= self.final_scores[sentence, -1]
+        at_max_len = self.max_len_penalty.index_select(0, sentence)
+        largest_penalty = at_max_len.clamp(min=self.length_penalty_of(length + 1))
+        return best_live / largest_penalty <= self.final_scores[:, -1].index_select(0, sentence)
