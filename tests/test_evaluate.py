@@ -53,7 +53,7 @@ def test_evaluate_json(run_qkv, toy_run, tmp_path):
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
     assert set(scores) >= KEYS
-    assert scores["sentences"] == 6 and scores["beam"] == 3
+    assert scores["sentences"] == 6 and scores["beam"] == 3 and scores["early_exit"] is False
     assert scores["chrf"] > 50  # the toy model reverses most sentences exactly
 
 

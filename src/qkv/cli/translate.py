@@ -305,7 +305,8 @@ def _run_evaluate(args) -> int:
     scores = score(hypotheses, references)
     if args.json:
         details = dict(checkpoint=args.model, source=str(src_path), reference=str(ref_path))
-        print(json.dumps({**scores, **details, "beam": args.beam}, indent=2))
+        search = {"beam": args.beam, "early_exit": args.early_exit}
+        print(json.dumps({**scores, **details, **search}, indent=2))
     else:
         print(format_scores(scores))
     return 0
