@@ -43,25 +43,10 @@ from torch import Tensor
 from qkv.inference import DecodingEngine, prepare_for_decoding
 from qkv.inference.engine import NextToken
 from qkv.inference.topk import best_extensions
+from qkv.length_penalty import length_penalty_factor
 from qkv.model import Transformer
 
-LENGTH_PENALTY_STYLES = ("gnmt", "fairseq")
 MAX_LEN_MARGIN = 50  # the paper: "maximum output length ... input length + 50"
-
-
-def length_penalty_factor(
-    length: Tensor | int, alpha: float, style: str = "gnmt"
-) -> Tensor | float:
-    """The divisor of a hypothesis' log-probability: 'gnmt' ((5 + len) / 6)^alpha, the paper's (from Wu et
-    al. 2016, as in tensor2tensor), or 'fairseq' len^alpha (fairseq, CTranslate2, Hugging Face).
-    ``length`` counts generated tokens, EOS included."""
-    if style == "gnmt":
-        return ((5 + length) / 6) ** alpha
-    if style == "fairseq":
-        return length**alpha
-    raise ValueError(
-        f"length_penalty_style must be one of {', '.join(LENGTH_PENALTY_STYLES)}, not {style!r}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,8 +297,7 @@ def beam_search(
     )
     length_penalty_of(1)  # reject an unknown style before any work
     search = _BeamSearch(model, src_ids, beam_size, length_penalty_of, max_len, min_len, n_best)
-    search.early_exit = early_exit
-    return search.run()
+    return search.run(early_exit)
 
 
 class _BeamSearch:
@@ -336,9 +320,10 @@ class _BeamSearch:
             (n_sentences, n_best, self.longest), self.config.pad_id, device=self.device
         )
         self.any_finished = False  # whether any sentence has a finished hypothesis yet
-        self.early_exit = False  # a sentence ends when its best candidate does (`beam_search`)
+        self.early_exit = False  # a sentence ends when its best candidate does (`run`)
 
-    def run(self) -> tuple[Tensor, Tensor]:
+    def run(self, early_exit: bool = False) -> tuple[Tensor, Tensor]:
+        self.early_exit = early_exit
         n_sentences, beam = self.final_scores.size(0), self.beam_size
         if n_sentences == 0 or self.longest == 0:
             return self.final_ids, self.final_scores

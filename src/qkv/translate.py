@@ -26,8 +26,9 @@ from qkv.hardware import DTYPES, resolve_precision
 from qkv.inference import DecodingEngine, prepare_for_decoding
 from qkv.inference.compiled import COMPILED, CompiledEngine
 from qkv.inference.linear import Int8Unavailable
+from qkv.length_penalty import length_penalty_factor
 from qkv.model import Transformer
-from qkv.search import beam_search, greedy_search, length_penalty_factor
+from qkv.search import beam_search, greedy_search
 from qkv.tokenizer import Tokenizer
 
 
