@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.inference import BeamCache, aoti, prepare_for_decoding
+from qkv.inference import BeamCache, aoti, compiled_encoder, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference.compiled import CompiledEngine, StaticCache
 from qkv.search import beam_search, greedy_search, sample
@@ -32,9 +32,11 @@ def quick_compile(monkeypatch):
 
 
 def uncompiled(model) -> CompiledEngine:
-    """The engine with its static step run eagerly (what a failed compile falls back to)."""
+    """The engine with its static step and encoder run eagerly (what a failed compile falls back
+    to)."""
     engine = CompiledEngine(model)
     engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
+    engine.source.program = engine.source.module
     return engine
 
 
@@ -281,6 +283,72 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     assert engine.package_path(2, greedy=True) != engine.package_path(2)
 
 
+def assert_same_beams(engine, reference, src, **options):
+    ids, scores = beam_search(engine, src, **options)
+    ref_ids, ref_scores = beam_search(reference, src, **options)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_one_sentence_is_encoded_by_a_program_that_also_projects_it_for_the_first_step(
+    quick_compile, compile_cache, monkeypatch
+):
+    model = random_model(seed=4)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    engine.program = lambda arguments, greedy=False: engine.step_module(greedy)  # the encoder only
+    src = random_sources([9])
+    memory, src_mask = engine.encode(src)
+    ref_memory, ref_mask = reference.encode(src)
+    assert engine.unavailable is None, engine.unavailable
+    assert [p.name for p in compile_cache.iterdir()] == [engine.source.package_path.name]
+    torch.testing.assert_close(memory, ref_memory, rtol=0, atol=1e-5)
+    assert torch.equal(src_mask, ref_mask)
+    # The program's own projection of the memory it returned, once; of any other, the product.
+    projected = engine.source.cross_kv(memory)
+    torch.testing.assert_close(projected, engine.source.projection(ref_memory), rtol=0, atol=1e-5)
+    assert engine.source.cross_kv(memory) is not projected
+    # One token, padding after the source, the longest source the model has positions for.
+    padded = random_sources([6, 3], seed=1)[1:]  # (1, 6): 3 tokens, then 3 pads
+    for one in (src, random_sources([1]), padded, random_sources([model.config.max_len], seed=2)):
+        assert engine.source.takes(one)
+        assert_same_greedy(engine, reference, one, max_len=12)
+        assert_same_beams(engine, reference, one, beam_size=3, max_len=12, n_best=3)
+    assert engine.unavailable is None and len(list(compile_cache.iterdir())) == 1
+    # Two sentences, a source of padding only, one longer than the positions: the eager encoder.
+    too_long = random_sources([model.config.max_len + 1])
+    assert not any(engine.source.takes(s) for s in (src.repeat(2, 1), src * 0, too_long))
+    monkeypatch.setattr(engine.source, "program", None)  # a call would fail
+    monkeypatch.setattr(compiled_encoder, "compile_encoder", None)
+    assert_same_greedy(engine, reference, random_sources([5, 7]), max_len=8)
+    assert_same_greedy(engine, reference, src * 0, max_len=8)
+    assert engine.unavailable is None
+    # A new engine of the same weights loads the program: nothing is compiled again.
+    again = CompiledEngine(model)
+    assert_same_greedy(again, reference, random_sources([4], seed=5), max_len=10)
+    assert again.source.program is not None and again.unavailable is None
+
+
+def test_a_failed_encoder_compile_says_so_once_and_the_encoder_is_eager_from_then_on(monkeypatch):
+    def broken_compile(encoder, src_ids, path):
+        raise RuntimeError("InductorError: no such compiler flag (as on an unusual platform)")
+
+    monkeypatch.setattr(compiled_encoder, "compile_encoder", broken_compile)
+    messages, programs = [], []
+    model = random_model()
+    engine, reference = CompiledEngine(model, warn=messages.append), prepare_for_decoding(model)
+    # The decoder's programs, run eagerly here: only asked for
+    engine.program = lambda arguments, greedy=False: (
+        programs.append(greedy) or engine.step_module(greedy)
+    )
+    src = random_sources([6])
+    assert_same_greedy(engine, reference, src, max_len=10)  # the search that met the failure
+    assert_same_beams(engine, reference, src, beam_size=2, max_len=10)  # later ones: eager
+    assert len(messages) == 1 and "could not compile the encoder" in messages[0], messages
+    assert "RuntimeError: InductorError: no such compiler flag" in messages[0]
+    # The decoder step is still the compiled engine's: only the encoder is eager.
+    assert engine.unavailable is None and set(programs) == {True, False}
+
+
 def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(monkeypatch):
     """Five beams of one sentence, five rows, every product Inductor's C++ (on AVX2 from register
     blocks of 5 rows): `qkv translate --compile` measures them against oneDNN's and takes the faster;
@@ -289,6 +357,7 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", options)
     model = random_model(seed=3)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    engine.source.program = engine.source.module  # the encoder's products are not Inductor's only
     src = random_sources([9])
     ids, scores = beam_search(engine, src, beam_size=5, max_len=12, n_best=5)
     ref_ids, ref_scores = beam_search(reference, src, beam_size=5, max_len=12, n_best=5)

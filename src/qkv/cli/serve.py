@@ -53,7 +53,8 @@ def _add_serve(subparsers) -> None:
         help="as for qkv translate: batches of up to 5 rows (one request with beam 5; with beam 1, "
         "up to 32 requests' sentences) through a compiled decoder step, every program a batch can "
         "take compiled (or loaded from the run's compiled/ folder) before the server starts: one "
-        "with beam 5, up to eight with beam 1, ~20-40 s each the first time",
+        "with beam 5, up to eight with beam 1, and one sentence's encoder, ~20-40 s each the first "
+        "time",
     )
     parser.add_argument(
         "--max-chars", type=int, default=5000, help="characters per request (default 5000)"

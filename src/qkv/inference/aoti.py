@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -107,6 +108,19 @@ def load_package(path: Path):
         return tuple(loader.run(list(arguments)))
 
     return run
+
+
+def load_or_compile(path: Path, compile_to, what: str, say=None):
+    """The program of the package `path`, compiled first by `compile_to(path)` if it is not there
+    (`say`, if given, is told that `what` compiles, how long it took and where it is kept)."""
+    if not path.exists():
+        started = time.perf_counter()
+        if say:
+            say(f"compiling {what} (once, ~20-40 s)")
+        compile_to(path)
+        if say:
+            say(f"compiled in {time.perf_counter() - started:.1f} s, kept in {path}")
+    return load_package(path)
 
 
 def package(exported, path: Path) -> None:

@@ -38,9 +38,10 @@ for; loading one takes ~5 ms. Options, key, compiling and loading: `qkv.inferenc
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
 (sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,
 sampling; rows rounded up to 8, 16 or 32), on the CPU in fp32; larger batches, other devices and
-dtypes take the eager step. The search (`qkv.search`) is the same. Where the
+dtypes take the eager step. The encoder of one sentence is a program too, with the first step's
+projection (`qkv.inference.compiled_encoder`). The search (`qkv.search`) is the same. Where a
 program cannot be made (no C++ compiler, an unsupported platform), the same step runs uncompiled for
-that search and the engine says so once, then uses the eager step.
+that search and the engine says so once, then uses the eager step and encoder.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ from torch import Tensor, nn
 
 from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
+from qkv.inference.compiled_encoder import SourceEncoder, frozen_stack, positions_table
 from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias, without
-from qkv.inference.linear import PreparedLinear
 from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, gather_history
 from qkv.model import Transformer
 
@@ -91,12 +92,6 @@ def compiled_step_unavailable(model: Transformer) -> str | None:
     return None
 
 
-def _positions_table(positions: nn.Module) -> Tensor:
-    """(max_len, d_model): the sinusoids, or the learned position embeddings."""
-    table = getattr(positions, "table", None)
-    return table if table is not None else positions.embedding.weight
-
-
 class StaticDecoderStep(nn.Module):
     """One decoder position for every row, over a cache of fixed shapes: what `DecodingEngine.step`
     computes, with the same formulas, as one graph for the compiler."""
@@ -108,7 +103,7 @@ class StaticDecoderStep(nn.Module):
         self.model = model
         self.greedy = greedy  # only the best token, and each row's history in its own row
         self.n_heads = model.config.n_heads
-        self.positions = _positions_table(model.tgt_positions)
+        self.positions = positions_table(model.tgt_positions)
         if like is not None:  # another step of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
             return
@@ -117,12 +112,10 @@ class StaticDecoderStep(nn.Module):
         self.qkv_biases = nn.ParameterList()
         for layer in model.decoder.layers:
             attention = layer.self_attn
-            projections = attention.q_proj, attention.k_proj, attention.v_proj
-            weight = torch.cat([p.weight.detach() for p in projections])
-            self.qkv_weights.append(nn.Parameter(weight, requires_grad=False))
-            if attention.q_proj.bias is not None:
-                bias = torch.cat([p.bias.detach() for p in projections])
-                self.qkv_biases.append(nn.Parameter(bias, requires_grad=False))
+            weight, bias = frozen_stack([attention.q_proj, attention.k_proj, attention.v_proj])
+            self.qkv_weights.append(weight)
+            if bias is not None:
+                self.qkv_biases.append(bias)
 
     def forward(
         self,
@@ -171,9 +164,7 @@ class StaticDecoderStep(nn.Module):
             attended = _attend(q, cross_kv[0, i], cross_kv[1, i], cross_bias)
             y = _residual(layer, layer.norm2, y, attention.out_proj(attended))
             h = layer.norm3(y) if layer.norm_first else y
-            feed_forward = (
-                layer.feed_forward
-            )  # its formula, without its dropout (whatever the mode)
+            feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
             hidden = feed_forward.activation(feed_forward.linear1(h))
             y = _residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
         # (2, layers, rows, heads, d_head)
@@ -253,15 +244,9 @@ class CompiledEngine(DecodingEngine):
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
-        # Every layer's cross-attention K and V as one product, for the first step: one call instead
-        # of one per layer (at one sentence, 104 -> 73 µs for the small model held to AVX2). A second
-        # packed copy of those weights (1.5 MB for the small model); the eager step keeps its own.
-        cross = [layer.cross_attn for layer in model.decoder.layers]
-        projections = [p for attention in cross for p in (attention.k_proj, attention.v_proj)]
-        self.cross_kv_projection = (
-            PreparedLinear.stacked(*projections) if self.unavailable is None else None
-        )
         self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
+        # One sentence's encoder compiled, and the first step's cross-attention K and V
+        self.source = SourceEncoder(model, self.cache_dir, say) if not self.unavailable else None
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
         # weights are counted once, as the program holds them).
         decoder_weights = [*model.decoder.parameters(), model.output.weight]
@@ -289,19 +274,14 @@ class CompiledEngine(DecodingEngine):
         the cache, or compiled and saved."""
         rows = arguments[0].size(0)
         if (rows, greedy) not in self.programs:
-            path = self.package_path(rows, greedy)
             started = time.perf_counter()
-            if not path.exists():
-                if self.say:
-                    rows_ = (
-                        f"{rows} row" + ("s" if rows > 1 else "") + (", greedy" if greedy else "")
-                    )
-                    self.say(f"compiling the decoder step for {rows_} (once, ~20-40 s)")
-                compile_package(self.step_module(greedy), arguments, path)
-                if self.say:
-                    seconds = time.perf_counter() - started
-                    self.say(f"compiled in {seconds:.1f} s, kept in {path}")
-            self.programs[rows, greedy] = aoti.load_package(path)
+            what = f"the decoder step for {rows} row{'s' if rows > 1 else ''}"
+            self.programs[rows, greedy] = aoti.load_or_compile(
+                self.package_path(rows, greedy),
+                lambda path: compile_package(self.step_module(greedy), arguments, path),
+                what + (", greedy" if greedy else ""),
+                self.say,
+            )
             self.compile_seconds[rows, greedy] = time.perf_counter() - started
         return self.programs[rows, greedy]
 
@@ -400,9 +380,7 @@ class CompiledEngine(DecodingEngine):
             try:
                 outputs = self.program(arguments, greedy)(*arguments)
             except Exception as error:  # export's and Inductor's failures have many types
-                why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-                self.unavailable = f"PyTorch could not compile the decoder step here ({why})"
-                self.warn(f"{self.unavailable}: decoding takes the eager step")
+                self._cannot_compile("the decoder step", error)
         if outputs is None:
             outputs = self.step_module(greedy)(*arguments)
         if greedy:
@@ -412,6 +390,24 @@ class CompiledEngine(DecodingEngine):
             log_probs = cache.search_rows(log_probs)
         cache.write(new_kv)
         return log_probs, cache.search_rows(best), cache.search_rows(best_log_probs)
+
+    def _cannot_compile(self, what: str, error: Exception) -> None:
+        """Say once that `what` failed to compile or run here; from now on decoding is eager."""
+        self.unavailable = f"PyTorch could not compile {what} here ({_why(error)})"
+        self.warn(f"{self.unavailable}: decoding takes the eager step")
+
+    def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """As `DecodingEngine.encode`; one sentence through its compiled program
+        (`qkv.inference.compiled_encoder`), until it fails to compile or run (said once)."""
+        if self.unavailable is None and self.source.takes(src_ids):
+            try:
+                return self.source(src_ids), self.model.src_mask(src_ids)
+            except Exception as error:  # export's and Inductor's failures have many types
+                self.source.unavailable = (
+                    f"PyTorch could not compile the encoder here ({_why(error)})"
+                )
+                self.warn(f"{self.source.unavailable}: encoding takes the eager encoder")
+        return super().encode(src_ids)
 
     def _banned_bias(self, banned: tuple[int, ...]) -> Tensor:
         """(vocab,) -inf at the `banned` ids, else 0: made once for each set of ids."""
@@ -429,11 +425,15 @@ class CompiledEngine(DecodingEngine):
         if src_mask is not None and not bool(src_mask.any(dim=-1).all()):
             cache.fallback = BeamCache(len(self.decoder), cache.max_beams, cache.max_capacity)
             return False
-        cache.set_source(self.cross_kv_projection(memory), src_mask, self.config.n_heads)
+        cache.set_source(self.source.cross_kv(memory), src_mask, self.config.n_heads)
         config = self.config
         shape = (2, len(self.decoder), cache.rows, config.n_heads, cache.capacity, config.d_head)
         cache.start(memory.new_zeros(shape))
         return True
+
+
+def _why(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 @functools.cache
