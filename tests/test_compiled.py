@@ -60,7 +60,7 @@ def test_the_static_step_gives_the_eager_engines_greedy_ids_and_scores(overrides
     assert isinstance(cache, StaticCache)
     assert_same_greedy(engine, reference, src, max_len=20)
     assert_same_greedy(engine, reference, src[:1, :7], max_len=9, min_len=9)
-    # 40 positions: the cache starts with 32 slots and grows.
+    # 40 positions: the cache starts with 8 slots and grows (16, 32, 40).
     assert_same_greedy(engine, reference, src[:2, :7], max_len=40, min_len=40)
 
 
@@ -150,7 +150,7 @@ def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_t
         cache = StaticCache(n_layers=2, rows=rows, max_beams=max_beams, max_len=40)
         cache.start(torch.zeros(2, 2, rows, 2, cache.capacity, 4))
         moved = cache.self_kv.clone()  # the same history, reordered by moving it
-        for step in range(37):  # past the first 32 slots: the cache grows
+        for step in range(37):  # the cache grows three times: 8, 16, 32, then 40 slots
             cache.make_room()
             moved = torch.cat([moved, torch.zeros_like(moved)], dim=4)[..., : cache.capacity, :]
             new_kv = torch.randn(2, 2, rows, 2, 4, generator=generator)
@@ -170,7 +170,7 @@ def test_with_one_beam_the_ancestry_is_each_rows_own_as_the_cache_grows():
 
     cache = StaticCache(n_layers=2, rows=3, max_beams=1, max_len=40)
     cache.start(torch.zeros(2, 2, 3, 2, cache.capacity, 4))
-    for _ in range(37):  # past the first 32 slots: the cache grows
+    for _ in range(37):  # the cache grows three times: 8, 16, 32, then 40 slots
         cache.make_room()
         cache.write(torch.randn(2, 2, 3, 2, 4))
     assert cache.capacity > 32

@@ -9,9 +9,15 @@ import math
 import torch
 from torch import Tensor
 
-from qkv.inference.beam_cache import INITIAL_CAPACITY, BeamCache, _grow
+from qkv.inference.beam_cache import BeamCache, _grow
 
 SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this (never 0 or 1)
+# Slots at the first step, doubled when full. Every step reads every slot (masked past the length), so
+# fewer at first is less to read while a sentence is short: against 32 (as `BeamCache` starts), held
+# to AVX2, a trained model's sentences one at a time with beam 5 12.17 -> 11.75 ms, greedy in batches
+# of 32 3.18 -> 3.12 ms a sentence; greedy one at a time the same (AVX-512: 11.19 -> 10.91, 1.82 ->
+# 1.79; benchmarks/README.md, session 18).
+INITIAL_SLOTS = SLOT_MULTIPLE
 
 
 def _round_up(n: int, multiple: int = SLOT_MULTIPLE) -> int:
@@ -52,11 +58,11 @@ class StaticCache:
 
     def __init__(self, n_layers: int, rows: int, max_beams: int, max_len: int):
         self.n_layers, self.rows, self.max_beams = n_layers, rows, max_beams
-        # As BeamCache: a few positions at first, doubled when full (the program's capacity is
-        # dynamic). Each step attends to, and each reorder moves, every slot: allocated for the
-        # search's limit (source length + 50), they made a real beam search slower than the eager one.
+        # A few positions at first, doubled when full (the program's capacity is dynamic). Each step
+        # attends to every slot: allocated for the search's limit (source length + 50), they made a
+        # real beam search slower than the eager one.
         self.max_capacity = _round_up(max_len)
-        self.capacity = min(self.max_capacity, INITIAL_CAPACITY)
+        self.capacity = min(self.max_capacity, INITIAL_SLOTS)
         self.length = 0
         self.self_kv: Tensor | None = None  # (2, layers, rows, heads, capacity, d_head)
         self.ancestry: Tensor | None = None  # (rows, capacity): the row of self_kv of each slot
