@@ -258,8 +258,10 @@ def test_a_server_with_compile_compiles_before_it_starts_and_translates_the_same
     assert server.returncode in (0, -signal.SIGTERM), stderr[-2000:]
     assert "warning" not in stderr
     # With beam 3 only one sentence is compiled (3 rows; 2 would be 6, over MAX_ROWS): that
-    # program, compiled or loaded, sits in the run.
+    # program, compiled or loaded, sits in the run, with one sentence's encoder. No other test
+    # compiles these with the options `--compile` takes (the encoder's products Inductor's own).
     assert list((toy_run / "compiled").glob("decoder-step-3-rows-*.pt2")), stderr[-2000:]
+    assert "compiling the encoder for one sentence" in stderr, stderr[-2000:]
 
 
 def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch):
@@ -272,6 +274,7 @@ def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch)
         return engine.step_module(greedy)
 
     monkeypatch.setattr(engine, "program", program)
+    monkeypatch.setattr(engine.source, "program", engine.source.module)  # nor the encoder's
     assert compile_ahead(translator, beam=1) == 8
     assert programs_run == {1, 2, 3, 4, 5, 8, 16, 32}
     programs_run.clear()
