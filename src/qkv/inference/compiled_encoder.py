@@ -99,9 +99,13 @@ class SourceEncoder:
     """What the compiled engine does with a source before its first step: `takes(src_ids)` says
     whether the compiled `StaticEncoder` encodes this batch, and a call runs it (loading the program
     from `cache_dir` or compiling it there at the first call; `say`, if given, is told; a failure
-    raises, and the engine keeps to the eager encoder: `unavailable`). `cross_kv(memory)` is the stacked cross-attention keys and
-    values of an encoder output: the program's own projection of the memory it returned last, else
-    one product for every layer."""
+    raises, and the engine keeps to the eager encoder: `unavailable`). `cross_kv(memory)` is the
+    stacked cross-attention keys and values of an encoder output: the program's own projection of
+    the memory it returned last, else one product for every layer.
+
+    Memory: stacked copies of the encoder's Q/K/V weights and of the decoder's cross-attention K/V
+    weights (the program is compiled from them; 5 x d_model^2 a layer), and a packed copy of the
+    latter for the product."""
 
     def __init__(self, model: Transformer, cache_dir: Path, say=None):
         self.module = StaticEncoder(model).eval()
