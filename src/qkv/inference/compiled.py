@@ -59,7 +59,11 @@ from torch import Tensor, nn
 
 from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
-from qkv.inference.compiled_encoder import SourceEncoder, frozen_stack, positions_table
+from qkv.inference.compiled_encoder import (
+    SourceEncoder,
+    positions_table,
+    stacked_self_attention,
+)
 from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias, without
 from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, gather_history
 from qkv.model import Transformer
@@ -108,14 +112,7 @@ class StaticDecoderStep(nn.Module):
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
             return
         # Q, K and V of self-attention as one product (a frozen copy, as the eager engine keeps).
-        self.qkv_weights = nn.ParameterList()
-        self.qkv_biases = nn.ParameterList()
-        for layer in model.decoder.layers:
-            attention = layer.self_attn
-            weight, bias = frozen_stack([attention.q_proj, attention.k_proj, attention.v_proj])
-            self.qkv_weights.append(weight)
-            if bias is not None:
-                self.qkv_biases.append(bias)
+        self.qkv_weights, self.qkv_biases = stacked_self_attention(model.decoder.layers)
 
     def forward(
         self,

@@ -44,6 +44,19 @@ def frozen_stack(linears: list[nn.Linear]) -> tuple[nn.Parameter, nn.Parameter |
     return weight, nn.Parameter(bias, requires_grad=False)
 
 
+def stacked_self_attention(layers) -> tuple[nn.ParameterList, nn.ParameterList]:
+    """Each layer's self-attention Q, K and V as one product: its weights stacked, and its biases
+    (none where the projections have none), frozen copies."""
+    weights, biases = nn.ParameterList(), nn.ParameterList()
+    for layer in layers:
+        attention = layer.self_attn
+        weight, bias = frozen_stack([attention.q_proj, attention.k_proj, attention.v_proj])
+        weights.append(weight)
+        if bias is not None:
+            biases.append(bias)
+    return weights, biases
+
+
 class StaticEncoder(nn.Module):
     """`DecodingEngine.encode` of one sentence, with the same formulas, and the stacked projection
     of its output for every decoder layer's cross-attention, as one graph for the compiler."""
@@ -54,13 +67,7 @@ class StaticEncoder(nn.Module):
         self.n_heads = model.config.n_heads
         self.pad_id = model.config.pad_id
         self.positions = positions_table(model.src_positions)
-        self.qkv_weights, self.qkv_biases = nn.ParameterList(), nn.ParameterList()
-        for layer in model.encoder.layers:
-            attention = layer.self_attn
-            weight, bias = frozen_stack([attention.q_proj, attention.k_proj, attention.v_proj])
-            self.qkv_weights.append(weight)
-            if bias is not None:
-                self.qkv_biases.append(bias)
+        self.qkv_weights, self.qkv_biases = stacked_self_attention(model.encoder.layers)
         cross = [layer.cross_attn for layer in model.decoder.layers]
         # each layer's keys, then its values: the layout `StaticCache.set_source` reads
         self.cross_kv_weight, self.cross_kv_bias = frozen_stack(
