@@ -62,6 +62,7 @@ from qkv.inference.beam_cache import BeamCache
 from qkv.inference.compiled_encoder import (
     SourceEncoder,
     positions_table,
+    residual,
     stacked_self_attention,
 )
 from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias, without
@@ -154,16 +155,16 @@ class StaticDecoderStep(nn.Module):
             new_keys.append(k)
             new_values.append(v)
             attended = _attend_with_new(q, history[0, i], history[1, i], self_bias, k, v)
-            y = _residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
+            y = residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
             attention = layer.cross_attn
             h = layer.norm2(y) if layer.norm_first else y
             q = attention.q_proj(h).view(rows, n_heads, 1, -1)
             attended = _attend(q, cross_kv[0, i], cross_kv[1, i], cross_bias)
-            y = _residual(layer, layer.norm2, y, attention.out_proj(attended))
+            y = residual(layer, layer.norm2, y, attention.out_proj(attended))
             h = layer.norm3(y) if layer.norm_first else y
             feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
             hidden = feed_forward.activation(feed_forward.linear1(h))
-            y = _residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
+            y = residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
         # (2, layers, rows, heads, d_head)
         new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)]).squeeze(-2)
         logits = model.output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
@@ -194,11 +195,6 @@ def _attend_with_new(
     capacity = k.size(-2)
     out = torch.matmul(weights[..., :capacity], v) + weights[..., capacity:] * new_v
     return _merge_heads(out)
-
-
-def _residual(layer, norm, y: Tensor, sublayer_out: Tensor) -> Tensor:
-    """Post-LN: norm(y + f(y)); pre-LN: y + f(norm(y)) (the norm was applied to f's input)."""
-    return y + sublayer_out if layer.norm_first else norm(y + sublayer_out)
 
 
 def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> None:

@@ -44,6 +44,11 @@ def frozen_stack(linears: list[nn.Linear]) -> tuple[nn.Parameter, nn.Parameter |
     return weight, nn.Parameter(bias, requires_grad=False)
 
 
+def residual(layer, norm, y: Tensor, sublayer_out: Tensor) -> Tensor:
+    """Post-LN: norm(y + f(y)); pre-LN: y + f(norm(y)) (the norm was applied to f's input)."""
+    return y + sublayer_out if layer.norm_first else norm(y + sublayer_out)
+
+
 def stacked_self_attention(layers) -> tuple[nn.ParameterList, nn.ParameterList]:
     """Each layer's self-attention Q, K and V as one product: its weights stacked, and its biases
     (none where the projections have none), frozen copies."""
@@ -91,13 +96,13 @@ class StaticEncoder(nn.Module):
                 projected.view(batch, src_len, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
             )
             attended = layer.self_attn.out_proj(_merge_heads(attention_with_bias(q, k, v, bias)))
-            x = x + attended if layer.norm_first else layer.norm1(x + attended)
+            x = residual(layer, layer.norm1, x, attended)
             h = layer.norm2(x) if layer.norm_first else x
             feed_forward = (
                 layer.feed_forward
             )  # its formula, without its dropout (whatever the mode)
             out = feed_forward.linear2(feed_forward.activation(feed_forward.linear1(h)))
-            x = x + out if layer.norm_first else layer.norm2(x + out)
+            x = residual(layer, layer.norm2, x, out)
         memory = model.encoder.final_norm(x)
         return memory, F.linear(memory, self.cross_kv_weight, self.cross_kv_bias)
 
@@ -116,8 +121,6 @@ class SourceEncoder:
 
     def __init__(self, model: Transformer, cache_dir: Path, say=None):
         self.module = StaticEncoder(model).eval()
-        self.max_len = self.module.positions.size(0)
-        self.pad_id = model.config.pad_id
         self.cache_dir, self.say = cache_dir, say
         self.program = None
         self.unavailable: str | None = None  # why the program failed, once it has
@@ -132,9 +135,13 @@ class SourceEncoder:
     def takes(self, src_ids: Tensor) -> bool:
         """One sentence, with at least one real token (a row of -inf would be NaN), no longer than
         the positions the model has (the eager encoder says what is wrong with a longer one)."""
-        if self.unavailable or src_ids.size(0) != 1 or not 0 < src_ids.size(1) <= self.max_len:
+        if (
+            self.unavailable
+            or src_ids.size(0) != 1
+            or not 0 < src_ids.size(1) <= len(self.module.positions)
+        ):
             return False
-        return bool((src_ids != self.pad_id).any())
+        return bool((src_ids != self.module.pad_id).any())
 
     @property
     def package_path(self) -> Path:
@@ -152,7 +159,6 @@ class SourceEncoder:
                 self.say,
             )
             self.compile_seconds = time.perf_counter() - started
-        self._last = None
         memory, projected = self.program(src_ids.contiguous())
         self._last = memory, projected
         return memory
