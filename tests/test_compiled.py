@@ -4,12 +4,16 @@ cannot compile it says so once and decodes as the eager engine does."""
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
 
 import qkv
 from qkv.inference import BeamCache, aoti, compiled_encoder, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
+from qkv.inference import engine as engine_module
 from qkv.inference.compiled import CompiledEngine, StaticCache
 from qkv.search import beam_search, greedy_search, sample
 from test_search import random_model, random_sources
@@ -281,6 +285,28 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     assert CompiledEngine(random_model(seed=9)).package_path(2) != engine.package_path(2)
     assert engine.package_path(1) != engine.package_path(2)
     assert engine.package_path(2, greedy=True) != engine.package_path(2)
+
+
+def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypatch):
+    model = random_model(seed=1)
+    step, encoder = CompiledEngine(model).static_step, compiled_encoder.StaticEncoder(model)
+    for module in (step, encoder):
+        files = set(aoti.code_files(module))
+        # the attention both programs call, the model's layers and embeddings, and their own files
+        assert inspect.getfile(engine_module.attention_with_bias) in files
+        assert inspect.getfile(type(model.decoder.layers[0])) in files
+        assert inspect.getfile(type(model.tgt_embed)) in files
+        assert inspect.getfile(type(module)) in files
+    # Another version of any of those files: another key, so no program of the old code is loaded.
+    copies = []
+    for i, file in enumerate(aoti.code_files(step)):
+        copies.append(tmp_path / f"{i}.py")
+        copies[-1].write_text(Path(file).read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setattr(aoti, "code_files", lambda module: copies)
+    before = aoti.program_key(step)
+    with copies[0].open("a", encoding="utf-8") as file:
+        file.write("# changed\n")
+    assert aoti.program_key(step) != before
 
 
 def assert_same_beams(engine, reference, src, **options):

@@ -45,8 +45,8 @@ def default_cache_dir() -> Path:
 
 
 def program_key(step: nn.Module) -> str:
-    """What a compiled program depends on, hashed: the weights and configuration, qkv's code for it,
-    PyTorch, the CPU's capability, the threads (Inductor's products are made for that many), and
+    """What a compiled program depends on, hashed: the weights and configuration, qkv's code it is
+    traced from (`code_files`), PyTorch, the CPU's capability, the threads (Inductor's products are made for that many), and
     the options."""
     digest = hashlib.blake2b(digest_size=8)
     context = {
@@ -55,8 +55,7 @@ def program_key(step: nn.Module) -> str:
         "capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "options": INDUCTOR_OPTIONS,
-        # the step's code, the cache's (its slot padding shapes the program's inputs) and this file
-        "code": [Path(f).read_text(encoding="utf-8") for f in _code_files(step)],
+        "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in step.state_dict().items():
@@ -135,5 +134,17 @@ def package(exported, path: Path) -> None:
         atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
 
 
-def _code_files(step: nn.Module) -> list[str]:
-    return [inspect.getfile(type(step)), static_cache.__file__, __file__]
+def code_files(step: nn.Module) -> list[str]:
+    """The files of qkv's code that a program is traced from: the step's own, the helpers its
+    `forward` calls (`qkv.inference.engine`'s attention, `compiled_encoder`'s shared pieces), the
+    cache that shapes its inputs, this file, and the file of every qkv module inside the step (the
+    model's embeddings and norms, whose own `forward` is traced too). A change to any of them makes
+    another key, so a program made by older code is never loaded."""
+    from qkv.inference import compiled_encoder, engine  # they import this module
+
+    files = {inspect.getfile(type(step)), engine.__file__, compiled_encoder.__file__}
+    files |= {static_cache.__file__, __file__}
+    for module in step.modules():
+        if type(module).__module__.split(".")[0] == "qkv":
+            files.add(inspect.getfile(type(module)))
+    return sorted(files)

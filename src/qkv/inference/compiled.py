@@ -31,7 +31,7 @@ A program is compiled at its first use (~20-40 s for a small model: half of it m
 products) and saved as a package (`decoder-step-R-rows[-greedy]-KEY.pt2`) in the engine's
 `cache_dir`: the run directory's `compiled/` folder (`COMPILED`) when the model comes from one
 (`Translator.load`), else `QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY is a hash of the
-weights, the configuration, the code of the step, its cache and its packaging, PyTorch's version,
+weights, the configuration, the code the step is traced from, PyTorch's version,
 the CPU's capability and the number of threads, so a package is only ever loaded where it was made
 for; loading one takes ~5 ms. Options, key, compiling and loading: `qkv.inference.aoti`.
 
