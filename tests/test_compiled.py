@@ -287,6 +287,50 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     assert engine.package_path(2, greedy=True) != engine.package_path(2)
 
 
+def test_with_one_beam_the_live_sentences_move_to_a_smaller_program_in_the_searchs_order():
+    cache = StaticCache(n_layers=2, rows=8, max_beams=1, max_len=10, fewer_rows=(4,))
+    cache.start(torch.randn(2, 2, 8, 2, cache.capacity, 4))
+    cache.cross_kv, cache.cross_bias = torch.randn(2, 2, 8, 2, 8, 4), torch.randn(8, 1, 1, 8)
+    held = cache.self_kv, cache.cross_kv, cache.cross_bias
+    cache.reorder(torch.tensor([0, 2, 3, 5, 6, 7]))  # six live sentences: eight rows still
+    assert cache.rows == 8 and cache.self_kv is held[0]
+    cache.reorder(torch.tensor([4, 1, 3]))  # three live, in rows 6, 2 and 5: they fit four rows
+    assert cache.rows == 4 and cache.live_rows is None
+    kept = torch.tensor([6, 2, 5, 5])  # in the search's order, the last repeated
+    assert torch.equal(cache.self_kv, held[0].index_select(2, kept))
+    assert torch.equal(cache.cross_kv, held[1].index_select(2, kept))
+    assert torch.equal(cache.cross_bias, held[2].index_select(0, kept))
+    assert torch.equal(cache.ancestry, torch.arange(4)[:, None].expand(4, cache.capacity))
+    assert cache.program_tokens(torch.tensor([7, 8, 9])).tolist() == [7, 8, 9, 9]
+    assert cache.search_rows(torch.arange(4) * 10).tolist() == [0, 10, 20]
+    cache.reorder(torch.tensor([0, 2]))  # no smaller program: the rows stay, and nothing moves
+    assert cache.rows == 4 and cache.live_rows.tolist() == [0, 2]
+
+
+def test_greedy_search_moves_to_smaller_programs_as_its_sentences_finish(monkeypatch):
+    model = random_model(seed=6, max_len=80)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    assert engine.fewer_rows(32) == (4, 8, 16) and engine.fewer_rows(5) == ()
+    rows_run = []
+
+    def program(arguments, greedy=False):
+        rows_run.append(arguments[0].size(0))
+        return engine.step_module(greedy)
+
+    engine.program = program
+    # Sources of 1-20 tokens, so limits of 51-70 tokens: from step 51 on, one sentence ends a step.
+    src = random_sources(list(range(1, 21)), seed=6)
+    assert_same_greedy(engine, reference, src)
+    ids, _ = greedy_search(engine, src)
+    lengths = (ids != model.config.pad_id).sum(dim=1).tolist()
+    # Each step on the smallest program its live sentences fit: from the first step after one fits.
+    live = [sum(length > step for length in lengths) for step in range(max(lengths))]
+    rows_run.clear()
+    greedy_search(engine, src)
+    assert rows_run == [min(r for r in (4, 8, 16, 32) if r >= n) for n in live]
+    assert sorted(set(rows_run)) == [4, 8, 16, 32]
+
+
 def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypatch):
     model = random_model(seed=1)
     step, encoder = CompiledEngine(model).static_step, compiled_encoder.StaticEncoder(model)

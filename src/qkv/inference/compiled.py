@@ -37,11 +37,12 @@ for; loading one takes ~5 ms. Options, key, compiling and loading: `qkv.inferenc
 
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
 (sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,
-sampling; rows rounded up to 8, 16 or 32), on the CPU in fp32; larger batches, other devices and
-dtypes take the eager step. The encoder of one sentence is a program too, with the first step's
-projection (`qkv.inference.compiled_encoder`). The search (`qkv.search`) is the same. Where a
-program cannot be made (no C++ compiler, an unsupported platform), the same step runs uncompiled for
-that search and the engine says so once, then uses the eager step and encoder.
+sampling; rows rounded up to 8, 16 or 32, and fewer as sentences finish: `SHRINK_TO`), on the
+CPU in fp32; larger batches, other devices and dtypes take the eager step. The encoder of one
+sentence is a program too, with the first step's projection (`qkv.inference.compiled_encoder`). The
+search (`qkv.search`) is the same. Where a program cannot be made (no C++ compiler, an unsupported
+platform), the same step runs uncompiled for that search and the engine says so once, then uses the
+eager step and encoder.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ MAX_ROWS = 5
 # 1.07-1.13x (AVX-512 and AVX2); the base model at 32 rows 0.94x and 1.05x, so only models whose step
 # fits MAX_WEIGHT_BYTES_FOR_ROWS. Beams stay at MAX_ROWS: 40 rows gained nothing, 160 lost (0.83-0.90x).
 ONE_BEAM_ROWS = (8, 16, 32)
+# Greedy search on many sentences moves to one of these smaller programs once its live sentences fit
+# (`StaticCache.reorder`). In length-sorted batches of 32 real sentences, half of the rows' steps came
+# after their sentence had ended: held to AVX2, 2.42 -> 1.55 ms a sentence; the programs of 1-5 rows
+# too gained nothing more but compiles (1.54; benchmarks/README.md, session 19).
+SHRINK_TO = (4, 8, 16)
 MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
 WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose products gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
@@ -290,7 +296,8 @@ class CompiledEngine(DecodingEngine):
         rows = None if sentences is None else self.program_rows(sentences, max_beams)
         if self.unavailable is None and rows is not None:
             max_len = max_len or self.config.max_len
-            return StaticCache(len(self.decoder), rows, max_beams, max_len)
+            fewer = self.fewer_rows(rows) if max_beams == 1 else ()
+            return StaticCache(len(self.decoder), rows, max_beams, max_len, fewer)
         return super().new_cache(max_beams, max_len)
 
     def program_rows(self, sentences: int, max_beams: int) -> int | None:
@@ -308,6 +315,12 @@ class CompiledEngine(DecodingEngine):
         if max_beams == 1 and fits:
             return next((bucket for bucket in ONE_BEAM_ROWS if bucket >= rows), None)
         return None
+
+    def fewer_rows(self, rows: int) -> tuple[int, ...]:
+        """The programs that a search with one beam per sentence on `rows` rows moves to as its
+        sentences finish (`StaticCache.reorder`): those of `SHRINK_TO` that exist and have at most
+        half as many rows (5 -> 4 would only cost a compile)."""
+        return tuple(r for r in SHRINK_TO if r <= rows // 2 and self.program_rows(r, 1) == r)
 
     def sentences_per_program(self, max_beams: int) -> list[int]:
         """For each program that a search with `max_beams` beams can run on, the fewest sentences

@@ -37,10 +37,10 @@ class StaticCache:
     """The compiled step's cache: `BeamCache`'s contract (`reorder`, `len`) over tensors of fixed
     shapes, one row per (sentence, beam).
 
-    It keeps `rows` rows from the first step to the last (sentences x beams at the most), so that one
-    program serves the whole search: while the search has fewer (one row per sentence at the first
-    step of a beam search; sentences that finished), the last row is repeated to fill them (with one
-    beam, finished sentences keep their rows instead: below), and those results are dropped.
+    It keeps `rows` rows (sentences x beams at the most), so that one program serves many steps:
+    while the search has fewer (one row per sentence at the first step of a beam search; sentences
+    that finished), the last row is repeated to fill them (with one beam, finished sentences keep
+    their rows instead: below), and those results are dropped.
 
     With several beams, a reorder moves no keys or values: row r writes the keys and values of each
     position into its own row of `self_kv`, and `ancestry[r, s]` says which row of `self_kv` holds
@@ -54,10 +54,17 @@ class StaticCache:
     computed (the program's rows are fixed anyway) and their results are dropped. So the ancestry
     stays the identity and greedy search's program reads each row's history as it is (gathering it
     took 2-4% of a greedy batch of 32 sentences). One row has nothing to reorder: its programs read
-    `self_kv` as it is (the gather made greedy on one sentence 2-5% slower)."""
+    `self_kv` as it is (the gather made greedy on one sentence 2-5% slower). Once the live sentences
+    fit one of `fewer_rows` (a smaller program's rows), they move there, in the search's order: a
+    copy of their rows, once or twice a search, and the steps after it cost what their rows do."""
 
-    def __init__(self, n_layers: int, rows: int, max_beams: int, max_len: int):
+    def __init__(
+        self, n_layers: int, rows: int, max_beams: int, max_len: int, fewer_rows: tuple = ()
+    ):
         self.n_layers, self.rows, self.max_beams = n_layers, rows, max_beams
+        # With one beam: the smaller numbers of rows (programs) the cache moves to as sentences
+        # finish, smallest first (`reorder`).
+        self.fewer_rows = tuple(sorted(r for r in fewer_rows if r < rows))
         # A few positions at first, doubled when full (the program's capacity is dynamic). Each step
         # attends to every slot: allocated for the search's limit (source length + 50), they made a
         # real beam search slower than the eager one.
@@ -154,6 +161,19 @@ class StaticCache:
             return program_output
         return program_output[: self._searched]
 
+    def _move_to(self, rows: int) -> None:
+        """One beam per sentence: keep only the live sentences' rows, first and in the search's
+        order, the last repeated to make `rows` rows (a copy of their keys and values)."""
+        live = self.live_rows
+        keep = torch.cat([live, live[-1:].expand(rows - live.numel())])
+        self.self_kv = self.self_kv.index_select(2, keep)
+        self.cross_kv = self.cross_kv.index_select(2, keep)
+        self.cross_bias = self.cross_bias.index_select(0, keep)
+        self.rows, self.live_rows, self._tokens = rows, None, None
+        self.fewer_rows = tuple(r for r in self.fewer_rows if r < rows)
+        self.row_ids = torch.arange(rows, device=live.device)
+        self.ancestry = self._identity()
+
     def filled(self, index: Tensor) -> Tensor:
         """(n,) row indices -> (rows,): the last one repeated (contiguous, as the program wants)."""
         if index.numel() == self.rows:  # every step of a search whose rows are all live
@@ -169,10 +189,14 @@ class StaticCache:
             return
         if self.max_beams == 1:
             # Only finished sentences leave: nothing moves, each sentence keeps its row (the greedy
-            # program reads every row's history there), and the others' results are dropped.
+            # program reads every row's history there), and the others' results are dropped...
             self.live_rows = (
                 index if self.live_rows is None else self.live_rows.index_select(0, index)
             )
+            # ... until the live ones fit a smaller program: then they move to its rows.
+            fewer = next((r for r in self.fewer_rows if r >= index.numel()), self.rows)
+            if fewer < self.rows:
+                self._move_to(fewer)
             return
         index = self.filled(index)
         self.ancestry = self.ancestry.index_select(0, index)
