@@ -310,7 +310,7 @@ def test_with_one_beam_the_live_sentences_move_to_a_smaller_program_in_the_searc
 def test_greedy_search_moves_to_smaller_programs_as_its_sentences_finish(monkeypatch):
     model = random_model(seed=6, max_len=80)
     engine, reference = uncompiled(model), prepare_for_decoding(model)
-    assert engine.fewer_rows(32) == (4, 8, 16) and engine.fewer_rows(5) == ()
+    assert engine.fewer_rows(32) == (1, 4, 8, 16) and engine.fewer_rows(5) == (1,)
     rows_run = []
 
     def program(arguments, greedy=False):
@@ -327,8 +327,8 @@ def test_greedy_search_moves_to_smaller_programs_as_its_sentences_finish(monkeyp
     live = [sum(length > step for length in lengths) for step in range(max(lengths))]
     rows_run.clear()
     greedy_search(engine, src)
-    assert rows_run == [min(r for r in (4, 8, 16, 32) if r >= n) for n in live]
-    assert sorted(set(rows_run)) == [4, 8, 16, 32]
+    assert rows_run == [min(r for r in (1, 4, 8, 16, 32) if r >= n) for n in live]
+    assert sorted(set(rows_run)) == [1, 4, 8, 16, 32]
 
 
 def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypatch):

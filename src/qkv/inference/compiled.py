@@ -84,9 +84,10 @@ MAX_ROWS = 5
 ONE_BEAM_ROWS = (8, 16, 32)
 # Greedy search on many sentences moves to one of these smaller programs once its live sentences fit
 # (`StaticCache.reorder`). In length-sorted batches of 32 real sentences, half of the rows' steps came
-# after their sentence had ended: held to AVX2, 2.42 -> 1.55 ms a sentence; the programs of 1-5 rows
-# too gained nothing more but compiles (1.54; benchmarks/README.md, session 19).
-SHRINK_TO = (4, 8, 16)
+# after their sentence had ended, and a third of the steps had one sentence left: held to AVX2,
+# 2.42 -> 1.65 ms a sentence with 16, 8 and 4 rows, 1.57 with one row too (that of one sentence at a
+# time); every program of 1-5 rows gained no more (benchmarks/README.md, session 19).
+SHRINK_TO = (1, 4, 8, 16)
 MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
 WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose products gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
