@@ -134,3 +134,31 @@ def test_cold_start_times_fresh_processes_to_their_first_translation(toy_run):
     assert set(rows) == {"python", "qkv-fp32"}
     # a fresh qkv imports torch, loads and translates: longer than a bare interpreter
     assert float(rows["qkv-fp32"]) > float(rows["python"]) > 0
+
+
+def test_real_batches_translates_a_file_with_qkv_and_its_ctranslate2_export_side_by_side(
+    toy_run, tmp_path
+):
+    pytest.importorskip("ctranslate2")
+    sentences = tmp_path / "sentences.xx"
+    sentences.write_text("a b c\nd e\nf g h i\nj k\nl m n\n")
+    result = run_script(
+        "real_batches.py", str(toy_run), "--src", str(sentences), "--batch", "2",
+        "--systems", "qkv", "ct2-fp32", "--repeats", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_names_the_cpu(result.stdout)
+    assert "5 sentences of" in result.stdout and "3 batches (batches of 2), greedy" in result.stdout
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if line.startswith("| qkv") or line.startswith("| ct2")
+        for cells in [line.strip("|").replace(" ", "").split("|")]
+    }
+    assert set(rows) == {"qkv", "ct2-fp32"}
+    (qkv_ms, qkv_tokens, ratio), (ct2_ms, ct2_tokens, _) = rows["qkv"], rows["ct2-fp32"]
+    # The same model, the same sources: the same translations, so as many tokens (EOS included).
+    assert int(qkv_tokens) == int(ct2_tokens) > 5
+    qkv_ms, ct2_ms = float(qkv_ms), float(ct2_ms)
+    rounding = ct2_ms / qkv_ms * (0.0005 / qkv_ms + 0.0005 / ct2_ms) + 0.005  # as printed
+    assert float(ratio.rstrip("x")) == pytest.approx(ct2_ms / qkv_ms, abs=rounding)
