@@ -13,7 +13,9 @@ source tokens as `qkv translate` cuts a file. The systems:
 - ct2-fp32: the same model exported by `qkv export --format ctranslate2`, in a process of its own
   that never imports torch, timing each pass when asked (it takes turns with the others, as in
   decode_speed.py). Its sources are the same subwords; its length limit is a batch's longest
-  source + 50, qkv's each source's own length + 50 (the paper's).
+  source + 50, qkv's each source's own length + 50 (the paper's). A beam search ranks by the
+  log-probability over the length (CTranslate2's default, qkv's `--length-penalty 1
+  --length-penalty-style fairseq`), so that both search for the same hypotheses.
 
 Each figure is milliseconds a sentence: the median of --repeats passes over the whole set, after one
 untimed pass. The tokens each system generated are printed beside it: the systems decode the same
@@ -46,6 +48,7 @@ from timing import (
 
 SYSTEMS = ("qkv", "qkv-compiled", "ct2-fp32")
 MARGIN = 50  # tokens past the source's length (qkv.search.MAX_LEN_MARGIN)
+RANKING = dict(length_penalty=1.0, length_penalty_style="fairseq")  # CTranslate2's default ranking
 
 
 def parse_args() -> argparse.Namespace:
@@ -99,8 +102,9 @@ def qkv_runner(engine, sources, batches, args):
                 if args.search == "greedy":
                     ids = greedy_search(engine, src)[0]
                 else:
-                    ids = beam_search(engine, src, beam_size=args.beam, early_exit=args.early_exit)
-                    ids = ids[0][:, 0]
+                    ids = beam_search(
+                        engine, src, beam_size=args.beam, early_exit=args.early_exit, **RANKING
+                    )[0][:, 0]
                 generated += int((ids != pad).sum())
         return generated
 
@@ -156,7 +160,9 @@ def ctranslate2_worker(model_dir: str, batches_file: str, search: str, beam: int
         generated = 0
         for batch in batches:
             limit = max(map(len, batch)) + 1 + MARGIN  # the longest source with its EOS, + 50
-            results = translator.translate_batch(batch, beam_size=width, max_decoding_length=limit)
+            results = translator.translate_batch(
+                batch, beam_size=width, max_decoding_length=limit, length_penalty=1.0
+            )
             generated += sum(len(result.hypotheses[0]) + 1 for result in results)
         return generated
 
