@@ -206,10 +206,12 @@ def test_more_rows_than_max_rows_take_the_beam_cache_with_the_same_results():
     engine, reference = uncompiled(model), prepare_for_decoding(model)
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
     assert isinstance(engine.new_cache(max_beams=3, max_len=10, sentences=2), BeamCache)
-    assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=33), BeamCache)
+    # One beam on 33 sentences: the eager step, on a cache that may hand the search over later.
+    many = engine.new_cache(max_beams=1, max_len=10, sentences=33)
+    assert isinstance(many.fallback, BeamCache) and many.hands_over
     assert isinstance(engine.new_cache(max_beams=1, max_len=10), BeamCache)  # unknown: eager
     src = random_sources([5, 8, 4, 6, 7, 3] * 6)
-    assert_same_greedy(engine, reference, src[:33], max_len=10)  # the eager step
+    assert_same_greedy(engine, reference, src[:33], max_len=10)  # the eager step throughout
     beams = dict(beam_size=3, max_len=8)
     ids, scores = beam_search(engine, src[:2], **beams)
     ref_ids, ref_scores = beam_search(reference, src[:2], **beams)
@@ -310,7 +312,10 @@ def test_with_one_beam_the_live_sentences_move_to_a_smaller_program_in_the_searc
 def test_greedy_search_moves_to_smaller_programs_as_its_sentences_finish(monkeypatch):
     model = random_model(seed=6, max_len=80)
     engine, reference = uncompiled(model), prepare_for_decoding(model)
-    assert engine.fewer_rows(32) == (1, 4, 8, 16) and engine.fewer_rows(5) == (1,)
+    assert engine.fewer_rows(32) == (1, 4, 8, 16) and engine.fewer_rows(8) == (1, 4)
+    assert (
+        engine.fewer_rows(5) == ()
+    )  # a few rows stay: a smaller program gains less than its compile
     rows_run = []
 
     def program(arguments, greedy=False):
@@ -329,6 +334,49 @@ def test_greedy_search_moves_to_smaller_programs_as_its_sentences_finish(monkeyp
     greedy_search(engine, src)
     assert rows_run == [min(r for r in (1, 4, 8, 16, 32) if r >= n) for n in live]
     assert sorted(set(rows_run)) == [1, 4, 8, 16, 32]
+
+
+def test_greedy_search_on_more_sentences_than_a_program_has_rows_hands_over_once_they_fit(
+    monkeypatch,
+):
+    model = random_model(seed=6, max_len=80)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    rows_run = []
+
+    def program(arguments, greedy=False):
+        rows_run.append(arguments[0].size(0))
+        return engine.step_module(greedy)
+
+    engine.program = program
+    # 40 sources of 1-40 tokens, so limits of 51-80 tokens: the eager step runs until 32 are left.
+    src = random_sources(list(range(1, 41)), seed=7)
+    assert_same_greedy(engine, reference, src)
+    ids, _ = greedy_search(engine, src)
+    lengths = (ids != model.config.pad_id).sum(dim=1).tolist()
+    live = [sum(length > step for length in lengths) for step in range(max(lengths))]
+    eager_steps = sum(n > 32 for n in live)
+    assert 0 < eager_steps < len(live)
+    rows_run.clear()
+    greedy_search(engine, src)
+    assert len(rows_run) == len(live) - eager_steps  # every step after the hand-over a program's
+    assert rows_run[0] == 32 and all(
+        r >= n for r, n in zip(rows_run, live[eager_steps:], strict=True)
+    )
+    assert rows_run == sorted(rows_run, reverse=True) and rows_run[-1] < 32  # then smaller ones
+    # A source without a token leaves first (its limit is 50), on the eager step's formula, which
+    # covers it; the hand-over comes after, once. While such a source is in the batch, none comes.
+    src[3] = model.config.pad_id
+    cache = engine.new_cache(max_beams=1, max_len=80, sentences=40)
+    taken = []
+    take_over = type(cache).take_over
+    monkeypatch.setattr(
+        type(cache), "take_over", lambda c, *a: taken.append(take_over(c, *a)) or taken[-1]
+    )
+    rows_run.clear()
+    assert_same_greedy(engine, reference, src)
+    assert taken == [True] and rows_run[0] == 32  # once, with 32 sentences left
+    cache.fallback.n_sentences, cache.fallback.cross_attn[0].has_empty_source = 3, True
+    assert not cache.take_over(4) and cache.fallback is not None and cache.self_kv is None
 
 
 def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypatch):

@@ -58,9 +58,10 @@ class Translator:
 
     compile: decode batches of up to 5 rows (sentences x beams: one sentence with beam 5, or up to 5
     greedy), and greedy batches of up to 32 sentences of a small model (programs of 8, 16 or 32
-    rows, then 16, 8, 4 or 1 as sentences finish), with a compiled decoder step
-    (`qkv.inference.compiled`, fp32 on the CPU; 'auto' then means fp32): 2.2-2.8x faster on one sentence of a small model, 1.2-1.5x of a base one, 1.0-1.16x
-    on 32 sentences (benchmarks/README.md), at a one-time cost of ~20-40 s for each number of rows at
+    rows, then 16, 8, 4 or 1 as sentences finish; greedy on more sentences moves to them once 32
+    are left), with a compiled decoder step (`qkv.inference.compiled`, fp32 on the CPU; 'auto'
+    then means fp32): 2.2-2.8x faster on one sentence of a small model, 1.2-1.5x of a base one,
+    1.0-1.16x on 32 sentences (benchmarks/README.md), at a one-time cost of ~20-40 s for each number of rows at
     its first use;
     the program is then kept on disk (`say` is told when it compiles). Where it cannot run, it says
     why once and decodes as without it."""

@@ -122,6 +122,16 @@ def load_or_compile(path: Path, compile_to, what: str, say=None):
     return load_package(path)
 
 
+def export_and_package(module: nn.Module, arguments: tuple, dynamic_shapes: dict, path: Path):
+    """`torch.export` the module for arguments like these (the `dynamic_shapes` dimensions free),
+    then `package` it into `path`."""
+    with torch.inference_mode(False), torch.no_grad():
+        # Copies made outside inference mode: export traces, and must not meet inference tensors.
+        examples = tuple(t.clone() for t in arguments)
+        exported = torch.export.export(module, examples, dynamic_shapes=dynamic_shapes)
+    package(exported, path)
+
+
 def package(exported, path: Path) -> None:
     """Compile an exported program with AOTInductor (`INDUCTOR_OPTIONS`) into the package `path`,
     written atomically."""

@@ -7,13 +7,11 @@ C++, made by PyTorch's AOTInductor (`torch.export`, then `aoti_compile_and_packa
 number of rows:
 
 - the cache (`StaticCache`, `qkv.inference.static_cache`) has fixed shapes: keys and values of every
-  layer in one tensor (2, layers, rows, heads, capacity, d_head), 32 positions at first and doubled
-  when full (as `BeamCache`); a slot not written yet is zero and masked out (-inf). The program only
-  reads it: it attends to the slots before the step's position and to the new keys and values, and
-  returns those, which the engine writes into the cache (one copy). Written inside the program, the
-  cache was an input the program mutates, and Inductor copied all of it at every layer to do so
-  (~20 µs a layer at 5 rows and 32 slots). A reorder of the beams moves no keys or values: the
-  program gathers each row's slots from the rows its ancestors wrote them to;
+  layer in one tensor (2, layers, rows, heads, capacity, d_head), 8 positions at first, doubled when
+  full; a slot not written yet is zero and masked out (-inf). The program only reads it (written
+  inside, Inductor copied all of it at every layer): it attends to the slots before the step's
+  position and to the new keys and values, and returns those for the engine to write. A reorder of
+  the beams moves nothing: the program gathers each row's slots from where its ancestors wrote them;
 - the encoder's keys and values are projected once per search, padded to a multiple of 8 positions
   (the padding masked out);
 - the program ends with what the searches do first (`NextToken`): the log-softmax, the banned ids
@@ -30,16 +28,16 @@ number of rows:
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
 products) and saved as a package (`decoder-step-R-rows[-greedy]-KEY.pt2`) in the engine's
 `cache_dir`: the run directory's `compiled/` folder (`COMPILED`) when the model comes from one
-(`Translator.load`), else `QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY is a hash of the
-weights, the configuration, the code the step is traced from, PyTorch's version,
-the CPU's capability and the number of threads, so a package is only ever loaded where it was made
-for; loading one takes ~5 ms. Options, key, compiling and loading: `qkv.inference.aoti`.
+(`Translator.load`), else `QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY hashes the weights, the
+configuration, the code the step is traced from, PyTorch, the CPU's capability and the threads, so a
+package is only loaded where it was made for (~5 ms). Options, key, compiling: `qkv.inference.aoti`.
 
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
 (sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,
 sampling; rows rounded up to 8, 16 or 32, and fewer as sentences finish: `SHRINK_TO`), on the
-CPU in fp32; larger batches, other devices and dtypes take the eager step. The encoder of one
-sentence is a program too, with the first step's projection (`qkv.inference.compiled_encoder`). The
+CPU in fp32; larger batches, other devices and dtypes take the eager step (greedy search on more
+sentences hands over to the programs once 32 are left: `StaticCache.take_over`). One sentence's
+encoder is a program too, with the first step's projection (`qkv.inference.compiled_encoder`). The
 search (`qkv.search`) is the same. Where a program cannot be made (no C++ compiler, an unsupported
 platform), the same step runs uncompiled for that search and the engine says so once, then uses the
 eager step and encoder.
@@ -210,19 +208,10 @@ def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> No
     capacity = torch.export.Dim("capacity", min=SLOT_MULTIPLE, max=1 << 20)
     src_slots = torch.export.Dim("src_slots", min=SLOT_MULTIPLE, max=1 << 20)
     dynamic_shapes = {
-        "tokens": None,
-        "position": None,
-        "self_kv": {4: capacity},
-        "ancestry": {1: capacity},
-        "cross_kv": {4: src_slots},
-        "cross_bias": {3: src_slots},
-        "banned_bias": None,
-    }
-    with torch.inference_mode(False), torch.no_grad():
-        # Copies made outside inference mode: export traces, and must not meet inference tensors.
-        examples = tuple(t.clone() for t in arguments)
-        exported = torch.export.export(step, examples, dynamic_shapes=dynamic_shapes)
-    aoti.package(exported, path)
+        "tokens": None, "position": None, "self_kv": {4: capacity}, "ancestry": {1: capacity},
+        "cross_kv": {4: src_slots}, "cross_bias": {3: src_slots}, "banned_bias": None,
+    }  # fmt: skip
+    aoti.export_and_package(step, arguments, dynamic_shapes, path)
 
 
 class CompiledEngine(DecodingEngine):
@@ -293,12 +282,20 @@ class CompiledEngine(DecodingEngine):
         self, max_beams: int = 1, max_len: int | None = None, sentences: int | None = None
     ) -> BeamCache | StaticCache:
         """A `StaticCache` for `sentences` x `max_beams` rows (`program_rows`) while the compiled
-        step works; else the eager engine's `BeamCache`."""
+        step works; else the eager engine's `BeamCache`. With one beam on more sentences than a
+        program has rows, a `StaticCache` that starts on the eager step (its `fallback`) and hands
+        the search over to the programs once the live sentences fit one (`_takes_static_step`)."""
         rows = None if sentences is None else self.program_rows(sentences, max_beams)
+        max_len = max_len or self.config.max_len
         if self.unavailable is None and rows is not None:
-            max_len = max_len or self.config.max_len
             fewer = self.fewer_rows(rows) if max_beams == 1 else ()
             return StaticCache(len(self.decoder), rows, max_beams, max_len, fewer)
+        most = ONE_BEAM_ROWS[-1]
+        hands_over = sentences is not None and max_beams == 1 and self.unavailable is None
+        if hands_over and self.program_rows(most, 1) == most:
+            cache = StaticCache(len(self.decoder), most, 1, max_len)
+            cache.fallback, cache.hands_over = super().new_cache(1, max_len), True
+            return cache
         return super().new_cache(max_beams, max_len)
 
     def program_rows(self, sentences: int, max_beams: int) -> int | None:
@@ -320,7 +317,9 @@ class CompiledEngine(DecodingEngine):
     def fewer_rows(self, rows: int) -> tuple[int, ...]:
         """The programs that a search with one beam per sentence on `rows` rows moves to as its
         sentences finish (`StaticCache.reorder`): those of `SHRINK_TO` that exist and have at most
-        half as many rows (5 -> 4 would only cost a compile)."""
+        half as many rows; none from `MAX_ROWS` rows or fewer (it would cost a compile, not gain)."""
+        if rows <= MAX_ROWS:
+            return ()
         return tuple(r for r in SHRINK_TO if r <= rows // 2 and self.program_rows(r, 1) == r)
 
     def sentences_per_program(self, max_beams: int) -> list[int]:
@@ -339,14 +338,14 @@ class CompiledEngine(DecodingEngine):
     def step(self, last_tokens: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
         """As `DecodingEngine.step`; over a `StaticCache` the logits come normalised (they are the
         log-probabilities: the same softmax)."""
-        if not self._takes_static_step(cache, memory, src_mask):
+        if not self._takes_static_step(cache, last_tokens, memory, src_mask):
             return super().step(last_tokens, memory, src_mask, _eager_cache(cache))
         return self._static_step(last_tokens, cache, ())[0][:, None]
 
     def next_log_probs(
         self, last_tokens: Tensor, memory, src_mask, cache, banned: tuple[int, ...] = ()
     ) -> Tensor:
-        if not self._takes_static_step(cache, memory, src_mask):
+        if not self._takes_static_step(cache, last_tokens, memory, src_mask):
             eager = _eager_cache(cache)
             return super().next_log_probs(last_tokens, memory, src_mask, eager, banned)
         return self._static_step(last_tokens, cache, banned)[0]
@@ -354,18 +353,24 @@ class CompiledEngine(DecodingEngine):
     def next_best(
         self, last_tokens: Tensor, memory, src_mask, cache, banned: tuple[int, ...] = ()
     ) -> tuple[Tensor, Tensor]:
-        if not self._takes_static_step(cache, memory, src_mask):
+        if not self._takes_static_step(cache, last_tokens, memory, src_mask):
             return super().next_best(last_tokens, memory, src_mask, _eager_cache(cache), banned)
         # One beam per sentence keeps each row's history in its row (StaticCache.reorder).
         greedy = cache.max_beams == 1
         _, best, best_log_probs = self._static_step(last_tokens, cache, banned, greedy)
         return best, best_log_probs
 
-    def _takes_static_step(self, cache, memory: Tensor, src_mask: Tensor) -> bool:
-        """Whether this step runs over a `StaticCache` (started at the first step); if not, the
-        eager step runs on `_eager_cache(cache)`."""
-        if not isinstance(cache, StaticCache) or cache.fallback is not None:
+    def _takes_static_step(self, cache, last_tokens: Tensor, memory, src_mask) -> bool:
+        """Whether this step runs over a `StaticCache` (started at the first step, or taken over
+        from the eager step once the search's rows fit a program); if not, the eager step runs on
+        `_eager_cache(cache)`."""
+        if not isinstance(cache, StaticCache):
             return False
+        if cache.fallback is not None:
+            if not cache.hands_over or self.unavailable is not None:
+                return False
+            rows = self.program_rows(last_tokens.numel(), 1)
+            return rows is not None and cache.take_over(rows, self.fewer_rows(rows))
         return cache.self_kv is not None or self._start(cache, memory, src_mask)
 
     def _static_step(

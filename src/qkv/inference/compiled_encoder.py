@@ -178,9 +178,4 @@ def compile_encoder(encoder: StaticEncoder, src_ids: Tensor, path: Path) -> None
     # An example of two tokens: an example of one would fix the length at 1.
     example = src_ids[:, :1].expand(1, 2).clone() if src_ids.size(1) < 2 else src_ids[:, :2]
     src_len = torch.export.Dim("src_len", min=1, max=max_len)
-    with torch.inference_mode(False), torch.no_grad():
-        # A copy made outside inference mode: export traces, and must not meet inference tensors.
-        exported = torch.export.export(
-            encoder, (example.clone(),), dynamic_shapes={"src_ids": {1: src_len}}
-        )
-    aoti.package(exported, path)
+    aoti.export_and_package(encoder, (example,), {"src_ids": {1: src_len}}, path)

@@ -82,6 +82,9 @@ class StaticCache:
         self._tokens: Tensor | None = None  # the program's last tokens, every row
         self._searched = 0  # rows of the search at the last step
         self.fallback: BeamCache | None = None  # set when this search takes the eager step
+        self.hands_over = (
+            False  # whether the fallback's search moves here once it fits (`take_over`)
+        )
 
     def __len__(self) -> int:
         return self.fallback.length if self.fallback is not None else self.length
@@ -173,6 +176,48 @@ class StaticCache:
         self.fewer_rows = tuple(r for r in self.fewer_rows if r < rows)
         self.row_ids = torch.arange(rows, device=live.device)
         self.ancestry = self._identity()
+
+    def take_over(self, rows: int, fewer_rows: tuple = ()) -> bool:
+        """One beam per sentence, started on the eager step (`fallback`, a `BeamCache`) with more
+        sentences than a program has rows: now that they fit `rows` rows, move their keys and
+        values here, where the programs read them (the last sentence repeated to fill the rows).
+        False, and nothing moves, if a source has no token (the eager step's formula covers it)."""
+        beams = self.fallback
+        cross = beams.cross_attn
+        if beams.n_sentences is None or cross[0].has_empty_source:
+            return False
+        sentences = torch.arange(beams.n_sentences, device=cross[0].key.device)
+        keep = torch.cat([sentences, sentences[-1:].expand(rows - sentences.numel())])
+        self.capacity = INITIAL_SLOTS
+        while self.capacity <= beams.length:  # room for the next position, as `make_room` keeps
+            self.capacity *= 2
+        self.capacity = min(self.capacity, self.max_capacity)
+        n_heads, src_len, d_head = cross[0].key.shape[1:]
+        self.self_kv = cross[0].key.new_zeros(
+            (2, self.n_layers, rows, n_heads, self.capacity, d_head)
+        )
+        self.cross_kv = cross[0].key.new_zeros(
+            (2, self.n_layers, rows, n_heads, _round_up(src_len), d_head)
+        )
+        for i, (own, source) in enumerate(zip(beams.self_attn, cross, strict=True)):
+            # with one beam, slot t of a sentence is position t
+            self.self_kv[0, i, ..., : beams.length, :] = own.key[keep, :, : beams.length]
+            self.self_kv[1, i, ..., : beams.length, :] = own.value[keep, :, : beams.length]
+            self.cross_kv[0, i, ..., :src_len, :] = source.key[keep]
+            self.cross_kv[1, i, ..., :src_len, :] = source.value[keep]
+        self.cross_bias = self.cross_kv.new_full((rows, 1, 1, self.cross_kv.size(4)), -math.inf)
+        mask = cross[0].mask
+        real = self.cross_bias[..., :src_len]
+        if mask is None:
+            real.zero_()
+        else:
+            real.masked_fill_(mask.expand(beams.n_sentences, -1, -1, -1)[keep], 0.0)
+        self.rows, self.length, self.fallback = rows, beams.length, None
+        self.fewer_rows = tuple(r for r in fewer_rows if r < rows)
+        self.row_ids = torch.arange(rows, device=keep.device)
+        self.ancestry = self._identity()
+        self.live_rows, self._tokens = None, None
+        return True
 
     def filled(self, index: Tensor) -> Tensor:
         """(n,) row indices -> (rows,): the last one repeated (contiguous, as the program wants)."""
