@@ -82,9 +82,8 @@ class StaticCache:
         self._tokens: Tensor | None = None  # the program's last tokens, every row
         self._searched = 0  # rows of the search at the last step
         self.fallback: BeamCache | None = None  # set when this search takes the eager step
-        self.hands_over = (
-            False  # whether the fallback's search moves here once it fits (`take_over`)
-        )
+        # Whether the fallback's search moves here once its sentences fit a program (`take_over`).
+        self.hands_over = False
 
     def __len__(self) -> int:
         return self.fallback.length if self.fallback is not None else self.length
