@@ -46,7 +46,6 @@ import functools
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ from timing import (
     AS_AVX2_HELP,
     PAUSE_SECONDS,
     SHORT_SPIN,
-    Measured,
+    WorkerTurns,
     interleaved_median_seconds,
     run_as_avx2_if_asked,
     settle_allocator,
@@ -287,7 +286,7 @@ def convert_to_ctranslate2(model, out_dir: Path) -> Path:
 
 
 def ctranslate2_worker(model_dir, compute_type, batch: int, search, threads: int, device: str):
-    """Runs in its own process (`CTranslate2Turns`): says {"ready": true} once its model is loaded and
+    """Runs in its own process (`ctranslate2_turns`): says {"ready": true} once its model is loaded and
     has generated the right lengths, then times one search for each line it reads, printing
     {"seconds": ...} as JSON, until its input ends."""
     import ctranslate2
@@ -318,52 +317,16 @@ def _token(i: int) -> str:
     return {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}.get(i, f"t{i}")
 
 
-class CTranslate2Turns:
-    """A CTranslate2 system for one cell, in its own process (`ctranslate2_worker`), called like the
-    runs in this process: each call has it time one search and returns the seconds it measured
-    (`timing.Measured`, without the pipe's time), so that it takes turns with them."""
+def ctranslate2_turns(model_dir: Path, compute_type: str, batch: int, search: str, args):
+    """A CTranslate2 system for one cell, in its own process (`ctranslate2_worker`), taking turns
+    with the runs in this process (`timing.WorkerTurns`): each call times one search there."""
+    import torch
 
-    def __init__(self, model_dir: Path, compute_type: str, batch: int, search: str, args):
-        import torch
-
-        command = [
-            sys.executable,
-            __file__,
-            "--ct2-worker",
-            str(model_dir),
-            compute_type,
-            str(batch),
-        ]
-        command += [search, str(torch.get_num_threads()), args.device.split(":")[0]]
-        command.append("default" if args.default_allocator else "settled")
-        # Read only if the worker fails; closed by __exit__, as the pipes are.
-        self.errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True
-        )
-        self._reply()  # {"ready": true}: loaded, and the lengths were right
-
-    def _reply(self) -> dict:
-        for line in self.process.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        self.process.wait()
-        self.errors.seek(0)
-        raise SystemExit(f"CTranslate2 worker failed:\n{self.errors.read()[-4000:]}")
-
-    def __call__(self) -> Measured:
-        self.process.stdin.write("run\n")
-        self.process.stdin.flush()
-        return Measured(self._reply()["seconds"])
-
-    def __enter__(self) -> CTranslate2Turns:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.stdin.close()  # the worker's loop ends
-        self.process.wait(timeout=60)
-        self.process.stdout.close()
-        self.errors.close()
+    command = [sys.executable, __file__, "--ct2-worker", str(model_dir), compute_type, str(batch)]
+    command += [search, str(torch.get_num_threads()), args.device.split(":")[0]]
+    command.append("default" if args.default_allocator else "settled")
+    # Ready ({"ready": true}) once loaded, and the lengths were right.
+    return WorkerTurns(command, "CTranslate2 worker")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -425,7 +388,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                             check_lengths(system, runs[system]())
                         else:
                             which, compute_type = CT2_SYSTEMS[system]
-                            turns = CTranslate2Turns(
+                            turns = ctranslate2_turns(
                                 ct2_dirs[which], compute_type, batch_size, search, args
                             )
                             runs[system] = workers.enter_context(turns)

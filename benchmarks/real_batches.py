@@ -28,8 +28,8 @@ model, so they should be within a few of each other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +40,7 @@ from timing import (
     AS_AVX2_HELP,
     PAUSE_SECONDS,
     SHORT_SPIN,
-    Measured,
+    WorkerTurns,
     interleaved_median_seconds,
     run_as_avx2_if_asked,
     settle_allocator,
@@ -111,37 +111,12 @@ def qkv_runner(engine, sources, batches, args):
     return run
 
 
-class CTranslate2Turns:
+def ctranslate2_turns(model_dir: Path, batches_file: Path, args, threads: int) -> WorkerTurns:
     """The exported model in a process of its own (`ctranslate2_worker`): each call has it translate
-    every batch once and returns the seconds it measured (`timing.Measured`)."""
-
-    def __init__(self, model_dir: Path, batches_file: Path, args, threads: int):
-        command = [sys.executable, __file__, "--ct2-worker", str(model_dir), str(batches_file)]
-        command += [args.search, str(args.beam), str(threads)]
-        self.errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True
-        )
-        self.generated = self._reply()["generated"]
-
-    def _reply(self) -> dict:
-        for line in self.process.stdout:
-            if line.startswith("{"):
-                return json.loads(line)
-        self.process.wait()
-        self.errors.seek(0)
-        raise SystemExit(f"CTranslate2 worker failed:\n{self.errors.read()[-4000:]}")
-
-    def __call__(self) -> Measured:
-        self.process.stdin.write("run\n")
-        self.process.stdin.flush()
-        return Measured(self._reply()["seconds"])
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
-        self.process.stdout.close()
-        self.errors.close()
+    every batch once (`timing.WorkerTurns`); `ready["generated"]`: the tokens a pass generates."""
+    command = [sys.executable, __file__, "--ct2-worker", str(model_dir), str(batches_file)]
+    command += [args.search, str(args.beam), str(threads)]
+    return WorkerTurns(command, "CTranslate2 worker")
 
 
 def ctranslate2_worker(model_dir: str, batches_file: str, search: str, beam: int, threads: int):
@@ -205,16 +180,12 @@ def main() -> None:
     batches = batches_of(sources, args)
     runs = {name: qkv_runner(t.engine(), sources, batches, args) for name, t in translators.items()}
     generated = {name: run() for name, run in runs.items()}  # untimed: the programs compile here
-    with tempfile.TemporaryDirectory() as scratch:
-        ct2 = None
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as workers:
         if "ct2-fp32" in args.systems:
             ct2 = _start_ctranslate2(args, reference, sources, batches, Path(scratch))
-            runs["ct2-fp32"], generated["ct2-fp32"] = ct2, ct2.generated
-        try:
-            seconds = interleaved_median_seconds(runs, args.repeats, pause=PAUSE_SECONDS)
-        finally:
-            if ct2 is not None:
-                ct2.close()
+            runs["ct2-fp32"] = workers.enter_context(ct2)
+            generated["ct2-fp32"] = ct2.ready["generated"]
+        seconds = interleaved_median_seconds(runs, args.repeats, pause=PAUSE_SECONDS)
     search = "greedy" if args.search == "greedy" else f"beam {args.beam}"
     search += ", qkv with --early-exit" if args.early_exit and args.search == "beam" else ""
     cut = f"--max-tokens {args.max_tokens}" if args.max_tokens else f"batches of {args.batch}"
@@ -227,7 +198,7 @@ def main() -> None:
         print(f"| {name} | {value / len(lines) * 1e3:.3f} | {generated[name]} | {versus} |")
 
 
-def _start_ctranslate2(args, translator, sources, batches, scratch: Path) -> CTranslate2Turns:
+def _start_ctranslate2(args, translator, sources, batches, scratch: Path) -> WorkerTurns:
     import torch
 
     from qkv.export.ctranslate2 import export
@@ -241,7 +212,7 @@ def _start_ctranslate2(args, translator, sources, batches, scratch: Path) -> CTr
     ]
     batches_file = scratch / "batches.json"
     batches_file.write_text(json.dumps(pieces), encoding="utf-8")
-    return CTranslate2Turns(model_dir, batches_file, args, args.threads or torch.get_num_threads())
+    return ctranslate2_turns(model_dir, batches_file, args, args.threads or torch.get_num_threads())
 
 
 def _say(message: str) -> None:

@@ -4,9 +4,12 @@ the import path)."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 AS_AVX2 = "--as-avx2"
@@ -87,3 +90,41 @@ def interleaved_median_seconds(runs: dict, repeats: int, pause: float = 0.0) -> 
             elapsed = time.perf_counter() - start
             times[name].append(result if isinstance(result, Measured) else elapsed)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class WorkerTurns:
+    """A system in a process of its own (`command`), called like the runs in this process: the
+    worker prints a JSON line when it is ready (`ready`), then, for each line it reads, times one run
+    and prints {"seconds": ...}; each call returns those seconds (`Measured`, without the pipe's
+    time), so that it takes turns with the others. `what` names it if it fails."""
+
+    def __init__(self, command: list[str], what: str):
+        self.what = what
+        # Read only if the worker fails; closed by __exit__, as the pipes are.
+        self.errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True
+        )
+        self.ready = self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.process.wait()
+        self.errors.seek(0)
+        raise SystemExit(f"{self.what} failed:\n{self.errors.read()[-4000:]}")
+
+    def __call__(self) -> Measured:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return Measured(self._reply()["seconds"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.stdin.close()  # the worker's loop ends
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
+        self.errors.close()

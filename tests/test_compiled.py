@@ -309,13 +309,10 @@ def test_with_one_beam_the_live_sentences_move_to_a_smaller_program_in_the_searc
     assert cache.rows == 4 and cache.live_rows.tolist() == [0, 2]
 
 
-def test_greedy_search_moves_to_smaller_programs_as_its_sentences_finish(monkeypatch):
-    model = random_model(seed=6, max_len=80)
-    engine, reference = uncompiled(model), prepare_for_decoding(model)
-    assert engine.fewer_rows(32) == (1, 4, 8, 16) and engine.fewer_rows(8) == (1, 4)
-    assert (
-        engine.fewer_rows(5) == ()
-    )  # a few rows stay: a smaller program gains less than its compile
+def rows_of_each_step(engine, reference, src) -> tuple[list[int], list[int]]:
+    """Greedy search on `engine` (uncompiled) gives the reference's ids and scores; returns the rows
+    of the program each of its steps ran on (none for an eager step), and the sentences still live
+    at each step. The spy stays: a later search appends to the same list."""
     rows_run = []
 
     def program(arguments, greedy=False):
@@ -323,15 +320,22 @@ def test_greedy_search_moves_to_smaller_programs_as_its_sentences_finish(monkeyp
         return engine.step_module(greedy)
 
     engine.program = program
-    # Sources of 1-20 tokens, so limits of 51-70 tokens: from step 51 on, one sentence ends a step.
-    src = random_sources(list(range(1, 21)), seed=6)
     assert_same_greedy(engine, reference, src)
-    ids, _ = greedy_search(engine, src)
-    lengths = (ids != model.config.pad_id).sum(dim=1).tolist()
-    # Each step on the smallest program its live sentences fit: from the first step after one fits.
-    live = [sum(length > step for length in lengths) for step in range(max(lengths))]
+    lengths = (greedy_search(engine, src)[0] != engine.config.pad_id).sum(dim=1).tolist()
     rows_run.clear()
     greedy_search(engine, src)
+    return rows_run, [sum(length > step for length in lengths) for step in range(max(lengths))]
+
+
+def test_greedy_search_moves_to_smaller_programs_as_its_sentences_finish():
+    model = random_model(seed=6, max_len=80)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    assert engine.fewer_rows(32) == (1, 4, 8, 16) and engine.fewer_rows(8) == (1, 4)
+    assert engine.fewer_rows(5) == ()  # a smaller program would gain less than its compile
+    # Sources of 1-20 tokens, so limits of 51-70 tokens: from step 51 on, one sentence ends a step.
+    src = random_sources(list(range(1, 21)), seed=6)
+    rows_run, live = rows_of_each_step(engine, reference, src)
+    # Each step on the smallest program its live sentences fit: from the first step after one fits.
     assert rows_run == [min(r for r in (1, 4, 8, 16, 32) if r >= n) for n in live]
     assert sorted(set(rows_run)) == [1, 4, 8, 16, 32]
 
@@ -341,23 +345,11 @@ def test_greedy_search_on_more_sentences_than_a_program_has_rows_hands_over_once
 ):
     model = random_model(seed=6, max_len=80)
     engine, reference = uncompiled(model), prepare_for_decoding(model)
-    rows_run = []
-
-    def program(arguments, greedy=False):
-        rows_run.append(arguments[0].size(0))
-        return engine.step_module(greedy)
-
-    engine.program = program
     # 40 sources of 1-40 tokens, so limits of 51-80 tokens: the eager step runs until 32 are left.
     src = random_sources(list(range(1, 41)), seed=7)
-    assert_same_greedy(engine, reference, src)
-    ids, _ = greedy_search(engine, src)
-    lengths = (ids != model.config.pad_id).sum(dim=1).tolist()
-    live = [sum(length > step for length in lengths) for step in range(max(lengths))]
+    rows_run, live = rows_of_each_step(engine, reference, src)
     eager_steps = sum(n > 32 for n in live)
     assert 0 < eager_steps < len(live)
-    rows_run.clear()
-    greedy_search(engine, src)
     assert len(rows_run) == len(live) - eager_steps  # every step after the hand-over a program's
     assert rows_run[0] == 32 and all(
         r >= n for r, n in zip(rows_run, live[eager_steps:], strict=True)
