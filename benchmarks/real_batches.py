@@ -154,6 +154,8 @@ def main() -> None:
         ctranslate2_worker(model_dir, batches_file, search, int(beam), int(threads))
         return
     args = parse_args()
+    if min(args.batch, args.max_tokens or 1, args.repeats, args.sentences or 1) < 1:
+        raise SystemExit("--batch, --max-tokens, --repeats and --sentences must be at least 1")
     run_as_avx2_if_asked(SHORT_SPIN)
     settle_allocator()
     import torch
@@ -173,6 +175,8 @@ def main() -> None:
     reference = next(iter(translators.values()), None) or Translator.load(args.run)
     source_lang = reference.meta.get("src_lang", "src")
     path = Path(args.src) if args.src else Path(args.run) / "data" / f"test.{source_lang}"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (give the sentences to translate with --src)")
     lines = [line for line in read_lines(path) if line.strip()][: args.sentences]
     if not lines:
         raise SystemExit(f"{path}: no sentences")
@@ -192,9 +196,9 @@ def main() -> None:
     print(f"{len(lines)} sentences of {path}, {len(batches)} batches ({cut}), {search}")
     print("| system | ms a sentence | tokens generated | vs CT2 fp32 |")
     print("|---|---|---|---|")
+    ct2_seconds = seconds.get("ct2-fp32")
     for name, value in seconds.items():
-        ratio = seconds.get("ct2-fp32")
-        versus = f"{ratio / value:.2f}x" if ratio else "-"
+        versus = f"{ct2_seconds / value:.2f}x" if ct2_seconds else "-"
         print(f"| {name} | {value / len(lines) * 1e3:.3f} | {generated[name]} | {versus} |")
 
 
