@@ -64,8 +64,14 @@ from qkv.inference.compiled_encoder import (
     residual,
     stacked_self_attention,
 )
-from qkv.inference.engine import DecodingEngine, _merge_heads, attention_with_bias, without
-from qkv.inference.static_cache import SLOT_MULTIPLE, StaticCache, gather_history
+from qkv.inference.engine import DecodingEngine, without
+from qkv.inference.static_cache import (
+    SLOT_MULTIPLE,
+    StaticCache,
+    attend,
+    attend_with_new,
+    gather_history,
+)
 from qkv.model import Transformer
 
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5 (more sentences: `ONE_BEAM_ROWS`). With
@@ -159,12 +165,12 @@ class StaticDecoderStep(nn.Module):
             q, k, v = F.linear(h, self.qkv_weights[i], bias).view(rows, 3, n_heads, 1, -1).unbind(1)
             new_keys.append(k)
             new_values.append(v)
-            attended = _attend_with_new(q, history[0, i], history[1, i], self_bias, k, v)
+            attended = attend_with_new(q, history[0, i], history[1, i], self_bias, k, v)
             y = residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
             attention = layer.cross_attn
             h = layer.norm2(y) if layer.norm_first else y
             q = attention.q_proj(h).view(rows, n_heads, 1, -1)
-            attended = _attend(q, cross_kv[0, i], cross_kv[1, i], cross_bias)
+            attended = attend(q, cross_kv[0, i], cross_kv[1, i], cross_bias)
             y = residual(layer, layer.norm2, y, attention.out_proj(attended))
             h = layer.norm3(y) if layer.norm_first else y
             feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
@@ -180,26 +186,6 @@ class StaticDecoderStep(nn.Module):
         log_probs = torch.log_softmax(logits, dim=-1) + banned_bias
         best_log_probs, best = log_probs.max(dim=-1)
         return log_probs, best, best_log_probs, new_kv
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """The eager engine's attention for (rows, heads, 1, d_head) queries -> (rows, 1, d_model)."""
-    return _merge_heads(attention_with_bias(q, k, v, bias))
-
-
-def _attend_with_new(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, new_k: Tensor, new_v: Tensor
-) -> Tensor:
-    """`_attend` to the cached keys k and values v (rows, heads, capacity, d_head), masked by bias,
-    and to one more key and value (rows, heads, 1, d_head), without writing them into the cache:
-    softmax over [q k^T + bias, q new_k^T] / sqrt(d_k), its weights split between v and new_v."""
-    scale = 1.0 / math.sqrt(q.size(-1))
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul(scale).add(bias)  # (rows, heads, 1, capacity)
-    new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(scale)  # (rows, heads, 1, 1)
-    weights = torch.cat([scores, new_score], dim=-1).softmax(dim=-1)
-    capacity = k.size(-2)
-    out = torch.matmul(weights[..., :capacity], v) + weights[..., capacity:] * new_v
-    return _merge_heads(out)
 
 
 def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> None:

@@ -1,6 +1,6 @@
 """The compiled decoder step's cache (`qkv.inference.compiled`): keys and values of every layer in
 tensors of fixed shapes, one row per (sentence, beam), so that one compiled program serves a whole
-search."""
+search, and how the program reads it (`gather_history`, `attend`, `attend_with_new`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from qkv.inference.beam_cache import BeamCache, _grow
+from qkv.inference.engine import _merge_heads, attention_with_bias
 
 SLOT_MULTIPLE = 8  # capacity and source length are padded to a multiple of this (never 0 or 1)
 # Slots at the first step, doubled when full. Every step reads every slot (masked past the length), so
@@ -31,6 +32,41 @@ def gather_history(self_kv: Tensor, ancestry: Tensor) -> Tensor:
         return self_kv
     slots = torch.arange(self_kv.size(4), device=self_kv.device)
     return self_kv[:, :, ancestry, :, slots].permute(2, 3, 0, 4, 1, 5)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """The eager engine's attention for (rows, heads, 1, d_head) queries -> (rows, 1, d_model),
+    as a program reads the cache (`qkv.inference.compiled`)."""
+    return _merge_heads(attention_with_bias(q, k, v, bias))
+
+
+def attend_with_new(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, new_k: Tensor, new_v: Tensor
+) -> Tensor:
+    """`attend` to the cached keys k and values v (rows, heads, capacity, d_head), masked by bias,
+    and to one more key and value (rows, heads, 1, d_head), without writing them into the cache:
+    softmax over [q k^T + bias, q new_k^T] / sqrt(d_k), its weights split between v and new_v."""
+    scale = 1.0 / math.sqrt(q.size(-1))
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul(scale).add(bias)  # (rows, heads, 1, capacity)
+    new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(scale)  # (rows, heads, 1, 1)
+    weights = torch.cat([scores, new_score], dim=-1).softmax(dim=-1)
+    capacity = k.size(-2)
+    out = torch.matmul(weights[..., :capacity], v) + weights[..., capacity:] * new_v
+    return _merge_heads(out)
+
+
+def _source_bias(
+    real: Tensor | None, rows: int, src_len: int, src_slots: int, like: Tensor
+) -> Tensor:
+    """(rows, 1, 1, src_slots) the cross-attention's additive mask: 0 where `real` (rows, 1, 1,
+    src_len) is True (every source position where it is None), -inf at padding and past the
+    source."""
+    bias = like.new_full((rows, 1, 1, src_slots), -math.inf)
+    if real is None:
+        bias[..., :src_len] = 0.0
+    else:
+        bias[..., :src_len].masked_fill_(real, 0.0)
+    return bias
 
 
 class StaticCache:
@@ -117,12 +153,8 @@ class StaticCache:
         self.cross_kv = projected.new_empty(shape)
         self.cross_kv[..., src_len:, :] = 0  # slots past the source: masked out, but must be finite
         self.cross_kv[..., :src_len, :] = heads
-        self.cross_bias = projected.new_full((self.rows, 1, 1, src_slots), -math.inf)
-        real = self.cross_bias[..., :src_len]
-        if src_mask is None:
-            real.zero_()
-        else:
-            real.masked_fill_(src_mask.index_select(0, filled), 0.0)
+        real = None if src_mask is None else src_mask.index_select(0, filled)
+        self.cross_bias = _source_bias(real, self.rows, src_len, src_slots, projected)
 
     def start(self, self_kv: Tensor) -> None:
         """Take the (zero) keys and values of the first step; each row its own ancestor."""
@@ -171,9 +203,13 @@ class StaticCache:
         self.self_kv = self.self_kv.index_select(2, keep)
         self.cross_kv = self.cross_kv.index_select(2, keep)
         self.cross_bias = self.cross_bias.index_select(0, keep)
+        self._take_rows(rows, self.fewer_rows)
+
+    def _take_rows(self, rows: int, fewer_rows: tuple) -> None:
+        """From now on `rows` rows, each sentence in its own, the search's first (one beam)."""
         self.rows, self.live_rows, self._tokens = rows, None, None
-        self.fewer_rows = tuple(r for r in self.fewer_rows if r < rows)
-        self.row_ids = torch.arange(rows, device=live.device)
+        self.fewer_rows = tuple(r for r in fewer_rows if r < rows)
+        self.row_ids = torch.arange(rows, device=self.self_kv.device)
         self.ancestry = self._identity()
 
     def take_over(self, rows: int, fewer_rows: tuple = ()) -> bool:
@@ -204,18 +240,11 @@ class StaticCache:
             self.self_kv[1, i, ..., : beams.length, :] = own.value[keep, :, : beams.length]
             self.cross_kv[0, i, ..., :src_len, :] = source.key[keep]
             self.cross_kv[1, i, ..., :src_len, :] = source.value[keep]
-        self.cross_bias = self.cross_kv.new_full((rows, 1, 1, self.cross_kv.size(4)), -math.inf)
         mask = cross[0].mask
-        real = self.cross_bias[..., :src_len]
-        if mask is None:
-            real.zero_()
-        else:
-            real.masked_fill_(mask.expand(beams.n_sentences, -1, -1, -1)[keep], 0.0)
-        self.rows, self.length, self.fallback = rows, beams.length, None
-        self.fewer_rows = tuple(r for r in fewer_rows if r < rows)
-        self.row_ids = torch.arange(rows, device=keep.device)
-        self.ancestry = self._identity()
-        self.live_rows, self._tokens = None, None
+        real = None if mask is None else mask.expand(beams.n_sentences, -1, -1, -1)[keep]
+        self.cross_bias = _source_bias(real, rows, src_len, self.cross_kv.size(4), self.cross_kv)
+        self.length, self.fallback = beams.length, None
+        self._take_rows(rows, fewer_rows)
         return True
 
     def filled(self, index: Tensor) -> Tensor:
