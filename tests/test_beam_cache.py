@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qkv.inference import BeamCache, prepare_for_decoding
+from qkv.inference.beam_cache import holes_filled
 from qkv.model import Transformer, TransformerConfig
 from qkv.search import beam_search, greedy_search
 from reference_engine import UncachedEngine
@@ -121,6 +122,55 @@ def test_reordering_growing_and_dropping_sentences_match_a_plain_cache():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {step}")
 
 
+def test_sentences_that_fill_the_places_of_those_that_left_match_a_plain_cache():
+    """Drops in the order the searches make them (`holes_filled`): the last sentences take the
+    places of those that left and move within the cache's buffers; a drop of the last sentence
+    moves nothing; any other order (a sentence moved back to an earlier place) is copied."""
+    model = random_model(seed=8)
+    src = random_sources([5, 3, 7, 4, 6], seed=8)
+    parents = {
+        1: torch.tensor([0, 4, 2, 3]),  # the second leaves, the last takes its place
+        2: torch.tensor([0, 1, 2]),  # the last leaves: nothing moves
+        3: torch.tensor([2, 0]),  # another order: a copy
+        4: torch.tensor([0, 1]),
+    }
+    with torch.inference_mode():
+        engine, reference = shared_and_plain(model)
+        cache = BeamCache(2, max_beams=1, max_len=3)  # outgrown after the drops
+        shared = decode_steps(engine, src, cache, 5, parents)
+        plain = decode_steps(reference, src, reference.new_cache(), 5, parents)
+    for step, (a, b) in enumerate(zip(shared, plain, strict=True)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {step}")
+
+
+def test_a_drop_in_the_searches_order_moves_only_the_sentences_that_fill_a_place():
+    model = random_model(seed=9)
+    src = random_sources([4, 5, 3, 6], seed=9)
+    cache = BeamCache(2, max_beams=1)
+    with torch.inference_mode():
+        decode_steps_without_reorder(prepare_for_decoding(model), src, cache, 2)
+        keys = cache.self_attn[0].key
+        before = keys.clone()
+        cache.reorder(holes_filled(torch.tensor([True, False, True, True])))  # [0, 3, 2]
+        after = cache.self_attn[0].key
+        assert after.data_ptr() == keys.data_ptr()  # the same buffer, not a copy
+        torch.testing.assert_close(after[:, :, :2], before[[0, 3, 2], :, :2], rtol=0, atol=0)
+        cache.reorder(torch.tensor([1, 0]))  # another order: a new buffer
+        assert cache.self_attn[0].key.data_ptr() != keys.data_ptr()
+        torch.testing.assert_close(
+            cache.self_attn[0].key[:, :, :2], before[[3, 0], :, :2], rtol=0, atol=0
+        )
+
+
+def test_holes_filled_keeps_the_live_rows_in_place_and_fills_the_rest_from_the_end():
+    live = torch.tensor([True, False, True, True, False, True, True])
+    assert holes_filled(live).tolist() == [0, 5, 2, 3, 6]
+    assert holes_filled(torch.tensor([True, True, False])).tolist() == [0, 1]
+    assert holes_filled(torch.tensor([False, False, True])).tolist() == [2]
+    assert holes_filled(torch.tensor([True, True])).tolist() == [0, 1]
+
+
 def test_a_source_without_tokens_gives_no_nan():
     model = random_model(seed=4)
     src = random_sources([4, 6], seed=4)
@@ -156,6 +206,8 @@ def test_reorders_that_break_the_contract_are_refused():
             cache.reorder(torch.tensor([0, 2, 1, 3]))  # rows of two sentences mixed
         with pytest.raises(ValueError, match="max_beams"):
             cache.reorder(torch.tensor([0, 0, 0, 2, 2, 2]))  # three beams each
+        with pytest.raises(ValueError, match="not repeat"):
+            cache.reorder(torch.tensor([0, 1, 2, 3, 0, 1]))  # the first sentence twice
         with pytest.raises(ValueError, match="row count"):
             cache.reorder(torch.tensor([0, 1]), cross_attention=False)
     with pytest.raises(ValueError, match="max_beams"):

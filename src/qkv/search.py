@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qkv.inference import DecodingEngine, prepare_for_decoding
+from qkv.inference.beam_cache import holes_filled
 from qkv.inference.engine import NextToken
 from qkv.inference.topk import best_extensions
 from qkv.length_penalty import length_penalty_factor
@@ -251,7 +252,7 @@ def _one_best(engine, src_ids, choose, max_len, min_len) -> tuple[Tensor, Tensor
         if done.any():
             if done.all():
                 break
-            live = (~done).nonzero().squeeze(1)
+            live = holes_filled(~done)
             batch.keep(live)
             all_live = False
             tokens = tokens.index_select(0, live)
@@ -404,7 +405,7 @@ class _BeamSearch:
             cannot_improve = self.cannot_improve(length, live_scores[:, 0], width)
             done = cannot_improve if done is None else done | cannot_improve
         if done is not None and done.any():
-            keep = (~done).nonzero().squeeze(1)  # live sentences that go on
+            keep = holes_filled(~done)  # live sentences that go on
             live_scores, rows = live_scores[keep], rows[keep]
             ids = ids.view(n_live, beam, length)[keep].view(-1, length)
             # The per-row tensors of a sentence are equal: any of its rows will do for each new beam.
