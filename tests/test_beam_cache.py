@@ -163,6 +163,28 @@ def test_a_drop_in_the_searches_order_moves_only_the_sentences_that_fill_a_place
         )
 
 
+def test_every_layer_reads_one_source_mask_selected_once_at_a_drop(monkeypatch):
+    model = random_model(seed=10)
+    src = random_sources([4, 6, 3, 5], seed=10)  # padded: the bias masks something
+    cache = BeamCache(2, max_beams=1)
+    built = []
+    set_source_mask = BeamCache.set_source_mask
+    monkeypatch.setattr(
+        BeamCache, "set_source_mask", lambda c, *a: built.append(1) or set_source_mask(c, *a)
+    )
+    with torch.inference_mode():
+        engine = prepare_for_decoding(model)
+        decode_steps_without_reorder(engine, src, cache, 2)
+        assert len(built) == 1  # at the first step, for both layers
+        first, second = cache.cross_attn
+        assert first.bias is second.bias and first.mask is second.mask
+        cache.reorder(holes_filled(torch.tensor([True, False, True, True])))  # [0, 3, 2]
+        assert len(built) == 2  # once for the drop, not once a layer
+        real = src[[0, 3, 2]] != PAD
+        assert torch.equal(first.mask.view(3, -1), real)
+        assert torch.equal(second.bias.view(3, -1) == 0, real)
+
+
 def test_holes_filled_keeps_the_live_rows_in_place_and_fills_the_rest_from_the_end():
     live = torch.tensor([True, False, True, True, False, True, True])
     assert holes_filled(live).tolist() == [0, 5, 2, 3, 6]

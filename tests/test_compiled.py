@@ -367,7 +367,7 @@ def test_greedy_search_on_more_sentences_than_a_program_has_rows_hands_over_once
     rows_run.clear()
     assert_same_greedy(engine, reference, src)
     assert taken == [True] and rows_run[0] == 32  # once, with 32 sentences left
-    cache.fallback.n_sentences, cache.fallback.cross_attn[0].has_empty_source = 3, True
+    cache.fallback.n_sentences, cache.fallback.has_empty_source = 3, True
     assert not cache.take_over(4) and cache.fallback is not None and cache.self_kv is None
 
 
