@@ -172,8 +172,8 @@ class BeamCache:
         cross-attention masks, with its additive form `source_bias` (0 or -inf) in `dtype`. That is
         None when nothing is masked, or when some source has no token at all (`has_empty_source`: its
         row would be all -inf, so the boolean mask and the reference formula take over). Kept here
-        rather than in each layer: a drop of the small model selected the same mask and rebuilt the
-        same bias three times (~0.3 ms of a 0.85 ms drop on a Zen 4 held to AVX2)."""
+        rather than in each layer, which each selected the same mask and rebuilt the same bias: a drop
+        on a file of Multi30k took 0.76 ms that way, 0.58 ms this way (a Zen 4 held to AVX2)."""
         self.source_mask, self.source_dtype, self.source_set = mask, dtype, True
         self.has_empty_source = mask is not None and not bool(mask.any(dim=-1).all())
         if mask is None or self.has_empty_source or bool(mask.all()):
