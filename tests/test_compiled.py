@@ -371,6 +371,24 @@ def test_greedy_search_on_more_sentences_than_a_program_has_rows_hands_over_once
     assert not cache.take_over(4) and cache.fallback is not None and cache.self_kv is None
 
 
+def test_programs_of_32_rows_take_onednns_products_only_and_fewer_rows_inductors_too(monkeypatch):
+    """Inductor's products are measured alone, where they won at 32 rows; inside the step they lost
+    there (benchmarks/README.md, session 21). Nothing is compiled here: the options are recorded."""
+    made = {}
+
+    def export_and_package(module, arguments, dynamic_shapes, path, options=None):
+        made[arguments[0].size(0)] = options
+
+    monkeypatch.setattr(aoti, "export_and_package", export_and_package)
+    step = CompiledEngine(random_model()).greedy_step
+    for rows in (1, 5, 8, 16, 32):
+        compiled_module.compile_package(step, (torch.zeros(rows, dtype=torch.long),), Path("-"))
+    assert "CPP" in aoti.INDUCTOR_OPTIONS["max_autotune_gemm_backends"]
+    assert all(made[rows] == aoti.INDUCTOR_OPTIONS for rows in (1, 5, 8, 16))
+    assert made[32] == dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="ATEN")
+    assert aoti.options_for() == aoti.INDUCTOR_OPTIONS  # one sentence's encoder
+
+
 def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypatch):
     model = random_model(seed=1)
     step, encoder = CompiledEngine(model).static_step, compiled_encoder.StaticEncoder(model)

@@ -35,6 +35,14 @@ INDUCTOR_OPTIONS = {
     "max_autotune_report_choices_stats": False,
     "cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS,
 }
+# Programs of this many rows or more take oneDNN's products only, none of Inductor's own. Autotuning
+# measures each product alone, its weights in the processor's cache, where Inductor's C++ won some of
+# the 32-row products; inside the step, the weights come from memory, and there oneDNN's were faster:
+# the small model's 32-row greedy program 4.16-4.28 -> 3.53-3.57 ms a step held to AVX2 on a Zen 4,
+# the same (3.00 ms) as the CPU comes; at 16 rows the same held to AVX2 and 1.80 -> 1.87 ms as the
+# CPU comes, at 8 rows 1.49 -> 1.69 (benchmarks/README.md, session 21). Fewer programs to measure
+# while compiling, too.
+LIBRARY_PRODUCTS_FROM_ROWS = 32
 
 
 def default_cache_dir() -> Path:
@@ -122,24 +130,40 @@ def load_or_compile(path: Path, compile_to, what: str, say=None):
     return load_package(path)
 
 
-def export_and_package(module: nn.Module, arguments: tuple, dynamic_shapes: dict, path: Path):
+def options_for(rows: int | None = None) -> dict:
+    """Inductor's options for a program of `rows` rows (None: one sentence's encoder):
+    `INDUCTOR_OPTIONS`, with oneDNN's products only from `LIBRARY_PRODUCTS_FROM_ROWS` rows. A
+    function of `rows` and of this file's code, which the package's name and key hold."""
+    options = dict(INDUCTOR_OPTIONS)
+    if rows is not None and rows >= LIBRARY_PRODUCTS_FROM_ROWS:
+        options["max_autotune_gemm_backends"] = "ATEN"
+    return options
+
+
+def export_and_package(
+    module: nn.Module,
+    arguments: tuple,
+    dynamic_shapes: dict,
+    path: Path,
+    options: dict | None = None,
+):
     """`torch.export` the module for arguments like these (the `dynamic_shapes` dimensions free),
-    then `package` it into `path`."""
+    then `package` it into `path` (with `options`, default `options_for()`)."""
     with torch.inference_mode(False), torch.no_grad():
         # Copies made outside inference mode: export traces, and must not meet inference tensors.
         examples = tuple(t.clone() for t in arguments)
         exported = torch.export.export(module, examples, dynamic_shapes=dynamic_shapes)
-    package(exported, path)
+    package(exported, path, options)
 
 
-def package(exported, path: Path) -> None:
-    """Compile an exported program with AOTInductor (`INDUCTOR_OPTIONS`) into the package `path`,
-    written atomically."""
+def package(exported, path: Path, options: dict | None = None) -> None:
+    """Compile an exported program with AOTInductor (`options`, default `options_for()`) into the
+    package `path`, written atomically."""
     with tempfile.TemporaryDirectory() as scratch, _five_row_blocks_on_avx2():
         made = torch._inductor.aoti_compile_and_package(
             exported,
             package_path=str(Path(scratch) / "step.pt2"),
-            inductor_configs=dict(INDUCTOR_OPTIONS),
+            inductor_configs=options_for() if options is None else options,
         )
         atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
 

@@ -22,8 +22,8 @@ number of rows:
   values where they are: with one beam per sentence, the cache keeps each sentence in its row;
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
-  weights, the bias and ReLU fused). The capacity and the source length are dynamic: one program per
-  number of rows.
+  weights, the bias and ReLU fused); from 32 rows, oneDNN's only (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`).
+  The capacity and the source length are dynamic: one program per number of rows.
 
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
 products) and saved as a package (`decoder-step-R-rows[-greedy]-KEY.pt2`) in the engine's
@@ -197,7 +197,8 @@ def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> No
         "tokens": None, "position": None, "self_kv": {4: capacity}, "ancestry": {1: capacity},
         "cross_kv": {4: src_slots}, "cross_bias": {3: src_slots}, "banned_bias": None,
     }  # fmt: skip
-    aoti.export_and_package(step, arguments, dynamic_shapes, path)
+    options = aoti.options_for(rows=arguments[0].size(0))
+    aoti.export_and_package(step, arguments, dynamic_shapes, path, options)
 
 
 class CompiledEngine(DecodingEngine):
