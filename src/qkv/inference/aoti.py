@@ -153,17 +153,17 @@ def export_and_package(
         # Copies made outside inference mode: export traces, and must not meet inference tensors.
         examples = tuple(t.clone() for t in arguments)
         exported = torch.export.export(module, examples, dynamic_shapes=dynamic_shapes)
-    package(exported, path, options)
+    package(exported, path, options_for() if options is None else options)
 
 
-def package(exported, path: Path, options: dict | None = None) -> None:
-    """Compile an exported program with AOTInductor (`options`, default `options_for()`) into the
-    package `path`, written atomically."""
+def package(exported, path: Path, options: dict) -> None:
+    """Compile an exported program with AOTInductor (Inductor's `options`) into the package
+    `path`, written atomically."""
     with tempfile.TemporaryDirectory() as scratch, _five_row_blocks_on_avx2():
         made = torch._inductor.aoti_compile_and_package(
             exported,
             package_path=str(Path(scratch) / "step.pt2"),
-            inductor_configs=options_for() if options is None else options,
+            inductor_configs=options,
         )
         atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
 
