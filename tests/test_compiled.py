@@ -249,7 +249,10 @@ def test_models_whose_weights_outgrow_the_cache_compile_one_row_only_without_wid
     monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (capability,))  # as on AVX-512, AVX2
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
     assert isinstance(engine.new_cache(max_beams=3, max_len=10, sentences=2), BeamCache)
-    assert engine.program_rows(6, max_beams=1) is None  # more sentences: only a model that fits
+    # One beam a sentence on more sentences: the programs of up to 32 rows, as for a model that fits
+    rows = {n: engine.program_rows(n, max_beams=1) for n in (6, 9, 17, 32, 33)}
+    assert rows == {6: 8, 9: 16, 17: 32, 32: 32, 33: None}
+    assert engine.fewer_rows(32) == (1, 4, 8, 16)  # and the smaller ones as sentences finish
 
 
 def test_a_source_without_tokens_takes_the_eager_step_for_that_search():

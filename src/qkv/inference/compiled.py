@@ -83,8 +83,11 @@ MAX_ROWS = 5
 # One hypothesis per sentence (greedy, sampling) on more sentences: the rows are rounded up to one of
 # these (the cache repeats its last row in the others), so that a few programs serve every batch.
 # Compiled / eager, greedy on the small model: 8 rows 1.53-1.54x, 16 rows 1.28-1.31x, 32 rows
-# 1.07-1.13x (AVX-512 and AVX2); the base model at 32 rows 0.94x and 1.05x, so only models whose step
-# fits MAX_WEIGHT_BYTES_FOR_ROWS. Beams stay at MAX_ROWS: 40 rows gained nothing, 160 lost (0.83-0.90x).
+# 1.07-1.13x (AVX-512 and AVX2). The base model (105 MB a step), Zen 4, since 32-row programs take
+# oneDNN's products (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`): 8 rows 1.30x / 1.31x, 16 rows 1.24x / 1.19x,
+# 32 rows 1.16x / 1.05-1.07x (AVX-512 / AVX2); so every model on `WIDE_VECTORS`, and elsewhere only
+# models whose step fits MAX_WEIGHT_BYTES_FOR_ROWS. Beams stay at MAX_ROWS: 40 rows gained nothing, 160
+# lost (0.83-0.90x).
 ONE_BEAM_ROWS = (8, 16, 32)
 # Greedy search on many sentences moves to one of these smaller programs once its live sentences fit
 # (`StaticCache.reorder`). In length-sorted batches of 32 real sentences, half of the rows' steps came
@@ -93,7 +96,7 @@ ONE_BEAM_ROWS = (8, 16, 32)
 # time); every program of 1-5 rows gained no more (benchmarks/README.md, session 19).
 SHRINK_TO = (1, 4, 8, 16)
 MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
-WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose products gain at every size of model
+WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose programs gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
 
 
@@ -287,9 +290,9 @@ class CompiledEngine(DecodingEngine):
 
     def program_rows(self, sentences: int, max_beams: int) -> int | None:
         """The rows of the program that decodes `sentences` x `max_beams` rows, or None: the eager
-        step. Up to `MAX_ROWS` rows as they are; one beam per sentence, up to `ONE_BEAM_ROWS` for a
-        model whose step fits `MAX_WEIGHT_BYTES_FOR_ROWS` (the base model's 32-row program was 0.94x
-        the eager step on AVX2, 1.05x on AVX-512)."""
+        step. Up to `MAX_ROWS` rows as they are; one beam per sentence, up to `ONE_BEAM_ROWS`. A
+        model whose step outgrows `MAX_WEIGHT_BYTES_FOR_ROWS` takes one row only, except where ATen's
+        capability is one of `WIDE_VECTORS` (measured there)."""
         rows = sentences * max_beams
         fits = self.step_bytes <= MAX_WEIGHT_BYTES_FOR_ROWS
         wide = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
@@ -297,7 +300,7 @@ class CompiledEngine(DecodingEngine):
             return 1 if rows == 1 else None
         if rows <= MAX_ROWS:
             return rows
-        if max_beams == 1 and fits:
+        if max_beams == 1:
             return next((bucket for bucket in ONE_BEAM_ROWS if bucket >= rows), None)
         return None
 
