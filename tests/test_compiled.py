@@ -392,6 +392,25 @@ def test_programs_of_32_rows_take_onednns_products_only_and_fewer_rows_inductors
     assert aoti.options_for() == aoti.INDUCTOR_OPTIONS  # one sentence's encoder
 
 
+def test_a_package_is_compiled_in_inference_mode_whatever_the_callers(tmp_path, monkeypatch):
+    """Outside inference mode Inductor's freezing left the weights unfolded and the products on
+    MKL's plain addmm, not oneDNN's packed ones (benchmarks/README.md, session 22)."""
+    modes = []
+
+    def compile_and_package(exported, package_path, inductor_configs):
+        modes.append(torch.is_inference_mode_enabled())
+        Path(package_path).write_bytes(b"program")
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    assert not torch.is_inference_mode_enabled()
+    aoti.package(None, tmp_path / "outside.pt2", aoti.options_for())
+    with torch.inference_mode():
+        aoti.package(None, tmp_path / "inside.pt2", aoti.options_for())
+    assert modes == [True, True]
+    assert (tmp_path / "outside.pt2").read_bytes() == b"program"
+
+
 def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypatch):
     model = random_model(seed=1)
     step, encoder = CompiledEngine(model).static_step, compiled_encoder.StaticEncoder(model)

@@ -158,8 +158,16 @@ def export_and_package(
 
 def package(exported, path: Path, options: dict) -> None:
     """Compile an exported program with AOTInductor (Inductor's `options`) into the package
-    `path`, written atomically."""
-    with tempfile.TemporaryDirectory() as scratch, _five_row_blocks_on_avx2():
+    `path`, written atomically. In inference mode whatever the caller's: outside it, `freezing`
+    did not fold the weights into the program, and its products went to MKL's plain `addmm` instead
+    of oneDNN's packed ones (a beam step of 160 rows, held to AVX2 on a Zen 4: 13-17 ms a call
+    against 10-13; benchmarks/README.md, session 22). qkv's engines compile inside a search, in
+    inference mode already."""
+    with (
+        torch.inference_mode(),
+        tempfile.TemporaryDirectory() as scratch,
+        _five_row_blocks_on_avx2(),
+    ):
         made = torch._inductor.aoti_compile_and_package(
             exported,
             package_path=str(Path(scratch) / "step.pt2"),
