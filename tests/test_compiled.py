@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import qkv
 from qkv.inference import BeamCache, aoti, compiled_encoder, prepare_for_decoding
@@ -41,6 +42,7 @@ def uncompiled(model) -> CompiledEngine:
     engine = CompiledEngine(model)
     engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
     engine.source.program = engine.source.module
+    engine.beam_programs.program = lambda arguments: engine.beam_programs.step
     return engine
 
 
@@ -413,14 +415,16 @@ def test_a_package_is_compiled_in_inference_mode_whatever_the_callers(tmp_path, 
 
 def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypatch):
     model = random_model(seed=1)
-    step, encoder = CompiledEngine(model).static_step, compiled_encoder.StaticEncoder(model)
-    for module in (step, encoder):
+    engine = CompiledEngine(model)
+    step, encoder = engine.static_step, compiled_encoder.StaticEncoder(model)
+    for module in (step, encoder, engine.beam_programs.step):
         files = set(aoti.code_files(module))
         # the attention both programs call, the model's layers and embeddings, and their own files
         assert inspect.getfile(engine_module.attention_with_bias) in files
         assert inspect.getfile(type(model.decoder.layers[0])) in files
         assert inspect.getfile(type(model.tgt_embed)) in files
         assert inspect.getfile(type(module)) in files
+        assert inspect.getfile(BeamCache) in files  # the beam step reads its buffers as they are
     # Another version of any of those files: another key, so no program of the old code is loaded.
     copies = []
     for i, file in enumerate(aoti.code_files(step)):
@@ -514,6 +518,12 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     assert engine.compiled_rows == {5} and engine.unavailable is None
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+    # Loaded again with every constant taken for misaligned (aoti.aligned_runner): Inductor's
+    # products pack some weights twice under one name, so they must stay as they are.
+    monkeypatch.setattr(aoti, "CACHE_LINE", 2**62)
+    again = CompiledEngine(model)
+    again.source.program = again.source.module
+    assert_same_beams(again, reference, src, beam_size=5, max_len=12, n_best=5)
 
 
 def test_five_row_blocks_are_offered_while_a_step_compiles_and_only_then():
@@ -561,9 +571,10 @@ def test_each_program_a_search_can_take_and_the_fewest_sentences_that_take_it():
     engine = uncompiled(random_model())  # a small model: its step fits MAX_WEIGHT_BYTES_FOR_ROWS
     # Greedy: 1-5 rows as they are, then rounded up to 8, 16 and 32.
     assert engine.sentences_per_program(1) == [1, 2, 3, 4, 5, 6, 9, 17]
-    assert engine.sentences_per_program(2) == [1, 2]  # 2 and 4 rows; 3 sentences are 6 rows
-    assert engine.sentences_per_program(5) == [1]
-    assert engine.sentences_per_program(6) == []  # 6 rows: the eager step
+    # Beams: up to 5 rows as they are; more, from 2 sentences, the beam program (beam_program.py).
+    assert engine.sentences_per_program(2) == [1, 2, 3]  # 2 and 4 rows; 3 sentences are 6 rows
+    assert engine.sentences_per_program(5) == [1, 2]
+    assert engine.sentences_per_program(6) == [2]  # one sentence of 6 rows: the eager step
     engine.unavailable = "no compiler here"
     assert engine.sentences_per_program(1) == []
 
@@ -591,3 +602,40 @@ def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, quick
         assert "precision fp32 (auto with --compile" in result.stderr
         # Compiled by the first command, loaded by the second.
         assert ("qkv: compiling the decoder step for 2 rows" in result.stderr) == (run == 0)
+
+
+class Projection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(48, 40)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x)) * 2
+
+
+@pytest.mark.parametrize("realign", [False, True], ids=["as loaded", "every constant moved"])
+def test_a_programs_constants_are_aligned_to_cache_lines_and_give_its_results(
+    tmp_path, monkeypatch, realign
+):
+    torch.manual_seed(0)
+    module, x = Projection().eval(), torch.randn(6, 48)
+    path = tmp_path / "projection.pt2"
+    with torch.inference_mode():
+        aoti.export_and_package(module, (x,), {"x": None}, path, QUICK)
+        expected = module(x)
+    if realign:  # no address passes: every constant is copied, as a misaligned block's would be
+        monkeypatch.setattr(aoti, "CACHE_LINE", 2**62)
+    runner, moved = aoti.aligned_runner(path)
+    if realign:
+        assert moved and len(moved) == len(runner.get_constant_names_to_original_fqns())
+    constants = runner.extract_constants_map(False)
+    assert constants and all(aoti._address(t) % 64 == 0 for t in constants.values())
+    if realign:  # the program reads the copies
+        assert {aoti._address(t) for t in constants.values()} == {
+            aoti._address(t) for t in moved.values()
+        }
+    with torch.inference_mode():
+        (out,) = runner.run([x])
+        (loaded,) = aoti.load_package(path)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)

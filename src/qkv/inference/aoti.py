@@ -10,9 +10,11 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
@@ -43,6 +45,7 @@ INDUCTOR_OPTIONS = {
 # CPU comes, at 8 rows 1.49 -> 1.69 (benchmarks/README.md, session 21). Fewer programs to measure
 # while compiling, too.
 LIBRARY_PRODUCTS_FROM_ROWS = 32
+CACHE_LINE = 64  # bytes: where a program's constants start (`aligned_runner`)
 
 
 def default_cache_dir() -> Path:
@@ -104,17 +107,69 @@ def _five_row_blocks_on_avx2():
 
 def load_package(path: Path):
     """The program of an AOTInductor package, as a function of the step's arguments. PyTorch's own
-    loader runs the package's C++ directly: no import of the compiler (~2 s from a cold process,
-    against ~5 ms) and no flattening of the arguments at each call (~30 µs)."""
-    try:
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-    except (AttributeError, TypeError):  # another PyTorch's signature: its public way
-        return torch._inductor.aoti_load_package(str(path))
+    runner runs the package's C++ directly: no import of the compiler (~2 s from a cold process,
+    against a few ms) and no flattening of the arguments at each call (~30 µs). Its weights are
+    moved to memory aligned to 64 bytes (`aligned_runner`)."""
+    runner, constants = aligned_runner(path)
+    if runner is None:  # another PyTorch, or another kind of package: PyTorch's own loader
+        try:
+            runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        except (AttributeError, TypeError):  # another PyTorch's signature: its public way
+            return torch._inductor.aoti_load_package(str(path))
 
     def run(*arguments: Tensor) -> tuple[Tensor, ...]:
-        return tuple(loader.run(list(arguments)))
+        return tuple(runner.run(list(arguments)))
+
+    run.constants = constants  # the program reads them and does not own them: kept with it
 
     return run
+
+
+def aligned_runner(path: Path) -> tuple[object, dict[str, Tensor] | None]:
+    """The package's program and its constants (the weights, packed for oneDNN or not) moved to
+    memory aligned to 64 bytes, a cache line (None if they were already there, or if they cannot
+    all be read: a program with Inductor's own products, below); (None, None) where this PyTorch's
+    runner or the package is not as expected.
+
+    AOTInductor copies the constants into one block from `malloc`, which glibc aligns to 16 bytes,
+    each constant a multiple of 64 bytes from the block's start, so every weight started where the
+    block did: 0, 16, 32 or 48 bytes past a line, as the heap had it, from one process to the
+    next. 16 bytes past, the output projection of the small benchmark model (160 x 256 by 256 x
+    8000, oneDNN's AVX2 kernel) took 4.19-4.21 ms against 3.51-3.65 aligned (held to AVX2 on a
+    Zen 4; the same with AVX-512: benchmarks/README.md, session 23). Each constant is copied into a
+    tensor of PyTorch's (64-byte aligned), which the program then reads; the block is freed."""
+    runner_type = getattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", None)
+    if runner_type is None:
+        return None, None
+    with zipfile.ZipFile(path) as package:
+        libraries = [name for name in package.namelist() if name.endswith(".so")]
+        if len(libraries) != 1:
+            return None, None
+        with tempfile.TemporaryDirectory() as scratch:  # the library stays mapped once loaded
+            runner = runner_type(package.extract(libraries[0], scratch), 1)
+    originals = runner.get_constant_names_to_original_fqns()  # the program's names -> the model's
+    if len(set(originals.values())) < len(originals):
+        # Inductor's own products pack a weight in more than one way, under one name of the
+        # model's, by which alone the constants can be read: leave them where they are.
+        return runner, None
+    try:
+        constants = runner.extract_constants_map(False)  # by the model's names
+        if all(_address(t) % CACHE_LINE == 0 for t in constants.values()):
+            return runner, None
+        with torch.inference_mode(False), torch.no_grad():
+            aligned = {name: constants[original].clone() for name, original in originals.items()}
+    except (AttributeError, RuntimeError, KeyError):  # not as this PyTorch's: leave them be
+        return runner, None
+    # Into the second buffer (every constant, or an error), which then becomes the first; the block
+    # is freed with the other.
+    runner.update_constant_buffer(aligned, True, True, True)
+    runner.swap_constant_buffer()
+    runner.free_inactive_constant_buffer()
+    return runner, aligned
+
+
+def _address(t: Tensor) -> int:
+    return torch.ops.mkldnn.data_ptr(t) if t.layout == torch._mkldnn else t.data_ptr()
 
 
 def load_or_compile(path: Path, compile_to, what: str, say=None):
@@ -151,7 +206,7 @@ def export_and_package(
     then `package` it into `path` (with `options`, default `options_for()`)."""
     with torch.inference_mode(False), torch.no_grad():
         # Copies made outside inference mode: export traces, and must not meet inference tensors.
-        examples = tuple(t.clone() for t in arguments)
+        examples = tuple(pytree.tree_map(Tensor.clone, arguments))  # lists of tensors too
         exported = torch.export.export(module, examples, dynamic_shapes=dynamic_shapes)
     package(exported, path, options_for() if options is None else options)
 
@@ -179,13 +234,13 @@ def package(exported, path: Path, options: dict) -> None:
 def code_files(step: nn.Module) -> list[str]:
     """The files of qkv's code that a program is traced from: the step's own, the helpers its
     `forward` calls (`qkv.inference.engine`'s attention, `compiled_encoder`'s shared pieces), the
-    cache that shapes its inputs, this file, and the file of every qkv module inside the step (the
+    caches that shape its inputs, this file, and the file of every qkv module inside the step (the
     model's embeddings and norms, whose own `forward` is traced too). A change to any of them makes
     another key, so a program made by older code is never loaded."""
-    from qkv.inference import compiled_encoder, engine  # they import this module
+    from qkv.inference import beam_cache, compiled_encoder, engine  # they import this module
 
     files = {inspect.getfile(type(step)), engine.__file__, compiled_encoder.__file__}
-    files |= {static_cache.__file__, __file__}
+    files |= {static_cache.__file__, beam_cache.__file__, __file__}
     for module in step.modules():
         if type(module).__module__.split(".")[0] == "qkv":
             files.add(inspect.getfile(type(module)))
