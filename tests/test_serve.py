@@ -257,10 +257,12 @@ def test_a_server_with_compile_compiles_before_it_starts_and_translates_the_same
         _, stderr = server.communicate(timeout=30)
     assert server.returncode in (0, -signal.SIGTERM), stderr[-2000:]
     assert "warning" not in stderr
-    # With beam 3 only one sentence is compiled (3 rows; 2 would be 6, over MAX_ROWS): that
-    # program, compiled or loaded, sits in the run, with one sentence's encoder. No other test
-    # compiles these with the options `--compile` takes (the encoder's products Inductor's own).
+    # With beam 3, one sentence's program (3 rows) and, from 2 sentences (6 rows, over MAX_ROWS),
+    # the beam program: compiled or loaded, they sit in the run, with one sentence's encoder. No
+    # other test compiles these with the options `--compile` takes (the encoder's products
+    # Inductor's own).
     assert list((toy_run / "compiled").glob("decoder-step-3-rows-*.pt2")), stderr[-2000:]
+    assert list((toy_run / "compiled").glob("decoder-beam-step-3-beams-*.pt2")), stderr[-2000:]
     assert "compiling the encoder for one sentence" in stderr, stderr[-2000:]
 
 
@@ -273,12 +275,17 @@ def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch)
         programs_run.add(arguments[0].size(0))
         return engine.step_module(greedy)
 
+    def beam_program(arguments):  # beams on many sentences (beam_program.py), uncompiled too
+        programs_run.add(tuple(arguments[0].shape))  # (sentences, beams)
+        return engine.beam_programs.step
+
     monkeypatch.setattr(engine, "program", program)
+    monkeypatch.setattr(engine.beam_programs, "program", beam_program)
     monkeypatch.setattr(engine.source, "program", engine.source.module)  # nor the encoder's
     assert compile_ahead(translator, beam=1) == 8
     assert programs_run == {1, 2, 3, 4, 5, 8, 16, 32}
     programs_run.clear()
-    assert compile_ahead(translator, beam=5) == 1 and programs_run == {5}
+    assert compile_ahead(translator, beam=5) == 2 and programs_run == {5, (2, 5)}
     assert compile_ahead(qkv.load(toy_run), beam=1) == 0  # no compiled step to make
 
 

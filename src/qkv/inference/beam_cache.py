@@ -127,6 +127,14 @@ class BeamCache:
         """End the open position (the engine, after the last layer wrote its keys and values)."""
         self.length += 1
 
+    def write_position(self, new_kv: Tensor) -> None:
+        """Write the open position's keys and values of every layer, (2, layers, sentences, n_heads,
+        beams, d_head), as a compiled step returns them (`qkv.inference.beam_program`), and close
+        it."""
+        for entry, k, v in zip(self.self_attn, new_kv[0], new_kv[1], strict=True):
+            entry.write(k, v)
+        self.close_position()
+
     def reorder(self, index: Tensor, cross_attention: bool = True) -> None:
         """Keep rows `index` of the batch, in that order (see the module's docstring for the contract).
 
@@ -226,10 +234,17 @@ class SharedSelfAttentionCache:
         beams = self.beams
         k = beams.group(k, n_heads)  # (sentences, n_heads, beams, d_head)
         v = beams.group(v, n_heads)
-        bias = beams.bias
+        self.write(k, v)
+        end = beams.bias.size(-1)
+        return self.key[:, :, :end], self.value[:, :, :end], beams.bias
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """Write the open position's keys and values, (sentences, n_heads, beams, d_head) each, into
+        the slots of the position (the buffers grown first if they are full)."""
+        beams = self.beams
         slots = beams.capacity * beams.max_beams
         if self.key is None:
-            shape = (beams.n_sentences, n_heads, slots, k.size(-1))
+            shape = (beams.n_sentences, k.size(1), slots, k.size(-1))
             self.key, self.value = k.new_empty(shape), v.new_empty(shape)
         elif self.key.size(2) < slots:
             self.key, self.value = _grow(self.key, slots, dim=2), _grow(self.value, slots, dim=2)
@@ -241,8 +256,6 @@ class SharedSelfAttentionCache:
             # must be finite: -inf + NaN, or 0 x NaN, would still be NaN.
             self.key[:, :, start + beams.width : start + beams.max_beams] = 0
             self.value[:, :, start + beams.width : start + beams.max_beams] = 0
-        end = bias.size(-1)
-        return self.key[:, :, :end], self.value[:, :, :end], bias
 
     def keep_sentences(self, sentences: Tensor, moved: Tensor | None) -> None:
         """Keep the storage of `sentences` only (the slots written so far), and the capacity;

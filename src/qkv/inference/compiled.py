@@ -35,8 +35,10 @@ package is only loaded where it was made for (~5 ms). Options, key, compiling: `
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
 (sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,
 sampling; rows rounded up to 8, 16 or 32, and fewer as sentences finish: `SHRINK_TO`), on the
-CPU in fp32; larger batches, other devices and dtypes take the eager step (greedy search on more
-sentences hands over to the programs once 32 are left: `StaticCache.take_over`). One sentence's
+CPU in fp32; beams on two sentences or more take a program of their own over the eager step's cache
+from their second step (`qkv.inference.beam_program`); larger greedy batches, other devices and
+dtypes take the eager step (greedy search on more sentences hands over to the programs once 32 are
+left: `StaticCache.take_over`). One sentence's
 encoder is a program too, with the first step's projection (`qkv.inference.compiled_encoder`). The
 search (`qkv.search`) is the same. Where a program cannot be made (no C++ compiler, an unsupported
 platform), the same step runs uncompiled for that search and the engine says so once, then uses the
@@ -45,7 +47,6 @@ eager step and encoder.
 
 from __future__ import annotations
 
-import functools
 import math
 import shutil
 import time
@@ -58,6 +59,7 @@ from torch import Tensor, nn
 
 from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
+from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled_encoder import (
     SourceEncoder,
     positions_table,
@@ -71,6 +73,7 @@ from qkv.inference.static_cache import (
     attend,
     attend_with_new,
     gather_history,
+    position_input,
 )
 from qkv.model import Transformer
 
@@ -224,6 +227,8 @@ class CompiledEngine(DecodingEngine):
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
         self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
+        # Beams on two sentences or more, over the eager step's cache (`BeamPrograms.takes`)
+        self.beam_programs = BeamPrograms(model, self.cache_dir, self.static_step, say)
         # One sentence's encoder compiled, and the first step's cross-attention K and V
         self.source = SourceEncoder(model, self.cache_dir, say) if not self.unavailable else None
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
@@ -315,7 +320,8 @@ class CompiledEngine(DecodingEngine):
     def sentences_per_program(self, max_beams: int) -> list[int]:
         """For each program that a search with `max_beams` beams can run on, the fewest sentences
         that run it, smallest first ([] where nothing compiles): what a server translates before it
-        listens, so that no request waits for a compile."""
+        listens, so that no request waits for a compile (with two tokens at least: the beam
+        program runs from the second step, `qkv.inference.beam_program`)."""
         if self.unavailable is not None:
             return []
         fewest: dict[int, int] = {}
@@ -323,6 +329,8 @@ class CompiledEngine(DecodingEngine):
             rows = self.program_rows(sentences, max_beams)
             if rows is not None:
                 fewest.setdefault(rows, sentences)
+            elif max_beams > 1 and sentences > 1:  # the beam program, from its second step
+                fewest.setdefault(0, sentences)
         return sorted(fewest.values())
 
     def step(self, last_tokens: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
@@ -335,6 +343,8 @@ class CompiledEngine(DecodingEngine):
     def next_log_probs(
         self, last_tokens: Tensor, memory, src_mask, cache, banned: tuple[int, ...] = ()
     ) -> Tensor:
+        if self.unavailable is None and BeamPrograms.takes(cache):
+            return self._beam_step(last_tokens, cache, banned)
         if not self._takes_static_step(cache, last_tokens, memory, src_mask):
             eager = _eager_cache(cache)
             return super().next_log_probs(last_tokens, memory, src_mask, eager, banned)
@@ -371,7 +381,7 @@ class CompiledEngine(DecodingEngine):
         (`StaticDecoderStep`)."""
         cache.make_room()
         tokens = cache.program_tokens(last_tokens)  # contiguous (the search's is a column of ids)
-        position = _position(cache.length)
+        position = position_input(cache.length)
         banned_bias = self._banned_bias(banned)
         arguments = (
             tokens, position, cache.self_kv, cache.ancestry, cache.cross_kv, cache.cross_bias,
@@ -392,6 +402,15 @@ class CompiledEngine(DecodingEngine):
             log_probs = cache.search_rows(log_probs)
         cache.write(new_kv)
         return log_probs, cache.search_rows(best), cache.search_rows(best_log_probs)
+
+    def _beam_step(self, last_tokens: Tensor, cache: BeamCache, banned: tuple[int, ...]) -> Tensor:
+        """A position of beam search on many sentences (`qkv.inference.beam_program`); the eager
+        step's from now on if its program fails to compile or run here (said once)."""
+        try:
+            return self.beam_programs.next_log_probs(last_tokens, cache, self._banned_bias(banned))
+        except Exception as error:  # export's and Inductor's failures have many types
+            self._cannot_compile("the beam step", error)
+        return super().next_log_probs(last_tokens, None, None, cache, banned)
 
     def _cannot_compile(self, what: str, error: Exception) -> None:
         """Say once that `what` failed to compile or run here; from now on decoding is eager."""
@@ -436,13 +455,6 @@ class CompiledEngine(DecodingEngine):
 
 def _why(error: Exception) -> str:
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-
-
-@functools.cache
-def _position(length: int) -> Tensor:
-    """The program's position input, a 0-d tensor: made once per position, not at every step."""
-    with torch.inference_mode(False):  # kept across calls, in and out of inference mode
-        return torch.tensor(length)
 
 
 def _eager_cache(cache):

@@ -4,6 +4,7 @@ search, and how the program reads it (`gather_history`, `attend`, `attend_with_n
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,6 +24,13 @@ INITIAL_SLOTS = SLOT_MULTIPLE
 
 def _round_up(n: int, multiple: int = SLOT_MULTIPLE) -> int:
     return max(multiple, -(-n // multiple) * multiple)
+
+
+@functools.cache
+def position_input(length: int) -> Tensor:
+    """A program's position input, a 0-d tensor: made once per position, not at every step."""
+    with torch.inference_mode(False):  # kept across calls, in and out of inference mode
+        return torch.tensor(length)
 
 
 def gather_history(self_kv: Tensor, ancestry: Tensor) -> Tensor:

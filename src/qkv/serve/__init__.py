@@ -14,8 +14,10 @@ from qkv.errors import QkvError
 def compile_ahead(translator, beam: int) -> int:
     """Compile now (or load from the run's compiled/ folder) every program of the compiled decoder
     step that a batch of requests with `beam` beams can run on (`CompiledEngine.sentences_per_program`:
-    one with beam 5; up to eight, from 1 to 32 sentences, with beam 1), so that no client waits for a
-    compile. Returns how many; 0 for an engine without a compiled step."""
+    two with beam 5, for one sentence and for more; up to eight, from 1 to 32 sentences, with beam
+    1), so that no client waits for a compile. Each translation makes two tokens at least, since
+    the program for beams on many sentences runs from the second. Returns how many; 0 for an engine
+    without a compiled step."""
     from qkv.inference.compiled import CompiledEngine
 
     engine = translator.engine()
@@ -23,7 +25,7 @@ def compile_ahead(translator, beam: int) -> int:
         return 0
     counts = engine.sentences_per_program(beam)
     for sentences in counts:
-        translator.translate(["."] * sentences, beam=beam)
+        translator.translate(["."] * sentences, beam=beam, min_len=2)
     return len(counts)
 
 

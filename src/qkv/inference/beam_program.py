@@ -1,0 +1,210 @@
+"""Beam search on many sentences as one compiled program a step, over the eager engine's own cache.
+
+Beam 5 on 32 sentences is 160 decoder rows. The programs of `qkv.inference.compiled` give each row
+its own slots (`StaticCache`) and gather a beam's history from the rows its ancestors wrote: at 160
+rows that lost to the eager step (0.83-0.90x). This program reads `BeamCache` as the eager step does:
+the beams of a sentence share its slots, and an additive mask of each beam's history (`ancestry`)
+keeps each beam to its own. Nothing is gathered, nothing moves when beams are reordered:
+
+- the inputs are each layer's key and value buffers as the cache holds them (sentences, heads,
+  capacity slots, d_head), and the mask of the history, (sentences, 1, beams, slots written): the
+  program reads only the slots written (a slice inside, no copy), and attends to the open position's
+  own new key and value without writing them. It returns them (layers, sentences, heads, beams,
+  d_head) for the cache to write after the call (`BeamCache.write_position`);
+- the number of sentences, the capacity, the slots written and the source length are dynamic: one
+  program per beam width serves every batch, and every step as its sentences finish. Its products
+  are oneDNN's (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`);
+- it ends with the log-softmax and the banned ids at -inf, as `StaticDecoderStep` does.
+
+The first step (one row per sentence), a search with a source of no token, and one sentence (its 5
+rows are `qkv.inference.compiled`'s) take the eager step. A package per beam width
+(`decoder-beam-step-B-beams-KEY.pt2`) beside the other programs, compiled at first use (~30-60 s).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from qkv.inference import aoti
+from qkv.inference.beam_cache import BeamCache
+from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
+from qkv.inference.static_cache import attend, attend_with_new, position_input
+from qkv.model import Transformer
+
+
+class SharedBeamStep(nn.Module):
+    """One decoder position of `beams` rows per sentence over `BeamCache`'s layout: what
+    `DecodingEngine.step` and `next_log_probs` compute, with the same formulas, as one graph."""
+
+    def __init__(self, model: Transformer, like: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.n_heads = model.config.n_heads
+        self.positions = positions_table(model.tgt_positions)
+        if like is not None:  # another step of the same model: its stacked copies, not new ones
+            self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
+        else:
+            self.qkv_weights, self.qkv_biases = stacked_self_attention(model.decoder.layers)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        position: Tensor,
+        keys: list[Tensor],
+        values: list[Tensor],
+        history_bias: Tensor,
+        cross_keys: list[Tensor],
+        cross_values: list[Tensor],
+        cross_bias: Tensor,
+        banned_bias: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """tokens (sentences, beams) at `position` (0-d) -> the next token's log-probabilities
+        (sentences x beams, vocab), the banned ones at -inf, and this position's keys and values
+        (2, layers, sentences, heads, beams, d_head).
+
+        keys[i], values[i] (sentences, heads, capacity, d_head): layer i's buffers, of which the
+        first history_bias.size(-1) slots are written; history_bias (sentences, 1, beams, slots
+        written): 0 in each beam's history, -inf elsewhere. cross_keys[i], cross_values[i]
+        (sentences, heads, src_len, d_head) and cross_bias (sentences, 1, 1, src_len): the
+        encoder's. banned_bias (vocab,): -inf for the ids that may not come next, else 0."""
+        model, n_heads = self.model, self.n_heads
+        sentences, beams = tokens.shape
+        rows = sentences * beams
+        written = history_bias.size(-1)
+        at = position.view(1)
+        y = model.tgt_embed(tokens.reshape(rows, 1)) + self.positions.index_select(0, at)[None]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(model.decoder.layers):
+            bias = self.qkv_biases[i] if len(self.qkv_biases) else None
+            h = layer.norm1(y) if layer.norm_first else y
+            qkv = F.linear(h, self.qkv_weights[i], bias).view(sentences, beams, 3, n_heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (sentences, heads, beams, d_head)
+            new_keys.append(k)
+            new_values.append(v)
+            history_k, history_v = keys[i][:, :, :written], values[i][:, :, :written]
+            attended = attend_with_new(q, history_k, history_v, history_bias, k, v)
+            attended = attended.reshape(rows, 1, -1)  # (sentences, beams, d_model) -> rows
+            y = residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
+            attention = layer.cross_attn
+            h = layer.norm2(y) if layer.norm_first else y
+            q = attention.q_proj(h).view(sentences, beams, n_heads, -1).transpose(1, 2)
+            attended = attend(q, cross_keys[i], cross_values[i], cross_bias).reshape(rows, 1, -1)
+            y = residual(layer, layer.norm2, y, attention.out_proj(attended))
+            h = layer.norm3(y) if layer.norm_first else y
+            feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
+            hidden = feed_forward.activation(feed_forward.linear1(h))
+            y = residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
+        new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)])
+        logits = model.output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
+        return torch.log_softmax(logits, dim=-1) + banned_bias, new_kv
+
+
+def compile_package(step: SharedBeamStep, arguments: tuple, path: Path) -> None:
+    """Export the step for arguments like these (any number of sentences, capacity, slots written
+    and source length) and compile it with AOTInductor into the package `path`."""
+    n_layers = len(arguments[2])
+    sentences = torch.export.Dim("sentences", min=1, max=1 << 16)
+    capacity = torch.export.Dim("capacity", min=1, max=1 << 20)
+    written = torch.export.Dim("written", min=1, max=1 << 20)
+    src_len = torch.export.Dim("src_len", min=1, max=1 << 20)
+    buffer = {0: sentences, 2: capacity}
+    source = {0: sentences, 2: src_len}
+    dynamic_shapes = {
+        "tokens": {0: sentences}, "position": None,
+        "keys": [buffer] * n_layers, "values": [buffer] * n_layers,
+        "history_bias": {0: sentences, 3: written},
+        "cross_keys": [source] * n_layers, "cross_values": [source] * n_layers,
+        "cross_bias": {0: sentences, 3: src_len}, "banned_bias": None,
+    }  # fmt: skip
+    options = aoti.options_for(rows=aoti.LIBRARY_PRODUCTS_FROM_ROWS)
+    aoti.export_and_package(step, arguments, dynamic_shapes, path, options)
+
+
+class BeamPrograms:
+    """An engine's compiled beam steps (`SharedBeamStep`), one per beam width, kept in `cache_dir`
+    (`CompiledEngine`'s). `takes(cache)` says whether a step runs here; `next_log_probs` runs it."""
+
+    def __init__(self, model: Transformer, cache_dir: Path, like: nn.Module, say=None):
+        self.step = SharedBeamStep(model, like=like).eval()
+        self.cache_dir, self.say = cache_dir, say
+        self.programs: dict[int, object] = {}  # beams -> the loaded program, as a function
+        self.compile_seconds: dict[int, float] = {}
+        self._key: str | None = None
+        self._no_source_bias: dict[tuple[int, int], Tensor] = {}
+
+    @staticmethod
+    def takes(cache) -> bool:
+        """Whether this position of `cache` runs on a beam program: a `BeamCache` of two sentences
+        or more, each with its full width of beams, and sources of at least one token."""
+        return (
+            isinstance(cache, BeamCache)
+            and cache.max_beams > 1
+            and cache.width == cache.max_beams
+            and cache.n_sentences is not None
+            and cache.n_sentences > 1
+            and cache.length > 0
+            and not cache.has_empty_source
+        )
+
+    def package_path(self, beams: int) -> Path:
+        if self._key is None:
+            self._key = aoti.program_key(self.step)
+        return self.cache_dir / f"decoder-beam-step-{beams}-beams-{self._key}.pt2"
+
+    def program(self, arguments: tuple):
+        """The program for this beam width, a function of the step's arguments: loaded, from the
+        cache, or compiled and saved."""
+        beams = arguments[0].size(1)
+        if beams not in self.programs:
+            started = time.perf_counter()
+            program = aoti.load_or_compile(
+                self.package_path(beams),
+                lambda path: compile_package(self.step, arguments, path),
+                f"the decoder step for {beams} beams a sentence",
+                self.say,
+            )
+            # The package takes the tensors of the lists one by one.
+            self.programs[beams] = lambda *given: program(*pytree.tree_leaves(given))
+            self.compile_seconds[beams] = time.perf_counter() - started
+        return self.programs[beams]
+
+    def arguments(self, last_tokens: Tensor, cache: BeamCache, banned_bias: Tensor) -> tuple:
+        """The program's inputs for this position; opens it in `cache` (`write` closes it)."""
+        sentences, beams = cache.n_sentences, cache.max_beams
+        written = cache.length * beams
+        cache.open_position(sentences * beams, torch.float32, last_tokens.device)
+        history_bias = cache.bias[..., :written].contiguous()  # (sentences, 1, beams, written)
+        cross_bias = cache.source_bias
+        first = cache.cross_attn[0].key  # (sentences, heads, src_len, d_head)
+        if cross_bias is None:  # nothing masked: a bias of zeros, made once per shape
+            shape = (sentences, first.size(2))
+            if shape not in self._no_source_bias:
+                with torch.inference_mode(False):
+                    self._no_source_bias[shape] = first.new_zeros(sentences, 1, 1, shape[1])
+            cross_bias = self._no_source_bias[shape]
+        return (
+            last_tokens.reshape(sentences, beams).contiguous(),
+            position_input(cache.length),
+            [entry.key for entry in cache.self_attn],
+            [entry.value for entry in cache.self_attn],
+            history_bias,
+            [entry.key for entry in cache.cross_attn],
+            [entry.value for entry in cache.cross_attn],
+            cross_bias,
+            banned_bias,
+        )
+
+    def next_log_probs(self, last_tokens: Tensor, cache: BeamCache, banned_bias: Tensor):
+        """(rows,) the newest tokens -> (rows, vocab) log-probabilities of the next ones, from the
+        program (compiled at its first use): exceptions from compiling or running it propagate."""
+        arguments = self.arguments(last_tokens, cache, banned_bias)
+        # On an exception the position stays open, and the eager step may open it again.
+        log_probs, new_kv = self.program(arguments)(*arguments)
+        cache.write_position(new_kv)
+        return log_probs

@@ -1,0 +1,101 @@
+"""Beam search on many sentences through one compiled program a step (qkv.inference.beam_program),
+over the eager engine's own cache: the same beams as the eager engine, as the sentences finish and
+leave the batch; the eager step where it cannot compile."""
+
+from __future__ import annotations
+
+import pytest
+
+from qkv.inference import BeamCache, aoti, prepare_for_decoding
+from qkv.inference import beam_program as beam_program_module
+from qkv.inference.beam_program import BeamPrograms
+from qkv.inference.compiled import CompiledEngine
+from test_compiled import QUICK, assert_same_beams, uncompiled
+from test_search import random_model, random_sources
+
+
+@pytest.fixture(autouse=True)
+def compile_cache(tmp_path, monkeypatch):
+    """Compiled programs go to a fresh folder, never to the user's cache; quick options."""
+    monkeypatch.setenv("QKV_COMPILE_CACHE", str(tmp_path / "compiled"))
+    monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
+
+
+def sentences_of_each_call(engine) -> list[tuple[int, int]]:
+    """Record (sentences, beams) of each call of the engine's beam programs."""
+    calls = []
+    program_of = engine.beam_programs.program
+
+    def program(arguments):
+        calls.append(tuple(arguments[0].shape))
+        return program_of(arguments)
+
+    engine.beam_programs.program = program
+    return calls
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"norm_first": True}, {"positional": "learned"}, {"share_embeddings": False}],
+    ids=["post-LN", "pre-LN", "learned positions", "own target embeddings"],
+)
+def test_the_beam_step_gives_the_eager_engines_beams(overrides):
+    """The step's module run eagerly: its formulas are the eager engine's, whatever the model's
+    layout."""
+    model = random_model(**overrides)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    calls = sentences_of_each_call(engine)
+    src = random_sources([5, 8, 4, 6])  # padded: the source mask is an additive bias
+    assert_same_beams(engine, reference, src, beam_size=3, max_len=9, n_best=3)
+    assert calls and all(shape == (4, 3) for shape in calls)  # every step after the first
+    assert len(calls) == 8
+
+
+def test_the_compiled_beam_step_follows_the_sentences_as_they_finish():
+    model = random_model(seed=2)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    calls = sentences_of_each_call(engine)
+    src = random_sources([5, 8, 4, 6, 7, 3, 9], seed=1)
+    # Each sentence's own limit (its length + 50, cut at the model's 64): some end early by EOS,
+    # the others at their limits, so the batch shrinks; min_len bans EOS at first.
+    assert_same_beams(engine, reference, src, beam_size=5, min_len=3)
+    assert engine.unavailable is None and set(engine.beam_programs.programs) == {5}
+    sentences = [n for n, _ in calls]
+    assert sentences[0] == 7 and min(sentences) < 7, sentences  # one program, any number
+    assert sentences == sorted(sentences, reverse=True)
+    assert_same_beams(engine, reference, src[:3], beam_size=4, max_len=6, n_best=2)
+    assert set(engine.beam_programs.programs) == {4, 5}  # a program for each beam width
+    # Kept in the cache folder: another engine loads them instead of compiling.
+    again = CompiledEngine(model)
+    assert_same_beams(again, reference, src, beam_size=5, min_len=3)
+    assert again.beam_programs.compile_seconds[5] < engine.beam_programs.compile_seconds[5]
+
+
+def test_one_sentence_and_the_first_step_take_other_steps():
+    cache = BeamCache(n_layers=2, max_beams=5)
+    assert not BeamPrograms.takes(cache)  # nothing decoded yet
+    cache.n_sentences, cache.width, cache.length = 3, 1, 1
+    assert not BeamPrograms.takes(cache)  # one row a sentence: the first step's
+    cache.width, cache.length = 5, 2
+    assert BeamPrograms.takes(cache)
+    cache.n_sentences = 1  # 5 rows: a program of `qkv.inference.compiled`, or the eager step
+    assert not BeamPrograms.takes(cache)
+    cache.n_sentences, cache.has_empty_source = 3, True  # NaN as an additive mask: eager
+    assert not BeamPrograms.takes(cache)
+    assert not BeamPrograms.takes(BeamCache(n_layers=2, max_beams=1))  # greedy
+
+
+def test_a_failed_beam_compile_says_so_once_and_decodes_as_the_eager_engine(monkeypatch):
+    def broken_compile(step, arguments, path):
+        raise RuntimeError("InductorError: no such compiler flag (as on an unusual platform)")
+
+    monkeypatch.setattr(beam_program_module, "compile_package", broken_compile)
+    messages = []
+    model = random_model()
+    engine, reference = CompiledEngine(model, warn=messages.append), prepare_for_decoding(model)
+    engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
+    src = random_sources([6, 4, 5])
+    assert_same_beams(engine, reference, src, beam_size=3, max_len=8)  # met the failure
+    assert_same_beams(engine, reference, src, beam_size=3, max_len=8)
+    assert len(messages) == 1 and "could not compile the beam step" in messages[0], messages
+    assert "RuntimeError: InductorError: no such compiler flag" in messages[0]
