@@ -12,8 +12,9 @@ reaches all of them alike.
   translate` decodes it: the model is prepared for decoding once for the whole file
   (`qkv.inference.prepare_for_decoding`), not in every batch (`--pack-per-batch` times that instead).
 - qkv compiled: the engine of `qkv translate --compile` (`qkv.inference.compiled`: a decoder step
-  compiled by AOTInductor, for batches of up to 5 rows; larger ones take the eager step), compiled in
-  the untimed first run of each cell into this run's temporary folder.
+  compiled by AOTInductor for batches of up to 5 rows and greedy batches of up to 32 sentences, and
+  `qkv.inference.beam_program` for beams on more sentences), compiled in the untimed first run of
+  each cell into this run's temporary folder.
 - Hugging Face: `MarianMTModel(MarianConfig(...)).generate`, in the same process as qkv, in fp32 and in
   bf16 (cast like qkv's).
 - CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process

@@ -5,9 +5,11 @@ leave the batch; the eager step where it cannot compile."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qkv.inference import BeamCache, aoti, prepare_for_decoding
 from qkv.inference import beam_program as beam_program_module
+from qkv.inference import compiled as compiled_module
 from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled import CompiledEngine
 from test_compiled import QUICK, assert_same_beams, uncompiled
@@ -16,9 +18,12 @@ from test_search import random_model, random_sources
 
 @pytest.fixture(autouse=True)
 def compile_cache(tmp_path, monkeypatch):
-    """Compiled programs go to a fresh folder, never to the user's cache; quick options."""
+    """Compiled programs go to a fresh folder, never to the user's cache; quick options; beam
+    programs whatever the CPU (measured on AVX2 and AVX-512 only, where they are taken)."""
     monkeypatch.setenv("QKV_COMPILE_CACHE", str(tmp_path / "compiled"))
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
+    here = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (*compiled_module.WIDE_VECTORS, here))
 
 
 def sentences_of_each_call(engine) -> list[tuple[int, int]]:
@@ -99,3 +104,13 @@ def test_a_failed_beam_compile_says_so_once_and_decodes_as_the_eager_engine(monk
     assert_same_beams(engine, reference, src, beam_size=3, max_len=8)
     assert len(messages) == 1 and "could not compile the beam step" in messages[0], messages
     assert "RuntimeError: InductorError: no such compiler flag" in messages[0]
+
+
+def test_without_wide_vectors_beams_on_many_sentences_take_the_eager_step(monkeypatch):
+    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", ())  # as on Arm: not measured there
+    model = random_model()
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
+    assert engine.sentences_per_program(5) == [1]  # one sentence's 5 rows only
+    assert_same_beams(engine, reference, random_sources([6, 4, 5]), beam_size=3, max_len=8)
+    assert engine.beam_programs.programs == {}

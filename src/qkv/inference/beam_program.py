@@ -14,11 +14,17 @@ keeps each beam to its own. Nothing is gathered, nothing moves when beams are re
 - the number of sentences, the capacity, the slots written and the source length are dynamic: one
   program per beam width serves every batch, and every step as its sentences finish. Its products
   are oneDNN's (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`);
-- it ends with the log-softmax and the banned ids at -inf, as `StaticDecoderStep` does.
+- it returns the logits, which the engine's own log-softmax overwrites in place (inside the
+  program, Inductor's log-softmax took the same time: 12.72 against 12.57 ms a step of 32
+  sentences held to AVX2 on a Zen 4, and wrote a second rows x vocabulary tensor).
 
-The first step (one row per sentence), a search with a source of no token, and one sentence (its 5
-rows are `qkv.inference.compiled`'s) take the eager step. A package per beam width
-(`decoder-beam-step-B-beams-KEY.pt2`) beside the other programs, compiled at first use (~30-60 s).
+Beam 5, the small benchmark model, program / eager step, whole searches taking turns, held to AVX2
+on a Zen 4: 8 sentences 1.13x, 32 sentences 1.01-1.09x, 128 sentences 0.98-1.00x (as the CPU comes,
+32 sentences 1.05-1.10x; benchmarks/README.md, session 23). The first step (one row per sentence),
+a search with a source of no token, and one sentence (its 5 rows are `qkv.inference.compiled`'s)
+take the eager step; so does every CPU outside `compiled.WIDE_VECTORS` (not measured there). A
+package per beam width (`decoder-beam-step-B-beams-KEY.pt2`) beside the other programs, compiled at
+first use (~25 s for the small benchmark model).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import Tensor, nn
 from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
+from qkv.inference.engine import log_softmax, without
 from qkv.inference.static_cache import attend, attend_with_new, position_input
 from qkv.model import Transformer
 
@@ -62,17 +69,16 @@ class SharedBeamStep(nn.Module):
         cross_keys: list[Tensor],
         cross_values: list[Tensor],
         cross_bias: Tensor,
-        banned_bias: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """tokens (sentences, beams) at `position` (0-d) -> the next token's log-probabilities
-        (sentences x beams, vocab), the banned ones at -inf, and this position's keys and values
-        (2, layers, sentences, heads, beams, d_head).
+        """tokens (sentences, beams) at `position` (0-d) -> the next token's logits (sentences x
+        beams, vocab) and this position's keys and values (2, layers, sentences, heads, beams,
+        d_head).
 
         keys[i], values[i] (sentences, heads, capacity, d_head): layer i's buffers, of which the
         first history_bias.size(-1) slots are written; history_bias (sentences, 1, beams, slots
         written): 0 in each beam's history, -inf elsewhere. cross_keys[i], cross_values[i]
         (sentences, heads, src_len, d_head) and cross_bias (sentences, 1, 1, src_len): the
-        encoder's. banned_bias (vocab,): -inf for the ids that may not come next, else 0."""
+        encoder's."""
         model, n_heads = self.model, self.n_heads
         sentences, beams = tokens.shape
         rows = sentences * beams
@@ -101,8 +107,7 @@ class SharedBeamStep(nn.Module):
             hidden = feed_forward.activation(feed_forward.linear1(h))
             y = residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
         new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)])
-        logits = model.output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
-        return torch.log_softmax(logits, dim=-1) + banned_bias, new_kv
+        return model.output(model.decoder.final_norm(y))[:, 0], new_kv  # (rows, vocab) logits
 
 
 def compile_package(step: SharedBeamStep, arguments: tuple, path: Path) -> None:
@@ -120,7 +125,7 @@ def compile_package(step: SharedBeamStep, arguments: tuple, path: Path) -> None:
         "keys": [buffer] * n_layers, "values": [buffer] * n_layers,
         "history_bias": {0: sentences, 3: written},
         "cross_keys": [source] * n_layers, "cross_values": [source] * n_layers,
-        "cross_bias": {0: sentences, 3: src_len}, "banned_bias": None,
+        "cross_bias": {0: sentences, 3: src_len},
     }  # fmt: skip
     options = aoti.options_for(rows=aoti.LIBRARY_PRODUCTS_FROM_ROWS)
     aoti.export_and_package(step, arguments, dynamic_shapes, path, options)
@@ -174,7 +179,7 @@ class BeamPrograms:
             self.compile_seconds[beams] = time.perf_counter() - started
         return self.programs[beams]
 
-    def arguments(self, last_tokens: Tensor, cache: BeamCache, banned_bias: Tensor) -> tuple:
+    def arguments(self, last_tokens: Tensor, cache: BeamCache) -> tuple:
         """The program's inputs for this position; opens it in `cache` (`write` closes it)."""
         sentences, beams = cache.n_sentences, cache.max_beams
         written = cache.length * beams
@@ -197,14 +202,13 @@ class BeamPrograms:
             [entry.key for entry in cache.cross_attn],
             [entry.value for entry in cache.cross_attn],
             cross_bias,
-            banned_bias,
         )
 
-    def next_log_probs(self, last_tokens: Tensor, cache: BeamCache, banned_bias: Tensor):
+    def next_log_probs(self, last_tokens: Tensor, cache: BeamCache, banned: tuple[int, ...]):
         """(rows,) the newest tokens -> (rows, vocab) log-probabilities of the next ones, from the
         program (compiled at its first use): exceptions from compiling or running it propagate."""
-        arguments = self.arguments(last_tokens, cache, banned_bias)
+        arguments = self.arguments(last_tokens, cache)
         # On an exception the position stays open, and the eager step may open it again.
-        log_probs, new_kv = self.program(arguments)(*arguments)
+        logits, new_kv = self.program(arguments)(*arguments)
         cache.write_position(new_kv)
-        return log_probs
+        return without(log_softmax(logits), banned)

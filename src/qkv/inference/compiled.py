@@ -227,8 +227,10 @@ class CompiledEngine(DecodingEngine):
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
         self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
-        # Beams on two sentences or more, over the eager step's cache (`BeamPrograms.takes`)
+        # Beams on two sentences or more, over the eager step's cache (`BeamPrograms.takes`), where
+        # measured: on `WIDE_VECTORS` (elsewhere, Arm, the eager step)
         self.beam_programs = BeamPrograms(model, self.cache_dir, self.static_step, say)
+        self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
         # One sentence's encoder compiled, and the first step's cross-attention K and V
         self.source = SourceEncoder(model, self.cache_dir, say) if not self.unavailable else None
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
@@ -329,7 +331,7 @@ class CompiledEngine(DecodingEngine):
             rows = self.program_rows(sentences, max_beams)
             if rows is not None:
                 fewest.setdefault(rows, sentences)
-            elif max_beams > 1 and sentences > 1:  # the beam program, from its second step
+            elif max_beams > 1 and sentences > 1 and self.compiles_beams:  # the beam program
                 fewest.setdefault(0, sentences)
         return sorted(fewest.values())
 
@@ -343,7 +345,7 @@ class CompiledEngine(DecodingEngine):
     def next_log_probs(
         self, last_tokens: Tensor, memory, src_mask, cache, banned: tuple[int, ...] = ()
     ) -> Tensor:
-        if self.unavailable is None and BeamPrograms.takes(cache):
+        if self.unavailable is None and self.compiles_beams and BeamPrograms.takes(cache):
             return self._beam_step(last_tokens, cache, banned)
         if not self._takes_static_step(cache, last_tokens, memory, src_mask):
             eager = _eager_cache(cache)
@@ -407,7 +409,7 @@ class CompiledEngine(DecodingEngine):
         """A position of beam search on many sentences (`qkv.inference.beam_program`); the eager
         step's from now on if its program fails to compile or run here (said once)."""
         try:
-            return self.beam_programs.next_log_probs(last_tokens, cache, self._banned_bias(banned))
+            return self.beam_programs.next_log_probs(last_tokens, cache, banned)
         except Exception as error:  # export's and Inductor's failures have many types
             self._cannot_compile("the beam step", error)
         return super().next_log_probs(last_tokens, None, None, cache, banned)
