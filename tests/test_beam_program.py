@@ -54,6 +54,9 @@ def test_the_beam_step_gives_the_eager_engines_beams(overrides):
     assert_same_beams(engine, reference, src, beam_size=3, max_len=9, n_best=3)
     assert calls and all(shape == (4, 3) for shape in calls)  # every step after the first
     assert len(calls) == 8
+    # Sources of one length: nothing masked, the cache keeps no bias and the step gets zeros.
+    assert_same_beams(engine, reference, random_sources([6, 6, 6]), beam_size=3, max_len=6)
+    assert calls[-1] == (3, 3)
 
 
 def test_the_compiled_beam_step_follows_the_sentences_as_they_finish():

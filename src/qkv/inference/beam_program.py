@@ -141,7 +141,6 @@ class BeamPrograms:
         self.programs: dict[int, object] = {}  # beams -> the loaded program, as a function
         self.compile_seconds: dict[int, float] = {}
         self._key: str | None = None
-        self._no_source_bias: dict[tuple[int, int], Tensor] = {}
 
     @staticmethod
     def takes(cache) -> bool:
@@ -180,19 +179,16 @@ class BeamPrograms:
         return self.programs[beams]
 
     def arguments(self, last_tokens: Tensor, cache: BeamCache) -> tuple:
-        """The program's inputs for this position; opens it in `cache` (`write` closes it)."""
+        """The program's inputs for this position; opens it in `cache` (`write_position` closes
+        it)."""
         sentences, beams = cache.n_sentences, cache.max_beams
         written = cache.length * beams
         cache.open_position(sentences * beams, torch.float32, last_tokens.device)
         history_bias = cache.bias[..., :written].contiguous()  # (sentences, 1, beams, written)
         cross_bias = cache.source_bias
-        first = cache.cross_attn[0].key  # (sentences, heads, src_len, d_head)
-        if cross_bias is None:  # nothing masked: a bias of zeros, made once per shape
-            shape = (sentences, first.size(2))
-            if shape not in self._no_source_bias:
-                with torch.inference_mode(False):
-                    self._no_source_bias[shape] = first.new_zeros(sentences, 1, 1, shape[1])
-            cross_bias = self._no_source_bias[shape]
+        if cross_bias is None:  # nothing masked: a bias of zeros
+            src_len = cache.cross_attn[0].key.size(2)  # (sentences, heads, src_len, d_head)
+            cross_bias = history_bias.new_zeros(sentences, 1, 1, src_len)
         return (
             last_tokens.reshape(sentences, beams).contiguous(),
             position_input(cache.length),
