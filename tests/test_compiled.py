@@ -551,10 +551,12 @@ def test_without_a_compiler_it_says_so_once_and_decodes_as_the_eager_engine(monk
     assert len(messages) == 1 and "C++ compiler" in messages[0], messages
 
 
-def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeypatch):
-    def broken_compile(step, arguments, path):
-        raise RuntimeError("InductorError: no such compiler flag (as on an unusual platform)")
+def broken_compile(step, arguments, path):
+    """A compile that fails as Inductor does on an unusual platform."""
+    raise RuntimeError("InductorError: no such compiler flag (as on an unusual platform)")
 
+
+def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeypatch):
     monkeypatch.setattr(compiled_module, "compile_package", broken_compile)
     messages = []
     model = random_model()
