@@ -630,6 +630,8 @@ def test_a_programs_constants_are_aligned_to_cache_lines_and_give_its_results(
     if realign:  # no address passes: every constant is copied, as a misaligned block's would be
         monkeypatch.setattr(aoti, "CACHE_LINE", 2**62)
     runner, moved = aoti.aligned_runner(path)
+    if runner is None:
+        pytest.skip("this PyTorch has no container runner: programs load through its loader")
     if realign:
         assert moved and len(moved) == len(runner.get_constant_names_to_original_fqns())
     constants = runner.extract_constants_map(False)
