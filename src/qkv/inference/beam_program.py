@@ -20,7 +20,8 @@ keeps each beam to its own. Nothing is gathered, nothing moves when beams are re
 
 Beam 5, the small benchmark model, program / eager step, whole searches taking turns, held to AVX2
 on a Zen 4: 8 sentences 1.13x, 32 sentences 1.01-1.09x, 128 sentences 0.98-1.00x (as the CPU comes,
-32 sentences 1.05-1.10x; benchmarks/README.md, session 23). The first step (one row per sentence),
+32 sentences 1.05-1.10x; benchmarks/README.md, session 23): so it takes batches of up to
+`MAX_SENTENCES` live sentences, larger ones once enough have finished. The first step (one row per sentence),
 a search with a source of no token, and one sentence (its 5 rows are `qkv.inference.compiled`'s)
 take the eager step; so does every CPU outside `compiled.WIDE_VECTORS` (not measured there). A
 package per beam width (`decoder-beam-step-B-beams-KEY.pt2`) beside the other programs, compiled at
@@ -43,6 +44,11 @@ from qkv.inference.compiled_encoder import positions_table, residual, stacked_se
 from qkv.inference.engine import log_softmax, without
 from qkv.inference.static_cache import attend, attend_with_new, position_input
 from qkv.model import Transformer
+
+# Beyond this many live sentences the eager step takes the position: the program was even with it at
+# 128 sentences and 0.96x on a file's batches of ~200 (held to AVX2), faster at 8-32 (1.01-1.13x).
+# As a batch's sentences finish, the program takes over on the same cache.
+MAX_SENTENCES = 32
 
 
 class SharedBeamStep(nn.Module):
@@ -144,14 +150,15 @@ class BeamPrograms:
 
     @staticmethod
     def takes(cache) -> bool:
-        """Whether this position of `cache` runs on a beam program: a `BeamCache` of two sentences
-        or more, each with its full width of beams, and sources of at least one token."""
+        """Whether this position of `cache` runs on a beam program: a `BeamCache` of 2 to
+        `MAX_SENTENCES` sentences, each with its full width of beams, and sources of at least one
+        token."""
         return (
             isinstance(cache, BeamCache)
             and cache.max_beams > 1
             and cache.width == cache.max_beams
             and cache.n_sentences is not None
-            and cache.n_sentences > 1
+            and 1 < cache.n_sentences <= MAX_SENTENCES
             and cache.length > 0
             and not cache.has_empty_source
         )
