@@ -2,9 +2,12 @@
 
 Every system decodes the same random sources (15 subwords + EOS) with models of the same dimensions and
 random weights, generating exactly 20 tokens per sentence (min = max = 20), so each does the same work
-whatever its weights say. Each figure is sentences/s from the median of --repeats timed runs after one
-warm-up run; the systems in this process take turns run by run, so that a drift in the machine's speed
-reaches all of them alike.
+whatever its weights say. Greedy searches keep no scores, as a translation does not need them:
+CTranslate2's `translate_batch` computes none by default (`return_scores=False`: no softmax), qkv's
+`greedy_search(..., scores=False)` none either (as `qkv translate` without `--scores`); beam search
+needs the log-probabilities in every system. Each figure is sentences/s from the median of --repeats
+timed runs after one warm-up run; the systems in this process take turns run by run, so that a drift
+in the machine's speed reaches all of them alike.
 
 - qkv: `qkv.search.beam_search` / `greedy_search` (KV cache) in fp32 and in bf16 (the model cast with
   `.to(torch.bfloat16)`), and in fp32 with the cache replaced by a full decoder pass over the prefix at
@@ -179,7 +182,7 @@ def qkv_runner(
         if search == "beam":
             ids = beam_search(prepared, src, beam_size=BEAM, **lengths)[0][:, 0]
         else:
-            ids = greedy_search(prepared, src, **lengths)[0]
+            ids = greedy_search(prepared, src, **lengths, scores=False)[0]
         return (ids != PAD).sum(dim=1).tolist()  # one copy back: the search is done on any device
 
     return run

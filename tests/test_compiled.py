@@ -51,6 +51,9 @@ def assert_same_greedy(engine, reference, src, **lengths):
     ref_ids, ref_scores = greedy_search(reference, src, **lengths)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+    # Without scores: no softmax after the program, the same ids.
+    without_ids, none = greedy_search(engine, src, **lengths, scores=False)
+    assert none is None and torch.equal(without_ids, ids)
 
 
 @pytest.mark.parametrize(
@@ -371,7 +374,8 @@ def test_greedy_search_on_more_sentences_than_a_program_has_rows_hands_over_once
     )
     rows_run.clear()
     assert_same_greedy(engine, reference, src)
-    assert taken == [True] and rows_run[0] == 32  # once, with 32 sentences left
+    # Once a search (with scores, then without), with 32 sentences left.
+    assert taken == [True, True] and rows_run[0] == 32
     cache.fallback.n_sentences, cache.fallback.has_empty_source = 3, True
     assert not cache.take_over(4) and cache.fallback is not None and cache.self_kv is None
 

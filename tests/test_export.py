@@ -3,6 +3,8 @@ and `qkv translate DIR` translates with what was exported."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -54,6 +56,10 @@ def test_ctranslate2_gives_qkvs_log_probabilities_for_random_models(tmp_path, ov
     ours = translator.hypotheses(SENTENCES, beam=1, max_len=20)
     theirs = CTranslate2Translator(out).hypotheses(SENTENCES, beam=1, max_len=20)
     assert [h[0].ids for h in theirs] == [h[0].ids for h in ours]
+    # Without scores (each system's default for `translate`): the same ids, NaN for the scores.
+    unscored = CTranslate2Translator(out).hypotheses(SENTENCES, beam=1, max_len=20, scores=False)
+    assert [h[0].ids for h in unscored] == [h[0].ids for h in ours]
+    assert math.isnan(unscored[0][0].score) and not math.isnan(theirs[0][0].score)
 
 
 def test_the_demo_model_translates_the_same_greedy_and_with_beam_5(demo_run, tmp_path):

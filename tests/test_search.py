@@ -138,6 +138,27 @@ def test_cached_greedy_equals_naive_full_forward_loop(which, reverser):
         assert scores[row].item() == pytest.approx(log_prob, abs=1e-4)
 
 
+@pytest.mark.parametrize("min_len", [0, 12], ids=["eos allowed", "eos held back"])
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_greedy_without_scores_computes_none_and_finds_the_same_ids(
+    which, min_len, reverser, monkeypatch
+):
+    model, src = (
+        (random_model(), random_sources([5, 9, 3, 7])) if which == "random" else reverser[::2]
+    )
+    ids, _ = greedy_search(model, src, max_len=12, min_len=min_len)
+    without_ids, none = greedy_search(model, src, max_len=12, min_len=min_len, scores=False)
+    assert none is None and torch.equal(without_ids, ids)
+    if min_len:  # EOS banned until then: the best logit's token is never EOS
+        assert (ids[:, :min_len] != EOS).all()
+
+    def no_softmax(*args, **kwargs):
+        raise AssertionError("greedy search without scores computed a softmax")
+
+    monkeypatch.setattr(torch, "log_softmax", no_softmax)
+    assert torch.equal(greedy_search(model, src, 12, min_len, scores=False)[0], ids)
+
+
 @pytest.mark.parametrize("which", ["random", "trained"])
 def test_beam_of_one_equals_greedy(which, reverser):
     model, src = (

@@ -1,5 +1,6 @@
 """Translating text: the Python API (`qkv.load`), `qkv translate`, and batching that keeps input order."""
 
+import math
 import platform
 import select
 import shutil
@@ -128,6 +129,21 @@ def test_n_best_hypotheses_are_sorted(translator):
         assert len(hypotheses) == 3
         scores = [h.score for h in hypotheses]
         assert scores == sorted(scores, reverse=True)
+
+
+def test_greedy_keeps_scores_only_when_asked_and_translates_the_same(translator, run_qkv, toy_run):
+    lines = ["a b c d", "", "p o n"]
+    scored = translator.hypotheses(lines, beam=1)
+    unscored = translator.hypotheses(lines, beam=1, scores=False)
+    assert [h[0].text for h in unscored] == [h[0].text for h in scored]
+    assert translator.translate(lines, beam=1) == [h[0].text for h in scored]
+    assert all(math.isfinite(h[0].score) and h[0].score < 0 for h in (scored[0], scored[2]))
+    assert all(math.isnan(h[0].score) for h in (unscored[0], unscored[2]))
+    assert scored[1][0].score == unscored[1][0].score == 0.0  # an empty line: nothing to score
+    # The command line asks for them with --scores only.
+    result = run_qkv("translate", toy_run, "--beam", "1", "--scores", input="a b c\n")
+    score, text = result.stdout.rstrip("\n").split("\t")
+    assert result.returncode == 0 and text == "c b a" and float(score) < 0, result.stderr
 
 
 def test_too_long_sentence_is_cut_with_a_warning(translator):

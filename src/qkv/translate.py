@@ -11,6 +11,7 @@ the model; a sentence longer than the model's positions is cut to fit, with a wa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,9 @@ class Translator:
         return translator
 
     def translate(self, sentences: Sequence[str], beam: int = 5, **options) -> list[str]:
-        """The best translation of each sentence, in input order. Options as `hypotheses`."""
+        """The best translation of each sentence, in input order. Options as `hypotheses` (scores
+        are not computed where they need not be: see its `scores`)."""
+        options.setdefault("scores", False)
         return [best[0].text for best in self.hypotheses(sentences, beam=beam, **options)]
 
     def hypotheses(
@@ -171,6 +174,7 @@ class Translator:
         progress: bool | Any = False,
         warn: Callable[[str], None] | None = None,
         first_line: int = 1,
+        scores: bool = True,
     ) -> list[list[Hypothesis]]:
         """The `n_best` best translations of each sentence (best first), in input order.
 
@@ -181,6 +185,8 @@ class Translator:
         empty hypothesis with score 0. warn: called with a message for each sentence cut to the
         model's max_len (default: `warnings.warn`), which names its line: `first_line` is the line
         number of sentences[0]. progress: a progress bar of its own, or a tqdm bar to advance.
+        scores=False: greedy search (beam 1) computes no log-probabilities, and each hypothesis's
+        score is NaN (beam search needs them, and keeps its scores).
         """
         if not 1 <= n_best <= beam:
             raise QkvError(f"--n-best must be between 1 and the beam size {beam}, got {n_best}")
@@ -194,6 +200,7 @@ class Translator:
             max_len=max_len,
             min_len=min_len,
             early_exit=early_exit,
+            scores=scores,
         )
         own_bar = isinstance(progress, bool)
         bar = _progress_bar(len(sentences), progress) if own_bar else progress
@@ -236,8 +243,10 @@ class Translator:
         src = src.to(self.device)
         if search["beam"] == 1:
             ids, scores = greedy_search(
-                engine, src, max_len=search["max_len"], min_len=search["min_len"]
+                engine, src, search["max_len"], search["min_len"], scores=search["scores"]
             )
+            if scores is None:  # not asked for: not computed
+                scores = torch.full((ids.size(0),), math.nan, device=ids.device)
             # Greedy returns log-probabilities: normalise them as beam search does, so --scores
             # means one thing whatever the beam size.
             lengths = (ids != config.pad_id).sum(dim=1).clamp(min=1)

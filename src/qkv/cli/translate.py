@@ -206,7 +206,7 @@ def _run_translate(args) -> int:
             for lines in chunks:
                 results = translator.hypotheses(
                     lines, n_best=args.n_best or 1, progress=bar, warn=_warner(source_name),
-                    first_line=first_line, **options,
+                    first_line=first_line, scores=args.scores, **options,
                 )  # fmt: skip
                 write(_format_results(results, first_line, args))
                 first_line += len(lines)

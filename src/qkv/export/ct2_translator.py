@@ -9,6 +9,7 @@ One difference, said once on use: CTranslate2 ranks beams by score / len^alpha, 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class CTranslate2Translator:
         self._told_early_exit = False
 
     def translate(self, sentences: Sequence[str], beam: int = 5, **options) -> list[str]:
+        options.setdefault("scores", False)
         return [best[0].text for best in self.hypotheses(sentences, beam=beam, **options)]
 
     def hypotheses(
@@ -78,8 +80,10 @@ class CTranslate2Translator:
         progress=False,
         warn: Callable[[str], None] | None = None,
         first_line: int = 1,
+        scores: bool = True,
     ) -> list[list[Hypothesis]]:
-        """As `qkv.translate.Translator.hypotheses`, decoded by CTranslate2."""
+        """As `qkv.translate.Translator.hypotheses`, decoded by CTranslate2 (scores=False: its
+        `return_scores=False`, the scores NaN)."""
         if not 1 <= n_best <= beam:
             raise QkvError(f"--n-best must be between 1 and the beam size {beam}, got {n_best}")
         if (
@@ -127,15 +131,16 @@ class CTranslate2Translator:
                 length_penalty=length_penalty,
                 max_decoding_length=max_len or min(longest + EXTRA_POSITIONS, self.max_len),
                 min_decoding_length=min_len,
-                return_scores=True,
+                return_scores=scores,
                 suppress_sequences=self._never,
             )
             for index, output in zip(batch, outputs, strict=True):
+                output_scores = output.scores if scores else [math.nan] * len(output.hypotheses)
                 results[index] = [
                     Hypothesis(self.tokenizer.decode(ids), float(score), ids)
                     for ids, score in (
                         ([to_id(piece) for piece in tokens], score)
-                        for tokens, score in zip(output.hypotheses, output.scores, strict=True)
+                        for tokens, score in zip(output.hypotheses, output_scores, strict=True)
                     )
                 ]
             bar.update(len(batch))

@@ -17,9 +17,11 @@ number of rows:
 - the program ends with what the searches do first (`NextToken`): the log-softmax, the banned ids
   set to -inf (an input of 0 / -inf per id), and the most likely token of each row with its
   log-probability (~25 µs of operator calls a step fewer, at one sentence). Greedy search has a
-  program of its own (`greedy=True`), which returns only the most likely token and its
-  log-probability (no rows x vocabulary log-probabilities written), and reads each row's keys and
-  values where they are: with one beam per sentence, the cache keeps each sentence in its row;
+  program of its own (`greedy=True`), which returns the most likely token and the logits, and no
+  softmax: a search that keeps scores takes it after the program, in place (as fast as inside),
+  one that does not (`greedy_search(scores=False)`, `qkv translate` without `--scores`) never
+  computes it. It reads each row's keys and values where they are: with one beam per sentence, the
+  cache keeps each sentence in its row;
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
   weights, the bias and ReLU fused); from 32 rows, oneDNN's only (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`).
@@ -61,7 +63,7 @@ from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled_encoder import (
     SourceEncoder,
 )
-from qkv.inference.engine import DecodingEngine, without
+from qkv.inference.engine import DecodingEngine, log_softmax, without
 from qkv.inference.static_cache import (
     SLOT_MULTIPLE,
     StaticCache,
@@ -266,13 +268,20 @@ class CompiledEngine(DecodingEngine):
         return self._static_step(last_tokens, cache, banned)[0]
 
     def next_best(
-        self, last_tokens: Tensor, memory, src_mask, cache, banned: tuple[int, ...] = ()
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        last_tokens: Tensor,
+        memory,
+        src_mask,
+        cache,
+        banned: tuple[int, ...] = (),
+        scores: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
         if not self._takes_static_step(cache, last_tokens, memory, src_mask):
-            return super().next_best(last_tokens, memory, src_mask, _eager_cache(cache), banned)
+            eager = _eager_cache(cache)
+            return super().next_best(last_tokens, memory, src_mask, eager, banned, scores)
         # One beam per sentence keeps each row's history in its row (StaticCache.reorder).
         greedy = cache.max_beams == 1
-        _, best, best_log_probs = self._static_step(last_tokens, cache, banned, greedy)
+        _, best, best_log_probs = self._static_step(last_tokens, cache, banned, greedy, scores)
         return best, best_log_probs
 
     def _takes_static_step(self, cache, last_tokens: Tensor, memory, src_mask) -> bool:
@@ -289,11 +298,16 @@ class CompiledEngine(DecodingEngine):
         return cache.self_kv is not None or self._start(cache, memory, src_mask)
 
     def _static_step(
-        self, last_tokens: Tensor, cache: StaticCache, banned: tuple[int, ...], greedy: bool = False
+        self,
+        last_tokens: Tensor,
+        cache: StaticCache,
+        banned: tuple[int, ...],
+        greedy: bool = False,
+        scores: bool = True,
     ):
         """(rows,) the newest tokens -> the next token's log-probabilities (rows, vocab; None with
-        `greedy`), its most likely one and that one's log-probability (rows,), from the program
-        (`StaticDecoderStep`)."""
+        `greedy`), its most likely one and that one's log-probability (rows,; None with `greedy`
+        and not `scores`), from the program (`StaticDecoderStep`)."""
         cache.make_room()
         tokens = cache.program_tokens(last_tokens)  # contiguous (the search's is a column of ids)
         position = position_input(cache.length)
@@ -310,13 +324,15 @@ class CompiledEngine(DecodingEngine):
                 self._cannot_compile("the decoder step", error)
         if outputs is None:
             outputs = self.step_module(greedy)(*arguments)
-        if greedy:
-            log_probs, (best, best_log_probs, new_kv) = None, outputs
-        else:
-            log_probs, best, best_log_probs, new_kv = outputs
-            log_probs = cache.search_rows(log_probs)
-        cache.write(new_kv)
-        return log_probs, cache.search_rows(best), cache.search_rows(best_log_probs)
+        cache.write(outputs[-1])  # this position's keys and values
+        if not greedy:  # log-probabilities, best token, its log-probability
+            return tuple(cache.search_rows(output) for output in outputs[:3])
+        best, logits = cache.search_rows(outputs[0]), outputs[1]
+        if not scores:
+            return None, best, None
+        # The softmax only now, in place on the program's own logits (as fast as inside it).
+        log_probs = log_softmax(cache.search_rows(logits))
+        return None, best, log_probs.gather(1, best[:, None]).squeeze(1)
 
     def _beam_step(self, last_tokens: Tensor, cache: BeamCache, banned: tuple[int, ...]) -> Tensor:
         """A position of beam search on many sentences (`qkv.inference.beam_program`); the eager

@@ -96,13 +96,23 @@ class NextToken:
         return without(log_softmax(logits[:, -1]), banned)
 
     def next_best(
-        self, last_tokens: Tensor, memory, src_mask, cache, banned: tuple[int, ...] = ()
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        last_tokens: Tensor,
+        memory,
+        src_mask,
+        cache,
+        banned: tuple[int, ...] = (),
+        scores: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
         """(rows,) the newest token of each row -> the most likely next token of each row (rows,)
-        and its log-probability (rows,), as `next_log_probs` gives them."""
-        log_probs = self.next_log_probs(last_tokens, memory, src_mask, cache, banned)
-        best = argmax(log_probs)
-        return best, log_probs.gather(1, best[:, None]).squeeze(1)
+        and its log-probability (rows,), as `next_log_probs` gives them; None for it without
+        `scores`, when the softmax is not computed at all (the best logit is the best token)."""
+        if scores:
+            log_probs = self.next_log_probs(last_tokens, memory, src_mask, cache, banned)
+            best = argmax(log_probs)
+            return best, log_probs.gather(1, best[:, None]).squeeze(1)
+        logits = self.step(last_tokens, memory, src_mask, cache)[:, -1]
+        return argmax(without(logits.float(), banned)), None
 
 
 def prepare_for_decoding(model: Transformer, int8: bool = False) -> DecodingEngine:

@@ -41,12 +41,13 @@ class StaticDecoderStep(nn.Module):
         cross_kv: Tensor,
         cross_bias: Tensor,
         banned_bias: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         """tokens (rows,) at `position` (a 0-d tensor) -> what the searches ask of a step
         (`qkv.inference.engine.NextToken`): the log-probabilities of the next token (rows, vocab),
-        with the banned ones at -inf (not with `greedy`), the most likely next token (rows,) and its
-        log-probability (rows,); and this position's keys and values (2, layers, rows, heads,
-        d_head), for the cache.
+        with the banned ones at -inf, the most likely next token (rows,) and its log-probability
+        (rows,); with `greedy`, the most likely next token and the logits (rows, vocab), whose
+        softmax only a search that keeps scores computes; and this position's keys and values (2,
+        layers, rows, heads, d_head), for the cache.
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
         (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`; with `greedy`, in
@@ -86,9 +87,8 @@ class StaticDecoderStep(nn.Module):
         new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)]).squeeze(-2)
         logits = model.output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
         # The search's own first operations, here at a few µs instead of ~25 µs of calls a step.
-        if self.greedy:  # the best of log_softmax(logits) + banned_bias, without writing it out
-            best_logits, best = (logits + banned_bias).max(dim=-1)
-            return best, best_logits - torch.logsumexp(logits, dim=-1), new_kv
+        if self.greedy:  # the best of log_softmax(logits) + banned_bias: the best logit's token
+            return (logits + banned_bias).argmax(dim=-1), logits, new_kv
         log_probs = torch.log_softmax(logits, dim=-1) + banned_bias
         best_log_probs, best = log_probs.max(dim=-1)
         return log_probs, best, best_log_probs, new_kv
