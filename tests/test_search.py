@@ -150,7 +150,7 @@ def test_greedy_without_scores_computes_none_and_finds_the_same_ids(
     without_ids, none = greedy_search(model, src, max_len=12, min_len=min_len, scores=False)
     assert none is None and torch.equal(without_ids, ids)
     if min_len:  # EOS banned until then: the best logit's token is never EOS
-        assert (ids[:, :min_len] != EOS).all()
+        assert (without_ids[:, :min_len] != EOS).all()
 
     def no_softmax(*args, **kwargs):
         raise AssertionError("greedy search without scores computed a softmax")
