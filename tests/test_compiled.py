@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import qkv
+from qkv.errors import QkvError
 from qkv.inference import BeamCache, aoti, compiled_encoder, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference import engine as engine_module
@@ -396,6 +397,19 @@ def test_programs_of_32_rows_take_onednns_products_only_and_fewer_rows_inductors
     assert all(made[rows] == aoti.INDUCTOR_OPTIONS for rows in (1, 5, 8, 16))
     assert made[32] == dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="ATEN")
     assert aoti.options_for() == aoti.INDUCTOR_OPTIONS  # one sentence's encoder
+
+
+def test_without_measuring_every_program_takes_onednns_products_and_another_key(monkeypatch):
+    model = random_model()
+    measured = CompiledEngine(model).package_path(5)
+    monkeypatch.setenv(aoti.AUTOTUNE_VARIABLE, "0")
+    libraries_only = dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="ATEN")
+    assert all(aoti.options_for(rows) == libraries_only for rows in (None, 1, 5, 16, 32))
+    # A program compiled the other way is not loaded for this one.
+    assert CompiledEngine(model).package_path(5) != measured
+    monkeypatch.setenv(aoti.AUTOTUNE_VARIABLE, "yes")
+    with pytest.raises(QkvError, match="QKV_COMPILE_AUTOTUNE must be 0 or 1, got 'yes'"):
+        CompiledEngine(model)
 
 
 def test_a_package_is_compiled_in_inference_mode_whatever_the_callers(tmp_path, monkeypatch):

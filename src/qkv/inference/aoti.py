@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
+from qkv.errors import QkvError
 from qkv.inference import static_cache
 
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
@@ -45,6 +46,7 @@ INDUCTOR_OPTIONS = {
 # CPU comes, at 8 rows 1.49 -> 1.69 (benchmarks/README.md, session 21). Fewer programs to measure
 # while compiling, too.
 LIBRARY_PRODUCTS_FROM_ROWS = 32
+AUTOTUNE_VARIABLE = "QKV_COMPILE_AUTOTUNE"  # 0: no measuring while compiling (`measures_products`)
 CACHE_LINE = 64  # bytes: where a program's constants start (`aligned_runner`)
 
 
@@ -66,6 +68,7 @@ def program_key(step: nn.Module) -> str:
         "capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "options": INDUCTOR_OPTIONS,
+        "measures_products": measures_products(),
         "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
@@ -185,12 +188,25 @@ def load_or_compile(path: Path, compile_to, what: str, say=None):
     return load_package(path)
 
 
+def measures_products() -> bool:
+    """Whether programs of fewer than `LIBRARY_PRODUCTS_FROM_ROWS` rows (and one sentence's
+    encoder) choose between Inductor's own products and oneDNN's by measuring them while compiling:
+    `AUTOTUNE_VARIABLE`, 1 (the default) or 0. With 0 they take oneDNN's, as larger programs do: a
+    first compile ~40% shorter (a small model's program of 2 rows 25.8 -> 15.7 s on a Zen 4), its
+    steps at one sentence maybe slower (benchmarks/README.md, session 21)."""
+    value = os.environ.get(AUTOTUNE_VARIABLE, "1")
+    if value not in ("0", "1"):
+        raise QkvError(f"{AUTOTUNE_VARIABLE} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def options_for(rows: int | None = None) -> dict:
     """Inductor's options for a program of `rows` rows (None: one sentence's encoder):
-    `INDUCTOR_OPTIONS`, with oneDNN's products only from `LIBRARY_PRODUCTS_FROM_ROWS` rows. A
-    function of `rows` and of this file's code, which the package's name and key hold."""
+    `INDUCTOR_OPTIONS`, with oneDNN's products only from `LIBRARY_PRODUCTS_FROM_ROWS` rows, or at
+    any size where `measures_products()` says not to measure. A function of `rows`, of that and of
+    this file's code, which the package's name and key hold."""
     options = dict(INDUCTOR_OPTIONS)
-    if rows is not None and rows >= LIBRARY_PRODUCTS_FROM_ROWS:
+    if (rows is not None and rows >= LIBRARY_PRODUCTS_FROM_ROWS) or not measures_products():
         options["max_autotune_gemm_backends"] = "ATEN"
     return options
 

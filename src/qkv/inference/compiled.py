@@ -139,6 +139,7 @@ class CompiledEngine(DecodingEngine):
         super().__init__(model)
         self.warn, self.say = warn, say
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
+        aoti.measures_products()  # a bad QKV_COMPILE_AUTOTUNE is an error here, not a failed compile
         self.unavailable = compiled_step_unavailable(model)
         self.static_step = StaticDecoderStep(model).eval()
         self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
