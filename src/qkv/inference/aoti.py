@@ -192,7 +192,7 @@ def measures_products() -> bool:
     """Whether programs of fewer than `LIBRARY_PRODUCTS_FROM_ROWS` rows (and one sentence's
     encoder) choose between Inductor's own products and oneDNN's by measuring them while compiling:
     `AUTOTUNE_VARIABLE`, 1 (the default) or 0. With 0 they take oneDNN's, as larger programs do: a
-    first compile ~40% shorter (a small model's program of 2 rows 25.8 -> 15.7 s on a Zen 4), its
+    first compile ~40% shorter (a small model's program of 2 rows 31.4 -> 18.3 s on a Zen 4), its
     steps at one sentence maybe slower (benchmarks/README.md, session 21)."""
     value = os.environ.get(AUTOTUNE_VARIABLE, "1")
     if value not in ("0", "1"):
