@@ -87,7 +87,8 @@ def _add_search_options(parser) -> None:
         "model, 1.2-1.5x of a base one, 1.0-1.16x on 32 sentences; compiled once per number of rows "
         "(1-5, then 8, 16 or 32, and greedy moves to 16, 8, 4 or 1 as sentences finish, and "
         "from the usual engine to them once 32 are left; greedy search has programs of its own, "
-        "and one sentence's encoder one; ~20-40 s each) and kept in the run's compiled/ folder. "
+        "and one sentence's encoder one; ~20-40 s each, ~40%% less with QKV_COMPILE_AUTOTUNE=0) "
+        "and kept in the run's compiled/ folder. "
         "Needs a C++ compiler (without one: a warning, and the usual engine)",
     )
     model.add_argument(
