@@ -239,23 +239,18 @@ def _one_best(
     out = torch.full((n_sentences, longest), config.pad_id, device=src_ids.device)
     scores = torch.zeros(n_sentences, device=src_ids.device)
     tokens = torch.full((n_sentences,), config.bos_id, device=src_ids.device)  # (rows,)
-    all_live = True  # every sentence still decoded, in its own row: plain writes, not scatters
+    all_live = True  # every sentence still decoded, in its own row
     for step in range(longest):
         if choose is None:  # the most likely token, which the engine may find within its step
-            # (rows,) each; token_log_probs None without scores
-            tokens, token_log_probs = batch.next_best(tokens, step, min_len, with_scores)
+            tokens, token_log_probs = batch.next_best(tokens, step, min_len, with_scores)  # (rows,)
         else:
             log_probs = batch.next_log_probs(tokens, step, min_len)  # (rows, vocab)
             tokens = choose(log_probs)  # (rows,)
             token_log_probs = log_probs.gather(1, tokens[:, None]).squeeze(1)
-        if all_live:
-            out[:, step] = tokens
-            if token_log_probs is not None:
-                scores += token_log_probs
-        else:
-            out[batch.sentence, step] = tokens
-            if token_log_probs is not None:
-                scores[batch.sentence] += token_log_probs
+        rows = slice(None) if all_live else batch.sentence  # a slice writes, an index scatters
+        out[rows, step] = tokens
+        if token_log_probs is not None:
+            scores[rows] += token_log_probs
         done = tokens == config.eos_id
         if step + 1 >= batch.shortest_max_len:
             done |= batch.max_lens == step + 1
