@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qkv.errors import QkvError
+from qkv.export import QUANTIZATIONS
 
 EXPORT_EXAMPLES = """\
 examples:
@@ -22,8 +23,6 @@ tokenizer.model, so `qkv translate DIR` and `qkv evaluate DIR` load them.
 
 
 def _add_export(subparsers) -> None:
-    from qkv.export.ctranslate2 import QUANTIZATIONS
-
     parser = subparsers.add_parser(
         "export",
         help="write a trained model for another inference engine (CTranslate2, ONNX)",

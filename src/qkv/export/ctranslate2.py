@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from qkv.errors import QkvError
+from qkv.export import QUANTIZATIONS
 from qkv.model import Transformer
 
-QUANTIZATIONS = ("int8", "int8_float32", "int16", "float16", "bfloat16")
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every LayerNorm of qkv's model uses
 
 
