@@ -16,6 +16,7 @@ from qkv.errors import QkvError
 from qkv.inference import BeamCache, aoti, compiled_encoder, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference import engine as engine_module
+from qkv.inference import topk as topk_module
 from qkv.inference.compiled import CompiledEngine, StaticCache
 from qkv.search import beam_search, greedy_search, sample
 from test_search import random_model, random_sources
@@ -524,10 +525,14 @@ def test_a_failed_encoder_compile_says_so_once_and_the_encoder_is_eager_from_the
 def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(monkeypatch):
     """Five beams of one sentence, five rows, every product Inductor's C++ (on AVX2 from register
     blocks of 5 rows): `qkv translate --compile` measures them against oneDNN's and takes the faster;
-    here they are the only choice, so nothing is measured (a few seconds to compile)."""
+    here they are the only choice, so nothing is measured (a few seconds to compile). A vocabulary of
+    4800 words: the program finds each row's candidates in chunks (`topk.row_topk`)."""
     options = dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="CPP")
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", options)
-    model = random_model(seed=3)
+    model = random_model(seed=3, tgt_vocab_size=4800)
+    candidates = CompiledEngine(model).static_step.candidates
+    assert candidates == 2 * compiled_module.MAX_ROWS  # 2 x beam
+    assert topk_module._topk_chunk(4800, candidates) is not None
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     engine.source.program = engine.source.module  # the encoder's products are not Inductor's only
     src = random_sources([9])

@@ -345,6 +345,43 @@ def test_topk_of_offset_rows_in_groups_equals_torch_topk_of_the_sums(
     assert torch.equal(indices, expected_indices)
 
 
+@pytest.mark.parametrize(("rows", "length", "k"), [(5, 8000, 10), (1, 4800, 10), (3, 1000, 6)])
+def test_row_topk_equals_torch_topk(rows, length, k):
+    """Each row's k best as a compiled program finds them (`row_topk`): `topk`'s chunks where they
+    pay (8000, 4800), PyTorch's own top-k where they do not (1000)."""
+    chunked = length != 1000
+    assert (topk_module._topk_chunk(length, k) is not None) == chunked
+    generator = torch.Generator().manual_seed(length)
+    x = torch.randn(rows, length, generator=generator)
+    x[0, :] = x[0].sort().values  # the k best in one chunk
+    x[-1, ::97] += 5.0  # the k best spread over many chunks
+    values, indices = topk_module.row_topk(x, k)
+    expected_values, expected_indices = x.topk(k, dim=1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize(("beams", "length", "k"), [(5, 8000, 10), (1, 8000, 10), (4, 30, 6)])
+def test_candidates_from_each_rows_best_are_the_best_extensions(beams, length, k):
+    """A beam search's candidates from each row's k best tokens only (what a compiled program
+    returns) are those of the whole rows: the same sums, beams and tokens."""
+    generator = torch.Generator().manual_seed(length + beams)
+    sentences = 3
+    log_probs = torch.log_softmax(torch.randn(sentences * beams, length, generator=generator), 1)
+    beam_scores = -10 * torch.rand(sentences, beams, generator=generator)
+    if beams > 1:
+        beam_scores[1, 1:] = -torch.inf  # dead beams, as at the first step of a small vocabulary
+    log_probs[-1, ::7] += 3.0  # many of one sentence's best from its last beam
+    row_values, row_tokens = topk_module.row_topk(log_probs, k)
+    got = topk_module.extensions_of_rows(row_values, row_tokens, beam_scores, k)
+    expected = topk_module.best_extensions(log_probs, beam_scores, k)
+    for got_part, expected_part in zip(got, expected, strict=True):
+        assert torch.equal(got_part, expected_part)
+    sums, beam, token = got
+    flat_rows = torch.arange(sentences)[:, None] * beams + beam
+    assert torch.equal(sums, log_probs[flat_rows, token] + beam_scores.gather(1, beam))
+
+
 @pytest.mark.parametrize("rows", [1, topk_module.ARGMAX_MIN_ROWS, 40])
 def test_argmax_equals_torch_argmax(rows):
     x = torch.randn(rows, 8000, generator=torch.Generator().manual_seed(rows))

@@ -151,6 +151,17 @@ class _Batch:
         self.memory = self.src_mask = None
         return best
 
+    def best_extensions(
+        self, last_tokens: Tensor, generated: int, min_len: int, beam_scores: Tensor, k: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`NextToken.best_extensions`: each sentence's k best extensions, their beams and tokens."""
+        banned = banned_ids(self.engine.config, generated, min_len)
+        candidates = self.next_token.best_extensions(
+            last_tokens, self.memory, self.src_mask, self.cache, banned, beam_scores, k
+        )
+        self.memory = self.src_mask = None
+        return candidates
+
     def keep(self, rows: Tensor, cache_rows: Tensor | None = None) -> None:
         """Keep `rows` (in that order) of the current batch; the cache keeps `cache_rows` (default the
         same rows: they differ when beams are reordered, as their per-sentence tensors are equal)."""
@@ -337,38 +348,43 @@ class _BeamSearch:
         # projected for cross-attention once per sentence, and the first candidates are the best
         # tokens of that one row; their choice makes every sentence beam_size rows (the cache shares
         # them, see qkv.inference.beam_cache).
-        bos = torch.full((n_sentences,), self.config.bos_id, device=self.device)
-        log_probs = self.batch.next_log_probs(bos, 0, self.min_len)  # (n_sentences, vocab)
-        if log_probs.size(-1) < 2 * beam:
+        last_tokens = torch.full((n_sentences,), self.config.bos_id, device=self.device)
+        vocab, first_candidates = self.config.tgt_vocab_size, None
+        beam_scores = torch.zeros((n_sentences, 1), device=self.device)
+        if vocab < 2 * beam:
             # Too few tokens for 2 x beam candidates from one row: give each sentence beam rows of
             # which only the first is live (-inf), as every later step has.
+            log_probs = self.batch.next_log_probs(last_tokens, 0, self.min_len)
             self.batch.keep(torch.arange(n_sentences, device=self.device).repeat_interleave(beam))
-            log_probs = log_probs.repeat_interleave(beam, dim=0)
             beam_scores = torch.full((n_sentences, beam), -math.inf, device=self.device)
             beam_scores[:, 0] = 0.0
-        else:
-            beam_scores = torch.zeros((n_sentences, 1), device=self.device)
+            log_probs = log_probs.repeat_interleave(beam, dim=0)
+            first_candidates = best_extensions(log_probs, beam_scores, min(2 * beam, beam * vocab))
         ids = torch.empty((beam_scores.numel(), 0), dtype=torch.long, device=self.device)
         for step in range(self.longest):
-            if step > 0:
-                log_probs = self.batch.next_log_probs(ids[:, -1], step, self.min_len)
-            beam_scores, ids = self.step(step + 1, beam_scores, log_probs, ids)
+            if step == 0 and first_candidates is not None:
+                candidates = first_candidates
+            else:
+                # Every extension of every beam of a sentence competes: its beam's score plus the
+                # token's log-probability; the best 2 x beam go on (from 1 x vocab at the first step).
+                n_cand = min(2 * beam, beam_scores.size(1) * vocab)
+                candidates = self.batch.best_extensions(
+                    last_tokens, step, self.min_len, beam_scores, n_cand
+                )
+            beam_scores, ids = self.step(step + 1, beam_scores, candidates, ids)
             if beam_scores.numel() == 0:
                 break
+            last_tokens = ids[:, -1]
         return _trim(self.final_ids, self.config.pad_id), self.final_scores
 
-    def step(self, length: int, beam_scores: Tensor, log_probs: Tensor, ids: Tensor):
-        """Extend every live beam by one token (the `length`-th), record hypotheses that finish, drop the
+    def step(self, length: int, beam_scores: Tensor, candidates: tuple, ids: Tensor):
+        """Extend every live beam by one token (the `length`-th) with the best `candidates` (sums,
+        beams, tokens: (n_live, 2 x beam) each, best first), record hypotheses that finish, drop the
         sentences that are done, and reorder the cache. Returns the new (beam_scores, ids)."""
-        beam, vocab = self.beam_size, log_probs.size(-1)
+        beam = self.beam_size
         # Rows per sentence now: beam, or 1 at the first step (see `run`).
         n_live, width = beam_scores.shape
-        # Every extension of every beam of a sentence competes: its beam's score plus the token's
-        # log-probability, width x vocab sums per sentence; the best 2 x beam go on.
-        n_cand = min(2 * beam, width * vocab)
-        # (n_live, n_cand) each, best first; cand_flat indexes the sentence's width x vocab sums.
-        cand_scores, cand_flat = best_extensions(log_probs, beam_scores, n_cand)
-        cand_beam, cand_token = cand_flat // vocab, cand_flat % vocab
+        cand_scores, cand_beam, cand_token = candidates
         first_rows = torch.arange(0, n_live * width, width, device=self.device)[:, None]
         cand_row = first_rows + cand_beam  # row in ids and in the batch
         # (n_live,) whether no more tokens are allowed; None while no sentence is at its max_len.

@@ -70,6 +70,7 @@ from qkv.inference.static_cache import (
     position_input,
 )
 from qkv.inference.static_step import StaticDecoderStep
+from qkv.inference.topk import extensions_of_rows
 from qkv.model import Transformer
 
 # Sentences x beams: beam 5 on one sentence, greedy on up to 5 (more sentences: `ONE_BEAM_ROWS`). With
@@ -141,7 +142,8 @@ class CompiledEngine(DecodingEngine):
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         aoti.measures_products()  # a bad QKV_COMPILE_AUTOTUNE is an error here, not a failed compile
         self.unavailable = compiled_step_unavailable(model)
-        self.static_step = StaticDecoderStep(model).eval()
+        # A beam search's candidates: 2 x beam per sentence, and a program has at most MAX_ROWS beams.
+        self.static_step = StaticDecoderStep(model, candidates=2 * MAX_ROWS).eval()
         self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
         # Beams on two sentences or more, over the eager step's cache (`BeamPrograms.takes`), where
         # measured: on `WIDE_VECTORS` (elsewhere, Arm, the eager step)
@@ -282,8 +284,27 @@ class CompiledEngine(DecodingEngine):
             return super().next_best(last_tokens, memory, src_mask, eager, banned, scores)
         # One beam per sentence keeps each row's history in its row (StaticCache.reorder).
         greedy = cache.max_beams == 1
-        _, best, best_log_probs = self._static_step(last_tokens, cache, banned, greedy, scores)
+        _, best, best_log_probs = self._static_step(last_tokens, cache, banned, greedy, scores)[:3]
         return best, best_log_probs
+
+    def best_extensions(
+        self,
+        last_tokens: Tensor,
+        memory,
+        src_mask,
+        cache,
+        banned: tuple[int, ...],
+        beam_scores: Tensor,
+        k: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """As `NextToken.best_extensions`; over a `StaticCache`, from each row's most likely
+        tokens, which the program finds (`StaticDecoderStep`'s candidates)."""
+        if k <= self.static_step.candidates and self._takes_static_step(
+            cache, last_tokens, memory, src_mask
+        ):
+            _, _, _, row_log_probs, row_tokens = self._static_step(last_tokens, cache, banned)
+            return extensions_of_rows(row_log_probs, row_tokens, beam_scores, k)
+        return super().best_extensions(last_tokens, memory, src_mask, cache, banned, beam_scores, k)
 
     def _takes_static_step(self, cache, last_tokens: Tensor, memory, src_mask) -> bool:
         """Whether this step runs over a `StaticCache` (started at the first step, or taken over
@@ -308,7 +329,8 @@ class CompiledEngine(DecodingEngine):
     ):
         """(rows,) the newest tokens -> the next token's log-probabilities (rows, vocab; None with
         `greedy`), its most likely one and that one's log-probability (rows,; None with `greedy`
-        and not `scores`), from the program (`StaticDecoderStep`)."""
+        and not `scores`), and without `greedy` the most likely ones and theirs (rows,
+        `StaticDecoderStep.candidates`), from the program (`StaticDecoderStep`)."""
         cache.make_room()
         tokens = cache.program_tokens(last_tokens)  # contiguous (the search's is a column of ids)
         position = position_input(cache.length)
@@ -326,8 +348,8 @@ class CompiledEngine(DecodingEngine):
         if outputs is None:
             outputs = self.step_module(greedy)(*arguments)
         cache.write(outputs[-1])  # this position's keys and values
-        if not greedy:  # log-probabilities, best token, its log-probability
-            return tuple(cache.search_rows(output) for output in outputs[:3])
+        if not greedy:  # log-probabilities, best token and its, most likely tokens and theirs
+            return tuple(cache.search_rows(output) for output in outputs[:-1])
         best, logits = cache.search_rows(outputs[0]), outputs[1]
         if not scores:
             return None, best, None

@@ -29,7 +29,7 @@ from torch import Tensor
 from qkv.attention import attention_weights, fused_attention, fused_is_faster
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.linear import PreparedLinear
-from qkv.inference.topk import argmax
+from qkv.inference.topk import argmax, best_extensions
 from qkv.model import Transformer
 
 # On the CPU, one query per (sentence, head) over the cache, for at most this many of them (greedy on a
@@ -80,8 +80,9 @@ def _ids_tensor(ids: tuple[int, ...], device: torch.device) -> Tensor:
 
 class NextToken:
     """What the searches ask of an engine at each step, from its `step`: the next token's
-    log-probabilities, or the most likely next token. An engine whose step can compute these
-    itself (`qkv.inference.compiled`: inside its compiled program) overrides them."""
+    log-probabilities, the most likely next token, or a beam search's candidates. An engine whose
+    step can compute these itself (`qkv.inference.compiled`: inside its compiled program) overrides
+    them."""
 
     def step(self, last_tokens: Tensor, memory, src_mask, cache) -> Tensor:
         raise NotImplementedError
@@ -113,6 +114,23 @@ class NextToken:
             return best, log_probs.gather(1, best[:, None]).squeeze(1)
         logits = self.step(last_tokens, memory, src_mask, cache)[:, -1]
         return argmax(without(logits.float(), banned)), None
+
+    def best_extensions(
+        self,
+        last_tokens: Tensor,
+        memory,
+        src_mask,
+        cache,
+        banned: tuple[int, ...],
+        beam_scores: Tensor,
+        k: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """A beam search's candidates (`qkv.inference.topk.best_extensions`): (rows,) the newest
+        token of each beam, beam_scores (sentences, beams) -> the k best sums beam score +
+        log-probability of the next token (`next_log_probs`) of each sentence, best first, and for
+        each the beam it extends and its token (sentences, k)."""
+        log_probs = self.next_log_probs(last_tokens, memory, src_mask, cache, banned)
+        return best_extensions(log_probs, beam_scores, k)
 
 
 def prepare_for_decoding(model: Transformer, int8: bool = False) -> DecodingEngine:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.static_cache import attend, attend_with_new, gather_history
+from qkv.inference.topk import row_topk
 from qkv.model import Transformer
 
 
@@ -19,11 +20,18 @@ class StaticDecoderStep(nn.Module):
     computes, with the same formulas, as one graph for the compiler."""
 
     def __init__(
-        self, model: Transformer, greedy: bool = False, like: StaticDecoderStep | None = None
+        self,
+        model: Transformer,
+        greedy: bool = False,
+        like: StaticDecoderStep | None = None,
+        candidates: int = 1,
     ):
         super().__init__()
         self.model = model
         self.greedy = greedy  # only the best token, and each row's history in its own row
+        # Without `greedy`: how many of each row's most likely tokens it returns (a beam search's
+        # candidates, `qkv.inference.topk.extensions_of_rows`), at most the vocabulary.
+        self.candidates = min(candidates, model.config.tgt_vocab_size)
         self.n_heads = model.config.n_heads
         self.positions = positions_table(model.tgt_positions)
         if like is not None:  # another step of the same model: its stacked copies, not new ones
@@ -45,7 +53,7 @@ class StaticDecoderStep(nn.Module):
         """tokens (rows,) at `position` (a 0-d tensor) -> what the searches ask of a step
         (`qkv.inference.engine.NextToken`): the log-probabilities of the next token (rows, vocab),
         with the banned ones at -inf, the most likely next token (rows,) and its log-probability
-        (rows,); with `greedy`, the most likely next token and the logits (rows, vocab), whose
+        (rows,), and the `candidates` most likely with theirs (rows, candidates); with `greedy`, the most likely next token and the logits (rows, vocab), whose
         softmax only a search that keeps scores computes; and this position's keys and values (2,
         layers, rows, heads, d_head), for the cache.
 
@@ -86,9 +94,11 @@ class StaticDecoderStep(nn.Module):
         # (2, layers, rows, heads, d_head)
         new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)]).squeeze(-2)
         logits = model.output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
-        # The search's own first operations, here at a few µs instead of ~25 µs of calls a step.
+        # The search's own first operations, here at a few µs instead of ~25 µs of calls a step (and
+        # a beam search's candidates: ~70 µs of calls, slower still right after the program).
         if self.greedy:  # the best of log_softmax(logits) + banned_bias: the best logit's token
             return (logits + banned_bias).argmax(dim=-1), logits, new_kv
         log_probs = torch.log_softmax(logits, dim=-1) + banned_bias
         best_log_probs, best = log_probs.max(dim=-1)
-        return log_probs, best, best_log_probs, new_kv
+        top_log_probs, top_tokens = row_topk(log_probs, self.candidates)
+        return log_probs, best, best_log_probs, top_log_probs, top_tokens, new_kv

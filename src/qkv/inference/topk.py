@@ -94,10 +94,45 @@ def _topk_chunk(length: int, k: int, rows_per_group: int = 1) -> int | None:
     return None
 
 
-def best_extensions(log_probs: Tensor, beam_scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """A beam search's candidates: for each sentence, the k best sums beam score + log-probability of
-    the next token over its beams and the whole vocabulary.
+def best_extensions(
+    log_probs: Tensor, beam_scores: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A beam search's candidates: for each sentence, the k best sums beam score + log-probability
+    of the next token over its beams and the whole vocabulary.
 
-    log_probs (sentences * beams, vocab); beam_scores (sentences, beams). Returns the sums (sentences,
-    k), best first, and where each is: beam * vocab + token."""
-    return topk(log_probs, k, beam_scores.reshape(-1), rows_per_group=beam_scores.size(1))
+    log_probs (sentences * beams, vocab); beam_scores (sentences, beams). Returns the sums
+    (sentences, k), best first, and for each the beam it extends and its token (sentences, k)."""
+    vocab = log_probs.size(-1)
+    sums, flat = topk(log_probs, k, beam_scores.reshape(-1), rows_per_group=beam_scores.size(1))
+    return sums, flat // vocab, flat % vocab
+
+
+def row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=1)`` for a 2-D x, as one graph can hold it (no Python branches on values):
+    `topk`'s chunks for a compiled program. Inside one, ``torch.topk`` over a row of 8000 is
+    PyTorch's own kernel called from the program, and cost 4x what the chunks do (114 against 26 µs
+    at 5 rows, benchmarks/README.md, session 26)."""
+    rows, length = x.shape
+    chunk = _topk_chunk(length, k)
+    if chunk is None:
+        return x.topk(k, dim=1)
+    chunks = x.view(rows, length // chunk, chunk)
+    best_chunks = chunks.amax(dim=2).topk(k, dim=1).indices  # (rows, k)
+    picked = torch.gather(chunks, 1, best_chunks[:, :, None].expand(rows, k, chunk))
+    values, within = picked.view(rows, k * chunk).topk(k, dim=1)
+    chunk_of = best_chunks.gather(1, torch.div(within, chunk, rounding_mode="floor"))
+    return values, chunk_of * chunk + within % chunk
+
+
+def extensions_of_rows(
+    row_log_probs: Tensor, row_tokens: Tensor, beam_scores: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`best_extensions` from each row's best tokens only: row_log_probs and row_tokens (sentences *
+    beams, n), each row's n most likely next tokens (`row_topk`). The k best extensions of a
+    sentence are among them if k <= n: a row's sums are its log-probabilities plus one number."""
+    sentences, beams = beam_scores.shape
+    n = row_log_probs.size(1)
+    sums = (row_log_probs + beam_scores.reshape(-1, 1)).view(sentences, beams * n)
+    best_sums, at = sums.topk(k, dim=1)
+    tokens = row_tokens.view(sentences, beams * n).gather(1, at)
+    return best_sums, torch.div(at, n, rounding_mode="floor"), tokens
