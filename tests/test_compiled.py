@@ -440,6 +440,7 @@ def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypa
         files = set(aoti.code_files(module))
         # the attention both programs call, the model's layers and embeddings, and their own files
         assert inspect.getfile(engine_module.attention_with_bias) in files
+        assert inspect.getfile(topk_module.row_topk) in files  # the decoder step's candidates
         assert inspect.getfile(type(model.decoder.layers[0])) in files
         assert inspect.getfile(type(model.tgt_embed)) in files
         assert inspect.getfile(type(module)) in files

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
 from qkv.errors import QkvError
-from qkv.inference import static_cache
+from qkv.inference import static_cache, topk
 
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
 # would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
@@ -249,14 +249,14 @@ def package(exported, path: Path, options: dict) -> None:
 
 def code_files(step: nn.Module) -> list[str]:
     """The files of qkv's code that a program is traced from: the step's own, the helpers its
-    `forward` calls (`qkv.inference.engine`'s attention, `compiled_encoder`'s shared pieces), the
-    caches that shape its inputs, this file, and the file of every qkv module inside the step (the
-    model's embeddings and norms, whose own `forward` is traced too). A change to any of them makes
-    another key, so a program made by older code is never loaded."""
+    `forward` calls (`qkv.inference.engine`'s attention, `compiled_encoder`'s shared pieces,
+    `topk`'s candidates), the caches that shape its inputs, this file, and the file of every qkv
+    module inside the step (the model's embeddings and norms, whose own `forward` is traced too). A
+    change to any of them makes another key, so a program made by older code is never loaded."""
     from qkv.inference import beam_cache, compiled_encoder, engine  # they import this module
 
     files = {inspect.getfile(type(step)), engine.__file__, compiled_encoder.__file__}
-    files |= {static_cache.__file__, beam_cache.__file__, __file__}
+    files |= {static_cache.__file__, beam_cache.__file__, topk.__file__, __file__}
     for module in step.modules():
         if type(module).__module__.split(".")[0] == "qkv":
             files.add(inspect.getfile(type(module)))

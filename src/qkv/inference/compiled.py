@@ -16,7 +16,10 @@ number of rows:
   (the padding masked out);
 - the program ends with what the searches do first (`NextToken`): the log-softmax, the banned ids
   set to -inf (an input of 0 / -inf per id), and the most likely token of each row with its
-  log-probability (~25 µs of operator calls a step fewer, at one sentence). Greedy search has a
+  log-probability (~25 µs of operator calls a step fewer, at one sentence), and each row's
+  2 x `MAX_ROWS` most likely with theirs, among which are a beam search's candidates
+  (`NextToken.best_extensions`; their search over every row took ~140 µs a step of one sentence
+  right after the program, 2.5-6% of a search). Greedy search has a
   program of its own (`greedy=True`), which returns the most likely token and the logits, and no
   softmax: a search that keeps scores takes it after the program, in place (as fast as inside),
   one that does not (`greedy_search(scores=False)`, `qkv translate` without `--scores`) never
