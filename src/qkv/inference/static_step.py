@@ -53,9 +53,10 @@ class StaticDecoderStep(nn.Module):
         """tokens (rows,) at `position` (a 0-d tensor) -> what the searches ask of a step
         (`qkv.inference.engine.NextToken`): the log-probabilities of the next token (rows, vocab),
         with the banned ones at -inf, the most likely next token (rows,) and its log-probability
-        (rows,), and the `candidates` most likely with theirs (rows, candidates); with `greedy`, the most likely next token and the logits (rows, vocab), whose
-        softmax only a search that keeps scores computes; and this position's keys and values (2,
-        layers, rows, heads, d_head), for the cache.
+        (rows,), and the `candidates` most likely with theirs (rows, candidates); with `greedy`,
+        the most likely next token and the logits (rows, vocab), whose softmax only a search that
+        keeps scores computes; and this position's keys and values (2, layers, rows, heads,
+        d_head), for the cache.
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
         (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`; with `greedy`, in
