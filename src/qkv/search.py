@@ -129,38 +129,32 @@ class _Batch:
         # An engine needs only `step`: `NextToken` makes the rest from it.
         self.next_token = engine if isinstance(engine, NextToken) else _FromStep(engine)
 
+    def _ask(self, call, last_tokens: Tensor, generated: int, min_len: int, *args):
+        """`call` (a `NextToken` method) on the newest token of each row, with the ids that may not
+        come next when `generated` tokens already exist banned."""
+        banned = banned_ids(self.engine.config, generated, min_len)
+        answer = call(last_tokens, self.memory, self.src_mask, self.cache, banned, *args)
+        self.memory = self.src_mask = None  # the cache holds the encoder's keys and values now
+        return answer
+
     def next_log_probs(self, last_tokens: Tensor, generated: int, min_len: int) -> Tensor:
         """(rows,) the newest token of each row -> (rows, vocab) log-probabilities of the next one, with
-        the tokens that may not come next at -inf. `generated` tokens already exist before it."""
-        banned = banned_ids(self.engine.config, generated, min_len)
-        log_probs = self.next_token.next_log_probs(
-            last_tokens, self.memory, self.src_mask, self.cache, banned
-        )
-        self.memory = self.src_mask = None  # the cache holds the encoder's keys and values now
-        return log_probs
+        the tokens that may not come next at -inf."""
+        return self._ask(self.next_token.next_log_probs, last_tokens, generated, min_len)
 
     def next_best(
         self, last_tokens: Tensor, generated: int, min_len: int, scores: bool = True
     ) -> tuple[Tensor, Tensor | None]:
         """(rows,) the newest token of each row -> the most likely next token of each row and its
         log-probability (as `next_log_probs` gives them; None without `scores`)."""
-        banned = banned_ids(self.engine.config, generated, min_len)
-        best = self.next_token.next_best(
-            last_tokens, self.memory, self.src_mask, self.cache, banned, scores=scores
-        )
-        self.memory = self.src_mask = None
-        return best
+        return self._ask(self.next_token.next_best, last_tokens, generated, min_len, scores)
 
     def best_extensions(
         self, last_tokens: Tensor, generated: int, min_len: int, beam_scores: Tensor, k: int
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`NextToken.best_extensions`: each sentence's k best extensions, their beams and tokens."""
-        banned = banned_ids(self.engine.config, generated, min_len)
-        candidates = self.next_token.best_extensions(
-            last_tokens, self.memory, self.src_mask, self.cache, banned, beam_scores, k
-        )
-        self.memory = self.src_mask = None
-        return candidates
+        call = self.next_token.best_extensions
+        return self._ask(call, last_tokens, generated, min_len, beam_scores, k)
 
     def keep(self, rows: Tensor, cache_rows: Tensor | None = None) -> None:
         """Keep `rows` (in that order) of the current batch; the cache keeps `cache_rows` (default the
@@ -349,7 +343,7 @@ class _BeamSearch:
         # tokens of that one row; their choice makes every sentence beam_size rows (the cache shares
         # them, see qkv.inference.beam_cache).
         last_tokens = torch.full((n_sentences,), self.config.bos_id, device=self.device)
-        vocab, first_candidates = self.config.tgt_vocab_size, None
+        vocab, candidates = self.config.tgt_vocab_size, None
         beam_scores = torch.zeros((n_sentences, 1), device=self.device)
         if vocab < 2 * beam:
             # Too few tokens for 2 x beam candidates from one row: give each sentence beam rows of
@@ -359,22 +353,17 @@ class _BeamSearch:
             beam_scores = torch.full((n_sentences, beam), -math.inf, device=self.device)
             beam_scores[:, 0] = 0.0
             log_probs = log_probs.repeat_interleave(beam, dim=0)
-            first_candidates = best_extensions(log_probs, beam_scores, min(2 * beam, beam * vocab))
+            candidates = best_extensions(log_probs, beam_scores, min(2 * beam, beam * vocab))
         ids = torch.empty((beam_scores.numel(), 0), dtype=torch.long, device=self.device)
         for step in range(self.longest):
-            if step == 0 and first_candidates is not None:
-                candidates = first_candidates
-            else:
-                # Every extension of every beam of a sentence competes: its beam's score plus the
-                # token's log-probability; the best 2 x beam go on (from 1 x vocab at the first step).
+            if candidates is None:  # every extension of every beam competes; 2 x beam go on
                 n_cand = min(2 * beam, beam_scores.size(1) * vocab)
-                candidates = self.batch.best_extensions(
-                    last_tokens, step, self.min_len, beam_scores, n_cand
-                )
+                args = (last_tokens, step, self.min_len, beam_scores, n_cand)
+                candidates = self.batch.best_extensions(*args)
             beam_scores, ids = self.step(step + 1, beam_scores, candidates, ids)
             if beam_scores.numel() == 0:
                 break
-            last_tokens = ids[:, -1]
+            last_tokens, candidates = ids[:, -1], None
         return _trim(self.final_ids, self.config.pad_id), self.final_scores
 
     def step(self, length: int, beam_scores: Tensor, candidates: tuple, ids: Tensor):
