@@ -5,6 +5,7 @@ cannot compile it says so once and decodes as the eager engine does."""
 from __future__ import annotations
 
 import inspect
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -382,22 +383,66 @@ def test_greedy_search_on_more_sentences_than_a_program_has_rows_hands_over_once
     assert not cache.take_over(4) and cache.fallback is not None and cache.self_kv is None
 
 
-def test_programs_of_32_rows_take_onednns_products_only_and_fewer_rows_inductors_too(monkeypatch):
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_programs_of_32_rows_take_onednns_products_but_small_ones_on_avx2(monkeypatch, capability):
     """Inductor's products are measured alone, where they won at 32 rows; inside the step they lost
-    there (benchmarks/README.md, session 21). Nothing is compiled here: the options are recorded."""
+    there (benchmarks/README.md, session 21), except on AVX2 for small weights, where oneDNN's setup
+    of each call costs more (session 27): those are chosen by size. Nothing is compiled here: the
+    options are recorded."""
     made = {}
 
-    def export_and_package(module, arguments, dynamic_shapes, path, options=None):
-        made[arguments[0].size(0)] = options
+    def export_and_package(module, arguments, dynamic_shapes, path, options, own_products_up_to):
+        made[arguments[0].size(0)] = options, own_products_up_to
 
     monkeypatch.setattr(aoti, "export_and_package", export_and_package)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     step = CompiledEngine(random_model()).greedy_step
     for rows in (1, 5, 8, 16, 32):
         compiled_module.compile_package(step, (torch.zeros(rows, dtype=torch.long),), Path("-"))
     assert "CPP" in aoti.INDUCTOR_OPTIONS["max_autotune_gemm_backends"]
-    assert all(made[rows] == aoti.INDUCTOR_OPTIONS for rows in (1, 5, 8, 16))
-    assert made[32] == dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="ATEN")
+    assert all(made[rows] == (aoti.INDUCTOR_OPTIONS, None) for rows in (1, 5, 8, 16))
+    libraries_only = dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="ATEN")
+    if capability == "AVX2":
+        assert made[32] == (aoti.INDUCTOR_OPTIONS, aoti.OWN_PRODUCTS_UP_TO)
+    else:
+        assert made[32] == (libraries_only, None)
     assert aoti.options_for() == aoti.INDUCTOR_OPTIONS  # one sentence's encoder
+    assert aoti.library_options() == libraries_only  # the beam program of many sentences
+
+
+class TwoProjections(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.small = nn.Linear(48, 40)  # 1,920 weights
+        self.large = nn.Linear(40, 300)  # 12,000 weights
+
+    def forward(self, x):
+        return self.large(torch.relu(self.small(x)))
+
+
+def test_products_are_inductors_or_onednns_by_the_size_of_their_weight(tmp_path):
+    """`own_products_up_to`: between the two weights' sizes, the small weight's product is
+    Inductor's C++ and the large one's oneDNN's (the program calls the library once); above both,
+    both are Inductor's. The module's results either way, and every constant has a name of its own
+    (`aoti._constants_known_apart`), Inductor's packed weights too."""
+    torch.manual_seed(0)
+    module, x = TwoProjections().eval(), torch.randn(32, 48)
+    with torch.inference_mode():
+        expected = module(x)
+        for own_up_to, library_calls in ((4000, 1), (20000, 0)):
+            path = tmp_path / f"two-{own_up_to}.pt2"
+            aoti.export_and_package(
+                module, (x,), {"x": None}, path, aoti.INDUCTOR_OPTIONS, own_up_to
+            )
+            with zipfile.ZipFile(path) as package:
+                wrapper = [n for n in package.namelist() if n.endswith(".wrapper.cpp")]
+                code = package.read(wrapper[0]).decode()
+            assert code.count("aoti_torch_cpu__linear_pointwise(") == library_calls, own_up_to
+            torch.testing.assert_close(aoti.load_package(path)(x)[0], expected)
+            runner, _ = aoti.aligned_runner(path)
+            if runner is not None:
+                names = runner.get_constant_names_to_original_fqns()
+                assert len(set(names.values())) == len(names)
 
 
 def test_without_measuring_every_program_takes_onednns_products_and_another_key(monkeypatch):
@@ -542,12 +587,22 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     assert engine.compiled_rows == {5} and engine.unavailable is None
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
-    # Loaded again with every constant taken for misaligned (aoti.aligned_runner): Inductor's
-    # products pack some weights twice under one name, so they must stay as they are.
+    # Every constant has a name of its own, Inductor's packed weights too (two shared one as
+    # Inductor names them: `aoti._constants_known_apart`), so all can be moved to cache lines.
+    # Loaded again with every constant taken for misaligned (aoti.aligned_runner): all are copies,
+    # and the beams the same.
+    runner, _ = aoti.aligned_runner(engine.package_path(5))
+    if runner is None:
+        pytest.skip("this PyTorch has no container runner: programs load through its loader")
+    names = runner.get_constant_names_to_original_fqns()
+    assert names and len(set(names.values())) == len(names)
     monkeypatch.setattr(aoti, "CACHE_LINE", 2**62)
     again = CompiledEngine(model)
     again.source.program = again.source.module
     assert_same_beams(again, reference, src, beam_size=5, max_len=12, n_best=5)
+    moved = again.programs[5, False].constants
+    assert moved is not None and len(moved) == len(names)
+    assert all(aoti._address(t) % 64 == 0 for t in moved.values())
 
 
 def test_five_row_blocks_are_offered_while_a_step_compiles_and_only_then():

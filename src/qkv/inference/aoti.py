@@ -46,6 +46,15 @@ INDUCTOR_OPTIONS = {
 # CPU comes, at 8 rows 1.49 -> 1.69 (benchmarks/README.md, session 21). Fewer programs to measure
 # while compiling, too.
 LIBRARY_PRODUCTS_FROM_ROWS = 32
+# ...except, where ATen's capability is AVX2, the products of a weight of at most this many elements,
+# which take Inductor's C++ (`own_products_up_to`). oneDNN spends ~13 µs setting up each call on the
+# calling thread while the other waits (a 32 x 16 x 16 product: 16 µs, MKL's 3.5), more than it gains
+# on a small weight: in the small model's 32-row greedy program, held to AVX2 on a Zen 4, Inductor's
+# took 132 µs against oneDNN's 161 for 32 x 256 x 768 and 52-53 against 62 for 32 x 256 x 256, but
+# 208-211 against 167-174 for 256 x 1024 and 1024 x 256; a greedy search of 32 sentences 1.008-1.043x
+# (0.992x once) in five runs of two engines taking turns. As the CPU comes (AVX-512), 0.91-0.93x: there,
+# oneDNN's only (benchmarks/README.md, session 27).
+OWN_PRODUCTS_UP_TO = 256 * 768  # elements of the weight
 AUTOTUNE_VARIABLE = "QKV_COMPILE_AUTOTUNE"  # 0: no measuring while compiling (`measures_products`)
 CACHE_LINE = 64  # bytes: where a program's constants start (`aligned_runner`)
 
@@ -108,6 +117,85 @@ def _five_row_blocks_on_avx2():
             blocks.remove(block)
 
 
+@contextlib.contextmanager
+def _constants_known_apart():
+    """While it lasts, each constant that Inductor makes itself (its own products' packed weights)
+    is known to the program by a name of its own. Inductor names them `constant<n>` after how many
+    constants it holds, and two can get one name (stored as `constant<n>` and `constant<n>_0`, two
+    products' weights), by which the program gives only one (`extract_constants_map`): then none of
+    them could be moved to cache lines (`aligned_runner`), and a 32-row program with Inductor's
+    products, its packed weights 16 bytes past a line, was 0.93-0.95x the one with oneDNN's
+    (benchmarks/README.md, session 27). A private method of PyTorch's: where it is not as this
+    expects, the compile goes on with Inductor's names."""
+    try:
+        from torch._inductor.graph import GraphLowering
+
+        allocate = GraphLowering.allocate_non_dup_const_name
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def allocate_apart(graph, name, data):
+        before = set(graph.constants)
+        allocated = allocate(graph, name, data)
+        names = getattr(graph, "allocated_constant_name", None)
+        if name is None and allocated not in before and isinstance(names, dict):
+            names[allocated] = allocated  # its own name, not the count it was made at
+        return allocated
+
+    GraphLowering.allocate_non_dup_const_name = allocate_apart
+    try:
+        yield
+    finally:
+        GraphLowering.allocate_non_dup_const_name = allocate
+
+
+@contextlib.contextmanager
+def _products_by_weight(own_up_to: int | None):
+    """While it lasts, where Inductor chooses how to compute a product of fixed shape, it takes its
+    own C++ if the weight has at most `own_up_to` elements and the library's (oneDNN) if more,
+    without measuring (None: its choices as they come). Through Inductor's hook for filtering
+    choices (`torch._inductor.select_algorithm.add_preprocessing_fn`); where it is missing, the
+    compile goes on with Inductor's choices."""
+    try:
+        from torch._inductor import select_algorithm
+
+        selector = select_algorithm.get_algorithm_selector_cache()
+        library_type = select_algorithm.ExternKernelCaller
+    except (ImportError, AttributeError):
+        selector = None
+    if own_up_to is None or selector is None or not hasattr(selector, "preprocessing_fns"):
+        yield
+        return
+
+    def by_weight(choices: list) -> list:
+        library = [choice for choice in choices if isinstance(choice, library_type)]
+        own = [choice for choice in choices if not isinstance(choice, library_type)]
+        if not (library and own):
+            return choices
+        weight = _weight_elements(library[0])
+        if weight is None:  # a shape not fixed: as Inductor has them
+            return choices
+        return own if weight <= own_up_to else library
+
+    selector.add_preprocessing_fn(by_weight)
+    try:
+        yield
+    finally:
+        selector.preprocessing_fns.remove(by_weight)
+
+
+def _weight_elements(choice) -> int | None:
+    """The elements of the weight of a library product (output columns x the input's last
+    dimension), or None where a size is not a plain integer."""
+    try:
+        columns = choice.layout.size[-1]
+        depth = choice.input_nodes[0].get_size()[-1]
+        return int(columns) * int(depth)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
 def load_package(path: Path):
     """The program of an AOTInductor package, as a function of the step's arguments. PyTorch's own
     runner runs the package's C++ directly: no import of the compiler (~2 s from a cold process,
@@ -152,8 +240,8 @@ def aligned_runner(path: Path) -> tuple[object, dict[str, Tensor] | None]:
             runner = runner_type(package.extract(libraries[0], scratch), 1)
     originals = runner.get_constant_names_to_original_fqns()  # the program's names -> the model's
     if len(set(originals.values())) < len(originals):
-        # Inductor's own products pack a weight in more than one way, under one name of the
-        # model's, by which alone the constants can be read: leave them where they are.
+        # Two constants under one name (Inductor's own, in a package compiled without
+        # `_constants_known_apart`), of which only one can be read: leave them where they are.
         return runner, None
     try:
         constants = runner.extract_constants_map(False)  # by the model's names
@@ -202,13 +290,31 @@ def measures_products() -> bool:
 
 def options_for(rows: int | None = None) -> dict:
     """Inductor's options for a program of `rows` rows (None: one sentence's encoder):
-    `INDUCTOR_OPTIONS`, with oneDNN's products only from `LIBRARY_PRODUCTS_FROM_ROWS` rows, or at
-    any size where `measures_products()` says not to measure. A function of `rows`, of that and of
-    this file's code, which the package's name and key hold."""
+    `INDUCTOR_OPTIONS`, with oneDNN's products only from `LIBRARY_PRODUCTS_FROM_ROWS` rows (but
+    those `own_products_up_to` gives), or at any size where `measures_products()` says not to
+    measure. A function of `rows`, of that, of the CPU's capability and of this file's code, which
+    the package's name and key hold."""
     options = dict(INDUCTOR_OPTIONS)
-    if (rows is not None and rows >= LIBRARY_PRODUCTS_FROM_ROWS) or not measures_products():
+    large = rows is not None and rows >= LIBRARY_PRODUCTS_FROM_ROWS
+    if (large and own_products_up_to(rows) is None) or not measures_products():
         options["max_autotune_gemm_backends"] = "ATEN"
     return options
+
+
+def library_options() -> dict:
+    """Inductor's options for a program whose products are all oneDNN's, whatever its size (the
+    beam program of many sentences, `qkv.inference.beam_program`)."""
+    return dict(INDUCTOR_OPTIONS, max_autotune_gemm_backends="ATEN")
+
+
+def own_products_up_to(rows: int | None) -> int | None:
+    """In a program of `rows` rows (fixed), the largest weight (elements) whose product is
+    Inductor's own C++ rather than oneDNN's, chosen by size while compiling (`package`), not by
+    measuring: `OWN_PRODUCTS_UP_TO` from `LIBRARY_PRODUCTS_FROM_ROWS` rows where ATen's capability
+    is AVX2 and `measures_products()`; else None (the products as `options_for` has them)."""
+    if rows is None or rows < LIBRARY_PRODUCTS_FROM_ROWS or not measures_products():
+        return None
+    return OWN_PRODUCTS_UP_TO if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
 
 
 def export_and_package(
@@ -217,19 +323,24 @@ def export_and_package(
     dynamic_shapes: dict,
     path: Path,
     options: dict | None = None,
+    own_products_up_to: int | None = None,
 ):
     """`torch.export` the module for arguments like these (the `dynamic_shapes` dimensions free),
-    then `package` it into `path` (with `options`, default `options_for()`)."""
+    then `package` it into `path` (with `options`, default `options_for()`, and
+    `own_products_up_to`)."""
     with torch.inference_mode(False), torch.no_grad():
         # Copies made outside inference mode: export traces, and must not meet inference tensors.
         examples = tuple(pytree.tree_map(Tensor.clone, arguments))  # lists of tensors too
         exported = torch.export.export(module, examples, dynamic_shapes=dynamic_shapes)
-    package(exported, path, options_for() if options is None else options)
+    options = options_for() if options is None else options
+    package(exported, path, options, own_products_up_to)
 
 
-def package(exported, path: Path, options: dict) -> None:
+def package(exported, path: Path, options: dict, own_products_up_to: int | None = None) -> None:
     """Compile an exported program with AOTInductor (Inductor's `options`) into the package
-    `path`, written atomically. In inference mode whatever the caller's: outside it, `freezing`
+    `path`, written atomically; with `own_products_up_to`, each product whose weight has at most
+    that many elements is Inductor's, each larger one oneDNN's (`_products_by_weight`). In
+    inference mode whatever the caller's: outside it, `freezing`
     did not fold the weights into the program, and its products went to MKL's plain `addmm` instead
     of oneDNN's packed ones (a beam step of 160 rows, held to AVX2 on a Zen 4: 13-17 ms a call
     against 10-13; benchmarks/README.md, session 22). qkv's engines compile inside a search, in
@@ -238,6 +349,8 @@ def package(exported, path: Path, options: dict) -> None:
         torch.inference_mode(),
         tempfile.TemporaryDirectory() as scratch,
         _five_row_blocks_on_avx2(),
+        _constants_known_apart(),
+        _products_by_weight(own_products_up_to),
     ):
         made = torch._inductor.aoti_compile_and_package(
             exported,

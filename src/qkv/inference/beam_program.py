@@ -13,7 +13,8 @@ keeps each beam to its own. Nothing is gathered, nothing moves when beams are re
   d_head) for the cache to write after the call (`BeamCache.write_position`);
 - the number of sentences, the capacity, the slots written and the source length are dynamic: one
   program per beam width serves every batch, and every step as its sentences finish. Its products
-  are oneDNN's (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`);
+  are oneDNN's (`aoti.library_options`; Inductor's for small weights on AVX2, as the 32-row programs
+  take them, were 0.979x, benchmarks/README.md, session 27);
 - it returns the logits, which the engine's own log-softmax overwrites in place (inside the
   program, Inductor's log-softmax took the same time: 12.72 against 12.57 ms a step of 32
   sentences held to AVX2 on a Zen 4, and wrote a second rows x vocabulary tensor).
@@ -133,8 +134,7 @@ def compile_package(step: SharedBeamStep, arguments: tuple, path: Path) -> None:
         "cross_keys": [source] * n_layers, "cross_values": [source] * n_layers,
         "cross_bias": {0: sentences, 3: src_len},
     }  # fmt: skip
-    options = aoti.options_for(rows=aoti.LIBRARY_PRODUCTS_FROM_ROWS)
-    aoti.export_and_package(step, arguments, dynamic_shapes, path, options)
+    aoti.export_and_package(step, arguments, dynamic_shapes, path, aoti.library_options())
 
 
 class BeamPrograms:

@@ -27,7 +27,8 @@ number of rows:
   cache keeps each sentence in its row;
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
-  weights, the bias and ReLU fused); from 32 rows, oneDNN's only (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`).
+  weights, the bias and ReLU fused); from 32 rows, oneDNN's (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`), but
+  Inductor's for small weights on AVX2 (`aoti.own_products_up_to`), chosen by size.
   The capacity and the source length are dynamic: one program per number of rows.
 
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
@@ -122,8 +123,9 @@ def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> No
         "tokens": None, "position": None, "self_kv": {4: capacity}, "ancestry": {1: capacity},
         "cross_kv": {4: src_slots}, "cross_bias": {3: src_slots}, "banned_bias": None,
     }  # fmt: skip
-    options = aoti.options_for(rows=arguments[0].size(0))
-    aoti.export_and_package(step, arguments, dynamic_shapes, path, options)
+    rows = arguments[0].size(0)
+    options, own_products_up_to = aoti.options_for(rows), aoti.own_products_up_to(rows)
+    aoti.export_and_package(step, arguments, dynamic_shapes, path, options, own_products_up_to)
 
 
 class CompiledEngine(DecodingEngine):
