@@ -122,9 +122,9 @@ class _Batch:
         # The smallest of max_lens, as a number: before it, no sentence needs to check its own.
         self.shortest_max_len = int(self.max_lens.min()) if src_ids.size(0) else 0
         self.sentence = torch.arange(src_ids.size(0), device=src_ids.device)  # original row of each
-        longest = int(self.max_lens.max()) if src_ids.size(0) else 0
+        self.longest = int(self.max_lens.max()) if src_ids.size(0) else 0  # of the whole batch
         self.cache = engine.new_cache(
-            max_beams=max_beams, max_len=longest or None, sentences=src_ids.size(0)
+            max_beams=max_beams, max_len=self.longest or None, sentences=src_ids.size(0)
         )
         # An engine needs only `step`: `NextToken` makes the rest from it.
         self.next_token = engine if isinstance(engine, NextToken) else _FromStep(engine)
@@ -240,12 +240,11 @@ def _one_best(
     config = engine.config
     batch = _Batch(engine, src_ids, max_len)
     n_sentences = src_ids.size(0)
-    longest = int(batch.max_lens.max()) if n_sentences else 0
-    out = torch.full((n_sentences, longest), config.pad_id, device=src_ids.device)
+    out = torch.full((n_sentences, batch.longest), config.pad_id, device=src_ids.device)
     scores = torch.zeros(n_sentences, device=src_ids.device)
     tokens = torch.full((n_sentences,), config.bos_id, device=src_ids.device)  # (rows,)
     all_live = True  # every sentence still decoded, in its own row
-    for step in range(longest):
+    for step in range(batch.longest):
         if choose is None:  # the most likely token, which the engine may find within its step
             tokens, token_log_probs = batch.next_best(tokens, step, min_len, with_scores)  # (rows,)
         else:
@@ -322,7 +321,7 @@ class _BeamSearch:
         self.batch = _Batch(engine, src_ids, max_len, max_beams=beam_size)
         self.device = src_ids.device
         n_sentences = src_ids.size(0)
-        self.longest = int(self.batch.max_lens.max()) if n_sentences else 0
+        self.longest = self.batch.longest
         # Each sentence's length penalty at its max_len (`cannot_improve`), by original index.
         self.max_len_penalty = length_penalty_of(self.batch.max_lens.float())
         # Finished hypotheses of every sentence, best first: normalised scores and ids.
