@@ -4,6 +4,8 @@ leave the batch; the eager step where it cannot compile."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -77,6 +79,35 @@ def test_the_compiled_beam_step_follows_the_sentences_as_they_finish(monkeypatch
     again = CompiledEngine(model)
     assert_same_beams(again, reference, src, beam_size=5, min_len=3)
     assert again.beam_programs.compile_seconds[5] < engine.beam_programs.compile_seconds[5]
+
+
+def test_a_sentences_beams_attend_together_by_the_engines_formula():
+    """The program's attention, written as broadcast products and sums, against the engine's
+    (batched products): masked slots (-inf) and a new key and value of each beam's own."""
+    from qkv.inference.beam_program import attend_together, attend_with_new_together
+    from qkv.inference.engine import _merge_heads, attention_with_bias
+    from qkv.inference.static_cache import attend_with_new
+
+    generator = torch.Generator().manual_seed(0)
+    sentences, heads, beams, slots, d_head = 3, 2, 4, 7, 8
+    q, k, v = (
+        torch.randn(sentences, heads, n, d_head, generator=generator) for n in (beams, slots, slots)
+    )
+    visible = torch.rand(sentences, 1, beams, slots, generator=generator) < 0.5
+    visible[..., 0], visible[..., -1] = True, False  # every beam sees a slot, none the last
+    bias = torch.zeros(visible.shape).masked_fill(~visible, -math.inf)
+    expected = _merge_heads(attention_with_bias(q, k, v, bias))
+    torch.testing.assert_close(attend_together(q, k, v, bias), expected, rtol=0, atol=1e-6)
+    new_k, new_v = (torch.randn(sentences, heads, beams, d_head, generator=generator) for _ in "kv")
+    expected = attend_with_new(q, k, v, bias, new_k, new_v)
+    got = attend_with_new_together(q, k, v, bias, new_k, new_v)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # A slot no beam sees takes no weight: its value does not count.
+    unseen = ~visible.any(dim=2)[..., None]  # (sentences, 1, slots, 1)
+    assert unseen.any()
+    torch.testing.assert_close(
+        attend_together(q, k, v.masked_fill(unseen, 1e6), bias), attend_together(q, k, v, bias)
+    )
 
 
 def test_one_sentence_and_the_first_step_take_other_steps():

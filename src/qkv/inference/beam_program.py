@@ -31,6 +31,7 @@ other programs, compiled at first use (~25 s for the small benchmark model).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -42,8 +43,8 @@ from torch import Tensor, nn
 from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
-from qkv.inference.engine import log_softmax, without
-from qkv.inference.static_cache import attend, attend_with_new, position_input
+from qkv.inference.engine import _merge_heads, log_softmax, without
+from qkv.inference.static_cache import position_input
 from qkv.model import Transformer
 
 # Beyond this many live sentences the eager step takes the position: the program was even with it at
@@ -101,13 +102,14 @@ class SharedBeamStep(nn.Module):
             new_keys.append(k)
             new_values.append(v)
             history_k, history_v = keys[i][:, :, :written], values[i][:, :, :written]
-            attended = attend_with_new(q, history_k, history_v, history_bias, k, v)
+            attended = attend_with_new_together(q, history_k, history_v, history_bias, k, v)
             attended = attended.reshape(rows, 1, -1)  # (sentences, beams, d_model) -> rows
             y = residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
             attention = layer.cross_attn
             h = layer.norm2(y) if layer.norm_first else y
             q = attention.q_proj(h).view(sentences, beams, n_heads, -1).transpose(1, 2)
-            attended = attend(q, cross_keys[i], cross_values[i], cross_bias).reshape(rows, 1, -1)
+            attended = attend_together(q, cross_keys[i], cross_values[i], cross_bias)
+            attended = attended.reshape(rows, 1, -1)
             y = residual(layer, layer.norm2, y, attention.out_proj(attended))
             h = layer.norm3(y) if layer.norm_first else y
             feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
@@ -115,6 +117,48 @@ class SharedBeamStep(nn.Module):
             y = residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
         new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)])
         return model.output(model.decoder.final_norm(y))[:, 0], new_kv  # (rows, vocab) logits
+
+
+def _scores(q: Tensor, k: Tensor) -> Tensor:
+    """(sentences, heads, beams, d_head) queries, (sentences, heads, slots, d_head) keys -> Q K^T /
+    sqrt(d_k), (sentences, heads, beams, slots), as a broadcast product and a sum (see
+    `attend_together`)."""
+    return (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(dim=-1).mul(1.0 / math.sqrt(q.size(-1)))
+
+
+def _weighted(weights: Tensor, v: Tensor) -> Tensor:
+    """(sentences, heads, beams, slots) weights, (sentences, heads, slots, d_head) values -> their
+    weighted sums (sentences, heads, beams, d_head), as a broadcast product and a sum."""
+    return (weights[..., None] * v[:, :, None, :, :]).sum(dim=-2)
+
+
+def attend_together(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(Q K^T / sqrt(d_k) + bias) V for a sentence's beams together, (sentences, heads,
+    beams, d_head) queries against (sentences, heads, slots, d_head) keys and values, bias
+    broadcast to (sentences, heads, beams, slots) -> (sentences, beams, d_model).
+
+    The engine's formula (`qkv.inference.engine.attention_with_bias`), with its two products
+    written as broadcast products and sums: Inductor then computes them in its own loops, fused
+    with the softmax into the layer's other kernels. As batched products (`torch.matmul`) the
+    program called PyTorch's `bmm` twice an attention, each 128 products of 5 rows (32 sentences x
+    4 heads) for which MKL copies both operands into its own layout first: attention was 17% of
+    the program's time, and this way a search of 32 sentences was 1.009-1.111x faster, held to
+    AVX2 on a Zen 4 (benchmarks/README.md, session 28)."""
+    weights = _scores(q, k).add(bias).softmax(dim=-1)
+    return _merge_heads(_weighted(weights, v))
+
+
+def attend_with_new_together(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, new_k: Tensor, new_v: Tensor
+) -> Tensor:
+    """`attend_together` to the keys k and values v written so far (masked by bias) and to each
+    beam's own new key and value (sentences, heads, beams, d_head), which are not in k and v yet
+    (`qkv.inference.static_cache.attend_with_new`'s split softmax)."""
+    new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(1.0 / math.sqrt(q.size(-1)))
+    weights = torch.cat([_scores(q, k).add(bias), new_score], dim=-1).softmax(dim=-1)
+    written = k.size(-2)
+    out = _weighted(weights[..., :written], v) + weights[..., written:] * new_v
+    return _merge_heads(out)
 
 
 def compile_package(step: SharedBeamStep, arguments: tuple, path: Path) -> None:
