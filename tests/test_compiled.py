@@ -44,9 +44,15 @@ def uncompiled(model) -> CompiledEngine:
     to)."""
     engine = CompiledEngine(model)
     engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
-    engine.source.program = engine.source.module
+    encoder_uncompiled(engine)
     engine.beam_programs.program = lambda arguments: engine.beam_programs.step
     return engine
+
+
+def encoder_uncompiled(engine: CompiledEngine) -> None:
+    """The engine's encoder programs, one sentence's and many sentences', run eagerly."""
+    engine.source.program = engine.source.module
+    engine.source.batch_program = engine.source.batch_module
 
 
 def assert_same_greedy(engine, reference, src, **lengths):
@@ -124,6 +130,7 @@ def test_the_static_step_bans_ids_and_finds_the_best_token_as_the_eager_engine_d
 def test_the_first_step_lays_out_the_encoders_keys_and_values_for_every_row(rows):
     model = random_model(seed=4)
     engine = CompiledEngine(model)  # nothing compiles: only the layout of the first step
+    encoder_uncompiled(engine)
     src = random_sources([5, 9, 2], seed=2)  # 9 positions: padded to 16 slots
     with torch.inference_mode():
         memory, src_mask = engine.encode(src)
@@ -280,6 +287,7 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     model = random_model(seed=1)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     assert engine.unavailable is None, engine.unavailable
+    encoder_uncompiled(engine)  # the decoder's programs only
     assert_same_greedy(engine, reference, random_sources([7, 4]), max_len=20)
     # Greedy search's own program: only the best token, each row's history read in place.
     assert [p.name for p in compile_cache.iterdir()] == [engine.package_path(2, greedy=True).name]
@@ -292,6 +300,7 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     # A new engine of the same weights loads the program: nothing is compiled again.
     monkeypatch.setattr(compiled_module, "compile_package", None)
     again = CompiledEngine(model)
+    encoder_uncompiled(again)
     assert_same_greedy(again, reference, random_sources([4, 9], seed=4), max_len=15)
     assert again.compiled_rows == {2} and again.unavailable is None
     # Other weights: another key, so a program of their own; another number of rows, another program.
@@ -533,11 +542,14 @@ def test_one_sentence_is_encoded_by_a_program_that_also_projects_it_for_the_firs
         assert_same_greedy(engine, reference, one, max_len=12)
         assert_same_beams(engine, reference, one, beam_size=3, max_len=12, n_best=3)
     assert engine.unavailable is None and len(list(compile_cache.iterdir())) == 1
-    # Two sentences, a source of padding only, one longer than the positions: the eager encoder.
+    # A source of padding only, one longer than the positions, two sentences where many
+    # sentences' encoder is not compiled: the eager encoder.
     too_long = random_sources([model.config.max_len + 1])
+    engine.source.batches = False
     assert not any(engine.source.takes(s) for s in (src.repeat(2, 1), src * 0, too_long))
     monkeypatch.setattr(engine.source, "program", None)  # a call would fail
     monkeypatch.setattr(compiled_encoder, "compile_encoder", None)
+    monkeypatch.setattr(compiled_encoder, "compile_batch_encoder", None)
     assert_same_greedy(engine, reference, random_sources([5, 7]), max_len=8)
     assert_same_greedy(engine, reference, src * 0, max_len=8)
     assert engine.unavailable is None
@@ -545,6 +557,43 @@ def test_one_sentence_is_encoded_by_a_program_that_also_projects_it_for_the_firs
     again = CompiledEngine(model)
     assert_same_greedy(again, reference, random_sources([4], seed=5), max_len=10)
     assert again.source.program is not None and again.unavailable is None
+
+
+def test_many_sentences_are_encoded_by_a_program_of_their_own(quick_compile, compile_cache):
+    """Any number of sentences of any length, padded, through one program whose products are
+    oneDNN's (compiled once, loaded by the next engine); a batch with a source of padding only, or
+    one longer than the positions, takes the eager encoder; so does every batch where beams on
+    many sentences are not compiled."""
+    model = random_model(seed=6)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    engine.source.batches = True  # whatever the CPU
+    engine.program = lambda arguments, greedy=False: engine.step_module(greedy)  # the encoder only
+    engine.beam_programs.program = lambda arguments: engine.beam_programs.step
+    batches = [random_sources([5, 8, 3], seed=1), random_sources([2] * 2), random_sources([9] * 40)]
+    for src in batches:
+        assert engine.source.takes(src)
+        memory, src_mask = engine.encode(src)
+        ref_memory, ref_mask = reference.encode(src)
+        torch.testing.assert_close(memory, ref_memory, rtol=0, atol=1e-5)
+        assert torch.equal(src_mask, ref_mask)
+    assert engine.unavailable is None and engine.source.unavailable is None
+    assert [p.name for p in compile_cache.iterdir()] == [engine.source.batch_package_path.name]
+    assert engine.source.program is None  # one sentence's was not needed
+    assert_same_greedy(engine, reference, batches[0], max_len=10)
+    assert_same_beams(engine, reference, batches[0], beam_size=3, max_len=10, n_best=2)
+    # The next engine loads it; a source of padding only, or too long: the eager encoder.
+    again = CompiledEngine(model)
+    again.source.batches = True
+    with_padding_only = torch.cat([batches[0], batches[0][:1] * 0])
+    too_long = random_sources([4, model.config.max_len + 1])
+    assert not again.source.takes(with_padding_only) and not again.source.takes(too_long)
+    assert_same_greedy(again, reference, with_padding_only, max_len=8)
+    assert again.source.batch_program is None
+    torch.testing.assert_close(again.encode(batches[1])[0], reference.encode(batches[1])[0])
+    assert again.source.batch_program is not None
+    assert len(list(compile_cache.iterdir())) == 1
+    again.source.batches = False  # as on a CPU outside `compiled.WIDE_VECTORS`
+    assert not again.source.takes(batches[0]) and again.source.takes(batches[0][:1])
 
 
 def test_a_failed_encoder_compile_says_so_once_and_the_encoder_is_eager_from_then_on(monkeypatch):
@@ -580,7 +629,7 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     assert candidates == 2 * compiled_module.MAX_ROWS  # 2 x beam
     assert topk_module._topk_chunk(4800, candidates) is not None
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
-    engine.source.program = engine.source.module  # the encoder's products are not Inductor's only
+    encoder_uncompiled(engine)  # the encoders' products are not Inductor's only
     src = random_sources([9])
     ids, scores = beam_search(engine, src, beam_size=5, max_len=12, n_best=5)
     ref_ids, ref_scores = beam_search(reference, src, beam_size=5, max_len=12, n_best=5)
@@ -598,7 +647,7 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     assert names and len(set(names.values())) == len(names)
     monkeypatch.setattr(aoti, "CACHE_LINE", 2**62)
     again = CompiledEngine(model)
-    again.source.program = again.source.module
+    encoder_uncompiled(again)
     assert_same_beams(again, reference, src, beam_size=5, max_len=12, n_best=5)
     moved = again.programs[5, False].constants
     assert moved is not None and len(moved) == len(names)
@@ -672,8 +721,10 @@ def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, quick
     assert translator.engine().cache_dir == toy_run / "compiled"
     assert translator.translate(lines, beam=1) == qkv.load(toy_run).translate(lines, beam=1)
     assert translator.engine().compiled_rows == {3} and messages == []
-    assert said[0] == "compiling the decoder step for 3 rows, greedy (once, ~20-40 s)"
-    assert said[1].startswith("compiled in ") and "compiled/decoder-step-3-rows-" in said[1]
+    assert said[0] == "compiling the encoder for many sentences (once, ~20-40 s)"
+    assert said[1].startswith("compiled in ") and "compiled/encoder-sentences-" in said[1]
+    assert said[2] == "compiling the decoder step for 3 rows, greedy (once, ~20-40 s)"
+    assert said[3].startswith("compiled in ") and "compiled/decoder-step-3-rows-" in said[3]
     int8 = qkv.load(toy_run, compile=True, precision="int8", warn=messages.append)
     if int8.precision == "int8":
         int8.engine()

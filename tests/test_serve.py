@@ -287,7 +287,8 @@ def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch)
 
     monkeypatch.setattr(engine, "program", program)
     monkeypatch.setattr(engine.beam_programs, "program", beam_program)
-    monkeypatch.setattr(engine.source, "program", engine.source.module)  # nor the encoder's
+    monkeypatch.setattr(engine.source, "program", engine.source.module)  # nor the encoders'
+    monkeypatch.setattr(engine.source, "batch_program", engine.source.batch_module)
     assert compile_ahead(translator, beam=1) == 8
     assert programs_run == {1, 2, 3, 4, 5, 8, 16, 32}
     programs_run.clear()

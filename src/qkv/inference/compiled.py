@@ -45,7 +45,8 @@ CPU in fp32; beams on two sentences or more take a program of their own over the
 from their second step (`qkv.inference.beam_program`); larger greedy batches, other devices and
 dtypes take the eager step (greedy search on more sentences hands over to the programs once 32 are
 left: `StaticCache.take_over`). One sentence's
-encoder is a program too, with the first step's projection (`qkv.inference.compiled_encoder`). The
+encoder is a program too, with the first step's projection, and so is the encoder of many sentences
+where the beam program is taken (`qkv.inference.compiled_encoder`). The
 search (`qkv.search`) is the same. Where a program cannot be made (no C++ compiler, an unsupported
 platform), the same step runs uncompiled for that search and the engine says so once, then uses the
 eager step and encoder.
@@ -154,8 +155,13 @@ class CompiledEngine(DecodingEngine):
         # measured: on `WIDE_VECTORS` (elsewhere, Arm, the eager step)
         self.beam_programs = BeamPrograms(model, self.cache_dir, self.static_step, say)
         self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
-        # One sentence's encoder compiled, and the first step's cross-attention K and V
-        self.source = SourceEncoder(model, self.cache_dir, say) if not self.unavailable else None
+        # One sentence's encoder compiled, and the first step's cross-attention K and V; where
+        # beams on many sentences are compiled, many sentences' encoder too
+        self.source = (
+            SourceEncoder(model, self.cache_dir, say, batches=self.compiles_beams)
+            if not self.unavailable
+            else None
+        )
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
         # weights are counted once, as the program holds them).
         decoder_weights = [*model.decoder.parameters(), model.output.weight]
@@ -377,8 +383,8 @@ class CompiledEngine(DecodingEngine):
         self.warn(f"{self.unavailable}: decoding takes the eager step")
 
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """As `DecodingEngine.encode`; one sentence through its compiled program
-        (`qkv.inference.compiled_encoder`), until it fails to compile or run (said once)."""
+        """As `DecodingEngine.encode`, through a compiled program (`qkv.inference.compiled_encoder`:
+        one sentence's, or many sentences'), until one fails to compile or run (said once)."""
         if self.unavailable is None and self.source.takes(src_ids):
             try:
                 return self.source(src_ids), self.model.src_mask(src_ids)

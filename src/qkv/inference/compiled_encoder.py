@@ -1,16 +1,24 @@
-"""The encoder of one sentence as a compiled program, which also projects the encoder output into every
-decoder layer's cross-attention keys and values (what the first decoder step needs).
+"""The encoder as a compiled program: of one sentence, with the projection of its output into every
+decoder layer's cross-attention keys and values (what the first decoder step needs); of many, alone.
 
 At one sentence the eager encoder is ~60 small operator calls around its 12 products, and it runs
 when the products' weights have left the processor's cache (the search before it read everything
 else): held to AVX2, the small benchmark model's encoder and projection took 1.7 ms of a 20-token
 greedy search of ~7 ms, against 1.1 ms for this program (AOTInductor with the decoder step's options:
-`qkv.inference.aoti`). From two sentences on the program's products lose to oneDNN's packed ones
-(2 sentences 1.1x, 4 sentences 0.93x, 32 sentences 0.57x), so larger batches take the eager
-encoder. The source length is dynamic: one program serves every sentence up to the model's `max_len`.
+`qkv.inference.aoti`). With those options, whose products are Inductor's own at one sentence, the
+program lost to the eager encoder from four sentences on (2 sentences 1.1x, 4 sentences 0.93x, 32
+sentences 0.57x): batches of two sentences or more take a program of their own, whose products are
+oneDNN's (`aoti.library_options`), the eager encoder's, with everything around them fused by
+Inductor (held to AVX2 on a Zen 4, the small benchmark model, 16 tokens a sentence: 2 sentences
+1.58x the eager encoder, 8 1.27x, 32 1.16x, 128 1.08x; the base model at 32 1.06x;
+benchmarks/README.md, session 28). That one does not project: a beam search's first step projects
+for its own cache, and a greedy one's single product (`SourceEncoder.cross_kv`) is the program's.
+It is taken where the beam program is (`compiled.WIDE_VECTORS`, measured there). The source length,
+and the batch's size, are dynamic: one program serves every sentence, and one every batch.
 
-The program is compiled at its first use (~10-30 s for a small model) and kept beside the decoder
-step's programs (`encoder-1-sentence-KEY.pt2`, the key as theirs: `aoti.program_key`).
+Each program is compiled at its first use (~10-30 s for a small model) and kept beside the decoder
+step's programs (`encoder-1-sentence-KEY.pt2`, `encoder-sentences-KEY.pt2`, the key as theirs:
+`aoti.program_key`).
 """
 
 from __future__ import annotations
@@ -63,15 +71,20 @@ def stacked_self_attention(layers) -> tuple[nn.ParameterList, nn.ParameterList]:
 
 
 class StaticEncoder(nn.Module):
-    """`DecodingEngine.encode` of one sentence, with the same formulas, and the stacked projection
+    """`DecodingEngine.encode`, with the same formulas, and with `project` the stacked projection
     of its output for every decoder layer's cross-attention, as one graph for the compiler."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, project: bool = True, like: StaticEncoder | None = None):
         super().__init__()
         self.model = model
+        self.project = project
         self.n_heads = model.config.n_heads
         self.pad_id = model.config.pad_id
         self.positions = positions_table(model.src_positions)
+        if like is not None:  # another encoder of the same model: its stacked copies, not new ones
+            self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
+            self.cross_kv_weight, self.cross_kv_bias = like.cross_kv_weight, like.cross_kv_bias
+            return
         self.qkv_weights, self.qkv_biases = stacked_self_attention(model.encoder.layers)
         cross = [layer.cross_attn for layer in model.decoder.layers]
         # each layer's keys, then its values: the layout `StaticCache.set_source` reads
@@ -79,9 +92,10 @@ class StaticEncoder(nn.Module):
             [p for attention in cross for p in (attention.k_proj, attention.v_proj)]
         )
 
-    def forward(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """src_ids (1, src_len) -> the encoder output (1, src_len, d_model) and its projection for
-        cross-attention (1, src_len, layers * 2 * d_model). The source must have a real token."""
+    def forward(self, src_ids: Tensor) -> tuple[Tensor, ...]:
+        """src_ids (batch, src_len) -> the encoder output (batch, src_len, d_model) and, with
+        `project`, its projection for cross-attention (batch, src_len, layers * 2 * d_model). Every
+        source must have a real token."""
         model, n_heads = self.model, self.n_heads
         batch, src_len = src_ids.shape
         x = model.src_embed(src_ids) + self.positions[:src_len][None]
@@ -104,27 +118,32 @@ class StaticEncoder(nn.Module):
             out = feed_forward.linear2(feed_forward.activation(feed_forward.linear1(h)))
             x = residual(layer, layer.norm2, x, out)
         memory = model.encoder.final_norm(x)
+        if not self.project:
+            return (memory,)
         return memory, F.linear(memory, self.cross_kv_weight, self.cross_kv_bias)
 
 
 class SourceEncoder:
     """What the compiled engine does with a source before its first step: `takes(src_ids)` says
-    whether the compiled `StaticEncoder` encodes this batch, and a call runs it (loading the program
-    from `cache_dir` or compiling it there at the first call; `say`, if given, is told; a failure
-    raises, and the engine keeps to the eager encoder: `unavailable`). `cross_kv(memory)` is the
-    stacked cross-attention keys and values of an encoder output: the program's own projection of
-    the memory it returned last, else one product for every layer.
+    whether a compiled `StaticEncoder` encodes this batch (one sentence's, with the projection; or,
+    with `batches`, the one of many sentences), and a call runs it (loading the program from
+    `cache_dir` or compiling it there at its first call; `say`, if given, is told; a failure raises,
+    and the engine keeps to the eager encoder: `unavailable`). `cross_kv(memory)` is the stacked
+    cross-attention keys and values of an encoder output: the one-sentence program's own projection
+    of the memory it returned last, else one product for every layer.
 
     Memory: stacked copies of the encoder's Q/K/V weights and of the decoder's cross-attention K/V
-    weights (the program is compiled from them; 5 x d_model^2 a layer), and a packed copy of the
+    weights (the programs are compiled from them; 5 x d_model^2 a layer), and a packed copy of the
     latter for the product."""
 
-    def __init__(self, model: Transformer, cache_dir: Path, say=None):
+    def __init__(self, model: Transformer, cache_dir: Path, say=None, batches: bool = False):
         self.module = StaticEncoder(model).eval()
-        self.cache_dir, self.say = cache_dir, say
-        self.program = None
-        self.unavailable: str | None = None  # why the program failed, once it has
-        self.compile_seconds: float | None = None  # to compile or load it
+        self.batch_module = StaticEncoder(model, project=False, like=self.module).eval()
+        self.cache_dir, self.say, self.batches = cache_dir, say, batches
+        self.program = None  # one sentence's
+        self.batch_program = None  # many sentences'
+        self.unavailable: str | None = None  # why a program failed, once one has
+        self.compile_seconds: float | None = None  # to compile or load one sentence's
         self._key: str | None = None
         # One call instead of one per layer (at one sentence, 104 -> 73 µs for the small model held
         # to AVX2); a packed copy of those weights (1.5 MB for the small model) beside the eager
@@ -133,23 +152,42 @@ class SourceEncoder:
         self._last: tuple[Tensor, Tensor] | None = None  # the program's memory, and its projection
 
     def takes(self, src_ids: Tensor) -> bool:
-        """One sentence, with at least one real token (a row of -inf would be NaN), no longer than
-        the positions the model has (the eager encoder says what is wrong with a longer one)."""
+        """One sentence, or with `batches` several, each with at least one real token (a row of
+        -inf would be NaN), no longer than the positions the model has (the eager encoder says what
+        is wrong with a longer one)."""
+        sentences, src_len = src_ids.shape
         if (
             self.unavailable
-            or src_ids.size(0) != 1
-            or not 0 < src_ids.size(1) <= len(self.module.positions)
+            or not 0 < src_len <= len(self.module.positions)
+            or not (sentences == 1 or (sentences > 1 and self.batches))
         ):
             return False
-        return bool((src_ids != self.module.pad_id).any())
+        return bool((src_ids != self.module.pad_id).any(dim=1).all())
 
     @property
     def package_path(self) -> Path:
+        return self.cache_dir / f"encoder-1-sentence-{self.key}.pt2"
+
+    @property
+    def batch_package_path(self) -> Path:
+        return self.cache_dir / f"encoder-sentences-{self.key}.pt2"
+
+    @property
+    def key(self) -> str:
         if self._key is None:
             self._key = aoti.program_key(self.module)
-        return self.cache_dir / f"encoder-1-sentence-{self._key}.pt2"
+        return self._key
 
-    def __call__(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, src_ids: Tensor) -> Tensor:
+        if src_ids.size(0) > 1:
+            if self.batch_program is None:
+                self.batch_program = aoti.load_or_compile(
+                    self.batch_package_path,
+                    lambda path: compile_batch_encoder(self.batch_module, path),
+                    "the encoder for many sentences",
+                    self.say,
+                )
+            return self.batch_program(src_ids.contiguous())[0]
         if self.program is None:
             started = time.perf_counter()
             self.program = aoti.load_or_compile(
@@ -179,3 +217,18 @@ def compile_encoder(encoder: StaticEncoder, src_ids: Tensor, path: Path) -> None
     example = src_ids[:, :1].expand(1, 2).clone() if src_ids.size(1) < 2 else src_ids[:, :2]
     src_len = torch.export.Dim("src_len", min=1, max=max_len)
     aoti.export_and_package(encoder, (example,), {"src_ids": {1: src_len}}, path)
+
+
+def compile_batch_encoder(encoder: StaticEncoder, path: Path) -> None:
+    """Export the encoder without the projection for any number of sentences of any length up to
+    its `max_len`, and compile it with oneDNN's products into the package `path`. The example is
+    32 sentences of 16 tokens (fewer where the model has fewer positions), whatever batch comes
+    first: Inductor decides which loops run on every thread from the example's sizes (a batch of
+    two short sentences would leave them on one)."""
+    max_len = encoder.positions.size(0)
+    token = (encoder.pad_id + 1) % encoder.model.config.src_vocab_size  # any but the padding
+    example = torch.full((32, max(2, min(16, max_len))), token, dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    src_len = torch.export.Dim("src_len", min=1, max=max_len)
+    dynamic_shapes = {"src_ids": {0: batch, 1: src_len}}
+    aoti.export_and_package(encoder, (example,), dynamic_shapes, path, aoti.library_options())
