@@ -14,7 +14,7 @@ from qkv.inference import beam_program as beam_program_module
 from qkv.inference import compiled as compiled_module
 from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled import CompiledEngine
-from test_compiled import QUICK, assert_same_beams, broken_compile, uncompiled
+from test_compiled import QUICK, assert_same_beams, broken_compile, encoder_uncompiled, uncompiled
 from test_search import random_model, random_sources
 
 
@@ -65,6 +65,7 @@ def test_the_compiled_beam_step_follows_the_sentences_as_they_finish(monkeypatch
     monkeypatch.setattr(beam_program_module, "MAX_SENTENCES", 5)  # 7 sentences: eager at first
     model = random_model(seed=2)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    encoder_uncompiled(engine)  # the beam program's steps only
     calls = sentences_of_each_call(engine)
     src = random_sources([5, 8, 4, 6, 7, 3, 9], seed=1)
     # Each sentence's own limit (its length + 50, cut at the model's 64): some end early by EOS,
@@ -77,6 +78,7 @@ def test_the_compiled_beam_step_follows_the_sentences_as_they_finish(monkeypatch
     assert engine.beam_programs.package_path(5).name.startswith("decoder-beam-step-5-beams-")
     # Kept in the cache folder: another engine loads them instead of compiling.
     again = CompiledEngine(model)
+    encoder_uncompiled(again)
     assert_same_beams(again, reference, src, beam_size=5, min_len=3)
     assert again.beam_programs.compile_seconds[5] < engine.beam_programs.compile_seconds[5]
 
@@ -134,6 +136,7 @@ def test_a_failed_beam_compile_says_so_once_and_decodes_as_the_eager_engine(monk
     model = random_model()
     engine, reference = CompiledEngine(model, warn=messages.append), prepare_for_decoding(model)
     engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
+    encoder_uncompiled(engine)
     for _ in range(2):  # the search that met the failure, then one on the eager engine
         assert_same_beams(engine, reference, random_sources([6, 4, 5]), beam_size=3, max_len=8)
     assert len(messages) == 1 and "could not compile the beam step" in messages[0], messages

@@ -689,6 +689,7 @@ def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeyp
     messages = []
     model = random_model()
     engine, reference = CompiledEngine(model, warn=messages.append), prepare_for_decoding(model)
+    encoder_uncompiled(engine)  # the decoder step's failure only
     src = random_sources([6, 4])
     assert_same_greedy(engine, reference, src, max_len=10)  # the search that met the failure
     assert_same_greedy(engine, reference, src, max_len=10)  # later ones: the eager engine

@@ -12,7 +12,8 @@ oneDNN's (`aoti.library_options`), the eager encoder's, with everything around t
 Inductor (held to AVX2 on a Zen 4, the small benchmark model, 16 tokens a sentence: 2 sentences
 1.58x the eager encoder, 8 1.27x, 32 1.16x, 128 1.08x; the base model at 32 1.06x;
 benchmarks/README.md, session 28). That one does not project: a beam search's first step projects
-for its own cache, and a greedy one's single product (`SourceEncoder.cross_kv`) is the program's.
+for its own cache, and a greedy search's projection is one product after it
+(`SourceEncoder.cross_kv`).
 It is taken where the beam program is (`compiled.WIDE_VECTORS`, measured there). The source length,
 and the batch's size, are dynamic: one program serves every sentence, and one every batch.
 
