@@ -321,13 +321,12 @@ class _BeamSearch:
         self.batch = _Batch(engine, src_ids, max_len, max_beams=beam_size)
         self.device = src_ids.device
         n_sentences = src_ids.size(0)
-        self.longest = self.batch.longest
         # Each sentence's length penalty at its max_len (`cannot_improve`), by original index.
         self.max_len_penalty = length_penalty_of(self.batch.max_lens.float())
         # Finished hypotheses of every sentence, best first: normalised scores and ids.
         self.final_scores = torch.full((n_sentences, n_best), -math.inf, device=self.device)
         self.final_ids = torch.full(
-            (n_sentences, n_best, self.longest), self.config.pad_id, device=self.device
+            (n_sentences, n_best, self.batch.longest), self.config.pad_id, device=self.device
         )
         self.any_finished = False  # whether any sentence has a finished hypothesis yet
         self.early_exit = False  # a sentence ends when its best candidate does (`run`)
@@ -335,7 +334,7 @@ class _BeamSearch:
     def run(self, early_exit: bool = False) -> tuple[Tensor, Tensor]:
         self.early_exit = early_exit
         n_sentences, beam = self.final_scores.size(0), self.beam_size
-        if n_sentences == 0 or self.longest == 0:
+        if n_sentences == 0 or self.batch.longest == 0:
             return self.final_ids, self.final_scores
         # Step 1 on one row per sentence (all its beams would be the same BOS), so the encoder output is
         # projected for cross-attention once per sentence, and the first candidates are the best
@@ -354,7 +353,7 @@ class _BeamSearch:
             log_probs = log_probs.repeat_interleave(beam, dim=0)
             candidates = best_extensions(log_probs, beam_scores, min(2 * beam, beam * vocab))
         ids = torch.empty((beam_scores.numel(), 0), dtype=torch.long, device=self.device)
-        for step in range(self.longest):
+        for step in range(self.batch.longest):
             if candidates is None:  # every extension of every beam competes; 2 x beam go on
                 n_cand = min(2 * beam, beam_scores.size(1) * vocab)
                 args = (last_tokens, step, self.min_len, beam_scores, n_cand)
@@ -429,18 +428,19 @@ class _BeamSearch:
     def record(self, length, cand_scores, cand_row, cand_token, finishes, ids, width) -> None:
         """Merge the candidates that finish into each live sentence's n_best finished hypotheses."""
         n_live, n_cand = cand_scores.shape
-        normalised = (cand_scores / self.length_penalty_of(length)).masked_fill(
-            ~finishes, -math.inf
-        )
+        normalised = cand_scores / self.length_penalty_of(length)
+        normalised = normalised.masked_fill(~finishes, -math.inf)
         cand_ids = torch.cat([ids[cand_row.flatten()], cand_token.reshape(-1, 1)], dim=1)
-        cand_ids = F.pad(cand_ids, (0, self.longest - length), value=self.config.pad_id)
+        cand_ids = F.pad(cand_ids, (0, self.batch.longest - length), value=self.config.pad_id)
         sentence = self.batch.sentence[::width]  # (n_live,) original index of each
         all_scores = torch.cat([self.final_scores[sentence], normalised], dim=1)
         all_ids = torch.cat([self.final_ids[sentence], cand_ids.view(n_live, n_cand, -1)], dim=1)
         best_scores, best = all_scores.topk(self.n_best, dim=1)  # sorted, best first
         self.any_finished = True
         self.final_scores[sentence] = best_scores
-        self.final_ids[sentence] = all_ids.gather(1, best[:, :, None].expand(-1, -1, self.longest))
+        self.final_ids[sentence] = all_ids.gather(
+            1, best[:, :, None].expand(-1, -1, self.batch.longest)
+        )
 
     def cannot_improve(self, length: int, best_live: Tensor, width: int) -> Tensor:
         """(n_live,) True where no live beam can beat the n_best-th finished hypothesis any more.
