@@ -161,11 +161,22 @@ def test_the_static_cache_reorders_beams_as_the_beam_cache_does():
         torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
 
 
+def as_projected(new_kv: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Keys and values (2, layers, rows, heads, d_head) as a step returns them: each layer's
+    projection (rows, 1, 3 * d_model) of queries (random here), keys and values."""
+    _, n_layers, rows, n_heads, d_head = new_kv.shape
+    queries = torch.randn(rows, 1, n_heads, d_head, generator=generator)
+    return tuple(
+        torch.cat([queries, new_kv[0, i, :, None], new_kv[1, i, :, None]], dim=1).view(rows, 1, -1)
+        for i in range(n_layers)
+    )
+
+
 def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_the_moved_one():
     from qkv.inference.static_cache import gather_history
 
     generator = torch.Generator().manual_seed(0)
-    for rows, max_beams in ((3, 3), (1, 1)):
+    for rows, max_beams in ((3, 3), (1, 1), (20, 5)):  # few rows write stacked, many per layer
         cache = StaticCache(n_layers=2, rows=rows, max_beams=max_beams, max_len=40)
         cache.start(torch.zeros(2, 2, rows, 2, cache.capacity, 4))
         moved = cache.self_kv.clone()  # the same history, reordered by moving it
@@ -173,7 +184,7 @@ def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_t
             cache.make_room()
             moved = torch.cat([moved, torch.zeros_like(moved)], dim=4)[..., : cache.capacity, :]
             new_kv = torch.randn(2, 2, rows, 2, 4, generator=generator)
-            cache.write(new_kv)
+            cache.write(as_projected(new_kv, generator))
             moved[..., step, :] = new_kv
             index = torch.randint(0, rows, (rows,), generator=generator)
             keys_before = cache.self_kv.data_ptr()
@@ -191,7 +202,7 @@ def test_with_one_beam_the_ancestry_is_each_rows_own_as_the_cache_grows():
     cache.start(torch.zeros(2, 2, 3, 2, cache.capacity, 4))
     for _ in range(37):  # the cache grows three times: 8, 16, 32, then 40 slots
         cache.make_room()
-        cache.write(torch.randn(2, 2, 3, 2, 4))
+        cache.write(as_projected(torch.randn(2, 2, 3, 2, 4), torch.Generator()))
     assert cache.capacity > 32
     assert torch.equal(cache.ancestry, torch.arange(3)[:, None].expand(3, cache.capacity))
     assert torch.equal(gather_history(cache.self_kv, cache.ancestry), cache.self_kv)

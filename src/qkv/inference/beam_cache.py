@@ -127,11 +127,11 @@ class BeamCache:
         """End the open position (the engine, after the last layer wrote its keys and values)."""
         self.length += 1
 
-    def write_position(self, new_kv: Tensor) -> None:
-        """Write the open position's keys and values of every layer, (2, layers, sentences, n_heads,
-        beams, d_head), as a compiled step returns them (`qkv.inference.beam_program`), and close
-        it."""
-        for entry, k, v in zip(self.self_attn, new_kv[0], new_kv[1], strict=True):
+    def write_position(self, new_kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Write the open position's keys and values of every layer, a pair (sentences, n_heads,
+        beams, d_head) each, as a compiled step gives them (`qkv.inference.beam_program`), and
+        close it."""
+        for entry, (k, v) in zip(self.self_attn, new_kv, strict=True):
             entry.write(k, v)
         self.close_position()
 

@@ -9,8 +9,8 @@ keeps each beam to its own. Nothing is gathered, nothing moves when beams are re
 - the inputs are each layer's key and value buffers as the cache holds them (sentences, heads,
   capacity slots, d_head), and the mask of the history, (sentences, 1, beams, slots written): the
   program reads only the slots written (a slice inside, no copy), and attends to the open position's
-  own new key and value without writing them. It returns them (layers, sentences, heads, beams,
-  d_head) for the cache to write after the call (`BeamCache.write_position`);
+  own new key and value without writing them. It returns each layer's projection of the position
+  (queries, keys and values) for the cache to write after the call (`BeamCache.write_position`);
 - the number of sentences, the capacity, the slots written and the source length are dynamic: one
   program per beam width serves every batch, and every step as its sentences finish. Its products
   are oneDNN's (`aoti.library_options`; Inductor's for small weights on AVX2, as the 32-row programs
@@ -79,8 +79,9 @@ class SharedBeamStep(nn.Module):
         cross_bias: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """tokens (sentences, beams) at `position` (0-d) -> the next token's logits (sentences x
-        beams, vocab) and this position's keys and values (2, layers, sentences, heads, beams,
-        d_head).
+        beams, vocab) and each layer's self-attention projection of this position (sentences x
+        beams, 1, 3 * d_model: queries, keys, values), whose keys and values the cache keeps
+        (`split_heads`, `BeamCache.write_position`).
 
         keys[i], values[i] (sentences, heads, capacity, d_head): layer i's buffers, of which the
         first history_bias.size(-1) slots are written; history_bias (sentences, 1, beams, slots
@@ -93,14 +94,12 @@ class SharedBeamStep(nn.Module):
         written = history_bias.size(-1)
         at = position.view(1)
         y = model.tgt_embed(tokens.reshape(rows, 1)) + self.positions.index_select(0, at)[None]
-        new_keys, new_values = [], []
+        projected = []  # each layer's queries, keys and values: the cache keeps the last two
         for i, layer in enumerate(model.decoder.layers):
             bias = self.qkv_biases[i] if len(self.qkv_biases) else None
             h = layer.norm1(y) if layer.norm_first else y
-            qkv = F.linear(h, self.qkv_weights[i], bias).view(sentences, beams, 3, n_heads, -1)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (sentences, heads, beams, d_head)
-            new_keys.append(k)
-            new_values.append(v)
+            projected.append(F.linear(h, self.qkv_weights[i], bias))  # (rows, 1, 3 * d_model)
+            q, k, v = split_heads(projected[i], sentences, n_heads)
             history_k, history_v = keys[i][:, :, :written], values[i][:, :, :written]
             attended = attend_with_new_together(q, history_k, history_v, history_bias, k, v)
             attended = attended.reshape(rows, 1, -1)  # (sentences, beams, d_model) -> rows
@@ -115,8 +114,14 @@ class SharedBeamStep(nn.Module):
             feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
             hidden = feed_forward.activation(feed_forward.linear1(h))
             y = residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
-        new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)])
-        return model.output(model.decoder.final_norm(y))[:, 0], new_kv  # (rows, vocab) logits
+        return model.output(model.decoder.final_norm(y))[:, 0], *projected  # (rows, vocab) logits
+
+
+def split_heads(projected: Tensor, sentences: int, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A layer's queries, keys and values of every beam, (sentences x beams, 1, 3 * d_model) ->
+    each (sentences, heads, beams, d_head)."""
+    qkv = projected.view(sentences, -1, 3, n_heads, projected.size(-1) // (3 * n_heads))
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _scores(q: Tensor, k: Tensor) -> Tensor:
@@ -153,12 +158,15 @@ def attend_with_new_together(
 ) -> Tensor:
     """`attend_together` to the keys k and values v written so far (masked by bias) and to each
     beam's own new key and value (sentences, heads, beams, d_head), which are not in k and v yet
-    (`qkv.inference.static_cache.attend_with_new`'s split softmax)."""
-    new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(1.0 / math.sqrt(q.size(-1)))
-    weights = torch.cat([_scores(q, k).add(bias), new_score], dim=-1).softmax(dim=-1)
-    written = k.size(-2)
-    out = _weighted(weights[..., :written], v) + weights[..., written:] * new_v
-    return _merge_heads(out)
+    (`qkv.inference.static_cache.attend_with_new`'s split softmax, written out over its two parts
+    as there)."""
+    scale = 1.0 / math.sqrt(q.size(-1))
+    scores = _scores(q, k).add(bias)  # (sentences, heads, beams, written)
+    new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(scale)  # (sentences, heads, beams, 1)
+    top = torch.maximum(scores.amax(dim=-1, keepdim=True), new_score)
+    weights, new_weight = (scores - top).exp(), (new_score - top).exp()
+    total = weights.sum(dim=-1, keepdim=True) + new_weight
+    return _merge_heads((_weighted(weights, v) + new_weight * new_v) / total)
 
 
 def compile_package(step: SharedBeamStep, arguments: tuple, path: Path) -> None:
@@ -256,6 +264,7 @@ class BeamPrograms:
         program (compiled at its first use): exceptions from compiling or running it propagate."""
         arguments = self.arguments(last_tokens, cache)
         # On an exception the position stays open, and the eager step may open it again.
-        logits, new_kv = self.program(arguments)(*arguments)
-        cache.write_position(new_kv)
+        logits, *projected = self.program(arguments)(*arguments)
+        n_heads = self.step.n_heads
+        cache.write_position([split_heads(p, cache.n_sentences, n_heads)[1:] for p in projected])
         return without(log_softmax(logits), banned)

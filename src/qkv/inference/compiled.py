@@ -10,7 +10,8 @@ number of rows:
   layer in one tensor (2, layers, rows, heads, capacity, d_head), 8 positions at first, doubled when
   full; a slot not written yet is zero and masked out (-inf). The program only reads it (written
   inside, Inductor copied all of it at every layer): it attends to the slots before the step's
-  position and to the new keys and values, and returns those for the engine to write. A reorder of
+  position and to the new keys and values, and returns each layer's projection of them for the
+  engine to write. A reorder of
   the beams moves nothing: the program gathers each row's slots from where its ancestors wrote them;
 - the encoder's keys and values are projected once per search, padded to a multiple of 8 positions
   (the padding masked out);
@@ -358,9 +359,10 @@ class CompiledEngine(DecodingEngine):
                 self._cannot_compile("the decoder step", error)
         if outputs is None:
             outputs = self.step_module(greedy)(*arguments)
-        cache.write(outputs[-1])  # this position's keys and values
+        n_layers = len(self.decoder)
+        cache.write(outputs[-n_layers:])  # this position's keys and values, in each layer's output
         if not greedy:  # log-probabilities, best token and its, most likely tokens and theirs
-            return tuple(cache.search_rows(output) for output in outputs[:-1])
+            return tuple(cache.search_rows(output) for output in outputs[:-n_layers])
         best, logits = cache.search_rows(outputs[0]), outputs[1]
         if not scores:
             return None, best, None

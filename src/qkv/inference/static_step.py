@@ -55,8 +55,10 @@ class StaticDecoderStep(nn.Module):
         with the banned ones at -inf, the most likely next token (rows,) and its log-probability
         (rows,), and the `candidates` most likely with theirs (rows, candidates); with `greedy`,
         the most likely next token and the logits (rows, vocab), whose softmax only a search that
-        keeps scores computes; and this position's keys and values (2, layers, rows, heads,
-        d_head), for the cache.
+        keeps scores computes; and each layer's self-attention projection of this position (rows,
+        1, 3 * d_model: queries, keys, values), whose keys and values the cache keeps
+        (`StaticCache.write`): returned as the layers made them, a stack of them cost a serial
+        kernel of ~87 µs a step in the 32-row greedy program.
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
         (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`; with `greedy`, in
@@ -74,13 +76,12 @@ class StaticDecoderStep(nn.Module):
         self_bias = torch.where(slots < position, 0.0, -math.inf).view(1, 1, 1, capacity)
         # (2, layers, rows, heads, capacity, d_head)
         history = self_kv if self.greedy else gather_history(self_kv, ancestry)
-        new_keys, new_values = [], []
+        projected = []  # each layer's queries, keys and values: the cache keeps the last two
         for i, layer in enumerate(model.decoder.layers):
             bias = self.qkv_biases[i] if len(self.qkv_biases) else None
             h = layer.norm1(y) if layer.norm_first else y
-            q, k, v = F.linear(h, self.qkv_weights[i], bias).view(rows, 3, n_heads, 1, -1).unbind(1)
-            new_keys.append(k)
-            new_values.append(v)
+            projected.append(F.linear(h, self.qkv_weights[i], bias))  # (rows, 1, 3 * d_model)
+            q, k, v = projected[i].view(rows, 3, n_heads, 1, -1).unbind(1)
             attended = attend_with_new(q, history[0, i], history[1, i], self_bias, k, v)
             y = residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
             attention = layer.cross_attn
@@ -92,14 +93,12 @@ class StaticDecoderStep(nn.Module):
             feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
             hidden = feed_forward.activation(feed_forward.linear1(h))
             y = residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
-        # (2, layers, rows, heads, d_head)
-        new_kv = torch.stack([torch.stack(new_keys), torch.stack(new_values)]).squeeze(-2)
         logits = model.output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
         # The search's own first operations, here at a few µs instead of ~25 µs of calls a step (and
         # a beam search's candidates: ~70 µs of calls, slower still right after the program).
         if self.greedy:  # the best of log_softmax(logits) + banned_bias: the best logit's token
-            return (logits + banned_bias).argmax(dim=-1), logits, new_kv
+            return (logits + banned_bias).argmax(dim=-1), logits, *projected
         log_probs = torch.log_softmax(logits, dim=-1) + banned_bias
         best_log_probs, best = log_probs.max(dim=-1)
         top_log_probs, top_tokens = row_topk(log_probs, self.candidates)
-        return log_probs, best, best_log_probs, top_log_probs, top_tokens, new_kv
+        return log_probs, best, best_log_probs, top_log_probs, top_tokens, *projected
