@@ -56,10 +56,9 @@ def attend_with_new(
     softmax over [q k^T + bias, q new_k^T] / sqrt(d_k), its weights split between v and new_v.
 
     The softmax is written out over its two parts (their common maximum, exponentials, one sum)
-    rather than over their concatenation: Inductor laid the concatenated scores out with the heads
-    innermost (4 of 8 lanes, one thread) and took 56-69 µs an attention in the small model's
-    32-row greedy program, against 45-46 µs this way; a greedy search of 32 sentences 1.012-1.028x
-    faster, held to AVX2 on a Zen 4 (benchmarks/README.md, session 29)."""
+    rather than over their concatenation, which Inductor copied into a buffer of its own: in the
+    small model's 32-row greedy program an attention kernel took 56-59 µs this way against 60-70,
+    held to AVX2 on a Zen 4 (kernel profile; benchmarks/README.md, session 29)."""
     scale = 1.0 / math.sqrt(q.size(-1))
     scores = torch.matmul(q, k.transpose(-2, -1)).mul(scale).add(bias)  # (rows, heads, 1, capacity)
     new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(scale)  # (rows, heads, 1, 1)

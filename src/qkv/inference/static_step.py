@@ -57,8 +57,8 @@ class StaticDecoderStep(nn.Module):
         the most likely next token and the logits (rows, vocab), whose softmax only a search that
         keeps scores computes; and each layer's self-attention projection of this position (rows,
         1, 3 * d_model: queries, keys, values), whose keys and values the cache keeps
-        (`StaticCache.write`): returned as the layers made them, a stack of them cost a serial
-        kernel of ~87 µs a step in the 32-row greedy program.
+        (`StaticCache.write`): returned as the layers made them (stacked in the program, they
+        cost kernels of 82 + 2 x 20 µs a step in the 32-row greedy program held to AVX2).
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
         (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`; with `greedy`, in
