@@ -77,7 +77,7 @@ class SharedBeamStep(nn.Module):
         cross_keys: list[Tensor],
         cross_values: list[Tensor],
         cross_bias: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         """tokens (sentences, beams) at `position` (0-d) -> the next token's logits (sentences x
         beams, vocab) and each layer's self-attention projection of this position (sentences x
         beams, 1, 3 * d_model: queries, keys, values), whose keys and values the cache keeps

@@ -11,8 +11,8 @@ number of rows:
   full; a slot not written yet is zero and masked out (-inf). The program only reads it (written
   inside, Inductor copied all of it at every layer): it attends to the slots before the step's
   position and to the new keys and values, and returns each layer's projection of them for the
-  engine to write. A reorder of
-  the beams moves nothing: the program gathers each row's slots from where its ancestors wrote them;
+  engine to write. A reorder of the beams moves nothing: the program gathers each row's slots from
+  where its ancestors wrote them;
 - the encoder's keys and values are projected once per search, padded to a multiple of 8 positions
   (the padding masked out);
 - the program ends with what the searches do first (`NextToken`): the log-softmax, the banned ids
