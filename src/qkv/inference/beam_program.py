@@ -44,7 +44,7 @@ from qkv.inference import aoti
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.engine import _merge_heads, log_softmax, without
-from qkv.inference.static_cache import position_input
+from qkv.inference.static_cache import position_input, softmax_with_new
 from qkv.model import Transformer
 
 # Beyond this many live sentences the eager step takes the position: the program was even with it at
@@ -158,14 +158,11 @@ def attend_with_new_together(
 ) -> Tensor:
     """`attend_together` to the keys k and values v written so far (masked by bias) and to each
     beam's own new key and value (sentences, heads, beams, d_head), which are not in k and v yet
-    (`qkv.inference.static_cache.attend_with_new`'s split softmax, written out over its two parts
-    as there)."""
+    (`qkv.inference.static_cache.attend_with_new`'s split softmax, `softmax_with_new`)."""
     scale = 1.0 / math.sqrt(q.size(-1))
     scores = _scores(q, k).add(bias)  # (sentences, heads, beams, written)
     new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(scale)  # (sentences, heads, beams, 1)
-    top = torch.maximum(scores.amax(dim=-1, keepdim=True), new_score)
-    weights, new_weight = (scores - top).exp(), (new_score - top).exp()
-    total = weights.sum(dim=-1, keepdim=True) + new_weight
+    weights, new_weight, total = softmax_with_new(scores, new_score)
     return _merge_heads((_weighted(weights, v) + new_weight * new_v) / total)
 
 

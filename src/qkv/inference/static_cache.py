@@ -62,10 +62,17 @@ def attend_with_new(
     scale = 1.0 / math.sqrt(q.size(-1))
     scores = torch.matmul(q, k.transpose(-2, -1)).mul(scale).add(bias)  # (rows, heads, 1, capacity)
     new_score = (q * new_k).sum(dim=-1, keepdim=True).mul(scale)  # (rows, heads, 1, 1)
+    weights, new_weight, total = softmax_with_new(scores, new_score)
+    return _merge_heads((torch.matmul(weights, v) + new_weight * new_v) / total)
+
+
+def softmax_with_new(scores: Tensor, new_score: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """softmax over [scores, new_score] (new_score one more along the last dimension), in its two
+    parts and unnormalised: the exponentials of each after their common maximum, and their total
+    (the weights are those over the total)."""
     top = torch.maximum(scores.amax(dim=-1, keepdim=True), new_score)
     weights, new_weight = (scores - top).exp(), (new_score - top).exp()
-    total = weights.sum(dim=-1, keepdim=True) + new_weight
-    return _merge_heads((torch.matmul(weights, v) + new_weight * new_v) / total)
+    return weights, new_weight, weights.sum(dim=-1, keepdim=True) + new_weight
 
 
 def _source_bias(
