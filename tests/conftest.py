@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# qkv's own operator (qkv.inference.native) is built once for the whole run, never in the user's
+# cache; subprocesses inherit the folder.
+os.environ.setdefault("QKV_NATIVE_CACHE", tempfile.mkdtemp(prefix="qkv-native-"))
 
 # Two cores: keep each test process from oversubscribing them.
 torch.set_num_threads(min(2, torch.get_num_threads()))

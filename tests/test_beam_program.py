@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from qkv.inference import BeamCache, aoti, prepare_for_decoding
+from qkv.inference import BeamCache, aoti, native, prepare_for_decoding
 from qkv.inference import beam_program as beam_program_module
 from qkv.inference import compiled as compiled_module
 from qkv.inference.beam_program import BeamPrograms
@@ -72,6 +72,8 @@ def test_the_compiled_beam_step_follows_the_sentences_as_they_finish(monkeypatch
     # the others at their limits, so the batch shrinks; min_len bans EOS at first.
     assert_same_beams(engine, reference, src, beam_size=5, min_len=3)
     assert engine.unavailable is None and set(engine.beam_programs.programs) == {5}
+    # Its attention by qkv's own operator where it builds, called from the compiled program.
+    assert engine.beam_programs.step.native is (native.unavailable() is None)
     sentences = [n for n, _ in calls]
     assert sentences[0] <= 5 and min(sentences) < sentences[0], sentences  # one program, any number
     assert sentences == sorted(sentences, reverse=True)

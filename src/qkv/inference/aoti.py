@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
 from qkv.errors import QkvError
-from qkv.inference import static_cache, topk
+from qkv.inference import native, static_cache, topk
 
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
 # would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
@@ -68,8 +68,8 @@ def default_cache_dir() -> Path:
 
 def program_key(step: nn.Module) -> str:
     """What a compiled program depends on, hashed: the weights and configuration, qkv's code it is
-    traced from (`code_files`), PyTorch, the CPU's capability, the threads (Inductor's products are made for that many), and
-    the options."""
+    traced from (`code_files`), PyTorch, the CPU's capability, the threads (Inductor's products are
+    made for that many), the options, and whether it calls qkv's own operator (`native`)."""
     digest = hashlib.blake2b(digest_size=8)
     context = {
         "config": step.model.config.to_dict(),
@@ -78,6 +78,7 @@ def program_key(step: nn.Module) -> str:
         "threads": torch.get_num_threads(),
         "options": INDUCTOR_OPTIONS,
         "measures_products": measures_products(),
+        "native": getattr(step, "native", False),
         "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
@@ -236,7 +237,12 @@ def aligned_runner(path: Path) -> tuple[object, dict[str, Tensor] | None]:
         libraries = [name for name in package.namelist() if name.endswith(".so")]
         if len(libraries) != 1:
             return None, None
+        # A program that calls an operator of qkv's own (`qkv.inference.native`) has, beside its
+        # library, the calls' description (`.json`), which the runner reads when it is made.
+        calls = [name for name in package.namelist() if name == libraries[0][:-3] + ".json"]
         with tempfile.TemporaryDirectory() as scratch:  # the library stays mapped once loaded
+            for name in calls:
+                package.extract(name, scratch)
             runner = runner_type(package.extract(libraries[0], scratch), 1)
     originals = runner.get_constant_names_to_original_fqns()  # the program's names -> the model's
     if len(set(originals.values())) < len(originals):
@@ -370,6 +376,8 @@ def code_files(step: nn.Module) -> list[str]:
 
     files = {inspect.getfile(type(step)), engine.__file__, compiled_encoder.__file__}
     files |= {static_cache.__file__, beam_cache.__file__, topk.__file__, __file__}
+    if getattr(step, "native", False):  # it calls qkv's own operator: its source too
+        files |= {native.__file__, str(native.SOURCE)}
     for module in step.modules():
         if type(module).__module__.split(".")[0] == "qkv":
             files.add(inspect.getfile(type(module)))

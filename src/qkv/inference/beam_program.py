@@ -11,11 +11,15 @@ keeps each beam to its own. Nothing is gathered, nothing moves when beams are re
   program reads only the slots written (a slice inside, no copy), and attends to the open position's
   own new key and value without writing them. It returns each layer's projection of the position
   (queries, keys and values) for the cache to write after the call (`BeamCache.write_position`);
+- where qkv's own operators build (`qkv.inference.native`), the program calls one for each layer's
+  self-attention: it reads only each beam's own slots, where PyTorch's operators read all of a
+  sentence's and mask four in five of them out (`attend_with_new_together`, its formula); the
+  log-softmax after the program is qkv's too (a faster exponential);
 - the number of sentences, the capacity, the slots written and the source length are dynamic: one
   program per beam width serves every batch, and every step as its sentences finish. Its products
   are oneDNN's (`aoti.library_options`; Inductor's for small weights on AVX2, as the 32-row programs
   take them, were 0.979x, benchmarks/README.md, session 27);
-- it returns the logits, which the engine's own log-softmax overwrites in place (inside the
+- it returns the logits, which a log-softmax overwrites in place (inside the
   program, Inductor's log-softmax took the same time: 12.72 against 12.57 ms a step of 32
   sentences held to AVX2 on a Zen 4, and wrote a second rows x vocabulary tensor).
 
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from qkv.inference import aoti
+from qkv.inference import aoti, native
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.engine import _merge_heads, log_softmax, without
@@ -66,6 +70,9 @@ class SharedBeamStep(nn.Module):
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
         else:
             self.qkv_weights, self.qkv_biases = stacked_self_attention(model.decoder.layers)
+        # Self-attention and the log-softmax by qkv's own operators (`qkv.inference.native`); else
+        # by PyTorch's. `BeamPrograms` sets it once they are loaded.
+        self.native = False
 
     def forward(
         self,
@@ -99,10 +106,14 @@ class SharedBeamStep(nn.Module):
             bias = self.qkv_biases[i] if len(self.qkv_biases) else None
             h = layer.norm1(y) if layer.norm_first else y
             projected.append(F.linear(h, self.qkv_weights[i], bias))  # (rows, 1, 3 * d_model)
-            q, k, v = split_heads(projected[i], sentences, n_heads)
-            history_k, history_v = keys[i][:, :, :written], values[i][:, :, :written]
-            attended = attend_with_new_together(q, history_k, history_v, history_bias, k, v)
-            attended = attended.reshape(rows, 1, -1)  # (sentences, beams, d_model) -> rows
+            if self.native:
+                args = (projected[i], keys[i], values[i], history_bias)
+                attended = torch.ops.qkv.beam_self_attention(*args)  # (rows, 1, d_model)
+            else:
+                q, k, v = split_heads(projected[i], sentences, n_heads)
+                history_k, history_v = keys[i][:, :, :written], values[i][:, :, :written]
+                attended = attend_with_new_together(q, history_k, history_v, history_bias, k, v)
+                attended = attended.reshape(rows, 1, -1)  # (sentences, beams, d_model) -> rows
             y = residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
             attention = layer.cross_attn
             h = layer.norm2(y) if layer.norm_first else y
@@ -196,6 +207,7 @@ class BeamPrograms:
         self.programs: dict[int, object] = {}  # beams -> the loaded program, as a function
         self.compile_seconds: dict[int, float] = {}
         self._key: str | None = None
+        self._native_checked = False
 
     @staticmethod
     def takes(cache) -> bool:
@@ -212,7 +224,19 @@ class BeamPrograms:
             and not cache.has_empty_source
         )
 
+    def use_native(self) -> None:
+        """Load qkv's operators for the step (built at their first use on this machine), or say once
+        why the step takes PyTorch's operators."""
+        if self._native_checked:
+            return
+        self._native_checked = True
+        why = native.load(self.say)
+        self.step.native = why is None
+        if why is not None and self.say:
+            self.say(f"{why}: beam search takes PyTorch's operators")
+
     def package_path(self, beams: int) -> Path:
+        self.use_native()  # a program that calls the operator is another program: another key
         if self._key is None:
             self._key = aoti.program_key(self.step)
         return self.cache_dir / f"decoder-beam-step-{beams}-beams-{self._key}.pt2"
@@ -264,4 +288,5 @@ class BeamPrograms:
         logits, *projected = self.program(arguments)(*arguments)
         n_heads = self.step.n_heads
         cache.write_position([split_heads(p, cache.n_sentences, n_heads)[1:] for p in projected])
-        return without(log_softmax(logits), banned)
+        log_probs = torch.ops.qkv.log_softmax_(logits) if self.step.native else log_softmax(logits)
+        return without(log_probs, banned)

@@ -1,0 +1,150 @@
+"""qkv's own C++ operators for beam search on the CPU, compiled on the machine that runs them.
+
+- `qkv::beam_self_attention`: a decoder layer's self-attention over `BeamCache`'s layout, where
+  each beam reads only its own history. `BeamCache` keeps the keys and values of all of a
+  sentence's beams side by side and masks each beam to its own, so Inductor's kernel for that
+  formula (`beam_program.attend_with_new_together`) reads five slots a position for a beam of five,
+  four of them masked out. In a beam search of 32 sentences on the small benchmark model, held to
+  AVX2 on a Zen 4, its kernel took 456 µs a call, 26 ms of a ~250 ms search; this operator 245 µs,
+  14 ms (benchmarks/README.md, session 31).
+- `qkv::log_softmax_`: the log-probabilities of a step's logits, in place, with ATen's faster
+  vectorised exponential (`exp_u20`, within 2e-6 of `torch.log_softmax` on logits of the small
+  model's range): 160 x 8000 logits (beam 5 on 32 sentences) 305-396 µs against 545-650 for
+  `torch.log_softmax` held to AVX2 on a Zen 4, 320 against 434-447 as the CPU comes.
+
+The compiled beam program (`qkv.inference.beam_program`) calls the first (AOTInductor calls it
+through PyTorch's dispatcher), so a program that calls it needs it loaded in the process; its
+engine calls the second after the program. `load` builds the library with the C++ compiler that
+Inductor uses too (~10 s, once per machine, PyTorch and CPU capability), keeps it in `cache_dir()`,
+and loads it. Where it cannot (no compiler, another platform, a failed build, or `QKV_NATIVE=0`),
+the beam program computes both with PyTorch's operators, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("operators.cpp")
+OPERATOR = "qkv::beam_self_attention"  # the one a program calls: export traces it (`register_fake`)
+SWITCH = "QKV_NATIVE"  # 0: never build or load the operators; PyTorch's instead
+CACHE_VARIABLE = "QKV_NATIVE_CACHE"
+# The vector instructions each ATen capability allows, and the ATen vector type's own flavour of
+# them (ATen/cpu/vec). Held to AVX2 (ATEN_CPU_CAPABILITY=avx2) on a machine with AVX-512, the
+# operators are built for AVX2, as the rest of PyTorch then runs.
+CAPABILITY_FLAGS = {
+    "AVX512": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+    ],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}  # fmt: skip
+
+_loaded: dict[str, str | None] = {}  # the library's path -> None once loaded, else why not
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept: `QKV_NATIVE_CACHE`, else beside qkv's compiled programs."""
+    if directory := os.environ.get(CACHE_VARIABLE):
+        return Path(directory)
+    return Path.home() / ".cache" / "qkv" / "native"
+
+
+def unavailable() -> str | None:
+    """None if the operators can be built here, else why not (one line)."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return f"{SWITCH}=0"
+    what = "qkv's operators"
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"{what} are built on x86-64 Linux only, not {sys.platform} on {platform.machine()}"
+    if (capability := torch.backends.cpu.get_cpu_capability()) not in CAPABILITY_FLAGS:
+        return f"{what} are built for AVX2 and AVX-512, not {capability}"
+    if compiler() is None:
+        return "qkv's operators need a C++ compiler (c++, g++ or clang++)"
+    return None
+
+
+def compiler() -> str | None:
+    return next((path for cc in ("g++", "c++", "clang++") if (path := shutil.which(cc))), None)
+
+
+def build_command(output: Path) -> list[str]:
+    """The compiler's command line that builds `SOURCE` into the library `output`, for this PyTorch
+    and CPU capability."""
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    libraries = cpp_extension.library_paths()
+    flags = CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()]
+    return [
+        compiler(), str(SOURCE), "-o", str(output), "-shared", "-fPIC", "-O3", "-std=c++20",
+        "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *flags, *includes,
+        *(f"-L{path}" for path in libraries), *(f"-Wl,-rpath,{path}" for path in libraries),
+        "-lc10", "-ltorch_cpu",
+    ]  # fmt: skip
+
+
+def library_path() -> Path:
+    """The library's file, named by the source, PyTorch and the command that builds it."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(SOURCE.read_bytes())
+    digest.update(torch.__version__.encode())
+    digest.update(" ".join(build_command(Path("out.so"))).encode())
+    return cache_dir() / f"operators-{digest.hexdigest()}.so"
+
+
+def load(say=None) -> str | None:
+    """Build (once, `say` told) and load the operators into this process: None if it is loaded,
+    else why not (one line); the answer is kept for the process."""
+    if why := unavailable():
+        return why
+    path = library_path()
+    if str(path) not in _loaded:
+        _loaded[str(path)] = _build_and_load(path, say)
+    return _loaded[str(path)]
+
+
+def _build_and_load(path: Path, say) -> str | None:
+    if not path.exists():
+        if say:
+            say("building qkv's operators for beam search (once, ~10 s)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside its final name and renamed: another process never loads half a library.
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            built = Path(scratch) / path.name
+            result = subprocess.run(build_command(built), capture_output=True, text=True)
+            if result.returncode != 0:
+                lines = (result.stderr or result.stdout).strip().splitlines()
+                return f"qkv's operators did not build: {lines[0] if lines else 'no output'}"
+            os.replace(built, path)
+    if not _registered():
+        try:
+            torch.ops.load_library(str(path))
+        except (OSError, RuntimeError) as error:  # built by another PyTorch, or damaged
+            return f"qkv's operators did not load from {path}: {str(error).splitlines()[0]}"
+        torch.library.register_fake(OPERATOR)(_shape_of_beam_self_attention)
+    return None
+
+
+def _registered() -> bool:
+    """Whether this process has the operators already (a library built in another cache folder)."""
+    try:
+        torch.ops.qkv.beam_self_attention.default  # noqa: B018 (looked up, or not there)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _shape_of_beam_self_attention(projected: Tensor, keys: Tensor, values: Tensor, bias: Tensor):
+    """What export traces: the operator's output, (rows, 1, d_model)."""
+    return projected.new_empty(projected.size(0), 1, keys.size(1) * keys.size(3))

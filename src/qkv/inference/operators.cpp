@@ -1,0 +1,200 @@
+// qkv's own operators for beam search on the CPU (qkv/inference/native.py builds this file on the
+// machine that runs it, and says why each exists):
+//
+// qkv::beam_self_attention: a decoder layer's self-attention over BeamCache's layout, each beam
+// reading only the slots of its own history. BeamCache keeps the keys and values of all of a
+// sentence's beams side by side, one slot per beam and position, and an additive mask (0 in a
+// beam's history, -inf elsewhere) keeps each beam to its own. Inductor's kernel for that formula
+// reads every slot for every beam, five times the slots a beam of five needs; this one lists a
+// beam's slots from the mask and reads those only.
+//
+// qkv::log_softmax_: log-probabilities over the logits, in place, with one exponential per logit
+// (ATen's vectorised exp_u20) in two passes after the maximum.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+inline float sum_of(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
+}
+
+// One query's dot products with four keys: four independent sums, so that each product does not
+// wait for the one before it.
+inline void dot4(const float* q, const float* const* k, int64_t n, float* out) {
+  Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  int64_t d = 0;
+  for (; d + Vec::size() <= n; d += Vec::size()) {
+    const Vec x = Vec::loadu(q + d);
+    a0 = at::vec::fmadd(x, Vec::loadu(k[0] + d), a0);
+    a1 = at::vec::fmadd(x, Vec::loadu(k[1] + d), a1);
+    a2 = at::vec::fmadd(x, Vec::loadu(k[2] + d), a2);
+    a3 = at::vec::fmadd(x, Vec::loadu(k[3] + d), a3);
+  }
+  out[0] = sum_of(a0);
+  out[1] = sum_of(a1);
+  out[2] = sum_of(a2);
+  out[3] = sum_of(a3);
+  for (; d < n; ++d) {
+    out[0] += q[d] * k[0][d];
+    out[1] += q[d] * k[1][d];
+    out[2] += q[d] * k[2][d];
+    out[3] += q[d] * k[3][d];
+  }
+}
+
+inline float dot(const float* q, const float* k, int64_t n) {
+  const float* keys[4] = {k, k, k, k};
+  float out[4];
+  dot4(q, keys, n, out);
+  return out[0];
+}
+
+// projected (rows = sentences x beams, 1, 3 x d_model): each beam's query, key and value of the
+// open position (heads side by side in each). keys, values (sentences, heads, capacity, d_head): the
+// cache's buffers, of which the first bias.size(3) slots are written. bias (sentences, 1, beams,
+// written): 0 in each beam's history, -inf elsewhere.
+// -> (rows, 1, d_model): softmax(q K^T / sqrt(d_head) + bias) V over the beam's history and its own
+// new key and value, heads side by side.
+at::Tensor beam_self_attention(const at::Tensor& projected, const at::Tensor& keys,
+                               const at::Tensor& values, const at::Tensor& bias) {
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "keys and values: (sentences, heads, capacity, d_head) each");
+  TORCH_CHECK(bias.dim() == 4 && bias.size(0) == keys.size(0) && bias.size(1) == 1 &&
+                  bias.size(3) <= keys.size(2),
+              "bias: (sentences, 1, beams, written), written at most the keys' capacity");
+  const int64_t sentences = keys.size(0), heads = keys.size(1), d_head = keys.size(3);
+  const int64_t beams = bias.size(2), written = bias.size(3), d_model = heads * d_head;
+  TORCH_CHECK(projected.dim() == 3 && projected.size(0) == sentences * beams &&
+                  projected.size(1) == 1 && projected.size(2) == 3 * d_model,
+              "projected: (sentences x beams, 1, 3 x d_model)");
+  for (const at::Tensor* t : {&projected, &keys, &values, &bias}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "float32 CPU tensors");
+    TORCH_CHECK(t->stride(-1) == 1, "the last dimension of each tensor contiguous");
+  }
+  auto out = at::empty({sentences * beams, 1, d_model}, projected.options());
+  const float* P = projected.const_data_ptr<float>();
+  const float* K = keys.const_data_ptr<float>();
+  const float* V = values.const_data_ptr<float>();
+  const float* B = bias.const_data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t p_row = projected.stride(0);
+  const int64_t b_sentence = bias.stride(0), b_beam = bias.stride(2);
+  const int64_t kv_sentence = keys.stride(0), kv_head = keys.stride(1), kv_slot = keys.stride(2);
+  const int64_t v_sentence = values.stride(0), v_head = values.stride(1), v_slot = values.stride(2);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d_head));
+
+  at::parallel_for(0, sentences * heads, 1, [&](int64_t begin, int64_t end) {
+    // Each beam's slots, listed from its mask once per sentence (its heads share them).
+    std::vector<int64_t> slots(beams * written), counts(beams);
+    int64_t listed = -1;  // the sentence whose slots are listed
+    std::vector<float> weights(written + 1);  // the last: the open position's own slot
+    std::vector<const float*> key_of(written + 4), value_of(written);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / heads, h = task % heads;
+      if (s != listed) {
+        for (int64_t beam = 0; beam < beams; ++beam) {
+          const float* bias_row = B + s * b_sentence + beam * b_beam;
+          int64_t* listing = &slots[beam * written];
+          int64_t n = 0;
+          for (int64_t j = 0; j < written; ++j)
+            if (bias_row[j] != kMinusInf) listing[n++] = j;
+          counts[beam] = n;
+        }
+        listed = s;
+      }
+      const float* k_sh = K + s * kv_sentence + h * kv_head;
+      const float* v_sh = V + s * v_sentence + h * v_head;
+      for (int64_t beam = 0; beam < beams; ++beam) {
+        const int64_t row = s * beams + beam;
+        const float* q = P + row * p_row + h * d_head;
+        const float* new_k = q + d_model;
+        const float* new_v = q + 2 * d_model;
+        const float* bias_row = B + s * b_sentence + beam * b_beam;
+        const int64_t* listing = &slots[beam * written];
+        const int64_t n = counts[beam];
+        for (int64_t i = 0; i < n; ++i) {
+          weights[i] = bias_row[listing[i]];
+          key_of[i] = k_sh + listing[i] * kv_slot;
+          value_of[i] = v_sh + listing[i] * v_slot;
+        }
+        int64_t i = 0;
+        float products[4];
+        for (; i + 4 <= n; i += 4) {
+          dot4(q, &key_of[i], d_head, products);
+          for (int64_t u = 0; u < 4; ++u) weights[i + u] += products[u] * scale;
+        }
+        for (; i < n; ++i) weights[i] += dot(q, key_of[i], d_head) * scale;
+        weights[n] = dot(q, new_k, d_head) * scale;
+        float top = kMinusInf;
+        for (i = 0; i <= n; ++i) top = weights[i] > top ? weights[i] : top;
+        at::vec::map([top](Vec x) { return (x - Vec(top)).exp_u20(); }, weights.data(),
+                     weights.data(), n + 1);
+        float total = 0.f;
+        for (i = 0; i <= n; ++i) total += weights[i];
+        const Vec inverse(1.0f / total);
+        float* o = O + row * d_model + h * d_head;
+        int64_t d = 0;
+        for (; d + Vec::size() <= d_head; d += Vec::size()) {
+          Vec sum = Vec(weights[n]) * Vec::loadu(new_v + d);
+          for (i = 0; i < n; ++i)
+            sum = at::vec::fmadd(Vec(weights[i]), Vec::loadu(value_of[i] + d), sum);
+          (sum * inverse).store(o + d);
+        }
+        for (; d < d_head; ++d) {
+          float sum = weights[n] * new_v[d];
+          for (i = 0; i < n; ++i) sum += weights[i] * value_of[i][d];
+          o[d] = sum / total;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// logits (rows, vocab), each row contiguous -> the same tensor, log_softmax over each row.
+at::Tensor log_softmax_(at::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu() &&
+                  logits.stride(1) == 1,
+              "logits: (rows, vocab) float32 on the CPU, each row contiguous");
+  const int64_t rows = logits.size(0), vocab = logits.size(1), row_stride = logits.stride(0);
+  float* X = logits.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* x = X + r * row_stride;
+      const float top = at::vec::reduce_all<float>(
+          [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, vocab);
+      const Vec top_v(top);
+      const float total = at::vec::map_reduce_all<float>(
+          [&](Vec v) { return (v - top_v).exp_u20(); }, [](Vec& a, Vec& b) { return a + b; }, x,
+          vocab);
+      const Vec shift(top + std::log(total));
+      at::vec::map([&](Vec v) { return v - shift; }, x, x, vocab);
+    }
+  });
+  return logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qkv, m) {
+  m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
+  m.def("log_softmax_(Tensor(a!) logits) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(qkv, CPU, m) {
+  m.impl("beam_self_attention", &beam_self_attention);
+  m.impl("log_softmax_", &log_softmax_);
+}
