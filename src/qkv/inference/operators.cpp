@@ -8,8 +8,9 @@
 // reads every slot for every beam, five times the slots a beam of five needs; this one lists a
 // beam's slots from the mask and reads those only.
 //
-// qkv::log_softmax_: log-probabilities over the logits, in place, with one exponential per logit
-// (ATen's vectorised exp_u20) in two passes after the maximum.
+// qkv::log_softmax_: log-probabilities over the logits, in place: a pass for the maximum, one for
+// the sum of exponentials (ATen's vectorised exp_u20, faster than the exp of torch.log_softmax), one
+// that writes.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
