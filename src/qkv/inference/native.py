@@ -5,8 +5,8 @@
   sentence's beams side by side and masks each beam to its own, so Inductor's kernel for that
   formula (`beam_program.attend_with_new_together`) reads five slots a position for a beam of five,
   four of them masked out. In a beam search of 32 sentences on the small benchmark model, held to
-  AVX2 on a Zen 4, its kernel took 456 µs a call, 26 ms of a ~250 ms search; this operator 245 µs,
-  14 ms (benchmarks/README.md, session 31).
+  AVX2 on a Zen 4, its kernel took 403-457 µs a call, 23-26 ms of a 250-350 ms search; this
+  operator 245-306 µs, 14-17 ms (benchmarks/README.md, session 31).
 - `qkv::log_softmax_`: the log-probabilities of a step's logits, in place, with ATen's faster
   vectorised exponential (`exp_u20`, within 2e-6 of `torch.log_softmax` on logits of the small
   model's range): 160 x 8000 logits (beam 5 on 32 sentences) 305-396 µs against 545-650 for
