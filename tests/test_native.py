@@ -130,6 +130,16 @@ def test_a_failed_build_says_why_in_one_line(tmp_path, monkeypatch):
 
 
 @needs_operator
+def test_a_cache_folder_that_cannot_be_written_says_why(tmp_path, monkeypatch):
+    taken = tmp_path / "a file"
+    taken.write_text("not a folder")
+    monkeypatch.setenv(native.CACHE_VARIABLE, str(taken))
+    why = native.load()
+    assert why.startswith(f"qkv's operators could not be kept in {taken}: ")
+    assert "\n" not in why
+
+
+@needs_operator
 def test_a_library_that_does_not_load_says_why(tmp_path, monkeypatch):
     folder = tmp_path / "native"
     monkeypatch.setenv(native.CACHE_VARIABLE, str(folder))

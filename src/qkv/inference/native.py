@@ -104,8 +104,8 @@ def library_path() -> Path:
 
 
 def load(say=None) -> str | None:
-    """Build (once, `say` told) and load the operators into this process: None if it is loaded,
-    else why not (one line); the answer is kept for the process."""
+    """Build (once, `say` told) and load the operators into this process: None if they are
+    loaded, else why not (one line); the answer is kept for the process."""
     if why := unavailable():
         return why
     path = library_path()
@@ -118,21 +118,33 @@ def _build_and_load(path: Path, say) -> str | None:
     if not path.exists():
         if say:
             say("building qkv's operators for beam search (once, ~10 s)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Built beside its final name and renamed: another process never loads half a library.
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            built = Path(scratch) / path.name
-            result = subprocess.run(build_command(built), capture_output=True, text=True)
-            if result.returncode != 0:
-                lines = (result.stderr or result.stdout).strip().splitlines()
-                return f"qkv's operators did not build: {lines[0] if lines else 'no output'}"
-            os.replace(built, path)
+        try:
+            why = _build(path)
+        except OSError as error:  # a cache folder that cannot be written
+            why = f"qkv's operators could not be kept in {path.parent}: {error}"
+        if why is not None:
+            return why
     if not _registered():
         try:
             torch.ops.load_library(str(path))
         except (OSError, RuntimeError) as error:  # built by another PyTorch, or damaged
             return f"qkv's operators did not load from {path}: {str(error).splitlines()[0]}"
         torch.library.register_fake(OPERATOR)(_shape_of_beam_self_attention)
+    return None
+
+
+def _build(path: Path) -> str | None:
+    """Build the library into `path`: None, or the compiler's first error (one line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: another process never loads half a library.
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        built = Path(scratch) / path.name
+        result = subprocess.run(build_command(built), capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            errors = [line for line in lines if "error" in line.lower()] or lines or ["no output"]
+            return f"qkv's operators did not build: {errors[0]}"
+        os.replace(built, path)
     return None
 
 
