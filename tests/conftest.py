@@ -10,7 +10,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# qkv's own operator (qkv.inference.native) is built once for the whole run, never in the user's
+# qkv's own operators (qkv.inference.native) are built once for the whole run, never in the user's
 # cache; subprocesses inherit the folder.
 os.environ.setdefault("QKV_NATIVE_CACHE", tempfile.mkdtemp(prefix="qkv-native-"))
 
