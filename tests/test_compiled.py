@@ -680,7 +680,7 @@ def test_five_row_blocks_are_offered_while_a_step_compiles_and_only_then():
 
 
 def test_without_a_compiler_it_says_so_once_and_decodes_as_the_eager_engine(monkeypatch):
-    monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     messages = []
     model = random_model()
     engine = CompiledEngine(model, warn=messages.append)

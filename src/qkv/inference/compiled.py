@@ -55,7 +55,6 @@ eager step and encoder.
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -63,7 +62,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv.inference import aoti
+from qkv.inference import aoti, native
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled_encoder import (
@@ -111,7 +110,7 @@ def compiled_step_unavailable(model: Transformer) -> str | None:
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         dtype = str(weight.dtype).removeprefix("torch.")
         return f"the compiled step runs fp32 models on the CPU, not {dtype} on {weight.device}"
-    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+    if native.compiler() is None:
         return "the compiled step needs a C++ compiler (c++, g++ or clang++) for PyTorch's Inductor"
     return None
 

@@ -57,10 +57,13 @@ inline void dot4(const float* q, const float* const* k, int64_t n, float* out) {
 }
 
 inline float dot(const float* q, const float* k, int64_t n) {
-  const float* keys[4] = {k, k, k, k};
-  float out[4];
-  dot4(q, keys, n, out);
-  return out[0];
+  Vec sum(0.f);
+  int64_t d = 0;
+  for (; d + Vec::size() <= n; d += Vec::size())
+    sum = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(k + d), sum);
+  float out = sum_of(sum);
+  for (; d < n; ++d) out += q[d] * k[d];
+  return out;
 }
 
 // projected (rows = sentences x beams, 1, 3 x d_model): each beam's query, key and value of the
