@@ -17,9 +17,12 @@ in the machine's speed reaches all of them alike.
 - qkv compiled: the engine of `qkv translate --compile` (`qkv.inference.compiled`: a decoder step
   compiled by AOTInductor for batches of up to 5 rows and greedy batches of up to 32 sentences, and
   `qkv.inference.beam_program` for beams on more sentences), compiled in the untimed first run of
-  each cell into this run's temporary folder.
+  each cell into this run's temporary folder. With `--device cuda`, the same engine replays its step as
+  CUDA graphs (`qkv.inference.cuda_graphs`), recorded in the untimed first run.
 - Hugging Face: `MarianMTModel(MarianConfig(...)).generate`, in the same process as qkv, in fp32 and in
-  bf16 (cast like qkv's).
+  bf16 (cast like qkv's); "hf-static" in fp32 with its static cache (`cache_implementation="static"`),
+  which on a GPU `generate` compiles (`torch.compile`, mode "reduce-overhead": CUDA graphs) in the
+  untimed first run; on the CPU it is not compiled (not in the default systems there).
 - CTranslate2: that Marian model converted by ctranslate2's own converter, run in a separate process
   that never imports torch: the two thread pools compete, and timed in a process where torch has run
   CTranslate2 was up to 5x slower. That process takes its turns with the others all the same: it times
@@ -38,6 +41,7 @@ CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in t
     python benchmarks/decode_speed.py --threads 1       # every system on one thread (a busy machine)
     python benchmarks/decode_speed.py --as-avx2         # every system as on an AVX2 CPU without bf16
     python benchmarks/decode_speed.py --device cuda --systems qkv qkv-bf16 hf hf-bf16   # on a GPU
+    python benchmarks/decode_speed.py --device cuda --batches 1 --systems qkv-compiled hf-static
 
 Results and what they mean: benchmarks/README.md.
 """
@@ -80,6 +84,7 @@ NAMES = {
     "qkv-compiled": "qkv fp32 compiled",
     "hf": "HF fp32",
     "hf-bf16": "HF bf16",
+    "hf-static": "HF fp32 static cache",
     "ct2-fp32": "CT2 fp32",
     "ct2-int8": "CT2 int8",
     "qkv-ct2-fp32": "qkv → CT2 fp32",
@@ -93,6 +98,7 @@ RATIOS = [
     ("qkv-bf16", "hf"),
     ("qkv", "ct2-fp32"),
     ("qkv-compiled", "ct2-fp32"),
+    ("qkv-compiled", "hf-static"),
     ("qkv-bf16", "ct2-int8"),
     ("qkv-int8", "ct2-int8"),
     ("qkv-ct2-fp32", "ct2-fp32"),
@@ -103,7 +109,9 @@ SRC_LEN = 16  # subwords, EOS included
 NEW_TOKENS = 20
 BEAM = 5
 SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "qkv-compiled", "hf", "hf-bf16", "ct2-fp32", "ct2-int8",
-           "qkv-ct2-fp32", "qkv-ct2-int8", "qkv-onnx")  # fmt: skip
+           "qkv-ct2-fp32", "qkv-ct2-int8", "qkv-onnx", "hf-static")  # fmt: skip
+# Not run unless asked: on the CPU Hugging Face does not compile its static cache's step.
+ASKED_ONLY = ("hf-static",)
 CT2_SYSTEMS = {  # system: (which model, compute type)
     "ct2-fp32": ("marian", "float32"),
     "ct2-int8": ("marian", "int8"),
@@ -224,7 +232,8 @@ def marian_model(name: str, dims: dict | None = None):
     return MarianMTModel(config).eval()
 
 
-def hf_runner(model, batch: list[list[int]], search: str):
+def hf_runner(model, batch: list[list[int]], search: str, static: bool = False):
+    """`generate`; `static`: over its static cache, which it compiles on a GPU (CUDA graphs)."""
     import torch
 
     src = torch.tensor(batch, device=model.device)
@@ -234,6 +243,8 @@ def hf_runner(model, batch: list[list[int]], search: str):
         num_beams=BEAM if search == "beam" else 1,
         do_sample=False,
     )
+    if static:
+        options["cache_implementation"] = "static"
 
     def run():
         with torch.inference_mode():
@@ -363,9 +374,12 @@ def benchmark_config(name: str, args) -> list[dict]:
         compiled_engine = None
         if "qkv-compiled" in args.systems:
             from qkv.inference.compiled import CompiledEngine
+            from qkv.inference.cuda_graphs import GraphedEngine
 
-            # Compiled in the untimed first run of a cell, kept in this run's temporary folder.
-            compiled_engine = CompiledEngine(qkv, cache_dir=Path(tmp) / "compiled")
+            # Compiled (on a GPU, its graphs recorded) in the untimed first run of a cell, kept in
+            # this run's temporary folder; the engine `qkv translate --compile` takes on the device.
+            kind = GraphedEngine if device.type == "cuda" else CompiledEngine
+            compiled_engine = kind(qkv, cache_dir=Path(tmp) / "compiled")
         if any(s.startswith("qkv-ct2") for s in args.systems):
             ct2_dirs["qkv"] = export_qkv_to_ctranslate2(qkv_model(name), Path(tmp) / "qkv_ct2")
         if marian is not None:
@@ -382,6 +396,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                     "qkv-nocache": (qkv_run, uncached_engine(qkv)),
                     "hf": (hf_runner, marian),
                     "hf-bf16": (hf_runner, marian_bf16),
+                    "hf-static": (functools.partial(hf_runner, static=True), marian),
                 }
                 runs = {}
                 with contextlib.ExitStack() as workers:
@@ -437,7 +452,12 @@ def main() -> None:
     parser.add_argument(
         "--searches", nargs="+", default=["beam", "greedy"], choices=["beam", "greedy"]
     )
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=[s for s in SYSTEMS if s not in ASKED_ONLY],
+        choices=list(SYSTEMS),
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median)")
     parser.add_argument(
         "--threads", type=int, help="threads for every system (default: torch's default, all cores)"

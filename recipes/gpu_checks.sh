@@ -5,15 +5,16 @@
 #
 #   QKV_DATA_DIR=/path/to/data recipes/gpu_checks.sh [OUT_DIR] [TRAIN_HOURS]
 #   PARTS="tests benchmarks" recipes/gpu_checks.sh out     # then PARTS=train: ~6 and ~9 minutes
+#   PARTS=graphs recipes/gpu_checks.sh out     # only the decoder step as CUDA graphs (issue 18)
 #
 # OUT_DIR (default gpu_checks/) gets one log per step and the training run; TRAIN_HOURS (default 0.09,
-# about 5 minutes) bounds the training. PARTS (default "tests benchmarks train") picks what runs, for
+# about 5 minutes) bounds the training. PARTS (default "graphs tests benchmarks train") picks what runs, for
 # machines that limit the length of one command. Without transformers the decoding benchmark times qkv
 # alone. Runs from the repository root, with or without qkv installed.
 set -uo pipefail
 out=${1:-gpu_checks}
 hours=${2:-0.09}
-parts=" ${PARTS:-tests benchmarks train} "
+parts=" ${PARTS:-graphs tests benchmarks train} "
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -26,6 +27,18 @@ step() {  # step NAME COMMAND...: run it, keep its output in OUT_DIR/NAME.log, g
 }
 
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+
+if [[ $parts == *" graphs "* ]]; then
+    # `--compile` on a GPU: the static decoder step replayed as CUDA graphs, against the eager step
+    # and Hugging Face's generate over its static cache, compiled with CUDA graphs (tokens/s: x 20).
+    step test_cuda_graphs python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+        tests/test_cuda_graphs.py -k "graph or compile"
+    systems="qkv qkv-compiled"
+    python3 -c "import transformers" 2>/dev/null && systems="$systems hf hf-static"
+    # shellcheck disable=SC2086
+    step decode_graphs python3 benchmarks/decode_speed.py --device cuda --systems $systems \
+        --batches 1 32 --repeats 7
+fi
 
 if [[ $parts == *" tests "* ]]; then
     step test_cuda python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py

@@ -87,6 +87,15 @@ def test_decode_speed_prints_the_ratio_to_hugging_face():
         assert ratio == pytest.approx(qkv / hf, abs=rounding)
 
 
+def test_decode_speed_times_hugging_faces_static_cache():
+    """"hf-static": `generate` over its static cache (compiled on a GPU, the reference for the
+    compiled step's CUDA graphs); every search still generated the 20 tokens (the script checks)."""
+    pytest.importorskip("transformers")
+    rows = decode_rows("qkv", "hf-static")
+    assert [row[:3] for row in rows] == [["small", "2", "beam 5"], ["small", "2", "greedy"]]
+    assert all(float(cell) > 0 for row in rows for cell in row[3:5])
+
+
 def test_decode_speed_takes_turns_with_ctranslate2_in_its_own_process():
     """CTranslate2 runs in a worker process that times one search per request, so it alternates with
     the systems in the benchmark's process; its figure and the ratio come out like theirs."""

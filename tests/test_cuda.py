@@ -172,3 +172,42 @@ def test_a_run_on_cuda_resumes_on_cuda(run_qkv, tmp_path):
         json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
     assert max(steps) == 8
+
+
+def test_the_compiled_step_on_cuda_replays_cuda_graphs_with_the_eager_engines_results():
+    """`GraphedEngine` (`qkv translate --compile --device cuda`): greedy search on sentences that end
+    at different steps and beam 5 on one sentence give the eager engine's ids and scores on the
+    GPU, each shape recorded once."""
+    from qkv.inference import prepare_for_decoding
+    from qkv.inference.cuda_graphs import GraphedEngine
+    from test_compiled import assert_same_beams, assert_same_greedy
+
+    model = random_model(seed=2).to(CUDA)
+    said = []
+    engine, reference = GraphedEngine(model, warn=said.append), prepare_for_decoding(model)
+    assert engine.unavailable is None
+    src = random_sources([3, 9, 1, 6, 12, 4, 8], seed=8).to(CUDA)
+    assert_same_greedy(engine, reference, src)
+    assert_same_beams(engine, reference, src[:1], beam_size=5, max_len=25)
+    recorded = {key: graphs.recorded for key, graphs in engine.programs.items()}
+    assert recorded and all(count > 0 for count in recorded.values())
+    assert_same_greedy(engine, reference, src)
+    assert_same_beams(engine, reference, src[:1], beam_size=5, max_len=25)
+    assert recorded == {key: graphs.recorded for key, graphs in engine.programs.items()}
+    assert said == []  # nothing fell back to the eager step
+
+
+def test_translate_compile_on_cuda_takes_the_graphs_in_fp32(toy_run, run_qkv):
+    from qkv.inference.cuda_graphs import GraphedEngine
+
+    translator = qkv.Translator.load(toy_run, device="cuda", precision="auto", compile=True)
+    assert translator.precision == "fp32" and isinstance(translator.engine(), GraphedEngine)
+    plain = qkv.Translator.load(toy_run, device="cuda", precision="fp32")
+    lines = ["a b c", "p o n m", "e f g h i"]
+    assert translator.translate(lines) == plain.translate(lines)
+    assert translator.translate(lines, beam=1) == plain.translate(lines, beam=1)
+    text = "\n".join(lines) + "\n"
+    graphed = run_qkv("translate", toy_run, "--device", "cuda", "--compile", input=text)
+    eager = run_qkv("translate", toy_run, "--device", "cuda", input=text)
+    assert graphed.returncode == 0, graphed.stderr[-2000:]
+    assert graphed.stdout == eager.stdout and "eager" not in graphed.stderr

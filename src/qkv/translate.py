@@ -26,6 +26,7 @@ from qkv.errors import warn as default_warn
 from qkv.hardware import DTYPES, resolve_precision
 from qkv.inference import DecodingEngine, prepare_for_decoding
 from qkv.inference.compiled import COMPILED, CompiledEngine
+from qkv.inference.cuda_graphs import GraphedEngine
 from qkv.inference.linear import Int8Unavailable
 from qkv.length_penalty import length_penalty_factor
 from qkv.model import Transformer
@@ -64,8 +65,9 @@ class Translator:
     then means fp32): 2.2-2.8x faster on one sentence of a small model, 1.2-1.5x of a base one,
     1.0-1.16x on 32 sentences (benchmarks/README.md), at a one-time cost of ~20-40 s for each number of rows at
     its first use;
-    the program is then kept on disk (`say` is told when it compiles). Where it cannot run, it says
-    why once and decodes as without it."""
+    the program is then kept on disk (`say` is told when it compiles). On a GPU, the same step is
+    replayed as CUDA graphs (`qkv.inference.cuda_graphs`, fp32), recorded at first use. Where it
+    cannot run, it says why once and decodes as without it."""
 
     def __init__(
         self,
@@ -82,8 +84,8 @@ class Translator:
         self.compile, self.say = compile, say
         # Where compiled programs are kept (None: qkv.inference.aoti.default_cache_dir()).
         self.compile_cache: Path | None = None
-        if compile and precision == "auto" and torch.device(device).type == "cpu":
-            precision = "fp32"  # what the compiled step computes in
+        if compile and precision == "auto":
+            precision = "fp32"  # what the compiled step (CPU) and its CUDA graphs compute in
         self.precision = "int8" if int8 else resolve_precision(precision, device, warn)
         self.model = model.to(device=device, dtype=DTYPES["fp32" if int8 else self.precision])
         self.model.eval()
@@ -107,7 +109,9 @@ class Translator:
                     if self.compile:
                         self._warn("the compiled step runs fp32 models: int8 takes the eager step")
                 elif self.compile:
-                    self._engine = CompiledEngine(
+                    # on a GPU, the same step replayed as CUDA graphs
+                    kind = GraphedEngine if self.device.type == "cuda" else CompiledEngine
+                    self._engine = kind(
                         self.model, self._warn, cache_dir=self.compile_cache, say=self.say
                     )
                 else:

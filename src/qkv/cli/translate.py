@@ -89,7 +89,8 @@ def _add_search_options(parser) -> None:
         "from the usual engine to them once 32 are left; greedy search has programs of its own, "
         "and one sentence's encoder one; ~20-40 s each, ~40%% less with QKV_COMPILE_AUTOTUNE=0) "
         "and kept in the run's compiled/ folder. "
-        "Needs a C++ compiler (without one: a warning, and the usual engine)",
+        "Needs a C++ compiler (without one: a warning, and the usual engine). With --device "
+        "cuda, the same step replayed as CUDA graphs (fp32; recorded at first use, no compiler)",
     )
     model.add_argument(
         "--threads",

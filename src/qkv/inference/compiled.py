@@ -136,6 +136,8 @@ class CompiledEngine(DecodingEngine):
     `aoti.default_cache_dir()`); `say`, if given, is told when a program is compiled (it takes a
     while) and where it is kept."""
 
+    MAKES = "compile {}"  # what it does to a step, for the line that says it could not
+
     def __init__(
         self,
         model: Transformer,
@@ -147,7 +149,7 @@ class CompiledEngine(DecodingEngine):
         self.warn, self.say = warn, say
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         aoti.measures_products()  # a bad QKV_COMPILE_AUTOTUNE is an error here, not a failed compile
-        self.unavailable = compiled_step_unavailable(model)
+        self.unavailable = self.why_unavailable(model)
         # A beam search's candidates: 2 x beam per sentence, and a program has at most MAX_ROWS beams.
         self.static_step = StaticDecoderStep(model, candidates=2 * MAX_ROWS).eval()
         self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
@@ -173,6 +175,10 @@ class CompiledEngine(DecodingEngine):
         self._banned_biases: dict[tuple[int, ...], Tensor] = {}
         if self.unavailable is not None:
             warn(f"{self.unavailable}: decoding takes the eager step")
+
+    def why_unavailable(self, model: Transformer) -> str | None:
+        """None if this engine's step can serve `model` here, else why not (one line)."""
+        return compiled_step_unavailable(model)
 
     @property
     def compiled_rows(self) -> set[int]:
@@ -344,7 +350,7 @@ class CompiledEngine(DecodingEngine):
         `StaticDecoderStep.candidates`), from the program (`StaticDecoderStep`)."""
         cache.make_room()
         tokens = cache.program_tokens(last_tokens)  # contiguous (the search's is a column of ids)
-        position = position_input(cache.length)
+        position = position_input(cache.length, cache.self_kv.device)
         banned_bias = self._banned_bias(banned)
         arguments = (
             tokens, position, cache.self_kv, cache.ancestry, cache.cross_kv, cache.cross_bias,
@@ -380,7 +386,7 @@ class CompiledEngine(DecodingEngine):
 
     def _cannot_compile(self, what: str, error: Exception) -> None:
         """Say once that `what` failed to compile or run here; from now on decoding is eager."""
-        self.unavailable = f"PyTorch could not compile {what} here ({_why(error)})"
+        self.unavailable = f"PyTorch could not {self.MAKES.format(what)} here ({_why(error)})"
         self.warn(f"{self.unavailable}: decoding takes the eager step")
 
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,7 +407,10 @@ class CompiledEngine(DecodingEngine):
         bias = self._banned_biases.get(banned)
         if bias is None:
             with torch.inference_mode(False):  # kept across calls, in and out of inference mode
-                bias = without(torch.zeros(1, self.config.tgt_vocab_size), banned)[0]
+                zeros = torch.zeros(
+                    1, self.config.tgt_vocab_size, device=self.model.output.weight.device
+                )
+                bias = without(zeros, banned)[0]
             self._banned_biases[banned] = bias
         return bias
 

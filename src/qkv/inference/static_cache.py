@@ -27,10 +27,11 @@ def _round_up(n: int, multiple: int = SLOT_MULTIPLE) -> int:
 
 
 @functools.cache
-def position_input(length: int) -> Tensor:
-    """A program's position input, a 0-d tensor: made once per position, not at every step."""
+def position_input(length: int, device: torch.device | str = "cpu") -> Tensor:
+    """A program's position input, a 0-d tensor on the cache's device: made once per position,
+    not at every step."""
     with torch.inference_mode(False):  # kept across calls, in and out of inference mode
-        return torch.tensor(length)
+        return torch.tensor(length, device=device)
 
 
 def gather_history(self_kv: Tensor, ancestry: Tensor) -> Tensor:
