@@ -5,6 +5,7 @@ leave the batch; the eager step where it cannot compile."""
 from __future__ import annotations
 
 import math
+import zipfile
 
 import pytest
 import torch
@@ -74,6 +75,10 @@ def test_the_compiled_beam_step_follows_the_sentences_as_they_finish(monkeypatch
     assert engine.unavailable is None and set(engine.beam_programs.programs) == {5}
     # Its attention by qkv's own operator where it builds, called from the compiled program.
     assert engine.beam_programs.step.native is (native.unavailable() is None)
+    if engine.beam_programs.step.native:  # as a C function, not through the dispatcher
+        assert "aoti_torch_cpu_beam_self_attention(" in package_code(
+            engine.beam_programs.package_path(5)
+        )
     sentences = [n for n, _ in calls]
     assert sentences[0] <= 5 and min(sentences) < sentences[0], sentences  # one program, any number
     assert sentences == sorted(sentences, reverse=True)
@@ -83,6 +88,13 @@ def test_the_compiled_beam_step_follows_the_sentences_as_they_finish(monkeypatch
     encoder_uncompiled(again)
     assert_same_beams(again, reference, src, beam_size=5, min_len=3)
     assert again.beam_programs.compile_seconds[5] < engine.beam_programs.compile_seconds[5]
+
+
+def package_code(path) -> str:
+    """The C++ source a package keeps of its program."""
+    with zipfile.ZipFile(path) as package:
+        names = [name for name in package.namelist() if name.endswith(".cpp")]
+        return "".join(package.read(name).decode() for name in names)
 
 
 def test_a_sentences_beams_attend_together_by_the_engines_formula():

@@ -88,7 +88,7 @@ def test_decode_speed_prints_the_ratio_to_hugging_face():
 
 
 def test_decode_speed_times_hugging_faces_static_cache():
-    """"hf-static": `generate` over its static cache (compiled on a GPU, the reference for the
+    """ "hf-static": `generate` over its static cache (compiled on a GPU, the reference for the
     compiled step's CUDA graphs); every search still generated the 20 tokens (the script checks)."""
     pytest.importorskip("transformers")
     rows = decode_rows("qkv", "hf-static")

@@ -357,6 +357,8 @@ def package(exported, path: Path, options: dict, own_products_up_to: int | None 
         _five_row_blocks_on_avx2(),
         _constants_known_apart(),
         _products_by_weight(own_products_up_to),
+        # qkv's own operators called as C functions, not through the dispatcher (`native`)
+        torch._inductor.config.patch({"aot_inductor.custom_ops_to_c_shims": native.c_shims()}),
     ):
         made = torch._inductor.aoti_compile_and_package(
             exported,

@@ -12,9 +12,9 @@
   model's range): 160 x 8000 logits (beam 5 on 32 sentences) 305-396 µs against 545-650 for
   `torch.log_softmax` held to AVX2 on a Zen 4, 320 against 434-447 as the CPU comes.
 
-The compiled beam program (`qkv.inference.beam_program`) calls the first (AOTInductor calls it
-through PyTorch's dispatcher), so a program that calls it needs it loaded in the process; its
-engine calls the second after the program. `load` builds the library with the C++ compiler that
+The compiled beam program (`qkv.inference.beam_program`) calls the first, as a C function
+(`c_shims`), so a program that calls it needs it loaded in the process; its engine calls the
+second after the program. `load` builds the library with the C++ compiler that
 Inductor uses too (~10 s, once per machine, PyTorch and CPU capability), keeps it in `cache_dir()`,
 and loads it. Where it cannot (no compiler, another platform, a failed build, or `QKV_NATIVE=0`),
 the beam program computes both with PyTorch's operators, as before.
@@ -22,6 +22,7 @@ the beam program computes both with PyTorch's operators, as before.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -126,6 +127,8 @@ def _build_and_load(path: Path, say) -> str | None:
             return why
     if not _registered():
         try:
+            # Its C functions visible to the programs loaded after it, which call them (`c_shims`).
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             torch.ops.load_library(str(path))
         except (OSError, RuntimeError) as error:  # built by another PyTorch, or damaged
             return f"qkv's operators did not load from {path}: {str(error).splitlines()[0]}"
@@ -160,3 +163,16 @@ def _registered() -> bool:
 def _shape_of_beam_self_attention(projected: Tensor, keys: Tensor, values: Tensor, bias: Tensor):
     """What export traces: the operator's output, (rows, 1, d_model)."""
     return projected.new_empty(projected.size(0), 1, keys.size(1) * keys.size(3))
+
+
+def c_shims() -> dict:
+    """For AOTInductor (`aot_inductor.custom_ops_to_c_shims`): the operator a program calls, and
+    the C function of operators.cpp that the program calls for it directly, as it calls ATen's own
+    operators; {} where it is not loaded. Through PyTorch's dispatcher instead (the "proxy
+    executor" AOTInductor falls back on), each call cost more: beam search on 32 sentences held to
+    AVX2 on a Zen 4, 0.99x the time with it (benchmarks/README.md, session 32)."""
+    if not _registered():
+        return {}
+    handles = ", ".join(["AtenTensorHandle"] * 4 + ["AtenTensorHandle*"])
+    declaration = f"AOTITorchError aoti_torch_cpu_beam_self_attention({handles})"
+    return {torch.ops.qkv.beam_self_attention.default: [declaration]}

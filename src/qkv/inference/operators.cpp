@@ -17,6 +17,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -192,6 +194,22 @@ at::Tensor log_softmax_(at::Tensor logits) {
 }
 
 }  // namespace
+
+// The attention operator as a C function of the kind AOTInductor calls for ATen's own operators (a
+// "C shim"): a compiled program calls it directly (qkv/inference/native.py names it to Inductor)
+// rather than through PyTorch's dispatcher from a description of the call (its "proxy executor").
+extern "C" AOTITorchError aoti_torch_cpu_beam_self_attention(AtenTensorHandle projected,
+                                                             AtenTensorHandle keys,
+                                                             AtenTensorHandle values,
+                                                             AtenTensorHandle bias,
+                                                             AtenTensorHandle* result) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *result = torch::aot_inductor::new_tensor_handle(beam_self_attention(
+        *tensor_handle_to_tensor_pointer(projected), *tensor_handle_to_tensor_pointer(keys),
+        *tensor_handle_to_tensor_pointer(values), *tensor_handle_to_tensor_pointer(bias)));
+  });
+}
 
 TORCH_LIBRARY(qkv, m) {
   m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
