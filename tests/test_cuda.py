@@ -201,13 +201,35 @@ def test_translate_compile_on_cuda_takes_the_graphs_in_fp32(toy_run, run_qkv):
     from qkv.inference.cuda_graphs import GraphedEngine
 
     translator = qkv.Translator.load(toy_run, device="cuda", precision="auto", compile=True)
-    assert translator.precision == "fp32" and isinstance(translator.engine(), GraphedEngine)
+    engine = translator.engine()
+    assert translator.precision == "fp32" and isinstance(engine, GraphedEngine)
     plain = qkv.Translator.load(toy_run, device="cuda", precision="fp32")
     lines = ["a b c", "p o n m", "e f g h i"]
-    assert translator.translate(lines) == plain.translate(lines)
+    # Greedy on the three together, beam 5 on each alone: what the graphs take (not 15 rows).
     assert translator.translate(lines, beam=1) == plain.translate(lines, beam=1)
+    for line in lines:
+        assert translator.translate([line]) == plain.translate([line])
+    assert {(3, True), (5, False)} <= set(engine.programs)
+    assert all(graphs.recorded > 0 for graphs in engine.programs.values())
     text = "\n".join(lines) + "\n"
-    graphed = run_qkv("translate", toy_run, "--device", "cuda", "--compile", input=text)
-    eager = run_qkv("translate", toy_run, "--device", "cuda", input=text)
+    options = ("--device", "cuda", "--precision", "fp32", "--beam", "1")
+    graphed = run_qkv("translate", toy_run, *options, "--compile", input=text)
+    eager = run_qkv("translate", toy_run, *options, input=text)
     assert graphed.returncode == 0, graphed.stderr[-2000:]
     assert graphed.stdout == eager.stdout and "eager" not in graphed.stderr
+
+
+def test_a_step_that_cannot_be_captured_leaves_the_gpus_stream_as_it_was():
+    """A step that reads a GPU value on the host cannot be a graph: the capture fails, and the
+    eager step that runs instead runs on the stream that was current before."""
+    from qkv.inference.cuda_graphs import capture_cuda_graph
+
+    def reads_on_the_host(x):
+        return (x * x.sum().item(),)
+
+    x = torch.ones(3, device=CUDA)
+    before = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError):
+        capture_cuda_graph(reads_on_the_host, (x,))
+    assert torch.cuda.current_stream() == before
+    assert reads_on_the_host(x)[0].tolist() == [3.0, 3.0, 3.0]

@@ -36,9 +36,10 @@ from qkv.inference.engine import DecodingEngine
 from qkv.inference.static_step import StaticDecoderStep
 from qkv.model import Transformer
 
-# Graphs kept per step (greedy or not, per number of rows): each holds its input and output buffers
-# (the cache's keys and values among them) and its share of the pool. A server that sees every source
-# length up to 256 tokens and capacities up to 512 slots needs 32 x 7; the least recently used go.
+# Graphs kept per step (greedy or not, per number of rows): each holds its input and output buffers,
+# a copy of the cache's keys and values among them (the base model at 32 rows, 512 slots and 256
+# source slots: ~300 MB), and its share of the pool. Past that many shapes (a few source lengths at
+# each capacity), the least recently used go, and are recorded again if they come back.
 MAX_GRAPHS = 64
 
 # (step, static inputs) -> (replay, static outputs): run the step once over the inputs' buffers, so
@@ -47,17 +48,24 @@ Capture = Callable[[Callable[..., tuple[Tensor, ...]], tuple[Tensor, ...]], tupl
 
 
 def capture_cuda_graph(step, inputs: tuple[Tensor, ...], pool=None) -> tuple[Callable, tuple]:
-    """Record `step(*inputs)` as a CUDA graph (in `pool`, shared between graphs): warmed up twice
-    on a side stream first, as PyTorch asks (lazy initialisations, cuBLAS's workspace)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(*inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        outputs = step(*inputs)
+    """Record `step(*inputs)` as a CUDA graph (in `pool`, shared between graphs) on the inputs'
+    GPU, whichever is current: warmed up twice on a side stream first, as PyTorch asks (lazy
+    initialisations, cuBLAS's workspace), then captured on a stream of that GPU."""
+    device = inputs[0].device
+    with torch.cuda.device(device):
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(*inputs)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device)):
+                outputs = step(*inputs)
+        finally:  # a capture that fails leaves its stream current: the eager step runs after it
+            torch.cuda.set_stream(current)
     return graph.replay, tuple(outputs)
 
 
@@ -88,7 +96,9 @@ class StepGraphs:
 
     A call copies the inputs into the graph's buffers (those that are not already them), replays it,
     and returns its outputs: copies of the first ones (what the search keeps), the last `transient`
-    as the graph's own buffers, valid until the next call (the cache copies them at once)."""
+    as the graph's own buffers, valid until the next replay of any graph of the same `pool` (the
+    cache copies them at once): graphs recorded later may take the memory of an earlier one's
+    intermediate results for their outputs, which that one's replays overwrite."""
 
     def __init__(
         self,
