@@ -165,7 +165,6 @@ class GraphedEngine(CompiledEngine):
         self.compiles_beams = False  # beams on many sentences: the eager step's shared cache
         real_graphs = self.capture is capture_cuda_graph and self.unavailable is None
         self.pool = torch.cuda.graph_pool_handle() if real_graphs else None  # shared by all
-        self.programs: dict[tuple[int, bool], StepGraphs] = {}
 
     def why_unavailable(self, model: Transformer) -> str | None:
         if self.capture is capture_cuda_graph:
