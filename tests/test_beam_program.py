@@ -76,9 +76,8 @@ def test_the_compiled_beam_step_follows_the_sentences_as_they_finish(monkeypatch
     # Its attention by qkv's own operator where it builds, called from the compiled program.
     assert engine.beam_programs.step.native is (native.unavailable() is None)
     if engine.beam_programs.step.native:  # as a C function, not through the dispatcher
-        assert "aoti_torch_cpu_beam_self_attention(" in package_code(
-            engine.beam_programs.package_path(5)
-        )
+        path = engine.beam_programs.package_path(5)
+        assert c_calls("aoti_torch_cpu_beam_self_attention", path) == model.config.n_decoder_layers
     sentences = [n for n, _ in calls]
     assert sentences[0] <= 5 and min(sentences) < sentences[0], sentences  # one program, any number
     assert sentences == sorted(sentences, reverse=True)
@@ -95,6 +94,12 @@ def package_code(path) -> str:
     with zipfile.ZipFile(path) as package:
         names = [name for name in package.namelist() if name.endswith(".cpp")]
         return "".join(package.read(name).decode() for name in names)
+
+
+def c_calls(function: str, path) -> int:
+    """How many times a package's program calls the C function `function` (every program declares
+    qkv's, `native.c_shims`: the declaration is not a call)."""
+    return package_code(path).count(f"AOTI_TORCH_ERROR_CODE_CHECK({function}(")
 
 
 def test_a_sentences_beams_attend_together_by_the_engines_formula():

@@ -1,6 +1,7 @@
-"""qkv's own attention operator for the beam program (qkv.inference.native): the formula of
-`attend_with_new_together` over `BeamCache`'s layout, built once and kept; where it cannot be built,
-the beam step attends with PyTorch's operators and says so once."""
+"""qkv's own operators (qkv.inference.native): the beam program's attention, the formula of
+`attend_with_new_together` over `BeamCache`'s layout, and the products of packed weights
+(`qkv::packed_linear`, qkv.inference.packed_linear), as PyTorch's and called by the programs; built
+once and kept; where they cannot be built, the steps take PyTorch's operators and say so once."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from qkv.inference import native, prepare_for_decoding
+from qkv.inference import aoti, native, packed_linear, prepare_for_decoding
+from qkv.inference import compiled as compiled_module
 from qkv.inference.beam_program import attend_with_new_together, split_heads
-from test_compiled import assert_same_beams, uncompiled
+from qkv.inference.compiled import CompiledEngine
+from qkv.inference.packed_linear import PackedLinear
+from test_beam_program import c_calls
+from test_compiled import (
+    QUICK,
+    assert_same_beams,
+    assert_same_greedy,
+    encoder_uncompiled,
+    uncompiled,
+)
 from test_search import random_model, random_sources
 
 needs_operator = pytest.mark.skipif(
@@ -103,7 +115,7 @@ def test_the_operator_is_built_once_and_kept(tmp_path, monkeypatch):
     assert (
         path.parent == folder
         and path.exists()
-        and said == ["building qkv's operators for beam search (once, ~10 s)"]
+        and said == ["building qkv's operators for decoding (once, ~10 s)"]
     )
     built = path.stat().st_mtime_ns
     assert native.load(said.append) is None and len(said) == 1  # loaded in this process: kept
@@ -179,3 +191,104 @@ def test_the_beam_step_with_the_operator_gives_the_eager_engines_beams():
     assert engine.beam_programs.step.native is True
     src = random_sources([5, 8, 4, 6], seed=3)
     assert_same_beams(engine, reference, src, beam_size=5, max_len=9, n_best=2)
+
+
+@needs_operator
+@pytest.mark.parametrize("rows", [1, 5, 7, 8, 32, 37])
+@pytest.mark.parametrize(
+    "in_features, out_features",
+    [(16, 16), (257, 33), (600, 250)],
+    ids=["16x16", "257x33", "600x250"],
+)
+def test_packed_products_are_pytorchs_for_any_rows_depth_and_width(rows, in_features, out_features):
+    """Every block of rows (6, and the rest by 4 or fewer), a last panel narrower than 16 output
+    features, depths past one stretch (256), and a ReLU applied after the last stretch only."""
+    assert native.load() is None
+    generator = torch.Generator().manual_seed(rows * in_features)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    bias = torch.randn(out_features, generator=generator)
+    x = torch.randn(rows, 1, in_features, generator=generator)  # as a step's (rows, 1, d_model)
+    packed = torch.ops.qkv.pack_linear(weight, bias)
+    expected = F.linear(x, weight, bias)
+    got = torch.ops.qkv.packed_linear(x, packed, out_features, 0)
+    assert got.shape == (rows, 1, out_features)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    relu = torch.ops.qkv.packed_linear(x, packed, out_features, 1)
+    assert (expected < 0).any()
+    torch.testing.assert_close(relu, expected.clamp_min(0), rtol=1e-5, atol=1e-5)
+    # Strided input (a view), and a module without bias.
+    wide = torch.randn(rows, 2 * in_features, generator=generator)[:, ::2]
+    module = PackedLinear(weight)
+    torch.testing.assert_close(module(wide), F.linear(wide, weight), rtol=1e-5, atol=1e-5)
+
+
+@needs_operator
+def test_the_packed_product_says_what_it_expects():
+    assert native.load() is None
+    packed = torch.ops.qkv.pack_linear(torch.ones(20, 8), torch.zeros(20))
+    with pytest.raises(RuntimeError, match="as the packed weight"):
+        torch.ops.qkv.packed_linear(torch.ones(2, 9), packed, 20, 0)
+    with pytest.raises(RuntimeError, match="of out_features output features"):
+        torch.ops.qkv.packed_linear(torch.ones(2, 8), packed, 40, 0)
+    with pytest.raises(RuntimeError, match="bias: \\(out_features,\\)"):
+        torch.ops.qkv.pack_linear(torch.ones(20, 8), torch.zeros(21))
+
+
+PRODUCT = "aoti_torch_cpu_packed_linear"  # the C function a program calls for each product
+
+
+@pytest.fixture
+def products_here(monkeypatch):
+    """qkv's products taken whatever the CPU's capability (they are AVX2's, which runs on AVX-512
+    too); programs compiled quickly."""
+    here = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", (here,))
+    monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
+
+
+@needs_operator
+def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids(
+    products_here, monkeypatch
+):
+    monkeypatch.setattr(compiled_module, "SHRINK_TO", (4, 8))  # three programs to compile, not five
+    model = random_model(seed=6, max_len=80)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    encoder_uncompiled(engine)
+    assert engine.step_module(True, 32).products is not None
+    assert engine.step_module(False, 8).products is not None
+    assert engine.step_module(True, 5).products is None  # fewer rows: Inductor's own
+    # 20 sentences, the program of 32 rows; limits of 51-70 tokens: from step 51, one ends a step.
+    src = random_sources(list(range(1, 21)), seed=6)
+    assert_same_greedy(engine, reference, src)
+    # Then smaller ones as the sentences finish, each of 8 rows or more with qkv's products, every
+    # one a C function, not through the dispatcher: 6 a layer, and the output's.
+    products = 6 * model.config.n_decoder_layers + 1
+    calls = {rows: c_calls(PRODUCT, engine.package_path(rows, True)) for rows, _ in engine.programs}
+    assert calls == {32: products, 8: products, 4: 0}
+    # Programs with PyTorch's products are other programs: another key.
+    key_of = {rows: engine.package_path(rows).stem.rsplit("-", 1)[1] for rows in (4, 8)}
+    assert key_of[4] != key_of[8]
+
+
+@needs_operator
+def test_the_beam_program_calls_qkvs_products_and_gives_the_eager_beams(products_here, monkeypatch):
+    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (torch.backends.cpu.get_cpu_capability(),))
+    model = random_model(seed=5)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    encoder_uncompiled(engine)
+    assert_same_beams(engine, reference, random_sources([5, 8, 4, 6], seed=5), beam_size=4)
+    assert engine.beam_programs.step.products is engine.decoder_products() is not None
+    path = engine.beam_programs.package_path(4)
+    assert c_calls(PRODUCT, path) == 6 * model.config.n_decoder_layers + 1
+
+
+def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
+    model = random_model()
+    monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", ())
+    here = torch.backends.cpu.get_cpu_capability()
+    assert packed_linear.unavailable(model) == f"qkv's products are for AVX2; oneDNN's serve {here}"
+    engine = CompiledEngine(model)
+    assert engine.decoder_products() is None and engine.step_module(True, 32).products is None
+    assert packed_linear.unavailable(model.to(torch.bfloat16)) == (
+        "qkv's products are for fp32 on the CPU"
+    )

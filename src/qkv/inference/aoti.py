@@ -69,7 +69,8 @@ def default_cache_dir() -> Path:
 def program_key(step: nn.Module) -> str:
     """What a compiled program depends on, hashed: the weights and configuration, qkv's code it is
     traced from (`code_files`), PyTorch, the CPU's capability, the threads (Inductor's products are
-    made for that many), the options, and whether it calls qkv's own operator (`native`)."""
+    made for that many), the options, and whether it calls qkv's own operators (`native`) and
+    products (`packed_linear`)."""
     digest = hashlib.blake2b(digest_size=8)
     context = {
         "config": step.model.config.to_dict(),
@@ -79,6 +80,7 @@ def program_key(step: nn.Module) -> str:
         "options": INDUCTOR_OPTIONS,
         "measures_products": measures_products(),
         "native": getattr(step, "native", False),
+        "own_products": getattr(step, "products", None) is not None,  # `packed_linear`
         "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
@@ -48,6 +47,7 @@ from qkv.inference import aoti, native
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.engine import _merge_heads, log_softmax, without
+from qkv.inference.packed_linear import DecoderProducts, feed_forward, projections
 from qkv.inference.static_cache import position_input, softmax_with_new
 from qkv.model import Transformer
 
@@ -73,6 +73,8 @@ class SharedBeamStep(nn.Module):
         # Self-attention and the log-softmax by qkv's own operators (`qkv.inference.native`); else
         # by PyTorch's. `BeamPrograms` sets it once they are loaded.
         self.native = False
+        # Every product by qkv's kernel (`qkv.inference.packed_linear`), or None: PyTorch's
+        self.products: DecoderProducts | None = None
 
     def forward(
         self,
@@ -103,9 +105,9 @@ class SharedBeamStep(nn.Module):
         y = model.tgt_embed(tokens.reshape(rows, 1)) + self.positions.index_select(0, at)[None]
         projected = []  # each layer's queries, keys and values: the cache keeps the last two
         for i, layer in enumerate(model.decoder.layers):
-            bias = self.qkv_biases[i] if len(self.qkv_biases) else None
+            qkv_proj, self_out, cross_q, cross_out = projections(self.products, i, layer, self)
             h = layer.norm1(y) if layer.norm_first else y
-            projected.append(F.linear(h, self.qkv_weights[i], bias))  # (rows, 1, 3 * d_model)
+            projected.append(qkv_proj(h))  # (rows, 1, 3 * d_model)
             if self.native:
                 args = (projected[i], keys[i], values[i], history_bias)
                 attended = torch.ops.qkv.beam_self_attention(*args)  # (rows, 1, d_model)
@@ -114,18 +116,16 @@ class SharedBeamStep(nn.Module):
                 history_k, history_v = keys[i][:, :, :written], values[i][:, :, :written]
                 attended = attend_with_new_together(q, history_k, history_v, history_bias, k, v)
                 attended = attended.reshape(rows, 1, -1)  # (sentences, beams, d_model) -> rows
-            y = residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
-            attention = layer.cross_attn
+            y = residual(layer, layer.norm1, y, self_out(attended))
             h = layer.norm2(y) if layer.norm_first else y
-            q = attention.q_proj(h).view(sentences, beams, n_heads, -1).transpose(1, 2)
+            q = cross_q(h).view(sentences, beams, n_heads, -1).transpose(1, 2)
             attended = attend_together(q, cross_keys[i], cross_values[i], cross_bias)
             attended = attended.reshape(rows, 1, -1)
-            y = residual(layer, layer.norm2, y, attention.out_proj(attended))
+            y = residual(layer, layer.norm2, y, cross_out(attended))
             h = layer.norm3(y) if layer.norm_first else y
-            feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
-            hidden = feed_forward.activation(feed_forward.linear1(h))
-            y = residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
-        return model.output(model.decoder.final_norm(y))[:, 0], *projected  # (rows, vocab) logits
+            y = residual(layer, layer.norm3, y, feed_forward(self.products, i, layer, h))
+        output = self.products.output if self.products is not None else model.output
+        return output(model.decoder.final_norm(y))[:, 0], *projected  # (rows, vocab) logits
 
 
 def split_heads(projected: Tensor, sentences: int, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -201,8 +201,11 @@ class BeamPrograms:
     """An engine's compiled beam steps (`SharedBeamStep`), one per beam width, kept in `cache_dir`
     (`CompiledEngine`'s). `takes(cache)` says whether a step runs here; `next_log_probs` runs it."""
 
-    def __init__(self, model: Transformer, cache_dir: Path, like: nn.Module, say=None):
+    def __init__(
+        self, model: Transformer, cache_dir: Path, like: nn.Module, say=None, products=None
+    ):
         self.step = SharedBeamStep(model, like=like).eval()
+        self.products = products  # () -> the products the step takes (None: PyTorch's)
         self.cache_dir, self.say = cache_dir, say
         self.programs: dict[int, object] = {}  # beams -> the loaded program, as a function
         self.compile_seconds: dict[int, float] = {}
@@ -232,6 +235,8 @@ class BeamPrograms:
         self._native_checked = True
         why = native.load(self.say)
         self.step.native = why is None
+        if why is None and self.products is not None:
+            self.step.products = self.products()
         if why is not None and self.say:
             self.say(f"{why}: beam search takes PyTorch's operators")
 

@@ -62,13 +62,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv.inference import aoti, native
+from qkv.inference import aoti, native, packed_linear
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled_encoder import (
     SourceEncoder,
 )
 from qkv.inference.engine import DecodingEngine, log_softmax, without
+from qkv.inference.packed_linear import DecoderProducts
 from qkv.inference.static_cache import (
     SLOT_MULTIPLE,
     StaticCache,
@@ -155,7 +156,9 @@ class CompiledEngine(DecodingEngine):
         self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
         # Beams on two sentences or more, over the eager step's cache (`BeamPrograms.takes`), where
         # measured: on `WIDE_VECTORS` (elsewhere, Arm, the eager step)
-        self.beam_programs = BeamPrograms(model, self.cache_dir, self.static_step, say)
+        self.beam_programs = BeamPrograms(
+            model, self.cache_dir, self.static_step, say, products=self.decoder_products
+        )
         self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
         # One sentence's encoder compiled, and the first step's cross-attention K and V; where
         # beams on many sentences are compiled, many sentences' encoder too
@@ -171,7 +174,10 @@ class CompiledEngine(DecodingEngine):
         self.programs: dict[tuple[int, bool], object] = {}  # (rows, greedy) -> the loaded program
         # (rows, greedy) -> seconds to compile or load it
         self.compile_seconds: dict[tuple[int, bool], float] = {}
-        self._key: str | None = None
+        self._keys: dict[bool, str] = {}  # whether a step takes qkv's products -> its key
+        # greedy -> the step with qkv's products (`packed_steps`); {} where they do not serve
+        self._packed_steps: dict[bool, StaticDecoderStep] | None = None
+        self._products: DecoderProducts | bool | None = None  # False: they do not serve here
         self._banned_biases: dict[tuple[int, ...], Tensor] = {}
         if self.unavailable is not None:
             warn(f"{self.unavailable}: decoding takes the eager step")
@@ -185,10 +191,11 @@ class CompiledEngine(DecodingEngine):
         return {rows for rows, _ in self.programs}
 
     def package_path(self, rows: int, greedy: bool = False) -> Path:
-        if self._key is None:
-            self._key = aoti.program_key(self.static_step)
+        step = self.step_module(False, rows)  # the key: of the kind of step (products) for `rows`
+        if step.native not in self._keys:
+            self._keys[step.native] = aoti.program_key(step)
         kind = "-greedy" if greedy else ""
-        return self.cache_dir / f"decoder-step-{rows}-rows{kind}-{self._key}.pt2"
+        return self.cache_dir / f"decoder-step-{rows}-rows{kind}-{self._keys[step.native]}.pt2"
 
     def program(self, arguments: tuple, greedy: bool = False) -> object:
         """The program for this number of rows (greedy search's own with `greedy`): loaded, from
@@ -199,16 +206,41 @@ class CompiledEngine(DecodingEngine):
             what = f"the decoder step for {rows} row{'s' if rows > 1 else ''}"
             self.programs[rows, greedy] = aoti.load_or_compile(
                 self.package_path(rows, greedy),
-                lambda path: compile_package(self.step_module(greedy), arguments, path),
+                lambda path: compile_package(self.step_module(greedy, rows), arguments, path),
                 what + (", greedy" if greedy else ""),
                 self.say,
             )
             self.compile_seconds[rows, greedy] = time.perf_counter() - started
         return self.programs[rows, greedy]
 
-    def step_module(self, greedy: bool = False) -> StaticDecoderStep:
-        """The step a program is compiled from, and what runs when it cannot be."""
+    def step_module(self, greedy: bool = False, rows: int | None = None) -> StaticDecoderStep:
+        """The step a program of `rows` rows is compiled from, and what runs when it cannot be: from
+        `packed_linear.FROM_ROWS` rows, with qkv's products where they serve (`packed_steps`)."""
+        if rows is not None and rows >= packed_linear.FROM_ROWS and self.packed_steps():
+            return self._packed_steps[greedy]
         return self.greedy_step if greedy else self.static_step
+
+    def packed_steps(self) -> bool:
+        """Whether the steps with qkv's products serve here: made at the first question."""
+        if self._packed_steps is None:
+            self._packed_steps = {}
+            if (products := self.decoder_products()) is not None:
+                like = self.static_step
+                for greedy in (False, True):
+                    step = StaticDecoderStep(like.model, greedy, like, like.candidates).eval()
+                    step.use_products(products)
+                    self._packed_steps[greedy] = step
+        return bool(self._packed_steps)
+
+    def decoder_products(self) -> DecoderProducts | None:
+        """The decoder's products by qkv's kernel, made once, or None where they do not serve
+        (`packed_linear.unavailable`): for the programs of many rows and the beam programs."""
+        if self._products is None:
+            model, like = self.static_step.model, self.static_step
+            self._products = False
+            if packed_linear.unavailable(model) is None:
+                self._products = DecoderProducts(model, like.qkv_weights, like.qkv_biases)
+        return None if self._products is False else self._products
 
     def new_cache(
         self, max_beams: int = 1, max_len: int | None = None, sentences: int | None = None
@@ -363,7 +395,7 @@ class CompiledEngine(DecodingEngine):
             except Exception as error:  # export's and Inductor's failures have many types
                 self._cannot_compile("the decoder step", error)
         if outputs is None:
-            outputs = self.step_module(greedy)(*arguments)
+            outputs = self.step_module(greedy, tokens.size(0))(*arguments)
         n_layers = len(self.decoder)
         cache.write(outputs[-n_layers:])  # this position's keys and values, in each layer's output
         if not greedy:  # log-probabilities, best token and its, most likely tokens and theirs

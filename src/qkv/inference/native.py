@@ -1,4 +1,4 @@
-"""qkv's own C++ operators for beam search on the CPU, compiled on the machine that runs them.
+"""qkv's own C++ operators for decoding on the CPU, compiled on the machine that runs them.
 
 - `qkv::beam_self_attention`: a decoder layer's self-attention over `BeamCache`'s layout, where
   each beam reads only its own history. `BeamCache` keeps the keys and values of all of a
@@ -11,13 +11,16 @@
   vectorised exponential (`exp_u20`, within 2e-6 of `torch.log_softmax` on logits of the small
   model's range): 160 x 8000 logits (beam 5 on 32 sentences) 305-396 µs against 545-650 for
   `torch.log_softmax` held to AVX2 on a Zen 4, 320 against 434-447 as the CPU comes.
+- `qkv::pack_linear`, `qkv::packed_linear`: the products of a step's few rows by weights packed
+  once, for the compiled steps on an AVX2 CPU (`qkv.inference.packed_linear` says why).
 
-The compiled beam program (`qkv.inference.beam_program`) calls the first, as a C function
-(`c_shims`), so a program that calls it needs it loaded in the process; its engine calls the
-second after the program. `load` builds the library with the C++ compiler that
-Inductor uses too (~10 s, once per machine, PyTorch and CPU capability), keeps it in `cache_dir()`,
-and loads it. Where it cannot (no compiler, another platform, a failed build, or `QKV_NATIVE=0`),
-the beam program computes both with PyTorch's operators, as before.
+The compiled beam program (`qkv.inference.beam_program`) calls the first, and the compiled steps
+the products, as C functions (`c_shims`), so a program that calls them needs them loaded in the
+process; the beam program's engine calls the log-softmax after the program. `load` builds the
+library with the C++ compiler that Inductor uses too (~10 s, once per machine, PyTorch and CPU
+capability), keeps it in `cache_dir()`, and loads it. Where it cannot (no compiler, another
+platform, a failed build, or `QKV_NATIVE=0`), the programs compute all of it with PyTorch's
+operators, as before.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("operators.cpp")
-OPERATOR = "qkv::beam_self_attention"  # the one a program calls: export traces it (`register_fake`)
+# The operators a program calls: export traces them (`register_fake`)
+OPERATOR = "qkv::beam_self_attention"
+PRODUCT = "qkv::packed_linear"
 SWITCH = "QKV_NATIVE"  # 0: never build or load the operators; PyTorch's instead
 CACHE_VARIABLE = "QKV_NATIVE_CACHE"
 # The vector instructions each ATen capability allows, and the ATen vector type's own flavour of
@@ -118,7 +123,7 @@ def load(say=None) -> str | None:
 def _build_and_load(path: Path, say) -> str | None:
     if not path.exists():
         if say:
-            say("building qkv's operators for beam search (once, ~10 s)")
+            say("building qkv's operators for decoding (once, ~10 s)")
         try:
             why = _build(path)
         except OSError as error:  # a cache folder that cannot be written
@@ -133,6 +138,7 @@ def _build_and_load(path: Path, say) -> str | None:
         except (OSError, RuntimeError) as error:  # built by another PyTorch, or damaged
             return f"qkv's operators did not load from {path}: {str(error).splitlines()[0]}"
         torch.library.register_fake(OPERATOR)(_shape_of_beam_self_attention)
+        torch.library.register_fake(PRODUCT)(_shape_of_packed_linear)
     return None
 
 
@@ -165,14 +171,26 @@ def _shape_of_beam_self_attention(projected: Tensor, keys: Tensor, values: Tenso
     return projected.new_empty(projected.size(0), 1, keys.size(1) * keys.size(3))
 
 
+def _shape_of_packed_linear(x: Tensor, packed: Tensor, out_features: int, relu: int):
+    """What export traces: the product, (..., out_features)."""
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 def c_shims() -> dict:
-    """For AOTInductor (`aot_inductor.custom_ops_to_c_shims`): the operator a program calls, and
-    the C function of operators.cpp that the program calls for it directly, as it calls ATen's own
+    """For AOTInductor (`aot_inductor.custom_ops_to_c_shims`): the operators a program calls, and
+    the C functions of operators.cpp that the program calls for them directly, as it calls ATen's own
     operators; {} where it is not loaded. Through PyTorch's dispatcher instead (the "proxy
     executor" AOTInductor falls back on), each call cost more: beam search on 32 sentences held to
     AVX2 on a Zen 4, 0.99x the time with it (benchmarks/README.md, session 32)."""
     if not _registered():
         return {}
-    handles = ", ".join(["AtenTensorHandle"] * 4 + ["AtenTensorHandle*"])
-    declaration = f"AOTITorchError aoti_torch_cpu_beam_self_attention({handles})"
-    return {torch.ops.qkv.beam_self_attention.default: [declaration]}
+    attention = ", ".join(["AtenTensorHandle"] * 4 + ["AtenTensorHandle*"])
+    product = ", ".join(["AtenTensorHandle"] * 2 + ["int64_t"] * 2 + ["AtenTensorHandle*"])
+    return {
+        torch.ops.qkv.beam_self_attention.default: [
+            f"AOTITorchError aoti_torch_cpu_beam_self_attention({attention})"
+        ],
+        torch.ops.qkv.packed_linear.default: [
+            f"AOTITorchError aoti_torch_cpu_packed_linear({product})"
+        ],
+    }

@@ -1,4 +1,4 @@
-// qkv's own operators for beam search on the CPU (qkv/inference/native.py builds this file on the
+// qkv's own operators for decoding on the CPU (qkv/inference/native.py builds this file on the
 // machine that runs it, and says why each exists):
 //
 // qkv::beam_self_attention: a decoder layer's self-attention over BeamCache's layout, each beam
@@ -11,16 +11,26 @@
 // qkv::log_softmax_: log-probabilities over the logits, in place: a pass for the maximum, one for
 // the sum of exponentials (ATen's vectorised exp_u20, faster than the exp of torch.log_softmax), one
 // that writes.
+//
+// qkv::pack_linear and qkv::packed_linear: x W^T + b (then a ReLU) for the few rows of a decoding
+// step, over weights packed once into panels of 16 output features (two AVX2 vectors), each panel's
+// columns side by side for every input feature and then their biases, so that a register block of up
+// to 6 rows x 16 features reads its weights in order. oneDNN sets up each call for a general product;
+// at 8-160 rows, the setup and its blocking cost more than the arithmetic of a small weight.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -193,6 +203,148 @@ at::Tensor log_softmax_(at::Tensor logits) {
   return logits;
 }
 
+
+// Output features per panel of packed weights: two AVX2 vectors of 8 floats (the library is built
+// with AVX2 and FMA on either capability, native.py's CAPABILITY_FLAGS).
+constexpr int64_t kPanel = 16;
+constexpr int64_t kDepthBlock = 256;  // input features per pass over a panel
+
+// weight (out_features, in_features), bias (out_features,) -> (panels, in_features + 1, kPanel):
+// panel p holds the output features p * kPanel ..., side by side for each input feature, then their
+// biases; the last panel padded with zeros.
+at::Tensor pack_linear(const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+              "weight: (out_features, in_features) float32 on the CPU");
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out_features && bias.scalar_type() == at::kFloat &&
+                  bias.device().is_cpu(),
+              "bias: (out_features,) float32 on the CPU");
+  const int64_t panels = (out_features + kPanel - 1) / kPanel, depth = in_features + 1;
+  auto packed = at::zeros({panels, depth, kPanel}, weight.options());
+  const auto w = weight.contiguous();
+  const auto b = bias.contiguous();
+  const float* W = w.const_data_ptr<float>();
+  const float* B = b.const_data_ptr<float>();
+  float* P = packed.data_ptr<float>();
+  for (int64_t n = 0; n < out_features; ++n) {
+    float* column = P + (n / kPanel) * depth * kPanel + n % kPanel;
+    for (int64_t k = 0; k < in_features; ++k) column[k * kPanel] = W[n * in_features + k];
+    column[in_features * kPanel] = B[n];
+  }
+  return packed;
+}
+
+// ROWS rows of x (row stride lda) times one panel of packed weights, plus the panel's biases (padded
+// to kPanel): each output row's kPanel values in two registers, 2 x ROWS accumulators for the whole
+// depth (12 at 6 rows, with the two weight vectors and a broadcast: 15 of AVX2's 16 registers).
+template <int ROWS>
+inline void panel_product(const float* x, int64_t lda, const float* panel, int64_t depth,
+                          const float* bias, bool relu, float* out, int64_t ldc, int64_t columns) {
+  __m256 acc[ROWS][2];
+  if (bias != nullptr) {
+    const __m256 bias0 = _mm256_loadu_ps(bias), bias1 = _mm256_loadu_ps(bias + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < ROWS; ++i) acc[i][0] = bias0, acc[i][1] = bias1;
+  } else {  // a later stretch of the depth: on from what the earlier ones left in the output
+    alignas(32) float last[kPanel] = {};
+#pragma GCC unroll 6
+    for (int i = 0; i < ROWS; ++i) {
+      const float* o = out + i * ldc;
+      if (columns != kPanel) std::copy(o, o + columns, last), o = last;
+      acc[i][0] = _mm256_loadu_ps(o), acc[i][1] = _mm256_loadu_ps(o + 8);
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel);
+    const __m256 w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < ROWS; ++i) {
+      const __m256 a = _mm256_broadcast_ss(x + i * lda + k);
+      acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);
+    }
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  alignas(32) float last[kPanel];
+#pragma GCC unroll 6
+  for (int i = 0; i < ROWS; ++i) {
+    if (relu) acc[i][0] = _mm256_max_ps(acc[i][0], zero), acc[i][1] = _mm256_max_ps(acc[i][1], zero);
+    float* o = out + i * ldc;
+    if (columns == kPanel) {
+      _mm256_storeu_ps(o, acc[i][0]);
+      _mm256_storeu_ps(o + 8, acc[i][1]);
+    } else {  // the last panel, narrower than its padding
+      _mm256_store_ps(last, acc[i][0]);
+      _mm256_store_ps(last + 8, acc[i][1]);
+      std::copy(last, last + columns, o);
+    }
+  }
+}
+
+inline void rows_product(int64_t rows, const float* x, int64_t lda, const float* panel,
+                         int64_t depth, const float* bias, bool relu, float* out, int64_t ldc,
+                         int64_t columns) {
+  switch (rows) {
+    case 6: return panel_product<6>(x, lda, panel, depth, bias, relu, out, ldc, columns);
+    case 5: return panel_product<5>(x, lda, panel, depth, bias, relu, out, ldc, columns);
+    case 4: return panel_product<4>(x, lda, panel, depth, bias, relu, out, ldc, columns);
+    case 3: return panel_product<3>(x, lda, panel, depth, bias, relu, out, ldc, columns);
+    case 2: return panel_product<2>(x, lda, panel, depth, bias, relu, out, ldc, columns);
+    default: return panel_product<1>(x, lda, panel, depth, bias, relu, out, ldc, columns);
+  }
+}
+
+// Rows per register block: 6 at a time (12 accumulators), the rest in blocks of 4 or fewer rather
+// than leaving 1-2 rows for the last (7 -> 4 + 3, 8 -> 4 + 4).
+inline int64_t block_rows(int64_t left) {
+  if (left == 7 || left == 8) return 4;
+  return left < 6 ? left : 6;
+}
+
+// x (..., in_features), packed by pack_linear from out_features x in_features weights; relu 0 or 1
+// -> (..., out_features). The threads share the panels (output features), each reading its weights
+// once.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                         int64_t relu) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel &&
+                  packed.size(0) == (out_features + kPanel - 1) / kPanel,
+              "packed: from qkv::pack_linear, of out_features output features");
+  const int64_t depth = packed.size(1) - 1, panels = packed.size(0);
+  TORCH_CHECK(x.size(-1) == depth, "x: (..., in_features), as the packed weight");
+  for (const at::Tensor* t : {&x, &packed})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "float32 CPU tensors");
+  const auto input = x.contiguous();
+  const int64_t rows = input.numel() / depth;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out_features;
+  auto out = at::empty(shape, x.options());
+  const float* X = input.const_data_ptr<float>();
+  const float* W = packed.const_data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  // A thread's share at least ~64K multiply-adds: fewer cost more to hand out than they save.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows * depth * kPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t columns = std::min(kPanel, out_features - p * kPanel);
+      const float* panel = W + p * (depth + 1) * kPanel;
+      // A stretch of the depth at a time: its part of the panel (16 KB) stays in the core's first
+      // cache while every row passes over it.
+      for (int64_t k = 0; k < depth; k += kDepthBlock) {
+        const int64_t stretch = std::min(kDepthBlock, depth - k);
+        const float* bias = k == 0 ? panel + depth * kPanel : nullptr;
+        const bool last = k + stretch == depth;
+        for (int64_t r = 0; r < rows;) {
+          const int64_t n = block_rows(rows - r);
+          rows_product(n, X + r * depth + k, depth, panel + k * kPanel, stretch, bias,
+                       last && relu != 0, O + r * out_features + p * kPanel, out_features, columns);
+          r += n;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // The attention operator as a C function of the kind AOTInductor calls for ATen's own operators (a
@@ -211,12 +363,28 @@ extern "C" AOTITorchError aoti_torch_cpu_beam_self_attention(AtenTensorHandle pr
   });
 }
 
+// The product as a C function too (packed is a constant of the program that calls it).
+extern "C" AOTITorchError aoti_torch_cpu_packed_linear(AtenTensorHandle x, AtenTensorHandle packed,
+                                                       int64_t out_features, int64_t relu,
+                                                       AtenTensorHandle* result) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *result = torch::aot_inductor::new_tensor_handle(packed_linear(
+        *tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(packed),
+        out_features, relu));
+  });
+}
+
 TORCH_LIBRARY(qkv, m) {
   m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
   m.def("log_softmax_(Tensor(a!) logits) -> Tensor(a!)");
+  m.def("pack_linear(Tensor weight, Tensor bias) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, int out_features, int relu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qkv, CPU, m) {
   m.impl("beam_self_attention", &beam_self_attention);
   m.impl("log_softmax_", &log_softmax_);
+  m.impl("pack_linear", &pack_linear);
+  m.impl("packed_linear", &packed_linear);
 }

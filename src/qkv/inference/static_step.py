@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
+from qkv.inference.packed_linear import DecoderProducts, feed_forward, projections
 from qkv.inference.static_cache import attend, attend_with_new, gather_history
 from qkv.inference.topk import row_topk
 from qkv.model import Transformer
@@ -34,11 +34,20 @@ class StaticDecoderStep(nn.Module):
         self.candidates = min(candidates, model.config.tgt_vocab_size)
         self.n_heads = model.config.n_heads
         self.positions = positions_table(model.tgt_positions)
+        # Every product by qkv's own kernel (`use_products`), or None: PyTorch's
+        self.products: DecoderProducts | None = None
+        # Whether it calls qkv's operators, which makes it another program (`aoti.program_key`)
+        self.native = False
         if like is not None:  # another step of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
             return
         # Q, K and V of self-attention as one product (a frozen copy, as the eager engine keeps).
         self.qkv_weights, self.qkv_biases = stacked_self_attention(model.decoder.layers)
+
+    def use_products(self, products: DecoderProducts | None) -> None:
+        """Compute every product with `products` (qkv's kernel), or with PyTorch's (None)."""
+        self.products = products
+        self.native = products is not None
 
     def forward(
         self,
@@ -78,22 +87,20 @@ class StaticDecoderStep(nn.Module):
         history = self_kv if self.greedy else gather_history(self_kv, ancestry)
         projected = []  # each layer's queries, keys and values: the cache keeps the last two
         for i, layer in enumerate(model.decoder.layers):
-            bias = self.qkv_biases[i] if len(self.qkv_biases) else None
+            qkv_proj, self_out, cross_q, cross_out = projections(self.products, i, layer, self)
             h = layer.norm1(y) if layer.norm_first else y
-            projected.append(F.linear(h, self.qkv_weights[i], bias))  # (rows, 1, 3 * d_model)
+            projected.append(qkv_proj(h))  # (rows, 1, 3 * d_model)
             q, k, v = projected[i].view(rows, 3, n_heads, 1, -1).unbind(1)
             attended = attend_with_new(q, history[0, i], history[1, i], self_bias, k, v)
-            y = residual(layer, layer.norm1, y, layer.self_attn.out_proj(attended))
-            attention = layer.cross_attn
+            y = residual(layer, layer.norm1, y, self_out(attended))
             h = layer.norm2(y) if layer.norm_first else y
-            q = attention.q_proj(h).view(rows, n_heads, 1, -1)
+            q = cross_q(h).view(rows, n_heads, 1, -1)
             attended = attend(q, cross_kv[0, i], cross_kv[1, i], cross_bias)
-            y = residual(layer, layer.norm2, y, attention.out_proj(attended))
+            y = residual(layer, layer.norm2, y, cross_out(attended))
             h = layer.norm3(y) if layer.norm_first else y
-            feed_forward = layer.feed_forward  # its formula, without its dropout (in any mode)
-            hidden = feed_forward.activation(feed_forward.linear1(h))
-            y = residual(layer, layer.norm3, y, feed_forward.linear2(hidden))
-        logits = model.output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
+            y = residual(layer, layer.norm3, y, feed_forward(self.products, i, layer, h))
+        output = self.products.output if self.products is not None else model.output
+        logits = output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
         # The search's own first operations, here at a few µs instead of ~25 µs of calls a step (and
         # a beam search's candidates: ~70 µs of calls, slower still right after the program).
         if self.greedy:  # the best of log_softmax(logits) + banned_bias: the best logit's token

@@ -1,0 +1,109 @@
+"""A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
+compiled steps (`StaticDecoderStep` of `FROM_ROWS` rows or more, `SharedBeamStep`) on an AVX2 CPU.
+
+A decoding step multiplies 1-32 rows by each weight. oneDNN, which Inductor and the eager engine
+call for these products, prepares every call for a general product; with so few rows that costs
+more than the arithmetic of the small weights. qkv's kernel packs each weight once into panels of
+16 output features and computes 6 rows x 16 features at a time in registers, the threads sharing
+the panels. Held to AVX2 on a Zen 4, each product alone (weights in the cache, best of 5): 32 x 256
+x 768 68-70 µs against oneDNN's 101-154, 32 x 256 x 256 26 against 48, 32 x 256 x 8000 844-880
+against 973-1012 (benchmarks/README.md, session 33). Same results as `F.linear` up to summation
+order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qkv.inference import native
+
+
+class PackedLinear(nn.Module):
+    """x W^T + b (then a ReLU if `relu`) for x (..., d_in), W (d_out, d_in) packed once by
+    `qkv::pack_linear` (a copy: it does not follow later changes of the weight)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, relu: bool = False):
+        super().__init__()
+        weight = weight.detach().float()
+        bias = weight.new_zeros(weight.size(0)) if bias is None else bias.detach().float()
+        # A buffer, so that a program holds it as a constant; not in the state dict, which has the
+        # weights it is made from.
+        self.register_buffer("packed", torch.ops.qkv.pack_linear(weight, bias), persistent=False)
+        self.out_features, self.relu = weight.size(0), int(relu)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.qkv.packed_linear(x, self.packed, self.out_features, self.relu)
+
+
+class DecoderProducts(nn.Module):
+    """Every product of a decoder step, packed: for each layer, self-attention's stacked Q/K/V and
+    output, cross-attention's Q and output, the feed-forward's two (a ReLU fused into the first);
+    and the output projection."""
+
+    def __init__(self, model: nn.Module, qkv_weights, qkv_biases):
+        super().__init__()
+        self.qkv, self.self_out, self.cross_q, self.cross_out = (nn.ModuleList() for _ in range(4))
+        self.linear1, self.linear2 = nn.ModuleList(), nn.ModuleList()
+        for i, layer in enumerate(model.decoder.layers):
+            bias = qkv_biases[i] if len(qkv_biases) else None
+            self.qkv.append(PackedLinear(qkv_weights[i], bias))
+            self.self_out.append(of(layer.self_attn.out_proj))
+            self.cross_q.append(of(layer.cross_attn.q_proj))
+            self.cross_out.append(of(layer.cross_attn.out_proj))
+            feed_forward = layer.feed_forward
+            self.linear1.append(of(feed_forward.linear1, relu=feed_forward.activation is F.relu))
+            self.linear2.append(of(feed_forward.linear2))
+        self.output = of(model.output)
+
+
+def of(linear: nn.Linear, relu: bool = False) -> PackedLinear:
+    return PackedLinear(linear.weight, linear.bias, relu)
+
+
+def projections(products: DecoderProducts | None, i: int, layer: nn.Module, step: nn.Module):
+    """Decoder layer i's attention products, qkv's (`products`) or PyTorch's (None): self-attention's
+    Q, K and V as one (the step's stacked `qkv_weights`) and its output, cross-attention's Q and
+    output."""
+    if products is not None:
+        return products.qkv[i], products.self_out[i], products.cross_q[i], products.cross_out[i]
+    weight = step.qkv_weights[i]
+    bias = step.qkv_biases[i] if len(step.qkv_biases) else None
+    attention, cross = layer.self_attn, layer.cross_attn
+    return (lambda h: F.linear(h, weight, bias)), attention.out_proj, cross.q_proj, cross.out_proj
+
+
+def feed_forward(products: DecoderProducts | None, i: int, layer: nn.Module, h: Tensor) -> Tensor:
+    """Decoder layer i's feed-forward formula, without its dropout (in any mode)."""
+    formula = layer.feed_forward
+    if products is None:
+        return formula.linear2(formula.activation(formula.linear1(h)))
+    hidden = products.linear1[i](h)
+    if formula.activation is not F.relu:  # a ReLU is in the product already
+        hidden = formula.activation(hidden)
+    return products.linear2[i](hidden)
+
+
+# ATen capabilities where a compiled step takes qkv's products. As the CPU comes with AVX-512, oneDNN's
+# products use its wider vectors, and qkv's kernel is AVX2's.
+NATIVE_PRODUCTS_ON = ("AVX2",)
+# Programs of this many rows or more take qkv's products (`qkv.inference.compiled`); fewer rows keep
+# Inductor's own, measured while compiling, which its 5-row blocks made faster there
+# (`aoti.AVX2_ROW_BLOCK`). Whole searches with qkv's products against Inductor's or oneDNN's, small
+# model, held to AVX2 on a Zen 4, two engines taking turns: greedy 0.86x the time on 16 sentences,
+# 0.97x on 8, 0.91-0.93x on 32; but 1.24x on one sentence, 1.03x on 2 and 5, and 1.11x with beam 5
+# on one (benchmarks/README.md, session 33).
+FROM_ROWS = 8
+
+
+def unavailable(model: nn.Module) -> str | None:
+    """None if a compiled step of `model` takes qkv's products here, else why not (one line): an
+    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON`, and qkv's operators loaded."""
+    weight = model.output.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return "qkv's products are for fp32 on the CPU"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in NATIVE_PRODUCTS_ON:
+        return f"qkv's products are for AVX2; oneDNN's serve {capability}"
+    return native.load()
