@@ -292,3 +292,29 @@ def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
     assert packed_linear.unavailable(model.to(torch.bfloat16)) == (
         "qkv's products are for fp32 on the CPU"
     )
+
+
+@needs_operator
+def test_a_program_with_qkvs_products_that_fails_falls_back_on_pytorchs_products(
+    products_here, monkeypatch
+):
+    """The step that runs after a failed program is the plain one: if qkv's operator was the
+    cause, it must not run again."""
+
+    def failing_program(arguments, greedy=False):
+        raise RuntimeError("qkv::packed_linear: as if the operator had failed")
+
+    messages, steps_run = [], []
+    model = random_model(seed=7)
+    engine = CompiledEngine(model, warn=messages.append)
+    reference = prepare_for_decoding(model)
+    encoder_uncompiled(engine)
+    monkeypatch.setattr(engine, "program", failing_program)
+    step_module = engine.step_module
+    monkeypatch.setattr(
+        engine, "step_module", lambda *a: steps_run.append(step_module(*a)) or steps_run[-1]
+    )
+    assert engine.packed_steps()  # qkv's products serve here
+    assert_same_greedy(engine, reference, random_sources(list(range(3, 13)), seed=7), max_len=12)
+    assert len(messages) == 1 and "could not compile the decoder step" in messages[0], messages
+    assert steps_run and all(step.products is None for step in steps_run)

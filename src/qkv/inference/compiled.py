@@ -238,7 +238,7 @@ class CompiledEngine(DecodingEngine):
         if self._products is None:
             model, like = self.static_step.model, self.static_step
             self._products = False
-            if packed_linear.unavailable(model) is None:
+            if packed_linear.unavailable(model, self.say) is None:
                 self._products = DecoderProducts(model, like.qkv_weights, like.qkv_biases)
         return None if self._products is False else self._products
 
@@ -394,8 +394,9 @@ class CompiledEngine(DecodingEngine):
                 outputs = self.program(arguments, greedy)(*arguments)
             except Exception as error:  # export's and Inductor's failures have many types
                 self._cannot_compile("the decoder step", error)
-        if outputs is None:
-            outputs = self.step_module(greedy, tokens.size(0))(*arguments)
+        if outputs is None:  # PyTorch's products once a program failed: they were not the cause
+            rows = tokens.size(0) if self.unavailable is None else None
+            outputs = self.step_module(greedy, rows)(*arguments)
         n_layers = len(self.decoder)
         cache.write(outputs[-n_layers:])  # this position's keys and values, in each layer's output
         if not greedy:  # log-probabilities, best token and its, most likely tokens and theirs

@@ -161,6 +161,7 @@ def _registered() -> bool:
     """Whether this process has the operators already (a library built in another cache folder)."""
     try:
         torch.ops.qkv.beam_self_attention.default  # noqa: B018 (looked up, or not there)
+        torch.ops.qkv.packed_linear.default  # noqa: B018 (a library older than it: not these)
     except (AttributeError, RuntimeError):
         return False
     return True

@@ -307,7 +307,7 @@ inline int64_t block_rows(int64_t left) {
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                          int64_t relu) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel &&
-                  packed.size(0) == (out_features + kPanel - 1) / kPanel,
+                  packed.size(0) == (out_features + kPanel - 1) / kPanel && packed.is_contiguous(),
               "packed: from qkv::pack_linear, of out_features output features");
   const int64_t depth = packed.size(1) - 1, panels = packed.size(0);
   TORCH_CHECK(x.size(-1) == depth, "x: (..., in_features), as the packed weight");

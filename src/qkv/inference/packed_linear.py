@@ -97,13 +97,14 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 FROM_ROWS = 8
 
 
-def unavailable(model: nn.Module) -> str | None:
+def unavailable(model: nn.Module, say=None) -> str | None:
     """None if a compiled step of `model` takes qkv's products here, else why not (one line): an
-    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON`, and qkv's operators loaded."""
+    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON`, and qkv's operators loaded
+    (built at their first use, `say` told)."""
     weight = model.output.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return "qkv's products are for fp32 on the CPU"
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in NATIVE_PRODUCTS_ON:
         return f"qkv's products are for AVX2; oneDNN's serve {capability}"
-    return native.load()
+    return native.load(say)
