@@ -1,9 +1,9 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
 compiled steps (`StaticDecoderStep` of `FROM_ROWS` rows or more, `SharedBeamStep`) on an AVX2 CPU.
 
-A decoding step multiplies 1-32 rows by each weight. oneDNN, which Inductor and the eager engine
-call for these products, prepares every call for a general product; with so few rows that costs
-more than the arithmetic of the small weights. qkv's kernel packs each weight once into panels of
+A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
+oneDNN, which Inductor and the eager engine call for these products, prepares every call for a
+general product; with so few rows that costs more than the arithmetic of the small weights. qkv's kernel packs each weight once into panels of
 16 output features and computes 6 rows x 16 features at a time in registers, the threads sharing
 the panels. Held to AVX2 on a Zen 4, each product alone (weights in the cache, best of 5): 32 x 256
 x 768 68-70 µs against oneDNN's 101-154, 32 x 256 x 256 26 against 48, 32 x 256 x 8000 844-880
