@@ -175,8 +175,8 @@ class CompiledEngine(DecodingEngine):
         # (rows, greedy) -> seconds to compile or load it
         self.compile_seconds: dict[tuple[int, bool], float] = {}
         self._keys: dict[bool, str] = {}  # whether a step takes qkv's products -> its key
-        # greedy -> the step with qkv's products (`packed_steps`); {} where they do not serve
-        self._packed_steps: dict[bool, StaticDecoderStep] | None = None
+        # The steps with qkv's products, [static, greedy] (`packed_steps`); [] where they do not serve
+        self._packed_steps: list[StaticDecoderStep] | None = None
         self._products: DecoderProducts | bool | None = None  # False: they do not serve here
         self._banned_biases: dict[tuple[int, ...], Tensor] = {}
         if self.unavailable is not None:
@@ -223,23 +223,18 @@ class CompiledEngine(DecodingEngine):
     def packed_steps(self) -> bool:
         """Whether the steps with qkv's products serve here: made at the first question."""
         if self._packed_steps is None:
-            self._packed_steps = {}
-            if (products := self.decoder_products()) is not None:
-                like = self.static_step
-                for greedy in (False, True):
-                    step = StaticDecoderStep(like.model, greedy, like, like.candidates).eval()
-                    step.use_products(products)
-                    self._packed_steps[greedy] = step
+            products, steps = self.decoder_products(), (self.static_step, self.greedy_step)
+            self._packed_steps = (
+                [s.with_products(products) for s in steps] if products is not None else []
+            )
         return bool(self._packed_steps)
 
     def decoder_products(self) -> DecoderProducts | None:
         """The decoder's products by qkv's kernel, made once, or None where they do not serve
         (`packed_linear.unavailable`): for the programs of many rows and the beam programs."""
         if self._products is None:
-            model, like = self.static_step.model, self.static_step
-            self._products = False
-            if packed_linear.unavailable(model, self.say) is None:
-                self._products = DecoderProducts(model, like.qkv_weights, like.qkv_biases)
+            usable = packed_linear.unavailable(self.static_step.model, self.say) is None
+            self._products = DecoderProducts.of_step(self.static_step) if usable else False
         return None if self._products is False else self._products
 
     def new_cache(

@@ -57,6 +57,11 @@ class DecoderProducts(nn.Module):
             self.linear2.append(of(feed_forward.linear2))
         self.output = of(model.output)
 
+    @classmethod
+    def of_step(cls, step: nn.Module) -> DecoderProducts:
+        """The products of a compiled step's model, from its stacked Q/K/V weights."""
+        return cls(step.model, step.qkv_weights, step.qkv_biases)
+
 
 def of(linear: nn.Linear, relu: bool = False) -> PackedLinear:
     return PackedLinear(linear.weight, linear.bias, relu)

@@ -34,7 +34,7 @@ class StaticDecoderStep(nn.Module):
         self.candidates = min(candidates, model.config.tgt_vocab_size)
         self.n_heads = model.config.n_heads
         self.positions = positions_table(model.tgt_positions)
-        # Every product by qkv's own kernel (`use_products`), or None: PyTorch's
+        # Every product by qkv's own kernel (`with_products`), or None: PyTorch's
         self.products: DecoderProducts | None = None
         # Whether it calls qkv's operators, which makes it another program (`aoti.program_key`)
         self.native = False
@@ -44,10 +44,11 @@ class StaticDecoderStep(nn.Module):
         # Q, K and V of self-attention as one product (a frozen copy, as the eager engine keeps).
         self.qkv_weights, self.qkv_biases = stacked_self_attention(model.decoder.layers)
 
-    def use_products(self, products: DecoderProducts | None) -> None:
-        """Compute every product with `products` (qkv's kernel), or with PyTorch's (None)."""
-        self.products = products
-        self.native = products is not None
+    def with_products(self, products: DecoderProducts) -> StaticDecoderStep:
+        """This step, its weights shared, computing every product with `products` (qkv's kernel)."""
+        step = StaticDecoderStep(self.model, self.greedy, self, self.candidates).eval()
+        step.products, step.native = products, True
+        return step
 
     def forward(
         self,
