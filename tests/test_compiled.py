@@ -5,6 +5,7 @@ cannot compile it says so once and decodes as the eager engine does."""
 from __future__ import annotations
 
 import inspect
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -458,6 +459,7 @@ def test_products_are_inductors_or_onednns_by_the_size_of_their_weight(tmp_path)
                 wrapper = [n for n in package.namelist() if n.endswith(".wrapper.cpp")]
                 code = package.read(wrapper[0]).decode()
             assert code.count("aoti_torch_cpu__linear_pointwise(") == library_calls, own_up_to
+            assert "aot_inductor.package" not in aoti.INDUCTOR_OPTIONS  # not changed by PyTorch
             torch.testing.assert_close(aoti.load_package(path)(x)[0], expected)
             runner, _ = aoti.aligned_runner(path)
             if runner is not None:
@@ -566,8 +568,10 @@ def test_one_sentence_is_encoded_by_a_program_that_also_projects_it_for_the_firs
     assert engine.unavailable is None
     # A new engine of the same weights loads the program: nothing is compiled again.
     again = CompiledEngine(model)
+    again.program = lambda arguments, greedy=False: again.step_module(greedy)  # the encoder only
     assert_same_greedy(again, reference, random_sources([4], seed=5), max_len=10)
     assert again.source.program is not None and again.unavailable is None
+    assert len(list(compile_cache.iterdir())) == 1
 
 
 def test_many_sentences_are_encoded_by_a_program_of_their_own(quick_compile, compile_cache):
@@ -723,9 +727,16 @@ def test_each_program_a_search_can_take_and_the_fewest_sentences_that_take_it(mo
     assert engine.sentences_per_program(1) == []
 
 
-def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, quick_compile):
-    """In process, quick options; the command compiles with Inductor's own C++ products chosen by
-    measuring (max_autotune), into the run directory's compiled/ folder, and loads them later."""
+def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, monkeypatch, tmp_path):
+    """The process and the command compile with the same options (without measuring the products:
+    test_products_are_inductors_or_onednns_by_the_size_of_their_weight measures them), into the run
+    directory's compiled/ folder: the command loads the encoder's program the process compiled,
+    compiles its own decoder step (2 rows), and the next command loads that."""
+    monkeypatch.setenv(aoti.AUTOTUNE_VARIABLE, "0")  # the commands' too: they inherit it
+    # A copy of the run without the programs other tests compiled into it, whatever ran before.
+    toy_run = Path(
+        shutil.copytree(toy_run, tmp_path / "run", ignore=shutil.ignore_patterns("compiled"))
+    )
     lines = ["a b c d", "p o n", "k l m"]
     messages, said = [], []
     translator = qkv.load(toy_run, compile=True, warn=messages.append, say=said.append)
@@ -748,6 +759,7 @@ def test_translator_and_cli_compile_translate_as_without(toy_run, run_qkv, quick
         assert "precision fp32 (auto with --compile" in result.stderr
         # Compiled by the first command, loaded by the second.
         assert ("qkv: compiling the decoder step for 2 rows" in result.stderr) == (run == 0)
+        assert "compiling the encoder" not in result.stderr, result.stderr  # the process's
 
 
 class Projection(nn.Module):
@@ -759,16 +771,23 @@ class Projection(nn.Module):
         return torch.relu(self.linear(x)) * 2
 
 
-@pytest.mark.parametrize("realign", [False, True], ids=["as loaded", "every constant moved"])
-def test_a_programs_constants_are_aligned_to_cache_lines_and_give_its_results(
-    tmp_path, monkeypatch, realign
-):
+@pytest.fixture(scope="module")
+def projection_package(tmp_path_factory):
+    """A small program, compiled once for the tests that load it: (its path, its input, the
+    module's output)."""
     torch.manual_seed(0)
     module, x = Projection().eval(), torch.randn(6, 48)
-    path = tmp_path / "projection.pt2"
+    path = tmp_path_factory.mktemp("projection") / "projection.pt2"
     with torch.inference_mode():
         aoti.export_and_package(module, (x,), {"x": None}, path, QUICK)
-        expected = module(x)
+        return path, x, module(x)
+
+
+@pytest.mark.parametrize("realign", [False, True], ids=["as loaded", "every constant moved"])
+def test_a_programs_constants_are_aligned_to_cache_lines_and_give_its_results(
+    projection_package, monkeypatch, realign
+):
+    path, x, expected = projection_package
     if realign:  # no address passes: every constant is copied, as a misaligned block's would be
         monkeypatch.setattr(aoti, "CACHE_LINE", 2**62)
     runner, moved = aoti.aligned_runner(path)

@@ -365,7 +365,9 @@ def package(exported, path: Path, options: dict, own_products_up_to: int | None 
         made = torch._inductor.aoti_compile_and_package(
             exported,
             package_path=str(Path(scratch) / "step.pt2"),
-            inductor_configs=options,
+            # A copy: PyTorch adds its own keys to the dict it is given, which would change
+            # the caller's (`INDUCTOR_OPTIONS`, and with it every later `program_key`).
+            inductor_configs=dict(options),
         )
         atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
 
