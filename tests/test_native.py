@@ -261,8 +261,8 @@ def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids
     src = random_sources(list(range(1, 21)), seed=6)
     assert_same_greedy(engine, reference, src)
     # Then the program of 8 rows as the sentences finish, with qkv's products too, every one a C
-    # function, not through the dispatcher: 6 a layer, and the output's. (Fewer rows: the step
-    # above, without them.)
+    # function, not through the dispatcher: 6 a layer, and the output's. (Programs of fewer rows
+    # take Inductor's: `step_module(True, 5)` above.)
     products = 6 * model.config.n_decoder_layers + 1
     calls = {rows: c_calls(PRODUCT, engine.package_path(rows, True)) for rows, _ in engine.programs}
     assert calls == {32: products, 8: products}

@@ -3,14 +3,15 @@ compiled steps (`StaticDecoderStep` of `FROM_ROWS` rows or more, `SharedBeamStep
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
 oneDNN, which Inductor and the eager engine call for these products, prepares every call for a
-general product; with so few rows that costs more than the arithmetic of the small weights. qkv's kernel packs each weight once into panels of
-16 output features and computes 6 rows x 16 features at a time in registers, the threads sharing
-the panels, each block asking memory for the weights that come next (a step reads each weight once,
-more than the caches hold: the base model's 32-row step, held to AVX2 on a Zen 4, 11.7-12.9 -> 9.4-10.3
-ms of products; session 34). Held to AVX2 on a Zen 4, each product alone (weights in the cache, best of 5): 32 x 256
-x 768 68-70 µs against oneDNN's 101-154, 32 x 256 x 256 26 against 48, 32 x 256 x 8000 844-880
-against 973-1012 (benchmarks/README.md, session 33). Same results as `F.linear` up to summation
-order.
+general product; with so few rows that costs more than the arithmetic of the small weights. qkv's
+kernel packs each weight once into panels of 16 output features and computes 6 rows x 16 features
+at a time in registers, the threads sharing the panels, each block asking memory for the weights
+that come next (a step reads each weight once, more than the caches hold). Held to AVX2 on a Zen 4,
+each product alone (weights in the cache, best of 5): 32 x 256 x 768 68-70 µs against oneDNN's
+101-154, 32 x 256 x 256 26 against 48, 32 x 256 x 8000 844-880 against 973-1012 (benchmarks/README.md,
+session 33); the base model's 37 products of a 32-row step in a row, from memory, 11.7-12.9 ms before
+the weights were asked for ahead, 9.4-10.3 after (session 34). Same results as `F.linear` up to
+summation order.
 """
 
 from __future__ import annotations
