@@ -18,6 +18,17 @@ os.environ.setdefault("QKV_NATIVE_CACHE", tempfile.mkdtemp(prefix="qkv-native-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def threads_as_they_were():
+    """Each test leaves PyTorch's threads as it found them (`qkv.train.train` sets them as its config
+    says): a compiled program's key holds them, and a test after it would compile another program
+    than its `qkv` commands, which start with the default."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def qkv_env(**extra: str) -> dict[str, str]:
     """Environment for running this checkout's qkv in a subprocess (no install needed)."""
     env = dict(os.environ)
