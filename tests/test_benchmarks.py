@@ -1,6 +1,7 @@
 """The benchmark scripts run and print what the speed targets are read from: a row per cell with each
 system's figure and the ratios. Tiny settings; nothing here is timed against a threshold."""
 
+import importlib.util
 import json
 import platform
 import subprocess
@@ -57,7 +58,19 @@ def test_train_throughput_can_set_glibc_as_qkv_train_does_and_leave_the_padding_
     assert [row[1] for row in rows] == ["qkv", "nn.Transformer", "qkv+qkv.loss"]
 
 
-def decode_rows(*systems: str) -> list[list[str]]:
+HAS_HF = importlib.util.find_spec("transformers") is not None
+# CTranslate2's model is Hugging Face's, converted.
+HAS_CT2 = HAS_HF and importlib.util.find_spec("ctranslate2") is not None
+
+
+@pytest.fixture(scope="module")
+def decode_table() -> dict[tuple[str, str], dict[str, str]]:
+    """One run of decode_speed.py for every decode test (each run pays ~8 s of start-up): the small
+    config, 2 sentences, beam and greedy, every system the installed extras allow. Returns each
+    row's cells by the header's column names, keyed by (batch, search)."""
+    systems = ["qkv", "qkv-nocache"]
+    systems += ["hf", "hf-static"] if HAS_HF else []
+    systems += ["ct2-fp32"] if HAS_CT2 else []
     result = run_script(
         "decode_speed.py", "--configs", "small", "--batches", "2", "--searches", "beam", "greedy",
         "--repeats", "1", "--systems", *systems,
@@ -66,47 +79,56 @@ def decode_rows(*systems: str) -> list[list[str]]:
     assert_names_the_cpu(result.stdout)
     # Every process starts with a short OpenMP spin, so that the turns do not meet spinning threads.
     assert "GOMP_SPINCOUNT=20000" in result.stdout.splitlines()[1]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("| small")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    lines = result.stdout.splitlines()
+    columns = next(cells(line) for line in lines if line.startswith("| config |"))
+    rows = [
+        dict(zip(columns, cells(line), strict=True)) for line in lines if line.startswith("| small")
+    ]
+    assert [(row["config"], row["batch"], row["search"]) for row in rows] == [
+        ("small", "2", "beam 5"), ("small", "2", "greedy"),
+    ]  # fmt: skip
+    return {(row["batch"], row["search"]): row for row in rows}
 
 
-def test_decode_speed_times_qkv_with_and_without_the_cache():
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def assert_ratio(row: dict[str, str], ours: str, theirs: str) -> None:
+    """The ratio column is ours / theirs, to the rounding of the printed figures (0.1) and ratio
+    (0.01)."""
+    mine, other = float(row[ours]), float(row[theirs])
+    ratio = float(row[f"{ours} / {theirs}"].rstrip("x"))
+    assert mine > 0 and other > 0
+    rounding = mine / other * (0.05 / mine + 0.05 / other) + 0.005
+    assert ratio == pytest.approx(mine / other, abs=rounding)
+
+
+def test_decode_speed_times_qkv_with_and_without_the_cache(decode_table):
     """Every search generated exactly the 20 tokens asked for (the script checks), in both cells."""
-    rows = decode_rows("qkv", "qkv-nocache")
-    assert [row[:3] for row in rows] == [["small", "2", "beam 5"], ["small", "2", "greedy"]]
-    assert all(float(cell) > 0 for row in rows for cell in row[3:5])
+    for row in decode_table.values():
+        assert float(row["qkv fp32"]) > 0 and float(row["qkv fp32 no cache"]) > 0
 
 
-def test_decode_speed_prints_the_ratio_to_hugging_face():
-    pytest.importorskip("transformers")
-    rows = decode_rows("qkv", "hf")
-    for row in rows:
-        qkv, hf, ratio = float(row[3]), float(row[4]), float(row[5].rstrip("x"))
-        # The figures are printed to 0.1 and the ratio to 0.01: allow for both roundings.
-        rounding = qkv / hf * (0.05 / qkv + 0.05 / hf) + 0.005
-        assert ratio == pytest.approx(qkv / hf, abs=rounding)
+@pytest.mark.skipif(not HAS_HF, reason="transformers is not installed")
+def test_decode_speed_prints_the_ratio_to_hugging_face(decode_table):
+    for row in decode_table.values():
+        assert_ratio(row, "qkv fp32", "HF fp32")
 
 
-def test_decode_speed_times_hugging_faces_static_cache():
+@pytest.mark.skipif(not HAS_HF, reason="transformers is not installed")
+def test_decode_speed_times_hugging_faces_static_cache(decode_table):
     """ "hf-static": `generate` over its static cache (compiled on a GPU, the reference for the
     compiled step's CUDA graphs); every search still generated the 20 tokens (the script checks)."""
-    pytest.importorskip("transformers")
-    rows = decode_rows("qkv", "hf-static")
-    assert [row[:3] for row in rows] == [["small", "2", "beam 5"], ["small", "2", "greedy"]]
-    assert all(float(cell) > 0 for row in rows for cell in row[3:5])
+    assert all(float(row["HF fp32 static cache"]) > 0 for row in decode_table.values())
 
 
-def test_decode_speed_takes_turns_with_ctranslate2_in_its_own_process():
+@pytest.mark.skipif(not HAS_CT2, reason="transformers or ctranslate2 is not installed")
+def test_decode_speed_takes_turns_with_ctranslate2_in_its_own_process(decode_table):
     """CTranslate2 runs in a worker process that times one search per request, so it alternates with
     the systems in the benchmark's process; its figure and the ratio come out like theirs."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("ctranslate2")
-    rows = decode_rows("qkv", "ct2-fp32")
-    assert [row[:3] for row in rows] == [["small", "2", "beam 5"], ["small", "2", "greedy"]]
-    for row in rows:
-        qkv, ct2, ratio = float(row[3]), float(row[4]), float(row[5].rstrip("x"))
-        rounding = qkv / ct2 * (0.05 / qkv + 0.05 / ct2) + 0.005
-        assert ct2 > 0 and ratio == pytest.approx(qkv / ct2, abs=rounding)
+    for row in decode_table.values():
+        assert_ratio(row, "qkv fp32", "CT2 fp32")
 
 
 def test_serve_load_prints_a_row_per_client_count_with_and_without_batching(toy_run, tmp_path):
