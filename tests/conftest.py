@@ -9,10 +9,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+FORKED_QKV = Path(__file__).resolve().parent / "forked_qkv.py"
 
 # qkv's own operators (qkv.inference.native) are built once for the whole run, never in the user's
 # cache; subprocesses inherit the folder.
 os.environ.setdefault("QKV_NATIVE_CACHE", tempfile.mkdtemp(prefix="qkv-native-"))
+
+# The environment as the session starts, before any test sets a variable: the one `qkv_command`
+# forks commands from.
+ENVIRONMENT_AT_START = dict(os.environ)
 
 # Two cores: keep each test process from oversubscribing them.
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -29,22 +34,45 @@ def threads_as_they_were():
         torch.set_num_threads(threads)
 
 
-def qkv_env(**extra: str) -> dict[str, str]:
-    """Environment for running this checkout's qkv in a subprocess (no install needed)."""
-    env = dict(os.environ)
+def qkv_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """Environment for running this checkout's qkv in a subprocess (no install needed): `base` (by
+    default this process's environment as it is now), and `extra`."""
+    env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("QKV_DATA_DIR", str(SHARED_DATA))
     env.update(extra)
     return env
 
 
+@pytest.fixture(scope="session")
+def qkv_command(tmp_path_factory) -> list[str]:
+    """The command line that runs `qkv`: a caller of a server that imported torch once and forks
+    each command (forked_qkv.py), or `python -m qkv` where the server does not start."""
+    folder = tmp_path_factory.mktemp("forked_qkv")
+    socket_path = folder / "socket"
+    with open(folder / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, str(FORKED_QKV), "--serve", str(socket_path)],
+            env=qkv_env(ENVIRONMENT_AT_START), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=log, text=True,
+        )  # fmt: skip
+    if server.stdout.readline().strip() != "ready":
+        server.kill()
+        yield [sys.executable, "-m", "qkv"]
+        return
+    yield [sys.executable, str(FORKED_QKV), str(socket_path)]
+    server.kill()
+    server.wait()
+
+
 @pytest.fixture
-def run_qkv():
-    """Run `python -m qkv ARGS...` from this checkout; returns the CompletedProcess."""
+def run_qkv(qkv_command):
+    """Run `qkv ARGS...` from this checkout as `python -m qkv` would (forked from a process that
+    imported torch: `qkv_command`); returns the CompletedProcess."""
 
     def run(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout=600):
         return subprocess.run(
-            [sys.executable, "-m", "qkv", *map(str, args)],
+            [*qkv_command, *map(str, args)],
             input=input,
             capture_output=True,
             text=True,

@@ -1,3 +1,4 @@
+import signal
 import subprocess
 import sys
 
@@ -38,3 +39,56 @@ def test_help_of_every_command_imports_no_torch():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.split()[-2:] == [str(len(COMMANDS)), "False"]
     assert "usage: qkv export" in result.stdout and "--quantization" in result.stdout
+
+
+def test_the_tests_forked_commands_answer_as_python_m_qkv_does(qkv_command, toy_run, tmp_path):
+    """conftest runs `qkv` forked from a process that imported torch (forked_qkv.py): its output,
+    errors, exit status and death by a signal are those of `python -m qkv`."""
+    assert qkv_command[1].endswith("forked_qkv.py"), "the server did not start"
+    out = tmp_path / "out.txt"
+    cases = [
+        (["translate", str(toy_run), "--precision", "fp32"], "a b c\r\n\nd e\n"),
+        (["translate", str(toy_run), "--beam", "0"], ""),  # a clear error: 2
+        (["translate", str(toy_run), "-o", str(out), "--force"], "f g\n"),  # to a file
+        (["no-such-command"], ""),  # argparse's error: 2
+    ]
+    for args, stdin in cases:
+        runs = [
+            subprocess.run(
+                [*command, *args], input=stdin, capture_output=True, text=True, env=qkv_env()
+            )
+            for command in (qkv_command, [sys.executable, "-m", "qkv"])
+        ]
+        forked, plain = [(r.returncode, r.stdout, r.stderr) for r in runs]
+        assert forked == plain, args
+    assert out.read_text() == "g f\n"
+    # A command interrupted while it waits for its input (Ctrl-C: SIGINT): the caller passes the
+    # signal on, and the command says so and ends as it does (130).
+    ends = []
+    for command in (qkv_command, [sys.executable, "-m", "qkv"]):
+        process = subprocess.Popen(
+            [*command, "translate", str(toy_run), "--precision", "fp32"], env=qkv_env(),
+            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert process.stderr.readline() == "qkv: precision fp32\n"  # loaded: reading its input
+        process.send_signal(signal.SIGINT)
+        ends.append((process.wait(timeout=60), process.stderr.read()))
+    assert ends[0] == ends[1] == (130, "qkv: interrupted\n"), ends
+    # Without a server (or where `forkable` says no): `python -m qkv` itself.
+    alone = subprocess.run(
+        [*qkv_command[:2], str(tmp_path / "no-server"), "--version"],
+        capture_output=True, text=True, env=qkv_env(),
+    )  # fmt: skip
+    assert alone.returncode == 0 and alone.stdout == f"qkv {__version__}\n", alone.stderr
+
+
+def test_a_command_is_forked_only_where_the_environment_leaves_imports_as_they_were():
+    from forked_qkv import forkable
+
+    server = {"PATH": "/bin", "QKV_DATA_DIR": "/data", "OMP_NUM_THREADS": "2"}
+    assert forkable(server, dict(server, QKV_DATA_DIR="/other", PYTEST_CURRENT_TEST="x"))
+    assert forkable(server, dict(server, QKV_COMPILE_AUTOTUNE="0"))
+    assert not forkable(server, dict(server, OMP_NUM_THREADS="1"))
+    assert not forkable(server, dict(server, ATEN_CPU_CAPABILITY="avx2"))
+    assert not forkable(server, dict(server, QKV_FAST_KERNELS="0"))  # read as qkv.kernels imports
+    assert not forkable(server, {k: v for k, v in server.items() if k != "PATH"})

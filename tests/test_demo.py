@@ -3,8 +3,8 @@
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -57,10 +57,12 @@ def test_readme_lists_the_commands_a_newcomer_runs_after_the_demo():
         assert f"qkv {command} runs/demo" in commands
 
 
-def test_readme_commands_run_as_written_after_the_demo(demo_run):
+def test_readme_commands_run_as_written_after_the_demo(demo_run, qkv_command):
     cwd, _ = demo_run
     commands = readme_commands_on_the_demo()
-    script = f'qkv() {{ "{sys.executable}" -m qkv "$@"; }}\nset -e\n' + "\n".join(commands)
+    # `python -m qkv`, as conftest's other tests run it.
+    qkv = " ".join(shlex.quote(part) for part in qkv_command)
+    script = f'qkv() {{ {qkv} "$@"; }}\nset -e\n' + "\n".join(commands)
     # `--compile` without measuring the products while compiling (~40% shorter; README says how):
     # tests/test_compiled.py compiles programs that measure them.
     result = subprocess.run(
