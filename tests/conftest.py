@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,9 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 FORKED_QKV = Path(__file__).resolve().parent / "forked_qkv.py"
 
+
+def _remove_by(pid: int, folder: str) -> None:
+    if os.getpid() == pid:  # not in a child forked from this process
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # qkv's own operators (qkv.inference.native) are built once for the whole run, never in the user's
-# cache; subprocesses inherit the folder.
-os.environ.setdefault("QKV_NATIVE_CACHE", tempfile.mkdtemp(prefix="qkv-native-"))
+# cache; subprocesses inherit the folder, removed as the run ends.
+if "QKV_NATIVE_CACHE" not in os.environ:
+    os.environ["QKV_NATIVE_CACHE"] = tempfile.mkdtemp(prefix="qkv-native-")
+    atexit.register(_remove_by, os.getpid(), os.environ["QKV_NATIVE_CACHE"])
 
 # The environment as the session starts, before any test sets a variable: the one `qkv_command`
 # forks commands from.

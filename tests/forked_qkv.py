@@ -21,7 +21,12 @@ import traceback
 
 # The variables that may differ between the server's environment and a command's: read when a
 # command runs, not when torch or qkv is imported (kernels.py reads QKV_FAST_KERNELS on import).
-RUN_TIME_VARIABLES = ("PYTEST_CURRENT_TEST", "COLUMNS", "LINES", "_", "PWD", "OLDPWD", "SHLVL")
+# Inductor writes the last two into the environment of a test process once it has compiled there
+# (its cache folder, and an address it sets again before each load), and reads them when it uses them.
+RUN_TIME_VARIABLES = (
+    "PYTEST_CURRENT_TEST", "COLUMNS", "LINES", "_", "PWD", "OLDPWD", "SHLVL",
+    "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+)  # fmt: skip
 RUN_TIME_PREFIX = "QKV_"
 IMPORT_TIME_VARIABLES = ("QKV_FAST_KERNELS",)
 

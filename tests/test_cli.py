@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import sys
@@ -92,3 +93,20 @@ def test_a_command_is_forked_only_where_the_environment_leaves_imports_as_they_w
     assert not forkable(server, dict(server, ATEN_CPU_CAPABILITY="avx2"))
     assert not forkable(server, dict(server, QKV_FAST_KERNELS="0"))  # read as qkv.kernels imports
     assert not forkable(server, {k: v for k, v in server.items() if k != "PATH"})
+
+
+def test_commands_are_still_forked_after_inductor_compiled_in_the_test_process(monkeypatch):
+    """Inductor sets variables of its own in the environment of a process that compiled (most of the
+    suite's commands run after such a test): they must not stop the commands from being forked."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from forked_qkv import forkable
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"):
+        monkeypatch.setenv(name, "")  # undone as the test ends, whatever Inductor writes over it
+        monkeypatch.delenv(name)
+    server_env = qkv_env()  # as the server starts, before any compile
+    cache_dir()  # what compiling does first
+    os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = "140000000000"  # as loading does
+    assert "TORCHINDUCTOR_CACHE_DIR" in os.environ
+    assert forkable(server_env, qkv_env())
