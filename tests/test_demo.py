@@ -83,6 +83,7 @@ def test_readme_commands_run_as_written_after_the_demo(demo_run, qkv_command):
     # README's `qkv translate runs/demo --compile --beam 1`: its program, kept beside the checkpoint
     # (tests/test_compiled.py checks that the command translates as without --compile).
     assert len(list((cwd / "runs/demo/compiled").glob("decoder-step-1-rows-*.pt2"))) == 1
+    assert "qkv: compiling the decoder step for 1 row, greedy (once" in result.stderr, result.stderr
     if HAS_EXPORT:
         assert (cwd / "runs/demo/ct2_int8/model.bin").is_file()
         assert (cwd / "runs/demo/onnx/decoder_step.onnx").is_file()
