@@ -378,6 +378,10 @@ def test_bad_arguments_are_rejected():
         beam_search(model, src, length_penalty_style="marian")
     with pytest.raises(ValueError, match="n_best must be between 1 and beam_size=2"):
         beam_search(model, src, beam_size=2, n_best=3)
+    # ((5 + len) / 6) ** 1000 raised OverflowError mid-search; NaN ranked hypotheses at random
+    for alpha in (1000.0, float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="length penalty must be a number between -10 and 10"):
+            beam_search(model, src, length_penalty=alpha)
 
 
 def test_length_penalty_styles():

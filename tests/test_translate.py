@@ -212,6 +212,10 @@ def test_cli_rejects_bad_input_clearly(run_qkv, toy_run, tmp_path):
     result = run_qkv("translate", toy_run, "--n-best", "3", "--beam", "2", input="a\n")
     assert result.returncode == 2
     assert "qkv: error: --n-best must be between 1 and the beam size 2" in result.stderr
+    for alpha in ("1e308", "nan"):  # a traceback (OverflowError), and output at random
+        result = run_qkv("translate", toy_run, f"--length-penalty={alpha}", input="a\n")
+        assert result.returncode == 2 and result.stdout == ""
+        assert "qkv: error: --length-penalty must be a number between -10 and 10" in result.stderr
     result = run_qkv("translate", tmp_path / "nothing", input="a\n")
     assert result.returncode == 2
     assert "no such run directory or checkpoint" in result.stderr

@@ -28,7 +28,7 @@ from qkv.inference import DecodingEngine, prepare_for_decoding
 from qkv.inference.compiled import COMPILED, CompiledEngine
 from qkv.inference.cuda_graphs import GraphedEngine
 from qkv.inference.linear import Int8Unavailable
-from qkv.length_penalty import length_penalty_factor
+from qkv.length_penalty import alpha_problem, length_penalty_factor
 from qkv.model import Transformer
 from qkv.search import beam_search, greedy_search
 from qkv.tokenizer import Tokenizer
@@ -194,6 +194,8 @@ class Translator:
         """
         if not 1 <= n_best <= beam:
             raise QkvError(f"--n-best must be between 1 and the beam size {beam}, got {n_best}")
+        if problem := alpha_problem(length_penalty):
+            raise QkvError(f"--length-penalty {problem}")
         sources = self.encode(sentences, warn or _warn, first_line)
         results: list[list[Hypothesis]] = [[Hypothesis("", 0.0, [])] for _ in sentences]
         search = dict(
