@@ -7,7 +7,10 @@ Playwright's own browser download is not used). Without them the test skips here
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -51,12 +54,13 @@ def chromium():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def server(demo_run):
-    run_dir = demo_run[0] / "runs" / "demo"
+@contextlib.contextmanager
+def serving(run_dir: Path, *options: str):
+    """`qkv serve run_dir OPTIONS...` on a free loopback port, its URL while it runs."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "qkv", "serve", str(run_dir), "--port", str(port), "--precision", "fp32"],
+        [sys.executable, "-m", "qkv", "serve", str(run_dir), "--port", str(port), "--precision",
+         "fp32", *options],
         env=qkv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
@@ -67,10 +71,17 @@ def server(demo_run):
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        yield url, run_dir
+        yield url
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(demo_run):
+    run_dir = demo_run[0] / "runs" / "demo"
+    with serving(run_dir) as url:
+        yield url, run_dir
 
 
 def the_models_numbers(run_dir: Path, translation: str, kind: str, layer: int, head: int):
@@ -114,6 +125,7 @@ def test_translate_look_at_cross_attention_then_step_by_step(server, chromium):
     page.goto(url)
     page.wait_for_selector("#pair option", state="attached")
     assert "Dates in words" in page.inner_text("#pair")
+    assert page.locator("#key-label").is_hidden()  # no key asked where the server needs none
 
     page.fill("#text", SENTENCE)
     page.click("#translate")
@@ -163,6 +175,64 @@ def test_translate_look_at_cross_attention_then_step_by_step(server, chromium):
     page.set_viewport_size({"width": 390, "height": 844})  # a phone: no page wider than the screen
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     assert errors == []
+
+
+def readme_curl_examples() -> list[tuple[list[str], str]]:
+    """README's `curl` commands to the server (its Serve section), each with the comment after it."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Serve\n")[1]
+    block = next(b for b in section.split("```bash\n")[1:] if b.startswith("curl"))
+    lines, examples = block.split("```")[0].splitlines(), []
+    while lines:
+        command = lines.pop(0)
+        while command.endswith("\\"):
+            command = command[:-1] + lines.pop(0)
+        comment = command.partition("#")[2] if "#" in command else ""
+        while lines and lines[0].lstrip().startswith("#"):
+            comment += lines.pop(0).lstrip()[1:]
+        examples.append((shlex.split(command, comments=True), comment.strip()))
+    return examples
+
+
+def test_readmes_curl_examples_answer_as_it_shows(server):
+    url, _ = server
+    examples, compared = readme_curl_examples(), []
+    assert [args[2].split("/", 1)[1] for args in [e[0] for e in examples]] == [
+        "translate", "languages", "v1/translate", "v1/explain", "metrics",
+    ]  # fmt: skip
+    for args, comment in examples:
+        assert args[:2] == ["curl", "-s"] and args[2].startswith("localhost:5000/"), args
+        options = dict(zip(args[3::2], args[4::2], strict=True))
+        target = url + args[2].split("/", 1)[1]
+        if "-d" in options:
+            name, _, value = options["-H"].partition(": ")
+            answer = httpx.post(target, content=options["-d"], headers={name: value})
+        else:
+            answer = httpx.get(target)
+        assert answer.status_code == 200, (args, answer.text)
+        if comment.startswith(("{", "[")):  # the answer README shows, then words about it
+            shown, _ = json.JSONDecoder().raw_decode(comment)
+            assert answer.json() == shown, args
+            compared.append(args[2])
+    assert compared == ["localhost:5000/translate", "localhost:5000/languages"]
+    assert len(answer.text.splitlines()) > 10  # /metrics, last
+
+
+def test_where_the_server_requires_a_key_the_page_asks_for_it(demo_run, chromium, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("s3cret\n")
+    with serving(demo_run[0] / "runs" / "demo", "--api-keys", str(keys)) as url:
+        page = chromium.new_page()
+        page.goto(url)
+        page.wait_for_selector("#key-label", state="visible")
+        page.wait_for_selector("#pair option", state="attached")
+        page.fill("#text", SENTENCE)
+        page.click("#translate")
+        page.wait_for_selector("#status.error")
+        assert page.inner_text("#status") == "invalid or missing api_key"
+        page.fill("#api-key", "s3cret")
+        page.click("#translate")
+        page.wait_for_selector("#results > li")
+        assert page.locator("#results > li .best .text").inner_text() == "1990-05-03"
 
 
 def test_qkv_explain_html_draws_the_same_grids(chromium, run_qkv, tmp_path):

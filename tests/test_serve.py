@@ -4,6 +4,7 @@ requests, metrics, and a real server on a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import signal
 import socket
@@ -67,7 +68,35 @@ def test_the_page_is_one_self_contained_file(client):
 
 def test_health_and_languages(client):
     assert client.get("/health").json()["status"] == "ok"
-    assert client.get("/languages").json() == [{"code": "xx", "name": "xx", "targets": ["yy"]}]
+    assert client.head("/health").status_code == client.head("/").status_code == 200
+    # Every language is a code of its own, the target too: Weblate looks for both of a pair there.
+    assert client.get("/languages").json() == [
+        {"code": "xx", "name": "xx", "targets": ["yy"]},
+        {"code": "yy", "name": "yy", "targets": []},
+    ]
+    settings = client.get("/frontend/settings").json()
+    assert settings["charLimit"] == 5000 and settings["keyRequired"] is False
+    assert settings["language"] == {
+        "source": {"code": "xx", "name": "xx"},
+        "target": {"code": "yy", "name": "yy"},
+    }
+
+
+def test_pages_of_any_origin_may_call_it_as_libretranslates(client):
+    preflight = client.options(
+        "/translate",
+        headers={"Origin": "https://example.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "Content-Type"},
+    )  # fmt: skip
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    answer = client.post(
+        "/translate",
+        json={"q": "a b", "source": "xx", "target": "yy"},
+        headers={"Origin": "https://example.org"},
+    )
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
 
 
 def test_libretranslate_json_string_and_list_and_form(client, expected):
@@ -88,9 +117,15 @@ def test_alternatives_are_the_next_best_hypotheses(client, toy_run):
     best = Translator.load(toy_run).hypotheses([LINES[0]], beam=5, n_best=3)[0]
     assert answer["translatedText"] == best[0].text
     assert answer["alternatives"] == [best[1].text, best[2].text]
+    # As LibreTranslate's: fewer than none is none; html has none (an empty list each)
+    fewer = {"q": LINES[0], "source": "xx", "target": "yy", "alternatives": -1}
+    assert client.post("/translate", json=fewer).json() == {"translatedText": best[0].text}
+    html = {"q": [f"<p>{LINES[0]}</p>"], "source": "xx", "target": "yy", "format": "html"}
+    answer = client.post("/translate", json={**html, "alternatives": 2}).json()
+    assert answer == {"translatedText": [f"<p>{best[0].text}</p>"], "alternatives": [[]]}
 
 
-def test_html_translates_the_text_nodes_and_keeps_the_markup(client, expected):
+def test_html_translates_the_text_nodes_and_keeps_the_markup(client, models, expected):
     page = (
         '<p class="x">a b c</p>\n<br/><b> d e </b><!-- f g --><script>var a = "b";</script>'
         "<i>f g h i</i>"
@@ -103,6 +138,17 @@ def test_html_translates_the_text_nodes_and_keeps_the_markup(client, expected):
     )
     markup_only = client.post("/translate", json={**body, "q": "<br/>"}).json()
     assert markup_only == {"translatedText": "<br/>"}
+    # A "<" that opens no tag is text, and the sentence around it one sentence
+    bare = client.post("/translate", json={**body, "q": "<P>f < g</P>"}).json()["translatedText"]
+    one_sentence = models[0].translator.translate(["f < g"], beam=5)[0]
+    assert bare == f"<P>{html.escape(one_sentence, quote=False)}</P>"
+
+
+def test_fields_may_come_in_the_query_string_as_libretranslate_reads_them(client, expected):
+    answer = client.post("/translate", params={"q": LINES[0], "source": "xx", "target": "yy"})
+    assert answer.json() == {"translatedText": expected[0]}
+    form = client.post("/translate?target=yy", data={"q": LINES[0], "source": "xx"})
+    assert form.json() == {"translatedText": expected[0]}
 
 
 def test_a_hundred_sentences_unicode_and_an_empty_one(client):
@@ -153,11 +199,57 @@ def test_a_body_that_is_not_json_is_a_400(client):
 
 def test_api_keys_are_required_when_given(models, expected):
     with TestClient(create_app(models, api_keys={"secret"})) as client:
+        assert client.get("/frontend/settings").json()["keyRequired"] is True
         body = {"q": LINES[0], "source": "xx", "target": "yy"}
         assert client.post("/translate", json=body).status_code == 403
         assert client.post("/translate", json={**body, "api_key": "wrong"}).status_code == 403
         answer = client.post("/translate", json={**body, "api_key": "secret"})
         assert answer.json() == {"translatedText": expected[0]}
+        # qkv's own routes translate and look inside too: the same keys
+        for route, body in [
+            ("/v1/translate", {"text": [LINES[0]], "source": "xx", "target": "yy"}),
+            ("/v1/explain", {"text": LINES[0], "source": "xx", "target": "yy"}),
+        ]:
+            for refused in ({}, {"api_key": "wrong"}):
+                answer = client.post(route, json={**body, **refused})
+                assert answer.status_code == 403, route
+                assert answer.json() == {"error": "invalid or missing api_key"}
+            assert client.post(route, json={**body, "api_key": "secret"}).status_code == 200
+
+
+def test_a_fault_of_the_servers_is_a_500_in_the_same_shape_and_counted(models, monkeypatch):
+    def broken(sentences, **search):
+        raise RuntimeError("a bug of the server's")
+
+    monkeypatch.setattr(models[0].translator, "hypotheses", broken)
+    with TestClient(create_app(models), raise_server_exceptions=False) as client:
+        body = {"text": ["a b"], "source": "xx", "target": "yy"}
+        answer = client.post("/v1/translate", json=body)
+        assert answer.status_code == 500
+        assert answer.json() == {"error": "internal error (RuntimeError)"}
+        metrics = client.get("/metrics").text
+    assert 'qkv_requests_total{route="/v1/translate",status="500"} 1.0' in metrics
+
+
+def test_metrics_count_by_declared_route_not_by_the_clients_path(client):
+    for path in ("/scan-1", "/scan-2", "/docs"):
+        client.get(path)
+    metrics = client.get("/metrics").text
+    assert 'qkv_requests_total{route="other",status="404"} 2.0' in metrics
+    assert 'route="/docs"' in metrics and "scan" not in metrics
+
+
+def test_a_length_penalty_past_what_a_float_holds_is_a_400(client):
+    body = {"text": ["a b"], "source": "xx", "target": "yy"}
+    for alpha, message in [(1000, "less than or equal to 10"), (-11, "greater than or equal")]:
+        answer = client.post("/v1/translate", json={**body, "length_penalty": alpha})
+        assert answer.status_code == 400 and message in answer.json()["error"]
+    answer = client.post(
+        "/v1/translate",
+        content=json.dumps({**body, "length_penalty": float("nan")}),
+        headers={"content-type": "application/json"},
+    )
+    assert answer.status_code == 400 and "finite" in answer.json()["error"]
 
 
 def test_a_full_queue_is_a_429_with_retry_after(models):
@@ -361,6 +453,13 @@ def test_v1_explain_is_the_step_by_step_of_qkv_explain(client, toy_run):
     assert bad_layer.status_code == 400 and "does not exist" in bad_layer.json()["error"]
 
 
+REQUEST_FIELDS = [
+    "q", "source", "target", "format", "alternatives", "api_key",  # LibreTranslate's
+    "text", "beam", "n_best", "length_penalty", "early_exit", "attention",  # qkv's
+    "kind", "layer", "heads", "translation",
+]  # fmt: skip
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -368,10 +467,11 @@ def test_v1_explain_is_the_step_by_step_of_qkv_explain(client, toy_run):
     body=st.one_of(
         st.binary(max_size=200),
         st.dictionaries(
-            st.sampled_from(["q", "source", "target", "format", "alternatives", "api_key"]),
+            st.sampled_from(REQUEST_FIELDS),
             st.one_of(
                 st.text(max_size=30),
                 st.integers(),
+                st.floats(),  # NaN, infinities, 1e300
                 st.none(),
                 st.lists(st.text(max_size=10), max_size=3),
                 st.booleans(),

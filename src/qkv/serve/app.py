@@ -4,8 +4,9 @@ asked, every attention weight; `POST /v1/explain`, the step-by-step of one atten
 `GET /health` and Prometheus metrics at `GET /metrics`.
 
 Every error is `{"error": "..."}`: 400 for a bad or missing field (named), 403 for a bad API key
-(when keys are required), 413 over `max_chars`, 429 when the queue is full (with Retry-After).
-Input the client sent never causes a 500.
+(when keys are required: on every route that translates or looks inside), 413 over `max_chars`,
+429 when the queue is full (with Retry-After). Input the client sent never causes a 500. As
+LibreTranslate's, every answer allows any origin (CORS), so that pages elsewhere can call it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qkv import pages
 from qkv.errors import QkvError
 from qkv.kinds import KINDS
+from qkv.length_penalty import MAX_ALPHA
 from qkv.serve.batcher import Batcher, QueueFull
 from qkv.serve.html_text import join_html, split_html, text_nodes
 from qkv.serve.inside import attention_json, explanation_json
@@ -68,9 +71,10 @@ class TranslateRequest(BaseModel):
     target: str | None = None
     beam: int = Field(5, ge=1, le=64)
     n_best: int = Field(1, ge=1, le=64)
-    length_penalty: float = 0.6
+    length_penalty: float = Field(0.6, ge=-MAX_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
     early_exit: bool | None = None  # None: the server's (`qkv serve --early-exit`)
     attention: bool = False  # every attention weight of each best translation
+    api_key: str | None = None  # where the server requires keys (`--api-keys`)
 
 
 class ExplainRequest(BaseModel):
@@ -83,6 +87,7 @@ class ExplainRequest(BaseModel):
     layer: int = Field(1, ge=1)
     heads: list[int] | None = None  # None: every head
     translation: str | None = None  # what the decoder reads (None: the greedy translation)
+    api_key: str | None = None  # where the server requires keys (`--api-keys`)
 
 
 def create_app(
@@ -157,6 +162,11 @@ def create_app(
         # FastAPI's own errors (a body it cannot parse, an unknown route) in the same shape
         return JSONResponse({"error": str(error.detail)}, error.status_code, headers=error.headers)
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        # A fault of the server's, never of the input: in the same shape (the log has the traceback)
+        return JSONResponse({"error": f"internal error ({type(error).__name__})"}, 500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         problems = "; ".join(
@@ -168,11 +178,29 @@ def create_app(
     @app.middleware("http")
     async def count(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.url.path
-        requests.labels(route, str(response.status_code)).inc()
-        latency.labels(route).observe(time.perf_counter() - started)
-        return response
+        status = 500  # unless the route answers
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            # By the route's path as declared (FastAPI's own routes, /docs, leave none in the
+            # scope): a path of the client's own (a 404) would add labels without end.
+            route = getattr(request.scope.get("route"), "path", None) or request.url.path
+            if route not in {getattr(known, "path", None) for known in app.routes}:
+                route = "other"
+            requests.labels(route, str(status)).inc()
+            latency.labels(route).observe(time.perf_counter() - started)
+
+    # As LibreTranslate's: pages of any origin may call it (an API key, where required, is in the
+    # body); after `count`, so that a browser's preflight is answered here.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+        max_age=86400,
+    )
 
     def pick_model(source: str | None, target: str | None) -> int:
         if not target:
@@ -225,11 +253,13 @@ def create_app(
         "index.html", title="qkv: " + ", ".join(f"{m.source} \u2192 {m.target}" for m in models)
     )
 
+    @app.head("/", include_in_schema=False)  # where a monitor checks that the server is up
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         """The page: translate, then look at the attention (qkv/web/index.html, self-contained)."""
         return page
 
+    @app.head("/health", include_in_schema=False)
     @app.get("/health")
     async def health():
         return {
@@ -240,15 +270,43 @@ def create_app(
 
     @app.get("/languages")
     async def languages():
-        by_source: dict[str, list[str]] = {}
+        """Every language of the server, each with those it translates into (none for a language
+        that is only a target): clients such as Weblate look for both of a pair among the codes."""
+        targets: dict[str, list[str]] = {}
         for model in models:
-            by_source.setdefault(model.source, []).append(model.target)
+            targets.setdefault(model.source, []).append(model.target)
+        for model in models:
+            targets.setdefault(model.target, [])
         return [
-            {"code": code, "name": LANGUAGE_NAMES.get(code, code), "targets": targets}
-            for code, targets in by_source.items()
+            {"code": code, "name": LANGUAGE_NAMES.get(code, code), "targets": into}
+            for code, into in targets.items()
         ]
 
-    @app.post("/translate")
+    @app.get("/frontend/settings")
+    async def frontend_settings():
+        """LibreTranslate's settings for a page: the character limit and whether a key is needed
+        (this server's page reads `keyRequired`)."""
+        first = models[0]
+        return {
+            "charLimit": max_chars,
+            "frontendTimeout": 500,
+            "apiKeys": api_keys is not None,
+            "keyRequired": api_keys is not None,
+            "suggestions": False,
+            "supportedFilesFormat": [],
+            "language": {
+                "source": {
+                    "code": first.source,
+                    "name": LANGUAGE_NAMES.get(first.source, first.source),
+                },
+                "target": {
+                    "code": first.target,
+                    "name": LANGUAGE_NAMES.get(first.target, first.target),
+                },
+            },
+        }
+
+    @app.post("/translate", openapi_extra={"requestBody": LIBRETRANSLATE_BODY})
     async def libretranslate(request: Request):
         fields = await _fields(request)
         check_key(fields.get("api_key"))
@@ -261,13 +319,12 @@ def create_app(
         text_format = fields.get("format") or "text"
         if text_format not in ("text", "html"):
             raise ApiError(400, f"format must be 'text' or 'html', not {text_format!r}")
-        alternatives = _integer(fields.get("alternatives", 0), "alternatives", 0, 16)
+        # As LibreTranslate: fewer than none is none
+        alternatives = max(0, _integer(fields.get("alternatives", 0), "alternatives", 16))
         check_size(texts)
         index = pick_model(fields.get("source"), fields.get("target"))
         search_beam = max(beam, alternatives + 1)
         if text_format == "html":
-            if alternatives:
-                raise ApiError(400, "alternatives are given for format 'text' only")
             pages = [split_html(text) for text in texts]
             nodes = [text_nodes(parts) for parts in pages]
             flat = [node for page_nodes in nodes for node in page_nodes]
@@ -277,7 +334,7 @@ def create_app(
                 node_results = results[start : start + len(page_nodes)]
                 translated.append(join_html(parts, [r[0].text for r in node_results]))
                 start += len(page_nodes)
-            best, others = translated, []  # no alternatives for html (refused above)
+            best, others = translated, [[] for _ in texts]  # as LibreTranslate: none for html
         else:
             results = await translate(index, texts, search_beam, alternatives + 1, 0.6)
             best = [hypotheses[0].text for hypotheses in results]
@@ -293,6 +350,7 @@ def create_app(
 
     @app.post("/v1/translate")
     async def translate_v1(body: TranslateRequest):
+        check_key(body.api_key)
         if body.n_best > body.beam:
             raise ApiError(400, f"n_best ({body.n_best}) must not exceed beam ({body.beam})")
         check_size(body.text)
@@ -326,6 +384,7 @@ def create_app(
 
     @app.post("/v1/explain")
     async def explain_v1(body: ExplainRequest):
+        check_key(body.api_key)
         if body.kind not in KINDS:
             raise ApiError(400, f"kind must be one of {', '.join(KINDS)}, not {body.kind!r}")
         check_size([body.text])
@@ -345,20 +404,71 @@ def create_app(
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi_with_our_errors(app)
     return app
 
 
+_LIBRETRANSLATE_FIELDS = {
+    "type": "object",
+    "required": ["q", "source", "target"],
+    "properties": {
+        "q": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "source": {"type": "string", "description": "a language code, or auto"},
+        "target": {"type": "string"},
+        "format": {"type": "string", "enum": ["text", "html"], "default": "text"},
+        "alternatives": {"type": "integer", "default": 0, "maximum": 16},
+        "api_key": {"type": "string"},
+    },
+}
+# What LibreTranslate's clients send to POST /translate (read by hand, `_fields`), for /docs
+LIBRETRANSLATE_BODY = {
+    "required": True,
+    "content": {
+        kind: {"schema": _LIBRETRANSLATE_FIELDS}
+        for kind in ("application/json", "application/x-www-form-urlencoded")
+    },
+}
+_ERROR = {
+    "description": 'A bad or missing field: {"error": "..."}',
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"error": {"type": "string"}}}
+        }
+    },
+}
+
+
+def _openapi_with_our_errors(app: FastAPI) -> dict:
+    """FastAPI's schema of the API, saying 400 {"error"} where FastAPI says 422 (`invalid_request`
+    answers its validation errors so)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None or "requestBody" in operation:
+                    responses["400"] = _ERROR
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 async def _fields(request: Request) -> dict:
-    """A LibreTranslate request's fields, from JSON or from a form (a repeated q is a list)."""
+    """A LibreTranslate request's fields, from JSON or from a form (a repeated q is a list), or as
+    LibreTranslate also reads them, from the query string of a request with no body or a form."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-        form = await request.form()
-        fields = {key: form.get(key) for key in form}
-        if len(form.getlist("q")) > 1:
-            fields["q"] = form.getlist("q")
-        return fields
+        return _form_fields(request.query_params) | _form_fields(await request.form())
+    body = await request.body()
+    if not body:
+        return _form_fields(request.query_params)
     try:
-        fields = json.loads(await request.body() or b"{}")
+        fields = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the body is not valid JSON (or send a form)") from None
     if not isinstance(fields, dict):
@@ -366,11 +476,19 @@ async def _fields(request: Request) -> dict:
     return fields
 
 
-def _integer(value, name: str, low: int, high: int) -> int:
+def _form_fields(form) -> dict:
+    """A form's (or a query string's) fields: one value each, q a list where it is repeated."""
+    fields = {key: form.get(key) for key in form}
+    if len(form.getlist("q")) > 1:
+        fields["q"] = form.getlist("q")
+    return fields
+
+
+def _integer(value, name: str, most: int) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
         raise ApiError(400, f"{name} must be a whole number, not {value!r}") from None
-    if not low <= number <= high:
-        raise ApiError(400, f"{name} must be between {low} and {high}, not {number}")
+    if number > most:
+        raise ApiError(400, f"{name} must be at most {most}, not {number}")
     return number
