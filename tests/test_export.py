@@ -109,6 +109,23 @@ def test_qkv_export_then_qkv_translate_on_the_directory(run_qkv, demo_run, tmp_p
     assert (
         run_qkv("export", run_dir, "--format", "ctranslate2", "-o", out, "--force").returncode == 0
     )
+    # ONNX over it: nothing of CTranslate2's is left to be run instead (model.bin was)
+    onnx = run_qkv("export", run_dir, "--format", "onnx", "-o", out, "--force")
+    assert onnx.returncode == 0, onnx.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decoder_step.onnx", "encoder.onnx", "qkv_onnx.json", "tokenizer.model",
+    ]  # fmt: skip
+    assert not list(tmp_path.glob(".ct2.*"))  # no folder of the export's left beside it
+    by_onnx = run_qkv("translate", out, input=text)
+    assert by_onnx.stdout == ours.stdout and "run by onnxruntime" in by_onnx.stderr
+    # Into the run directory itself (model.bin beside the checkpoints, then a traceback), or a
+    # folder of the user's: refused, --force or not, and nothing written
+    run_files = sorted(p.name for p in run_dir.iterdir())
+    into_run = run_qkv("export", run_dir, "--format", "ctranslate2", "-o", run_dir, "--force")
+    assert (
+        into_run.returncode == 2 and "holds files that no export of qkv's wrote" in into_run.stderr
+    )
+    assert sorted(p.name for p in run_dir.iterdir()) == run_files
 
 
 def test_early_exit_on_an_exported_model_says_once_that_it_is_qkvs_own(tmp_path):

@@ -38,30 +38,32 @@ def _add_export(subparsers) -> None:
     parser.add_argument(
         "--quantization", choices=QUANTIZATIONS, help="CTranslate2's weights (default: float32)"
     )
-    parser.add_argument("--force", action="store_true", help="replace DIR's model if it exists")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export in DIR (a folder holding anything else is refused)",
+    )
     parser.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
     from pathlib import Path
 
+    from qkv.export.folder import check_destination
+
     out = Path(args.output)
-    written = {"ctranslate2": "model.bin", "onnx": "encoder.onnx"}[args.format]
-    if (out / written).exists() and not args.force:
-        raise QkvError(f"{out} holds a model already: --force replaces it")
-    if out.exists() and not out.is_dir():
-        raise QkvError(f"{out} is a file, not a directory")
+    check_destination(out, args.force)  # before any work; the export checks again as it writes
     if args.format == "onnx":
         from qkv.export.onnx import OPSET, export
 
         if args.quantization:
             raise QkvError("--quantization is for --format ctranslate2")
-        export(args.model, out)
+        export(args.model, out, args.force)
         print(f"wrote {out}: encoder.onnx and decoder_step.onnx (opset {OPSET}), tokenizer.model")
         return 0
     from qkv.export.ctranslate2 import export
 
-    export(args.model, out, args.quantization)
+    export(args.model, out, args.quantization, args.force)
     kind = args.quantization or "float32"
     print(f"wrote {out}: a CTranslate2 model ({kind}) and its tokenizer.model")
     return 0

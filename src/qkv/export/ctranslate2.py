@@ -28,6 +28,7 @@ import torch
 
 from qkv.errors import QkvError
 from qkv.export import QUANTIZATIONS
+from qkv.export.folder import MARKERS, written_whole
 from qkv.model import Transformer
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every LayerNorm of qkv's model uses
@@ -142,9 +143,12 @@ def build_spec(model: Transformer, vocabulary: list[str], specials: dict[str, in
     return spec
 
 
-def export(path: str | Path, out_dir: str | Path, quantization: str | None = None) -> Path:
+def export(
+    path: str | Path, out_dir: str | Path, quantization: str | None = None, replace: bool = False
+) -> Path:
     """Write the model of a run directory or checkpoint as a CTranslate2 model in `out_dir`
-    (quantised as `quantization`, one of QUANTIZATIONS, or kept in float32), with tokenizer.model."""
+    (quantised as `quantization`, one of QUANTIZATIONS, or kept in float32), with tokenizer.model.
+    `out_dir` must be new or empty, or with `replace` an earlier export (`qkv.export.folder`)."""
     from qkv.checkpoint import TOKENIZER, load_trained_model
     from qkv.tokenizer import Tokenizer
 
@@ -163,18 +167,17 @@ def export(path: str | Path, out_dir: str | Path, quantization: str | None = Non
     spec = build_spec(model.eval(), vocabulary, specials)
     spec.validate()
     spec.optimize(quantization=quantization)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec.save(str(out_dir))
-    shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
-    (out_dir / "qkv_export.json").write_text(
-        json.dumps(
-            {
-                **meta,
-                "source": str(checkpoint_path),
-                "quantization": quantization,
-                "max_len": model.config.max_len,
-            }
+    with written_whole(out_dir, replace) as staging:
+        spec.save(str(staging))
+        shutil.copyfile(tokenizer_path, staging / TOKENIZER)
+        (staging / MARKERS[0]).write_text(
+            json.dumps(
+                {
+                    **meta,
+                    "source": str(checkpoint_path),
+                    "quantization": quantization,
+                    "max_len": model.config.max_len,
+                }
+            )
         )
-    )
-    return out_dir
+    return Path(out_dir)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from qkv.errors import QkvError
+from qkv.export.folder import written_whole
 from qkv.inference.engine import _merge_heads, _split_heads, attention_with_bias
 from qkv.model import Transformer
 
@@ -136,15 +137,17 @@ def export_graphs(model: Transformer, out_dir: str | Path, meta: dict | None = N
     return out_dir
 
 
-def export(path: str | Path, out_dir: str | Path) -> Path:
+def export(path: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
     """Write the model of a run directory or checkpoint as encoder.onnx and decoder_step.onnx in
-    `out_dir`, with tokenizer.model and what the runner needs to know (qkv_onnx.json)."""
+    `out_dir`, with tokenizer.model and what the runner needs to know (qkv_onnx.json). `out_dir`
+    must be new or empty, or with `replace` an earlier export (`qkv.export.folder`)."""
     from qkv.checkpoint import TOKENIZER, load_trained_model
 
     model, checkpoint_path, meta = load_trained_model(path)
     tokenizer_path = checkpoint_path.parent / TOKENIZER
     if not tokenizer_path.exists():
         raise QkvError(f"{checkpoint_path}: no {TOKENIZER} beside it")
-    out_dir = export_graphs(model, out_dir, {**meta, "source": str(checkpoint_path)})
-    shutil.copyfile(tokenizer_path, out_dir / TOKENIZER)
-    return out_dir
+    with written_whole(out_dir, replace) as staging:
+        export_graphs(model, staging, {**meta, "source": str(checkpoint_path)})
+        shutil.copyfile(tokenizer_path, staging / TOKENIZER)
+    return Path(out_dir)
