@@ -279,6 +279,16 @@ def test_starting_over_an_existing_run_needs_resume(prepared, tmp_path):
         train(tiny_config(prepared, "train.max_steps=2"), tmp_path, log=lambda *_: None)
 
 
+def test_resume_with_another_model_is_refused_and_the_runs_config_kept(prepared, tmp_path):
+    train(tiny_config(prepared, "train.max_steps=2"), tmp_path, log=lambda *_: None)
+    config_text = (tmp_path / "config.toml").read_text()
+    wider = tiny_config(prepared, "train.max_steps=4", "model.d_model=32", "model.n_heads=4")
+    # Before: a traceback of ~100 "size mismatch" lines, config.toml already rewritten
+    with pytest.raises(QkvError, match=r"last.pt: the run's model is not this config's \(d_model"):
+        train(wider, tmp_path, resume=True, log=lambda *_: None)
+    assert (tmp_path / "config.toml").read_text() == config_text
+
+
 def test_resume_falls_back_past_a_corrupt_checkpoint(prepared, tmp_path):
     train(tiny_config(prepared, "train.max_steps=8"), tmp_path, log=lambda *_: None)
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")

@@ -383,6 +383,13 @@ class Trainer:
         if found is None:
             return False
         checkpoint, path = found
+        saved, now = checkpoint.get("model_config", {}), self.model.config.to_dict()
+        if changed := [key for key in now if key in saved and saved[key] != now[key]]:
+            differences = ", ".join(f"{key} {saved[key]!r} -> {now[key]!r}" for key in changed)
+            raise QkvError(
+                f"{path}: the run's model is not this config's ({differences}): --resume goes on "
+                "with the run's model; train a new one into another --out"
+            )
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.progress = Progress(**checkpoint["progress"])
@@ -421,13 +428,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
             for path in remove_partial_writes(folder):
                 log(f"removed {path}, left by a write that was cut short")
     data = load_training_data(config, run_dir, dist_info, log)
+    trainer = Trainer(config, run_dir, data, dist_info, log)
+    resumed = resume and trainer.resume()  # first: a run it refuses keeps its config.toml
     if dist_info.is_main:
         text = dump_toml(config)
         atomic_write(run_dir / "config.toml", lambda file: file.write(text.encode()))
         tokenizer_bytes = (Path(data.path) / TOKENIZER).read_bytes()
         atomic_write(run_dir / TOKENIZER, lambda file: file.write(tokenizer_bytes))
-    trainer = Trainer(config, run_dir, data, dist_info, log)
-    resumed = resume and trainer.resume()
     if resume and not resumed:
         log(f"no checkpoint to resume in {run_dir}: starting from scratch")
     if not resumed and trainer.metrics is not None:
