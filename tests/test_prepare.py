@@ -131,6 +131,13 @@ def test_synthetic_task_prepares_with_a_small_vocabulary(tmp_path):
          "source and target language are both 'de'"),
         ({"dataset": "synthetic", "src_lang": "de"}, "the synthetic task translates words to iso"),
         ({"dataset": "wmt", "src_lang": "de", "tgt_lang": "en"}, "unknown dataset 'wmt'"),
+        # 0 was taken for "the default" (8000), -5 training pairs made 891, 0 a KeyError
+        ({"dataset": "synthetic", "vocab_size": 0}, "--vocab-size must be at least 1, not 0"),
+        ({"dataset": "synthetic", "train_size": -5}, "--train-size must be at least 1, not -5"),
+        ({"dataset": "synthetic", "test_size": 0}, "--test-size must be at least 1, not 0"),
+        ({"dataset": "synthetic", "max_len": 0}, "--max-len must be at least 1, not 0"),
+        ({"dataset": "synthetic", "max_ratio": float("nan")},
+         "--max-ratio must be a number of at least 1, not nan"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_explained(kwargs, message, tmp_path):
@@ -148,6 +155,11 @@ def test_every_pair_dropped_is_an_error(tmp_path):
         str(error.value)
         == f"{prefix}: every pair was dropped (5 empty, 27 too long, 0 length ratio)"
     )
+    # Nothing written (a tokenizer left there was refused by the next prepare, --force or not)
+    assert not (tmp_path / "o").exists()
+    prepare(tmp_path / "o", trainpref=prefix, src_lang="de", tgt_lang="en", vocab_size=8,
+            progress=False)  # fmt: skip
+    assert load_prepared(tmp_path / "o").tokenizer.vocab_size == 8
 
 
 def test_loading_a_folder_that_is_not_prepared(tmp_path):

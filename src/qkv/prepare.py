@@ -17,15 +17,18 @@ The prepared folder:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qkv import datasets
+from qkv.atomic import atomic_write
 from qkv.data import (
     Dropped,
     EncodedSplit,
@@ -121,6 +124,11 @@ def prepare(
     src_lang, tgt_lang = _check_request(
         dataset, src_lang, tgt_lang, trainpref, validpref, testpref, model_type
     )
+    _check_numbers(
+        {"--vocab-size": vocab_size, "--max-len": max_len, "--train-size": train_size,
+         "--valid-size": valid_size, "--test-size": test_size},
+        max_ratio,
+    )  # fmt: skip
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QkvError(f"{out} exists and is not a folder")
@@ -151,34 +159,38 @@ def prepare(
         )
     raw["train"] = (train_origin, train_pairs)
 
-    vocab_size = vocab_size or DEFAULT_VOCAB_SIZE[dataset]
+    vocab_size = DEFAULT_VOCAB_SIZE[dataset] if vocab_size is None else vocab_size
     log(f"training a {model_type} tokenizer with {vocab_size} subwords")
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    tokenizer = Tokenizer.train(
-        [[s for s, _ in train_pairs], [t for _, t in train_pairs]],
-        out / "tokenizer.model",
-        vocab_size=vocab_size,
-        model_type=model_type,
-        split_digits=dataset == "synthetic",  # ISO dates: one digit, one token
-    )
-    tokenizer_seconds = time.perf_counter() - started
+    # Into a folder of its own: `out` gets the tokenizer with the splits, once every split is
+    # encoded. Written into `out` at once, a prepare that then failed (every pair dropped) left a
+    # tokenizer there that it refused to replace when run again.
+    with tempfile.TemporaryDirectory(prefix="qkv-prepare-") as scratch:
+        started = time.perf_counter()
+        tokenizer = Tokenizer.train(
+            [[s for s, _ in train_pairs], [t for _, t in train_pairs]],
+            Path(scratch) / "tokenizer.model",
+            vocab_size=vocab_size,
+            model_type=model_type,
+            split_digits=dataset == "synthetic",  # ISO dates: one digit, one token
+        )
+        tokenizer_seconds = time.perf_counter() - started
 
-    log("encoding")
-    stats, encoded = [], {}
-    for name, (origin, pairs) in raw.items():
-        split, stats_row = _encode(name, origin, pairs, tokenizer)
-        if name == "train":
-            split, stats_row = _filter_train(split, stats_row, n_empty, max_len, max_ratio)
-        encoded[name] = split
-        stats.append(stats_row)
+        log("encoding")
+        stats, encoded = [], {}
+        for name, (origin, pairs) in raw.items():
+            split, stats_row = _encode(name, origin, pairs, tokenizer)
+            if name == "train":
+                split, stats_row = _filter_train(split, stats_row, n_empty, max_len, max_ratio)
+            encoded[name] = split
+            stats.append(stats_row)
 
-    log(f"writing {out}")
-    summary = PrepareSummary(
-        out, dataset, src_lang, tgt_lang, tokenizer.vocab_size, model_type, stats, notes,
-        tokenizer_seconds,
-    )  # fmt: skip
-    _write(out, summary, encoded, tokenizer, max_len=max_len, max_ratio=max_ratio, seed=seed)
+        log(f"writing {out}")
+        summary = PrepareSummary(
+            out, dataset, src_lang, tgt_lang, tokenizer.vocab_size, model_type, stats, notes,
+            tokenizer_seconds,
+        )  # fmt: skip
+        settings = dict(max_len=max_len, max_ratio=max_ratio, seed=seed)
+        _write(out, summary, encoded, tokenizer, Path(scratch), **settings)
     return summary
 
 
@@ -221,6 +233,15 @@ def _check_request(dataset, src_lang, tgt_lang, trainpref, validpref, testpref, 
     if src_lang == tgt_lang:
         raise QkvError(f"source and target language are both {src_lang!r}")
     return src_lang, tgt_lang
+
+
+def _check_numbers(counts: dict[str, int | None], max_ratio: float) -> None:
+    """Each count (None: its default) at least 1, and --max-ratio a number of at least 1."""
+    for option, value in counts.items():
+        if value is not None and value < 1:
+            raise QkvError(f"{option} must be at least 1, not {value}")
+    if not (math.isfinite(max_ratio) and max_ratio >= 1):
+        raise QkvError(f"--max-ratio must be a number of at least 1, not {max_ratio}")
 
 
 def _encode(name, origin, pairs, tokenizer) -> tuple[EncodedSplit, SplitStats]:
@@ -354,9 +375,14 @@ def print_summary(summary: PrepareSummary, file=None) -> None:
 # The prepared folder on disk
 
 
-def _write(out, summary, encoded, tokenizer, **settings) -> None:
+def _write(out, summary, encoded, tokenizer, tokenizer_dir: Path, **settings) -> None:
+    """The splits and the tokenizer (from `tokenizer_dir`), then prepare.json."""
+    out.mkdir(parents=True, exist_ok=True)
     for name, split in encoded.items():
         write_split(out, name, split, summary.src_lang, summary.tgt_lang)
+    for name in ("tokenizer.model", "tokenizer.vocab"):
+        data = (tokenizer_dir / name).read_bytes()
+        atomic_write(out / name, lambda file, data=data: file.write(data))
     info = {
         "dataset": summary.dataset,
         "src_lang": summary.src_lang,
