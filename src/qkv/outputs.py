@@ -39,10 +39,21 @@ def check_output_file(
             )
     if path.is_dir():
         raise QkvError(f"{option} {path} is a folder; give a file name")
+    check_parents_are_folders(path, option)
     if path.exists() and not force:
         raise QkvError(
             f"{option} {path} exists: pass --force to replace it, or choose another file"
         )
+
+
+def check_parents_are_folders(path: str | os.PathLike, option: str) -> None:
+    """Refuse `path` where a folder above it is a file (`-o notes.txt/out.txt`): writing it would fail
+    with an OSError after the work was done."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise QkvError(f"{option} {path}: {parent} is a file, not a folder")
+            return
 
 
 def check_output_folder(

@@ -41,7 +41,7 @@ from qkv.data import (
     read_parallel,
 )
 from qkv.errors import QkvError
-from qkv.outputs import check_output_folder
+from qkv.outputs import check_output_folder, check_parents_are_folders
 from qkv.prepared import PreparedData, load_prepared, write_info, write_split  # noqa: F401
 from qkv.tokenizer import MODEL_TYPES, Tokenizer
 
@@ -132,6 +132,7 @@ def prepare(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QkvError(f"{out} exists and is not a folder")
+    check_parents_are_folders(out, "--out")
     inputs = [
         path
         for prefix in (trainpref, validpref, testpref)

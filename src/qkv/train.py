@@ -37,6 +37,7 @@ from qkv.kernels import use_fast_kernels
 from qkv.loss import label_smoothed_loss
 from qkv.metrics import MetricsLog, RunningWindow, plot_curves, progress_bar, start_record
 from qkv.model import Transformer
+from qkv.outputs import check_parents_are_folders
 from qkv.schedule import learning_rate
 from qkv.training_data import load_training_data, resegmented, run_meta
 from qkv.validation import validate
@@ -405,6 +406,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
     """Train a model as `config` says, writing everything to `run_dir`; returns the run's summary."""
     check_config(config)  # a Config built in Python has not been checked yet
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QkvError(f"--out {run_dir} is a file, not a folder")
+    check_parents_are_folders(run_dir, "--out")
     dist_info = setup_distributed(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qkv.atomic import atomic_write
 from qkv.errors import QkvError
 from qkv.kinds import KINDS
 from qkv.model import Transformer
@@ -206,8 +207,23 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Write the figure as an image (format from the suffix) at exactly its size x dpi pixels."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)  # the Agg renderer for PNG: no display needed
+    # The Agg renderer for PNG: no display needed. Whole or not at all, and in the format its suffix
+    # names (`picture_format`): given no suffix, matplotlib would add ".png" to the name.
+    file_format = path.suffix.lstrip(".").lower()
+    atomic_write(path, lambda file: fig.savefig(file, dpi=dpi, format=file_format))
     return path
+
+
+def picture_format_problem(path: str | Path) -> str | None:
+    """Why matplotlib cannot write a picture at `path` (its suffix names no format it writes), or
+    None: asked before the work that makes the picture."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(path).suffix.lstrip(".").lower() in formats:
+        return None
+    names = ", ".join(f".{name}" for name in ("png", "svg", "pdf") if name in formats)
+    return f"a picture's format comes from its suffix: {names} (or another format that matplotlib writes)"
 
 
 # --- The web page ------------------------------------------------------------------------------------
@@ -243,5 +259,6 @@ def write_attention_html(
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(attention_html(maps, title, caption), encoding="utf-8")
+    page = attention_html(maps, title, caption).encode("utf-8")
+    atomic_write(path, lambda file: file.write(page))
     return path

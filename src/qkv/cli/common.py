@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 from qkv.errors import QkvError
 
@@ -30,7 +31,7 @@ def check_written_files(outputs: dict, model: str | None, force: bool, inputs: l
     """`qkv.outputs.check_output_file` for each output given ({option: path or None}), with the
     model's checkpoint and tokenizer among the inputs."""
     from qkv.checkpoint import TOKENIZER, resolve_checkpoint
-    from qkv.outputs import check_output_file
+    from qkv.outputs import check_output_file, same_file
 
     model_files = []
     if model is not None:
@@ -38,9 +39,12 @@ def check_written_files(outputs: dict, model: str | None, force: bool, inputs: l
             checkpoint = resolve_checkpoint(model)
             model_files = [checkpoint, checkpoint.parent / TOKENIZER]
     sources = [*(path for path in inputs if path), *model_files]
-    for option, output in outputs.items():
-        if output:
-            check_output_file(output, sources, force, option)
+    given = [(option, output) for option, output in outputs.items() if output]
+    for index, (option, output) in enumerate(given):
+        check_output_file(output, sources, force, option)
+        for other_option, other in given[index + 1 :]:
+            if same_file(output, other) or Path(output).resolve() == Path(other).resolve():
+                raise QkvError(f"{option} and {other_option} both name {output}: give two files")
 
 
 def write_lines(lines: list[str], path: str | None) -> None:
@@ -51,3 +55,20 @@ def write_lines(lines: list[str], path: str | None) -> None:
     from qkv.atomic import atomic_write
 
     atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
+# The widest beam the commands and the server search: the API's bound too (qkv.serve.app). Far wider
+# beams only ran out of memory (--beam 100000 asked for 640 GB), and translate no better.
+MAX_BEAM = 64
+
+
+def check_at_least(values: dict[str, int | None], least: int) -> None:
+    """A QkvError naming the first option ({option: value, None if not given}) below `least`."""
+    for option, value in values.items():
+        if value is not None and value < least:
+            raise QkvError(f"{option} must be at least {least}, got {value}")
+
+
+def check_beam(beam: int) -> None:
+    if not 1 <= beam <= MAX_BEAM:
+        raise QkvError(f"--beam must be between 1 and {MAX_BEAM}, got {beam}")

@@ -72,6 +72,8 @@ def _run_attention(args) -> int:
     utf8_text(args.sentence)
     output = args.output or (None if args.html else "attention.png")
     check_written_files({"-o": output, "--html": args.html}, args.run_dir, args.force)
+    if output and (problem := visualize.picture_format_problem(output)):
+        raise QkvError(f"-o {output}: {problem}")
     model, tokenizer = _load_run(args.run_dir)
     maps, translation = visualize.sentence_attention(model, tokenizer, args.sentence)
     caption = f"{args.sentence}  →  {translation}"
@@ -180,6 +182,10 @@ def _run_explain(args) -> int:
     if args.html:
         from pathlib import Path
 
-        Path(args.html).write_text(explain.render_html(result), encoding="utf-8")
+        from qkv.atomic import atomic_write
+
+        page = explain.render_html(result).encode("utf-8")
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.html, lambda file: file.write(page))
         print(f"wrote {args.html}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qkv.cli.common import check_at_least, check_beam
 from qkv.errors import QkvError
 
 SERVE_EXAMPLES = """\
@@ -84,8 +85,11 @@ def _run_serve(args) -> int:
         raise QkvError(f'qkv serve needs its extra: pip install "qkv[serve]" ({error})') from None
     from qkv.serve import compile_ahead, load_models, read_api_keys
 
-    if args.beam < 1:
-        raise QkvError(f"--beam must be at least 1, got {args.beam}")
+    check_beam(args.beam)
+    if not 0 <= args.port <= 65535:
+        raise QkvError(f"--port must be between 0 and 65535, got {args.port}")
+    check_at_least({"--max-chars": args.max_chars, "--max-batch-tokens": args.max_batch_tokens}, 1)
+    check_at_least({"--max-wait-ms": args.max_wait_ms, "--max-queue": args.max_queue}, 0)
     api_keys = read_api_keys(args.api_keys) if args.api_keys else None
     models = load_models(
         args.models,

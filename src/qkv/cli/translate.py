@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qkv.cli.common import add_force, check_output, write_lines
+from qkv.cli.common import add_force, check_at_least, check_beam, check_output, write_lines
 from qkv.errors import QkvError
 
 TRANSLATE_EXAMPLES = """\
@@ -102,10 +102,15 @@ def _add_search_options(parser) -> None:
 
 
 def _search_options(args) -> dict:
-    if args.beam < 1:
-        raise QkvError(f"--beam must be at least 1, got {args.beam}")
-    if args.max_tokens < 1:
-        raise QkvError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    check_beam(args.beam)
+    check_at_least(
+        {"--max-tokens": args.max_tokens, "--max-len": args.max_len, "--threads": args.threads,
+         "--n-best": getattr(args, "n_best", None)},
+        1,
+    )  # fmt: skip
+    check_at_least({"--min-len": args.min_len}, 0)
+    if args.max_len is not None and args.min_len > args.max_len:
+        raise QkvError(f"--min-len {args.min_len} is more than --max-len {args.max_len}")
     return dict(
         beam=args.beam,
         max_tokens=args.max_tokens,
@@ -199,7 +204,8 @@ def _run_translate(args) -> int:
         chunks = arriving_chunks(sys.stdin.buffer, STDIN_CHUNK_LINES)
         bar = _progress_bar(None, enabled=False)
     translator = _load_translator(args)
-    read_error = None  # the first line that is not UTF-8: the lines before it are still translated
+    # The first line that is not UTF-8: the lines before it are still translated (to stdout)
+    read_error = None
 
     def translate_all(write) -> None:
         nonlocal read_error
@@ -217,9 +223,13 @@ def _run_translate(args) -> int:
         bar.close()
 
     if args.output:
-        atomic_write(
-            args.output, lambda file: translate_all(lambda text: file.write(text.encode()))
-        )
+
+        def translate_into(file) -> None:
+            translate_all(lambda text: file.write(text.encode()))
+            if read_error is not None:  # a command that fails leaves -o as it was
+                raise QkvError(f"{read_error}; {args.output} is left as it was")
+
+        atomic_write(args.output, translate_into)
     else:
 
         def write_stdout(text: str) -> None:

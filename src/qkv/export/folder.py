@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qkv.errors import QkvError
+from qkv.outputs import check_parents_are_folders
 
 # What each export writes beside its model, to say what it is (qkv.export.ctranslate2, .onnx)
 MARKERS = ("qkv_export.json", "qkv_onnx.json")
@@ -27,6 +28,7 @@ def check_destination(out_dir: Path, replace: bool) -> None:
     """A QkvError unless `out_dir` is new, empty, or (with `replace`) an earlier export of qkv's."""
     if out_dir.exists() and not out_dir.is_dir():
         raise QkvError(f"{out_dir} is a file, not a directory")
+    check_parents_are_folders(out_dir, "-o")
     names = sorted(path.name for path in out_dir.iterdir()) if out_dir.is_dir() else []
     if not names:
         return

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv import pages
+from qkv.cli.common import MAX_BEAM
 from qkv.errors import QkvError
 from qkv.kinds import KINDS
 from qkv.length_penalty import MAX_ALPHA
@@ -69,8 +70,8 @@ class TranslateRequest(BaseModel):
     text: list[str]
     source: str | None = None
     target: str | None = None
-    beam: int = Field(5, ge=1, le=64)
-    n_best: int = Field(1, ge=1, le=64)
+    beam: int = Field(5, ge=1, le=MAX_BEAM)
+    n_best: int = Field(1, ge=1, le=MAX_BEAM)
     length_penalty: float = Field(0.6, ge=-MAX_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
     early_exit: bool | None = None  # None: the server's (`qkv serve --early-exit`)
     attention: bool = False  # every attention weight of each best translation

@@ -1,0 +1,88 @@
+"""Bad option values and output paths: one `qkv: error:` line naming the option (exit code 2),
+never a traceback, and no file of the user's replaced or left half written."""
+
+from __future__ import annotations
+
+import pytest
+
+from qkv.cli import main
+
+SENTENCE = "a b c"
+
+
+def error_of(capsys, *args) -> str:
+    capsys.readouterr()
+    code = main([str(arg) for arg in args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--max-len", "0"], "--max-len must be at least 1, got 0"),  # a ValueError's traceback
+        (["--threads", "-2"], "--threads must be at least 1, got -2"),  # a RuntimeError's
+        (["--beam", "100000"], "--beam must be between 1 and 64, got 100000"),  # 640 GB asked for
+        (["--n-best", "0"], "--n-best must be at least 1, got 0"),  # taken for "not given"
+        (["--min-len", "10", "--max-len", "5"], "--min-len 10 is more than --max-len 5"),
+    ],
+)
+def test_translate_names_the_option_whose_value_cannot_be(options, message, toy_run, capsys):
+    assert error_of(capsys, "translate", toy_run, *options) == f"qkv: error: {message}"
+
+
+def test_serve_refuses_a_port_or_limit_that_cannot_be(toy_run, capsys):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    port = error_of(capsys, "serve", toy_run, "--port", "99999")  # an OverflowError's traceback
+    assert port == "qkv: error: --port must be between 0 and 65535, got 99999"
+    chars = error_of(capsys, "serve", toy_run, "--max-chars", "0")  # every request a 413
+    assert chars == "qkv: error: --max-chars must be at least 1, got 0"
+
+
+def test_an_output_under_a_file_is_named_before_any_work(toy_run, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    source = tmp_path / "in.txt"
+    source.write_text(f"{SENTENCE}\n")
+    under = notes / "out.txt"
+    expected = f"{notes} is a file, not a folder"
+    # FileExistsError and NotADirectoryError tracebacks, after translating or training
+    assert error_of(capsys, "translate", toy_run, "-i", source, "-o", under).endswith(expected)
+    picture = notes / "a.png"
+    assert error_of(capsys, "attention", toy_run, SENTENCE, "-o", picture).endswith(expected)
+    assert error_of(capsys, "train", "demo", "--out", notes / "run").endswith(expected)
+    assert error_of(capsys, "train", "demo", "--out", notes) == (
+        f"qkv: error: --out {notes} is a file, not a folder"
+    )
+    assert notes.read_text() == "mine\n"
+
+
+def test_attention_writes_only_pictures_it_was_asked_for(toy_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.png").write_bytes(b"the user's picture")
+    # matplotlib added ".png" to a name without a suffix and replaced mine.png, --force or not
+    no_suffix = error_of(capsys, "attention", toy_run, SENTENCE, "-o", "mine")
+    assert no_suffix.startswith("qkv: error: -o mine: a picture's format comes from its suffix")
+    assert (tmp_path / "mine.png").read_bytes() == b"the user's picture"
+    unknown = error_of(capsys, "attention", toy_run, SENTENCE, "-o", "mine.xyz")
+    assert "a picture's format comes from its suffix: .png, .svg, .pdf" in unknown
+    both = error_of(capsys, "attention", toy_run, SENTENCE, "-o", "same.png", "--html", "same.png")
+    assert both == "qkv: error: -o and --html both name same.png: give two files"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mine.png"]
+
+
+def test_explain_writes_its_page_into_a_new_folder(tmp_path, capsys):
+    page = tmp_path / "new" / "explain.html"  # a FileNotFoundError's traceback
+    assert main(["explain", "thinking machines", "--html", str(page)]) == 0
+    assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_translate_with_a_bad_line_leaves_the_output_file_as_it_was(toy_run, tmp_path, capsys):
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_bytes(b"a b c\nd e\n\xff\n")
+    output.write_text("the last good translation\n")
+    message = error_of(capsys, "translate", toy_run, "-i", source, "-o", output, "--force")
+    assert message == f"qkv: error: {source}:3: not valid UTF-8; {output} is left as it was"
+    assert output.read_text() == "the last good translation\n"  # it held the first two lines
