@@ -3,9 +3,14 @@ never a traceback, and no file of the user's replaced or left half written."""
 
 from __future__ import annotations
 
-import pytest
+import shutil
 
+import pytest
+import torch
+
+import qkv
 from qkv.cli import main
+from qkv.tokenizer import Tokenizer
 
 SENTENCE = "a b c"
 
@@ -86,3 +91,52 @@ def test_translate_with_a_bad_line_leaves_the_output_file_as_it_was(toy_run, tmp
     message = error_of(capsys, "translate", toy_run, "-i", source, "-o", output, "--force")
     assert message == f"qkv: error: {source}:3: not valid UTF-8; {output} is left as it was"
     assert output.read_text() == "the last good translation\n"  # it held the first two lines
+
+
+def test_a_device_or_tokenizer_that_cannot_serve_is_named_not_the_checkpoint(
+    toy_run, tmp_path, capsys
+):
+    if not torch.cuda.is_available():  # was: "best.pt: not a readable checkpoint"
+        cuda = error_of(capsys, "translate", toy_run, "--device", "cuda")
+        assert (
+            cuda
+            == "qkv: error: --device cuda: PyTorch sees no GPU here (a CPU build, or no driver)"
+        )
+    nonsense = error_of(capsys, "translate", toy_run, "--device", "nonsense")
+    assert nonsense == "qkv: error: --device nonsense: not a device; give cpu, cuda or cuda:N"
+    missing = error_of(capsys, "translate", toy_run, "--tokenizer", tmp_path / "none.model")
+    assert missing == f"qkv: error: --tokenizer {tmp_path / 'none.model'}: no such file"
+    other = Tokenizer.train([["a b", "c d e"] * 20], tmp_path / "other.model", vocab_size=12)
+    wrong = error_of(capsys, "translate", toy_run, "--tokenizer", tmp_path / "other.model")
+    trained_with = qkv.load(toy_run).tokenizer.vocab_size  # was an IndexError's traceback
+    assert wrong == (
+        f"qkv: error: {tmp_path / 'other.model'}: {other.vocab_size} subwords, but "
+        f"{toy_run / 'best.pt'} was trained with {trained_with}: give the tokenizer it was trained with"
+    )
+
+
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "config.pt").write_text("[model]\npreset = 'tiny'\n")
+    empty = error_of(capsys, "translate", tmp_path / "empty.pt")
+    assert (
+        empty == f"qkv: error: {tmp_path / 'empty.pt'}: not a readable checkpoint (an empty file)"
+    )
+    # PyTorch's own message: a paragraph that suggests loading the file with weights_only=False
+    text = error_of(capsys, "translate", tmp_path / "config.pt")
+    assert text == (
+        f"qkv: error: {tmp_path / 'config.pt'}: not a readable checkpoint (not one of qkv's: "
+        "PyTorch cannot read it as tensors and plain data)"
+    )
+
+
+def test_every_command_says_qkvs_warnings_in_one_line(toy_run, tmp_path, run_qkv):
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    best = run / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])  # damaged: the command takes last.pt, and says so
+    result = run_qkv("attention", run, SENTENCE, "-o", tmp_path / "a.png")
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "best.pt" in line]
+    assert len(warning) == 1 and warning[0].startswith("qkv: warning: "), result.stderr
+    assert "UserWarning" not in result.stderr and "checkpoint.py" not in result.stderr

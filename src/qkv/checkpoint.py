@@ -38,12 +38,25 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for damaged zip archives
-        raise QkvError(
-            f"{path}: not a readable checkpoint (truncated or corrupt?): {error}"
-        ) from None
+        raise QkvError(_why_unreadable(path, error)) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise QkvError(f"{path}: not a qkv checkpoint (no 'model' entry)")
     return checkpoint
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """One line for a file torch.load refused: PyTorch's own messages run to paragraphs (and its
+    weights_only one suggests loading the file unsafely)."""
+    if path.stat().st_size == 0:
+        return f"{path}: not a readable checkpoint (an empty file)"
+    text = str(error)
+    if "Weights only load failed" in text:
+        return (
+            f"{path}: not a readable checkpoint (not one of qkv's: PyTorch cannot read it as "
+            "tensors and plain data)"
+        )
+    first = (text.strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+    return f"{path}: not a readable checkpoint (truncated or corrupt?): {first[:200]}"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -8,9 +8,13 @@ class QkvError(Exception):
     """
 
 
+class QkvWarning(UserWarning):
+    """What `warn` warns with: the command line prints it as one `qkv: warning: ...` line."""
+
+
 def warn(message: str, stacklevel: int = 3) -> None:
     """The default for the `warn` callbacks of qkv's functions: a Python warning, reported at the
     caller of the function that warns (the command line prints `qkv: warning: ...` instead)."""
     import warnings
 
-    warnings.warn(message, stacklevel=stacklevel)
+    warnings.warn(message, QkvWarning, stacklevel=stacklevel)

@@ -167,3 +167,25 @@ def describe_cpu() -> str:
         f"bf16 native: {'yes' if cpu_bf16_native() else 'no'}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads" + (f"; {' '.join(limits)}" if limits else "")
     )
+
+
+def usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device where this machine has it, else a QkvError saying what is wrong
+    with it (before, a checkpoint loaded onto a missing GPU was called "not readable")."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise QkvError(f"--device {device}: not a device; give cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QkvError(
+                f"--device {device}: PyTorch sees no GPU here (a CPU build, or no driver)"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise QkvError(
+                f"--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif parsed.type != "cpu":
+        raise QkvError(f"--device {device}: qkv runs on cpu or cuda")
+    return parsed

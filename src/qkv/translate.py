@@ -23,7 +23,7 @@ from qkv.checkpoint import TOKENIZER, load_trained_model
 from qkv.data import cut_into_batches
 from qkv.errors import QkvError
 from qkv.errors import warn as default_warn
-from qkv.hardware import DTYPES, resolve_precision
+from qkv.hardware import DTYPES, resolve_precision, usable_device
 from qkv.inference import DecodingEngine, prepare_for_decoding
 from qkv.inference.compiled import COMPILED, CompiledEngine
 from qkv.inference.cuda_graphs import GraphedEngine
@@ -146,14 +146,23 @@ class Translator:
         readable checkpoint, with a warning (`qkv.checkpoint.load_run_checkpoint`). precision,
         warn, compile and say: as for the class; compiled programs are kept in the folder `compiled`
         beside the checkpoint."""
+        usable_device(device)
+        if tokenizer is not None and not Path(tokenizer).is_file():
+            raise QkvError(f"--tokenizer {tokenizer}: no such file")
         model, checkpoint_path, meta = load_trained_model(path, map_location=device, warn=warn)
         tokenizer_path = Path(tokenizer) if tokenizer else checkpoint_path.parent / TOKENIZER
         if not tokenizer_path.exists():
             raise QkvError(
-                f"{checkpoint_path}: no {TOKENIZER} beside it; pass the tokenizer's path "
-                "(--tokenizer on the command line)"
+                f"{checkpoint_path}: no {TOKENIZER} beside it: put the one the model was trained "
+                "with there (qkv translate and evaluate also take --tokenizer PATH)"
             )
         tokenizer_model = Tokenizer.load(tokenizer_path)
+        trained_with = model.config.tgt_vocab_size
+        if {model.config.src_vocab_size, trained_with} != {tokenizer_model.vocab_size}:
+            raise QkvError(
+                f"{tokenizer_path}: {tokenizer_model.vocab_size} subwords, but {checkpoint_path} "
+                f"was trained with {trained_with}: give the tokenizer it was trained with"
+            )
         translator = cls(model, tokenizer_model, device, precision, meta, warn, compile, say)
         translator.compile_cache = checkpoint_path.parent / COMPILED
         return translator

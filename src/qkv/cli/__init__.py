@@ -8,8 +8,10 @@ inside the `_run_*` functions, so that `qkv --help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 
 from qkv import __version__
 from qkv.cli.average import _add_average
@@ -20,7 +22,7 @@ from qkv.cli.prepare import _add_prepare
 from qkv.cli.serve import _add_serve
 from qkv.cli.train import _add_train
 from qkv.cli.translate import _add_evaluate, _add_translate
-from qkv.errors import QkvError
+from qkv.errors import QkvError, QkvWarning
 from qkv.recipes import recipe_names, resolve_recipe  # noqa: F401  (qkv.cli.resolve_recipe, as before)
 
 # Subcommands, in the order `qkv --help` lists them.
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.run(args) or 0
+        with _warnings_as_lines():
+            return args.run(args) or 0
     except QkvError as error:
         print(f"qkv: error: {error}", file=sys.stderr)
         return 2
@@ -69,3 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """While it lasts, qkv's own warnings (`QkvWarning`, from the library's default `warn`) print as
+    one `qkv: warning: ...` line, as the commands' own do, not with Python's file and source line."""
+    show = warnings.showwarning
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, QkvWarning):
+            print(f"qkv: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
