@@ -39,6 +39,22 @@ def test_unknown_section_is_named(tmp_path):
         load_config(write(tmp_path, "[optimizer]\nlr = 1\n"))
 
 
+def test_a_bad_override_is_named_by_its_set_option_not_the_file(tmp_path):
+    path = write(tmp_path, "[train]\nlr = 2\n")
+    with pytest.raises(QkvError) as error:
+        load_config(path, ["train.lr=abc"])
+    assert str(error.value) == "--set train.lr=abc: train.lr must be a number, not str 'abc'"
+    with pytest.raises(QkvError, match=r"^--set train\.lrr=1: unknown key train\.lrr"):
+        load_config(path, ["train.lrr=1"])
+
+
+def test_data_to_prepare_names_both_languages(tmp_path):
+    # Was "--src-lang and --tgt-lang", qkv prepare's options, once the run had started
+    with pytest.raises(QkvError, match=r"data\.src_lang and data\.tgt_lang"):
+        load_config(write(tmp_path, '[data]\ndataset = "multi30k"\nsrc_lang = "de"\n'))
+    assert load_config(write(tmp_path, '[data]\ndataset = "synthetic"\n')).data.src_lang is None
+
+
 def test_unknown_key_is_named(tmp_path):
     with pytest.raises(QkvError, match=r"unknown key train\.learning_rate"):
         load_config(write(tmp_path, "[train]\nlearning_rate = 1\n"))
@@ -72,7 +88,9 @@ def test_model_config_uses_preset_overrides_and_tokenizer_ids():
 
 
 def test_dump_toml_round_trips(tmp_path):
-    config = load_config(None, ["train.max_steps=7", "data.dataset=multi30k"])
+    config = load_config(
+        None, ["train.max_steps=7", "data.dataset=multi30k", "data.src_lang=de", "data.tgt_lang=en"]
+    )
     assert load_config(write(tmp_path, dump_toml(config))) == config
 
 
@@ -179,7 +197,7 @@ def test_any_value_of_any_key_loads_into_a_buildable_config_or_is_one_clear_erro
     try:
         config = load_config(None, [f"{section}.{name}={toml_value(value)}"])
     except QkvError as error:
-        assert re.match(r"(config: )?\w+\.\w+ ", str(error)), str(error)
+        assert re.match(r"(config: |--set .*?: )?\w+\.\w+[ :]", str(error)), str(error)
         return
     if config.model.preset in ("tiny", "small"):
         config.model_config(8000, SPECIALS)  # the model the config describes can be built

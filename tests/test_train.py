@@ -289,6 +289,17 @@ def test_resume_with_another_model_is_refused_and_the_runs_config_kept(prepared,
     assert (tmp_path / "config.toml").read_text() == config_text
 
 
+def test_a_model_too_short_for_its_batches_is_named_before_any_step(prepared, tmp_path):
+    # Batches pad to a multiple of 8: a max_len of 12 failed at the first batch of 9-16 positions,
+    # with a ValueError's traceback from inside the model
+    with pytest.raises(
+        QkvError,
+        match=r"positions, more than model.max_len = 12; set model.max_len to at least (16|24)",
+    ):
+        train(tiny_config(prepared, "model.max_len=12"), tmp_path, log=lambda *_: None)
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_resume_falls_back_past_a_corrupt_checkpoint(prepared, tmp_path):
     train(tiny_config(prepared, "train.max_steps=8"), tmp_path, log=lambda *_: None)
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")

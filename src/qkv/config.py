@@ -157,10 +157,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             values = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise QkvError(f"{path}: not valid TOML: {error}") from None
+    source = str(path) if path else "config"
+    config_from_dict(values, source)  # the file's own keys and types, named by the file
     for override in overrides:
         section, key, value = parse_override(override)
+        config_from_dict({section: {key: value}}, source=f"--set {override}")  # named by itself
         values.setdefault(section, {})[key] = value
-    config = config_from_dict(values, source=str(path) if path else "config")
+    config = config_from_dict(values, source)
     from qkv.config_check import check_config  # it reads the rules' choices from other modules
 
     check_config(config)

@@ -60,6 +60,13 @@ def _check_data(config: Config) -> None:
     if data.vocab_size is not None:
         _at_least("data.vocab_size", data.vocab_size, MIN_VOCAB_SIZE)
     _at_least("data.max_len", data.max_len, 1)
+    prepared_here = not data.prepared and (
+        data.trainpref or data.dataset not in (None, "synthetic")
+    )
+    if prepared_here and not (data.src_lang and data.tgt_lang):
+        raise QkvError(
+            "data.src_lang and data.tgt_lang: name both languages of the data (e.g. 'de', 'en')"
+        )
     _probability("data.subword_dropout", data.subword_dropout)
     _choice("data.subword_dropout_side", data.subword_dropout_side, SUBWORD_DROPOUT_SIDES)
 

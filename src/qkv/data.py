@@ -21,6 +21,7 @@ from qkv.text import decode_lines, read_lines  # noqa: F401  (qkv.data.read_line
 from qkv.tokenizer import SPECIALS, SpecialIds
 
 Pair = tuple[str, str]
+PAD_MULTIPLE = 8  # batch lengths are padded to a multiple of this (`collate`)
 
 # ---------------------------------------------------------------------------------------------
 # Reading
@@ -152,7 +153,10 @@ class EncodedSplit:
         return [(len(s) + 1, len(t) + 1) for s, t in zip(self.src, self.tgt, strict=True)]
 
     def collate(
-        self, indices: Sequence[int], specials: SpecialIds = SPECIALS, pad_multiple: int = 8
+        self,
+        indices: Sequence[int],
+        specials: SpecialIds = SPECIALS,
+        pad_multiple: int = PAD_MULTIPLE,
     ) -> Batch:
         pairs = [(self.src[i], self.tgt[i]) for i in indices]
         return collate(pairs, specials, pad_multiple, indices)
@@ -196,7 +200,7 @@ def round_up(length: int, multiple: int) -> int:
 def collate(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     specials: SpecialIds = SPECIALS,
-    pad_multiple: int = 8,
+    pad_multiple: int = PAD_MULTIPLE,
     indices: Sequence[int] = (),
 ) -> Batch:
     """Pairs of subword ids (no special ids) -> a `Batch` padded to lengths that are multiples
@@ -261,7 +265,7 @@ class TokenBatchSampler:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
-        pad_multiple: int = 8,
+        pad_multiple: int = PAD_MULTIPLE,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")

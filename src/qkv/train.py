@@ -29,7 +29,7 @@ from qkv.checkpoint import (
 )
 from qkv.config import Config, dump_toml
 from qkv.config_check import check_config
-from qkv.data import EncodedSplit, TokenBatchSampler
+from qkv.data import EncodedSplit, TokenBatchSampler, round_up
 from qkv.distributed import Distributed, restore_rng_states, rng_states, setup_distributed
 from qkv.errors import QkvError
 from qkv.hardware import precision_note, resolve_precision
@@ -402,6 +402,27 @@ class Trainer:
         return True
 
 
+def check_lengths(data, max_len: int, pad_multiple: int) -> None:
+    """A QkvError, before any step, where a training or validation pair needs more positions than
+    the model has: its subwords and EOS (or BOS and its subwords), padded as batches are to a
+    multiple of `pad_multiple` (train.pad_multiple). Before, a ValueError's traceback at the first
+    batch that held one."""
+    for name in ("train", "val"):
+        split = getattr(data, name)
+        longest = max(
+            (max(len(s), len(t)) for s, t in zip(split.src, split.tgt, strict=True)), default=0
+        )
+        needed = round_up(longest + 1, pad_multiple)
+        if needed > max_len:
+            fits = max_len // pad_multiple * pad_multiple - 1
+            raise QkvError(
+                f"a {name} pair has {longest} subwords: with its EOS or BOS, in batches padded to "
+                f"a multiple of {pad_multiple}, {needed} positions, more than model.max_len = "
+                f"{max_len}; set model.max_len to at least {needed}"
+                + (f", or data.max_len to at most {fits}" if fits >= 1 else "")
+            )
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:
     """Train a model as `config` says, writing everything to `run_dir`; returns the run's summary."""
     check_config(config)  # a Config built in Python has not been checked yet
@@ -433,6 +454,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
                 log(f"removed {path}, left by a write that was cut short")
     data = load_training_data(config, run_dir, dist_info, log)
     trainer = Trainer(config, run_dir, data, dist_info, log)
+    check_lengths(data, trainer.model.config.max_len, config.train.pad_multiple)
     resumed = resume and trainer.resume()  # first: a run it refuses keeps its config.toml
     if dist_info.is_main:
         text = dump_toml(config)
