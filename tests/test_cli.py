@@ -18,6 +18,9 @@ def test_help_lists_usage(run_qkv):
     result = run_qkv("--help")
     assert result.returncode == 0
     assert "usage: qkv" in result.stdout
+    # One optional run directory and one text, not argparse's "[[RUN_DIR] TEXT ...]"
+    explain = run_qkv("explain", "--help").stdout
+    assert "[--force] [RUN_DIR] TEXT\n" in explain and "[[RUN_DIR]" not in explain
 
 
 def test_help_of_every_command_imports_no_torch():

@@ -132,7 +132,7 @@ def test_synthetic_task_prepares_with_a_small_vocabulary(tmp_path):
         ({"dataset": "synthetic", "src_lang": "de"}, "the synthetic task translates words to iso"),
         ({"dataset": "wmt", "src_lang": "de", "tgt_lang": "en"}, "unknown dataset 'wmt'"),
         # 0 was taken for "the default" (8000), -5 training pairs made 891, 0 a KeyError
-        ({"dataset": "synthetic", "vocab_size": 0}, "--vocab-size must be at least 1, not 0"),
+        ({"dataset": "synthetic", "vocab_size": 0}, "--vocab-size must be at least 8, not 0"),
         ({"dataset": "synthetic", "train_size": -5}, "--train-size must be at least 1, not -5"),
         ({"dataset": "synthetic", "test_size": 0}, "--test-size must be at least 1, not 0"),
         ({"dataset": "synthetic", "max_len": 0}, "--max-len must be at least 1, not 0"),

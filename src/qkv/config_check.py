@@ -13,12 +13,11 @@ from qkv.hardware import PRECISIONS
 from qkv.layers import ACTIVATIONS
 from qkv.model import PRESETS
 from qkv.prepare import DATASETS
-from qkv.tokenizer import MODEL_TYPES
+from qkv.tokenizer import MIN_VOCAB_SIZE, MODEL_TYPES
 
 LR_SCHEDULES = ("noam", "inverse_sqrt", "cosine")
 SUBWORD_DROPOUT_SIDES = ("both", "source")
 POSITIONALS = ("sinusoidal", "learned")
-MIN_VOCAB_SIZE = 8  # the 4 special tokens and a few pieces: SentencePiece refuses fewer
 
 
 def check_config(config: Config) -> None:

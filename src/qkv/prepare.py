@@ -43,7 +43,7 @@ from qkv.data import (
 from qkv.errors import QkvError
 from qkv.outputs import check_output_folder, check_parents_are_folders
 from qkv.prepared import PreparedData, load_prepared, write_info, write_split  # noqa: F401
-from qkv.tokenizer import MODEL_TYPES, Tokenizer
+from qkv.tokenizer import MIN_VOCAB_SIZE, MODEL_TYPES, Tokenizer
 
 DATASETS = ("multi30k", "synthetic")
 DEFAULT_VOCAB_SIZE = {"multi30k": 8000, "synthetic": 200, None: 8000}
@@ -125,10 +125,14 @@ def prepare(
         dataset, src_lang, tgt_lang, trainpref, validpref, testpref, model_type
     )
     _check_numbers(
-        {"--vocab-size": vocab_size, "--max-len": max_len, "--train-size": train_size,
-         "--valid-size": valid_size, "--test-size": test_size},
+        {"--max-len": max_len, "--train-size": train_size, "--valid-size": valid_size,
+         "--test-size": test_size},
         max_ratio,
     )  # fmt: skip
+    if (
+        vocab_size is not None and vocab_size < MIN_VOCAB_SIZE
+    ):  # SentencePiece's own error is cryptic
+        raise QkvError(f"--vocab-size must be at least {MIN_VOCAB_SIZE}, not {vocab_size}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QkvError(f"{out} exists and is not a folder")

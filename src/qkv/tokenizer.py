@@ -30,6 +30,7 @@ class SpecialIds:
 
 SPECIALS = SpecialIds(pad=0, unk=1, bos=2, eos=3)
 MODEL_TYPES = ("bpe", "unigram")
+MIN_VOCAB_SIZE = 8  # the 4 special tokens and a few pieces: SentencePiece refuses fewer
 # A source is a text file (str or Path, plain or .gz) or an iterable of sentences.
 TextSource = str | os.PathLike | Iterable[str]
 

@@ -100,6 +100,9 @@ def _run_attention(args) -> int:
 def _add_explain(subparsers) -> None:
     parser = subparsers.add_parser(
         "explain",
+        # argparse would write the one-or-two positionals as "[RUN_DIR] TEXT [[RUN_DIR] TEXT ...]"
+        usage="qkv explain [-h] [--layer L] [--kind {encoder,decoder,cross}] [--heads H]\n"
+        "                   [--html FILE] [--force] [RUN_DIR] TEXT",
         help="walk through one self-attention sublayer on real numbers",
         description=(
             "Show how self-attention computes its output, step by step, on the numbers of a model: "
