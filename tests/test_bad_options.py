@@ -104,6 +104,7 @@ def test_a_device_or_tokenizer_that_cannot_serve_is_named_not_the_checkpoint(
         )
     nonsense = error_of(capsys, "translate", toy_run, "--device", "nonsense")
     assert nonsense == "qkv: error: --device nonsense: not a device; give cpu, cuda or cuda:N"
+    assert qkv.load(toy_run, tokenizer=toy_run).translate(["a b c"]) == ["c b a"]  # a folder too
     missing = error_of(capsys, "translate", toy_run, "--tokenizer", tmp_path / "none.model")
     assert missing == f"qkv: error: --tokenizer {tmp_path / 'none.model'}: no such file"
     other = Tokenizer.train([["a b", "c d e"] * 20], tmp_path / "other.model", vocab_size=12)

@@ -1,6 +1,7 @@
 """`qkv demo` as a newcomer runs it: the full recipe, its accuracy, and README's commands after it."""
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -117,6 +118,22 @@ def test_the_demo_writes_runs_demo_where_the_readme_looks_then_numbered_folders(
     assert default_demo_dir(tmp_path) == tmp_path / "demo-3"
 
 
+def readme_curl_examples() -> list[tuple[list[str], str]]:
+    """README's `curl` commands to the server (its Serve section), each with the comment after it."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Serve\n")[1]
+    block = next(b for b in section.split("```bash\n")[1:] if b.startswith("curl"))
+    lines, examples = block.split("```")[0].splitlines(), []
+    while lines:
+        command = lines.pop(0)
+        while command.endswith("\\"):
+            command = command[:-1] + lines.pop(0)
+        comment = command.partition("#")[2] if "#" in command else ""
+        while lines and lines[0].lstrip().startswith("#"):
+            comment += lines.pop(0).lstrip()[1:]
+        examples.append((shlex.split(command, comments=True), comment.strip()))
+    return examples
+
+
 def test_readme_serve_examples_answer_as_written_on_the_demo_model(demo_run):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     from fastapi.testclient import TestClient
@@ -125,16 +142,25 @@ def test_readme_serve_examples_answer_as_written_on_the_demo_model(demo_run):
     from qkv.serve.app import create_app
 
     cwd, _ = demo_run
-    sentence = "the third of may nineteen ninety"
+    examples, answers, shown = readme_curl_examples(), {}, {}
     with TestClient(create_app(load_models([str(cwd / "runs" / "demo")]))) as client:
-        answer = client.post("/translate", json={"q": sentence, "source": "words", "target": "iso"})
-        assert answer.json() == {"translatedText": "1990-05-03"}
-        languages = client.get("/languages").json()
-        assert languages == [{"code": "words", "name": "Dates in words", "targets": ["iso"]}]
-        body = {"text": [sentence], "source": "words", "target": "iso", "n_best": 2}
-        hypotheses = client.post("/v1/translate", json=body).json()["translations"][0]["hypotheses"]
-        assert hypotheses[0]["text"] == "1990-05-03" and len(hypotheses) == 2
-        explained = client.post(
-            "/v1/explain", json={"text": sentence, "source": "words", "target": "iso", "layer": 2}
-        ).json()
-        assert explained["title"].startswith("Encoder self-attention, layer 2")
+        for args, comment in examples:
+            assert args[:2] == ["curl", "-s"] and args[2].startswith("localhost:5000/"), args
+            route = args[2].removeprefix("localhost:5000")
+            options = dict(zip(args[3::2], args[4::2], strict=True))
+            if "-d" in options:
+                name, _, value = options["-H"].partition(": ")
+                answer = client.post(route, content=options["-d"], headers={name: value})
+            else:
+                answer = client.get(route)
+            assert answer.status_code == 200, (args, answer.text)
+            answers[route] = answer
+            if comment.startswith(("{", "[")):  # the answer README shows, then words about it
+                shown[route], _ = json.JSONDecoder().raw_decode(comment)
+    assert list(answers) == ["/translate", "/languages", "/v1/translate", "/v1/explain", "/metrics"]
+    assert shown == {route: answers[route].json() for route in ("/translate", "/languages")}
+    # What README says in words: two hypotheses (n_best 2), layer 2's steps, Prometheus' counts
+    hypotheses = answers["/v1/translate"].json()["translations"][0]["hypotheses"]
+    assert hypotheses[0]["text"] == "1990-05-03" and len(hypotheses) == 2
+    assert answers["/v1/explain"].json()["title"].startswith("Encoder self-attention, layer 2")
+    assert "qkv_requests_total" in answers["/metrics"].text

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from qkv.errors import QkvError
@@ -49,3 +52,18 @@ def test_a_folder_of_other_files_or_a_file_is_refused(tmp_path):
     with written_whole(empty) as staging:
         (staging / "model.bin").write_text("")
     assert [p.name for p in empty.iterdir()] == ["model.bin"]
+
+
+def test_a_replaced_export_keeps_the_users_own_files_and_a_new_one_is_not_private(tmp_path):
+    out = tmp_path / "export"
+    with written_whole(out) as staging:
+        (staging / "model.bin").write_text("CTranslate2's")
+        (staging / "qkv_export.json").write_text("{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # the staging folder was 0700
+    (out / "README.md").write_text("how we serve it")
+    with written_whole(out, replace=True) as staging:
+        (staging / "encoder.onnx").write_text("ONNX's")
+        (staging / "qkv_onnx.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "encoder.onnx", "qkv_onnx.json"]

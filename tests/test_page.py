@@ -8,9 +8,7 @@ Playwright's own browser download is not used). Without them the test skips here
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -175,46 +173,6 @@ def test_translate_look_at_cross_attention_then_step_by_step(server, chromium):
     page.set_viewport_size({"width": 390, "height": 844})  # a phone: no page wider than the screen
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     assert errors == []
-
-
-def readme_curl_examples() -> list[tuple[list[str], str]]:
-    """README's `curl` commands to the server (its Serve section), each with the comment after it."""
-    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Serve\n")[1]
-    block = next(b for b in section.split("```bash\n")[1:] if b.startswith("curl"))
-    lines, examples = block.split("```")[0].splitlines(), []
-    while lines:
-        command = lines.pop(0)
-        while command.endswith("\\"):
-            command = command[:-1] + lines.pop(0)
-        comment = command.partition("#")[2] if "#" in command else ""
-        while lines and lines[0].lstrip().startswith("#"):
-            comment += lines.pop(0).lstrip()[1:]
-        examples.append((shlex.split(command, comments=True), comment.strip()))
-    return examples
-
-
-def test_readmes_curl_examples_answer_as_it_shows(server):
-    url, _ = server
-    examples, compared = readme_curl_examples(), []
-    assert [args[2].split("/", 1)[1] for args in [e[0] for e in examples]] == [
-        "translate", "languages", "v1/translate", "v1/explain", "metrics",
-    ]  # fmt: skip
-    for args, comment in examples:
-        assert args[:2] == ["curl", "-s"] and args[2].startswith("localhost:5000/"), args
-        options = dict(zip(args[3::2], args[4::2], strict=True))
-        target = url + args[2].split("/", 1)[1]
-        if "-d" in options:
-            name, _, value = options["-H"].partition(": ")
-            answer = httpx.post(target, content=options["-d"], headers={name: value})
-        else:
-            answer = httpx.get(target)
-        assert answer.status_code == 200, (args, answer.text)
-        if comment.startswith(("{", "[")):  # the answer README shows, then words about it
-            shown, _ = json.JSONDecoder().raw_decode(comment)
-            assert answer.json() == shown, args
-            compared.append(args[2])
-    assert compared == ["localhost:5000/translate", "localhost:5000/languages"]
-    assert len(answer.text.splitlines()) > 10  # /metrics, last
 
 
 def test_where_the_server_requires_a_key_the_page_asks_for_it(demo_run, chromium, tmp_path):

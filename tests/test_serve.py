@@ -224,9 +224,10 @@ def test_a_fault_of_the_servers_is_a_500_in_the_same_shape_and_counted(models, m
     monkeypatch.setattr(models[0].translator, "hypotheses", broken)
     with TestClient(create_app(models), raise_server_exceptions=False) as client:
         body = {"text": ["a b"], "source": "xx", "target": "yy"}
-        answer = client.post("/v1/translate", json=body)
+        answer = client.post("/v1/translate", json=body, headers={"Origin": "https://example.org"})
         assert answer.status_code == 500
         assert answer.json() == {"error": "internal error (RuntimeError)"}
+        assert answer.headers["access-control-allow-origin"] == "*"  # a page elsewhere reads it
         metrics = client.get("/metrics").text
     assert 'qkv_requests_total{route="/v1/translate",status="500"} 1.0' in metrics
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,11 +19,12 @@ from conftest import qkv_env
 from qkv import hardware
 from qkv.checkpoint import load_checkpoint, step_checkpoints
 from qkv.config import load_config
+from qkv.data import EncodedSplit
 from qkv.distributed import Distributed, training_device
 from qkv.errors import QkvError
 from qkv.prepare import load_prepared, prepare
 from qkv.schedule import learning_rate
-from qkv.train import Trainer, train
+from qkv.train import Trainer, check_lengths, train
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +289,11 @@ def test_resume_with_another_model_is_refused_and_the_runs_config_kept(prepared,
     with pytest.raises(QkvError, match=r"last.pt: the run's model is not this config's \(d_model"):
         train(wider, tmp_path, resume=True, log=lambda *_: None)
     assert (tmp_path / "config.toml").read_text() == config_text
+    # Dropout shapes no weight, and sinusoids are no checkpoint's: those may change
+    same_weights = tiny_config(
+        prepared, "train.max_steps=4", "model.dropout=0.3", "model.max_len=512"
+    )
+    assert train(same_weights, tmp_path, resume=True, log=lambda *_: None)["steps"] == 4
 
 
 def test_a_model_too_short_for_its_batches_is_named_before_any_step(prepared, tmp_path):
@@ -298,6 +305,19 @@ def test_a_model_too_short_for_its_batches_is_named_before_any_step(prepared, tm
     ):
         train(tiny_config(prepared, "model.max_len=12"), tmp_path, log=lambda *_: None)
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_validation_pairs_are_checked_as_validation_pads_them():
+    # The Multi30k recipes pad training batches to a multiple of 1; validation pads to 8
+    split = EncodedSplit(src=[[5] * 97], tgt=[[6] * 90])
+    short = EncodedSplit(src=[[5] * 10], tgt=[[6] * 10])
+    with pytest.raises(QkvError) as error:
+        check_lengths(SimpleNamespace(train=short, val=split), 100, pad_multiple=1)
+    assert str(error.value) == (
+        "a val pair has 97 subwords: with its EOS or BOS, in batches padded to a multiple of 8, "
+        "104 positions, more than model.max_len = 100; set model.max_len to at least 104"
+    )  # no data.max_len to suggest: preparing drops only training pairs by length
+    check_lengths(SimpleNamespace(train=split, val=short), 104, pad_multiple=1)
 
 
 def test_resume_falls_back_past_a_corrupt_checkpoint(prepared, tmp_path):

@@ -29,7 +29,7 @@ from qkv.checkpoint import (
 )
 from qkv.config import Config, dump_toml
 from qkv.config_check import check_config
-from qkv.data import EncodedSplit, TokenBatchSampler, round_up
+from qkv.data import PAD_MULTIPLE, EncodedSplit, TokenBatchSampler, round_up
 from qkv.distributed import Distributed, restore_rng_states, rng_states, setup_distributed
 from qkv.errors import QkvError
 from qkv.hardware import precision_note, resolve_precision
@@ -385,7 +385,12 @@ class Trainer:
             return False
         checkpoint, path = found
         saved, now = checkpoint.get("model_config", {}), self.model.config.to_dict()
-        if changed := [key for key in now if key in saved and saved[key] != now[key]]:
+        # What the weights are shaped by or mean; dropout may change, and the length of a table of
+        # sinusoids that no checkpoint holds
+        unchanging = [key for key in now if key not in ("dropout", "attention_dropout")]
+        if now.get("positional") != "learned":
+            unchanging.remove("max_len")
+        if changed := [key for key in unchanging if key in saved and saved[key] != now[key]]:
             differences = ", ".join(f"{key} {saved[key]!r} -> {now[key]!r}" for key in changed)
             raise QkvError(
                 f"{path}: the run's model is not this config's ({differences}): --resume goes on "
@@ -402,24 +407,27 @@ class Trainer:
         return True
 
 
-def check_lengths(data, max_len: int, pad_multiple: int) -> None:
+def check_lengths(data, max_len: int, pad_multiple: int, filters_by_length: bool = True) -> None:
     """A QkvError, before any step, where a training or validation pair needs more positions than
     the model has: its subwords and EOS (or BOS and its subwords), padded as batches are to a
     multiple of `pad_multiple` (train.pad_multiple). Before, a ValueError's traceback at the first
-    batch that held one."""
-    for name in ("train", "val"):
+    batch that held one. `filters_by_length`: whether data.max_len drops training pairs (it does
+    where qkv prepares the data, not for data.prepared)."""
+    # Validation pads its batches as translation does (`collate`'s default), whatever training does
+    for name, multiple in (("train", pad_multiple), ("val", PAD_MULTIPLE)):
         split = getattr(data, name)
-        longest = max(
-            (max(len(s), len(t)) for s, t in zip(split.src, split.tgt, strict=True)), default=0
-        )
-        needed = round_up(longest + 1, pad_multiple)
+        pairs = zip(split.src, split.tgt, strict=True)
+        longest = max((max(len(s), len(t)) for s, t in pairs), default=0)
+        needed = round_up(longest + 1, multiple)
         if needed > max_len:
-            fits = max_len // pad_multiple * pad_multiple - 1
+            fits = max_len // multiple * multiple - 1
+            # Only training pairs are dropped by length, and only where qkv prepares the data
+            shorter = name == "train" and filters_by_length and fits >= 1
             raise QkvError(
                 f"a {name} pair has {longest} subwords: with its EOS or BOS, in batches padded to "
-                f"a multiple of {pad_multiple}, {needed} positions, more than model.max_len = "
+                f"a multiple of {multiple}, {needed} positions, more than model.max_len = "
                 f"{max_len}; set model.max_len to at least {needed}"
-                + (f", or data.max_len to at most {fits}" if fits >= 1 else "")
+                + (f", or data.max_len to at most {fits}" if shorter else "")
             )
 
 
@@ -454,7 +462,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
                 log(f"removed {path}, left by a write that was cut short")
     data = load_training_data(config, run_dir, dist_info, log)
     trainer = Trainer(config, run_dir, data, dist_info, log)
-    check_lengths(data, trainer.model.config.max_len, config.train.pad_multiple)
+    max_len, filters = trainer.model.config.max_len, not config.data.prepared
+    check_lengths(data, max_len, config.train.pad_multiple, filters)
     resumed = resume and trainer.resume()  # first: a run it refuses keeps its config.toml
     if dist_info.is_main:
         text = dump_toml(config)

@@ -147,7 +147,7 @@ class Translator:
         warn, compile and say: as for the class; compiled programs are kept in the folder `compiled`
         beside the checkpoint."""
         usable_device(device)
-        if tokenizer is not None and not Path(tokenizer).is_file():
+        if tokenizer is not None and not Path(tokenizer).exists():  # a file, or a folder with one
             raise QkvError(f"--tokenizer {tokenizer}: no such file")
         model, checkpoint_path, meta = load_trained_model(path, map_location=device, warn=warn)
         tokenizer_path = Path(tokenizer) if tokenizer else checkpoint_path.parent / TOKENIZER

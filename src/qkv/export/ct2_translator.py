@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qkv.checkpoint import TOKENIZER
 from qkv.errors import QkvError
+from qkv.length_penalty import alpha_problem
 from qkv.tokenizer import Tokenizer
 from qkv.translate import Hypothesis, _progress_bar, token_batches
 
@@ -86,6 +87,8 @@ class CTranslate2Translator:
         `return_scores=False`, the scores NaN)."""
         if not 1 <= n_best <= beam:
             raise QkvError(f"--n-best must be between 1 and the beam size {beam}, got {n_best}")
+        if problem := alpha_problem(length_penalty):  # as qkv's own search
+            raise QkvError(f"--length-penalty {problem}")
         if (
             beam > 1
             and length_penalty

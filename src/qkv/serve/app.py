@@ -166,7 +166,9 @@ def create_app(
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
         # A fault of the server's, never of the input: in the same shape (the log has the traceback)
-        return JSONResponse({"error": f"internal error ({type(error).__name__})"}, 500)
+        # Outside CORSMiddleware: its header added here, so that a page elsewhere sees the error
+        body = {"error": f"internal error ({type(error).__name__})"}
+        return JSONResponse(body, 500, headers={"Access-Control-Allow-Origin": "*"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
