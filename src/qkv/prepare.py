@@ -129,9 +129,7 @@ def prepare(
          "--test-size": test_size},
         max_ratio,
     )  # fmt: skip
-    if (
-        vocab_size is not None and vocab_size < MIN_VOCAB_SIZE
-    ):  # SentencePiece's own error is cryptic
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:  # SentencePiece's says INTERNAL
         raise QkvError(f"--vocab-size must be at least {MIN_VOCAB_SIZE}, not {vocab_size}")
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -208,7 +208,7 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The Agg renderer for PNG: no display needed. Whole or not at all, and in the format its suffix
-    # names (`picture_format`): given no suffix, matplotlib would add ".png" to the name.
+    # names (`picture_format_problem`): given no suffix, matplotlib would add ".png" to the name.
     file_format = path.suffix.lstrip(".").lower()
     atomic_write(path, lambda file: fig.savefig(file, dpi=dpi, format=file_format))
     return path
@@ -223,7 +223,8 @@ def picture_format_problem(path: str | Path) -> str | None:
     if Path(path).suffix.lstrip(".").lower() in formats:
         return None
     names = ", ".join(f".{name}" for name in ("png", "svg", "pdf") if name in formats)
-    return f"a picture's format comes from its suffix: {names} (or another format that matplotlib writes)"
+    others = "or another format that matplotlib writes"
+    return f"a picture's format comes from its suffix: {names} ({others})"
 
 
 # --- The web page ------------------------------------------------------------------------------------

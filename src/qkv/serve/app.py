@@ -165,8 +165,8 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
-        # A fault of the server's, never of the input: in the same shape (the log has the traceback)
-        # Outside CORSMiddleware: its header added here, so that a page elsewhere sees the error
+        # A fault of the server's, never of the input: in the same shape (the log has the
+        # traceback), with CORS's header, which the middleware inside this handler cannot add
         body = {"error": f"internal error ({type(error).__name__})"}
         return JSONResponse(body, 500, headers={"Access-Control-Allow-Origin": "*"})
 
