@@ -24,7 +24,8 @@ from qkv.distributed import Distributed, training_device
 from qkv.errors import QkvError
 from qkv.prepare import load_prepared, prepare
 from qkv.schedule import learning_rate
-from qkv.train import Trainer, check_lengths, train
+from qkv.train import Trainer, train
+from qkv.training_data import check_lengths
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.unlink(f.name)
             raise
     # Temporary files are created private (0600); the finished file gets the usual permissions.
-    os.chmod(f.name, 0o666 & ~_umask())
+    os.chmod(f.name, 0o666 & ~current_umask())
     os.replace(f.name, path)
     _fsync_directory(path.parent)  # make the rename itself durable
 
@@ -66,7 +66,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -100,6 +100,18 @@ def load_run_checkpoint(
     raise QkvError(f"{path}: run directory has neither {BEST} nor {LAST}")
 
 
+def model_changes(checkpoint: dict, config: TransformerConfig) -> str:
+    """How `config` differs from the checkpoint's model in what its weights are shaped by or mean
+    ("d_model 64 -> 32, ..."; "" if in nothing): dropout may change, and the length of a table of
+    sinusoids, which no checkpoint holds."""
+    saved, now = checkpoint.get("model_config", {}), config.to_dict()
+    unchanging = [key for key in now if key not in ("dropout", "attention_dropout")]
+    if now.get("positional") != "learned":
+        unchanging.remove("max_len")
+    changed = [key for key in unchanging if key in saved and saved[key] != now[key]]
+    return ", ".join(f"{key} {saved[key]!r} -> {now[key]!r}" for key in changed)
+
+
 def model_from_checkpoint(checkpoint: dict, source: str | Path = "checkpoint") -> Transformer:
     if "model_config" not in checkpoint:
         raise QkvError(f"{source}: checkpoint has no 'model_config'")

@@ -23,13 +23,14 @@ from qkv.checkpoint import (
     LAST,
     TOKENIZER,
     load_resumable_checkpoint,
+    model_changes,
     model_checkpoint,
     save_checkpoint,
     save_step_checkpoint,
 )
 from qkv.config import Config, dump_toml
 from qkv.config_check import check_config
-from qkv.data import PAD_MULTIPLE, EncodedSplit, TokenBatchSampler, round_up
+from qkv.data import EncodedSplit, TokenBatchSampler
 from qkv.distributed import Distributed, restore_rng_states, rng_states, setup_distributed
 from qkv.errors import QkvError
 from qkv.hardware import precision_note, resolve_precision
@@ -39,7 +40,7 @@ from qkv.metrics import MetricsLog, RunningWindow, plot_curves, progress_bar, st
 from qkv.model import Transformer
 from qkv.outputs import check_parents_are_folders
 from qkv.schedule import learning_rate
-from qkv.training_data import load_training_data, resegmented, run_meta
+from qkv.training_data import check_lengths, load_training_data, resegmented, run_meta
 from qkv.validation import validate
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
@@ -384,14 +385,7 @@ class Trainer:
         if found is None:
             return False
         checkpoint, path = found
-        saved, now = checkpoint.get("model_config", {}), self.model.config.to_dict()
-        # What the weights are shaped by or mean; dropout may change, and the length of a table of
-        # sinusoids that no checkpoint holds
-        unchanging = [key for key in now if key not in ("dropout", "attention_dropout")]
-        if now.get("positional") != "learned":
-            unchanging.remove("max_len")
-        if changed := [key for key in unchanging if key in saved and saved[key] != now[key]]:
-            differences = ", ".join(f"{key} {saved[key]!r} -> {now[key]!r}" for key in changed)
+        if differences := model_changes(checkpoint, self.model.config):
             raise QkvError(
                 f"{path}: the run's model is not this config's ({differences}): --resume goes on "
                 "with the run's model; train a new one into another --out"
@@ -405,30 +399,6 @@ class Trainer:
             self.metrics.truncate_after(self.progress.step)
         self.log(f"resumed from {path} at step {self.progress.step}")
         return True
-
-
-def check_lengths(data, max_len: int, pad_multiple: int, filters_by_length: bool = True) -> None:
-    """A QkvError, before any step, where a training or validation pair needs more positions than
-    the model has: its subwords and EOS (or BOS and its subwords), padded as batches are to a
-    multiple of `pad_multiple` (train.pad_multiple). Before, a ValueError's traceback at the first
-    batch that held one. `filters_by_length`: whether data.max_len drops training pairs (it does
-    where qkv prepares the data, not for data.prepared)."""
-    # Validation pads its batches as translation does (`collate`'s default), whatever training does
-    for name, multiple in (("train", pad_multiple), ("val", PAD_MULTIPLE)):
-        split = getattr(data, name)
-        pairs = zip(split.src, split.tgt, strict=True)
-        longest = max((max(len(s), len(t)) for s, t in pairs), default=0)
-        needed = round_up(longest + 1, multiple)
-        if needed > max_len:
-            fits = max_len // multiple * multiple - 1
-            # Only training pairs are dropped by length, and only where qkv prepares the data
-            shorter = name == "train" and filters_by_length and fits >= 1
-            raise QkvError(
-                f"a {name} pair has {longest} subwords: with its EOS or BOS, in batches padded to "
-                f"a multiple of {multiple}, {needed} positions, more than model.max_len = "
-                f"{max_len}; set model.max_len to at least {needed}"
-                + (f", or data.max_len to at most {fits}" if shorter else "")
-            )
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from qkv.config import Config
-from qkv.data import EncodedSplit
+from qkv.data import PAD_MULTIPLE, EncodedSplit, round_up
 from qkv.distributed import Distributed
 from qkv.errors import QkvError
 
@@ -71,3 +71,27 @@ def load_training_data(config: Config, run_dir: Path, dist_info: Distributed, lo
         )
     dist_info.barrier()
     return load_prepared(prepared_dir)
+
+
+def check_lengths(data, max_len: int, pad_multiple: int, filters_by_length: bool = True) -> None:
+    """A QkvError, before any step, where a training or validation pair needs more positions than
+    the model has: its subwords and EOS (or BOS and its subwords), padded as batches are to a
+    multiple of `pad_multiple` (train.pad_multiple). Before, a ValueError's traceback at the first
+    batch that held one. `filters_by_length`: whether data.max_len drops training pairs (it does
+    where qkv prepares the data, not for data.prepared)."""
+    # Validation pads its batches as translation does (`collate`'s default), whatever training does
+    for name, multiple in (("train", pad_multiple), ("val", PAD_MULTIPLE)):
+        split = getattr(data, name)
+        pairs = zip(split.src, split.tgt, strict=True)
+        longest = max((max(len(s), len(t)) for s, t in pairs), default=0)
+        needed = round_up(longest + 1, multiple)
+        if needed > max_len:
+            fits = max_len // multiple * multiple - 1
+            # Only training pairs are dropped by length, and only where qkv prepares the data
+            shorter = name == "train" and filters_by_length and fits >= 1
+            raise QkvError(
+                f"a {name} pair has {longest} subwords: with its EOS or BOS, in batches padded to "
+                f"a multiple of {multiple}, {needed} positions, more than model.max_len = "
+                f"{max_len}; set model.max_len to at least {needed}"
+                + (f", or data.max_len to at most {fits}" if shorter else "")
+            )

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from qkv.atomic import current_umask
 from qkv.errors import QkvError
 from qkv.outputs import check_parents_are_folders
 
@@ -74,15 +75,8 @@ def written_whole(out_dir: str | Path, replace: bool = False) -> Iterator[Path]:
             for path in staging.iterdir():
                 os.replace(path, out_dir / path.name)
         else:
-            os.chmod(
-                staging, 0o777 & ~_umask()
-            )  # made private (0700), it becomes the user's folder
+            # Made private (0700), it becomes the user's folder
+            os.chmod(staging, 0o777 & ~current_umask())
             staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already where it became out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
