@@ -26,8 +26,6 @@ def length_penalty_factor(
     """The divisor of a hypothesis' log-probability: 'gnmt' ((5 + len) / 6)^alpha, the paper's (from Wu et
     al. 2016, as in tensor2tensor), or 'fairseq' len^alpha (fairseq, CTranslate2, Hugging Face).
     ``length`` counts generated tokens, EOS included."""
-    if problem := alpha_problem(alpha):
-        raise ValueError(f"the length penalty {problem}")
     if style == "gnmt":
         return ((5 + length) / 6) ** alpha
     if style == "fairseq":

@@ -44,7 +44,7 @@ from qkv.inference import DecodingEngine, prepare_for_decoding
 from qkv.inference.beam_cache import holes_filled
 from qkv.inference.engine import NextToken
 from qkv.inference.topk import best_extensions
-from qkv.length_penalty import length_penalty_factor
+from qkv.length_penalty import alpha_problem, length_penalty_factor
 from qkv.model import Transformer
 
 MAX_LEN_MARGIN = 50  # the paper: "maximum output length ... input length + 50"
@@ -306,6 +306,8 @@ def beam_search(
         length_penalty_factor, alpha=length_penalty, style=length_penalty_style
     )
     length_penalty_of(1)  # reject an unknown style before any work
+    if problem := alpha_problem(length_penalty):  # checked once, not at every step's penalty
+        raise ValueError(f"the length penalty {problem}")
     search = _BeamSearch(model, src_ids, beam_size, length_penalty_of, max_len, min_len, n_best)
     return search.run(early_exit)
 
