@@ -4,10 +4,12 @@ what to do, and leaves every file as it was."""
 
 import pytest
 
+import qkv.prepare
 from qkv.datasets import synthetic_pairs
 from qkv.errors import QkvError
 from qkv.outputs import check_output_file
 from qkv.prepare import prepare
+from qkv.prepared import is_prepared, load_prepared, write_split
 from test_prepare import write_corpus
 
 
@@ -44,6 +46,38 @@ def test_prepare_replaces_an_earlier_prepared_folder_only_with_force(tmp_path):
     assert snapshot(out) == before
     prepare_files(prefix, out, seed=5, force=True)
     assert snapshot(out)["val.de"] != before["val.de"]  # another held-out slice
+
+
+def test_a_prepare_that_stops_half_way_leaves_a_folder_that_is_not_read(tmp_path, monkeypatch):
+    """`--force` over a prepared folder, stopped after its first split (a full disk, a kill), left
+    the new train.pt beside the old tokenizer and prepare.json: a folder that loaded as whole."""
+    prefix = write_corpus(tmp_path / "corpus", "train", synthetic_pairs(300, seed=1))
+    out = tmp_path / "prepared"
+    prepare_files(prefix, out)
+    assert is_prepared(out)
+    written = []
+
+    def write_one_split_then_stop(folder, name, *args):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(name)
+        write_split(folder, name, *args)
+
+    monkeypatch.setattr(qkv.prepare, "write_split", write_one_split_then_stop)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_files(prefix, out, seed=5, force=True)
+    assert not is_prepared(out)
+    with pytest.raises(QkvError) as error:
+        load_prepared(out)
+    assert str(error.value) == (
+        f"{out}: a qkv prepare stopped while writing it (prepare.partial is there): run qkv "
+        "prepare again, which replaces what it left"
+    )
+    monkeypatch.undo()
+    # What it left is replaced without --force: `qkv train` prepares its run's data folder so.
+    prepare_files(prefix, out, seed=5)
+    assert is_prepared(out) and not (out / "prepare.partial").exists()
+    assert len(load_prepared(out).val.src) == 30
 
 
 def test_prepare_never_replaces_a_file_it_did_not_write(tmp_path):

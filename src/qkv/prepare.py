@@ -42,7 +42,16 @@ from qkv.data import (
 )
 from qkv.errors import QkvError
 from qkv.outputs import check_output_folder, check_parents_are_folders
-from qkv.prepared import PreparedData, load_prepared, write_info, write_split  # noqa: F401
+from qkv.prepared import (  # noqa: F401
+    PreparedData,
+    begin_writing,
+    finish_writing,
+    is_partial,
+    load_prepared,
+    partial_names,
+    write_info,
+    write_split,
+)
 from qkv.tokenizer import MIN_VOCAB_SIZE, MODEL_TYPES, Tokenizer
 
 DATASETS = ("multi30k", "synthetic")
@@ -142,7 +151,11 @@ def prepare(
         for path in ([Path(prefix)] if is_tsv(prefix) else corpus_files(prefix, src_lang, tgt_lang))
     ]
     names = output_names(src_lang, tgt_lang)
-    check_output_folder(out, names, inputs, _earlier_output_names(out), force)
+    # What a prepare that stopped half way left is no one's data: it is replaced without --force.
+    stopped = out.is_dir() and is_partial(out)
+    check_output_folder(out, names, inputs, _earlier_output_names(out), force or stopped)
+    if stopped:
+        log(f"{out}: replacing what a qkv prepare that stopped there left")
 
     log("reading the data")
     raw, notes = _read_splits(
@@ -209,12 +222,14 @@ def output_names(src_lang: str, tgt_lang: str) -> list[str]:
 
 
 def _earlier_output_names(out: Path) -> set[str]:
-    """The file names an earlier prepare wrote into `out`, from its prepare.json (none if unreadable)."""
+    """The file names earlier prepares wrote into `out`: those of its prepare.json (none if
+    unreadable) and those of a prepare that stopped there."""
     try:
         info = json.loads((out / "prepare.json").read_text(encoding="utf-8"))
-        return set(output_names(str(info["src_lang"]), str(info["tgt_lang"])))
+        written = set(output_names(str(info["src_lang"]), str(info["tgt_lang"])))
     except (OSError, ValueError, KeyError, TypeError):
-        return set()
+        written = set()
+    return written | partial_names(out)
 
 
 def _check_request(dataset, src_lang, tgt_lang, trainpref, validpref, testpref, model_type):
@@ -379,8 +394,10 @@ def print_summary(summary: PrepareSummary, file=None) -> None:
 
 
 def _write(out, summary, encoded, tokenizer, tokenizer_dir: Path, **settings) -> None:
-    """The splits and the tokenizer (from `tokenizer_dir`), then prepare.json."""
+    """The splits and the tokenizer (from `tokenizer_dir`), then prepare.json; marked partial until
+    the last is written."""
     out.mkdir(parents=True, exist_ok=True)
+    begin_writing(out, output_names(summary.src_lang, summary.tgt_lang))
     for name, split in encoded.items():
         write_split(out, name, split, summary.src_lang, summary.tgt_lang)
     for name in ("tokenizer.model", "tokenizer.vocab"):
@@ -399,6 +416,7 @@ def _write(out, summary, encoded, tokenizer, tokenizer_dir: Path, **settings) ->
         **settings,
     }
     write_info(out, info)
+    finish_writing(out)
 
 
 def _split_info(stats: SplitStats) -> dict:

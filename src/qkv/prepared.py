@@ -1,6 +1,8 @@
 """A prepared folder, as `qkv prepare` writes it and training and translation read it.
 
 prepare.json            what was prepared, how, and the format version
+prepare.partial         only while prepare writes: the files it is writing (a folder that holds it
+                        was left by a prepare that stopped, and is not read)
 tokenizer.model         the joint SentencePiece model
 {split}.pt              the split's subword ids: one flat int32 tensor and offsets per side
 {split}.{lang}          the raw text of val and test, for BLEU against the references
@@ -23,6 +25,10 @@ from qkv.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 INFO = "prepare.json"
+# Written before the first file and removed after prepare.json: `prepare --force` over a prepared
+# folder that stopped half way (killed, a full disk) left new splits beside the old tokenizer and the
+# old prepare.json, a folder that loaded as whole and trained on ids of another vocabulary.
+PARTIAL = "prepare.partial"
 
 
 @dataclass
@@ -70,6 +76,36 @@ def write_info(out: Path, info: dict) -> None:
     atomic_write(out / INFO, lambda f: f.write(text.encode("utf-8")))
 
 
+def begin_writing(out: Path, names: list[str]) -> None:
+    """Mark `out` as being written, with the names of the files that will be: until
+    `finish_writing`, the folder is not read, and the next prepare may replace those files."""
+    text = json.dumps({"files": sorted(names)}, indent=2) + "\n"
+    atomic_write(out / PARTIAL, lambda f: f.write(text.encode("utf-8")))
+
+
+def finish_writing(out: Path) -> None:
+    (out / PARTIAL).unlink()
+
+
+def is_partial(path: Path) -> bool:
+    """Whether a prepare stopped while writing `path`."""
+    return (path / PARTIAL).exists()
+
+
+def partial_names(path: Path) -> set[str]:
+    """The files a prepare that stopped was writing into `path` (none if it did not stop there)."""
+    try:
+        names = json.loads((path / PARTIAL).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {name for name in names if isinstance(name, str)}
+
+
+def is_prepared(path: Path) -> bool:
+    """Whether `path` holds a whole prepared folder."""
+    return (path / INFO).is_file() and not is_partial(path)
+
+
 def _flatten(split: EncodedSplit) -> dict[str, torch.Tensor]:
     """Ragged id lists as one flat int32 tensor plus offsets per side: compact, fast to load."""
     tensors = {}
@@ -89,6 +125,11 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     """Read a folder written by `prepare`; never executes code from it (weights_only loads)."""
     path = Path(path)
     info_path = path / INFO
+    if is_partial(path):
+        raise QkvError(
+            f"{path}: a qkv prepare stopped while writing it ({PARTIAL} is there): run qkv prepare "
+            "again, which replaces what it left"
+        )
     if not info_path.is_file():
         raise QkvError(f"{path} is not a prepared data folder (no prepare.json): run qkv prepare")
     info = json.loads(info_path.read_text(encoding="utf-8"))

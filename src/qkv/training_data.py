@@ -41,7 +41,7 @@ def run_meta(data) -> dict:
 def load_training_data(config: Config, run_dir: Path, dist_info: Distributed, log):
     """The prepared data the config names; prepared into RUN_DIR/data first when it is not there yet."""
     from qkv.prepare import prepare
-    from qkv.prepared import load_prepared
+    from qkv.prepared import is_prepared, load_prepared
 
     data_config = config.data
     if data_config.prepared:
@@ -52,7 +52,7 @@ def load_training_data(config: Config, run_dir: Path, dist_info: Distributed, lo
             "data.trainpref, or data.prepared"
         )
     prepared_dir = run_dir / "data"
-    if dist_info.is_main and not (prepared_dir / "prepare.json").is_file():
+    if dist_info.is_main and not is_prepared(prepared_dir):
         log(f"preparing data into {prepared_dir}")
         prepare(
             out=prepared_dir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from pathlib import Path
 
@@ -62,10 +63,16 @@ def write_lines(lines: list[str], path: str | None) -> None:
 MAX_BEAM = 64
 
 
-def check_at_least(values: dict[str, int | None], least: int) -> None:
-    """A QkvError naming the first option ({option: value, None if not given}) below `least`."""
+def check_at_least(values: dict[str, float | None], least: int) -> None:
+    """A QkvError naming the first option ({option: value, None if not given}) below `least`, or
+    not a finite number: argparse's float takes "nan" and "inf" (`serve --max-wait-ms inf` kept a
+    lone request waiting for ever, and nan, false against any limit, passed the check)."""
     for option, value in values.items():
-        if value is not None and value < least:
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise QkvError(f"{option} must be a finite number, got {value}")
+        if value < least:
             raise QkvError(f"{option} must be at least {least}, got {value}")
 
 
