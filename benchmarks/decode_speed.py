@@ -29,7 +29,10 @@ in the machine's speed reaches all of them alike.
   one search each time it is asked (over a pipe). Every process starts with a short OpenMP spin
   (GOMP_SPINCOUNT=20000, unless set: idle threads sleep within a millisecond) and the turns are 2 ms
   apart, so that no system's idle threads still spin on the cores (`timing.SHORT_SPIN`,
-  `timing.PAUSE_SECONDS`).
+  `timing.PAUSE_SECONDS`). On an Intel CPU CTranslate2 multiplies with MKL; on a 2-core Xeon with AMX
+  (benchmarks/README.md, session 39) MKL's fp32 products at 2 threads made its searches of one
+  sentence 10x slower than with its oneDNN ones: `CT2_USE_MKL=0` (inherited by its process, named in
+  the header) runs it with oneDNN's.
 
 Before anything is timed, glibc's allocator is settled (`timing.settle_allocator`), in this process and in
 CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in the process
@@ -497,6 +500,7 @@ def main() -> None:
         f"source {SRC_LEN} tokens, exactly {NEW_TOKENS} generated, median of {args.repeats}; "
         f"allocator {'settled' if settled else 'as it starts'}; "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}"
+        + (f"; CT2_USE_MKL={os.environ['CT2_USE_MKL']}" if "CT2_USE_MKL" in os.environ else "")
     )
     print(header(args.systems))
     for name in args.configs:
