@@ -152,7 +152,7 @@ def prepare(
     ]
     names = output_names(src_lang, tgt_lang)
     # What a prepare that stopped half way left is no one's data: it is replaced without --force.
-    stopped = out.is_dir() and is_partial(out)
+    stopped = is_partial(out)
     check_output_folder(out, names, inputs, _earlier_output_names(out), force or stopped)
     if stopped:
         log(f"{out}: replacing what a qkv prepare that stopped there left")
