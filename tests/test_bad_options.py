@@ -4,11 +4,16 @@ never a traceback, and no file of the user's replaced or left half written."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import qkv
+import qkv.atomic
+from conftest import qkv_env
 from qkv.cli import main
 from qkv.tokenizer import Tokenizer
 
@@ -47,6 +52,52 @@ def test_serve_refuses_a_port_or_limit_that_cannot_be(toy_run, capsys):
     for wait in ("nan", "inf"):  # nan passed a check of "at least 0"; inf waits for ever
         message = error_of(capsys, "serve", toy_run, "--max-wait-ms", wait)
         assert message == f"qkv: error: --max-wait-ms must be a finite number, got {wait}"
+
+
+def test_an_output_the_machine_refuses_is_one_line_naming_it(
+    toy_run, tmp_path, capsys, monkeypatch
+):
+    """A folder without permission, a full disk: PermissionError and OSError tracebacks before."""
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text(f"{SENTENCE}\n")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".out.txt.k2j4h5g6.partial"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(qkv.atomic.tempfile, "NamedTemporaryFile", refused)
+        line = error_of(capsys, "translate", toy_run, "-i", source, "-o", output)
+    assert (
+        line == f"qkv: error: {output}: Permission denied"
+    )  # the file asked for, not the temporary
+    assert not output.exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_a_full_disk_under_stdout_is_one_line(toy_run, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text(f"{SENTENCE}\n" * 3)
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "qkv", "translate", str(toy_run), "-i", str(source), "--quiet"],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=qkv_env(), timeout=300,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "qkv: error: No space left on device"
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
+def test_a_write_cut_short_is_cleared_by_the_next_run(toy_run, tmp_path, capsys):
+    """A translate -o killed half way left `.out.txt.RANDOM.partial`, which the next run kept."""
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text(f"{SENTENCE}\n")
+    left = tmp_path / ".out.txt.k2j4h5g6.partial"
+    left.write_text("half of a translation")
+    mine = tmp_path / ".notes.txt.k2j4h5g6.partial"  # not of this output: kept
+    mine.write_text("mine")
+    assert main(["translate", str(toy_run), "-i", str(source), "-o", str(output)]) == 0
+    assert output.read_text() == "c b a\n"
+    assert not left.exists() and mine.read_text() == "mine"
 
 
 def test_an_output_under_a_file_is_named_before_any_work(toy_run, tmp_path, capsys):

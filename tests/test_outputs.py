@@ -74,9 +74,12 @@ def test_a_prepare_that_stops_half_way_leaves_a_folder_that_is_not_read(tmp_path
         "prepare again, which replaces what it left"
     )
     monkeypatch.undo()
+    cut_short = out / ".val.pt.k2j4h5g6.partial"  # what a kill inside a write leaves
+    cut_short.write_bytes(b"half a split")
     # What it left is replaced without --force: `qkv train` prepares its run's data folder so.
     prepare_files(prefix, out, seed=5)
     assert is_prepared(out) and not (out / "prepare.partial").exists()
+    assert not cut_short.exists()
     assert len(load_prepared(out).val.src) == 30
 
 

@@ -17,22 +17,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     raises, the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL, delete=False
-    ) as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = tempfile.NamedTemporaryFile(  # noqa: SIM115 (entered just below)
+            dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL, delete=False
+        )
+    except OSError as error:  # named by the file asked for, not by the temporary one
+        raise _naming(error, path) from error
+    with temporary as f:
         try:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        except BaseException:
+        except BaseException as error:
             f.close()
             os.unlink(f.name)
+            if isinstance(error, OSError) and error.filename in (None, f.name):  # a full disk
+                raise _naming(error, path) from error
             raise
     # Temporary files are created private (0600); the finished file gets the usual permissions.
     os.chmod(f.name, 0o666 & ~current_umask())
     os.replace(f.name, path)
     _fsync_directory(path.parent)  # make the rename itself durable
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """`error` (a full disk, no permission) as the same error of `path`."""
+    return type(error)(error.errno, error.strerror or str(error), str(path))
 
 
 PARTIAL = ".partial"
@@ -53,6 +64,21 @@ def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     removed = [p for p in folder.iterdir() if p.is_file() and _LEFT_BY_A_CRASH.fullmatch(p.name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def remove_partial_writes_of(folder: str | os.PathLike, names) -> list[Path]:
+    """Delete what writes of the files `names` into `folder`, cut short by a crash or a kill, left
+    there (`.NAME.RANDOM.partial`); returns them. For folders that may hold others' files too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = re.compile(
+        "|".join(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\{PARTIAL}" for name in names)
+    )
+    removed = [p for p in folder.iterdir() if p.is_file() and ours.fullmatch(p.name)]
     for path in removed:
         path.unlink(missing_ok=True)
     return removed

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qkv import datasets
-from qkv.atomic import atomic_write
+from qkv.atomic import atomic_write, remove_partial_writes_of
 from qkv.data import (
     Dropped,
     EncodedSplit,
@@ -43,6 +43,7 @@ from qkv.data import (
 from qkv.errors import QkvError
 from qkv.outputs import check_output_folder, check_parents_are_folders
 from qkv.prepared import (  # noqa: F401
+    PARTIAL,
     PreparedData,
     begin_writing,
     finish_writing,
@@ -156,6 +157,8 @@ def prepare(
     check_output_folder(out, names, inputs, _earlier_output_names(out), force or stopped)
     if stopped:
         log(f"{out}: replacing what a qkv prepare that stopped there left")
+    for path in remove_partial_writes_of(out, [*names, PARTIAL]):
+        log(f"removed {path}, left by a write that was cut short")
 
     log("reading the data")
     raw, notes = _read_splits(

@@ -72,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as error:  # the machine's answer (a full disk, no permission): one line
+        print(f"qkv: error: {os_error_line(error)}", file=sys.stderr)
+        try:
+            sys.stdout.flush()
+        except OSError:  # stdout is the full disk: the interpreter's last flush must not fail too
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+
+
+def os_error_line(error: OSError) -> str:
+    """'FILE: what went wrong' (or what went wrong, writing to stdout)."""
+    what = error.strerror or str(error)
+    return what if error.filename is None else f"{error.filename}: {what}"
 
 
 @contextlib.contextmanager

@@ -24,8 +24,15 @@ def add_force(parser) -> None:
 
 def check_output(args, inputs: list) -> None:
     """Before any work: refuse an -o that is an input (the model's files included) or that exists
-    without --force."""
+    without --force; then delete what an earlier write of it, cut short by a kill, left beside it
+    (`.NAME.RANDOM.partial`: it never replaced anything)."""
     check_written_files({"-o": args.output}, args.model, args.force, inputs)
+    if args.output:
+        from qkv.atomic import remove_partial_writes_of
+
+        output = Path(args.output)
+        for path in remove_partial_writes_of(output.parent, [output.name]):
+            log(f"removed {path}, left by a write that was cut short")
 
 
 def check_written_files(outputs: dict, model: str | None, force: bool, inputs: list = ()) -> None:
