@@ -69,3 +69,22 @@ def test_cli_average_asks_for_enough_checkpoints(run_qkv, toy_run, tmp_path):
     result = run_qkv("average", toy_run, "--last", "5", "-o", tmp_path / "x.pt")
     assert result.returncode == 2
     assert "asked for the last 5 checkpoints but it has 2" in result.stderr
+
+
+def test_average_into_a_folder_with_another_tokenizer_is_refused_before_writing(toy_run, tmp_path):
+    """It averaged, said so, and left a checkpoint that `qkv translate` refused: the tokenizer beside
+    it (1000 subwords) was not the run's (200)."""
+    from qkv.checkpoint import save_average, step_checkpoints
+
+    (tmp_path / "tokenizer.model").write_bytes(b"another run's tokenizer")
+    with pytest.raises(QkvError) as error:
+        save_average(step_checkpoints(toy_run), tmp_path / "model.pt")
+    assert str(error.value) == (
+        f"{tmp_path / 'tokenizer.model'} is not {toy_run}'s tokenizer: the average would not "
+        "translate with it; choose another -o folder"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tokenizer.model"]
+    # The run's own tokenizer there already: averaged, nothing copied.
+    (tmp_path / "tokenizer.model").write_bytes((toy_run / "tokenizer.model").read_bytes())
+    assert save_average(step_checkpoints(toy_run), tmp_path / "model.pt") is None
+    assert (tmp_path / "model.pt").is_file()

@@ -221,11 +221,16 @@ def save_average(paths: list[str | Path], output: str | Path) -> Path | None:
     tokenizer.model beside it when none is there, so that `output` translates on its own. Returns
     the tokenizer copied, or None."""
     output = Path(output)
+    tokenizer, target = Path(paths[-1]).parent / TOKENIZER, output.parent / TOKENIZER
+    if target.exists() and tokenizer.is_file() and target.read_bytes() != tokenizer.read_bytes():
+        # Averaged anyway, it said so and wrote a checkpoint that `qkv translate` then refused.
+        raise QkvError(
+            f"{target} is not {tokenizer.parent}'s tokenizer: the average would not translate "
+            "with it; choose another -o folder"
+        )
     save_checkpoint(output, average_checkpoints(paths))
-    tokenizer = Path(paths[-1]).parent / TOKENIZER
-    if (output.parent / TOKENIZER).exists() or not tokenizer.is_file():
+    if target.exists() or not tokenizer.is_file():
         return None
-    target = output.parent / TOKENIZER
     atomic_write(target, lambda file: file.write(tokenizer.read_bytes()))
     return tokenizer
 
