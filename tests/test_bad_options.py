@@ -195,3 +195,18 @@ def test_every_command_says_qkvs_warnings_in_one_line(toy_run, tmp_path, run_qkv
     warning = [line for line in result.stderr.splitlines() if "best.pt" in line]
     assert len(warning) == 1 and warning[0].startswith("qkv: warning: "), result.stderr
     assert "UserWarning" not in result.stderr and "checkpoint.py" not in result.stderr
+
+
+def test_a_training_whose_data_is_not_there_leaves_no_run_folder(tmp_path, capsys):
+    """Both failed after making --out, and left it there, empty."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    line = error_of(capsys, "train", empty, "--out", tmp_path / "runs" / "a")
+    assert line.startswith("qkv: error: the config names no data: set data.dataset")
+    missing = tmp_path / "missing.toml"
+    missing.write_text(
+        f'[data]\ntrainpref = "{tmp_path / "nosuch"}"\nsrc_lang = "de"\ntgt_lang = "en"\n'
+    )
+    line = error_of(capsys, "train", missing, "--out", tmp_path / "runs" / "b")
+    assert "nosuch" in line
+    assert not (tmp_path / "runs" / "a").exists() and not (tmp_path / "runs" / "b").exists()

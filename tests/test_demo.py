@@ -118,6 +118,21 @@ def test_the_demo_writes_runs_demo_where_the_readme_looks_then_numbered_folders(
     assert default_demo_dir(tmp_path) == tmp_path / "demo-3"
 
 
+def test_a_demo_into_a_run_says_what_the_demo_can_do(demo_run, capsys):
+    """It said "pass --resume", which `qkv demo` does not take; --steps 0 named train.max_steps."""
+    from qkv.cli import main
+
+    run_dir = demo_run[0] / "runs" / "demo"
+    capsys.readouterr()
+    assert main(["demo", "--out", str(run_dir), "--steps", "5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qkv: error: --out {run_dir} already holds a run: choose another --out (without --out, "
+        "the demo takes runs/demo, then runs/demo-2, -3, ...)"
+    )
+    assert main(["demo", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "qkv: error: --steps must be at least 1, got 0"
+
+
 def readme_curl_examples() -> list[tuple[list[str], str]]:
     """README's `curl` commands to the server (its Serve section), each with the comment after it."""
     section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Serve\n")[1]

@@ -161,7 +161,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     config_from_dict(values, source)  # the file's own keys and types, named by the file
     for override in overrides:
         section, key, value = parse_override(override)
-        config_from_dict({section: {key: value}}, source=f"--set {override}")  # named by itself
+        # Named by itself; quoted where it holds a newline or another unprintable character, so
+        # that the error stays one line.
+        shown = override if override.isprintable() else repr(override)
+        config_from_dict({section: {key: value}}, source=f"--set {shown}")
         values.setdefault(section, {})[key] = value
     config = config_from_dict(values, source)
     from qkv.config_check import check_config  # it reads the rules' choices from other modules

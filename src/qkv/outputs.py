@@ -8,6 +8,7 @@ is never replaced, `--force` or not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -86,3 +87,18 @@ def check_output_folder(
             f"--out {out} already holds prepared data (prepare.json): pass --force to replace "
             "it, or choose another --out"
         )
+
+
+@contextlib.contextmanager
+def made_folder(path: Path):
+    """`path` made (with its parents) where it is not there, and removed again if what runs inside
+    fails while it is still empty: a command that fails on its inputs leaves no empty folder."""
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # not empty, or another process removed it
+                path.rmdir()
+        raise

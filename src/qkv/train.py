@@ -38,9 +38,15 @@ from qkv.kernels import use_fast_kernels
 from qkv.loss import label_smoothed_loss
 from qkv.metrics import MetricsLog, RunningWindow, plot_curves, progress_bar, start_record
 from qkv.model import Transformer
-from qkv.outputs import check_parents_are_folders
+from qkv.outputs import check_parents_are_folders, made_folder
 from qkv.schedule import learning_rate
-from qkv.training_data import check_lengths, load_training_data, resegmented, run_meta
+from qkv.training_data import (
+    check_data_named,
+    check_lengths,
+    load_training_data,
+    resegmented,
+    run_meta,
+)
 from qkv.validation import validate
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
@@ -425,12 +431,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
             "checkpoint, or not a run): pass --resume to start that run again, or choose another "
             "--out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if dist_info.is_main:
-        for folder in (run_dir, run_dir / "data"):
-            for path in remove_partial_writes(folder):
-                log(f"removed {path}, left by a write that was cut short")
-    data = load_training_data(config, run_dir, dist_info, log)
+    check_data_named(config.data)
+    with made_folder(run_dir):  # data that is not there (a missing file) leaves no empty run
+        if dist_info.is_main:
+            for folder in (run_dir, run_dir / "data"):
+                for path in remove_partial_writes(folder):
+                    log(f"removed {path}, left by a write that was cut short")
+        data = load_training_data(config, run_dir, dist_info, log)
     trainer = Trainer(config, run_dir, data, dist_info, log)
     max_len, filters = trainer.model.config.max_len, not config.data.prepared
     check_lengths(data, max_len, config.train.pad_multiple, filters)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from qkv.cli.common import log
+from qkv.cli.common import check_at_least, log
+from qkv.errors import QkvError
 
 
 def _add_demo(subparsers) -> None:
@@ -33,9 +34,18 @@ def _run_demo(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from qkv.checkpoint import LAST
     from qkv.demo import default_demo_dir, run_demo
+    from qkv.train import RUN_FILES
 
+    check_at_least({"--steps": args.steps}, 1)  # else a message about train.max_steps
     run_dir = Path(args.out) if args.out else default_demo_dir(Path("runs"))
+    if args.out and any((run_dir / name).exists() for name in (LAST, *RUN_FILES)):
+        # train's own message says "pass --resume", which the demo does not have
+        raise QkvError(
+            f"--out {run_dir} already holds a run: choose another --out (without --out, the demo "
+            "takes runs/demo, then runs/demo-2, -3, ...)"
+        )
     overrides = []
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
