@@ -74,6 +74,14 @@ def test_bad_override_and_bad_toml(tmp_path):
         load_config(write(tmp_path, "[train\n"))
     with pytest.raises(QkvError, match="no such config file"):
         load_config(tmp_path / "missing.toml")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text("")
+    with pytest.raises(QkvError) as error:  # it said "no such config file" of a folder
+        load_config(tmp_path / "run")
+    assert str(error.value) == (
+        f"{tmp_path / 'run'} is a folder, not a config file (the run's config is "
+        f"{tmp_path / 'run' / 'config.toml'})"
+    )
 
 
 def test_model_config_uses_preset_overrides_and_tokenizer_ids():

@@ -103,6 +103,10 @@ def test_missing_language_side_names_both_candidates(tmp_path):
     assert str(error.value) == (
         f"no en side for {prefix}: neither {prefix}.en nor {prefix}.en.gz exists"
     )
+    (tmp_path / "train.en").mkdir()  # it said "neither ... exists" of a folder that does
+    with pytest.raises(QkvError) as error:
+        corpus_files(prefix, "de", "en")
+    assert str(error.value) == f"{prefix}.en is a folder, not the en side of the corpus {prefix}"
 
 
 def test_broken_gzip_names_the_file(tmp_path):

@@ -107,6 +107,26 @@ def test_without_validation_files_a_seeded_slice_of_train_is_held_out(corpus, tm
     assert held_out(seed=2)[1].val.src_text != data.val.src_text
 
 
+def test_a_corpus_too_small_to_hold_out_from_says_what_to_give(tmp_path):
+    """It said "cannot hold out 0 of 2 ... a --valid-size below the number of pairs" (0 was the
+    default's tenth, and --valid-size 0 is refused)."""
+    prefix = write_corpus(tmp_path / "c", "train", [("a b", "b a"), ("c d", "d c")])
+    options = dict(trainpref=prefix, src_lang="de", tgt_lang="en", vocab_size=8, progress=False)
+    with pytest.raises(QkvError) as error:
+        prepare(tmp_path / "o", **options)
+    assert str(error.value) == (
+        "2 training pairs are too few to hold a tenth out for validation: give --validpref, or "
+        "--valid-size between 1 and 1"
+    )
+    with pytest.raises(QkvError) as error:
+        prepare(tmp_path / "o", valid_size=2, **options)
+    assert str(error.value) == (
+        "--valid-size 2 would leave none of the 2 training pairs to train on: give a size between "
+        "1 and 1, or --validpref"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_synthetic_task_prepares_with_a_small_vocabulary(tmp_path):
     summary = prepare(
         tmp_path, dataset="synthetic", train_size=2000, valid_size=50, test_size=50, progress=False

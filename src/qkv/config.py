@@ -151,6 +151,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            inside = (
+                f" (the run's config is {path / 'config.toml'})"
+                if (path / "config.toml").is_file()
+                else ""
+            )
+            raise QkvError(f"{path} is a folder, not a config file{inside}")
         if not path.is_file():
             raise QkvError(f"{path}: no such config file")
         try:

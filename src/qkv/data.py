@@ -67,6 +67,8 @@ def _language_file(prefix: str | Path, lang: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+        if candidate.is_dir():
+            raise QkvError(f"{candidate} is a folder, not the {lang} side of the corpus {prefix}")
     raise QkvError(
         f"no {lang} side for {prefix}: neither {candidates[0]} nor {candidates[1]} exists"
     )

@@ -326,12 +326,21 @@ def _read_splits(
 
 def _hold_out(pairs: list[Pair], size: int | None, seed: int) -> tuple[list[Pair], list[Pair]]:
     """Split off a seeded random slice of `pairs` for validation: (rest, held out)."""
+    if len(pairs) < 2:
+        raise QkvError(
+            f"{len(pairs)} training pair is too few to hold any out for validation: give --validpref"
+        )
     if size is None:
         size = min(MAX_HELD_OUT, len(pairs) // 10)
-    if len(pairs) < 2 or not 0 < size < len(pairs):
+        if size == 0:  # it said "cannot hold out 0", of a size the user never gave
+            raise QkvError(
+                f"{len(pairs)} training pairs are too few to hold a tenth out for validation: "
+                f"give --validpref, or --valid-size between 1 and {len(pairs) - 1}"
+            )
+    if size >= len(pairs):
         raise QkvError(
-            f"cannot hold out {size} of {len(pairs)} training pairs for validation: "
-            "give --validpref, or a --valid-size below the number of pairs"
+            f"--valid-size {size} would leave none of the {len(pairs)} training pairs to train on: "
+            f"give a size between 1 and {len(pairs) - 1}, or --validpref"
         )
     chosen = set(random.Random(seed).sample(range(len(pairs)), size))
     rest = [pair for i, pair in enumerate(pairs) if i not in chosen]
