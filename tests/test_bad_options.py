@@ -210,3 +210,19 @@ def test_a_training_whose_data_is_not_there_leaves_no_run_folder(tmp_path, capsy
     line = error_of(capsys, "train", missing, "--out", tmp_path / "runs" / "b")
     assert "nosuch" in line
     assert not (tmp_path / "runs" / "a").exists() and not (tmp_path / "runs" / "b").exists()
+
+
+def test_training_into_a_prepared_data_folder_is_refused(tmp_path, capsys):
+    """It advised --resume, which then trained into the data folder, beside prepare.json."""
+    from qkv.prepare import prepare
+
+    data = tmp_path / "prepared"
+    prepare(data, dataset="synthetic", train_size=50, test_size=10, valid_size=10, progress=False)
+    before = sorted(path.name for path in data.iterdir())
+    for resume in ([], ["--resume"]):
+        line = error_of(capsys, "train", "demo", "--out", data, *resume)
+        assert line == (
+            f"qkv: error: --out {data} is a prepared data folder (prepare.json): train from it with "
+            f"--set data.prepared={data}, into another --out"
+        )
+    assert sorted(path.name for path in data.iterdir()) == before

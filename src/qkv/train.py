@@ -39,6 +39,7 @@ from qkv.loss import label_smoothed_loss
 from qkv.metrics import MetricsLog, RunningWindow, plot_curves, progress_bar, start_record
 from qkv.model import Transformer
 from qkv.outputs import check_parents_are_folders, made_folder
+from qkv.prepared import INFO
 from qkv.schedule import learning_rate
 from qkv.training_data import (
     check_data_named,
@@ -419,6 +420,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
         torch.set_num_threads(config.train.threads)
     if dist_info.device.type == "cpu":
         keep_large_blocks_on_the_heap()  # the logits and their gradient, reused at every step
+    if (run_dir / INFO).exists():  # `--resume`, as the message below said, trained into it
+        raise QkvError(
+            f"--out {run_dir} is a prepared data folder ({INFO}): train from it with --set "
+            f"data.prepared={run_dir}, into another --out"
+        )
     if (run_dir / LAST).exists() and not resume:
         raise QkvError(
             f"{run_dir} already holds a run ({LAST}): pass --resume to continue it, "
