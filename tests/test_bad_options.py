@@ -49,6 +49,8 @@ def test_serve_refuses_a_port_or_limit_that_cannot_be(toy_run, capsys):
     assert port == "qkv: error: --port must be between 0 and 65535, got 99999"
     chars = error_of(capsys, "serve", toy_run, "--max-chars", "0")  # every request a 413
     assert chars == "qkv: error: --max-chars must be at least 1, got 0"
+    queue = error_of(capsys, "serve", toy_run, "--max-queue", "0")  # a 429 for every request
+    assert queue == "qkv: error: --max-queue must be at least 1, got 0"
     for wait in ("nan", "inf"):  # nan passed a check of "at least 0"; inf waits for ever
         message = error_of(capsys, "serve", toy_run, "--max-wait-ms", wait)
         assert message == f"qkv: error: --max-wait-ms must be a finite number, got {wait}"

@@ -140,3 +140,27 @@ def test_early_exit_on_an_exported_model_says_once_that_it_is_qkvs_own(tmp_path)
         )
         assert [h[0].ids for h in early] == [h[0].ids for h in plain]  # CTranslate2's own rule
     assert len(told) == 1 and "--early-exit is for qkv's own engine" in told[0]
+
+
+def test_an_export_ctranslate2_cannot_run_as_asked_is_one_error_and_not_a_run(tmp_path, capsys):
+    """bf16 where CTranslate2 refuses it, or a device it has not: a ValueError's or RuntimeError's
+    traceback; `qkv serve`, `attention`, ... on the folder said it had no best.pt."""
+    from qkv.checkpoint import resolve_checkpoint
+    from qkv.cli import main
+    from qkv.errors import QkvError
+
+    folder = export(make_tiny_run(tmp_path / "run", seed=3), tmp_path / "ct2")
+    with pytest.raises(QkvError) as error:
+        CTranslate2Translator(folder, device="cuda:7")  # no such GPU anywhere the tests run
+    assert str(error.value).startswith(
+        f"{folder}: CTranslate2 cannot run it with --precision auto on cuda:7: "
+    )
+    with pytest.raises(QkvError) as error:
+        resolve_checkpoint(folder)
+    assert str(error.value) == (
+        f"{folder} is a CTranslate2 export, which qkv translate and evaluate read; this command "
+        "needs the run it was exported from, or a checkpoint"
+    )
+    capsys.readouterr()
+    assert main(["attention", str(folder), SENTENCE, "-o", str(tmp_path / "a.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"qkv: error: {error.value}"

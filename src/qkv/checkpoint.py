@@ -66,7 +66,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         for name in (BEST, LAST):
             if (path / name).is_file():
                 return path / name
-        raise QkvError(f"{path}: run directory has neither {BEST} nor {LAST}")
+        raise QkvError(not_a_run(path))
     if not path.exists():
         raise QkvError(f"{path}: no such run directory or checkpoint")
     return path
@@ -97,7 +97,23 @@ def load_run_checkpoint(
         return checkpoint, candidate
     if damaged:
         raise QkvError(damaged[0])
-    raise QkvError(f"{path}: run directory has neither {BEST} nor {LAST}")
+    raise QkvError(not_a_run(path))
+
+
+# What `qkv export` writes into its folder, by format (qkv.export): such a folder translates
+# (`qkv translate`, `evaluate`), and the other commands need the run it came from.
+EXPORT_FILES = {"model.bin": "a CTranslate2 export", "qkv_onnx.json": "an ONNX export"}
+
+
+def not_a_run(path: Path) -> str:
+    """Why the folder `path` is not a run directory (one line)."""
+    for name, what in EXPORT_FILES.items():
+        if (path / name).is_file():
+            return (
+                f"{path} is {what}, which qkv translate and evaluate read; this command needs the "
+                "run it was exported from, or a checkpoint"
+            )
+    return f"{path}: run directory has neither {BEST} nor {LAST}"
 
 
 def model_changes(checkpoint: dict, config: TransformerConfig) -> str:

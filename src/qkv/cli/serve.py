@@ -88,8 +88,13 @@ def _run_serve(args) -> int:
     check_beam(args.beam)
     if not 0 <= args.port <= 65535:
         raise QkvError(f"--port must be between 0 and 65535, got {args.port}")
-    check_at_least({"--max-chars": args.max_chars, "--max-batch-tokens": args.max_batch_tokens}, 1)
-    check_at_least({"--max-wait-ms": args.max_wait_ms, "--max-queue": args.max_queue}, 0)
+    # --max-queue 0 refused every request with a 429 that said to retry
+    check_at_least(
+        {"--max-chars": args.max_chars, "--max-batch-tokens": args.max_batch_tokens,
+         "--max-queue": args.max_queue},
+        1,
+    )  # fmt: skip
+    check_at_least({"--max-wait-ms": args.max_wait_ms}, 0)
     api_keys = read_api_keys(args.api_keys) if args.api_keys else None
     models = load_models(
         args.models,

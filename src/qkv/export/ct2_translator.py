@@ -52,9 +52,17 @@ class CTranslate2Translator:
         info_path = path / "qkv_export.json"
         self.meta = json.loads(info_path.read_text()) if info_path.exists() else {}
         self.max_len = self.meta.get("max_len", 256)
-        self.translator = ctranslate2.Translator(
-            str(path), device=device.split(":")[0], compute_type=COMPUTE_TYPES[precision]
-        )
+        kind, _, index = device.partition(":")  # "cuda:1" ran on the first GPU
+        try:
+            self.translator = ctranslate2.Translator(
+                str(path), device=kind, device_index=int(index or 0),
+                compute_type=COMPUTE_TYPES[precision],
+            )  # fmt: skip
+        except (ValueError, RuntimeError) as error:  # bf16 on a CPU it refuses, no such GPU, ...
+            raise QkvError(
+                f"{path}: CTranslate2 cannot run it with --precision {precision} on {device}: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
         self.precision = f"ctranslate2 {self.translator.compute_type}"
         # qkv's search never generates padding or BOS (`qkv.search.banned_ids`): nor does this
         piece = self.tokenizer.id_to_piece
