@@ -169,6 +169,23 @@ def test_a_hundred_sentences_unicode_and_an_empty_one(client):
         ({"q": 5, "source": "xx", "target": "yy"}, 400, "q must be a string or a list"),
         ({"q": "a", "source": "xx", "target": "yy", "format": "pdf"}, 400, "format must be"),
         ({"q": "a", "source": "xx", "target": "yy", "alternatives": "x"}, 400, "alternatives"),
+        # int() took these as 1; a list of codes was shown as "no model translates xx->['yy']"
+        (
+            {"q": "a", "source": "xx", "target": "yy", "alternatives": 1.5},
+            400,
+            "alternatives must be a whole number, not 1.5",
+        ),
+        (
+            {"q": "a", "source": "xx", "target": "yy", "alternatives": True},
+            400,
+            "alternatives must be a whole number, not True",
+        ),
+        (
+            {"q": "a", "source": "xx", "target": ["yy"]},
+            400,
+            "target must be a language code (a string), not ['yy']",
+        ),
+        ({"q": "a", "source": 1, "target": "yy"}, 400, "source must be a language code"),
         ({"q": "a" * 5001, "source": "xx", "target": "yy"}, 413, "limit of 5000"),
     ],
 )

@@ -211,6 +211,9 @@ def create_app(
             raise ApiError(400, "missing field: target")
         if not source:
             raise ApiError(400, "missing field: source")
+        for name, code in (("source", source), ("target", target)):
+            if not isinstance(code, str):  # else "no model translates words->['iso']"
+                raise ApiError(400, f"{name} must be a language code (a string), not {code!r}")
         if source == "auto":
             matches = [i for i, m in enumerate(models) if m.target == target]
             if len(matches) > 1:
@@ -439,7 +442,12 @@ def _form_fields(form) -> dict:
 
 
 def _integer(value, name: str, most: int) -> int:
+    """`value` (JSON's number, or a form's text) as a whole number; true and 1.5 are not one (int()
+    took them as 1)."""
+    fractional = isinstance(value, float) and not value.is_integer()
     try:
+        if isinstance(value, bool) or fractional:
+            raise ValueError(value)
         number = int(value)
     except (TypeError, ValueError):
         raise ApiError(400, f"{name} must be a whole number, not {value!r}") from None
