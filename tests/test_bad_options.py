@@ -4,6 +4,7 @@ never a traceback, and no file of the user's replaced or left half written."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,13 @@ def test_serve_refuses_a_port_or_limit_that_cannot_be(toy_run, capsys):
     assert port == "qkv: error: --port must be between 0 and 65535, got 99999"
     chars = error_of(capsys, "serve", toy_run, "--max-chars", "0")  # every request a 413
     assert chars == "qkv: error: --max-chars must be at least 1, got 0"
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # uvicorn's log lines, exit status 3
+        busy = taken.getsockname()[1]
+        line = error_of(capsys, "serve", toy_run, "--port", busy)
+    assert line == f"qkv: error: cannot listen on 127.0.0.1:{busy}: Address already in use"
+    assert error_of(capsys, "serve", toy_run, "--host", "999.1.1.1").startswith(
+        "qkv: error: --host 999.1.1.1: "
+    )
     queue = error_of(capsys, "serve", toy_run, "--max-queue", "0")  # a 429 for every request
     assert queue == "qkv: error: --max-queue must be at least 1, got 0"
     for wait in ("nan", "inf"):  # nan passed a check of "at least 0"; inf waits for ever

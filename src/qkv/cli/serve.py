@@ -95,6 +95,7 @@ def _run_serve(args) -> int:
         1,
     )  # fmt: skip
     check_at_least({"--max-wait-ms": args.max_wait_ms}, 0)
+    check_address(args.host, args.port)
     api_keys = read_api_keys(args.api_keys) if args.api_keys else None
     models = load_models(
         args.models,
@@ -120,3 +121,22 @@ def _run_serve(args) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """A QkvError now, before the models load, where the server could not listen: uvicorn said so
+    in its log after "Application startup complete", and exited with status 3."""
+    import socket
+
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise QkvError(f"--host {host}: {error.strerror}") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own socket
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise QkvError(f"cannot listen on {host}:{port}: {error.strerror}") from None
