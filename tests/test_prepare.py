@@ -158,6 +158,11 @@ def test_synthetic_task_prepares_with_a_small_vocabulary(tmp_path):
         ({"dataset": "synthetic", "max_len": 0}, "--max-len must be at least 1, not 0"),
         ({"dataset": "synthetic", "max_ratio": float("nan")},
          "--max-ratio must be a number of at least 1, not nan"),
+        # SentencePiece's own words, which named its --character_coverage
+        ({"dataset": "synthetic", "train_size": 300, "vocab_size": 20},
+         "training the tokenizer failed: --vocab-size 20 is below the "),
+        ({"dataset": "synthetic", "train_size": 300, "vocab_size": 5000},
+         "training the tokenizer failed: --vocab-size 5000 is more than this text gives: at most "),
     ],
 )  # fmt: skip
 def test_bad_requests_are_explained(kwargs, message, tmp_path):

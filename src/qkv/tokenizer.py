@@ -7,6 +7,7 @@ batcher and the search can take them from here instead of from literals scattere
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,7 @@ class Tokenizer:
                 minloglevel=2,
             )
         except RuntimeError as error:
-            # SentencePiece says e.g. "Vocabulary size too high (8000). Please set it to a value <= 612."
-            raise QkvError(f"training the tokenizer failed: {error}") from None
+            raise QkvError(f"training the tokenizer failed: {_in_qkvs_terms(error)}") from None
         for suffix in (".vocab", ".model"):
             os.replace(f"{partial}{suffix}", f"{prefix}{suffix}")
         return cls.load(f"{prefix}.model")
@@ -185,4 +185,20 @@ def utf8_text(text: str) -> str:
         raise QkvError(
             f"not valid UTF-8 text ({what} at character {error.start + 1}): {text[:40]!a}"
         ) from None
+    return text
+
+
+def _in_qkvs_terms(error: RuntimeError) -> str:
+    """SentencePiece's message, said with qkv's option where it names its own: it spoke of
+    `--character_coverage` and `vocab_size`, which qkv prepare does not have or calls otherwise."""
+    text = str(error)
+    if match := re.search(
+        r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text
+    ):
+        return f"--vocab-size {match[1]} is more than this text gives: at most {match[2]}"
+    if match := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text):
+        return (
+            f"--vocab-size {match[1]} is below the {match[2]} subwords this text needs (one for "
+            f"each character it holds): give at least {match[2]}"
+        )
     return text
