@@ -145,3 +145,10 @@ def test_qkv_explain_with_a_run_dir(tmp_path, capsys):
     assert main(["explain", str(run_dir), SENTENCE, "--heads", "x"]) == 2
     assert "--heads takes numbers" in capsys.readouterr().err
     assert main(["explain", "a", "b", "c"]) == 2
+    capsys.readouterr()
+    assert main(["explain", str(run_dir), SENTENCE, "--heads", "1,1"]) == 2  # shown twice
+    assert capsys.readouterr().err.strip() == "qkv: error: --heads names a head twice: 1,1"
+    assert main(["explain", str(run_dir)]) == 2  # a random model explained the words of the path
+    assert capsys.readouterr().err.strip() == (
+        f"qkv: error: {run_dir} is a run: give the text to explain after it (explain RUN_DIR TEXT)"
+    )

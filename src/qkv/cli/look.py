@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from qkv.cli.common import check_written_files
 from qkv.errors import QkvError
@@ -146,6 +147,8 @@ def _parse_heads(text: str) -> list[int] | None:
         heads = [int(part) for part in text.split(",")]
     except ValueError:
         raise QkvError(f"--heads takes numbers like 1 or 1,3 or 'all', not {text!r}") from None
+    if len(set(heads)) < len(heads):  # each of them was shown twice
+        raise QkvError(f"--heads names a head twice: {text}")
     return [_one_based(h, "head") for h in heads]
 
 
@@ -156,6 +159,9 @@ def _run_explain(args) -> int:
     if len(args.inputs) > 2:
         raise QkvError("explain takes [RUN_DIR] TEXT: quote the text if it has spaces")
     *run_dir, text = args.inputs
+    if not run_dir and any((Path(text) / name).is_file() for name in ("best.pt", "last.pt")):
+        # A random model explained the words "runs/x"
+        raise QkvError(f"{text} is a run: give the text to explain after it (explain RUN_DIR TEXT)")
     text = utf8_text(text)
     check_written_files({"--html": args.html}, run_dir[0] if run_dir else None, args.force)
     tgt_ids = tgt_labels = None
