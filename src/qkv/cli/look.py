@@ -189,8 +189,6 @@ def _run_explain(args) -> int:
     result.notes.insert(0, f"Using {origin}.")
     print(explain.render_text(result))
     if args.html:
-        from pathlib import Path
-
         from qkv.atomic import atomic_write
 
         page = explain.render_html(result).encode("utf-8")
