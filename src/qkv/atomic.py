@@ -32,7 +32,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         except BaseException as error:
             f.close()
             os.unlink(f.name)
-            if isinstance(error, OSError) and error.filename in (None, f.name):  # a full disk
+            # A full disk; not an error of what `write` read (a download's URLError has no errno)
+            if isinstance(error, OSError) and error.errno and error.filename in (None, f.name):
                 raise _naming(error, path) from error
             raise
     # Temporary files are created private (0600); the finished file gets the usual permissions.
@@ -42,8 +43,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 
 def _naming(error: OSError, path: Path) -> OSError:
-    """`error` (a full disk, no permission) as the same error of `path`."""
-    return type(error)(error.errno, error.strerror or str(error), str(path))
+    """`error` (a full disk, no permission) as the same error of `path` (OSError gives the subclass
+    of its errno: PermissionError, ...)."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
 
 
 PARTIAL = ".partial"
