@@ -89,7 +89,7 @@ def test_a_full_disk_under_stdout_is_one_line(toy_run, tmp_path):
     source.write_text(f"{SENTENCE}\n" * 3)
     with open("/dev/full", "w") as full:
         result = subprocess.run(
-            [sys.executable, "-m", "qkv", "translate", str(toy_run), "-i", str(source), "--quiet"],
+            [sys.executable, "-m", "qkv", "translate", str(toy_run), "-i", str(source)],
             stdout=full, stderr=subprocess.PIPE, text=True, env=qkv_env(), timeout=300,
         )  # fmt: skip
     assert result.returncode == 2, result.stderr

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        with _warnings_as_lines():
+        with _warnings_as_lines(), _progress_bars_ended_on_error():
             return args.run(args) or 0
     except QkvError as error:
         print(f"qkv: error: {error}", file=sys.stderr)
@@ -85,6 +85,20 @@ def os_error_line(error: OSError) -> str:
     """'FILE: what went wrong' (or what went wrong, writing to stdout)."""
     what = error.strerror or str(error)
     return what if error.filename is None else f"{error.filename}: {what}"
+
+
+@contextlib.contextmanager
+def _progress_bars_ended_on_error():
+    """Where the command fails, its progress bars end first: the error line came after the bar on
+    the same line ("translating: 100%|...| 3/3 [...]qkv: error: ...")."""
+    try:
+        yield
+    except BaseException:
+        tqdm = sys.modules.get("tqdm.std")
+        for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+            with contextlib.suppress(Exception):
+                bar.close()
+        raise
 
 
 @contextlib.contextmanager
