@@ -62,25 +62,22 @@ _LEFT_BY_A_CRASH = re.compile(
 def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that writes cut short by a crash or a kill left in `folder` (they
     never replaced anything, and nothing reads them); returns them."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = [p for p in folder.iterdir() if p.is_file() and _LEFT_BY_A_CRASH.fullmatch(p.name)]
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
+    return _remove_matching(folder, _LEFT_BY_A_CRASH)
 
 
 def remove_partial_writes_of(folder: str | os.PathLike, names) -> list[Path]:
     """Delete what writes of the files `names` into `folder`, cut short by a crash or a kill, left
     there (`.NAME.RANDOM.partial`); returns them. For folders that may hold others' files too."""
+    names = "|".join(re.escape(name) for name in names)
+    return _remove_matching(folder, re.compile(rf"\.({names})\.[A-Za-z0-9_]{{8}}\{PARTIAL}"))
+
+
+def _remove_matching(folder: str | os.PathLike, pattern: re.Pattern) -> list[Path]:
+    """Delete the files of `folder` whose whole name `pattern` matches; returns them."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    ours = re.compile(
-        "|".join(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\{PARTIAL}" for name in names)
-    )
-    removed = [p for p in folder.iterdir() if p.is_file() and ours.fullmatch(p.name)]
+    removed = [p for p in folder.iterdir() if p.is_file() and pattern.fullmatch(p.name)]
     for path in removed:
         path.unlink(missing_ok=True)
     return removed

@@ -41,13 +41,7 @@ from qkv.model import Transformer
 from qkv.outputs import check_parents_are_folders, made_folder
 from qkv.prepared import INFO
 from qkv.schedule import learning_rate
-from qkv.training_data import (
-    check_data_named,
-    check_lengths,
-    load_training_data,
-    resegmented,
-    run_meta,
-)
+from qkv.training_data import check_lengths, load_training_data, resegmented, run_meta
 from qkv.validation import validate
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
@@ -437,8 +431,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
             "checkpoint, or not a run): pass --resume to start that run again, or choose another "
             "--out"
         )
-    check_data_named(config.data)
-    with made_folder(run_dir):  # data that is not there (a missing file) leaves no empty run
+    with made_folder(run_dir):  # a config that names no data, or data not there: no empty run
         if dist_info.is_main:
             for folder in (run_dir, run_dir / "data"):
                 for path in remove_partial_writes(folder):

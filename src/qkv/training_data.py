@@ -38,15 +38,6 @@ def run_meta(data) -> dict:
     return {key: data.info.get(key) for key in ("dataset", "src_lang", "tgt_lang")}
 
 
-def check_data_named(data_config) -> None:
-    """A QkvError unless the config's [data] names a dataset, files or a prepared folder."""
-    if not (data_config.prepared or data_config.dataset or data_config.trainpref):
-        raise QkvError(
-            "the config names no data: set data.dataset (e.g. 'multi30k' or 'synthetic'), "
-            "data.trainpref, or data.prepared"
-        )
-
-
 def load_training_data(config: Config, run_dir: Path, dist_info: Distributed, log):
     """The prepared data the config names; prepared into RUN_DIR/data first when it is not there yet."""
     from qkv.prepare import prepare
@@ -55,7 +46,11 @@ def load_training_data(config: Config, run_dir: Path, dist_info: Distributed, lo
     data_config = config.data
     if data_config.prepared:
         return load_prepared(data_config.prepared)
-    check_data_named(data_config)
+    if not data_config.dataset and not data_config.trainpref:
+        raise QkvError(
+            "the config names no data: set data.dataset (e.g. 'multi30k' or 'synthetic'), "
+            "data.trainpref, or data.prepared"
+        )
     prepared_dir = run_dir / "data"
     if dist_info.is_main and not is_prepared(prepared_dir):
         log(f"preparing data into {prepared_dir}")
