@@ -8,13 +8,13 @@ start that warms the file cache. CTranslate2 runs in a fresh `python -c` that im
 loads the converted Marian model of the same dimensions (decode_speed.py's) and translates one
 source of 16 tokens. "python" is the bare interpreter, for scale. "qkv-compiled" is `qkv translate
 --compile`: its unmeasured first start compiles the decoder step (printed apart), the measured starts
-load the compiled program from the run directory.
+load the compiled program from the run directory; "qkv-int8-compiled" is `--precision int8 --compile`.
 
 The qkv run directory is built here: a randomly initialised model of the config's dimensions with
 a SentencePiece tokenizer trained on the Multi30k copy ($QKV_DATA_DIR/multi30k, German and English,
 8000 subwords), or --run RUN_DIR (any trained run; its dimensions are used for CTranslate2's model).
 
-    python benchmarks/cold_start.py              # small: qkv fp32, int8, compiled; CT2 fp32 and int8
+    python benchmarks/cold_start.py              # small: qkv fp32, int8, both compiled; CT2 fp32, int8
     python benchmarks/cold_start.py --config base --repeats 9
 """
 
@@ -44,7 +44,15 @@ result = translator.translate_batch([tokens], beam_size=5, max_decoding_length=2
                                     min_decoding_length=20)
 print(" ".join(result[0].hypotheses[0]), flush=True)
 """
-SYSTEMS = ("python", "qkv-fp32", "qkv-int8", "qkv-compiled", "ct2-fp32", "ct2-int8")
+SYSTEMS = (
+    "python",
+    "qkv-fp32",
+    "qkv-int8",
+    "qkv-compiled",
+    "qkv-int8-compiled",
+    "ct2-fp32",
+    "ct2-int8",
+)
 
 
 def build_run(config: str, out: Path) -> Path:
@@ -114,6 +122,7 @@ def commands(
         # The unmeasured first start compiles the step into the run's compiled/ folder; the measured
         # ones load it from there.
         "qkv-compiled": ([*qkv, "--precision", "fp32", "--compile"], SENTENCE + "\n"),
+        "qkv-int8-compiled": ([*qkv, "--precision", "int8", "--compile"], SENTENCE + "\n"),
         "ct2-fp32": ([part.replace("{compute_type}", "float32") for part in ct2], None),
         "ct2-int8": ([part.replace("{compute_type}", "int8") for part in ct2], None),
     }
@@ -159,12 +168,14 @@ def main() -> None:
     print("|---|---|")
     for system, ms in medians.items():
         print(f"| {system} | {ms:.0f} |")
-    if "qkv-compiled" in first_starts:
-        print(f"qkv-compiled's first start, compiling: {first_starts['qkv-compiled']:.0f} ms")
+    for system in ("qkv-compiled", "qkv-int8-compiled"):
+        if system in first_starts:
+            print(f"{system}'s first start, compiling: {first_starts[system]:.0f} ms")
     for ours, theirs in (
         ("qkv-fp32", "ct2-fp32"),
         ("qkv-int8", "ct2-int8"),
         ("qkv-compiled", "ct2-fp32"),
+        ("qkv-int8-compiled", "ct2-int8"),
     ):
         if ours in medians and theirs in medians:
             print(f"{ours} / {theirs}: {medians[ours] / medians[theirs]:.2f}x the time")

@@ -85,6 +85,7 @@ NAMES = {
     "qkv-int8": "qkv int8",
     "qkv-nocache": "qkv fp32 no cache",
     "qkv-compiled": "qkv fp32 compiled",
+    "qkv-int8-compiled": "qkv int8 compiled",
     "hf": "HF fp32",
     "hf-bf16": "HF bf16",
     "hf-static": "HF fp32 static cache",
@@ -104,6 +105,7 @@ RATIOS = [
     ("qkv-compiled", "hf-static"),
     ("qkv-bf16", "ct2-int8"),
     ("qkv-int8", "ct2-int8"),
+    ("qkv-int8-compiled", "ct2-int8"),
     ("qkv-ct2-fp32", "ct2-fp32"),
     ("qkv-ct2-int8", "ct2-int8"),
     ("qkv-onnx", "qkv"),
@@ -111,7 +113,7 @@ RATIOS = [
 SRC_LEN = 16  # subwords, EOS included
 NEW_TOKENS = 20
 BEAM = 5
-SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "qkv-compiled", "hf", "hf-bf16", "ct2-fp32", "ct2-int8",
+SYSTEMS = ("qkv", "qkv-bf16", "qkv-int8", "qkv-nocache", "qkv-compiled", "qkv-int8-compiled", "hf", "hf-bf16", "ct2-fp32", "ct2-int8",
            "qkv-ct2-fp32", "qkv-ct2-int8", "qkv-onnx", "hf-static")  # fmt: skip
 # Not run unless asked: on the CPU Hugging Face does not compile its static cache's step.
 ASKED_ONLY = ("hf-static",)
@@ -383,6 +385,11 @@ def benchmark_config(name: str, args) -> list[dict]:
             # this run's temporary folder; the engine `qkv translate --compile` takes on the device.
             kind = GraphedEngine if device.type == "cuda" else CompiledEngine
             compiled_engine = kind(qkv, cache_dir=Path(tmp) / "compiled")
+        int8_compiled_engine = None
+        if "qkv-int8-compiled" in args.systems:  # `--precision int8 --compile`, on the CPU
+            from qkv.inference.compiled import CompiledEngine
+
+            int8_compiled_engine = CompiledEngine(qkv, cache_dir=Path(tmp) / "compiled", int8=True)
         if any(s.startswith("qkv-ct2") for s in args.systems):
             ct2_dirs["qkv"] = export_qkv_to_ctranslate2(qkv_model(name), Path(tmp) / "qkv_ct2")
         if marian is not None:
@@ -396,6 +403,7 @@ def benchmark_config(name: str, args) -> list[dict]:
                     "qkv-int8": (functools.partial(qkv_run, int8=True), qkv),
                     "qkv-onnx": (qkv_run, onnx_engine),
                     "qkv-compiled": (qkv_run, compiled_engine),
+                    "qkv-int8-compiled": (qkv_run, int8_compiled_engine),
                     "qkv-nocache": (qkv_run, uncached_engine(qkv)),
                     "hf": (hf_runner, marian),
                     "hf-bf16": (hf_runner, marian_bf16),

@@ -62,9 +62,10 @@ class Translator:
     greedy), and greedy batches of up to 32 sentences of a small model (programs of 8, 16 or 32
     rows, then 16, 8, 4 or 1 as sentences finish; greedy on more sentences moves to them once 32
     are left), with a compiled decoder step (`qkv.inference.compiled`, fp32 on the CPU; 'auto'
-    then means fp32): 2.2-2.8x faster on one sentence of a small model, 1.2-1.5x of a base one,
-    1.0-1.16x on 32 sentences (benchmarks/README.md), at a one-time cost of ~20-40 s for each number of rows at
-    its first use;
+    then means fp32; with 'int8', a compiled step whose products are the int8 engine's,
+    `qkv.inference.int8_products`): 2.2-2.8x faster on one sentence of a small model, 1.2-1.5x of a
+    base one, 1.0-1.16x on 32 sentences (benchmarks/README.md), at a one-time cost of ~20-40 s for
+    each number of rows at its first use;
     the program is then kept on disk (`say` is told when it compiles). On a GPU, the same step is
     replayed as CUDA graphs (`qkv.inference.cuda_graphs`, fp32), recorded at first use. Where it
     cannot run, it says why once and decodes as without it."""
@@ -106,29 +107,33 @@ class Translator:
             with torch.inference_mode():
                 if self.precision == "int8":
                     self._engine = self._int8_engine()
-                    if self.compile:
-                        self._warn("the compiled step runs fp32 models: int8 takes the eager step")
-                elif self.compile:
-                    # on a GPU, the same step replayed as CUDA graphs
-                    kind = GraphedEngine if self.device.type == "cuda" else CompiledEngine
-                    self._engine = kind(
-                        self.model, self._warn, cache_dir=self.compile_cache, say=self.say
-                    )
-                else:
-                    self._engine = prepare_for_decoding(self.model)
+                if self._engine is None:  # fp32, bf16, or int8 where it does not run
+                    self._engine = self._engine_in_model_precision()
         return self._engine
 
-    def _int8_engine(self) -> DecodingEngine:
+    def _engine_in_model_precision(self) -> DecodingEngine:
+        if not self.compile:
+            return prepare_for_decoding(self.model)
+        # on a GPU, the same step replayed as CUDA graphs
+        kind = GraphedEngine if self.device.type == "cuda" else CompiledEngine
+        return kind(self.model, self._warn, cache_dir=self.compile_cache, say=self.say)
+
+    def _int8_engine(self) -> DecodingEngine | None:
+        """The int8 engine (compiled with `compile`), or None where int8 does not run here (said
+        once): then fp32."""
         if self.device.type != "cpu":
             why = f"int8 decoding runs on the CPU, not {self.device.type}"
         else:
             try:
+                if self.compile:
+                    cache = self.compile_cache
+                    return CompiledEngine(self.model, self._warn, cache, self.say, int8=True)
                 return prepare_for_decoding(self.model, int8=True)
             except Int8Unavailable as error:
                 why = str(error)
         self._warn(f"{why}: translating in fp32")
         self.precision = "fp32"
-        return prepare_for_decoding(self.model)
+        return None
 
     @classmethod
     def load(

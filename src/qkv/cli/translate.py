@@ -75,16 +75,17 @@ def _add_search_options(parser) -> None:
         default="auto",
         help="auto: bf16 where the device computes it natively (a CPU with AVX512_BF16, AMX or Arm "
         "BF16; a recent GPU), else fp32. bf16 decodes 1.1-1.6x faster there, and many times "
-        "slower on CPUs without it. int8: int8 weights in every linear map, on the CPU "
-        "(default auto)",
+        "slower on CPUs without it. int8: int8 weights in every linear map, on the CPU; with "
+        "--compile, a compiled int8 step (default auto)",
     )
     model.add_argument(
         "--compile",
         action="store_true",
         help="batches of up to 5 rows (sentences x beams: one sentence at a time, as typed "
         "lines arrive), and greedy batches of up to 32 sentences of a small model, through a "
-        "compiled decoder step, fp32 on the CPU: 2.2-2.8x faster on one sentence of a small "
-        "model, 1.2-1.5x of a base one, 1.0-1.16x on 32 sentences; compiled once per number of rows "
+        "compiled decoder step, fp32 on the CPU (or int8 with --precision int8): 2.2-2.8x faster "
+        "on one sentence of a small model, 1.2-1.5x of a base one, 1.0-1.16x on 32 sentences; "
+        "compiled once per number of rows "
         "(1-5, then 8, 16 or 32, and greedy moves to 16, 8, 4 or 1 as sentences finish, and "
         "from the usual engine to them once 32 are left; greedy search has programs of its own, "
         "and one sentence's encoder one; ~20-40 s each, ~40%% less with QKV_COMPILE_AUTOTUNE=0) "

@@ -83,6 +83,8 @@ def program_key(step: nn.Module) -> str:
         "own_products": getattr(step, "products", None) is not None,  # `packed_linear`
         "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
+    if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`)
+        context["int8_products"] = True
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in step.state_dict().items():
         digest.update(name.encode())

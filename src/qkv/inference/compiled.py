@@ -51,6 +51,12 @@ where the beam program is taken (`qkv.inference.compiled_encoder`). The
 search (`qkv.search`) is the same. Where a program cannot be made (no C++ compiler, an unsupported
 platform), the same step runs uncompiled for that search and the engine says so once, then uses the
 eager step and encoder.
+
+With `int8=True` (`--precision int8 --compile`) it is the eager int8 engine (`qkv.inference.linear`)
+with the same programs of 1-5 rows and of 8, 16 or 32 greedy rows, every product in them the int8
+engine's own kernel on its packed weights (`qkv.inference.int8_products`, through qkv's operators:
+without them, the eager int8 step); the encoder, its cross-attention projection, and beams on two
+sentences or more stay the eager int8 engine's.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv.inference import aoti, native, packed_linear
+from qkv.inference import aoti, int8_products, native, packed_linear
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled_encoder import (
@@ -145,8 +151,9 @@ class CompiledEngine(DecodingEngine):
         warn=warnings.warn,
         cache_dir: str | Path | None = None,
         say=None,
+        int8: bool = False,
     ):
-        super().__init__(model)
+        super().__init__(model, int8)  # int8: `Int8Unavailable` where PyTorch's kernels do not run
         self.warn, self.say = warn, say
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         aoti.measures_products()  # a bad QKV_COMPILE_AUTOTUNE is an error here, not a failed compile
@@ -159,12 +166,12 @@ class CompiledEngine(DecodingEngine):
         self.beam_programs = BeamPrograms(
             model, self.cache_dir, self.static_step, say, products=self.decoder_products
         )
-        self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
+        self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS and not int8
         # One sentence's encoder compiled, and the first step's cross-attention K and V; where
         # beams on many sentences are compiled, many sentences' encoder too
         self.source = (
             SourceEncoder(model, self.cache_dir, say, batches=self.compiles_beams)
-            if not self.unavailable
+            if not (self.unavailable or int8)  # int8: the eager int8 encoder
             else None
         )
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
@@ -183,8 +190,13 @@ class CompiledEngine(DecodingEngine):
             warn(f"{self.unavailable}: decoding takes the eager step")
 
     def why_unavailable(self, model: Transformer) -> str | None:
-        """None if this engine's step can serve `model` here, else why not (one line)."""
-        return compiled_step_unavailable(model)
+        """None if this engine's step can serve `model` here, else why not (one line); int8 needs
+        qkv's operators too (`qkv.inference.int8_products`)."""
+        if (why := compiled_step_unavailable(model)) is not None or not self.int8:
+            return why
+        if (why := native.load(self.say)) is not None:
+            return f"the compiled int8 step calls qkv's operators, not available here: {why}"
+        return None
 
     @property
     def compiled_rows(self) -> set[int]:
@@ -215,8 +227,10 @@ class CompiledEngine(DecodingEngine):
 
     def step_module(self, greedy: bool = False, rows: int | None = None) -> StaticDecoderStep:
         """The step a program of `rows` rows is compiled from, and what runs when it cannot be: from
-        `packed_linear.FROM_ROWS` rows, with qkv's products where they serve (`packed_steps`)."""
-        if rows is not None and rows >= packed_linear.FROM_ROWS and self.packed_steps():
+        `packed_linear.FROM_ROWS` rows, with qkv's products where they serve (`packed_steps`); int8,
+        always with its int8 products."""
+        many_rows = rows is not None and rows >= packed_linear.FROM_ROWS
+        if (self.int8 or many_rows) and self.packed_steps():
             return self._packed_steps[greedy]
         return self.greedy_step if greedy else self.static_step
 
@@ -231,7 +245,10 @@ class CompiledEngine(DecodingEngine):
 
     def decoder_products(self) -> DecoderProducts | None:
         """The decoder's products by qkv's kernel, made once, or None where they do not serve
-        (`packed_linear.unavailable`): for the programs of many rows and the beam programs."""
+        (`packed_linear.unavailable`): for the programs of many rows and the beam programs. An int8
+        engine's are int8 (`qkv.inference.int8_products`)."""
+        if self._products is None and self.int8:
+            self._products = int8_products.int8_products(self)
         if self._products is None:
             usable = packed_linear.unavailable(self.static_step.model, self.say) is None
             self._products = DecoderProducts.of_step(self.static_step) if usable else False
@@ -420,7 +437,7 @@ class CompiledEngine(DecodingEngine):
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
         """As `DecodingEngine.encode`, through a compiled program (`qkv.inference.compiled_encoder`:
         one sentence's, or many sentences'), until one fails to compile or run (said once)."""
-        if self.unavailable is None and self.source.takes(src_ids):
+        if self.unavailable is None and self.source is not None and self.source.takes(src_ids):
             try:
                 return self.source(src_ids), self.model.src_mask(src_ids)
             except Exception as error:  # export's and Inductor's failures have many types
@@ -449,7 +466,11 @@ class CompiledEngine(DecodingEngine):
         if src_mask is not None and not bool(src_mask.any(dim=-1).all()):
             cache.fallback = BeamCache(len(self.decoder), cache.max_beams, cache.max_capacity)
             return False
-        cache.set_source(self.source.cross_kv(memory), src_mask, self.config.n_heads)
+        if self.int8:
+            projected = int8_products.cross_keys_and_values(self, memory)
+        else:
+            projected = self.source.cross_kv(memory)
+        cache.set_source(projected, src_mask, self.config.n_heads)
         config = self.config
         shape = (2, len(self.decoder), cache.rows, config.n_heads, cache.capacity, config.d_head)
         cache.start(memory.new_zeros(shape))

@@ -13,6 +13,9 @@
   `torch.log_softmax` held to AVX2 on a Zen 4, 320 against 434-447 as the CPU comes.
 - `qkv::pack_linear`, `qkv::packed_linear`: the products of a step's few rows by weights packed
   once, for the compiled steps on an AVX2 CPU (`qkv.inference.packed_linear` says why).
+- `qkv::keep_int8_linear`, `qkv::int8_linear`: the products of the compiled int8 step, by weights
+  PyTorch packed for its quantised kernels, kept in the process under a key
+  (`qkv.inference.int8_products` says why).
 
 The compiled beam program (`qkv.inference.beam_program`) calls the first, and the compiled steps
 the products, as C functions (`c_shims`), so a program that calls them needs them loaded in the
@@ -42,6 +45,7 @@ SOURCE = Path(__file__).with_name("operators.cpp")
 # The operators a program calls: export traces them (`register_fake`)
 OPERATOR = "qkv::beam_self_attention"
 PRODUCT = "qkv::packed_linear"
+INT8_PRODUCT = "qkv::int8_linear"
 SWITCH = "QKV_NATIVE"  # 0: never build or load the operators; PyTorch's instead
 CACHE_VARIABLE = "QKV_NATIVE_CACHE"
 # The vector instructions each ATen capability allows, and the ATen vector type's own flavour of
@@ -139,6 +143,7 @@ def _build_and_load(path: Path, say) -> str | None:
             return f"qkv's operators did not load from {path}: {str(error).splitlines()[0]}"
         torch.library.register_fake(OPERATOR)(_shape_of_beam_self_attention)
         torch.library.register_fake(PRODUCT)(_shape_of_packed_linear)
+        torch.library.register_fake(INT8_PRODUCT)(_shape_of_int8_linear)
     return None
 
 
@@ -162,6 +167,7 @@ def _registered() -> bool:
     try:
         torch.ops.qkv.beam_self_attention.default  # noqa: B018 (looked up, or not there)
         torch.ops.qkv.packed_linear.default  # noqa: B018 (a library older than it: not these)
+        torch.ops.qkv.int8_linear.default  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -177,6 +183,13 @@ def _shape_of_packed_linear(x: Tensor, packed: Tensor, out_features: int, relu: 
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _shape_of_int8_linear(
+    x: Tensor, key: int, out_features: int, relu: int, reduce_range: int
+) -> Tensor:
+    """What export traces: the product, (..., out_features)."""
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 def c_shims() -> dict:
     """For AOTInductor (`aot_inductor.custom_ops_to_c_shims`): the operators a program calls, and
     the C functions of operators.cpp that the program calls for them directly, as it calls ATen's own
@@ -187,11 +200,15 @@ def c_shims() -> dict:
         return {}
     attention = ", ".join(["AtenTensorHandle"] * 4 + ["AtenTensorHandle*"])
     product = ", ".join(["AtenTensorHandle"] * 2 + ["int64_t"] * 2 + ["AtenTensorHandle*"])
+    int8_product = ", ".join(["AtenTensorHandle"] + ["int64_t"] * 4 + ["AtenTensorHandle*"])
     return {
         torch.ops.qkv.beam_self_attention.default: [
             f"AOTITorchError aoti_torch_cpu_beam_self_attention({attention})"
         ],
         torch.ops.qkv.packed_linear.default: [
             f"AOTITorchError aoti_torch_cpu_packed_linear({product})"
+        ],
+        torch.ops.qkv.int8_linear.default: [
+            f"AOTITorchError aoti_torch_cpu_int8_linear({int8_product})"
         ],
     }

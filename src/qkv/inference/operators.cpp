@@ -17,12 +17,19 @@
 // columns side by side for every input feature and then their biases, so that a register block of up
 // to 6 rows x 16 features reads its weights in order. oneDNN sets up each call for a general product;
 // at 8-160 rows, the setup and its blocking cost more than the arithmetic of a small weight.
+//
+// qkv::keep_int8_linear and qkv::int8_linear: a product by int8 weights that PyTorch packed for its
+// quantised kernels (quantized::linear_prepack: fbgemm's or oneDNN's), the input quantised on the fly
+// as quantized::linear_dynamic does, for the compiled int8 step. Packed weights are an object, not a
+// tensor a compiled program can hold, so the process keeps them here under a key (a hash of the
+// weights, qkv/inference/int8_products.py), and the program holds the key.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/native/quantized/PackedParams.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
@@ -33,6 +40,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -373,6 +382,41 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return out;
 }
 
+using Int8Weights = c10::intrusive_ptr<LinearPackedParamsBase>;
+
+// The int8 weights this process keeps, by key; a lookup is a few tens of nanoseconds, against the
+// microseconds of a product.
+std::mutex int8_weights_mutex;
+std::unordered_map<int64_t, Int8Weights>& int8_weights() {
+  static std::unordered_map<int64_t, Int8Weights> kept;
+  return kept;
+}
+
+void keep_int8_linear(int64_t key, const Int8Weights& weights) {
+  std::lock_guard<std::mutex> lock(int8_weights_mutex);
+  int8_weights()[key] = weights;
+}
+
+// x (..., in_features) -> (..., out_features): x W^T + b (then a ReLU if relu), by the weights kept
+// under key; reduce_range: the input quantised to 7 bits (fbgemm's x86 kernels add pairs of
+// products in 16 bits).
+at::Tensor int8_linear(const at::Tensor& x, int64_t key, int64_t out_features, int64_t relu,
+                       int64_t reduce_range) {
+  Int8Weights weights;
+  {
+    std::lock_guard<std::mutex> lock(int8_weights_mutex);
+    const auto kept = int8_weights().find(key);
+    TORCH_CHECK(kept != int8_weights().end(), "qkv::int8_linear: no int8 weights kept under key ",
+                key, " in this process (qkv.inference.int8_products keeps them)");
+    weights = kept->second;
+  }
+  auto out = relu != 0 ? weights->apply_dynamic_relu(x, reduce_range != 0)
+                       : weights->apply_dynamic(x, reduce_range != 0);
+  TORCH_CHECK(out.size(-1) == out_features, "qkv::int8_linear: the weights kept under key ", key,
+              " have ", out.size(-1), " output features, not ", out_features);
+  return out;
+}
+
 }  // namespace
 
 // The attention operator as a C function of the kind AOTInductor calls for ATen's own operators (a
@@ -403,11 +447,28 @@ extern "C" AOTITorchError aoti_torch_cpu_packed_linear(AtenTensorHandle x, AtenT
   });
 }
 
+// The int8 product as a C function too (key, not weights, is what the program holds).
+extern "C" AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, int64_t key,
+                                                     int64_t out_features, int64_t relu,
+                                                     int64_t reduce_range,
+                                                     AtenTensorHandle* result) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *result = torch::aot_inductor::new_tensor_handle(
+        int8_linear(*tensor_handle_to_tensor_pointer(x), key, out_features, relu, reduce_range));
+  });
+}
+
 TORCH_LIBRARY(qkv, m) {
   m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
   m.def("log_softmax_(Tensor(a!) logits) -> Tensor(a!)");
   m.def("pack_linear(Tensor weight, Tensor bias) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, int relu) -> Tensor");
+  // No tensor to dispatch on: one kernel for every backend.
+  m.def("keep_int8_linear(int key, __torch__.torch.classes.quantized.LinearPackedParamsBase weights)"
+        " -> ()",
+        &keep_int8_linear);
+  m.def("int8_linear(Tensor x, int key, int out_features, int relu, int reduce_range) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qkv, CPU, m) {
@@ -415,4 +476,5 @@ TORCH_LIBRARY_IMPL(qkv, CPU, m) {
   m.impl("log_softmax_", &log_softmax_);
   m.impl("pack_linear", &pack_linear);
   m.impl("packed_linear", &packed_linear);
+  m.impl("int8_linear", &int8_linear);
 }

@@ -41,29 +41,41 @@ class PackedLinear(nn.Module):
 
 
 class DecoderProducts(nn.Module):
-    """Every product of a decoder step, packed: for each layer, self-attention's stacked Q/K/V and
-    output, cross-attention's Q and output, the feed-forward's two (a ReLU fused into the first);
-    and the output projection."""
+    """Every product of a decoder step: for each layer, self-attention's stacked Q/K/V and output,
+    cross-attention's Q and output, the feed-forward's two (a ReLU fused into the first); and the
+    output projection. By qkv's kernel (`of_step`), or int8 ones (`qkv.inference.int8_products`)."""
 
-    def __init__(self, model: nn.Module, qkv_weights, qkv_biases):
+    def __init__(self, layers: list[tuple[nn.Module, ...]], output: nn.Module, int8: bool = False):
         super().__init__()
+        self.int8 = int8  # int8 products: a program of another kind (`aoti.program_key`)
         self.qkv, self.self_out, self.cross_q, self.cross_out = (nn.ModuleList() for _ in range(4))
         self.linear1, self.linear2 = nn.ModuleList(), nn.ModuleList()
-        for i, layer in enumerate(model.decoder.layers):
-            bias = qkv_biases[i] if len(qkv_biases) else None
-            self.qkv.append(PackedLinear(qkv_weights[i], bias))
-            self.self_out.append(of(layer.self_attn.out_proj))
-            self.cross_q.append(of(layer.cross_attn.q_proj))
-            self.cross_out.append(of(layer.cross_attn.out_proj))
-            feed_forward = layer.feed_forward
-            self.linear1.append(of(feed_forward.linear1, relu=feed_forward.activation is F.relu))
-            self.linear2.append(of(feed_forward.linear2))
-        self.output = of(model.output)
+        lists = self.qkv, self.self_out, self.cross_q, self.cross_out, self.linear1, self.linear2
+        for products in layers:
+            for products_of_a_kind, product in zip(lists, products, strict=True):
+                products_of_a_kind.append(product)
+        self.output = output
 
     @classmethod
     def of_step(cls, step: nn.Module) -> DecoderProducts:
-        """The products of a compiled step's model, from its stacked Q/K/V weights."""
-        return cls(step.model, step.qkv_weights, step.qkv_biases)
+        """The products of a compiled step's model, packed for qkv's kernel, from its stacked
+        Q/K/V weights."""
+        layers = []
+        for i, layer in enumerate(step.model.decoder.layers):
+            bias = step.qkv_biases[i] if len(step.qkv_biases) else None
+            feed_forward = layer.feed_forward
+            relu = feed_forward.activation is F.relu
+            layers.append(
+                (
+                    PackedLinear(step.qkv_weights[i], bias),
+                    of(layer.self_attn.out_proj),
+                    of(layer.cross_attn.q_proj),
+                    of(layer.cross_attn.out_proj),
+                    of(feed_forward.linear1, relu=relu),
+                    of(feed_forward.linear2),
+                )
+            )
+        return cls(layers, of(step.model.output))
 
 
 def of(linear: nn.Linear, relu: bool = False) -> PackedLinear:

@@ -38,6 +38,7 @@ class StaticDecoderStep(nn.Module):
         self.products: DecoderProducts | None = None
         # Whether it calls qkv's operators, which makes it another program (`aoti.program_key`)
         self.native = False
+        self.int8 = False  # whether `products` are int8 ones (`qkv.inference.int8_products`)
         if like is not None:  # another step of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
             return
@@ -47,7 +48,7 @@ class StaticDecoderStep(nn.Module):
     def with_products(self, products: DecoderProducts) -> StaticDecoderStep:
         """This step, its weights shared, computing every product with `products` (qkv's kernel)."""
         step = StaticDecoderStep(self.model, self.greedy, self, self.candidates).eval()
-        step.products, step.native = products, True
+        step.products, step.native, step.int8 = products, True, products.int8
         return step
 
     def forward(

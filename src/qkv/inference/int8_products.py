@@ -1,0 +1,84 @@
+"""A decoder step's products by int8 weights, for the compiled int8 step (`qkv translate --precision
+int8 --compile`, `qkv.inference.compiled`).
+
+The eager int8 engine (`qkv.inference.linear`) multiplies by PyTorch's own quantised kernels (fbgemm on
+x86), and at one sentence they are fast: the small benchmark model's 6 shapes of product at one row
+took 111 µs from Python on an Intel Xeon (AMX), against 296 µs for oneDNN's fp32 on packed weights.
+But the eager step around them is ~240 operator calls of Python and dispatch, which a compiled step
+leaves out, and a compiled program cannot call those kernels: their packed weights are an object, not
+a tensor a program can hold as a constant. So qkv's operator library (`qkv.inference.native`) keeps
+the packed weights in the process under a key, a hash of the weights, and the program calls
+`qkv::int8_linear(x, key, ...)` as a C function. Called from C++, the 6 products took 45 µs at one
+row and 72 at five, while the same products in fp32 in an AOTInductor program took 235 and 309
+(benchmarks/README.md, session 39).
+
+The products are the eager int8 engine's own (the same packed weights, the input quantised the same
+way), so the compiled int8 step computes what the eager int8 step computes, up to the summation order
+of the rest (LayerNorms, attention) that Inductor fuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor, nn
+
+from qkv.inference.linear import PreparedLinear
+from qkv.inference.packed_linear import DecoderProducts
+
+
+class Int8Linear(nn.Module):
+    """x W^T + b (then a ReLU) by the int8 weights of `prepared` (an int8 `PreparedLinear`), which
+    this process keeps for the programs that call it (`qkv::keep_int8_linear`)."""
+
+    def __init__(self, prepared: PreparedLinear):
+        super().__init__()
+        if prepared.int8 is None:
+            raise ValueError("Int8Linear takes an int8 PreparedLinear")
+        self.key = weights_key(prepared)
+        torch.ops.qkv.keep_int8_linear(self.key, prepared.int8)
+        self.out_features = prepared.weight.size(0)
+        self.relu, self.reduce_range = int(prepared.relu), int(prepared.reduce_range)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.qkv.int8_linear(
+            x, self.key, self.out_features, self.relu, self.reduce_range
+        )
+
+
+def weights_key(prepared: PreparedLinear) -> int:
+    """The key of a map's int8 weights: a hash of the fp32 weights and bias they are made from (the
+    same in every process, as a program kept on disk needs), 63 bits (an int64 of the program)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in (prepared.weight, prepared.bias):
+        if tensor is not None:
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().float().contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def int8_products(engine) -> DecoderProducts:
+    """Every product of a decoder step by the int8 weights of `engine` (an int8 `DecodingEngine`:
+    its packed weights, shared): `DecoderProducts`' layout, for the compiled steps."""
+    layers = [
+        (
+            Int8Linear(self_attention.qkv),
+            Int8Linear(self_attention.out),
+            Int8Linear(cross_attention.q),
+            Int8Linear(cross_attention.out),
+            Int8Linear(feed_forward.linear1),
+            Int8Linear(feed_forward.linear2),
+        )
+        for _, self_attention, cross_attention, feed_forward in engine.decoder
+    ]
+    return DecoderProducts(layers, Int8Linear(engine.output), int8=True)
+
+
+def cross_keys_and_values(engine, memory: Tensor) -> Tensor:
+    """(sentences, src_len, d_model) encoder output -> every decoder layer's cross-attention keys,
+    then values, by the int8 engine's products (sentences, src_len, layers * 2 * d_model): the
+    layout of `qkv.inference.compiled_encoder.SourceEncoder.cross_kv`."""
+    return torch.cat(
+        [cross_attention.kv(memory) for _, _, cross_attention, _ in engine.decoder], -1
+    )

@@ -1,0 +1,143 @@
+"""The compiled int8 step (`--precision int8 --compile`, qkv.inference.int8_products) is the eager int8
+engine compiled: its products are the eager engine's own int8 kernels on the same packed weights, so
+the same search over it gives the eager int8 engine's ids and beams; where it cannot be made, it says so
+once and decodes as the eager int8 engine does."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import qkv
+from qkv.inference import aoti, native, prepare_for_decoding
+from qkv.inference.compiled import CompiledEngine
+from qkv.inference.int8_products import Int8Linear, weights_key
+from qkv.inference.linear import PreparedLinear, int8_works
+from qkv.search import beam_search, greedy_search
+from test_beam_program import c_calls
+from test_compiled import QUICK
+from test_search import random_model, random_sources
+
+pytestmark = [
+    pytest.mark.skipif(int8_works() is not None, reason=f"{int8_works()}"),
+    pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}"),
+]
+PRODUCT = "aoti_torch_cpu_int8_linear"  # the C function a program calls for each int8 product
+# The scores agree to this, not to fp32's 1e-4: Inductor's LayerNorms and attention sum in another
+# order than the eager engine's, and an input of an int8 product on the edge of a rounding step then
+# lands one quantum away (3e-3 in a 20-token greedy score seen, held to AVX2). The ids are the same.
+SCORES = dict(rtol=1e-3, atol=1e-2)
+
+
+def assert_same_greedy(engine, reference, src, **lengths):
+    ids, scores = greedy_search(engine, src, **lengths)
+    ref_ids, ref_scores = greedy_search(reference, src, **lengths)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, **SCORES)
+    without_ids, none = greedy_search(engine, src, **lengths, scores=False)
+    assert none is None and torch.equal(without_ids, ids)
+
+
+def assert_same_beams(engine, reference, src, **options):
+    ids, scores = beam_search(engine, src, **options)
+    ref_ids, ref_scores = beam_search(reference, src, **options)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, **SCORES)
+
+
+@pytest.fixture(autouse=True)
+def compile_cache(tmp_path, monkeypatch):
+    """Compiled programs go to a fresh folder, never to the user's cache; compiled quickly."""
+    monkeypatch.setenv("QKV_COMPILE_CACHE", str(tmp_path / "compiled"))
+    monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
+    return tmp_path / "compiled"
+
+
+def test_an_int8_product_is_the_eager_engines_on_the_same_packed_weights():
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
+    x = torch.randn(3, 1, 40, generator=generator)
+    assert native.load() is None
+    for relu in (False, True):
+        prepared = PreparedLinear(weight, bias, relu=relu, int8=True)
+        assert torch.equal(Int8Linear(prepared)(x), prepared(x))
+    # The key is the weights': the same in every process, another for other weights.
+    assert weights_key(PreparedLinear(weight.clone(), bias.clone(), int8=True)) == weights_key(
+        prepared
+    )
+    assert weights_key(PreparedLinear(weight, bias + 1, int8=True)) != weights_key(prepared)
+    assert weights_key(PreparedLinear(weight, None, int8=True)) != weights_key(prepared)
+    with pytest.raises(ValueError, match="int8 PreparedLinear"):
+        Int8Linear(PreparedLinear(weight, bias))
+
+
+def test_a_key_this_process_does_not_keep_is_an_error_that_says_so():
+    assert native.load() is None
+    with pytest.raises(RuntimeError, match="no int8 weights kept under key 12345"):
+        torch.ops.qkv.int8_linear(torch.randn(2, 8), 12345, 4, 0, 1)
+    prepared = PreparedLinear(torch.randn(6, 8), int8=True)
+    key = Int8Linear(prepared).key
+    with pytest.raises(RuntimeError, match="have 6 output features, not 4"):
+        torch.ops.qkv.int8_linear(torch.randn(2, 8), key, 4, 0, 1)
+
+
+def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compile_cache):
+    model = random_model(seed=3)
+    engine, reference = CompiledEngine(model, int8=True), prepare_for_decoding(model, int8=True)
+    assert engine.unavailable is None and engine.int8 and engine.source is None
+    assert_same_greedy(engine, reference, random_sources([9]), max_len=20, min_len=20)
+    assert_same_greedy(engine, reference, random_sources([7], seed=1), max_len=20)
+    assert_same_beams(engine, reference, random_sources([8], seed=2), beam_size=5, max_len=15)
+    assert engine.compiled_rows == {1, 5}
+    # Every product of the programs is an int8 one, called as a C function: 6 a layer, and the
+    # output's; and they are other programs than fp32's (another key).
+    products = 6 * model.config.n_decoder_layers + 1
+    calls = {
+        rows: c_calls(PRODUCT, engine.package_path(rows, greedy))
+        for rows, greedy in engine.programs
+    }
+    assert calls == {1: products, 5: products}
+    assert engine.package_path(5) != CompiledEngine(model).package_path(5)
+    # Beams on several sentences: the eager int8 step (no compiled beam program for int8).
+    assert_same_beams(engine, reference, random_sources([5, 6], seed=4), beam_size=3, max_len=12)
+
+
+def test_a_new_engine_loads_the_int8_programs_and_keeps_their_weights(compile_cache, monkeypatch):
+    """A program kept on disk calls the weights by their key: a new process's engine keeps them
+    again before the program runs."""
+    model = random_model(seed=8)
+    reference = prepare_for_decoding(model, int8=True)
+    assert_same_greedy(CompiledEngine(model, int8=True), reference, random_sources([6]), max_len=12)
+    monkeypatch.setattr("qkv.inference.compiled.compile_package", None)  # nothing compiled again
+    again = CompiledEngine(model, int8=True)
+    assert_same_greedy(again, reference, random_sources([5], seed=1), max_len=12)
+    assert again.compiled_rows == {1}
+
+
+def test_without_qkvs_operators_it_says_so_once_and_decodes_as_the_eager_int8_engine(monkeypatch):
+    monkeypatch.setenv(native.SWITCH, "0")
+    messages = []
+    model = random_model(seed=2)
+    engine = CompiledEngine(model, warn=messages.append, int8=True)
+    assert_same_greedy(
+        engine, prepare_for_decoding(model, int8=True), random_sources([6]), max_len=10
+    )
+    assert messages == [
+        "the compiled int8 step calls qkv's operators, not available here: QKV_NATIVE=0: "
+        "decoding takes the eager step"
+    ]
+
+
+def test_translate_with_int8_and_compile_takes_the_compiled_int8_step(toy_run, tmp_path):
+    run = shutil.copytree(toy_run, tmp_path / "run", ignore=shutil.ignore_patterns("compiled"))
+    messages = []
+    translator = qkv.load(run, precision="int8", compile=True, warn=messages.append)
+    engine = translator.engine()
+    assert isinstance(engine, CompiledEngine) and engine.int8 and translator.precision == "int8"
+    lines = ["a b c d", "p o n", "k l m"]
+    eager = qkv.load(run, precision="int8")
+    assert translator.translate(lines, beam=1) == eager.translate(lines, beam=1)
+    assert messages == [] and engine.compiled_rows == {3}
+    assert engine.cache_dir == run / "compiled"
