@@ -73,20 +73,40 @@ def test_an_int8_product_is_the_eager_engines_on_the_same_packed_weights():
         Int8Linear(PreparedLinear(weight, bias))
 
 
+def test_the_weights_are_kept_while_a_product_of_them_lives_and_then_let_go():
+    import gc
+
+    prepared = PreparedLinear(torch.randn(6, 8), int8=True)
+    holders = torch.ops.qkv.int8_linear_holders
+    first = Int8Linear(prepared)
+    key = first.key
+    second = Int8Linear(prepared)  # another engine of the same weights: one key, two holders
+    assert holders(key) == 2
+    del first
+    gc.collect()
+    assert holders(key) == 1
+    assert torch.equal(second(torch.ones(2, 8)), prepared(torch.ones(2, 8)))
+    del second
+    gc.collect()
+    assert holders(key) == 0
+    with pytest.raises(RuntimeError, match="no int8 weights kept under key"):
+        torch.ops.qkv.int8_linear(torch.ones(2, 8), key, 6, 0, 1)
+
+
 def test_a_key_this_process_does_not_keep_is_an_error_that_says_so():
     assert native.load() is None
     with pytest.raises(RuntimeError, match="no int8 weights kept under key 12345"):
         torch.ops.qkv.int8_linear(torch.randn(2, 8), 12345, 4, 0, 1)
     prepared = PreparedLinear(torch.randn(6, 8), int8=True)
-    key = Int8Linear(prepared).key
+    kept = Int8Linear(prepared)
     with pytest.raises(RuntimeError, match="have 6 output features, not 4"):
-        torch.ops.qkv.int8_linear(torch.randn(2, 8), key, 4, 0, 1)
+        torch.ops.qkv.int8_linear(torch.randn(2, 8), kept.key, 4, 0, 1)
 
 
 def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compile_cache):
     model = random_model(seed=3)
     engine, reference = CompiledEngine(model, int8=True), prepare_for_decoding(model, int8=True)
-    assert engine.unavailable is None and engine.int8 and engine.source is None
+    assert engine.unavailable is None and engine.int8
     assert_same_greedy(engine, reference, random_sources([9]), max_len=20, min_len=20)
     assert_same_greedy(engine, reference, random_sources([7], seed=1), max_len=20)
     assert_same_beams(engine, reference, random_sources([8], seed=2), beam_size=5, max_len=15)
@@ -100,6 +120,11 @@ def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compi
     }
     assert calls == {1: products, 5: products}
     assert engine.package_path(5) != CompiledEngine(model).package_path(5)
+    # One sentence's encoder is a program with int8 products too: 4 a layer, and each decoder
+    # layer's cross-attention keys and values.
+    encoder_products = 4 * len(model.encoder.layers) + len(model.decoder.layers)
+    assert c_calls(PRODUCT, engine.source.package_path) == encoder_products
+    assert engine.source.package_path != CompiledEngine(model).source.package_path
     # Beams on several sentences: the eager int8 step (no compiled beam program for int8).
     assert_same_beams(engine, reference, random_sources([5, 6], seed=4), beam_size=3, max_len=12)
 

@@ -55,8 +55,8 @@ eager step and encoder.
 With `int8=True` (`--precision int8 --compile`) it is the eager int8 engine (`qkv.inference.linear`)
 with the same programs of 1-5 rows and of 8, 16 or 32 greedy rows, every product in them the int8
 engine's own kernel on its packed weights (`qkv.inference.int8_products`, through qkv's operators:
-without them, the eager int8 step); the encoder, its cross-attention projection, and beams on two
-sentences or more stay the eager int8 engine's.
+without them, the eager int8 step), and one sentence's encoder program with int8 products; the
+encoder of several sentences and beams on two sentences or more stay the eager int8 engine's.
 """
 
 from __future__ import annotations
@@ -170,8 +170,14 @@ class CompiledEngine(DecodingEngine):
         # One sentence's encoder compiled, and the first step's cross-attention K and V; where
         # beams on many sentences are compiled, many sentences' encoder too
         self.source = (
-            SourceEncoder(model, self.cache_dir, say, batches=self.compiles_beams)
-            if not (self.unavailable or int8)  # int8: the eager int8 encoder
+            SourceEncoder(
+                model,
+                self.cache_dir,
+                say,
+                batches=self.compiles_beams,
+                products=int8_products.EncoderProducts(self) if int8 else None,
+            )
+            if not self.unavailable
             else None
         )
         # What a step reads: the decoder's weights and the output projection (its stacked Q/K/V
@@ -466,11 +472,7 @@ class CompiledEngine(DecodingEngine):
         if src_mask is not None and not bool(src_mask.any(dim=-1).all()):
             cache.fallback = BeamCache(len(self.decoder), cache.max_beams, cache.max_capacity)
             return False
-        if self.int8:
-            projected = int8_products.cross_keys_and_values(self, memory)
-        else:
-            projected = self.source.cross_kv(memory)
-        cache.set_source(projected, src_mask, self.config.n_heads)
+        cache.set_source(self.source.cross_kv(memory), src_mask, self.config.n_heads)
         config = self.config
         shape = (2, len(self.decoder), cache.rows, config.n_heads, cache.capacity, config.d_head)
         cache.start(memory.new_zeros(shape))

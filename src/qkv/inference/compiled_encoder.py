@@ -75,10 +75,20 @@ class StaticEncoder(nn.Module):
     """`DecodingEngine.encode`, with the same formulas, and with `project` the stacked projection
     of its output for every decoder layer's cross-attention, as one graph for the compiler."""
 
-    def __init__(self, model: Transformer, project: bool = True, like: StaticEncoder | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        project: bool = True,
+        like: StaticEncoder | None = None,
+        products: nn.Module | None = None,
+    ):
         super().__init__()
         self.model = model
         self.project = project
+        # int8 products (`qkv.inference.int8_products.EncoderProducts`), or None: fp32 ones
+        self.products = products
+        self.int8 = products is not None  # another program (`aoti.program_key`)
+        self.native = self.int8  # it calls qkv's own operators: their source is in the key too
         self.n_heads = model.config.n_heads
         self.pad_id = model.config.pad_id
         self.positions = positions_table(model.src_positions)
@@ -104,24 +114,38 @@ class StaticEncoder(nn.Module):
         bias = torch.where(src_ids == self.pad_id, -math.inf, 0.0).view(batch, 1, 1, src_len)
         for i, layer in enumerate(model.encoder.layers):
             h = layer.norm1(x) if layer.norm_first else x
-            qkv_bias = self.qkv_biases[i] if len(self.qkv_biases) else None
-            projected = F.linear(h, self.qkv_weights[i], qkv_bias)
+            projected = self._qkv(i, h)
             # 3 x (batch, heads, src_len, d_head)
             q, k, v = (
                 projected.view(batch, src_len, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
             )
-            attended = layer.self_attn.out_proj(_merge_heads(attention_with_bias(q, k, v, bias)))
+            out_proj = self.products.out[i] if self.int8 else layer.self_attn.out_proj
+            attended = out_proj(_merge_heads(attention_with_bias(q, k, v, bias)))
             x = residual(layer, layer.norm1, x, attended)
             h = layer.norm2(x) if layer.norm_first else x
-            feed_forward = (
-                layer.feed_forward
-            )  # its formula, without its dropout (whatever the mode)
-            out = feed_forward.linear2(feed_forward.activation(feed_forward.linear1(h)))
-            x = residual(layer, layer.norm2, x, out)
+            x = residual(layer, layer.norm2, x, self._feed_forward(i, layer.feed_forward, h))
         memory = model.encoder.final_norm(x)
         if not self.project:
             return (memory,)
+        if self.int8:
+            return memory, self.products.cross_keys_and_values(memory)
         return memory, F.linear(memory, self.cross_kv_weight, self.cross_kv_bias)
+
+    def _qkv(self, i: int, h: Tensor) -> Tensor:
+        """Layer i's self-attention Q, K and V of h, side by side."""
+        if self.int8:
+            return self.products.qkv[i](h)
+        qkv_bias = self.qkv_biases[i] if len(self.qkv_biases) else None
+        return F.linear(h, self.qkv_weights[i], qkv_bias)
+
+    def _feed_forward(self, i: int, formula: nn.Module, h: Tensor) -> Tensor:
+        """Layer i's feed-forward formula, without its dropout (whatever the mode)."""
+        if not self.int8:
+            return formula.linear2(formula.activation(formula.linear1(h)))
+        hidden = self.products.linear1[i](h)
+        if formula.activation is not F.relu:  # a ReLU is in the product already
+            hidden = formula.activation(hidden)
+        return self.products.linear2[i](hidden)
 
 
 class SourceEncoder:
@@ -137,8 +161,15 @@ class SourceEncoder:
     weights (the programs are compiled from them; 5 x d_model^2 a layer), and a packed copy of the
     latter for the product."""
 
-    def __init__(self, model: Transformer, cache_dir: Path, say=None, batches: bool = False):
-        self.module = StaticEncoder(model).eval()
+    def __init__(
+        self,
+        model: Transformer,
+        cache_dir: Path,
+        say=None,
+        batches: bool = False,
+        products: nn.Module | None = None,
+    ):
+        self.module = StaticEncoder(model, products=products).eval()
         self.batch_module = StaticEncoder(model, project=False, like=self.module).eval()
         self.cache_dir, self.say, self.batches = cache_dir, say, batches
         self.program = None  # one sentence's
@@ -149,7 +180,11 @@ class SourceEncoder:
         # One call instead of one per layer (at one sentence, 104 -> 73 µs for the small model held
         # to AVX2); a packed copy of those weights (1.5 MB for the small model) beside the eager
         # step's own.
-        self.projection = PreparedLinear(self.module.cross_kv_weight, self.module.cross_kv_bias)
+        self.projection = (
+            PreparedLinear(self.module.cross_kv_weight, self.module.cross_kv_bias)
+            if products is None
+            else products.cross_keys_and_values  # int8: the eager int8 engine's
+        )
         self._last: tuple[Tensor, Tensor] | None = None  # the program's memory, and its projection
 
     def takes(self, src_ids: Tensor) -> bool:

@@ -14,12 +14,18 @@ row and 72 at five, while the same products in fp32 in an AOTInductor program to
 
 The products are the eager int8 engine's own (the same packed weights, the input quantised the same
 way), so the compiled int8 step computes what the eager int8 step computes, up to the summation order
-of the rest (LayerNorms, attention) that Inductor fuses.
+of the rest (LayerNorms, attention) that Inductor fuses. One sentence's encoder is a program too, with
+the projection of its output for the decoder's cross-attention (`EncoderProducts`).
+
+The process keeps a map's weights while an `Int8Linear` of them lives (engines of the same weights
+share them): a long-lived process that prepares new engines, new weights each time, does not gather
+old ones.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +44,9 @@ class Int8Linear(nn.Module):
             raise ValueError("Int8Linear takes an int8 PreparedLinear")
         self.key = weights_key(prepared)
         torch.ops.qkv.keep_int8_linear(self.key, prepared.int8)
+        # Let go when this module goes; not at the process's exit, whose order of teardown is not
+        # ours (the library may be gone by then, and so are the weights anyway).
+        weakref.finalize(self, torch.ops.qkv.forget_int8_linear, self.key).atexit = False
         self.out_features = prepared.weight.size(0)
         self.relu, self.reduce_range = int(prepared.relu), int(prepared.reduce_range)
 
@@ -75,10 +84,24 @@ def int8_products(engine) -> DecoderProducts:
     return DecoderProducts(layers, Int8Linear(engine.output), int8=True)
 
 
-def cross_keys_and_values(engine, memory: Tensor) -> Tensor:
-    """(sentences, src_len, d_model) encoder output -> every decoder layer's cross-attention keys,
-    then values, by the int8 engine's products (sentences, src_len, layers * 2 * d_model): the
-    layout of `qkv.inference.compiled_encoder.SourceEncoder.cross_kv`."""
-    return torch.cat(
-        [cross_attention.kv(memory) for _, _, cross_attention, _ in engine.decoder], -1
-    )
+class EncoderProducts(nn.Module):
+    """Every product of the encoder by the int8 weights of `engine` (an int8 `DecodingEngine`): each
+    layer's stacked Q/K/V, self-attention output and feed-forward's two (a ReLU fused into the first);
+    and each decoder layer's cross-attention keys and values, for the first step. For the one-sentence
+    encoder's program (`qkv.inference.compiled_encoder.StaticEncoder`)."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.int8 = True
+        encoder, decoder = engine.encoder, engine.decoder
+        self.qkv = nn.ModuleList(Int8Linear(attention.qkv) for _, attention, _ in encoder)
+        self.out = nn.ModuleList(Int8Linear(attention.out) for _, attention, _ in encoder)
+        self.linear1 = nn.ModuleList(Int8Linear(ff.linear1) for _, _, ff in encoder)
+        self.linear2 = nn.ModuleList(Int8Linear(ff.linear2) for _, _, ff in encoder)
+        self.cross_kv = nn.ModuleList(Int8Linear(cross.kv) for _, _, cross, _ in decoder)
+
+    def cross_keys_and_values(self, memory: Tensor) -> Tensor:
+        """(sentences, src_len, d_model) encoder output -> every decoder layer's cross-attention
+        keys, then values (sentences, src_len, layers * 2 * d_model): the layout
+        `qkv.inference.static_cache.StaticCache.set_source` reads."""
+        return torch.cat([kv(memory) for kv in self.cross_kv], dim=-1)

@@ -384,17 +384,37 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 
 using Int8Weights = c10::intrusive_ptr<LinearPackedParamsBase>;
 
-// The int8 weights this process keeps, by key; a lookup is a few tens of nanoseconds, against the
-// microseconds of a product.
+// The int8 weights this process keeps, by key, and how many holders asked for them (engines of the
+// same weights share a key); a lookup is a few tens of nanoseconds, against the microseconds of a
+// product.
+struct KeptInt8Weights {
+  Int8Weights weights;
+  int64_t holders = 0;
+};
 std::mutex int8_weights_mutex;
-std::unordered_map<int64_t, Int8Weights>& int8_weights() {
-  static std::unordered_map<int64_t, Int8Weights> kept;
+std::unordered_map<int64_t, KeptInt8Weights>& int8_weights() {
+  static std::unordered_map<int64_t, KeptInt8Weights> kept;
   return kept;
 }
 
 void keep_int8_linear(int64_t key, const Int8Weights& weights) {
   std::lock_guard<std::mutex> lock(int8_weights_mutex);
-  int8_weights()[key] = weights;
+  auto& kept = int8_weights()[key];
+  kept.weights = weights;
+  ++kept.holders;
+}
+
+// A holder is done with the weights under key: they go once no holder is left.
+void forget_int8_linear(int64_t key) {
+  std::lock_guard<std::mutex> lock(int8_weights_mutex);
+  const auto kept = int8_weights().find(key);
+  if (kept != int8_weights().end() && --kept->second.holders <= 0) int8_weights().erase(kept);
+}
+
+int64_t int8_linear_holders(int64_t key) {
+  std::lock_guard<std::mutex> lock(int8_weights_mutex);
+  const auto kept = int8_weights().find(key);
+  return kept == int8_weights().end() ? 0 : kept->second.holders;
 }
 
 // x (..., in_features) -> (..., out_features): x W^T + b (then a ReLU if relu), by the weights kept
@@ -408,7 +428,7 @@ at::Tensor int8_linear(const at::Tensor& x, int64_t key, int64_t out_features, i
     const auto kept = int8_weights().find(key);
     TORCH_CHECK(kept != int8_weights().end(), "qkv::int8_linear: no int8 weights kept under key ",
                 key, " in this process (qkv.inference.int8_products keeps them)");
-    weights = kept->second;
+    weights = kept->second.weights;
   }
   auto out = relu != 0 ? weights->apply_dynamic_relu(x, reduce_range != 0)
                        : weights->apply_dynamic(x, reduce_range != 0);
@@ -468,6 +488,8 @@ TORCH_LIBRARY(qkv, m) {
   m.def("keep_int8_linear(int key, __torch__.torch.classes.quantized.LinearPackedParamsBase weights)"
         " -> ()",
         &keep_int8_linear);
+  m.def("forget_int8_linear(int key) -> ()", &forget_int8_linear);
+  m.def("int8_linear_holders(int key) -> int", &int8_linear_holders);
   m.def("int8_linear(Tensor x, int key, int out_features, int relu, int reduce_range) -> Tensor");
 }
 
