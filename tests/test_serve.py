@@ -195,6 +195,30 @@ def test_bad_requests_get_a_clear_error(client, body, status, message):
     assert message in answer.json()["error"]
 
 
+def test_a_text_longer_than_the_model_reads_is_refused_not_cut(client, models):
+    """`qkv translate` cuts such a line and warns on stderr; a client sees no warning, and would
+    keep the translation of the text's beginning as the whole's."""
+    limit = models[0].translator.model.config.max_len - 1
+    long = " ".join(["a"] * (limit + 3))
+    message = f"more than the model reads ({limit}): split it"
+    body = {"q": ["a b", long], "source": "xx", "target": "yy"}
+    answer = client.post("/translate", json=body)
+    assert answer.status_code == 400 and answer.json()["error"].startswith("text 2: ")
+    assert message in answer.json()["error"]
+    page = f"<p>a b</p><p>{long}</p>"
+    answer = client.post("/translate", json={**body, "q": ["c", page], "format": "html"})
+    assert answer.status_code == 400 and answer.json()["error"].startswith("text 2: ")
+    v1 = {"text": [long], "source": "xx", "target": "yy"}
+    answer = client.post("/v1/translate", json=v1)
+    assert answer.status_code == 400 and message in answer.json()["error"]
+    answer = client.post("/v1/explain", json={"text": long, "source": "xx", "target": "yy"})
+    assert answer.status_code == 400 and message in answer.json()["error"]
+    # As long as it reads: translated whole.
+    fits = " ".join(["a"] * limit)
+    answer = client.post("/translate", json={**body, "q": fits})
+    assert answer.status_code == 200, answer.json()
+
+
 def test_text_utf8_cannot_hold_is_a_400_not_a_500(client):
     body = b'{"q": ["a b", "x \\ud800 y"], "source": "xx", "target": "yy"}'
     answer = client.post("/translate", content=body, headers={"content-type": "application/json"})

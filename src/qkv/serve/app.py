@@ -238,6 +238,19 @@ def create_app(
             except QkvError as error:
                 raise ApiError(400, f"text {number}: {error}") from None
 
+    def check_lengths(index: int, texts: list[str], numbers: list[int] | None = None) -> None:
+        """Each text within what the model reads (its max_len, EOS included): a longer one is
+        refused, not cut as `qkv translate` cuts it with a warning, which a client never sees (it
+        would keep the translation of a text's beginning as the whole's). `numbers`: each text's
+        number in the request (default 1, 2, ...)."""
+        translator = models[index].translator
+        limit = translator.model.config.max_len - 1
+        for number, text in zip(numbers or range(1, len(texts) + 1), texts, strict=True):
+            subwords = len(translator.tokenizer.encode(text)) if text.strip() else 0
+            if subwords > limit:
+                raise ApiError(400, f"text {number}: {subwords} subword tokens, more than the "
+                                    f"model reads ({limit}): split it, into sentences")  # fmt: skip
+
     def check_key(api_key) -> None:
         if api_keys is not None and api_key not in api_keys:
             raise ApiError(403, "invalid or missing api_key")
@@ -335,6 +348,8 @@ def create_app(
             pages = [split_html(text) for text in texts]
             nodes = [text_nodes(parts) for parts in pages]
             flat = [node for page_nodes in nodes for node in page_nodes]
+            page_numbers = [n for n, page_nodes in enumerate(nodes, start=1) for _ in page_nodes]
+            check_lengths(index, flat, page_numbers)
             results = await translate(index, flat, search_beam, 1, 0.6) if flat else []
             translated, start = [], 0
             for parts, page_nodes in zip(pages, nodes, strict=True):
@@ -343,6 +358,7 @@ def create_app(
                 start += len(page_nodes)
             best, others = translated, [[] for _ in texts]  # as LibreTranslate: none for html
         else:
+            check_lengths(index, texts)
             results = await translate(index, texts, search_beam, alternatives + 1, 0.6)
             best = [hypotheses[0].text for hypotheses in results]
             others = [[h.text for h in hypotheses[1:]] for hypotheses in results]
@@ -362,6 +378,7 @@ def create_app(
             raise ApiError(400, f"n_best ({body.n_best}) must not exceed beam ({body.beam})")
         check_size(body.text)
         index = pick_model(body.source, body.target)
+        check_lengths(index, body.text)
         translator = models[index].translator
         tokenizer = translator.tokenizer
         search = (body.beam, body.n_best, body.length_penalty, body.early_exit)
@@ -396,6 +413,7 @@ def create_app(
             raise ApiError(400, f"kind must be one of {', '.join(KINDS)}, not {body.kind!r}")
         check_size([body.text])
         index = pick_model(body.source, body.target)
+        check_lengths(index, [body.text])
         heads = None if body.heads is None else [head - 1 for head in body.heads]
         if heads is not None and any(head < 0 for head in heads):
             raise ApiError(400, "heads count from 1")
