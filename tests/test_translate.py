@@ -6,6 +6,7 @@ import select
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,6 +181,15 @@ def test_cli_keeps_order_and_empty_lines_and_warns_with_the_line_number(
     assert out[1] == "" and out[7] == ""
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "stdin: line 4: 40 subword tokens" in warnings[0]
+
+
+def test_a_dash_is_stdin_and_stdout_as_other_tools_read_it(run_qkv, toy_run, tmp_path):
+    result = run_qkv(
+        "translate", toy_run, "-i", "-", "-o", "-", "--beam", "1", input="a b c\nd e\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "c b a\ne d\n"
+    assert not (Path.cwd() / "-").exists() and not (tmp_path / "-").exists()
 
 
 def test_cli_n_best_and_scores_format(run_qkv, toy_run, tmp_path):

@@ -173,8 +173,10 @@ def _add_translate(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
-    parser.add_argument("-i", "--input", metavar="FILE", help="input text (default stdin)")
-    parser.add_argument("-o", "--output", metavar="FILE", help="output file (default stdout)")
+    parser.add_argument("-i", "--input", metavar="FILE", help="input text (default stdin, as is -)")
+    parser.add_argument(
+        "-o", "--output", metavar="FILE", help="output file (default stdout, as is -)"
+    )
     add_force(parser)
     parser.add_argument("--n-best", type=int, metavar="K", help="write the K best translations")
     parser.add_argument("--scores", action="store_true", help="write each translation's score")
@@ -195,6 +197,9 @@ def _run_translate(args) -> int:
     from qkv.translate import _progress_bar
 
     options = _search_options(args)
+    # "-": standard input and output, as other tools read it (else a file named "-" in the folder).
+    args.input = None if args.input == "-" else args.input
+    args.output = None if args.output == "-" else args.output
     check_output(args, [args.input])
     source_name = args.input or "stdin"
     if args.input:  # counted first: a missing or broken file fails before the model loads
