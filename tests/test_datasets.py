@@ -122,7 +122,7 @@ def test_corrupted_download_is_rejected_and_not_kept(served, tmp_path, shared_da
     message = str(error.value)
     assert message.startswith(f"{url}/val.fr.gz: downloaded file has sha256 ")
     assert f"but val.fr.gz should have {MULTI30K_SHA256['val.fr.gz']}; it was not kept" in message
-    assert list((tmp_path / "multi30k").iterdir()) == [], "neither the file nor a temporary"
+    assert not (tmp_path / "multi30k").exists(), "neither the file, a temporary, nor the folder"
 
 
 def test_offline_error_says_what_where_why_and_how(tmp_path):
@@ -137,6 +137,11 @@ def test_offline_error_says_what_where_why_and_how(tmp_path):
     assert message.endswith(
         "set QKV_DATA_DIR (or --data-dir) to the folder that holds multi30k/train.de.gz"
     )
+    assert not (tmp_path / "multi30k").exists()  # the folder it made for the download, gone
+    (tmp_path / "multi30k").mkdir()  # a folder that was there stays
+    with pytest.raises(QkvError):
+        multi30k_file("train", "de", data_dir=tmp_path, base_url=UNREACHABLE, progress=False)
+    assert (tmp_path / "multi30k").is_dir()
 
 
 def test_missing_file_on_the_server(served, tmp_path):

@@ -7,6 +7,7 @@ ISO form, and the day and month come in one of three orders.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -103,9 +104,15 @@ def multi30k_file(
         return path
     base_url = base_url or os.environ.get("QKV_MULTI30K_URL") or MULTI30K_URL
     url = f"{base_url.rstrip('/')}/{name}"
+    made_folder = not folder.exists()
     try:
         download(url, path, MULTI30K_SHA256[name], progress=progress)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
+    except (urllib.error.URLError, OSError, TimeoutError, QkvError) as error:
+        if made_folder:  # a failed first download leaves no empty multi30k/ to puzzle over
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(error, QkvError):  # a wrong checksum: its own message
+            raise
         reason = getattr(error, "reason", None) or error
         raise QkvError(
             f"multi30k file {name} is missing: looked for {path}; downloading {url} failed "
