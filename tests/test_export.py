@@ -164,3 +164,10 @@ def test_an_export_ctranslate2_cannot_run_as_asked_is_one_error_and_not_a_run(tm
     capsys.readouterr()
     assert main(["attention", str(folder), SENTENCE, "-o", str(tmp_path / "a.png")]) == 2
     assert capsys.readouterr().err.strip() == f"qkv: error: {error.value}"
+    # What the model is comes before where the picture goes: not "-o exists: pass --force".
+    (tmp_path / "there.png").touch()
+    assert main(["attention", str(folder), SENTENCE, "-o", str(tmp_path / "there.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"qkv: error: {error.value}"
+    (tmp_path / "there.html").touch()
+    assert main(["explain", str(folder), SENTENCE, "--html", str(tmp_path / "there.html")]) == 2
+    assert capsys.readouterr().err.strip() == f"qkv: error: {error.value}"

@@ -68,10 +68,12 @@ def _add_attention(subparsers) -> None:
 
 def _run_attention(args) -> int:
     from qkv import visualize
+    from qkv.checkpoint import resolve_checkpoint
     from qkv.tokenizer import utf8_text
 
     utf8_text(args.sentence)
     output = args.output or (None if args.html else "attention.png")
+    resolve_checkpoint(args.run_dir)  # what the model is, before where the picture goes
     check_written_files({"-o": output, "--html": args.html}, args.run_dir, args.force)
     if output and (problem := visualize.picture_format_problem(output)):
         raise QkvError(f"-o {output}: {problem}")
@@ -154,6 +156,7 @@ def _parse_heads(text: str) -> list[int] | None:
 
 def _run_explain(args) -> int:
     from qkv import explain, visualize
+    from qkv.checkpoint import resolve_checkpoint
     from qkv.tokenizer import utf8_text
 
     if len(args.inputs) > 2:
@@ -163,6 +166,8 @@ def _run_explain(args) -> int:
         # A random model explained the words "runs/x"
         raise QkvError(f"{text} is a run: give the text to explain after it (explain RUN_DIR TEXT)")
     text = utf8_text(text)
+    if run_dir:
+        resolve_checkpoint(run_dir[0])  # what the model is, before where the page goes
     check_written_files({"--html": args.html}, run_dir[0] if run_dir else None, args.force)
     tgt_ids = tgt_labels = None
     if run_dir:
