@@ -125,8 +125,12 @@ def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compi
     encoder_products = 4 * len(model.encoder.layers) + len(model.decoder.layers)
     assert c_calls(PRODUCT, engine.source.package_path) == encoder_products
     assert engine.source.package_path != CompiledEngine(model).source.package_path
-    # Beams on several sentences: the eager int8 step (no compiled beam program for int8).
+    # Beams on several sentences: from the second step, the beam program, its products int8 too
+    # (where beam programs are taken: AVX2 and AVX-512).
     assert_same_beams(engine, reference, random_sources([5, 6], seed=4), beam_size=3, max_len=12)
+    if engine.compiles_beams:
+        assert list(engine.beam_programs.programs) == [3]
+        assert c_calls(PRODUCT, engine.beam_programs.package_path(3)) == products
 
 
 def test_a_new_engine_loads_the_int8_programs_and_keeps_their_weights(compile_cache, monkeypatch):

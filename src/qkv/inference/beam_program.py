@@ -237,6 +237,7 @@ class BeamPrograms:
         self.step.native = why is None
         if why is None and self.products is not None:
             self.step.products = self.products()
+            self.step.int8 = self.step.products.int8  # another program (`aoti.program_key`)
         if why is not None and self.say:
             self.say(f"{why}: beam search takes PyTorch's operators")
 

@@ -55,8 +55,8 @@ eager step and encoder.
 With `int8=True` (`--precision int8 --compile`) it is the eager int8 engine (`qkv.inference.linear`)
 with the same programs of 1-5 rows and of 8, 16 or 32 greedy rows, every product in them the int8
 engine's own kernel on its packed weights (`qkv.inference.int8_products`, through qkv's operators:
-without them, the eager int8 step), and one sentence's encoder program with int8 products; the
-encoder of several sentences and beams on two sentences or more stay the eager int8 engine's.
+without them, the eager int8 step), one sentence's encoder program and the beam programs with int8
+products; the encoder of several sentences stays the eager int8 engine's.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class CompiledEngine(DecodingEngine):
         self.beam_programs = BeamPrograms(
             model, self.cache_dir, self.static_step, say, products=self.decoder_products
         )
-        self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS and not int8
+        self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
         # One sentence's encoder compiled, and the first step's cross-attention K and V; where
         # beams on many sentences are compiled, many sentences' encoder too
         self.source = (
@@ -174,7 +174,7 @@ class CompiledEngine(DecodingEngine):
                 model,
                 self.cache_dir,
                 say,
-                batches=self.compiles_beams,
+                batches=self.compiles_beams and not int8,  # int8: many sentences' eager int8
                 products=int8_products.EncoderProducts(self) if int8 else None,
             )
             if not self.unavailable
