@@ -236,8 +236,9 @@ class BeamPrograms:
         why = native.load(self.say)
         self.step.native = why is None
         if why is None and self.products is not None:
-            self.step.products = self.products()
-            self.step.int8 = self.step.products.int8  # another program (`aoti.program_key`)
+            self.step.products = self.products()  # None where qkv's fp32 products do not serve
+            # int8 products: another program (`aoti.program_key`)
+            self.step.int8 = getattr(self.step.products, "int8", False)
         if why is not None and self.say:
             self.say(f"{why}: beam search takes PyTorch's operators")
 
