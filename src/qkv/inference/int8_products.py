@@ -14,8 +14,9 @@ row and 72 at five, while the same products in fp32 in an AOTInductor program to
 
 The products are the eager int8 engine's own (the same packed weights, the input quantised the same
 way), so the compiled int8 step computes what the eager int8 step computes, up to the summation order
-of the rest (LayerNorms, attention) that Inductor fuses. One sentence's encoder is a program too, with
-the projection of its output for the decoder's cross-attention (`EncoderProducts`).
+of the rest (LayerNorms, attention) that Inductor fuses. The beam programs of many sentences take the
+same products, and one sentence's encoder is a program too, with the projection of its output for
+the decoder's cross-attention (`EncoderProducts`).
 
 The process keeps a map's weights while an `Int8Linear` of them lives (engines of the same weights
 share them): a long-lived process that prepares new engines, new weights each time, does not gather
