@@ -103,7 +103,9 @@ def test_a_key_this_process_does_not_keep_is_an_error_that_says_so():
         torch.ops.qkv.int8_linear(torch.randn(2, 8), kept.key, 4, 0, 1)
 
 
-def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compile_cache):
+def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(
+    compile_cache, monkeypatch
+):
     model = random_model(seed=3)
     engine, reference = CompiledEngine(model, int8=True), prepare_for_decoding(model, int8=True)
     assert engine.unavailable is None and engine.int8
@@ -120,6 +122,19 @@ def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compi
     }
     assert calls == {1: products, 5: products}
     assert engine.package_path(5) != CompiledEngine(model).package_path(5)
+    # int8 alone makes another key (not only the code files and operators it calls), and so does
+    # PyTorch's quantised engine (it decides the inputs' 7 or 8 bits, which the program holds).
+    step = engine.step_module(False, 5)
+    key = aoti.program_key(step)
+    step.int8 = False
+    assert aoti.program_key(step) != key
+    step.int8 = True
+    here = torch.backends.quantized.engine
+    others = [e for e in torch.backends.quantized.supported_engines if e not in ("none", here)]
+    if others:
+        monkeypatch.setattr(torch.backends.quantized, "engine", others[0])
+        assert aoti.program_key(step) != key
+        monkeypatch.setattr(torch.backends.quantized, "engine", here)
     # One sentence's encoder is a program with int8 products too: 4 a layer, and each decoder
     # layer's cross-attention keys and values.
     encoder_products = 4 * len(model.encoder.layers) + len(model.decoder.layers)
@@ -136,9 +151,17 @@ def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compi
 def test_a_new_engine_loads_the_int8_programs_and_keeps_their_weights(compile_cache, monkeypatch):
     """A program kept on disk calls the weights by their key: a new process's engine keeps them
     again before the program runs."""
+    import gc
+
     model = random_model(seed=8)
     reference = prepare_for_decoding(model, int8=True)
-    assert_same_greedy(CompiledEngine(model, int8=True), reference, random_sources([6]), max_len=12)
+    first = CompiledEngine(model, int8=True)
+    assert_same_greedy(first, reference, random_sources([6]), max_len=12)
+    keys = [m.key for m in first.decoder_products().modules() if isinstance(m, Int8Linear)]
+    del first
+    gc.collect()
+    # As in a new process: no weights kept under the programs' keys until an engine keeps them.
+    assert keys and all(torch.ops.qkv.int8_linear_holders(key) == 0 for key in keys)
     monkeypatch.setattr("qkv.inference.compiled.compile_package", None)  # nothing compiled again
     again = CompiledEngine(model, int8=True)
     assert_same_greedy(again, reference, random_sources([5], seed=1), max_len=12)

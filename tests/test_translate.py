@@ -91,7 +91,9 @@ def test_int8_translates_as_fp32_does(toy_run, run_qkv):
     assert "qkv: precision int8\n" in result.stderr and "warning" not in result.stderr
 
 
-def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(toy_run, monkeypatch):
+def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(
+    toy_run, monkeypatch, tmp_path
+):
     from qkv.inference import linear
 
     monkeypatch.setattr(linear, "int8_works", lambda: "no quantised engine (as on some builds)")
@@ -101,6 +103,16 @@ def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(toy
     assert translator.translate(["p o"], beam=2) == ["o p"]
     assert messages == ["no quantised engine (as on some builds): translating in fp32"]
     assert translator.precision == "fp32" and not translator.engine().int8
+    # With --compile: the fp32 compiled engine, the same one warning.
+    from qkv.inference.compiled import CompiledEngine
+
+    monkeypatch.setenv("QKV_COMPILE_CACHE", str(tmp_path / "compiled"))
+    messages.clear()
+    compiled = qkv.load(toy_run, precision="int8", compile=True, warn=messages.append)
+    engine = compiled.engine()
+    assert isinstance(engine, CompiledEngine) and not engine.int8
+    assert messages == ["no quantised engine (as on some builds): translating in fp32"]
+    assert compiled.precision == "fp32"
 
 
 def test_prepared_weights_are_kept_across_calls_and_dropped_when_the_model_changes(toy_run):

@@ -83,8 +83,9 @@ def program_key(step: nn.Module) -> str:
         "own_products": getattr(step, "products", None) is not None,  # `packed_linear`
         "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
-    if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`)
-        context["int8_products"] = True
+    if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`), whose
+        # inputs' range (`reduce_range`, a constant of the program) PyTorch's quantised engine decides
+        context["int8_products"] = torch.backends.quantized.engine
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in step.state_dict().items():
         digest.update(name.encode())
