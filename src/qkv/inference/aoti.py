@@ -85,12 +85,16 @@ def program_key(step: nn.Module) -> str:
     }
     if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`), whose
         # inputs' range (`reduce_range`, a constant of the program) PyTorch's quantised engine decides
-        context["int8_products"] = torch.backends.quantized.engine
+        context["int8_products"] = _quantized_engine()
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in step.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _quantized_engine() -> str:
+    return torch.backends.quantized.engine
 
 
 @contextlib.contextmanager
