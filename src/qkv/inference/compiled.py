@@ -443,7 +443,7 @@ class CompiledEngine(DecodingEngine):
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
         """As `DecodingEngine.encode`, through a compiled program (`qkv.inference.compiled_encoder`:
         one sentence's, or many sentences'), until one fails to compile or run (said once)."""
-        if self.unavailable is None and self.source is not None and self.source.takes(src_ids):
+        if self.unavailable is None and self.source.takes(src_ids):
             try:
                 return self.source(src_ids), self.model.src_mask(src_ids)
             except Exception as error:  # export's and Inductor's failures have many types
