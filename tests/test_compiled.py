@@ -196,6 +196,35 @@ def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_t
             assert torch.equal(history[..., : step + 1, :], moved[..., : step + 1, :])
 
 
+def test_a_programs_own_write_of_the_keys_and_values_is_the_caches():
+    from qkv.inference.static_cache import position_input, write_position
+
+    generator = torch.Generator().manual_seed(1)
+    for rows, max_beams in ((3, 3), (1, 1), (20, 5), (4, 1)):
+        caches = [StaticCache(n_layers=2, rows=rows, max_beams=max_beams, max_len=20) for _ in "ab"]
+        for cache in caches:
+            cache.start(torch.zeros(2, 2, rows, 2, cache.capacity, 4))
+        by_cache, by_program = caches
+        for _ in range(17):  # grows twice: 8, 16, then 20 slots
+            for cache in caches:
+                cache.make_room()
+            projected = as_projected(torch.randn(2, 2, rows, 2, 4, generator=generator), generator)
+            by_cache.write(projected)
+            at = position_input(by_program.length).view(1)
+            write_position(
+                by_program.self_kv, by_program.ancestry, at, list(projected), 2, max_beams > 1
+            )
+            by_program.written()
+            index = torch.randint(0, rows, (rows,), generator=generator)
+            if max_beams == 1:  # one beam: rows stay, sentences leave (not here)
+                index = torch.arange(rows)
+            for cache in caches:
+                cache.reorder(index, cross_attention=False)
+            assert by_program.length == by_cache.length
+            assert torch.equal(by_program.self_kv, by_cache.self_kv)
+            assert torch.equal(by_program.ancestry, by_cache.ancestry)
+
+
 def test_with_one_beam_the_ancestry_is_each_rows_own_as_the_cache_grows():
     from qkv.inference.static_cache import gather_history
 

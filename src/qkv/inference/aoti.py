@@ -81,6 +81,7 @@ def program_key(step: nn.Module) -> str:
         "measures_products": measures_products(),
         "native": getattr(step, "native", False),
         "own_products": getattr(step, "products", None) is not None,  # `packed_linear`
+        "writes_cache": getattr(step, "writes_cache", False),
         "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
     if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`), whose

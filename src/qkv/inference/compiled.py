@@ -144,6 +144,7 @@ class CompiledEngine(DecodingEngine):
     while) and where it is kept."""
 
     MAKES = "compile {}"  # what it does to a step, for the line that says it could not
+    STEPS_WRITE_CACHE = True  # its programs write the cache's keys and values themselves
 
     def __init__(
         self,
@@ -159,8 +160,12 @@ class CompiledEngine(DecodingEngine):
         aoti.measures_products()  # a bad QKV_COMPILE_AUTOTUNE is an error here, not a failed compile
         self.unavailable = self.why_unavailable(model)
         # A beam search's candidates: 2 x beam per sentence, and a program has at most MAX_ROWS beams.
-        self.static_step = StaticDecoderStep(model, candidates=2 * MAX_ROWS).eval()
-        self.greedy_step = StaticDecoderStep(model, greedy=True, like=self.static_step).eval()
+        self.static_step = StaticDecoderStep(
+            model, candidates=2 * MAX_ROWS, writes_cache=self.STEPS_WRITE_CACHE
+        ).eval()
+        self.greedy_step = StaticDecoderStep(
+            model, greedy=True, like=self.static_step, writes_cache=self.STEPS_WRITE_CACHE
+        ).eval()
         # Beams on two sentences or more, over the eager step's cache (`BeamPrograms.takes`), where
         # measured: on `WIDE_VECTORS` (elsewhere, Arm, the eager step)
         self.beam_programs = BeamPrograms(
@@ -415,10 +420,13 @@ class CompiledEngine(DecodingEngine):
         if outputs is None:  # PyTorch's products once a program failed: they were not the cause
             rows = tokens.size(0) if self.unavailable is None else None
             outputs = self.step_module(greedy, rows)(*arguments)
-        n_layers = len(self.decoder)
-        cache.write(outputs[-n_layers:])  # this position's keys and values, in each layer's output
+        if self.STEPS_WRITE_CACHE:
+            cache.written()
+        else:  # this position's keys and values, in each layer's output
+            cache.write(outputs[-len(self.decoder) :])
+            outputs = outputs[: -len(self.decoder)]
         if not greedy:  # log-probabilities, best token and its, most likely tokens and theirs
-            return tuple(cache.search_rows(output) for output in outputs[:-n_layers])
+            return tuple(cache.search_rows(output) for output in outputs)
         best, logits = cache.search_rows(outputs[0]), outputs[1]
         if not scores:
             return None, best, None

@@ -151,6 +151,9 @@ class GraphedEngine(CompiledEngine):
     same buffers on any device, with no graph); `warn` says once why graphs are not taken, if not."""
 
     MAKES = "capture {} as a CUDA graph"
+    # A graph computes on copies of its inputs (`StepGraphs`): the cache copies the keys and values
+    # from its outputs
+    STEPS_WRITE_CACHE = False
 
     def __init__(
         self,

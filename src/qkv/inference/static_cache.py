@@ -43,6 +43,22 @@ def gather_history(self_kv: Tensor, ancestry: Tensor) -> Tensor:
     return self_kv[:, :, ancestry, :, slots].permute(2, 3, 0, 4, 1, 5)
 
 
+def write_position(
+    self_kv: Tensor, ancestry: Tensor, at: Tensor, projected: list[Tensor], n_heads: int, beams: bool
+) -> None:
+    """Inside a program: the keys and values of position `at` (a 1-element tensor), each layer's in
+    its self-attention projection (rows, 1, 3 * d_model: queries, keys, values), into that slot of
+    each row of `self_kv` (2, layers, rows, heads, capacity, d_head); with `beams`, the slot of each
+    row's `ancestry` (rows, capacity) says it is in its own row. What `StaticCache.write` does after a
+    program that returns them."""
+    rows = self_kv.size(2)
+    # (layers, rows, 2, heads, 1, d_head) -> (2, layers, rows, heads, 1, d_head)
+    new_kv = torch.stack([p.view(rows, 3, n_heads, 1, -1)[:, 1:] for p in projected])
+    self_kv.index_copy_(4, at, new_kv.permute(2, 0, 1, 3, 4, 5))
+    if beams:
+        ancestry.index_copy_(1, at, torch.arange(rows, device=ancestry.device)[:, None])
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """The eager engine's attention for (rows, heads, 1, d_head) queries -> (rows, 1, d_model),
     as a program reads the cache (`qkv.inference.compiled`)."""
@@ -205,6 +221,10 @@ class StaticCache:
                 slot[:, i].copy_(heads[:, 1:].transpose(0, 1))
         if self.max_beams > 1:  # with one beam, rows never reorder: every slot is already its own
             self.ancestry.select(1, self.length).copy_(self.row_ids)
+        self.length += 1
+
+    def written(self) -> None:
+        """The program wrote this position's keys and values itself (`write_position`)."""
         self.length += 1
 
     def program_tokens(self, last_tokens: Tensor) -> Tensor:

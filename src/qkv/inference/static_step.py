@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.packed_linear import DecoderProducts, feed_forward, projections
-from qkv.inference.static_cache import attend, attend_with_new, gather_history
+from qkv.inference.static_cache import attend, attend_with_new, gather_history, write_position
 from qkv.inference.topk import row_topk
 from qkv.model import Transformer
 
@@ -25,10 +25,15 @@ class StaticDecoderStep(nn.Module):
         greedy: bool = False,
         like: StaticDecoderStep | None = None,
         candidates: int = 1,
+        writes_cache: bool = False,
     ):
         super().__init__()
         self.model = model
         self.greedy = greedy  # only the best token, and each row's history in its own row
+        # Whether it writes this position's keys and values into `self_kv` itself (and their rows
+        # into `ancestry`), or returns them for `StaticCache.write` (a CUDA graph's step, which
+        # works on copies of its inputs)
+        self.writes_cache = writes_cache
         # Without `greedy`: how many of each row's most likely tokens it returns (a beam search's
         # candidates, `qkv.inference.topk.extensions_of_rows`), at most the vocabulary.
         self.candidates = min(candidates, model.config.tgt_vocab_size)
@@ -47,7 +52,9 @@ class StaticDecoderStep(nn.Module):
 
     def with_products(self, products: DecoderProducts) -> StaticDecoderStep:
         """This step, its weights shared, computing every product with `products` (qkv's kernel)."""
-        step = StaticDecoderStep(self.model, self.greedy, self, self.candidates).eval()
+        step = StaticDecoderStep(
+            self.model, self.greedy, self, self.candidates, self.writes_cache
+        ).eval()
         step.products, step.native, step.int8 = products, True, products.int8
         return step
 
@@ -69,10 +76,13 @@ class StaticDecoderStep(nn.Module):
         keeps scores computes; and each layer's self-attention projection of this position (rows,
         1, 3 * d_model: queries, keys, values), whose keys and values the cache keeps
         (`StaticCache.write`): returned as the layers made them (stacked in the program, they
-        cost kernels of 82 + 2 x 20 µs a step in the 32-row greedy program held to AVX2).
+        cost kernels of 82 + 2 x 20 µs a step in the 32-row greedy program held to AVX2). With
+        `writes_cache`, those are not returned: the program writes the keys and values into
+        `self_kv` itself (`write_position`), which cost less than the calls that copy them after it
+        (beam 5 on one sentence, small model: ~30 µs a step).
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
-        (read only), slot s of row r's beam in row ancestry[r, s] (`StaticCache`; with `greedy`, in
+        (read only but with `writes_cache`), slot s of row r's beam in row ancestry[r, s] (`StaticCache`; with `greedy`, in
         row r: ancestry is not read). cross_kv (2, layers, rows, heads, src_slots, d_head),
         cross_bias (rows, 1, 1, src_slots): the encoder's, with 0 / -inf for real / padded source
         positions. banned_bias (vocab,): -inf for the tokens that may not come next, else 0, added
@@ -101,6 +111,9 @@ class StaticDecoderStep(nn.Module):
             y = residual(layer, layer.norm2, y, cross_out(attended))
             h = layer.norm3(y) if layer.norm_first else y
             y = residual(layer, layer.norm3, y, feed_forward(self.products, i, layer, h))
+        if self.writes_cache:
+            write_position(self_kv, ancestry, at, projected, n_heads, beams=not self.greedy)
+            projected = []
         output = self.products.output if self.products is not None else model.output
         logits = output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
         # The search's own first operations, here at a few µs instead of ~25 µs of calls a step (and
