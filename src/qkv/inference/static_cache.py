@@ -44,7 +44,12 @@ def gather_history(self_kv: Tensor, ancestry: Tensor) -> Tensor:
 
 
 def write_position(
-    self_kv: Tensor, ancestry: Tensor, at: Tensor, projected: list[Tensor], n_heads: int, beams: bool
+    self_kv: Tensor,
+    ancestry: Tensor,
+    at: Tensor,
+    projected: list[Tensor],
+    n_heads: int,
+    beams: bool,
 ) -> None:
     """Inside a program: the keys and values of position `at` (a 1-element tensor), each layer's in
     its self-attention projection (rows, 1, 3 * d_model: queries, keys, values), into that slot of
