@@ -665,9 +665,11 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     """Five beams of one sentence, five rows, every product Inductor's C++ (on AVX2 from register
     blocks of 5 rows): `qkv translate --compile` measures them against oneDNN's and takes the faster;
     here they are the only choice, so nothing is measured (a few seconds to compile). A vocabulary of
-    4800 words: the program finds each row's candidates in chunks (`topk.row_topk`)."""
+    4800 words: the program finds each row's candidates in chunks (`topk.row_topk`; not with qkv's
+    operator, which tests/test_native.py tests)."""
     options = dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="CPP")
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", options)
+    monkeypatch.setattr(CompiledEngine, "NATIVE_CANDIDATES", False)
     model = random_model(seed=3, tgt_vocab_size=4800)
     candidates = CompiledEngine(model).static_step.candidates
     assert candidates == 2 * compiled_module.MAX_ROWS  # 2 x beam

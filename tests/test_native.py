@@ -184,6 +184,57 @@ def test_switched_off_the_beam_step_attends_with_pytorchs_operators(monkeypatch)
 
 
 @needs_operator
+@pytest.mark.parametrize("rows, n, k", [(5, 8000, 10), (1, 17, 17), (3, 37, 10), (2, 9, 1)])
+def test_row_topk_is_pytorchs_topk_first_in_the_row_first_among_equals(rows, n, k):
+    assert native.load() is None
+    generator = torch.Generator().manual_seed(n)
+    distinct = torch.randn(rows, n, generator=generator)  # no two equal: PyTorch's very indices
+    top, at = torch.ops.qkv.row_topk(distinct, k)
+    assert torch.equal(top, distinct.topk(k, dim=1).values)
+    assert torch.equal(at, distinct.topk(k, dim=1).indices)
+    for values in (
+        torch.randint(0, 4, (rows, n), generator=generator).float(),  # many equal values
+        torch.randn(rows, n, generator=generator).masked_fill(torch.arange(n) % 3 > 0, -math.inf),
+    ):
+        top, at = torch.ops.qkv.row_topk(values, k)
+        expected = values.topk(k, dim=1)
+        assert torch.equal(top, expected.values)
+        assert torch.equal(values.gather(1, at), top)
+        assert all(len(set(row)) == k for row in at.tolist())  # k different positions
+        equal_to_next = top[:, 1:] == top[:, :-1]
+        assert (at[:, 1:] > at[:, :-1])[equal_to_next].all()
+        for row, chosen, last in zip(values, at.tolist(), top[:, -1], strict=True):
+            equal_to_last = (row == last).nonzero().flatten().tolist()
+            taken = [i for i in chosen if row[i] == last]
+            assert taken == equal_to_last[: len(taken)]  # the first of them in the row
+
+
+@needs_operator
+def test_row_topk_says_what_it_expects():
+    assert native.load() is None
+    with pytest.raises(RuntimeError, match="k must be between 1 and 4, got 5"):
+        torch.ops.qkv.row_topk(torch.zeros(2, 4), 5)
+    with pytest.raises(RuntimeError, match=r"x must be \(rows, n\) float32"):
+        torch.ops.qkv.row_topk(torch.zeros(2, 4, dtype=torch.float64), 1)
+
+
+@needs_operator
+def test_one_sentences_beam_program_finds_its_candidates_with_qkvs_operator(monkeypatch):
+    monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
+    model = random_model(seed=5, tgt_vocab_size=500)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    assert_same_beams(engine, reference, random_sources([7], seed=2), beam_size=5, max_len=12)
+    assert engine.compiled_rows == {5}
+    assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 1
+    # Without qkv's operators, another program: PyTorch's topk, in chunks
+    monkeypatch.setattr(compiled_module.CompiledEngine, "NATIVE_CANDIDATES", False)
+    plain = CompiledEngine(model)
+    assert plain.package_path(5) != engine.package_path(5)
+    assert_same_beams(plain, reference, random_sources([7], seed=2), beam_size=5, max_len=12)
+    assert c_calls("aoti_torch_cpu_row_topk", plain.package_path(5)) == 0
+
+
+@needs_operator
 def test_the_beam_step_with_the_operator_gives_the_eager_engines_beams():
     model = random_model(seed=4, norm_first=True)
     engine, reference = uncompiled(model), prepare_for_decoding(model)

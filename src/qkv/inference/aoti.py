@@ -82,6 +82,7 @@ def program_key(step: nn.Module) -> str:
         "native": getattr(step, "native", False),
         "own_products": getattr(step, "products", None) is not None,  # `packed_linear`
         "writes_cache": getattr(step, "writes_cache", False),
+        "native_topk": getattr(step, "native_topk", False),
         "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
     if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`), whose
@@ -390,7 +391,8 @@ def code_files(step: nn.Module) -> list[str]:
 
     files = {inspect.getfile(type(step)), engine.__file__, compiled_encoder.__file__}
     files |= {static_cache.__file__, beam_cache.__file__, topk.__file__, __file__}
-    if getattr(step, "native", False):  # it calls qkv's own operator: its source too
+    if getattr(step, "native", False) or getattr(step, "native_topk", False):
+        # it calls qkv's own operators: their source too
         files |= {native.__file__, str(native.SOURCE)}
     for module in step.modules():
         if type(module).__module__.split(".")[0] == "qkv":

@@ -145,6 +145,8 @@ class CompiledEngine(DecodingEngine):
 
     MAKES = "compile {}"  # what it does to a step, for the line that says it could not
     STEPS_WRITE_CACHE = True  # its programs write the cache's keys and values themselves
+    # Its programs' beam candidates by qkv's operator where it loads (`topk.row_topk`)
+    NATIVE_CANDIDATES = True
 
     def __init__(
         self,
@@ -196,6 +198,7 @@ class CompiledEngine(DecodingEngine):
         # The steps with qkv's products, [static, greedy] (`packed_steps`); [] where they do not serve
         self._packed_steps: list[StaticDecoderStep] | None = None
         self._products: DecoderProducts | bool | None = None  # False: they do not serve here
+        self._native_topk: bool | None = None  # decided at the first program (`step_module`)
         self._banned_biases: dict[tuple[int, ...], Tensor] = {}
         if self.unavailable is not None:
             warn(f"{self.unavailable}: decoding takes the eager step")
@@ -240,10 +243,18 @@ class CompiledEngine(DecodingEngine):
         """The step a program of `rows` rows is compiled from, and what runs when it cannot be: from
         `packed_linear.FROM_ROWS` rows, with qkv's products where they serve (`packed_steps`); int8,
         always with its int8 products."""
+        self._candidates_natively()
         many_rows = rows is not None and rows >= packed_linear.FROM_ROWS
         if (self.int8 or many_rows) and self.packed_steps():
             return self._packed_steps[greedy]
         return self.greedy_step if greedy else self.static_step
+
+    def _candidates_natively(self) -> None:
+        """At the first question: whether the steps find their candidates with qkv's operator
+        (where it loads, `NATIVE_CANDIDATES`), so that their programs do."""
+        if self._native_topk is None:
+            self._native_topk = self.NATIVE_CANDIDATES and native.load(self.say) is None
+            self.static_step.native_topk = self._native_topk
 
     def packed_steps(self) -> bool:
         """Whether the steps with qkv's products serve here: made at the first question."""

@@ -154,6 +154,7 @@ class GraphedEngine(CompiledEngine):
     # A graph computes on copies of its inputs (`StepGraphs`): the cache copies the keys and values
     # from its outputs
     STEPS_WRITE_CACHE = False
+    NATIVE_CANDIDATES = False  # qkv's operators run on the CPU
 
     def __init__(
         self,

@@ -18,6 +18,12 @@
 // to 6 rows x 16 features reads its weights in order. oneDNN sets up each call for a general product;
 // at 8-160 rows, the setup and its blocking cost more than the arithmetic of a small weight.
 //
+// qkv::row_topk: the k largest values of each row and their indices, largest first, as
+// torch.topk(x, k, dim=1) gives them (of equal values, the first in the row first), for a beam
+// search's candidates in a compiled step: one pass over each row, a vector of values at a time
+// against the k-th largest so far. torch.topk, called from a program, sorts more than a few rows of
+// thousands need.
+//
 // qkv::keep_int8_linear and qkv::int8_linear: a product by int8 weights that PyTorch packed for its
 // quantised kernels (quantized::linear_prepack: fbgemm's or oneDNN's), the input quantised on the fly
 // as quantized::linear_dynamic does, for the compiled int8 step. Packed weights are an object, not a
@@ -212,6 +218,61 @@ at::Tensor log_softmax_(at::Tensor logits) {
   return logits;
 }
 
+
+// Insert value v at index i into best / at (k of them, largest first) if it is larger than the last:
+// after the values equal to it, which came earlier in the row.
+inline void insert_if_larger(float v, int64_t i, float* best, int64_t* at, int64_t k) {
+  if (!(v > best[k - 1])) return;
+  int64_t p = k - 1;
+  for (; p > 0 && best[p - 1] < v; --p) {
+    best[p] = best[p - 1];
+    at[p] = at[p - 1];
+  }
+  best[p] = v;
+  at[p] = i;
+}
+
+// x (rows, n) float32 -> (values (rows, k), indices (rows, k) int64): each row's k largest, largest
+// first. NaN is never among them past the first k values (it is not larger than anything).
+std::tuple<at::Tensor, at::Tensor> row_topk(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "qkv::row_topk: x must be (rows, n) float32 on the CPU");
+  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(k >= 1 && k <= n, "qkv::row_topk: k must be between 1 and ", n, ", got ", k);
+  const auto input = x.contiguous();
+  auto values = at::empty({rows, k}, input.options());
+  auto indices = at::empty({rows, k}, input.options().dtype(at::kLong));
+  const float* X = input.data_ptr<float>();
+  float* V = values.data_ptr<float>();
+  int64_t* I = indices.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = X + r * n;
+    float* best = V + r * k;
+    int64_t* at = I + r * k;
+    std::fill(best, best + k, kMinusInf);
+    std::fill(at, at + k, int64_t{-1});
+    int64_t i = 0;
+    // The first k values all go in, whatever they are (-inf and NaN too), as torch.topk's would.
+    for (; i < k; ++i) {
+      int64_t p = i;
+      for (; p > 0 && !(best[p - 1] >= row[i]); --p) {
+        best[p] = best[p - 1];
+        at[p] = at[p - 1];
+      }
+      best[p] = row[i];
+      at[p] = i;
+    }
+    for (; i < n && i % Vec::size() != 0; ++i) insert_if_larger(row[i], i, best, at, k);
+    // A vector at a time: most hold nothing larger than the k-th largest so far.
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec larger = Vec::loadu(row + i) > Vec(best[k - 1]);
+      if (larger.zero_mask() == (1 << Vec::size()) - 1) continue;
+      for (int64_t j = i; j < i + Vec::size(); ++j) insert_if_larger(row[j], j, best, at, k);
+    }
+    for (; i < n; ++i) insert_if_larger(row[i], i, best, at, k);
+  }
+  return {values, indices};
+}
 
 // Output features per panel of packed weights: two AVX2 vectors of 8 floats (the library is built
 // with AVX2 and FMA on either capability, native.py's CAPABILITY_FLAGS).
@@ -467,6 +528,18 @@ extern "C" AOTITorchError aoti_torch_cpu_packed_linear(AtenTensorHandle x, AtenT
   });
 }
 
+// The candidates as a C function too.
+extern "C" AOTITorchError aoti_torch_cpu_row_topk(AtenTensorHandle x, int64_t k,
+                                                  AtenTensorHandle* values,
+                                                  AtenTensorHandle* indices) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    auto [top, at] = row_topk(*tensor_handle_to_tensor_pointer(x), k);
+    *values = torch::aot_inductor::new_tensor_handle(std::move(top));
+    *indices = torch::aot_inductor::new_tensor_handle(std::move(at));
+  });
+}
+
 // The int8 product as a C function too (key, not weights, is what the program holds).
 extern "C" AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, int64_t key,
                                                      int64_t out_features, int64_t relu,
@@ -482,6 +555,7 @@ extern "C" AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, int64_t
 TORCH_LIBRARY(qkv, m) {
   m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
   m.def("log_softmax_(Tensor(a!) logits) -> Tensor(a!)");
+  m.def("row_topk(Tensor x, int k) -> (Tensor, Tensor)");
   m.def("pack_linear(Tensor weight, Tensor bias) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, int relu) -> Tensor");
   // No tensor to dispatch on: one kernel for every backend.
@@ -496,6 +570,7 @@ TORCH_LIBRARY(qkv, m) {
 TORCH_LIBRARY_IMPL(qkv, CPU, m) {
   m.impl("beam_self_attention", &beam_self_attention);
   m.impl("log_softmax_", &log_softmax_);
+  m.impl("row_topk", &row_topk);
   m.impl("pack_linear", &pack_linear);
   m.impl("packed_linear", &packed_linear);
   m.impl("int8_linear", &int8_linear);

@@ -44,6 +44,9 @@ class StaticDecoderStep(nn.Module):
         # Whether it calls qkv's operators, which makes it another program (`aoti.program_key`)
         self.native = False
         self.int8 = False  # whether `products` are int8 ones (`qkv.inference.int8_products`)
+        # Whether its candidates are qkv's operator (`row_topk`'s native), which makes it another
+        # program too
+        self.native_topk = False
         if like is not None:  # another step of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
             return
@@ -56,6 +59,7 @@ class StaticDecoderStep(nn.Module):
             self.model, self.greedy, self, self.candidates, self.writes_cache
         ).eval()
         step.products, step.native, step.int8 = products, True, products.int8
+        step.native_topk = self.native_topk
         return step
 
     def forward(
@@ -121,7 +125,7 @@ class StaticDecoderStep(nn.Module):
         if self.greedy:  # the best of log_softmax(logits) + banned_bias: the best logit's token
             return (logits + banned_bias).argmax(dim=-1), logits, *projected
         log_probs = torch.log_softmax(logits, dim=-1) + banned_bias
-        top_log_probs, top_tokens = row_topk(log_probs, self.candidates)
+        top_log_probs, top_tokens = row_topk(log_probs, self.candidates, self.native_topk)
         # The best is the first of the most likely: its own `max` over the vocabulary cost a pass
         # (an argmax, slow to vectorise) of the program's largest kernel (one sentence, beam 5,
         # int8: 1.04x the sentences a second).

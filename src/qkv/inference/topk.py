@@ -107,11 +107,15 @@ def best_extensions(
     return sums, flat // vocab, flat % vocab
 
 
-def row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def row_topk(x: Tensor, k: int, native: bool = False) -> tuple[Tensor, Tensor]:
     """``x.topk(k, dim=1)`` for a 2-D x, as one graph can hold it (no Python branches on values):
     `topk`'s chunks for a compiled program. Inside one, ``torch.topk`` over a row of 8000 is
     PyTorch's own kernel called from the program, and cost 4x what the chunks do (114 against 26 µs
-    at 5 rows, benchmarks/README.md, session 26)."""
+    at 5 rows, benchmarks/README.md, session 26). With `native`, qkv's operator (`qkv::row_topk`,
+    loaded: `qkv.inference.native`), one pass a row: where the chunks' second `torch.topk` alone
+    took ~15 µs at 5 rows, it takes ~6 for the whole (small model, AVX-512)."""
+    if native:
+        return torch.ops.qkv.row_topk(x, k)
     rows, length = x.shape
     chunk = _topk_chunk(length, k)
     if chunk is None:
