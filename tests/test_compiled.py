@@ -127,6 +127,32 @@ def test_the_static_step_bans_ids_and_finds_the_best_token_as_the_eager_engine_d
         )
 
 
+@pytest.mark.parametrize("beam_size, sentences", [(5, 1), (3, 1), (2, 2)])
+def test_one_sentences_beams_take_the_steps_own_extensions_the_same_as_the_searchs(
+    beam_size, sentences, monkeypatch
+):
+    """Beams of one sentence filling the program's rows take the extensions the step computes
+    (from the second step: the first has one beam); beams of two sentences, the search's."""
+    model = random_model(seed=7)
+    engine, reference = uncompiled(model), prepare_for_decoding(model)
+    static_step, taken = engine._static_step, []
+
+    def checked(last_tokens, cache, banned, greedy=False, scores=True, beam_scores=None):
+        outputs = static_step(last_tokens, cache, banned, greedy, scores, beam_scores)
+        if beam_scores is not None:
+            k = engine.static_step.candidates
+            expected = topk_module.extensions_of_rows(outputs[3], outputs[4], beam_scores[None], k)
+            for got, wanted in zip(outputs[5:], expected, strict=True):
+                assert torch.equal(got, wanted)
+            taken.append(cache.length)
+        return outputs
+
+    monkeypatch.setattr(engine, "_static_step", checked)
+    src = random_sources([6] * sentences, seed=beam_size)
+    assert_same_beams(engine, reference, src, beam_size=beam_size, max_len=9, min_len=9)
+    assert taken == ([] if sentences > 1 else list(range(2, 10)))  # positions written
+
+
 @pytest.mark.parametrize("rows", [3, 8], ids=["a row per sentence", "the last one repeated"])
 def test_the_first_step_lays_out_the_encoders_keys_and_values_for_every_row(rows):
     model = random_model(seed=4)

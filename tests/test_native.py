@@ -225,7 +225,8 @@ def test_one_sentences_beam_program_finds_its_candidates_with_qkvs_operator(monk
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     assert_same_beams(engine, reference, random_sources([7], seed=2), beam_size=5, max_len=12)
     assert engine.compiled_rows == {5}
-    assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 1
+    # each row's candidates, then one sentence's extensions over the rows
+    assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 2
     # Without qkv's operators, another program: PyTorch's topk, in chunks
     monkeypatch.setattr(compiled_module.CompiledEngine, "NATIVE_CANDIDATES", False)
     plain = CompiledEngine(model)

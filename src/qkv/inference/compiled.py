@@ -130,6 +130,7 @@ def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> No
     dynamic_shapes = {
         "tokens": None, "position": None, "self_kv": {4: capacity}, "ancestry": {1: capacity},
         "cross_kv": {4: src_slots}, "cross_bias": {3: src_slots}, "banned_bias": None,
+        "beam_scores": None,
     }  # fmt: skip
     rows = arguments[0].size(0)
     options, own_products_up_to = aoti.options_for(rows), aoti.own_products_up_to(rows)
@@ -200,6 +201,7 @@ class CompiledEngine(DecodingEngine):
         self._products: DecoderProducts | bool | None = None  # False: they do not serve here
         self._native_topk: bool | None = None  # decided at the first program (`step_module`)
         self._banned_biases: dict[tuple[int, ...], Tensor] = {}
+        self._zero_scores: dict[int, Tensor] = {}  # rows -> zeros (`_no_beam_scores`)
         if self.unavailable is not None:
             warn(f"{self.unavailable}: decoding takes the eager step")
 
@@ -385,8 +387,14 @@ class CompiledEngine(DecodingEngine):
         if k <= self.static_step.candidates and self._takes_static_step(
             cache, last_tokens, memory, src_mask
         ):
-            _, _, _, row_log_probs, row_tokens = self._static_step(last_tokens, cache, banned)
-            return extensions_of_rows(row_log_probs, row_tokens, beam_scores, k)
+            # One sentence whose beams fill the program's rows: the program's own extensions
+            # (every step of a beam search on one sentence but the first, which has one beam).
+            one_sentence = beam_scores.shape == (1, cache.rows) and cache.live_rows is None
+            scores = beam_scores.reshape(-1).contiguous() if one_sentence else None
+            outputs = self._static_step(last_tokens, cache, banned, beam_scores=scores)
+            if one_sentence:  # best first: the k best are the first k
+                return tuple(extensions[:, :k] for extensions in outputs[5:])
+            return extensions_of_rows(outputs[3], outputs[4], beam_scores, k)
         return super().best_extensions(last_tokens, memory, src_mask, cache, banned, beam_scores, k)
 
     def _takes_static_step(self, cache, last_tokens: Tensor, memory, src_mask) -> bool:
@@ -409,18 +417,23 @@ class CompiledEngine(DecodingEngine):
         banned: tuple[int, ...],
         greedy: bool = False,
         scores: bool = True,
+        beam_scores: Tensor | None = None,
     ):
         """(rows,) the newest tokens -> the next token's log-probabilities (rows, vocab; None with
         `greedy`), its most likely one and that one's log-probability (rows,; None with `greedy`
         and not `scores`), and without `greedy` the most likely ones and theirs (rows,
-        `StaticDecoderStep.candidates`), from the program (`StaticDecoderStep`)."""
+        `StaticDecoderStep.candidates`) and the extensions of one sentence whose beams are the
+        program's rows, with `beam_scores` (rows,) their scores (else the extensions mean nothing),
+        from the program (`StaticDecoderStep`)."""
         cache.make_room()
         tokens = cache.program_tokens(last_tokens)  # contiguous (the search's is a column of ids)
         position = position_input(cache.length, cache.self_kv.device)
         banned_bias = self._banned_bias(banned)
+        if beam_scores is None:
+            beam_scores = self._no_beam_scores(cache.rows)
         arguments = (
             tokens, position, cache.self_kv, cache.ancestry, cache.cross_kv, cache.cross_bias,
-            banned_bias,
+            banned_bias, beam_scores,
         )  # fmt: skip
         outputs = None
         if self.unavailable is None:
@@ -437,7 +450,7 @@ class CompiledEngine(DecodingEngine):
             cache.write(outputs[-len(self.decoder) :])
             outputs = outputs[: -len(self.decoder)]
         if not greedy:  # log-probabilities, best token and its, most likely tokens and theirs
-            return tuple(cache.search_rows(output) for output in outputs)
+            return *(cache.search_rows(output) for output in outputs[:5]), *outputs[5:]
         best, logits = cache.search_rows(outputs[0]), outputs[1]
         if not scores:
             return None, best, None
@@ -483,6 +496,15 @@ class CompiledEngine(DecodingEngine):
                 bias = without(zeros, banned)[0]
             self._banned_biases[banned] = bias
         return bias
+
+    def _no_beam_scores(self, rows: int) -> Tensor:
+        """(rows,) zeros: the beam scores of a step whose extensions are not asked for (made once
+        for each number of rows)."""
+        if rows not in self._zero_scores:
+            with torch.inference_mode(False):  # kept across calls, in and out of inference mode
+                device = self.model.output.weight.device
+                self._zero_scores[rows] = torch.zeros(rows, device=device)
+        return self._zero_scores[rows]
 
     def _start(self, cache: StaticCache, memory: Tensor, src_mask: Tensor) -> bool:
         """Project the encoder output for cross-attention and allocate the cache (the first step).

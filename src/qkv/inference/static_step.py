@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.packed_linear import DecoderProducts, feed_forward, projections
 from qkv.inference.static_cache import attend, attend_with_new, gather_history, write_position
-from qkv.inference.topk import row_topk
+from qkv.inference.topk import extensions_of_rows, row_topk
 from qkv.model import Transformer
 
 
@@ -71,11 +71,15 @@ class StaticDecoderStep(nn.Module):
         cross_kv: Tensor,
         cross_bias: Tensor,
         banned_bias: Tensor,
+        beam_scores: Tensor,
     ) -> tuple[Tensor, ...]:
         """tokens (rows,) at `position` (a 0-d tensor) -> what the searches ask of a step
         (`qkv.inference.engine.NextToken`): the log-probabilities of the next token (rows, vocab),
         with the banned ones at -inf, the most likely next token (rows,) and its log-probability
-        (rows,), and the `candidates` most likely with theirs (rows, candidates); with `greedy`,
+        (rows,), the `candidates` most likely with theirs (rows, candidates), and a beam search's
+        `candidates` best extensions of one sentence whose beams are every row, each row's score
+        `beam_scores` (rows,) (`topk.extensions_of_rows`: sums (1, candidates), their rows and
+        tokens; ~25 µs of calls a step after the program, beam 5, small model); with `greedy`,
         the most likely next token and the logits (rows, vocab), whose softmax only a search that
         keeps scores computes; and each layer's self-attention projection of this position (rows,
         1, 3 * d_model: queries, keys, values), whose keys and values the cache keeps
@@ -90,7 +94,7 @@ class StaticDecoderStep(nn.Module):
         row r: ancestry is not read). cross_kv (2, layers, rows, heads, src_slots, d_head),
         cross_bias (rows, 1, 1, src_slots): the encoder's, with 0 / -inf for real / padded source
         positions. banned_bias (vocab,): -inf for the tokens that may not come next, else 0, added
-        after the softmax."""
+        after the softmax. beam_scores: read for the extensions only (any numbers otherwise)."""
         model, n_heads = self.model, self.n_heads
         rows = tokens.size(0)
         at = position.view(1)
@@ -130,4 +134,7 @@ class StaticDecoderStep(nn.Module):
         # (an argmax, slow to vectorise) of the program's largest kernel (one sentence, beam 5,
         # int8: 1.04x the sentences a second).
         best_log_probs, best = top_log_probs[:, 0], top_tokens[:, 0]
-        return log_probs, best, best_log_probs, top_log_probs, top_tokens, *projected
+        extensions = extensions_of_rows(
+            top_log_probs, top_tokens, beam_scores[None], self.candidates, self.native_topk
+        )
+        return log_probs, best, best_log_probs, top_log_probs, top_tokens, *extensions, *projected

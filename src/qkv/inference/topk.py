@@ -129,14 +129,15 @@ def row_topk(x: Tensor, k: int, native: bool = False) -> tuple[Tensor, Tensor]:
 
 
 def extensions_of_rows(
-    row_log_probs: Tensor, row_tokens: Tensor, beam_scores: Tensor, k: int
+    row_log_probs: Tensor, row_tokens: Tensor, beam_scores: Tensor, k: int, native: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`best_extensions` from each row's best tokens only: row_log_probs and row_tokens (sentences *
     beams, n), each row's n most likely next tokens (`row_topk`). The k best extensions of a
-    sentence are among them if k <= n: a row's sums are its log-probabilities plus one number."""
+    sentence are among them if k <= n: a row's sums are its log-probabilities plus one number.
+    `native`: the k best by `row_topk`'s operator (inside a compiled step)."""
     sentences, beams = beam_scores.shape
     n = row_log_probs.size(1)
     sums = (row_log_probs + beam_scores.reshape(-1, 1)).view(sentences, beams * n)
-    best_sums, at = sums.topk(k, dim=1)
+    best_sums, at = row_topk(sums, k, native) if native else sums.topk(k, dim=1)
     tokens = row_tokens.view(sentences, beams * n).gather(1, at)
     return best_sums, torch.div(at, n, rounding_mode="floor"), tokens
