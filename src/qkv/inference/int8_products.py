@@ -31,6 +31,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from qkv.inference import native
 from qkv.inference.linear import PreparedLinear
 from qkv.inference.packed_linear import DecoderProducts
 
@@ -45,9 +46,10 @@ class Int8Linear(nn.Module):
             raise ValueError("Int8Linear takes an int8 PreparedLinear")
         self.key = weights_key(prepared)
         torch.ops.qkv.keep_int8_linear(self.key, prepared.int8)
-        # Let go when this module goes; not at the process's exit, whose order of teardown is not
-        # ours (the library may be gone by then, and so are the weights anyway).
-        weakref.finalize(self, torch.ops.qkv.forget_int8_linear, self.key).atexit = False
+        # Let go when this module goes, by a C call that no trace records (`forget_int8_weights`);
+        # not at the process's exit, whose order of teardown is not ours (the library may be gone
+        # by then, and so are the weights anyway).
+        weakref.finalize(self, native.forget_int8_weights, self.key).atexit = False
         self.out_features = prepared.weight.size(0)
         self.relu, self.reduce_range = int(prepared.relu), int(prepared.reduce_range)
 

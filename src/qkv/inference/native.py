@@ -64,6 +64,8 @@ CAPABILITY_FLAGS = {
 }  # fmt: skip
 
 _loaded: dict[str, str | None] = {}  # the library's path -> None once loaded, else why not
+# The library's `qkv_forget_int8_linear`, as a C function (`forget_int8_weights`)
+_forget_int8 = None
 
 
 def cache_dir() -> Path:
@@ -141,7 +143,7 @@ def _build_and_load(path: Path, say) -> str | None:
     if not _registered():
         try:
             # Its C functions visible to the programs loaded after it, which call them (`c_shims`).
-            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             torch.ops.load_library(str(path))
         except (OSError, RuntimeError) as error:  # built by another PyTorch, or damaged
             return f"qkv's operators did not load from {path}: {str(error).splitlines()[0]}"
@@ -149,6 +151,9 @@ def _build_and_load(path: Path, say) -> str | None:
         torch.library.register_fake(PRODUCT)(_shape_of_packed_linear)
         torch.library.register_fake(INT8_PRODUCT)(_shape_of_int8_linear)
         torch.library.register_fake(TOPK)(_shape_of_row_topk)
+        global _forget_int8
+        _forget_int8 = library.qkv_forget_int8_linear
+        _forget_int8.argtypes, _forget_int8.restype = [ctypes.c_int64], None
     return None
 
 
@@ -177,6 +182,17 @@ def _registered() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def forget_int8_weights(key: int) -> None:
+    """`qkv::forget_int8_linear(key)` as a plain C call, outside PyTorch's dispatcher: for a
+    finalizer, which may run while export traces a program. Called as an operator then, the trace
+    recorded it: the program would let the weights go at every run, and export failed on an
+    `IndexError` where the call landed between the program's inputs."""
+    if _forget_int8 is not None:
+        _forget_int8(key)
+    else:  # the library loaded some other way: as an operator
+        torch.ops.qkv.forget_int8_linear(key)
 
 
 def _shape_of_beam_self_attention(projected: Tensor, keys: Tensor, values: Tensor, bias: Tensor):

@@ -552,6 +552,10 @@ extern "C" AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, int64_t
   });
 }
 
+// Letting int8 weights go as a plain C function, outside PyTorch's dispatcher, for a finalizer in
+// Python: it may run while export traces a program, which would record an operator's call in it.
+extern "C" void qkv_forget_int8_linear(int64_t key) { forget_int8_linear(key); }
+
 TORCH_LIBRARY(qkv, m) {
   m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
   m.def("log_softmax_(Tensor(a!) logits) -> Tensor(a!)");
