@@ -256,7 +256,8 @@ class CompiledEngine(DecodingEngine):
         (where it loads, `NATIVE_CANDIDATES`), so that their programs do."""
         if self._native_topk is None:
             self._native_topk = self.NATIVE_CANDIDATES and native.load(self.say) is None
-            self.static_step.native_topk = self._native_topk
+            for step in (self.static_step, *(self._packed_steps or [])):
+                step.native_topk = self._native_topk
 
     def packed_steps(self) -> bool:
         """Whether the steps with qkv's products serve here: made at the first question."""

@@ -249,8 +249,6 @@ std::tuple<at::Tensor, at::Tensor> row_topk(const at::Tensor& x, int64_t k) {
     const float* row = X + r * n;
     float* best = V + r * k;
     int64_t* at = I + r * k;
-    std::fill(best, best + k, kMinusInf);
-    std::fill(at, at + k, int64_t{-1});
     int64_t i = 0;
     // The first k values all go in, whatever they are (-inf and NaN too), as torch.topk's would.
     for (; i < k; ++i) {
@@ -262,7 +260,6 @@ std::tuple<at::Tensor, at::Tensor> row_topk(const at::Tensor& x, int64_t k) {
       best[p] = row[i];
       at[p] = i;
     }
-    for (; i < n && i % Vec::size() != 0; ++i) insert_if_larger(row[i], i, best, at, k);
     // A vector at a time: most hold nothing larger than the k-th largest so far.
     for (; i + Vec::size() <= n; i += Vec::size()) {
       const Vec larger = Vec::loadu(row + i) > Vec(best[k - 1]);
