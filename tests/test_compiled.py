@@ -223,7 +223,7 @@ def test_a_reorder_moves_the_ancestry_not_the_keys_and_the_gathered_history_is_t
 
 
 def test_a_programs_own_write_of_the_keys_and_values_is_the_caches():
-    from qkv.inference.static_cache import position_input, write_position
+    from qkv.inference.static_cache import position_input, write_new_slot
 
     generator = torch.Generator().manual_seed(1)
     for rows, max_beams in ((3, 3), (1, 1), (20, 5), (4, 1)):
@@ -237,7 +237,7 @@ def test_a_programs_own_write_of_the_keys_and_values_is_the_caches():
             projected = as_projected(torch.randn(2, 2, rows, 2, 4, generator=generator), generator)
             by_cache.write(projected)
             at = position_input(by_program.length).view(1)
-            write_position(
+            write_new_slot(
                 by_program.self_kv, by_program.ancestry, at, list(projected), 2, max_beams > 1
             )
             by_program.written()

@@ -10,7 +10,7 @@ number of rows:
   layer in one tensor (2, layers, rows, heads, capacity, d_head), 8 positions at first, doubled when
   full; a slot not written yet is zero and masked out (-inf). The program attends to the slots
   before the step's position and to the new keys and values, and at its end writes every layer's
-  new keys and values into their slot (`static_cache.write_position`: one kernel that writes the
+  new keys and values into their slot (`static_cache.write_new_slot`: one kernel that writes the
   slot only; written layer by layer as each made them, Inductor had copied the whole cache at every
   layer). Returning them for the engine to write cost ~30 µs of calls a step (one sentence, beam
   5); CUDA graphs' steps still do (`STEPS_WRITE_CACHE`). A reorder of the beams moves nothing: the

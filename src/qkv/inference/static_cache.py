@@ -43,7 +43,7 @@ def gather_history(self_kv: Tensor, ancestry: Tensor) -> Tensor:
     return self_kv[:, :, ancestry, :, slots].permute(2, 3, 0, 4, 1, 5)
 
 
-def write_position(
+def write_new_slot(
     self_kv: Tensor,
     ancestry: Tensor,
     at: Tensor,
@@ -229,7 +229,7 @@ class StaticCache:
         self.length += 1
 
     def written(self) -> None:
-        """The program wrote this position's keys and values itself (`write_position`)."""
+        """The program wrote this position's keys and values itself (`write_new_slot`)."""
         self.length += 1
 
     def program_tokens(self, last_tokens: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.packed_linear import DecoderProducts, feed_forward, projections
-from qkv.inference.static_cache import attend, attend_with_new, gather_history, write_position
+from qkv.inference.static_cache import attend, attend_with_new, gather_history, write_new_slot
 from qkv.inference.topk import extensions_of_rows, row_topk
 from qkv.model import Transformer
 
@@ -86,7 +86,7 @@ class StaticDecoderStep(nn.Module):
         (`StaticCache.write`): returned as the layers made them (stacked in the program, they
         cost kernels of 82 + 2 x 20 µs a step in the 32-row greedy program held to AVX2). With
         `writes_cache`, those are not returned: the program writes the keys and values into
-        `self_kv` itself (`write_position`), which cost less than the calls that copy them after it
+        `self_kv` itself (`write_new_slot`), which cost less than the calls that copy them after it
         (beam 5 on one sentence, small model: ~30 µs a step).
 
         self_kv (2, layers, rows, heads, capacity, d_head): keys and values of the positions before
@@ -120,7 +120,7 @@ class StaticDecoderStep(nn.Module):
             h = layer.norm3(y) if layer.norm_first else y
             y = residual(layer, layer.norm3, y, feed_forward(self.products, i, layer, h))
         if self.writes_cache:
-            write_position(self_kv, ancestry, at, projected, n_heads, beams=not self.greedy)
+            write_new_slot(self_kv, ancestry, at, projected, n_heads, beams=not self.greedy)
             projected = []
         output = self.products.output if self.products is not None else model.output
         logits = output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
