@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.inference import aoti, native, prepare_for_decoding
+from qkv.inference import aoti, native, prepare_for_decoding, rowwise_int8
 from qkv.inference.compiled import CompiledEngine
 from qkv.inference.int8_products import Int8Linear, weights_key
 from qkv.inference.linear import PreparedLinear, int8_works
@@ -25,7 +25,13 @@ pytestmark = [
     pytest.mark.skipif(int8_works() is not None, reason=f"{int8_works()}"),
     pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}"),
 ]
-PRODUCT = "aoti_torch_cpu_int8_linear"  # the C function a program calls for each int8 product
+# The C function a program calls for each int8 product: qkv's own where it serves (VNNI), else the
+# one that calls PyTorch's kernels
+PRODUCT = (
+    "aoti_torch_cpu_packed_int8_linear"
+    if rowwise_int8.unavailable() is None
+    else "aoti_torch_cpu_int8_linear"
+)
 # The scores agree to this, not to fp32's 1e-4: Inductor's LayerNorms and attention sum in another
 # order than the eager engine's, and an input of an int8 product on the edge of a rounding step then
 # lands one quantum away (3e-3 in a 20-token greedy score seen, held to AVX2). The ids are the same.
@@ -56,7 +62,17 @@ def compile_cache(tmp_path, monkeypatch):
     return tmp_path / "compiled"
 
 
-def test_an_int8_product_is_the_eager_engines_on_the_same_packed_weights():
+@pytest.fixture
+def pytorchs_int8(monkeypatch):
+    """The int8 products by PyTorch's kernels, kept under a key, as where qkv's own is not taken
+    (an AVX2 CPU: `rowwise_int8.unavailable`)."""
+    monkeypatch.setattr(rowwise_int8, "unavailable", lambda: "PyTorch's, for this test")
+
+
+@pytest.mark.parametrize("kernel", ["as here", "pytorchs_int8"])
+def test_an_int8_product_is_the_eager_engines_on_the_same_packed_weights(kernel, request):
+    if kernel == "pytorchs_int8":
+        request.getfixturevalue(kernel)
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
     x = torch.randn(3, 1, 40, generator=generator)
@@ -74,7 +90,7 @@ def test_an_int8_product_is_the_eager_engines_on_the_same_packed_weights():
         Int8Linear(PreparedLinear(weight, bias))
 
 
-def test_the_weights_are_kept_while_a_product_of_them_lives_and_then_let_go():
+def test_the_weights_are_kept_while_a_product_of_them_lives_and_then_let_go(pytorchs_int8):
     assert native.load() is None
     prepared = PreparedLinear(torch.randn(6, 8), int8=True)
     holders = torch.ops.qkv.int8_linear_holders
@@ -93,7 +109,7 @@ def test_the_weights_are_kept_while_a_product_of_them_lives_and_then_let_go():
         torch.ops.qkv.int8_linear(torch.ones(2, 8), key, 6, 0, 1)
 
 
-def test_weights_let_go_while_export_traces_leave_no_call_in_the_program():
+def test_weights_let_go_while_export_traces_leave_no_call_in_the_program(pytorchs_int8):
     """A finalizer may run at any moment, as a later program is traced: letting the weights go
     then must not be a call that the trace records (it was: export then failed on an
     `IndexError`, and the engine decoded eagerly)."""
@@ -116,7 +132,7 @@ def test_weights_let_go_while_export_traces_leave_no_call_in_the_program():
     assert not [call for call in calls if "qkv" in call], calls
 
 
-def test_a_key_this_process_does_not_keep_is_an_error_that_says_so():
+def test_a_key_this_process_does_not_keep_is_an_error_that_says_so(pytorchs_int8):
     assert native.load() is None
     with pytest.raises(RuntimeError, match="no int8 weights kept under key 12345"):
         torch.ops.qkv.int8_linear(torch.randn(2, 8), 12345, 4, 0, 1)
@@ -169,9 +185,14 @@ def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(
         assert c_calls(PRODUCT, engine.beam_programs.package_path(3)) == products
 
 
-def test_a_new_engine_loads_the_int8_programs_and_keeps_their_weights(compile_cache, monkeypatch):
-    """A program kept on disk calls the weights by their key: a new process's engine keeps them
-    again before the program runs."""
+@pytest.mark.parametrize("kernel", ["as here", "pytorchs_int8"])
+def test_a_new_engine_loads_the_int8_programs_and_keeps_their_weights(
+    compile_cache, monkeypatch, kernel, request
+):
+    """A program kept on disk calls PyTorch's weights by their key: a new process's engine keeps
+    them again before the program runs. (qkv's own int8 products hold theirs as constants.)"""
+    if kernel == "pytorchs_int8":
+        request.getfixturevalue(kernel)
     model = random_model(seed=8)
     reference = prepare_for_decoding(model, int8=True)
     first = CompiledEngine(model, int8=True)
@@ -181,7 +202,10 @@ def test_a_new_engine_loads_the_int8_programs_and_keeps_their_weights(compile_ca
     # As in a new process: no weights kept under the programs' keys until an engine keeps them.
     del first
     gc.collect()
-    assert keys and all(torch.ops.qkv.int8_linear_holders(key) == 0 for key in keys)
+    if rowwise_int8.unavailable() is None:
+        assert keys == {None}
+    else:
+        assert keys and all(torch.ops.qkv.int8_linear_holders(key) == 0 for key in keys)
     monkeypatch.setattr("qkv.inference.compiled.compile_package", None)  # nothing compiled again
     again = CompiledEngine(model, int8=True)
     assert_same_greedy(again, reference, random_sources([5], seed=1), max_len=12)

@@ -94,8 +94,10 @@ def test_int8_translates_as_fp32_does(toy_run, run_qkv):
 def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(
     toy_run, monkeypatch, tmp_path
 ):
-    from qkv.inference import linear
+    from qkv.inference import linear, rowwise_int8
 
+    # Neither qkv's own int8 kernel (a CPU without VNNI) nor PyTorch's
+    monkeypatch.setattr(rowwise_int8, "unavailable", lambda: "no VNNI")
     monkeypatch.setattr(linear, "int8_works", lambda: "no quantised engine (as on some builds)")
     messages = []
     translator = qkv.load(toy_run, precision="int8", warn=messages.append)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
 from qkv.errors import QkvError
-from qkv.inference import native, static_cache, topk
+from qkv.inference import native, rowwise_int8, static_cache, topk
 
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
 # would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
@@ -88,6 +88,8 @@ def program_key(step: nn.Module) -> str:
     if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`), whose
         # inputs' range (`reduce_range`, a constant of the program) PyTorch's quantised engine decides
         context["int8_products"] = _quantized_engine()
+        # and whether they are qkv's own (`qkv.inference.rowwise_int8`), which this CPU decides
+        context["rowwise_int8"] = rowwise_int8.unavailable() is None
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     for name, tensor in step.state_dict().items():
         digest.update(name.encode())

@@ -18,6 +18,12 @@ of the rest (LayerNorms, attention) that Inductor fuses. The beam programs of ma
 same products, and one sentence's encoder is a program too, with the projection of its output for
 the decoder's cross-attention (`EncoderProducts`).
 
+Where qkv's own int8 kernel is taken (`qkv.inference.rowwise_int8`: AMX or VNNI, each row quantised
+on its own), the eager int8 engine takes it and so do the programs (`qkv::packed_int8_linear`, its
+packed weights constants of the program, like the fp32 programs' weights): on the Intel Xeon, one
+sentence with beam 5 of the small model 96.9 -> 122.0 sentences/s, 32 sentences 1.5-1.9x
+(benchmarks/README.md, session 42). PyTorch's kernels through the key stay for AVX2 CPUs.
+
 The process keeps a map's weights while an `Int8Linear` of them lives (engines of the same weights
 share them): a long-lived process that prepares new engines, new weights each time, does not gather
 old ones.
@@ -37,23 +43,30 @@ from qkv.inference.packed_linear import DecoderProducts
 
 
 class Int8Linear(nn.Module):
-    """x W^T + b (then a ReLU) by the int8 weights of `prepared` (an int8 `PreparedLinear`), which
-    this process keeps for the programs that call it (`qkv::keep_int8_linear`)."""
+    """x W^T + b (then a ReLU) by the int8 weights of `prepared` (an int8 `PreparedLinear`): qkv's
+    own int8 kernel where `prepared` takes it (`qkv.inference.rowwise_int8`), its packed weights
+    shared; else PyTorch's, whose packed weights this process keeps for the programs that call
+    them (`qkv::keep_int8_linear`)."""
 
     def __init__(self, prepared: PreparedLinear):
         super().__init__()
-        if prepared.int8 is None:
+        if prepared.int8 is None and prepared.rowwise is None:
             raise ValueError("Int8Linear takes an int8 PreparedLinear")
-        self.key = weights_key(prepared)
-        torch.ops.qkv.keep_int8_linear(self.key, prepared.int8)
-        # Let go when this module goes, by a C call that no trace records (`forget_int8_weights`);
-        # not at the process's exit, whose order of teardown is not ours (the library may be gone
-        # by then, and so are the weights anyway).
-        weakref.finalize(self, native.forget_int8_weights, self.key).atexit = False
+        self.rowwise = prepared.rowwise
         self.out_features = prepared.weight.size(0)
-        self.relu, self.reduce_range = int(prepared.relu), int(prepared.reduce_range)
+        self.key = None
+        if self.rowwise is None:
+            self.key = weights_key(prepared)
+            torch.ops.qkv.keep_int8_linear(self.key, prepared.int8)
+            # Let go when this module goes, by a C call that no trace records
+            # (`forget_int8_weights`); not at the process's exit, whose order of teardown is not
+            # ours (the library may be gone by then, and so are the weights anyway).
+            weakref.finalize(self, native.forget_int8_weights, self.key).atexit = False
+            self.relu, self.reduce_range = int(prepared.relu), int(prepared.reduce_range)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.rowwise is not None:
+            return self.rowwise(x)
         return torch.ops.qkv.int8_linear(
             x, self.key, self.out_features, self.relu, self.reduce_range
         )

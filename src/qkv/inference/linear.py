@@ -11,7 +11,9 @@ Timings: benchmarks/README.md, "CPU kernels".
 With ``int8=True`` (`qkv translate --precision int8`) the weights are stored in int8, one scale per
 output feature (symmetric), and each product quantises its input on the fly, one scale per call
 ("dynamic"): PyTorch's own quantised kernels (fbgemm or oneDNN on x86, qnnpack on Arm), where
-`int8_works()`; elsewhere the map stays fp32, and `Int8Unavailable` says why.
+`int8_works()`; elsewhere the map stays fp32, and `Int8Unavailable` says why. Where qkv's own int8
+kernel serves (`qkv.inference.rowwise_int8`: AMX or VNNI), the products take it instead, each row of
+the input quantised with a scale of its own.
 
 A prepared map holds copies of the weights: it does not follow later changes of the model's parameters.
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qkv.inference import rowwise_int8
 from qkv.kernels import FAST, onednn_linear_works, packing_works
 
 
@@ -91,14 +94,18 @@ class PreparedLinear:
         self.bias = None if bias is None else bias.detach()
         self.relu = relu
         self.int8 = None  # the int8 weights, packed for PyTorch's quantised kernels
+        self.rowwise = None  # or for qkv's own (`rowwise_int8`), where it serves
         if int8:
             if weight.device.type != "cpu" or weight.dtype != torch.float32:
                 raise Int8Unavailable("int8 runs on the CPU, from fp32 weights")
-            if (why := int8_works()) is not None:
+            if rowwise_int8.unavailable() is None:
+                self.rowwise = rowwise_int8.RowwiseInt8Linear(self.weight, self.bias, relu)
+            elif (why := int8_works()) is not None:
                 raise Int8Unavailable(why)
-            bias = None if self.bias is None else self.bias.float()
-            self.int8 = torch.ops.quantized.linear_prepack(_quantised_weight(self.weight), bias)
-            self.reduce_range = _reduce_range()
+            else:
+                bias = None if self.bias is None else self.bias.float()
+                self.int8 = torch.ops.quantized.linear_prepack(_quantised_weight(self.weight), bias)
+                self.reduce_range = _reduce_range()
         self.onednn = (
             FAST
             and weight.device.type == "cpu"
@@ -122,6 +129,8 @@ class PreparedLinear:
         return cls(linear.weight, linear.bias, relu, int8)
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.rowwise is not None:
+            return self.rowwise(x)
         if self.int8 is not None:
             quantized = torch.ops.quantized
             product = quantized.linear_relu_dynamic if self.relu else quantized.linear_dynamic

@@ -19,6 +19,8 @@
 - `qkv::keep_int8_linear`, `qkv::int8_linear`: the products of the compiled int8 step, by weights
   PyTorch packed for its quantised kernels, kept in the process under a key
   (`qkv.inference.int8_products` says why).
+- `qkv::pack_int8_linear`, `qkv::packed_int8_linear`: qkv's own int8 product, by AMX's tiles or
+  VNNI's dot products, each row quantised on its own (`qkv.inference.rowwise_int8` says why).
 
 The compiled beam program (`qkv.inference.beam_program`) calls the first, and the compiled steps
 the products, as C functions (`c_shims`), so a program that calls them needs them loaded in the
@@ -49,6 +51,7 @@ SOURCE = Path(__file__).with_name("operators.cpp")
 OPERATOR = "qkv::beam_self_attention"
 PRODUCT = "qkv::packed_linear"
 INT8_PRODUCT = "qkv::int8_linear"
+ROWWISE_INT8_PRODUCT = "qkv::packed_int8_linear"
 TOPK = "qkv::row_topk"
 SWITCH = "QKV_NATIVE"  # 0: never build or load the operators; PyTorch's instead
 CACHE_VARIABLE = "QKV_NATIVE_CACHE"
@@ -64,8 +67,10 @@ CAPABILITY_FLAGS = {
 }  # fmt: skip
 
 _loaded: dict[str, str | None] = {}  # the library's path -> None once loaded, else why not
-# The library's `qkv_forget_int8_linear`, as a C function (`forget_int8_weights`)
+# The library's `qkv_forget_int8_linear`, `qkv_int8_takes_vnni` and `qkv_int8_takes_amx`, as C
+# functions
 _forget_int8 = None
+_int8_takes: dict[str, object] = {}
 
 
 def cache_dir() -> Path:
@@ -151,9 +156,13 @@ def _build_and_load(path: Path, say) -> str | None:
         torch.library.register_fake(PRODUCT)(_shape_of_packed_linear)
         torch.library.register_fake(INT8_PRODUCT)(_shape_of_int8_linear)
         torch.library.register_fake(TOPK)(_shape_of_row_topk)
+        torch.library.register_fake(ROWWISE_INT8_PRODUCT)(_shape_of_packed_int8_linear)
         global _forget_int8
         _forget_int8 = library.qkv_forget_int8_linear
         _forget_int8.argtypes, _forget_int8.restype = [ctypes.c_int64], None
+        for name in ("amx", "vnni"):
+            _int8_takes[name] = function = getattr(library, f"qkv_int8_takes_{name}")
+            function.argtypes, function.restype = [], ctypes.c_int
     return None
 
 
@@ -179,6 +188,7 @@ def _registered() -> bool:
         torch.ops.qkv.packed_linear.default  # noqa: B018 (a library older than it: not these)
         torch.ops.qkv.int8_linear.default  # noqa: B018
         torch.ops.qkv.row_topk.default  # noqa: B018
+        torch.ops.qkv.packed_int8_linear.default  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -195,6 +205,15 @@ def forget_int8_weights(key: int) -> None:
         torch.ops.qkv.forget_int8_linear(key)
 
 
+def int8_instructions() -> str | None:
+    """The instructions of `qkv::packed_int8_linear` here: "amx" (Intel's tiles, from 3 rows;
+    VNNI's below), "vnni" (the library built for AVX-512 on a CPU with AVX512-VNNI), else "avx2";
+    None where the library was not loaded by `load`."""
+    if not _int8_takes:
+        return None
+    return next((name for name, takes in _int8_takes.items() if takes()), "avx2")
+
+
 def _shape_of_beam_self_attention(projected: Tensor, keys: Tensor, values: Tensor, bias: Tensor):
     """What export traces: the operator's output, (rows, 1, d_model)."""
     return projected.new_empty(projected.size(0), 1, keys.size(1) * keys.size(3))
@@ -207,6 +226,13 @@ def _shape_of_packed_linear(x: Tensor, packed: Tensor, out_features: int, relu: 
 
 def _shape_of_int8_linear(
     x: Tensor, key: int, out_features: int, relu: int, reduce_range: int
+) -> Tensor:
+    """What export traces: the product, (..., out_features)."""
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _shape_of_packed_int8_linear(
+    x: Tensor, weights: Tensor, params: Tensor, out_features: int, relu: int
 ) -> Tensor:
     """What export traces: the product, (..., out_features)."""
     return x.new_empty(*x.shape[:-1], out_features)
@@ -228,6 +254,7 @@ def c_shims() -> dict:
     attention = ", ".join(["AtenTensorHandle"] * 4 + ["AtenTensorHandle*"])
     product = ", ".join(["AtenTensorHandle"] * 2 + ["int64_t"] * 2 + ["AtenTensorHandle*"])
     int8_product = ", ".join(["AtenTensorHandle"] + ["int64_t"] * 4 + ["AtenTensorHandle*"])
+    rowwise_product = ", ".join(["AtenTensorHandle"] * 3 + ["int64_t"] * 2 + ["AtenTensorHandle*"])
     return {
         torch.ops.qkv.beam_self_attention.default: [
             f"AOTITorchError aoti_torch_cpu_beam_self_attention({attention})"
@@ -241,5 +268,8 @@ def c_shims() -> dict:
         torch.ops.qkv.row_topk.default: [
             "AOTITorchError aoti_torch_cpu_row_topk("
             "AtenTensorHandle, int64_t, AtenTensorHandle*, AtenTensorHandle*)"
+        ],
+        torch.ops.qkv.packed_int8_linear.default: [
+            f"AOTITorchError aoti_torch_cpu_packed_int8_linear({rowwise_product})"
         ],
     }
