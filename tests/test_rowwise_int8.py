@@ -56,7 +56,7 @@ def reference(x, weight, bias, relu=False):
         (5, 256, 256, False, True),  # a beam of 5: one block of rows, panels 4 at a time
         (7, 13, 37, True, True),  # blocks 4 + 3, inputs not a multiple of 4, a part panel
         (13, 64, 200, False, False),  # 3 blocks of rows, no bias
-        (40, 100, 70, True, True),  # many rows: their quantisation shared among threads
+        (300, 512, 70, True, True),  # many rows: their quantisation shared among threads
     ],
 )
 def test_the_product_is_the_formula_it_states(rows, d_in, d_out, relu, with_bias):
@@ -70,7 +70,7 @@ def test_the_product_is_the_formula_it_states(rows, d_in, d_out, relu, with_bias
     torch.testing.assert_close(product, expected, rtol=1e-5, atol=1e-5)
     if relu:
         assert (product >= 0).all() and (product == 0).any()
-    # and close to fp32: 1% of the product's norm (fbgemm's per-tensor 7 bits: ~2%)
+    # and close to fp32: within 3% of the product's norm (~1% seen; fbgemm's one scale, ~2%)
     exact = F.linear(x, weight, bias)
     exact = exact.clamp_min(0) if relu else exact
     assert (product - exact).norm() <= 0.03 * exact.norm()
