@@ -34,7 +34,7 @@ def levels() -> float:
 
 
 def reference(x, weight, bias, relu=False):
-    """The product as operators.cpp states it, its integer sums exact (float64)."""
+    """The product as rowwise_int8.cpp states it, its integer sums exact (float64)."""
     scales = weight.abs().amax(dim=1).clamp_min(1e-8) / 127
     q = torch.round(weight / scales[:, None]).clamp(-127, 127)  # half to even, as nearbyint
     rows = x.reshape(-1, x.size(-1))

@@ -395,7 +395,7 @@ def code_files(step: nn.Module) -> list[str]:
     files |= {static_cache.__file__, beam_cache.__file__, topk.__file__, __file__}
     if getattr(step, "native", False) or getattr(step, "native_topk", False):
         # it calls qkv's own operators: their source too
-        files |= {native.__file__, str(native.SOURCE)}
+        files |= {native.__file__, *map(str, native.SOURCES)}
     for module in step.modules():
         if type(module).__module__.split(".")[0] == "qkv":
             files.add(inspect.getfile(type(module)))

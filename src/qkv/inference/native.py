@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("operators.cpp")
+# The library's C++ files: the operators, and the int8 product (`qkv.inference.rowwise_int8`)
+SOURCES = [Path(__file__).with_name(name) for name in ("operators.cpp", "rowwise_int8.cpp")]
 # The operators a program calls: export traces them (`register_fake`)
 OPERATOR = "qkv::beam_self_attention"
 PRODUCT = "qkv::packed_linear"
@@ -99,7 +100,7 @@ def compiler() -> str | None:
 
 
 def build_command(output: Path) -> list[str]:
-    """The compiler's command line that builds `SOURCE` into the library `output`, for this PyTorch
+    """The compiler's command line that builds `SOURCES` into the library `output`, for this PyTorch
     and CPU capability."""
     from torch.utils import cpp_extension
 
@@ -108,7 +109,7 @@ def build_command(output: Path) -> list[str]:
     libraries = cpp_extension.library_paths()
     flags = CAPABILITY_FLAGS[torch.backends.cpu.get_cpu_capability()]
     return [
-        compiler(), str(SOURCE), "-o", str(output), "-shared", "-fPIC", "-O3", "-std=c++20",
+        compiler(), *map(str, SOURCES), "-o", str(output), "-shared", "-fPIC", "-O3", "-std=c++20",
         "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *flags, *includes,
         *(f"-L{path}" for path in libraries), *(f"-Wl,-rpath,{path}" for path in libraries),
         "-lc10", "-ltorch_cpu",
@@ -118,7 +119,8 @@ def build_command(output: Path) -> list[str]:
 def library_path() -> Path:
     """The library's file, named by the source, PyTorch and the command that builds it."""
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(build_command(Path("out.so"))).encode())
     return cache_dir() / f"operators-{digest.hexdigest()}.so"
@@ -245,7 +247,7 @@ def _shape_of_row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def c_shims() -> dict:
     """For AOTInductor (`aot_inductor.custom_ops_to_c_shims`): the operators a program calls, and
-    the C functions of operators.cpp that the program calls for them directly, as it calls ATen's own
+    the C functions of qkv's C++ files that the program calls for them directly, as it calls ATen's own
     operators; {} where it is not loaded. Through PyTorch's dispatcher instead (the "proxy
     executor" AOTInductor falls back on), each call cost more: beam search on 32 sentences held to
     AVX2 on a Zen 4, 0.99x the time with it (benchmarks/README.md, session 32)."""

@@ -1,4 +1,4 @@
-"""qkv's own int8 product (`qkv::packed_int8_linear`, operators.cpp): each row of the input quantised
+"""qkv's own int8 product (`qkv::packed_int8_linear`, rowwise_int8.cpp): each row of the input quantised
 on its own, the products by Intel's AMX tiles or by VNNI's dot products.
 
 PyTorch's dynamic int8 product (fbgemm's, `qkv.inference.linear`) quantises each call's whole input
