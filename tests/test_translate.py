@@ -91,13 +91,29 @@ def test_int8_translates_as_fp32_does(toy_run, run_qkv):
     assert "qkv: precision int8\n" in result.stderr and "warning" not in result.stderr
 
 
+def test_int8_says_when_it_builds_qkvs_operators(toy_run, run_qkv, tmp_path):
+    """The int8 engine takes qkv's own product where the CPU has AMX or VNNI: the first run on a
+    machine builds qkv's operators (~10 s), and says so."""
+    from qkv.inference import native, rowwise_int8
+
+    if rowwise_int8.unavailable() is not None:
+        pytest.skip(rowwise_int8.unavailable())
+    environment = {**qkv_env(), native.CACHE_VARIABLE: str(tmp_path / "native")}
+    command = ("translate", toy_run, "--precision", "int8")
+    result = run_qkv(*command, input="a b c\n", env=environment)
+    assert result.returncode == 0 and result.stdout == "c b a\n", result.stderr
+    assert "qkv: building qkv's operators for decoding (once, ~10 s)\n" in result.stderr
+    again = run_qkv(*command, input="a b c\n", env=environment)  # built: nothing to say
+    assert again.stdout == "c b a\n" and "building" not in again.stderr, again.stderr
+
+
 def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(
     toy_run, monkeypatch, tmp_path
 ):
     from qkv.inference import linear, rowwise_int8
 
     # Neither qkv's own int8 kernel (a CPU without VNNI) nor PyTorch's
-    monkeypatch.setattr(rowwise_int8, "unavailable", lambda: "no VNNI")
+    monkeypatch.setattr(rowwise_int8, "unavailable", lambda say=None: "no VNNI")
     monkeypatch.setattr(linear, "int8_works", lambda: "no quantised engine (as on some builds)")
     messages = []
     translator = qkv.load(toy_run, precision="int8", warn=messages.append)

@@ -24,7 +24,7 @@ from qkv.data import cut_into_batches
 from qkv.errors import QkvError
 from qkv.errors import warn as default_warn
 from qkv.hardware import DTYPES, resolve_precision, usable_device
-from qkv.inference import DecodingEngine, prepare_for_decoding
+from qkv.inference import DecodingEngine, prepare_for_decoding, rowwise_int8
 from qkv.inference.compiled import COMPILED, CompiledEngine
 from qkv.inference.cuda_graphs import GraphedEngine
 from qkv.inference.linear import Int8Unavailable
@@ -128,6 +128,7 @@ class Translator:
                 if self.compile:
                     cache = self.compile_cache
                     return CompiledEngine(self.model, self._warn, cache, self.say, int8=True)
+                rowwise_int8.unavailable(self.say)  # its operators built first, `say` told
                 return prepare_for_decoding(self.model, int8=True)
             except Int8Unavailable as error:
                 why = str(error)

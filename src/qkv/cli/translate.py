@@ -142,7 +142,11 @@ def _load_translator(args):
         device=args.device,
         precision=args.precision,
         warn=lambda message: print(f"qkv: warning: {message}", file=sys.stderr),
-        **({"compile": True, "say": None if args.quiet else say} if args.compile else {}),
+        **({"compile": True} if args.compile else {}),
+        # what compiling, or building qkv's operators for int8 (~10 s, once), takes a while for
+        **(
+            {"say": None if args.quiet else say} if args.compile or args.precision == "int8" else {}
+        ),
     )
     if not args.quiet:
         engine, _, compute = translator.precision.rpartition(" ")

@@ -42,10 +42,10 @@ from torch import Tensor, nn
 from qkv.inference import native
 
 
-def unavailable() -> str | None:
+def unavailable(say=None) -> str | None:
     """None if the int8 products take qkv's kernel here, else why not (one line); the operators
-    are built at their first use (~10 s, once per machine)."""
-    if why := native.load():
+    are built at their first use (~10 s, once per machine; `say` told)."""
+    if why := native.load(say):
         return why
     if (instructions := native.int8_instructions()) not in ("amx", "vnni"):
         return f"qkv's int8 product is taken with AMX or VNNI, not {instructions}"
