@@ -151,9 +151,37 @@ struct Int8Block {
   bool relu;
 };
 
+// The output of the block's panel j: row i's 16 int32 sums -> scale_n (row_scale sum + row_min
+// sum_of_weights_n) + bias_n (then a ReLU), the columns past the block's last masked off. The
+// panel's scales, sums of weights and biases loaded once for its rows.
+struct PanelOutput {
+  __m512 scale, sum, bias;
+  __mmask16 mask;
+  int64_t first;
+
+  __attribute__((target("avx512f,avx512bw"))) PanelOutput(const Int8Block& b, int64_t j)
+      : first(j * kInt8Panel) {
+    const int64_t columns = std::min<int64_t>(kInt8Panel, b.columns - first);
+    mask = columns >= kInt8Panel ? 0xffff : (1u << std::max<int64_t>(columns, 0)) - 1;
+    scale = _mm512_loadu_ps(b.scales + first);
+    sum = _mm512_loadu_ps(b.sums + first);
+    bias = _mm512_loadu_ps(b.biases + first);
+  }
+
+  __attribute__((target("avx512f,avx512bw"))) void store(const Int8Block& b, int64_t i,
+                                                         __m512i sums) const {
+    const __m512 offset = _mm512_mul_ps(_mm512_set1_ps(b.row_min[i]), sum);
+    const __m512 dot =
+        _mm512_fmadd_ps(_mm512_set1_ps(b.row_scale[i]), _mm512_cvtepi32_ps(sums), offset);
+    __m512 value = _mm512_fmadd_ps(scale, dot, bias);
+    if (b.relu) value = _mm512_max_ps(value, _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(b.out + i * b.ldo + first, mask, value);
+  }
+};
+
 // ROWS rows times PANELS panels by VNNI: ROWS x PANELS int32 sums in registers (24 at 6 x 4, of
 // AVX-512's 32), each group of weights loaded once for the rows and each row's four bytes once for
-// the panels; then out = scale_n (row_scale sum + row_min sum_of_weights_n) + bias_n.
+// the panels; then their output (`PanelOutput`).
 template <int ROWS, int PANELS>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_block_vnni(const Int8Block& b) {
   __m512i acc[ROWS][PANELS];
@@ -174,24 +202,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_block_vnni(cons
       for (int j = 0; j < PANELS; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a, w[j]);
     }
   }
-  const __m512 zero = _mm512_setzero_ps();
 #pragma GCC unroll 4
   for (int j = 0; j < PANELS; ++j) {
-    const int64_t first = j * kInt8Panel;
-    const int64_t columns = std::min<int64_t>(kInt8Panel, b.columns - first);
-    const __mmask16 mask = columns >= kInt8Panel ? 0xffff : (1u << std::max<int64_t>(columns, 0)) - 1;
-    const __m512 scale = _mm512_loadu_ps(b.scales + first);
-    const __m512 sum = _mm512_loadu_ps(b.sums + first);
-    const __m512 bias = _mm512_loadu_ps(b.biases + first);
+    const PanelOutput output(b, j);
 #pragma GCC unroll 6
-    for (int i = 0; i < ROWS; ++i) {
-      const __m512 offset = _mm512_mul_ps(_mm512_set1_ps(b.row_min[i]), sum);
-      const __m512 dot =
-          _mm512_fmadd_ps(_mm512_set1_ps(b.row_scale[i]), _mm512_cvtepi32_ps(acc[i][j]), offset);
-      __m512 value = _mm512_fmadd_ps(scale, dot, bias);
-      if (b.relu) value = _mm512_max_ps(value, zero);
-      _mm512_mask_storeu_ps(b.out + i * b.ldo + first, mask, value);
-    }
+    for (int i = 0; i < ROWS; ++i) output.store(b, i, acc[i][j]);
   }
 }
 
@@ -257,7 +272,7 @@ __attribute__((target("amx-tile"))) void configure_tiles(int64_t rows) {
 }
 
 // `rows` (<= 16, as configured) rows times PANELS panels by AMX, the sums into sums (rows x
-// PANELS x 16 int32); then the same output as int8_block_vnni's.
+// PANELS x 16 int32), then their output (`PanelOutput`).
 template <int PANELS>
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw"))) void int8_block_amx(
     const Int8Block& b, int64_t rows, int32_t* sums) {
@@ -289,23 +304,10 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw"))) void int8_block_am
   if constexpr (PANELS > 1) _tile_stored(1, sums + kInt8Panel, stride);
   if constexpr (PANELS > 2) _tile_stored(2, sums + 2 * kInt8Panel, stride);
   if constexpr (PANELS > 3) _tile_stored(3, sums + 3 * kInt8Panel, stride);
-  const __m512 zero = _mm512_setzero_ps();
   for (int j = 0; j < PANELS; ++j) {
-    const int64_t first = j * kInt8Panel;
-    const int64_t columns = std::min<int64_t>(kInt8Panel, b.columns - first);
-    const __mmask16 mask = columns >= kInt8Panel ? 0xffff : (1u << std::max<int64_t>(columns, 0)) - 1;
-    const __m512 scale = _mm512_loadu_ps(b.scales + first);
-    const __m512 sum = _mm512_loadu_ps(b.sums + first);
-    const __m512 bias = _mm512_loadu_ps(b.biases + first);
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m512i acc = _mm512_loadu_si512(sums + i * PANELS * kInt8Panel + first);
-      const __m512 offset = _mm512_mul_ps(_mm512_set1_ps(b.row_min[i]), sum);
-      const __m512 dot =
-          _mm512_fmadd_ps(_mm512_set1_ps(b.row_scale[i]), _mm512_cvtepi32_ps(acc), offset);
-      __m512 value = _mm512_fmadd_ps(scale, dot, bias);
-      if (b.relu) value = _mm512_max_ps(value, zero);
-      _mm512_mask_storeu_ps(b.out + i * b.ldo + first, mask, value);
-    }
+    const PanelOutput output(b, j);
+    for (int64_t i = 0; i < rows; ++i)
+      output.store(b, i, _mm512_loadu_si512(sums + i * PANELS * kInt8Panel + j * kInt8Panel));
   }
 }
 
