@@ -143,7 +143,7 @@ def _load_translator(args):
         precision=args.precision,
         warn=lambda message: print(f"qkv: warning: {message}", file=sys.stderr),
         **({"compile": True} if args.compile else {}),
-        # what compiling, or building qkv's operators for int8 (~10 s, once), takes a while for
+        # told what takes a while: compiling, or building qkv's operators for int8 (~10 s, once)
         **(
             {"say": None if args.quiet else say} if args.compile or args.precision == "int8" else {}
         ),
