@@ -25,8 +25,8 @@ pytestmark = [
     pytest.mark.skipif(int8_works() is not None, reason=f"{int8_works()}"),
     pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}"),
 ]
-# The C function a program calls for each int8 product: qkv's own where it serves (VNNI), else the
-# one that calls PyTorch's kernels
+# The C function a program calls for each int8 product: qkv's own where it serves (AMX or VNNI), the
+# one that calls PyTorch's kernels elsewhere
 PRODUCT = (
     "aoti_torch_cpu_packed_int8_linear"
     if rowwise_int8.unavailable() is None
