@@ -34,6 +34,7 @@ operators, as before.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -68,6 +69,7 @@ CAPABILITY_FLAGS = {
 }  # fmt: skip
 
 _loaded: dict[str, str | None] = {}  # the library's path -> None once loaded, else why not
+_library_paths: dict[tuple, Path] = {}  # `library_path`'s answers, by what they depend on
 # The library's `qkv_forget_int8_linear`, `qkv_int8_takes_vnni` and `qkv_int8_takes_amx`, as C
 # functions
 _forget_int8 = None
@@ -96,7 +98,14 @@ def unavailable() -> str | None:
 
 
 def compiler() -> str | None:
-    return next((path for cc in ("g++", "c++", "clang++") if (path := shutil.which(cc))), None)
+    return _compiler_on(os.environ.get("PATH", os.defpath))
+
+
+@functools.cache
+def _compiler_on(search_path: str) -> str | None:
+    """The C++ compiler found on `search_path`, looked up once (a walk of PATH's folders, ~35 µs)."""
+    found = (shutil.which(cc, path=search_path) for cc in ("g++", "c++", "clang++"))
+    return next((path for path in found if path), None)
 
 
 def build_command(output: Path) -> list[str]:
@@ -117,7 +126,19 @@ def build_command(output: Path) -> list[str]:
 
 
 def library_path() -> Path:
-    """The library's file, named by the source, PyTorch and the command that builds it."""
+    """The library's file, named by the source, PyTorch and the command that builds it. Worked out
+    once for the same sources (by their size and time), folder, compiler and capability: `load` is
+    asked for every int8 map an engine prepares (`rowwise_int8.unavailable`), and hashing the
+    sources with the build command took ~50 µs."""
+    sources = tuple((source.stat().st_mtime_ns, source.stat().st_size) for source in SOURCES)
+    capability = torch.backends.cpu.get_cpu_capability()
+    key = (sources, str(cache_dir()), compiler(), capability, torch.__version__)
+    if key not in _library_paths:
+        _library_paths[key] = _hashed_library_path()
+    return _library_paths[key]
+
+
+def _hashed_library_path() -> Path:
     digest = hashlib.blake2b(digest_size=8)
     for source in SOURCES:
         digest.update(source.read_bytes())
