@@ -8,6 +8,8 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -361,26 +363,13 @@ inline int64_t int8_block_rows(int64_t left, int64_t most) {
   return (left + blocks - 1) / blocks;
 }
 
-inline float horizontal(__m256 v, bool largest) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  float out = lanes[0];
-  for (int i = 1; i < 8; ++i) out = largest ? std::max(out, lanes[i]) : std::min(out, lanes[i]);
-  return out;
-}
-
 // One row of n floats -> n bytes 0..levels over the row's range: x ~ scale u + low. AVX2's vectors
 // (the library is built with AVX2 on either capability), 32 values at a time, rounded to nearest.
 void quantise_row(const float* row, int64_t n, float levels, uint8_t* u, float& scale, float& low) {
-  __m256 lows = _mm256_set1_ps(row[0]), highs = lows;
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 v = _mm256_loadu_ps(row + k);
-    lows = _mm256_min_ps(lows, v), highs = _mm256_max_ps(highs, v);
-  }
-  low = horizontal(lows, false);
-  float high = horizontal(highs, true);
-  for (; k < n; ++k) low = std::min(low, row[k]), high = std::max(high, row[k]);
+  using Vec = at::vec::Vectorized<float>;
+  low = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, row, n);
+  const float high =
+      at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, row, n);
   scale = high > low ? (high - low) / levels : 1.f;
   const float inverse = 1.f / scale;
   const __m256 shift = _mm256_set1_ps(low), times = _mm256_set1_ps(inverse);
@@ -391,7 +380,8 @@ void quantise_row(const float* row, int64_t n, float levels, uint8_t* u, float& 
   };
   // Packing 4 x 8 int32 to bytes interleaves the two halves of each vector: put them back in order.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (k = 0; k + 32 <= n; k += 32) {
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
     const __m256i ab = _mm256_packus_epi32(level(row + k), level(row + k + 8));
     const __m256i cd = _mm256_packus_epi32(level(row + k + 16), level(row + k + 24));
     const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
