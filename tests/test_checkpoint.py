@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qkv.checkpoint import (
+    ParametersNotDrawn,
     load_checkpoint,
     load_model,
     model_checkpoint,
@@ -32,6 +33,38 @@ def test_round_trip_gives_the_same_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(src, tgt), model(src, tgt), rtol=0, atol=0)
     assert not list(tmp_path.glob("*.tmp"))  # no temporary file left behind
+    buffers = zip(loaded.named_buffers(), model.named_buffers(), strict=True)
+    for (name, buffer), (_, saved) in buffers:  # the sinusoids' tables, which no checkpoint holds
+        assert torch.equal(buffer, saved), name
+
+
+def test_a_checkpoint_without_a_parameter_does_not_load(tmp_path):
+    # Parameters are not drawn before loading (`ParametersNotDrawn`): one left out must not pass.
+    checkpoint = model_checkpoint(tiny())
+    del checkpoint["model"]["decoder.layers.0.cross_attn.q_proj.weight"]
+    save_checkpoint(tmp_path / "best.pt", checkpoint)
+    wrong = r"best\.pt: its weights do not fit its model_config: Missing key.*cross_attn\.q_proj\.weight"
+    with pytest.raises(QkvError, match=wrong):
+        load_model(tmp_path)
+
+
+def test_parameters_not_drawn_leaves_parameters_only():
+    parameter = torch.nn.Parameter(torch.full((3,), 7.0))
+    with ParametersNotDrawn():
+        torch.nn.init.xavier_uniform_(parameter.view(1, 3))  # a view is not the parameter: drawn
+        assert not torch.equal(parameter, torch.full((3,), 7.0))
+        parameter.data.fill_(7.0)
+        torch.nn.init.normal_(parameter)
+        torch.nn.init.zeros_(tensor=parameter)
+        parameter.uniform_()
+        parameter.zero_()
+        other = torch.empty(3).fill_(2.0)  # not a parameter: filled
+        linear = torch.nn.Linear(4, 4)
+    assert torch.equal(parameter, torch.full((3,), 7.0))
+    assert torch.equal(other, torch.full((3,), 2.0))
+    linear.weight.data.fill_(1.0)
+    torch.nn.init.zeros_(linear.weight)  # outside it, as always
+    assert not linear.weight.any()
 
 
 def test_run_directory_falls_back_to_last(tmp_path):

@@ -45,6 +45,22 @@ def test_help_of_every_command_imports_no_torch():
     assert "usage: qkv export" in result.stdout and "--quantization" in result.stdout
 
 
+def test_torch_is_imported_out_of_the_cycle_collectors_reach():
+    # `qkv translate`, `evaluate` and `serve` call it first: full collections walked PyTorch's
+    # objects, 10-45 ms each, before the first translation (`import_torch`)
+    code = (
+        "import gc, sys\n"
+        "from qkv.cli.common import import_torch\n"
+        "import_torch()\n"
+        "print(gc.isenabled(), 'torch' in sys.modules, gc.get_freeze_count(), len(gc.get_objects()))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=qkv_env()
+    )
+    enabled, imported, frozen, collected = result.stdout.split()
+    assert (enabled, imported) == ("True", "True") and int(frozen) > 100_000 > int(collected)
+
+
 def test_the_tests_forked_commands_answer_as_python_m_qkv_does(qkv_command, toy_run, tmp_path):
     """conftest runs `qkv` forked from a process that imported torch (forked_qkv.py): its output,
     errors, exit status and death by a signal are those of `python -m qkv`."""

@@ -580,6 +580,34 @@ def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypa
     assert aoti.program_key(step) != before
 
 
+def test_a_programs_key_follows_every_weight_each_hashed_once_an_engine(monkeypatch):
+    model = random_model(seed=5)
+    engine = CompiledEngine(model)
+    hashed = []
+    digest_of = aoti._digest_of
+    monkeypatch.setattr(
+        aoti, "_digest_of", lambda tensor: hashed.append(tensor) or digest_of(tensor)
+    )
+    keys = [engine.source.key, engine.package_path(5), engine.beam_programs.package_path(5)]
+    # the encoder's, the step's and the beam step's programs: each of the model's weights hashed
+    # once among them (the output projection and its tied embedding one tensor)
+    assert len({id(t) for t in hashed}) == len(hashed) and len(set(keys)) == 3
+    assert {id(p) for p in model.parameters()} <= {id(t) for t in hashed}
+    changes = [  # another value of a weight of each kind: other keys
+        "src_embed.embedding.weight",
+        "tgt_embed.embedding.weight",
+        "encoder.layers.1.feed_forward.linear2.bias",
+        "decoder.layers.0.cross_attn.k_proj.weight",
+        "decoder.layers.1.norm3.bias",
+    ]
+    for name in changes:
+        other = random_model(seed=5)
+        with torch.no_grad():
+            dict(other.named_parameters())[name].view(-1)[-1] += 1
+        changed = CompiledEngine(other)
+        assert changed.source.key != keys[0] and changed.package_path(5) != keys[1], name
+
+
 def assert_same_beams(engine, reference, src, **options):
     ids, scores = beam_search(engine, src, **options)
     ref_ids, ref_scores = beam_search(reference, src, **options)

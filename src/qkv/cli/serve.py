@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qkv.cli.common import check_at_least, check_beam
+from qkv.cli.common import check_at_least, check_beam, import_torch
 from qkv.errors import QkvError
 
 SERVE_EXAMPLES = """\
@@ -77,6 +77,7 @@ def _add_serve(subparsers) -> None:
 
 
 def _run_serve(args) -> int:
+    import_torch()
     try:
         import uvicorn
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qkv.cli.common import add_force, check_at_least, check_beam, check_output, write_lines
+from qkv.cli.common import (
+    add_force,
+    check_at_least,
+    check_beam,
+    check_output,
+    import_torch,
+    write_lines,
+)
 from qkv.errors import QkvError
 
 TRANSLATE_EXAMPLES = """\
@@ -196,6 +203,7 @@ STDIN_CHUNK_LINES = 1_000
 
 
 def _run_translate(args) -> int:
+    import_torch()
     from qkv.atomic import atomic_write
     from qkv.text import NotUtf8, arriving_chunks, count_lines, line_chunks
     from qkv.translate import _progress_bar
@@ -299,6 +307,7 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _run_evaluate(args) -> int:
+    import_torch()
     import json
 
     from qkv.evaluate import format_scores, score

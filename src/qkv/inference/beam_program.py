@@ -202,9 +202,17 @@ class BeamPrograms:
     (`CompiledEngine`'s). `takes(cache)` says whether a step runs here; `next_log_probs` runs it."""
 
     def __init__(
-        self, model: Transformer, cache_dir: Path, like: nn.Module, say=None, products=None
+        self,
+        model: Transformer,
+        cache_dir: Path,
+        like: nn.Module,
+        say=None,
+        products=None,
+        digests: aoti.TensorDigests | None = None,
     ):
         self.step = SharedBeamStep(model, like=like).eval()
+        # the weights' digests (`aoti.program_key`), shared with the engine's other programs
+        self.digests = digests
         self.products = products  # () -> the products the step takes (None: PyTorch's)
         self.cache_dir, self.say = cache_dir, say
         self.programs: dict[int, object] = {}  # beams -> the loaded program, as a function
@@ -245,7 +253,7 @@ class BeamPrograms:
     def package_path(self, beams: int) -> Path:
         self.use_native()  # a program that calls the operator is another program: another key
         if self._key is None:
-            self._key = aoti.program_key(self.step)
+            self._key = aoti.program_key(self.step, self.digests)
         return self.cache_dir / f"decoder-beam-step-{beams}-beams-{self._key}.pt2"
 
     def program(self, arguments: tuple):

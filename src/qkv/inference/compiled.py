@@ -165,6 +165,7 @@ class CompiledEngine(DecodingEngine):
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         aoti.measures_products()  # a bad QKV_COMPILE_AUTOTUNE is an error here, not a failed compile
         self.unavailable = self.why_unavailable(model)
+        self.digests = aoti.TensorDigests()  # of the weights, for its programs' keys
         # A beam search's candidates: 2 x beam per sentence, and a program has at most MAX_ROWS beams.
         self.static_step = StaticDecoderStep(
             model, candidates=2 * MAX_ROWS, writes_cache=self.STEPS_WRITE_CACHE
@@ -175,7 +176,12 @@ class CompiledEngine(DecodingEngine):
         # Beams on two sentences or more, over the eager step's cache (`BeamPrograms.takes`), where
         # measured: on `WIDE_VECTORS` (elsewhere, Arm, the eager step)
         self.beam_programs = BeamPrograms(
-            model, self.cache_dir, self.static_step, say, products=self.decoder_products
+            model,
+            self.cache_dir,
+            self.static_step,
+            say,
+            products=self.decoder_products,
+            digests=self.digests,
         )
         self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
         # One sentence's encoder compiled, and the first step's cross-attention K and V; where
@@ -187,6 +193,7 @@ class CompiledEngine(DecodingEngine):
                 say,
                 batches=self.compiles_beams and not int8,  # int8: many sentences' eager int8
                 products=int8_products.EncoderProducts(self) if int8 else None,
+                digests=self.digests,
             )
             if not self.unavailable
             else None
@@ -224,7 +231,7 @@ class CompiledEngine(DecodingEngine):
     def package_path(self, rows: int, greedy: bool = False) -> Path:
         step = self.step_module(False, rows)  # the key: of the kind of step (products) for `rows`
         if step.native not in self._keys:
-            self._keys[step.native] = aoti.program_key(step)
+            self._keys[step.native] = aoti.program_key(step, self.digests)
         kind = "-greedy" if greedy else ""
         return self.cache_dir / f"decoder-step-{rows}-rows{kind}-{self._keys[step.native]}.pt2"
 

@@ -168,8 +168,11 @@ class SourceEncoder:
         say=None,
         batches: bool = False,
         products: nn.Module | None = None,
+        digests: aoti.TensorDigests | None = None,
     ):
         self.module = StaticEncoder(model, products=products).eval()
+        # the weights' digests (`aoti.program_key`), shared with the engine's other programs
+        self.digests = digests
         self.batch_module = StaticEncoder(model, project=False, like=self.module).eval()
         self.cache_dir, self.say, self.batches = cache_dir, say, batches
         self.program = None  # one sentence's
@@ -211,7 +214,7 @@ class SourceEncoder:
     @property
     def key(self) -> str:
         if self._key is None:
-            self._key = aoti.program_key(self.module)
+            self._key = aoti.program_key(self.module, self.digests)
         return self._key
 
     def __call__(self, src_ids: Tensor) -> Tensor:
