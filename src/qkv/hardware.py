@@ -33,13 +33,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # The environment that makes a CPU with more features take the paths of an AVX2 CPU without bf16 (AMD
 # Zen 3, Intel Haswell to Comet Lake): oneDNN's kernels (and its bf16 check), ATen's vectorised
-# kernels, and MKL's. Set before torch is imported. `.ci/run` runs the kernel, search and translate
-# tests under it; with it, this CPU raised exactly the errors that a real Zen 3 raised before qkv
-# checked its kernels.
+# kernels, MKL's, and fbgemm's int8 products (which follow their own detection, not ATen's: without
+# it they took AVX-512 and ran 1.5-2.8x faster than on AVX2 at 5-160 rows; session 43). Set before
+# torch is imported. `.ci/run` runs the kernel, search and translate tests under it; with it, this
+# CPU raised exactly the errors that a real Zen 3 raised before qkv checked its kernels.
 AVX2_ENVIRONMENT = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
 }
 # The variables above, and CTranslate2's own, that change which instructions a library uses.
 ISA_VARIABLES = (*AVX2_ENVIRONMENT, "CT2_FORCE_CPU_ISA")

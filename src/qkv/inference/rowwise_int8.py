@@ -13,10 +13,10 @@ tiles), quantises each row to bytes over its own range (x ~ scale u + min, 0..25
   a step (`tdpbusd`);
 - with AVX512-VNNI (AMD Zen 4/5, Intel since Ice Lake; and AMX's 1-2 rows): 6 rows x 64 features in
   registers (`vpdpbusd`);
-- with AVX2 alone: pairs of 7-bit products (`vpmaddubsw`), the input quantised to 0..127. Correct
-  (the suite's AVX2 pass tests it) but not measured against fbgemm's AVX2 kernels on an AVX2 CPU (on
-  this machine fbgemm takes AVX-512 whatever ATen's capability), so the engines keep PyTorch's
-  products there (`unavailable`).
+- with AVX2 alone (AMD Zen 3, Intel before Ice Lake): pairs of 7-bit products (`vpmaddubsw`), the
+  input quantised to 0..127. On the Intel Xeon held to AVX2, fbgemm too (`FBGEMM_ENABLE_INSTRUCTIONS`,
+  `qkv.hardware.AVX2_ENVIRONMENT`), 1.04-4.5x fbgemm's AVX2 kernels at every shape of the benchmark
+  models from 1 to 160 rows, with less error (benchmarks/README.md, session 43).
 
 Each product alone from Python, 2 threads, best of 5, on the Intel Xeon (AMX), against fbgemm
 (benchmarks/README.md, session 42): 5 x 256 x 256 4.8 µs against 15.3, 5 x 256 x 8000 16.5 against
@@ -43,13 +43,10 @@ from qkv.inference import native
 
 
 def unavailable(say=None) -> str | None:
-    """None if the int8 products take qkv's kernel here, else why not (one line); the operators
-    are built at their first use (~10 s, once per machine; `say` told)."""
-    if why := native.load(say):
-        return why
-    if (instructions := native.int8_instructions()) not in ("amx", "vnni"):
-        return f"qkv's int8 product is taken with AMX or VNNI, not {instructions}"
-    return None
+    """None if the int8 products take qkv's kernel here (wherever qkv's operators load: x86-64 with
+    AVX2 at least), else why not (one line); the operators are built at their first use (~10 s,
+    once per machine; `say` told)."""
+    return native.load(say)
 
 
 class RowwiseInt8Linear(nn.Module):
