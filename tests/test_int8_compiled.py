@@ -5,7 +5,6 @@ once and decodes as the eager int8 engine does."""
 
 from __future__ import annotations
 
-import gc
 import shutil
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import qkv
 from qkv.inference import aoti, native, prepare_for_decoding, rowwise_int8
 from qkv.inference.compiled import CompiledEngine
-from qkv.inference.int8_products import Int8Linear, weights_key
+from qkv.inference.int8_products import int8_map
 from qkv.inference.linear import PreparedLinear, int8_works
 from qkv.search import beam_search, greedy_search
 from test_beam_program import c_calls
@@ -25,13 +24,8 @@ pytestmark = [
     pytest.mark.skipif(int8_works() is not None, reason=f"{int8_works()}"),
     pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}"),
 ]
-# The C function a program calls for each int8 product: qkv's own where it serves (AMX or VNNI), the
-# one that calls PyTorch's kernels elsewhere
-PRODUCT = (
-    "aoti_torch_cpu_packed_int8_linear"
-    if rowwise_int8.unavailable() is None
-    else "aoti_torch_cpu_int8_linear"
-)
+# The C function a program calls for each int8 product: qkv's own (AMX, VNNI or AVX2)
+PRODUCT = "aoti_torch_cpu_packed_int8_linear"
 # The scores agree to this, not to fp32's 1e-4: Inductor's LayerNorms and attention sum in another
 # order than the eager engine's, and an input of an int8 product on the edge of a rounding step then
 # lands one quantum away (3e-3 in a 20-token greedy score seen, held to AVX2). The ids are the same.
@@ -62,89 +56,20 @@ def compile_cache(tmp_path, monkeypatch):
     return tmp_path / "compiled"
 
 
-@pytest.fixture
-def pytorchs_int8(monkeypatch):
-    """The int8 products by PyTorch's kernels, kept under a key, as where qkv's own is not taken
-    (an AVX2 CPU: `rowwise_int8.unavailable`)."""
-    monkeypatch.setattr(rowwise_int8, "unavailable", lambda say=None: "PyTorch's, for this test")
-
-
-@pytest.mark.parametrize("kernel", ["as here", "pytorchs_int8"])
-def test_an_int8_product_is_the_eager_engines_on_the_same_packed_weights(kernel, request):
-    if kernel == "pytorchs_int8":
-        request.getfixturevalue(kernel)
+def test_an_int8_product_is_the_eager_engines_on_the_same_packed_weights():
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
     x = torch.randn(3, 1, 40, generator=generator)
-    assert native.load() is None
+    assert rowwise_int8.unavailable() is None
     for relu in (False, True):
         prepared = PreparedLinear(weight, bias, relu=relu, int8=True)
-        assert torch.equal(Int8Linear(prepared)(x), prepared(x))
-    # The key is the weights': the same in every process, another for other weights.
-    assert weights_key(PreparedLinear(weight.clone(), bias.clone(), int8=True)) == weights_key(
-        prepared
-    )
-    assert weights_key(PreparedLinear(weight, bias + 1, int8=True)) != weights_key(prepared)
-    assert weights_key(PreparedLinear(weight, None, int8=True)) != weights_key(prepared)
+        assert int8_map(prepared) is prepared.rowwise  # the same packed weights
+        assert torch.equal(int8_map(prepared)(x), prepared(x))
     with pytest.raises(ValueError, match="int8 PreparedLinear"):
-        Int8Linear(PreparedLinear(weight, bias))
+        int8_map(PreparedLinear(weight, bias))
 
 
-def test_the_weights_are_kept_while_a_product_of_them_lives_and_then_let_go(pytorchs_int8):
-    assert native.load() is None
-    prepared = PreparedLinear(torch.randn(6, 8), int8=True)
-    holders = torch.ops.qkv.int8_linear_holders
-    first = Int8Linear(prepared)
-    key = first.key
-    second = Int8Linear(prepared)  # another engine of the same weights: one key, two holders
-    assert holders(key) == 2
-    del first
-    gc.collect()
-    assert holders(key) == 1
-    assert torch.equal(second(torch.ones(2, 8)), prepared(torch.ones(2, 8)))
-    del second
-    gc.collect()
-    assert holders(key) == 0
-    with pytest.raises(RuntimeError, match="no int8 weights kept under key"):
-        torch.ops.qkv.int8_linear(torch.ones(2, 8), key, 6, 0, 1)
-
-
-def test_weights_let_go_while_export_traces_leave_no_call_in_the_program(pytorchs_int8):
-    """A finalizer may run at any moment, as a later program is traced: letting the weights go
-    then must not be a call that the trace records (it was: export then failed on an
-    `IndexError`, and the engine decoded eagerly)."""
-    assert native.load() is None
-    prepared = PreparedLinear(torch.randn(6, 8), int8=True)
-    holders = torch.ops.qkv.int8_linear_holders
-    dropped = [Int8Linear(prepared)]
-    key = dropped[0].key
-    before = holders(key)
-
-    class Step(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            dropped.clear()
-            gc.collect()  # its finalizer runs now, while export traces
-            return x * 2
-
-    exported = torch.export.export(Step(), (torch.ones(3),))
-    assert holders(key) == before - 1  # let go all the same
-    calls = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
-    assert not [call for call in calls if "qkv" in call], calls
-
-
-def test_a_key_this_process_does_not_keep_is_an_error_that_says_so(pytorchs_int8):
-    assert native.load() is None
-    with pytest.raises(RuntimeError, match="no int8 weights kept under key 12345"):
-        torch.ops.qkv.int8_linear(torch.randn(2, 8), 12345, 4, 0, 1)
-    prepared = PreparedLinear(torch.randn(6, 8), int8=True)
-    kept = Int8Linear(prepared)
-    with pytest.raises(RuntimeError, match="have 6 output features, not 4"):
-        torch.ops.qkv.int8_linear(torch.randn(2, 8), kept.key, 4, 0, 1)
-
-
-def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(
-    compile_cache, monkeypatch
-):
+def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compile_cache):
     model = random_model(seed=3)
     engine, reference = CompiledEngine(model, int8=True), prepare_for_decoding(model, int8=True)
     assert engine.unavailable is None and engine.int8
@@ -161,17 +86,12 @@ def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(
     }
     assert calls == {1: products, 5: products}
     assert engine.package_path(5) != CompiledEngine(model).package_path(5)
-    # int8 alone makes another key (not only the code files and operators it calls), and so does
-    # PyTorch's quantised engine (it decides the inputs' 7 or 8 bits, which the program holds).
+    # int8 alone makes another key (not only the code files and operators it calls).
     step = engine.step_module(False, 5)
     key = aoti.program_key(step)
     step.int8 = False
     assert aoti.program_key(step) != key
     step.int8 = True
-    # (Switching PyTorch's quantised engine in the process left later compiles failing: the key
-    # is checked with the engine's name as `program_key` reads it, replaced.)
-    monkeypatch.setattr(aoti, "_quantized_engine", lambda: "another engine")
-    assert aoti.program_key(step) != key
     # One sentence's encoder is a program with int8 products too: 4 a layer, and each decoder
     # layer's cross-attention keys and values.
     encoder_products = 4 * len(model.encoder.layers) + len(model.decoder.layers)
@@ -185,27 +105,14 @@ def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(
         assert c_calls(PRODUCT, engine.beam_programs.package_path(3)) == products
 
 
-@pytest.mark.parametrize("kernel", ["as here", "pytorchs_int8"])
-def test_a_new_engine_loads_the_int8_programs_and_keeps_their_weights(
-    compile_cache, monkeypatch, kernel, request
-):
-    """A program kept on disk calls PyTorch's weights by their key: a new process's engine keeps
-    them again before the program runs. (qkv's own int8 products hold theirs as constants.)"""
-    if kernel == "pytorchs_int8":
-        request.getfixturevalue(kernel)
+def test_a_new_engine_loads_the_int8_programs(compile_cache, monkeypatch):
+    """A program kept on disk holds its packed int8 weights as constants: a new process's engine
+    loads it and decodes as the eager int8 engine does."""
     model = random_model(seed=8)
     reference = prepare_for_decoding(model, int8=True)
     first = CompiledEngine(model, int8=True)
     assert_same_greedy(first, reference, random_sources([6]), max_len=12)
-    keys = {m.key for m in first.decoder_products().modules() if isinstance(m, Int8Linear)}
-    keys |= {m.key for m in first.source.module.modules() if isinstance(m, Int8Linear)}
-    # As in a new process: no weights kept under the programs' keys until an engine keeps them.
     del first
-    gc.collect()
-    if rowwise_int8.unavailable() is None:
-        assert keys == {None}
-    else:
-        assert keys and all(torch.ops.qkv.int8_linear_holders(key) == 0 for key in keys)
     monkeypatch.setattr("qkv.inference.compiled.compile_package", None)  # nothing compiled again
     again = CompiledEngine(model, int8=True)
     assert_same_greedy(again, reference, random_sources([5], seed=1), max_len=12)

@@ -92,8 +92,8 @@ def test_int8_translates_as_fp32_does(toy_run, run_qkv):
 
 
 def test_int8_says_when_it_builds_qkvs_operators(toy_run, run_qkv, tmp_path):
-    """The int8 engine takes qkv's own product where the CPU has AMX or VNNI: the first run on a
-    machine builds qkv's operators (~10 s), and says so."""
+    """The int8 engine takes qkv's own product where qkv's operators build (x86-64 Linux with a C++
+    compiler): the first run on a machine builds them (~10 s), and says so."""
     from qkv.inference import native, rowwise_int8
 
     if rowwise_int8.unavailable() is not None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
 from qkv.errors import QkvError
-from qkv.inference import native, rowwise_int8, static_cache, topk
+from qkv.inference import native, static_cache, topk
 
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
 # would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
@@ -86,11 +86,8 @@ def program_key(step: nn.Module, digests: TensorDigests | None = None) -> str:
         "native_topk": getattr(step, "native_topk", False),
         "code": [Path(f).read_text(encoding="utf-8") for f in code_files(step)],
     }
-    if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`), whose
-        # inputs' range (`reduce_range`, a constant of the program) PyTorch's quantised engine decides
-        context["int8_products"] = _quantized_engine()
-        # and whether they are qkv's own (`qkv.inference.rowwise_int8`), which this CPU decides
-        context["rowwise_int8"] = rowwise_int8.unavailable() is None
+    if getattr(step, "int8", False):  # int8 products (`qkv.inference.int8_products`)
+        context["int8"] = True
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     digest.update(weights_digest(step, digests or TensorDigests()))
     return digest.hexdigest()
@@ -140,10 +137,6 @@ class TensorDigests:
 def _digest_of(tensor: Tensor) -> bytes:
     data = tensor.detach().contiguous().view(torch.uint8).numpy()
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _quantized_engine() -> str:
-    return torch.backends.quantized.engine
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ eager step and encoder.
 With `int8=True` (`--precision int8 --compile`) it is the eager int8 engine (`qkv.inference.linear`)
 with the same programs of 1-5 rows and of 8, 16 or 32 greedy rows, every product in them the int8
 engine's own kernel on its packed weights (`qkv.inference.int8_products`, through qkv's operators:
-without them, the eager int8 step; qkv's own int8 kernel with AMX or VNNI, `rowwise_int8`), one
+without them, the eager int8 step; qkv's own int8 kernel, `rowwise_int8`), one
 sentence's encoder program and the beam programs with int8 products; the encoder of several
 sentences stays the eager int8 engine's.
 """

@@ -12,8 +12,8 @@ With ``int8=True`` (`qkv translate --precision int8`) the weights are stored in 
 output feature (symmetric), and each product quantises its input on the fly, one scale per call
 ("dynamic"): PyTorch's own quantised kernels (fbgemm or oneDNN on x86, qnnpack on Arm), where
 `int8_works()`; elsewhere the map stays fp32, and `Int8Unavailable` says why. Where qkv's own int8
-kernel serves (`qkv.inference.rowwise_int8`: AMX or VNNI), the products take it instead, each row of
-the input quantised with a scale of its own.
+kernel serves (`qkv.inference.rowwise_int8`: wherever qkv's operators load, AMX, VNNI or AVX2), the
+products take it instead, each row of the input quantised with a scale of its own.
 
 A prepared map holds copies of the weights: it does not follow later changes of the model's parameters.
 """

@@ -16,11 +16,9 @@
 - `qkv::row_topk`: each row's k largest values and their indices, as `torch.topk` gives them, in
   one pass a row: a compiled step's beam candidates (`qkv.inference.topk.row_topk`). Called from
   a program, `torch.topk` of 5 x 1,600 values took ~15 µs (its second stage); this ~3.
-- `qkv::keep_int8_linear`, `qkv::int8_linear`: the products of the compiled int8 step, by weights
-  PyTorch packed for its quantised kernels, kept in the process under a key
-  (`qkv.inference.int8_products` says why).
-- `qkv::pack_int8_linear`, `qkv::packed_int8_linear`: qkv's own int8 product, by AMX's tiles or
-  VNNI's dot products, each row quantised on its own (`qkv.inference.rowwise_int8` says why).
+- `qkv::pack_int8_linear`, `qkv::packed_int8_linear`: qkv's own int8 product, by AMX's tiles,
+  VNNI's dot products or AVX2's, each row quantised on its own (`qkv.inference.rowwise_int8` says
+  why): the eager int8 engine's and the compiled int8 step's.
 
 The compiled beam program (`qkv.inference.beam_program`) calls the first, and the compiled steps
 the products, as C functions (`c_shims`), so a program that calls them needs them loaded in the
@@ -51,7 +49,6 @@ SOURCES = [Path(__file__).with_name(name) for name in ("operators.cpp", "rowwise
 # The operators a program calls: export traces them (`register_fake`)
 OPERATOR = "qkv::beam_self_attention"
 PRODUCT = "qkv::packed_linear"
-INT8_PRODUCT = "qkv::int8_linear"
 ROWWISE_INT8_PRODUCT = "qkv::packed_int8_linear"
 TOPK = "qkv::row_topk"
 SWITCH = "QKV_NATIVE"  # 0: never build or load the operators; PyTorch's instead
@@ -69,9 +66,7 @@ CAPABILITY_FLAGS = {
 
 _loaded: dict[str, str | None] = {}  # the library's path -> None once loaded, else why not
 _library_paths: dict[tuple, Path] = {}  # `library_path`'s answers, by what they depend on
-# The library's `qkv_forget_int8_linear`, `qkv_int8_takes_vnni` and `qkv_int8_takes_amx`, as C
-# functions
-_forget_int8 = None
+# The library's `qkv_int8_takes_vnni` and `qkv_int8_takes_amx`, as C functions
 _int8_takes: dict[str, object] = {}
 
 
@@ -179,12 +174,8 @@ def _build_and_load(path: Path, say) -> str | None:
             return f"qkv's operators did not load from {path}: {str(error).splitlines()[0]}"
         torch.library.register_fake(OPERATOR)(_shape_of_beam_self_attention)
         torch.library.register_fake(PRODUCT)(_shape_of_packed_linear)
-        torch.library.register_fake(INT8_PRODUCT)(_shape_of_int8_linear)
         torch.library.register_fake(TOPK)(_shape_of_row_topk)
         torch.library.register_fake(ROWWISE_INT8_PRODUCT)(_shape_of_packed_int8_linear)
-        global _forget_int8
-        _forget_int8 = library.qkv_forget_int8_linear
-        _forget_int8.argtypes, _forget_int8.restype = [ctypes.c_int64], None
         for name in ("amx", "vnni"):
             _int8_takes[name] = function = getattr(library, f"qkv_int8_takes_{name}")
             function.argtypes, function.restype = [], ctypes.c_int
@@ -211,23 +202,11 @@ def _registered() -> bool:
     try:
         torch.ops.qkv.beam_self_attention.default  # noqa: B018 (looked up, or not there)
         torch.ops.qkv.packed_linear.default  # noqa: B018 (a library older than it: not these)
-        torch.ops.qkv.int8_linear.default  # noqa: B018
         torch.ops.qkv.row_topk.default  # noqa: B018
         torch.ops.qkv.packed_int8_linear.default  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
     return True
-
-
-def forget_int8_weights(key: int) -> None:
-    """`qkv::forget_int8_linear(key)` as a plain C call, outside PyTorch's dispatcher: for a
-    finalizer, which may run while export traces a program. Called as an operator then, the trace
-    recorded it: the program would let the weights go at every run, and export failed on an
-    `IndexError` where the call landed between the program's inputs."""
-    if _forget_int8 is not None:
-        _forget_int8(key)
-    else:  # the library loaded some other way: as an operator
-        torch.ops.qkv.forget_int8_linear(key)
 
 
 def int8_instructions() -> str | None:
@@ -245,13 +224,6 @@ def _shape_of_beam_self_attention(projected: Tensor, keys: Tensor, values: Tenso
 
 
 def _shape_of_packed_linear(x: Tensor, packed: Tensor, out_features: int, relu: int):
-    """What export traces: the product, (..., out_features)."""
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-def _shape_of_int8_linear(
-    x: Tensor, key: int, out_features: int, relu: int, reduce_range: int
-) -> Tensor:
     """What export traces: the product, (..., out_features)."""
     return x.new_empty(*x.shape[:-1], out_features)
 
@@ -278,7 +250,6 @@ def c_shims() -> dict:
         return {}
     attention = ", ".join(["AtenTensorHandle"] * 4 + ["AtenTensorHandle*"])
     product = ", ".join(["AtenTensorHandle"] * 2 + ["int64_t"] * 2 + ["AtenTensorHandle*"])
-    int8_product = ", ".join(["AtenTensorHandle"] + ["int64_t"] * 4 + ["AtenTensorHandle*"])
     rowwise_product = ", ".join(["AtenTensorHandle"] * 3 + ["int64_t"] * 2 + ["AtenTensorHandle*"])
     return {
         torch.ops.qkv.beam_self_attention.default: [
@@ -286,9 +257,6 @@ def c_shims() -> dict:
         ],
         torch.ops.qkv.packed_linear.default: [
             f"AOTITorchError aoti_torch_cpu_packed_linear({product})"
-        ],
-        torch.ops.qkv.int8_linear.default: [
-            f"AOTITorchError aoti_torch_cpu_int8_linear({int8_product})"
         ],
         torch.ops.qkv.row_topk.default: [
             "AOTITorchError aoti_torch_cpu_row_topk("

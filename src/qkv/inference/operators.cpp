@@ -25,19 +25,12 @@
 // thousands need.
 //
 // qkv::pack_int8_linear and qkv::packed_int8_linear: in rowwise_int8.cpp.
-//
-// qkv::keep_int8_linear and qkv::int8_linear: a product by int8 weights that PyTorch packed for its
-// quantised kernels (quantized::linear_prepack: fbgemm's or oneDNN's), the input quantised on the fly
-// as quantized::linear_dynamic does, for the compiled int8 step. Packed weights are an object, not a
-// tensor a compiled program can hold, so the process keeps them here under a key (a hash of the
-// weights, qkv/inference/int8_products.py), and the program holds the key.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
-#include <ATen/native/quantized/PackedParams.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
@@ -48,8 +41,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
-#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -442,61 +433,6 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return out;
 }
 
-using Int8Weights = c10::intrusive_ptr<LinearPackedParamsBase>;
-
-// The int8 weights this process keeps, by key, and how many holders asked for them (engines of the
-// same weights share a key); a lookup is a few tens of nanoseconds, against the microseconds of a
-// product.
-struct KeptInt8Weights {
-  Int8Weights weights;
-  int64_t holders = 0;
-};
-std::mutex int8_weights_mutex;
-std::unordered_map<int64_t, KeptInt8Weights>& int8_weights() {
-  static std::unordered_map<int64_t, KeptInt8Weights> kept;
-  return kept;
-}
-
-void keep_int8_linear(int64_t key, const Int8Weights& weights) {
-  std::lock_guard<std::mutex> lock(int8_weights_mutex);
-  auto& kept = int8_weights()[key];
-  kept.weights = weights;
-  ++kept.holders;
-}
-
-// A holder is done with the weights under key: they go once no holder is left.
-void forget_int8_linear(int64_t key) {
-  std::lock_guard<std::mutex> lock(int8_weights_mutex);
-  const auto kept = int8_weights().find(key);
-  if (kept != int8_weights().end() && --kept->second.holders <= 0) int8_weights().erase(kept);
-}
-
-int64_t int8_linear_holders(int64_t key) {
-  std::lock_guard<std::mutex> lock(int8_weights_mutex);
-  const auto kept = int8_weights().find(key);
-  return kept == int8_weights().end() ? 0 : kept->second.holders;
-}
-
-// x (..., in_features) -> (..., out_features): x W^T + b (then a ReLU if relu), by the weights kept
-// under key; reduce_range: the input quantised to 7 bits (fbgemm's x86 kernels add pairs of
-// products in 16 bits).
-at::Tensor int8_linear(const at::Tensor& x, int64_t key, int64_t out_features, int64_t relu,
-                       int64_t reduce_range) {
-  Int8Weights weights;
-  {
-    std::lock_guard<std::mutex> lock(int8_weights_mutex);
-    const auto kept = int8_weights().find(key);
-    TORCH_CHECK(kept != int8_weights().end(), "qkv::int8_linear: no int8 weights kept under key ",
-                key, " in this process (qkv.inference.int8_products keeps them)");
-    weights = kept->second.weights;
-  }
-  auto out = relu != 0 ? weights->apply_dynamic_relu(x, reduce_range != 0)
-                       : weights->apply_dynamic(x, reduce_range != 0);
-  TORCH_CHECK(out.size(-1) == out_features, "qkv::int8_linear: the weights kept under key ", key,
-              " have ", out.size(-1), " output features, not ", out_features);
-  return out;
-}
-
 }  // namespace
 
 // The attention operator as a C function of the kind AOTInductor calls for ATen's own operators (a
@@ -539,35 +475,12 @@ extern "C" AOTITorchError aoti_torch_cpu_row_topk(AtenTensorHandle x, int64_t k,
   });
 }
 
-// The int8 product as a C function too (key, not weights, is what the program holds).
-extern "C" AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, int64_t key,
-                                                     int64_t out_features, int64_t relu,
-                                                     int64_t reduce_range,
-                                                     AtenTensorHandle* result) {
-  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *result = torch::aot_inductor::new_tensor_handle(
-        int8_linear(*tensor_handle_to_tensor_pointer(x), key, out_features, relu, reduce_range));
-  });
-}
-
-// Letting int8 weights go as a plain C function, outside PyTorch's dispatcher, for a finalizer in
-// Python: it may run while export traces a program, which would record an operator's call in it.
-extern "C" void qkv_forget_int8_linear(int64_t key) { forget_int8_linear(key); }
-
 TORCH_LIBRARY(qkv, m) {
   m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
   m.def("log_softmax_(Tensor(a!) logits) -> Tensor(a!)");
   m.def("row_topk(Tensor x, int k) -> (Tensor, Tensor)");
   m.def("pack_linear(Tensor weight, Tensor bias) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, int relu) -> Tensor");
-  // No tensor to dispatch on: one kernel for every backend.
-  m.def("keep_int8_linear(int key, __torch__.torch.classes.quantized.LinearPackedParamsBase weights)"
-        " -> ()",
-        &keep_int8_linear);
-  m.def("forget_int8_linear(int key) -> ()", &forget_int8_linear);
-  m.def("int8_linear_holders(int key) -> int", &int8_linear_holders);
-  m.def("int8_linear(Tensor x, int key, int out_features, int relu, int reduce_range) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qkv, CPU, m) {
@@ -576,5 +489,4 @@ TORCH_LIBRARY_IMPL(qkv, CPU, m) {
   m.impl("row_topk", &row_topk);
   m.impl("pack_linear", &pack_linear);
   m.impl("packed_linear", &packed_linear);
-  m.impl("int8_linear", &int8_linear);
 }
