@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
 import qkv
 from qkv.errors import QkvError
@@ -626,6 +627,13 @@ def test_one_sentence_is_encoded_by_a_program_that_also_projects_it_for_the_firs
     ref_memory, ref_mask = reference.encode(src)
     assert engine.unavailable is None, engine.unavailable
     assert [p.name for p in compile_cache.iterdir()] == [engine.source.package_path.name]
+    # What AOTInductor wrote in Inductor's cache folder for it (its C++, its library with the
+    # weights) is in the package, and gone from there
+    with zipfile.ZipFile(engine.source.package_path) as package:
+        names = {Path(name).name for name in package.namelist() if "/aotinductor/" in name}
+    assert any(name.endswith(".so") for name in names)
+    left = [f.name for f in Path(inductor_cache_dir()).rglob("*") if f.name in names]
+    assert left == []
     torch.testing.assert_close(memory, ref_memory, rtol=0, atol=1e-5)
     assert torch.equal(src_mask, ref_mask)
     # The program's own projection of the memory it returned, once; of any other, the product.
