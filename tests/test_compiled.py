@@ -5,7 +5,9 @@ cannot compile it says so once and decodes as the eager engine does."""
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -607,6 +609,25 @@ def test_a_programs_key_follows_every_weight_each_hashed_once_an_engine(monkeypa
             dict(other.named_parameters())[name].view(-1)[-1] += 1
         changed = CompiledEngine(other)
         assert changed.source.key != keys[0] and changed.package_path(5) != keys[1], name
+
+
+def test_programs_no_process_loaded_for_a_month_go_when_a_new_one_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(aoti, "load_package", lambda path: f"the program of {path.name}")
+    month_ago = time.time() - (aoti.UNUSED_DAYS + 1) * 86400
+    names = ("unused.pt2", "recent.pt2", "loaded.pt2", "notes.txt")
+    unused, recent, loaded, notes = (tmp_path / name for name in names)
+    for file in (unused, recent, loaded, notes):
+        file.write_bytes(b"kept")
+    for file in (unused, loaded, notes):
+        os.utime(file, (month_ago, month_ago))
+    # loading a kept program: used now
+    assert aoti.load_or_compile(loaded, None, "a program") == "the program of loaded.pt2"
+    assert loaded.stat().st_mtime > month_ago + 86400
+    assert unused.exists()  # nothing compiled: nothing deleted
+    # compiling a new one: the programs no process loaded for a month go, nothing else
+    new = tmp_path / "new.pt2"
+    aoti.load_or_compile(new, lambda path: path.write_bytes(b"made"), "a program")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["new.pt2", *names[1:]])
 
 
 def assert_same_beams(engine, reference, src, **options):

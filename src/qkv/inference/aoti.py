@@ -58,6 +58,8 @@ LIBRARY_PRODUCTS_FROM_ROWS = 32
 OWN_PRODUCTS_UP_TO = 256 * 768  # elements of the weight
 AUTOTUNE_VARIABLE = "QKV_COMPILE_AUTOTUNE"  # 0: no measuring while compiling (`measures_products`)
 CACHE_LINE = 64  # bytes: where a program's constants start (`aligned_runner`)
+# A kept program that no process has loaded for this many days is deleted (`forget_unused`)
+UNUSED_DAYS = 30
 
 
 def default_cache_dir() -> Path:
@@ -330,7 +332,26 @@ def load_or_compile(path: Path, compile_to, what: str, say=None):
         compile_to(path)
         if say:
             say(f"compiled in {time.perf_counter() - started:.1f} s, kept in {path}")
+        forget_unused(path.parent, keep=path)
+    else:
+        with contextlib.suppress(OSError):  # a folder this process may not write: as it is
+            os.utime(path)  # used now (`forget_unused`)
     return load_package(path)
+
+
+def forget_unused(folder: Path, keep: Path | None = None, days: float = UNUSED_DAYS) -> list[Path]:
+    """Delete the programs (`*.pt2`) of `folder` that no process has loaded for `days`, but `keep`;
+    the deleted. A program is never loaded again once qkv's code, PyTorch or the weights change
+    (another key): each such change left ~100-300 MB a run directory behind. Called when a new
+    program is kept."""
+    too_old = time.time() - days * 86400
+    forgotten = []
+    for program in folder.glob("*.pt2"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete
+            if program != keep and program.stat().st_mtime < too_old:
+                program.unlink()
+                forgotten.append(program)
+    return forgotten
 
 
 def measures_products() -> bool:
