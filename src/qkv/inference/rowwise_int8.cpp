@@ -187,7 +187,7 @@ struct PanelOutput {
 // the panels; then their output (`PanelOutput`). Each sum is named by an index fixed when the
 // template is made (folds over index sequences, not loops): with loops over an array of them, GCC
 // kept the array in memory and stored every sum at every step (1024 x 256 x 8000 at 0.41x fbgemm's
-// speed, 160 rows 0.70-1.13x; in registers 1.33x and 1.01-1.52x; benchmarks/README.md, session 43).
+// speed, 160 rows 0.70-1.13x; in registers 1.38x and 1.05-1.46x; benchmarks/README.md, session 43).
 #define QKV_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline
 
 template <int... K>

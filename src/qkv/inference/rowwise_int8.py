@@ -21,8 +21,9 @@ tiles), quantises each row to bytes over its own range (x ~ scale u + min, 0..25
 Each product alone from Python, 2 threads, best of 5, on the Intel Xeon (AMX), against fbgemm
 (benchmarks/README.md, session 42): 5 x 256 x 256 4.8 µs against 15.3, 5 x 256 x 8000 16.5 against
 41.6, 1 x 256 x 768 4.3 against 15.5; 160 x 256 x 8000 273 against 734, 160 x 2048 x 512 120 against
-391. VNNI alone (`QKV_INT8_AMX=0`, as a CPU without AMX): 1.4-5.2x fbgemm at 1-8 rows, 0.70-1.13x at
-160. AMX and VNNI make the same integer sums and the same arithmetic after them: the same products.
+391. VNNI alone (`QKV_INT8_AMX=0`, as a CPU without AMX): 1.5-5.3x fbgemm at 1-5 rows, 1.05-1.46x at
+160, 1.09-3.28x at 1,024 (session 43). AMX and VNNI make the same integer sums and the same
+arithmetic after them: the same products.
 
 A row quantised on its own does not depend on the other rows, so a sentence's int8 products are the
 same alone and in a batch (fbgemm's one scale made its scores differ by up to 0.2 on a random model),
