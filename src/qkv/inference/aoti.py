@@ -451,8 +451,11 @@ def _remove_what_the_package_holds(package: Path) -> None:
     kept: without it, a process's first compile took 68 s against 42."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    with zipfile.ZipFile(package) as archive:
-        names = {Path(name).name for name in archive.namelist() if "/aotinductor/" in name}
+    try:
+        with zipfile.ZipFile(package) as archive:
+            names = {Path(name).name for name in archive.namelist() if "/aotinductor/" in name}
+    except zipfile.BadZipFile:  # not the package this expects: nothing is known to remove
+        return
     cache = Path(cache_dir())
     for name in names:
         for made in cache.glob(f"*/{name}"):
