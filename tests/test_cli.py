@@ -23,6 +23,13 @@ def test_help_lists_usage(run_qkv):
     assert "[--force] [RUN_DIR] TEXT\n" in explain and "[[RUN_DIR]" not in explain
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a fresh interpreter, with qkv importable."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=qkv_env()
+    )
+
+
 def test_help_of_every_command_imports_no_torch():
     """The parser is built without torch (~2 s of imports): `qkv --help` and each command's
     `--help` come at once."""
@@ -37,9 +44,7 @@ def test_help_of_every_command_imports_no_torch():
         "        assert done.code == 0, argv\n"
         "print(len(names), 'torch' in sys.modules, file=sys.stderr)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=qkv_env()
-    )
+    result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.split()[-2:] == [str(len(COMMANDS)), "False"]
     assert "usage: qkv export" in result.stdout and "--quantization" in result.stdout
@@ -48,14 +53,11 @@ def test_help_of_every_command_imports_no_torch():
 def test_torch_is_imported_out_of_the_cycle_collectors_reach():
     # `qkv translate`, `evaluate` and `serve` call it first: full collections walked PyTorch's
     # objects, 10-45 ms each, before the first translation (`import_torch`)
-    code = (
+    result = run_python(
         "import gc, sys\n"
         "from qkv.cli.common import import_torch\n"
         "import_torch()\n"
         "print(gc.isenabled(), 'torch' in sys.modules, gc.get_freeze_count(), len(gc.get_objects()))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=qkv_env()
     )
     enabled, imported, frozen, collected = result.stdout.split()
     assert (enabled, imported) == ("True", "True") and int(frozen) > 100_000 > int(collected)
