@@ -20,6 +20,7 @@ import qkv
 from qkv.errors import QkvError
 from qkv.inference import BeamCache, aoti, compiled_encoder, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
+from qkv.inference import digests as digests_module
 from qkv.inference import engine as engine_module
 from qkv.inference import topk as topk_module
 from qkv.inference.compiled import CompiledEngine, StaticCache
@@ -587,9 +588,9 @@ def test_a_programs_key_follows_every_weight_each_hashed_once_an_engine(monkeypa
     model = random_model(seed=5)
     engine = CompiledEngine(model)
     hashed = []
-    digest_of = aoti._digest_of
+    digest_of = digests_module._digest_of
     monkeypatch.setattr(
-        aoti, "_digest_of", lambda tensor: hashed.append(tensor) or digest_of(tensor)
+        digests_module, "_digest_of", lambda tensor: hashed.append(tensor) or digest_of(tensor)
     )
     keys = [engine.source.key, engine.package_path(5), engine.beam_programs.package_path(5)]
     # the encoder's, the step's and the beam step's programs: each of the model's weights hashed

@@ -3,7 +3,6 @@ compilation and its loading (`qkv.inference.compiled` exports the step and uses 
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import inspect
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from qkv.atomic import atomic_write
 from qkv.errors import QkvError
 from qkv.inference import native, static_cache, topk
+from qkv.inference.digests import TensorDigests, weights_digest
 
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
 # would get at least `cpp.min_chunk_size` elements: 512 by default, so a layer norm of 5 x 256 values
@@ -93,52 +93,6 @@ def program_key(step: nn.Module, digests: TensorDigests | None = None) -> str:
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     digest.update(weights_digest(step, digests or TensorDigests()))
     return digest.hexdigest()
-
-
-def weights_digest(module: nn.Module, digests: TensorDigests) -> bytes:
-    """A digest of a module's state: each tensor's name and bytes. A tensor held under several names
-    (the tied embeddings and output projection) is hashed once."""
-    state = module.state_dict(keep_vars=True)
-    first_name: dict[int, str] = {}  # a tensor's id -> the first name it has
-    for name, tensor in state.items():
-        first_name.setdefault(id(tensor), name)
-    of_tensor = dict(
-        zip(first_name, digests.of([state[name] for name in first_name.values()]), strict=True)
-    )
-    whole = hashlib.blake2b(digest_size=16)
-    for name, tensor in state.items():
-        first = first_name[id(tensor)]
-        # a later name of a tensor: the name it was hashed under
-        whole.update(
-            name.encode() + b"\0" + (of_tensor[id(tensor)] if first == name else first.encode())
-        )
-    return whole.digest()
-
-
-class TensorDigests:
-    """Tensors' digests, each worked out once: an engine's programs (its encoder's, its steps', its
-    beam steps') hold the same model's weights, which do not change while the engine serves (its
-    programs hold them as constants). Hashing the small model's ~50 MB for each of two programs was
-    ~120 ms of a cold `qkv translate --compile` of ~1.2 s."""
-
-    def __init__(self) -> None:
-        # a tensor's id -> the tensor (held, so that no other takes its id) and its digest
-        self._known: dict[int, tuple[Tensor, bytes]] = {}
-
-    def of(self, tensors: list[Tensor]) -> list[bytes]:
-        missing = list(
-            {id(tensor): tensor for tensor in tensors if id(tensor) not in self._known}.values()
-        )
-        if missing:  # hashlib lets go of the GIL while it hashes a buffer: threads side by side
-            with concurrent.futures.ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-                for tensor, digest in zip(missing, pool.map(_digest_of, missing), strict=True):
-                    self._known[id(tensor)] = (tensor, digest)
-        return [self._known[id(tensor)][1] for tensor in tensors]
-
-
-def _digest_of(tensor: Tensor) -> bytes:
-    data = tensor.detach().contiguous().view(torch.uint8).numpy()
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 @contextlib.contextmanager
@@ -339,19 +293,16 @@ def load_or_compile(path: Path, compile_to, what: str, say=None):
     return load_package(path)
 
 
-def forget_unused(folder: Path, keep: Path | None = None, days: float = UNUSED_DAYS) -> list[Path]:
-    """Delete the programs (`*.pt2`) of `folder` that no process has loaded for `days`, but `keep`;
-    the deleted. A program is never loaded again once qkv's code, PyTorch or the weights change
+def forget_unused(folder: Path, keep: Path | None = None, days: float = UNUSED_DAYS) -> None:
+    """Delete the programs (`*.pt2`) of `folder` that no process has loaded for `days`, but `keep`.
+    A program is never loaded again once qkv's code, PyTorch or the weights change
     (another key): each such change left ~100-300 MB a run directory behind. Called when a new
     program is kept."""
     too_old = time.time() - days * 86400
-    forgotten = []
     for program in folder.glob("*.pt2"):
         with contextlib.suppress(OSError):  # gone already, or not ours to delete
             if program != keep and program.stat().st_mtime < too_old:
                 program.unlink()
-                forgotten.append(program)
-    return forgotten
 
 
 def measures_products() -> bool:

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from qkv.inference import aoti, native
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
+from qkv.inference.digests import TensorDigests
 from qkv.inference.engine import _merge_heads, log_softmax, without
 from qkv.inference.packed_linear import DecoderProducts, feed_forward, projections
 from qkv.inference.static_cache import position_input, softmax_with_new
@@ -208,7 +209,7 @@ class BeamPrograms:
         like: nn.Module,
         say=None,
         products=None,
-        digests: aoti.TensorDigests | None = None,
+        digests: TensorDigests | None = None,
     ):
         self.step = SharedBeamStep(model, like=like).eval()
         # the weights' digests (`aoti.program_key`), shared with the engine's other programs

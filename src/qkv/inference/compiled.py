@@ -77,6 +77,7 @@ from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled_encoder import (
     SourceEncoder,
 )
+from qkv.inference.digests import TensorDigests
 from qkv.inference.engine import DecodingEngine, log_softmax, without
 from qkv.inference.packed_linear import DecoderProducts
 from qkv.inference.static_cache import (
@@ -165,7 +166,7 @@ class CompiledEngine(DecodingEngine):
         self.cache_dir = Path(cache_dir) if cache_dir else aoti.default_cache_dir()
         aoti.measures_products()  # a bad QKV_COMPILE_AUTOTUNE is an error here, not a failed compile
         self.unavailable = self.why_unavailable(model)
-        self.digests = aoti.TensorDigests()  # of the weights, for its programs' keys
+        self.digests = TensorDigests()  # of the weights, for its programs' keys
         # A beam search's candidates: 2 x beam per sentence, and a program has at most MAX_ROWS beams.
         self.static_step = StaticDecoderStep(
             model, candidates=2 * MAX_ROWS, writes_cache=self.STEPS_WRITE_CACHE

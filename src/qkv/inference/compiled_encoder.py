@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv.inference import aoti
+from qkv.inference.digests import TensorDigests
 from qkv.inference.engine import _merge_heads, attention_with_bias
 from qkv.inference.linear import PreparedLinear
 from qkv.model import Transformer
@@ -168,7 +169,7 @@ class SourceEncoder:
         say=None,
         batches: bool = False,
         products: nn.Module | None = None,
-        digests: aoti.TensorDigests | None = None,
+        digests: TensorDigests | None = None,
     ):
         self.module = StaticEncoder(model, products=products).eval()
         # the weights' digests (`aoti.program_key`), shared with the engine's other programs
