@@ -10,9 +10,8 @@ import zipfile
 import pytest
 import torch
 
-from qkv.inference import BeamCache, aoti, native, prepare_for_decoding
+from qkv.inference import BeamCache, aoti, buckets, native, prepare_for_decoding
 from qkv.inference import beam_program as beam_program_module
-from qkv.inference import compiled as compiled_module
 from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.compiled import CompiledEngine
 from test_compiled import QUICK, assert_same_beams, broken_compile, encoder_uncompiled, uncompiled
@@ -26,7 +25,7 @@ def compile_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QKV_COMPILE_CACHE", str(tmp_path / "compiled"))
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
     here = torch.backends.cpu.get_cpu_capability()
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (*compiled_module.WIDE_VECTORS, here))
+    monkeypatch.setattr(buckets, "WIDE_VECTORS", (*buckets.WIDE_VECTORS, here))
 
 
 def sentences_of_each_call(engine) -> list[tuple[int, int]]:
@@ -163,7 +162,7 @@ def test_a_failed_beam_compile_says_so_once_and_decodes_as_the_eager_engine(monk
 
 
 def test_without_wide_vectors_beams_on_many_sentences_take_the_eager_step(monkeypatch):
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", ())  # as on Arm: not measured there
+    monkeypatch.setattr(buckets, "WIDE_VECTORS", ())  # as on Arm: not measured there
     model = random_model()
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     engine.program = lambda arguments, greedy=False: engine.step_module(greedy)

@@ -18,7 +18,7 @@ from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_
 
 import qkv
 from qkv.errors import QkvError
-from qkv.inference import BeamCache, aoti, compiled_encoder, prepare_for_decoding
+from qkv.inference import BeamCache, aoti, buckets, compiled_encoder, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference import digests as digests_module
 from qkv.inference import engine as engine_module
@@ -323,17 +323,17 @@ def test_one_beam_on_more_sentences_takes_a_program_of_8_16_or_32_rows_with_the_
 def test_models_whose_weights_outgrow_the_cache_compile_one_row_only_without_wide_vectors(
     monkeypatch,
 ):
-    assert set(compiled_module.WIDE_VECTORS) == {"AVX512", "AVX2"}  # the two measured
+    assert set(buckets.WIDE_VECTORS) == {"AVX512", "AVX2"}  # the two measured
     model = random_model()
     engine = uncompiled(model)
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
-    monkeypatch.setattr(compiled_module, "MAX_WEIGHT_BYTES_FOR_ROWS", engine.step_bytes - 1)
+    monkeypatch.setattr(buckets, "MAX_WEIGHT_BYTES_FOR_ROWS", engine.step_bytes - 1)
     capability = torch.backends.cpu.get_cpu_capability()
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", ())  # as on a CPU not measured (Arm)
+    monkeypatch.setattr(buckets, "WIDE_VECTORS", ())  # as on a CPU not measured (Arm)
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), BeamCache)
     assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=2), BeamCache)
     assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=1), StaticCache)
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (capability,))  # as on AVX-512, AVX2
+    monkeypatch.setattr(buckets, "WIDE_VECTORS", (capability,))  # as on AVX-512, AVX2
     assert isinstance(engine.new_cache(max_beams=5, max_len=10, sentences=1), StaticCache)
     assert isinstance(engine.new_cache(max_beams=3, max_len=10, sentences=2), BeamCache)
     # One beam a sentence on more sentences: the programs of up to 32 rows, as for a model that fits
@@ -721,7 +721,7 @@ def test_many_sentences_are_encoded_by_a_program_of_their_own(quick_compile, com
     torch.testing.assert_close(again.encode(batches[1])[0], reference.encode(batches[1])[0])
     assert again.source.batch_program is not None
     assert len(list(compile_cache.iterdir())) == 1
-    again.source.batches = False  # as on a CPU outside `compiled.WIDE_VECTORS`
+    again.source.batches = False  # as on a CPU outside `buckets.WIDE_VECTORS`
     assert not again.source.takes(batches[0]) and again.source.takes(batches[0][:1])
 
 
@@ -757,7 +757,7 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     monkeypatch.setattr(CompiledEngine, "NATIVE_CANDIDATES", False)
     model = random_model(seed=3, tgt_vocab_size=4800)
     candidates = CompiledEngine(model).static_step.candidates
-    assert candidates == 2 * compiled_module.MAX_ROWS  # 2 x beam
+    assert candidates == 2 * buckets.MAX_ROWS  # 2 x beam
     assert topk_module._topk_chunk(4800, candidates) is not None
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     encoder_uncompiled(engine)  # the encoders' products are not Inductor's only
@@ -831,7 +831,7 @@ def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeyp
 
 def test_each_program_a_search_can_take_and_the_fewest_sentences_that_take_it(monkeypatch):
     here = torch.backends.cpu.get_cpu_capability()  # beam programs: on wide vectors only
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (*compiled_module.WIDE_VECTORS, here))
+    monkeypatch.setattr(buckets, "WIDE_VECTORS", (*buckets.WIDE_VECTORS, here))
     engine = uncompiled(random_model())  # a small model: its step fits MAX_WEIGHT_BYTES_FOR_ROWS
     # Greedy: 1-5 rows as they are, then rounded up to 8, 16 and 32.
     assert engine.sentences_per_program(1) == [1, 2, 3, 4, 5, 6, 9, 17]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qkv.inference import aoti, native, packed_linear, prepare_for_decoding
+from qkv.inference import aoti, buckets, native, packed_linear, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference.beam_program import attend_with_new_together, split_heads
 from qkv.inference.compiled import CompiledEngine
@@ -302,7 +302,7 @@ def products_here(monkeypatch):
 def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids(
     products_here, monkeypatch
 ):
-    monkeypatch.setattr(compiled_module, "SHRINK_TO", (8,))  # two programs to compile, not five
+    monkeypatch.setattr(buckets, "SHRINK_TO", (8,))  # two programs to compile, not five
     model = random_model(seed=6, max_len=80)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     encoder_uncompiled(engine)
@@ -325,7 +325,7 @@ def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids
 
 @needs_operator
 def test_the_beam_program_calls_qkvs_products_and_gives_the_eager_beams(products_here, monkeypatch):
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (torch.backends.cpu.get_cpu_capability(),))
+    monkeypatch.setattr(buckets, "WIDE_VECTORS", (torch.backends.cpu.get_cpu_capability(),))
     model = random_model(seed=5)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     encoder_uncompiled(engine)

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 import qkv
 from conftest import qkv_env
-from qkv.inference import compiled as compiled_module
+from qkv.inference import buckets
 from qkv.serve import compile_ahead, load_models
 from qkv.serve.app import create_app
 from qkv.translate import Translator
@@ -399,14 +399,14 @@ def test_a_server_with_compile_compiles_before_it_starts_and_translates_the_same
     # the beam program: compiled or loaded, they sit in the run, with one sentence's encoder. No
     # other test compiles these with these options.
     assert list((toy_run / "compiled").glob("decoder-step-3-rows-*.pt2")), stderr[-2000:]
-    if torch.backends.cpu.get_cpu_capability() in compiled_module.WIDE_VECTORS:
+    if torch.backends.cpu.get_cpu_capability() in buckets.WIDE_VECTORS:
         assert list((toy_run / "compiled").glob("decoder-beam-step-3-beams-*.pt2")), stderr
     assert "compiling the encoder for one sentence" in stderr, stderr[-2000:]
 
 
 def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch):
     here = torch.backends.cpu.get_cpu_capability()  # beam programs: on wide vectors only
-    monkeypatch.setattr(compiled_module, "WIDE_VECTORS", (*compiled_module.WIDE_VECTORS, here))
+    monkeypatch.setattr(buckets, "WIDE_VECTORS", (*buckets.WIDE_VECTORS, here))
     translator = qkv.load(toy_run, compile=True)
     engine = translator.engine()
     programs_run = set()

@@ -28,7 +28,7 @@ on a Zen 4: 8 sentences 1.13x, 32 sentences 1.01-1.09x, 128 sentences 0.98-1.00x
 32 sentences 1.05-1.10x; benchmarks/README.md, session 23): so it takes batches of up to
 `MAX_SENTENCES` live sentences, larger ones once enough have finished. The first step (one row per
 sentence), a search with a source of no token, and one sentence (its 5 rows are
-`qkv.inference.compiled`'s) take the eager step; so does every CPU outside `compiled.WIDE_VECTORS`
+`qkv.inference.compiled`'s) take the eager step; so does every CPU outside `buckets.WIDE_VECTORS`
 (not measured there). A package per beam width (`decoder-beam-step-B-beams-KEY.pt2`) beside the
 other programs, compiled at first use (~25 s for the small benchmark model).
 """

@@ -43,11 +43,11 @@ package is only loaded where it was made for (~5 ms). Options, key, compiling: `
 
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
 (sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,
-sampling; rows rounded up to 8, 16 or 32, and fewer as sentences finish: `SHRINK_TO`), on the
-CPU in fp32; beams on two sentences or more take a program of their own over the eager step's cache
-from their second step (`qkv.inference.beam_program`); larger greedy batches, other devices and
-dtypes take the eager step (greedy search on more sentences hands over to the programs once 32 are
-left: `StaticCache.take_over`). One sentence's
+sampling; rows rounded up to 8, 16 or 32, and fewer as sentences finish: `qkv.inference.buckets`),
+on the CPU in fp32; beams on two sentences or more take a program of their own over the eager step's
+cache from their second step (`qkv.inference.beam_program`); larger greedy batches, other devices
+and dtypes take the eager step (greedy search on more sentences hands over to the programs once 32
+are left: `StaticCache.take_over`). One sentence's
 encoder is a program too, with the first step's projection, and so is the encoder of many sentences
 where the beam program is taken (`qkv.inference.compiled_encoder`). The
 search (`qkv.search`) is the same. Where a program cannot be made (no C++ compiler, an unsupported
@@ -71,12 +71,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv.inference import aoti, int8_products, native, packed_linear
+from qkv.inference import aoti, buckets, int8_products, native, packed_linear
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.beam_program import BeamPrograms
-from qkv.inference.compiled_encoder import (
-    SourceEncoder,
-)
+from qkv.inference.buckets import MAX_ROWS, ONE_BEAM_ROWS
+from qkv.inference.compiled_encoder import SourceEncoder
 from qkv.inference.digests import TensorDigests
 from qkv.inference.engine import DecodingEngine, log_softmax, without
 from qkv.inference.packed_linear import DecoderProducts
@@ -89,29 +88,6 @@ from qkv.inference.static_step import StaticDecoderStep
 from qkv.inference.topk import extensions_of_rows
 from qkv.model import Transformer
 
-# Sentences x beams: beam 5 on one sentence, greedy on up to 5 (more sentences: `ONE_BEAM_ROWS`). With
-# 5-row register blocks on AVX2 (`AVX2_ROW_BLOCK`), Inductor's products gain at 2-5 rows on AVX-512
-# and AVX2 even where the weights outgrow the processor's cache: beam 5 on one sentence of the base
-# model (105 MB), compiled / eager, 1.17-1.22x on AVX-512, 1.46-1.51x on AVX2 (benchmarks/README.md).
-# Elsewhere (Arm, no vectors), not measured: a model that large compiles one row only.
-MAX_ROWS = 5
-# One hypothesis per sentence (greedy, sampling) on more sentences: the rows are rounded up to one of
-# these (the cache repeats its last row in the others), so that a few programs serve every batch.
-# Compiled / eager, greedy on the small model: 8 rows 1.53-1.54x, 16 rows 1.28-1.31x, 32 rows
-# 1.07-1.13x (AVX-512 and AVX2). The base model (105 MB a step), Zen 4, since 32-row programs take
-# oneDNN's products (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`): 8 rows 1.30x / 1.31x, 16 rows 1.24x / 1.19x,
-# 32 rows 1.16x / 1.05-1.07x (AVX-512 / AVX2); so every model on `WIDE_VECTORS`, and elsewhere only
-# models whose step fits MAX_WEIGHT_BYTES_FOR_ROWS. Beams stay at MAX_ROWS: 40 rows gained nothing, 160
-# lost (0.83-0.90x).
-ONE_BEAM_ROWS = (8, 16, 32)
-# Greedy search on many sentences moves to one of these smaller programs once its live sentences fit
-# (`StaticCache.reorder`). In length-sorted batches of 32 real sentences, half of the rows' steps came
-# after their sentence had ended, and a third of the steps had one sentence left: held to AVX2,
-# 2.42 -> 1.65 ms a sentence with 16, 8 and 4 rows, 1.57 with one row too (that of one sentence at a
-# time); every program of 1-5 rows gained no more (benchmarks/README.md, session 19).
-SHRINK_TO = (1, 4, 8, 16)
-MAX_WEIGHT_BYTES_FOR_ROWS = 32 * 2**20  # above, one row only, unless `WIDE_VECTORS` says otherwise
-WIDE_VECTORS = ("AVX512", "AVX2")  # ATen capabilities whose programs gain at every size of model
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
 
 
@@ -175,7 +151,7 @@ class CompiledEngine(DecodingEngine):
             model, greedy=True, like=self.static_step, writes_cache=self.STEPS_WRITE_CACHE
         ).eval()
         # Beams on two sentences or more, over the eager step's cache (`BeamPrograms.takes`), where
-        # measured: on `WIDE_VECTORS` (elsewhere, Arm, the eager step)
+        # measured: on `buckets.WIDE_VECTORS` (elsewhere, Arm, the eager step)
         self.beam_programs = BeamPrograms(
             model,
             self.cache_dir,
@@ -184,7 +160,7 @@ class CompiledEngine(DecodingEngine):
             products=self.decoder_products,
             digests=self.digests,
         )
-        self.compiles_beams = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
+        self.compiles_beams = buckets.wide_vectors()
         # One sentence's encoder compiled, and the first step's cross-attention K and V; where
         # beams on many sentences are compiled, many sentences' encoder too
         self.source = (
@@ -310,45 +286,27 @@ class CompiledEngine(DecodingEngine):
             return cache
         return super().new_cache(max_beams, max_len)
 
+    def many_rows_gain(self) -> bool:
+        """Whether programs of more than one row gain for this model here (`qkv.inference.buckets`)."""
+        return buckets.many_rows_gain(self.step_bytes)
+
     def program_rows(self, sentences: int, max_beams: int) -> int | None:
         """The rows of the program that decodes `sentences` x `max_beams` rows, or None: the eager
-        step. Up to `MAX_ROWS` rows as they are; one beam per sentence, up to `ONE_BEAM_ROWS`. A
-        model whose step outgrows `MAX_WEIGHT_BYTES_FOR_ROWS` takes one row only, except where ATen's
-        capability is one of `WIDE_VECTORS` (measured there)."""
-        rows = sentences * max_beams
-        fits = self.step_bytes <= MAX_WEIGHT_BYTES_FOR_ROWS
-        wide = torch.backends.cpu.get_cpu_capability() in WIDE_VECTORS
-        if not (fits or wide):
-            return 1 if rows == 1 else None
-        if rows <= MAX_ROWS:
-            return rows
-        if max_beams == 1:
-            return next((bucket for bucket in ONE_BEAM_ROWS if bucket >= rows), None)
-        return None
+        step (`buckets.program_rows`)."""
+        return buckets.program_rows(sentences, max_beams, self.many_rows_gain())
 
     def fewer_rows(self, rows: int) -> tuple[int, ...]:
         """The programs that a search with one beam per sentence on `rows` rows moves to as its
-        sentences finish (`StaticCache.reorder`): those of `SHRINK_TO` that exist and have at most
-        half as many rows; none from `MAX_ROWS` rows or fewer (it would cost a compile, not gain)."""
-        if rows <= MAX_ROWS:
-            return ()
-        return tuple(r for r in SHRINK_TO if r <= rows // 2 and self.program_rows(r, 1) == r)
+        sentences finish (`buckets.fewer_rows`)."""
+        return buckets.fewer_rows(rows, self.many_rows_gain())
 
     def sentences_per_program(self, max_beams: int) -> list[int]:
         """For each program that a search with `max_beams` beams can run on, the fewest sentences
         that run it, smallest first ([] where nothing compiles): what a server translates before it
-        listens, so that no request waits for a compile (with two tokens at least: the beam
-        program runs from the second step, `qkv.inference.beam_program`)."""
+        listens, so that no request waits for a compile (`buckets.sentences_per_program`)."""
         if self.unavailable is not None:
             return []
-        fewest: dict[int, int] = {}
-        for sentences in range(1, max(MAX_ROWS, ONE_BEAM_ROWS[-1]) + 1):
-            rows = self.program_rows(sentences, max_beams)
-            if rows is not None:
-                fewest.setdefault(rows, sentences)
-            elif max_beams > 1 and sentences > 1 and self.compiles_beams:  # the beam program
-                fewest.setdefault(0, sentences)
-        return sorted(fewest.values())
+        return buckets.sentences_per_program(max_beams, self.many_rows_gain(), self.compiles_beams)
 
     def step(self, last_tokens: Tensor, memory: Tensor, src_mask: Tensor, cache) -> Tensor:
         """As `DecodingEngine.step`; over a `StaticCache` the logits come normalised (they are the

@@ -14,7 +14,7 @@ Inductor (held to AVX2 on a Zen 4, the small benchmark model, 16 tokens a senten
 benchmarks/README.md, session 28). That one does not project: a beam search's first step projects
 for its own cache, and a greedy search's projection is one product after it
 (`SourceEncoder.cross_kv`).
-It is taken where the beam program is (`compiled.WIDE_VECTORS`, measured there). The source length,
+It is taken where the beam program is (`buckets.WIDE_VECTORS`, measured there). The source length,
 and the batch's size, are dynamic: one program serves every sentence, and one every batch.
 
 Each program is compiled at its first use (~10-30 s for a small model) and kept beside the decoder

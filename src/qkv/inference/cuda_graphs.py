@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv.inference.compiled import MAX_ROWS, ONE_BEAM_ROWS, CompiledEngine
+from qkv.inference.compiled import CompiledEngine
 from qkv.inference.engine import DecodingEngine
 from qkv.inference.static_step import StaticDecoderStep
 from qkv.model import Transformer
@@ -184,15 +184,10 @@ class GraphedEngine(CompiledEngine):
             self.programs[rows, greedy] = StepGraphs(step, transient, self.capture, self.pool)
         return self.programs[rows, greedy]
 
-    def program_rows(self, sentences: int, max_beams: int) -> int | None:
-        """As `CompiledEngine.program_rows`, whatever the model's size: a graph replays its kernels
-        at any size (the CPU's limits there are about its caches and vectors)."""
-        rows = sentences * max_beams
-        if rows <= MAX_ROWS:
-            return rows
-        if max_beams == 1:
-            return next((bucket for bucket in ONE_BEAM_ROWS if bucket >= rows), None)
-        return None
+    def many_rows_gain(self) -> bool:
+        """Whatever the model's size: a graph replays its kernels at any size (the CPU's limits
+        there are about its caches and vectors)."""
+        return True
 
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
         """The eager encoder: one call a sentence, its kernels few and large."""
