@@ -1,6 +1,7 @@
 """The page of `qkv serve` in a real browser: Playwright for Python driving Debian's Chromium against a
 real server on a loopback port, with the demo's trained model. The numbers drawn are checked against
-`qkv.explain`'s, and the test saves the screenshot README shows (docs/serve_page.png).
+`qkv.explain`'s, and the test takes the screenshot README shows: with QKV_UPDATE_DOCS=1 it writes
+docs/serve_page.png, else a temporary copy (a test run leaves the checkout as it was).
 
 Needs `pip install playwright` (the dev extra) and `apt-get install chromium` (.ci/run installs both;
 Playwright's own browser download is not used). Without them the test skips here, and fails in CI."""
@@ -30,6 +31,12 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 SENTENCE = "the third of may nineteen ninety"
 SCREENSHOT = REPO / "docs" / "serve_page.png"
+UPDATE_DOCS = "QKV_UPDATE_DOCS"  # 1: the test writes README's screenshot
+
+
+def screenshot_path(tmp_path: Path) -> Path:
+    """Where the page's screenshot goes: README's picture with `UPDATE_DOCS`, else `tmp_path`."""
+    return SCREENSHOT if os.environ.get(UPDATE_DOCS) == "1" else tmp_path / SCREENSHOT.name
 
 
 def missing(reason: str):
@@ -114,7 +121,7 @@ def assert_steps_drawn(sections, expected) -> None:
         assert float(value) == pytest.approx(float(m.values[i, j]), abs=1e-4), step.name
 
 
-def test_translate_look_at_cross_attention_then_step_by_step(server, chromium):
+def test_translate_look_at_cross_attention_then_step_by_step(server, chromium, tmp_path):
     url, run_dir = server
     page = chromium.new_page(viewport={"width": 1200, "height": 900})
     errors = []
@@ -162,13 +169,14 @@ def test_translate_look_at_cross_attention_then_step_by_step(server, chromium):
     page.wait_for_selector("#steps .qkv-step")
     assert_steps_drawn(page.locator("#steps .qkv-step"), expected)
     page.locator("#steps .qkv-step").nth(1).locator(".qkv-cell").nth(5).hover()
-    SCREENSHOT.parent.mkdir(exist_ok=True)
+    screenshot = screenshot_path(tmp_path)
+    screenshot.parent.mkdir(exist_ok=True)
     # README's picture: the translation, the explorer and the first steps; without the time taken,
     # so that the picture changes only when the page does
     page.add_style_tag(content=".timing { visibility: hidden; }")
-    page.screenshot(path=str(SCREENSHOT), full_page=True,
+    page.screenshot(path=str(screenshot), full_page=True,
                     clip={"x": 0, "y": 0, "width": 1200, "height": 1900})  # fmt: skip
-    assert SCREENSHOT.read_bytes()[:4] == b"\x89PNG"
+    assert screenshot.read_bytes()[:4] == b"\x89PNG"
 
     page.set_viewport_size({"width": 390, "height": 844})  # a phone: no page wider than the screen
     assert page.evaluate("document.documentElement.scrollWidth") <= 390

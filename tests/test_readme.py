@@ -29,3 +29,27 @@ def test_ci_runs_the_readme_test_command():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "pip install --quiet torch==2.13.0" in ci
     assert "pytest -q" in ci
+
+
+def _avx2_pass(text: str) -> tuple[set[str], list[str]]:
+    """The test files and the environment variables of the pass held to AVX2 in `text`: the
+    variables from ONEDNN_MAX_CPU_ISA's, the files of the pytest command after them."""
+    start = text.index("ONEDNN_MAX_CPU_ISA=AVX2")
+    pytest_at = text.index("pytest -q", start)
+    lines = text[pytest_at:].splitlines()
+    command = [lines[0]]
+    for line in lines[1:]:  # its continuation lines
+        if not command[-1].rstrip().endswith("\\"):
+            break
+        command.append(line)
+    files = set(re.findall(r"tests/test_\w+\.py", "\n".join(command)))
+    return files, re.findall(r"\b[A-Z_]+=(?:AVX2|avx2)\b", text[start:pytest_at])
+
+
+def test_readme_holds_to_avx2_as_ci_does():
+    """A reader who repeats CI's AVX2 pass from README runs the same files, held the same way."""
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    readme_files, readme_variables = _avx2_pass(README)
+    ci_files, ci_variables = _avx2_pass(ci)
+    assert readme_files == ci_files and len(ci_files) > 5
+    assert sorted(readme_variables) == sorted(ci_variables) and len(ci_variables) == 4
