@@ -48,12 +48,19 @@ def assert_same_beams(engine, reference, src, **options):
     torch.testing.assert_close(scores, ref_scores, **SCORES)
 
 
+@pytest.fixture(scope="module")
+def kept_programs(tmp_path_factory):
+    """This module's folder of compiled programs, never the user's cache: kept across its tests,
+    so that a test that loads programs can find those an earlier one compiled (~10 s each)."""
+    return tmp_path_factory.mktemp("compiled")
+
+
 @pytest.fixture(autouse=True)
-def compile_cache(tmp_path, monkeypatch):
-    """Compiled programs go to a fresh folder, never to the user's cache; compiled quickly."""
-    monkeypatch.setenv("QKV_COMPILE_CACHE", str(tmp_path / "compiled"))
+def compile_cache(kept_programs, monkeypatch):
+    """Compiled programs go to `kept_programs`, compiled quickly."""
+    monkeypatch.setenv("QKV_COMPILE_CACHE", str(kept_programs))
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
-    return tmp_path / "compiled"
+    return kept_programs
 
 
 def test_an_int8_product_is_the_eager_engines_on_the_same_packed_weights():
@@ -105,18 +112,22 @@ def test_the_compiled_int8_step_gives_the_eager_int8_engines_ids_and_beams(compi
         assert c_calls(PRODUCT, engine.beam_programs.package_path(3)) == products
 
 
-def test_a_new_engine_loads_the_int8_programs(compile_cache, monkeypatch):
+def test_the_compiled_int8_programs_are_kept_and_a_new_engine_loads_them(monkeypatch):
     """A program kept on disk holds its packed int8 weights as constants: a new process's engine
-    loads it and decodes as the eager int8 engine does."""
-    model = random_model(seed=8)
+    loads it and decodes as the eager int8 engine does. The model is the test above's: its programs
+    are loaded here, not compiled again (run alone, this test compiles them first)."""
+    model = random_model(seed=3)
     reference = prepare_for_decoding(model, int8=True)
     first = CompiledEngine(model, int8=True)
     assert_same_greedy(first, reference, random_sources([6]), max_len=12)
     del first
     monkeypatch.setattr("qkv.inference.compiled.compile_package", None)  # nothing compiled again
-    again = CompiledEngine(model, int8=True)
+    monkeypatch.setattr("qkv.inference.compiled_encoder.compile_encoder", None)
+    messages = []
+    again = CompiledEngine(model, warn=messages.append, int8=True)
     assert_same_greedy(again, reference, random_sources([5], seed=1), max_len=12)
-    assert again.compiled_rows == {1}
+    assert again.compiled_rows == {1} and again.source.program is not None
+    assert messages == []
 
 
 def test_without_qkvs_operators_it_says_so_once_and_decodes_as_the_eager_int8_engine(monkeypatch):
