@@ -40,7 +40,7 @@ def load_models(
     """A `ServedModel` for each run directory or checkpoint, with the language pair its training
     recorded. A model that cannot be loaded, or two that serve one pair, is an error naming it.
     compile, say: as for `qkv.translate.Translator`."""
-    from qkv.serve.app import ServedModel
+    from qkv.serve.service import ServedModel
     from qkv.translate import Translator
 
     models, pairs = [], {}
