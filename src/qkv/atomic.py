@@ -14,9 +14,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`.
 
     A crash at any moment leaves either the old file or the new one, never half of one. If `write`
-    raises, the temporary file is removed and `path` is left as it was.
+    raises, the temporary file is removed and `path` is left as it was. A symbolic link stays: the
+    file it names is replaced. A FIFO, a device (/dev/null) or a socket is a stream, not a file to
+    replace: `write` writes into it as it is (a rename would put a file in its place).
     """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "wb") as stream:
+            write(stream)
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = tempfile.NamedTemporaryFile(  # noqa: SIM115 (entered just below)

@@ -30,7 +30,8 @@ def check_output_file(
     force: bool = False,
     option: str = "-o",
 ) -> None:
-    """Refuse to write `path` where it is one of `inputs`, or where it exists and `force` is off."""
+    """Refuse to write `path` where it is one of `inputs`, or where it is a file that exists and
+    `force` is off."""
     path = Path(path)
     for source in inputs:
         if same_file(path, source):
@@ -41,7 +42,8 @@ def check_output_file(
     if path.is_dir():
         raise QkvError(f"{option} {path} is a folder; give a file name")
     check_parents_are_folders(path, option)
-    if path.exists() and not force:
+    # A FIFO or a device (/dev/null) is written into, not replaced: no --force needed
+    if path.is_file() and not force:
         raise QkvError(
             f"{option} {path} exists: pass --force to replace it, or choose another file"
         )
