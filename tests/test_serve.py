@@ -315,6 +315,29 @@ def test_v1_translate_gives_hypotheses_scores_and_subword_tokens(client, toy_run
     assert too_many.status_code == 400 and "n_best" in too_many.json()["error"]
 
 
+def test_v1_translate_searches_with_the_servers_beam_unless_the_request_gives_one(
+    models, monkeypatch
+):
+    """`qkv serve --beam 1` compiles ahead for beam 1: a request that names no beam must not
+    search with another (nor wait for another's compile); n_best widens it, as alternatives do."""
+    translator = models[0].translator
+    beams = []
+
+    def spy(sentences, beam, **search):
+        beams.append(beam)
+        return Translator.hypotheses(translator, sentences, beam=beam, **search)
+
+    monkeypatch.setattr(translator, "hypotheses", spy)
+    body = {"text": [LINES[0]], "source": "xx", "target": "yy"}
+    with TestClient(create_app(models, beam=1)) as client:
+        for extra in ({}, {"n_best": 3}, {"beam": 4, "n_best": 2}):
+            answer = client.post("/v1/translate", json={**body, **extra})
+            assert answer.status_code == 200, answer.text
+            hypotheses = answer.json()["translations"][0]["hypotheses"]
+            assert len(hypotheses) == extra.get("n_best", 1)
+    assert beams == [1, 3, 4]
+
+
 def test_concurrent_requests_share_batches_and_each_gets_its_own_sentences(models, expected):
     app = create_app(models, max_wait_ms=300)
 

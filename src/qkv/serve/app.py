@@ -45,7 +45,8 @@ class TranslateRequest(BaseModel):
     text: list[str]
     source: str | None = None
     target: str | None = None
-    beam: int = Field(5, ge=1, le=MAX_BEAM)
+    # None: the server's (`qkv serve --beam`), widened to n_best, as /translate's alternatives
+    beam: int | None = Field(None, ge=1, le=MAX_BEAM)
     n_best: int = Field(1, ge=1, le=MAX_BEAM)
     length_penalty: float = Field(0.6, ge=-MAX_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)
     early_exit: bool | None = None  # None: the server's (`qkv serve --early-exit`)
@@ -179,14 +180,15 @@ def create_app(
     @app.post("/v1/translate")
     async def translate_v1(body: TranslateRequest):
         service.check_key(body.api_key)
-        if body.n_best > body.beam:
+        if body.beam is not None and body.n_best > body.beam:
             raise ApiError(400, f"n_best ({body.n_best}) must not exceed beam ({body.beam})")
+        search_beam = max(beam, body.n_best) if body.beam is None else body.beam
         service.check_size(body.text)
         index = service.pick_model(body.source, body.target)
         service.check_lengths(index, body.text)
         translator = models[index].translator
         tokenizer = translator.tokenizer
-        search = (body.beam, body.n_best, body.length_penalty, body.early_exit)
+        search = (search_beam, body.n_best, body.length_penalty, body.early_exit)
         results = await service.translate(index, body.text, *search)
         translations = []
         for sentence, hypotheses in zip(body.text, results, strict=True):
