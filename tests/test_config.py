@@ -173,6 +173,8 @@ SPECIALS = dict(pad_id=0, bos_id=2, eos_id=3)
             "train.precision must be one of 'auto', 'fp32', 'bf16', not 'fp16'",
         ),
         ("eval.beam=0", "eval.beam must be an integer of at least 1, not 0"),
+        ("train.seed=-1", "train.seed must be an integer in [0, 2**32), not -1"),
+        ("data.seed=4294967296", "data.seed must be an integer in [0, 2**32), not 4294967296"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_key_the_value_and_the_rule(override, message):

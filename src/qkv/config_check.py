@@ -66,6 +66,7 @@ def _check_data(config: Config) -> None:
         raise QkvError(
             "data.src_lang and data.tgt_lang: name both languages of the data (e.g. 'de', 'en')"
         )
+    _seed("data.seed", data.seed)
     _probability("data.subword_dropout", data.subword_dropout)
     _choice("data.subword_dropout_side", data.subword_dropout_side, SUBWORD_DROPOUT_SIDES)
 
@@ -77,6 +78,7 @@ def _check_train(config: Config) -> None:
     for key in ("max_tokens", "pad_multiple", "update_freq", "warmup_steps", "keep_last"):
         _at_least(f"train.{key}", getattr(train, key), 1)
     _at_least("train.log_every", train.log_every, 1)
+    _seed("train.seed", train.seed)
     for key in ("max_hours", "weight_decay", "clip_norm"):
         value = getattr(train, key)
         if not (math.isfinite(value) and value >= 0):
@@ -111,6 +113,13 @@ def _fail(key: str, value, rule: str):
 def _at_least(key: str, value: int, least: int) -> None:
     if value < least:
         _fail(key, value, f"an integer of at least {least}")
+
+
+def _seed(key: str, value: int) -> None:
+    # What every generator it seeds takes (PyTorch's and NumPy's: a negative one was a traceback
+    # after the data had been prepared)
+    if not 0 <= value < 2**32:
+        _fail(key, value, "an integer in [0, 2**32)")
 
 
 def _probability(key: str, value: float) -> None:
