@@ -1,5 +1,8 @@
 """Checkpoints are written atomically, load without executing code, and fail clearly when damaged."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,6 +49,51 @@ def test_a_checkpoint_without_a_parameter_does_not_load(tmp_path):
     wrong = r"best\.pt: its weights do not fit its model_config: Missing key.*cross_attn\.q_proj\.weight"
     with pytest.raises(QkvError, match=wrong):
         load_model(tmp_path)
+
+
+def damaged(tmp_path, damage) -> Path:
+    """A run directory whose best.pt is the tiny model's checkpoint, changed by `damage`."""
+    checkpoint = model_checkpoint(tiny())
+    damage(checkpoint)
+    save_checkpoint(tmp_path / "best.pt", checkpoint)
+    return tmp_path
+
+
+def test_a_model_config_this_qkv_cannot_build_is_one_line_naming_the_file(tmp_path):
+    def unknown(checkpoint):
+        checkpoint["model_config"]["rotary"] = True
+
+    with pytest.raises(QkvError, match=r"best\.pt: .* settings this qkv does not know: rotary"):
+        load_model(damaged(tmp_path, unknown))
+
+    def not_a_table(checkpoint):
+        checkpoint["model_config"] = [1, 2]
+
+    with pytest.raises(QkvError, match=r"best\.pt: its model_config is not a table of settings"):
+        load_model(damaged(tmp_path, not_a_table))
+
+    def impossible(checkpoint):
+        checkpoint["model_config"]["n_heads"] = 5
+
+    with pytest.raises(QkvError, match=r"best\.pt: its model_config is not a valid one: .*n_heads"):
+        load_model(damaged(tmp_path, impossible))
+
+    def no_weights(checkpoint):
+        checkpoint["model"] = "weights"
+
+    with pytest.raises(QkvError, match=r"best\.pt: checkpoint has no weights"):
+        load_model(damaged(tmp_path, no_weights))
+
+
+def test_weights_of_another_size_name_a_few_misfits_not_all(tmp_path):
+    def wider(checkpoint):
+        checkpoint["model_config"]["d_model"] = 128
+
+    with pytest.raises(QkvError) as error:
+        load_model(damaged(tmp_path, wider))
+    message = str(error.value)
+    assert "do not fit its model_config: size mismatch" in message
+    assert re.search(r" \.\.\. and \d+ more$", message) and len(message) < 1000, message
 
 
 def test_parameters_not_drawn_leaves_parameters_only():

@@ -12,6 +12,7 @@ checkpoint" resolve a directory to its ``best.pt`` (else ``last.pt``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -137,13 +138,37 @@ def model_from_checkpoint(checkpoint: dict, source: str | Path = "checkpoint") -
     # The initial values are not drawn: the checkpoint's replace every parameter (the load is strict),
     # and drawing the small model's took ~60 ms of a cold `qkv translate` of ~1 s.
     with ParametersNotDrawn():
-        model = Transformer(TransformerConfig.from_dict(checkpoint["model_config"]))
+        model = Transformer(_config(checkpoint["model_config"], source))
+    if not isinstance(checkpoint.get("model"), dict):
+        raise QkvError(f"{source}: checkpoint has no weights ('model' is not a table of tensors)")
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:  # keys missing, unexpected, or of other shapes
-        what = " ".join(line.strip() for line in str(error).splitlines()[1:])
+        problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        what = " ".join(problems[:MISFITS_SHOWN])
+        if len(problems) > MISFITS_SHOWN:  # a model of another size: every weight misfits
+            what += f" ... and {len(problems) - MISFITS_SHOWN} more"
         raise QkvError(f"{source}: its weights do not fit its model_config: {what}") from None
     return model.eval()
+
+
+MISFITS_SHOWN = 3  # of a checkpoint's weights that do not fit its model_config, named in the error
+
+
+def _config(values, source: str | Path) -> TransformerConfig:
+    """The model's configuration as a checkpoint holds it, or a QkvError saying what is wrong."""
+    if not isinstance(values, dict):
+        raise QkvError(f"{source}: its model_config is not a table of settings")
+    unknown = sorted(set(values) - {field.name for field in fields(TransformerConfig)})
+    if unknown:
+        raise QkvError(
+            f"{source}: its model_config has settings this qkv does not know: "
+            f"{', '.join(unknown)} (saved by a newer qkv? upgrade qkv)"
+        )
+    try:
+        return TransformerConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise QkvError(f"{source}: its model_config is not a valid one: {error}") from None
 
 
 class ParametersNotDrawn(TorchFunctionMode):
