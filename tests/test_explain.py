@@ -152,3 +152,9 @@ def test_qkv_explain_with_a_run_dir(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"qkv: error: {run_dir} is a run: give the text to explain after it (explain RUN_DIR TEXT)"
     )
+    checkpoint = run_dir / "best.pt"
+    assert main(["explain", str(checkpoint)]) == 2  # nor those of a checkpoint's
+    assert capsys.readouterr().err.strip() == (
+        f"qkv: error: {checkpoint} is a checkpoint: give the text to explain after it "
+        "(explain RUN_DIR TEXT)"
+    )

@@ -162,9 +162,13 @@ def _run_explain(args) -> int:
     if len(args.inputs) > 2:
         raise QkvError("explain takes [RUN_DIR] TEXT: quote the text if it has spaces")
     *run_dir, text = args.inputs
-    if not run_dir and any((Path(text) / name).is_file() for name in ("best.pt", "last.pt")):
-        # A random model explained the words "runs/x"
-        raise QkvError(f"{text} is a run: give the text to explain after it (explain RUN_DIR TEXT)")
+    a_run = any((Path(text) / name).is_file() for name in ("best.pt", "last.pt"))
+    if not run_dir and (a_run or (text.endswith(".pt") and Path(text).is_file())):
+        # A random model explained the words "runs/x" (or "runs/x/best")
+        what = "a run" if a_run else "a checkpoint"
+        raise QkvError(
+            f"{text} is {what}: give the text to explain after it (explain RUN_DIR TEXT)"
+        )
     text = utf8_text(text)
     if run_dir:
         resolve_checkpoint(run_dir[0])  # what the model is, before where the page goes
