@@ -21,6 +21,8 @@ def test_help_lists_usage(run_qkv):
     # One optional run directory and one text, not argparse's "[[RUN_DIR] TEXT ...]"
     explain = run_qkv("explain", "--help").stdout
     assert "[--force] [RUN_DIR] TEXT\n" in explain and "[[RUN_DIR]" not in explain
+    bare = run_qkv()  # no command: the usage on stderr, and the exit status of a usage error
+    assert bare.returncode == 2 and "usage: qkv" in bare.stderr and bare.stdout == ""
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if (
+        args.command is None
+    ):  # a usage error, as argparse's own: scripts must not take it for work done
+        parser.print_help(sys.stderr)
+        return 2
     try:
         with _warnings_as_lines(), _progress_bars_ended_on_error():
             return args.run(args) or 0
