@@ -69,6 +69,10 @@ def test_cli_average_asks_for_enough_checkpoints(run_qkv, toy_run, tmp_path):
     result = run_qkv("average", toy_run, "--last", "5", "-o", tmp_path / "x.pt")
     assert result.returncode == 2
     assert "asked for the last 5 checkpoints but it has 2" in result.stderr
+    checkpoint = toy_run / "checkpoint_100.pt"
+    result = run_qkv("average", checkpoint, "--last", "2", "-o", tmp_path / "x.pt")
+    assert result.returncode == 2
+    assert f"{checkpoint}: is a checkpoint; --last N takes a run directory" in result.stderr
 
 
 def test_average_into_a_folder_with_another_tokenizer_is_refused_before_writing(toy_run, tmp_path):

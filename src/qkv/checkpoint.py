@@ -235,6 +235,11 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
 def last_step_checkpoints(run_dir: str | Path, n: int) -> list[Path]:
     """The `n` newest checkpoint_<step>.pt files of a run directory."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise QkvError(
+            f"{run_dir}: is a checkpoint; --last N takes a run directory (or name the checkpoints "
+            "to average, without --last)"
+        )
     if not run_dir.is_dir():
         raise QkvError(f"{run_dir}: no such run directory")
     if n < 1:

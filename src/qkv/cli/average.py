@@ -60,7 +60,8 @@ def _run_average(args) -> int:
     check_output_file(args.output, paths, args.force)
     tokenizer = save_average(paths, args.output)
     names = ", ".join(p.name for p in paths)
-    print(f"averaged {len(paths)} checkpoints ({names}) into {args.output}", file=sys.stderr)
+    checkpoints = "checkpoint" if len(paths) == 1 else "checkpoints"
+    print(f"averaged {len(paths)} {checkpoints} ({names}) into {args.output}", file=sys.stderr)
     if tokenizer is not None:
         print(f"copied {tokenizer} beside it", file=sys.stderr)
     return 0
