@@ -24,7 +24,11 @@ def _add_demo(subparsers) -> None:
         "... once it exists)",
     )
     parser.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
-    parser.add_argument("--seed", type=int, help="random seed for data and training")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="random seed for data and training (default 1, configs/demo.toml's)",
+    )
     parser.set_defaults(run=_run_demo)
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from qkv.cli.common import (
+    MAX_BEAM,
     add_force,
     check_at_least,
     check_beam,
@@ -31,7 +32,13 @@ output: one line per input line, in input order (an empty line gives an empty li
 
 def _add_search_options(parser) -> None:
     search = parser.add_argument_group("search")
-    search.add_argument("--beam", type=int, default=5, metavar="K", help="beam size (1: greedy)")
+    search.add_argument(
+        "--beam",
+        type=int,
+        default=5,
+        metavar="K",
+        help=f"beam size, 1-{MAX_BEAM} (default 5; 1: greedy)",
+    )
     search.add_argument(
         "--max-tokens",
         type=int,
@@ -189,7 +196,12 @@ def _add_translate(subparsers) -> None:
         "-o", "--output", metavar="FILE", help="output file (default stdout, as is -)"
     )
     add_force(parser)
-    parser.add_argument("--n-best", type=int, metavar="K", help="write the K best translations")
+    parser.add_argument(
+        "--n-best",
+        type=int,
+        metavar="K",
+        help="write the K best translations of each line, at most --beam (default 1)",
+    )
     parser.add_argument("--scores", action="store_true", help="write each translation's score")
     _add_search_options(parser)
     parser.set_defaults(run=_run_translate)
@@ -296,7 +308,9 @@ def _add_evaluate(subparsers) -> None:
     data.add_argument("--split", default="test_2016_flickr", help="default test_2016_flickr")
     data.add_argument("--src-lang", metavar="LANG", help="source language (default: training's)")
     data.add_argument("--tgt-lang", metavar="LANG", help="target language (default: training's)")
-    data.add_argument("--data-dir", metavar="DIR", help="data folder (default $QKV_DATA_DIR)")
+    data.add_argument(
+        "--data-dir", metavar="DIR", help="data folder (default $QKV_DATA_DIR, else ~/.cache/qkv)"
+    )
     data.add_argument("--src", metavar="FILE", help="source sentences, one a line (.gz ok)")
     data.add_argument("--ref", metavar="FILE", help="reference translations, aligned with --src")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
