@@ -571,4 +571,12 @@ def test_early_exit_is_the_servers_unless_a_request_says(models, monkeypatch):
             assert client.post("/v1/translate", json=body).status_code == 200
             answer = client.post("/v1/translate", json={**body, "early_exit": not server_default})
             assert answer.status_code == 200
-            assert searched == [server_default, server_default, not server_default]
+            # LibreTranslate's route takes qkv's field too, as JSON or from a form
+            answer = client.post("/translate", json={**libre, "early_exit": not server_default})
+            assert answer.status_code == 200
+            form = {**libre, "early_exit": str(not server_default).lower()}
+            assert client.post("/translate", data=form).status_code == 200
+            assert searched == [server_default, server_default, *[not server_default] * 3]
+            bad = client.post("/translate", json={**libre, "early_exit": "yes"})
+            assert bad.status_code == 400, bad.text
+            assert bad.json()["error"] == "early_exit must be true or false, not 'yes'"

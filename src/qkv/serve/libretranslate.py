@@ -73,6 +73,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
             raise ApiError(400, f"format must be 'text' or 'html', not {text_format!r}")
         # As LibreTranslate: fewer than none is none
         alternatives = max(0, _integer(fields.get("alternatives", 0), "alternatives", 16))
+        # qkv's own field, as in /v1/translate (None: the server's, `qkv serve --early-exit`)
+        exit_early = _boolean(fields.get("early_exit"), "early_exit")
         service.check_size(texts)
         index = service.pick_model(fields.get("source"), fields.get("target"))
         search_beam = max(service.beam, alternatives + 1)
@@ -82,7 +84,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
             flat = [node for page_nodes in nodes for node in page_nodes]
             page_numbers = [n for n, page_nodes in enumerate(nodes, start=1) for _ in page_nodes]
             service.check_lengths(index, flat, page_numbers)
-            results = await service.translate(index, flat, search_beam, 1, 0.6) if flat else []
+            search = (search_beam, 1, 0.6, exit_early)
+            results = await service.translate(index, flat, *search) if flat else []
             translated, start = [], 0
             for parts, page_nodes in zip(pages, nodes, strict=True):
                 node_results = results[start : start + len(page_nodes)]
@@ -91,7 +94,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
             best, others = translated, [[] for _ in texts]  # as LibreTranslate: none for html
         else:
             service.check_lengths(index, texts)
-            results = await service.translate(index, texts, search_beam, alternatives + 1, 0.6)
+            search = (search_beam, alternatives + 1, 0.6, exit_early)
+            results = await service.translate(index, texts, *search)
             best = [hypotheses[0].text for hypotheses in results]
             others = [[h.text for h in hypotheses[1:]] for hypotheses in results]
         single = isinstance(q, str)
@@ -143,3 +147,12 @@ def _integer(value, name: str, most: int) -> int:
     if number > most:
         raise ApiError(400, f"{name} must be at most {most}, not {number}")
     return number
+
+
+def _boolean(value, name: str) -> bool | None:
+    """`value` (JSON's true or false, or a form's text) as a truth value; None where not given."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
+        return value.lower() in ("true", "1")
+    raise ApiError(400, f"{name} must be true or false, not {value!r}")

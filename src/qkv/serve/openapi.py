@@ -15,6 +15,11 @@ _LIBRETRANSLATE_FIELDS = {
         "format": {"type": "string", "enum": ["text", "html"], "default": "text"},
         "alternatives": {"type": "integer", "default": 0, "maximum": 16},
         "api_key": {"type": "string"},
+        "early_exit": {
+            "type": "boolean",
+            "description": "qkv's: end the beam search when its best candidate ends (default: the "
+            "server's, qkv serve --early-exit)",
+        },
     },
 }
 # What LibreTranslate's clients send to POST /translate (read by hand, `_fields`), for /docs
