@@ -15,9 +15,11 @@ examples:
   curl -s localhost:5000/translate -H 'Content-Type: application/json' \\
       -d '{"q": "Ein Hund rennt.", "source": "de", "target": "en"}'
 
-API: LibreTranslate's POST /translate and GET /languages (its clients work unchanged), qkv's
-POST /v1/translate (hypotheses, scores, subword tokens), GET /health, GET /metrics (Prometheus),
-and the interactive documentation at /docs. Needs the extra: pip install "qkv[serve]".
+API: LibreTranslate's POST /translate, GET /languages and GET /frontend/settings (its clients
+work unchanged), qkv's POST /v1/translate (hypotheses, scores, subword tokens, attention) and
+POST /v1/explain (attention step by step), GET /health, GET /metrics (Prometheus), the page at /
+(translate, then look at the attention) and the interactive documentation at /docs. Needs the
+extra: pip install "qkv[serve]".
 """
 
 
@@ -34,7 +36,13 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("models", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     parser.add_argument("--port", type=int, default=5000, help="default 5000")
-    parser.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    parser.add_argument(
+        "--beam",
+        type=int,
+        default=5,
+        metavar="K",
+        help="beam size of requests that give none (default 5; 1: greedy)",
+    )
     parser.add_argument(
         "--early-exit",
         action="store_true",
