@@ -311,6 +311,12 @@ def test_v1_translate_gives_hypotheses_scores_and_subword_tokens(client, toy_run
     assert "".join(hypotheses[0]["tokens"]).replace("▁", " ").strip() == reference[0].text
     bad = client.post("/v1/translate", json={"text": "not a list", "source": "xx", "target": "yy"})
     assert bad.status_code == 400 and "text" in bad.json()["error"]
+    not_json = client.post(
+        "/v1/translate", content=b"{text", headers={"content-type": "application/json"}
+    )
+    assert not_json.status_code == 400 and not_json.json() == {
+        "error": "the body is not valid JSON"
+    }
     too_many = client.post("/v1/translate", json={**body, "n_best": 5})
     assert too_many.status_code == 400 and "n_best" in too_many.json()["error"]
 

@@ -123,6 +123,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
+        if any(problem["type"] == "json_invalid" for problem in error.errors()):
+            return JSONResponse({"error": "the body is not valid JSON"}, 400)  # as /translate says
         problems = "; ".join(
             f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'body'}: {problem['msg']}"
             for problem in error.errors()
