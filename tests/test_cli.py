@@ -133,3 +133,14 @@ def test_commands_are_still_forked_after_inductor_compiled_in_the_test_process(m
     os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = "140000000000"  # as loading does
     assert "TORCHINDUCTOR_CACHE_DIR" in os.environ
     assert forkable(server_env, qkv_env())
+
+
+def test_lines_written_to_a_gz_file_are_gzipped_and_to_others_plain(tmp_path):
+    import gzip
+
+    from qkv.cli.common import write_lines
+
+    write_lines(["ein Hund", "läuft"], tmp_path / "out.en.gz")
+    assert gzip.decompress((tmp_path / "out.en.gz").read_bytes()) == "ein Hund\nläuft\n".encode()
+    write_lines(["ein Hund"], tmp_path / "out.en")
+    assert (tmp_path / "out.en").read_text(encoding="utf-8") == "ein Hund\n"

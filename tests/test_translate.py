@@ -1,5 +1,6 @@
 """Translating text: the Python API (`qkv.load`), `qkv translate`, and batching that keeps input order."""
 
+import gzip
 import math
 import platform
 import select
@@ -246,6 +247,10 @@ def test_cli_n_best_and_scores_format(run_qkv, toy_run, tmp_path):
     assert rows[0][2] == "c b a" and rows[3][2] == "o p"
     assert float(rows[0][1]) >= float(rows[1][1])
     assert rows[2][1:] == ["0.0000", ""]
+    gzipped = tmp_path / "out.txt.gz"  # a .gz is written as one, as -i reads it
+    result = run_qkv("translate", toy_run, "-i", source, "-o", gzipped, "--beam", "4")
+    assert result.returncode == 0, result.stderr
+    assert gzip.decompress(gzipped.read_bytes()).decode() == "c b a\n\no p\n"
 
 
 def test_cli_rejects_bad_input_clearly(run_qkv, toy_run, tmp_path):

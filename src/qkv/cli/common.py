@@ -82,7 +82,24 @@ def write_lines(lines: list[str], path: str | None) -> None:
         return
     from qkv.atomic import atomic_write
 
-    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+    def write(file) -> None:
+        with compressed_as_named(file, path) as out:
+            out.write(text.encode("utf-8"))
+
+    atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def compressed_as_named(file, path: str | Path):
+    """`file` (binary, being written), through gzip where `path` ends in .gz: an -o file named so is
+    one, as -i and --src read such a file (the text had gone in plain)."""
+    if not str(path).endswith(".gz"):
+        yield file
+        return
+    import gzip
+
+    with gzip.GzipFile(filename="", mode="wb", fileobj=file, mtime=0) as compressed:
+        yield compressed
 
 
 # The widest beam the commands and the server search: the API's bound too (qkv.serve.app). Far wider

@@ -11,6 +11,7 @@ from qkv.cli.common import (
     check_at_least,
     check_beam,
     check_output,
+    compressed_as_named,
     import_torch,
     write_lines,
 )
@@ -193,7 +194,10 @@ def _add_translate(subparsers) -> None:
     parser.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
     parser.add_argument("-i", "--input", metavar="FILE", help="input text (default stdin, as is -)")
     parser.add_argument(
-        "-o", "--output", metavar="FILE", help="output file (default stdout, as is -)"
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="output file, gzipped if it ends in .gz (default stdout, as is -)",
     )
     add_force(parser)
     parser.add_argument(
@@ -255,7 +259,8 @@ def _run_translate(args) -> int:
     if args.output:
 
         def translate_into(file) -> None:
-            translate_all(lambda text: file.write(text.encode()))
+            with compressed_as_named(file, args.output) as out:
+                translate_all(lambda text: out.write(text.encode()))
             if read_error is not None:  # a command that fails leaves -o as it was
                 raise QkvError(f"{read_error}; {args.output} is left as it was")
 
@@ -314,7 +319,9 @@ def _add_evaluate(subparsers) -> None:
     data.add_argument("--src", metavar="FILE", help="source sentences, one a line (.gz ok)")
     data.add_argument("--ref", metavar="FILE", help="reference translations, aligned with --src")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
-    parser.add_argument("-o", "--output", metavar="FILE", help="also write the translations here")
+    parser.add_argument(
+        "-o", "--output", metavar="FILE", help="also write the translations here (.gz: gzipped)"
+    )
     add_force(parser)
     _add_search_options(parser)
     parser.set_defaults(run=_run_evaluate)
