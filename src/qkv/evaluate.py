@@ -55,8 +55,9 @@ def format_scores(scores: dict) -> str:
         ("BLEU, lower-cased", scores["bleu_lowercase"], scores["bleu_lowercase_signature"]),
     ]
     lines = [f"{name:<18} {value:6.2f}   {signature}" for name, value, signature in rows]
+    count = scores["sentences"]
     lines.append(
-        f"({scores['sentences']} sentences; the lower-cased BLEU is for comparison with papers "
+        f"({count} sentence{'' if count == 1 else 's'}; the lower-cased BLEU is for comparison with papers "
         "that quote lower-cased BLEU)"
     )
     return "\n".join(lines)
