@@ -294,7 +294,14 @@ def test_resume_with_another_model_is_refused_and_the_runs_config_kept(prepared,
     same_weights = tiny_config(
         prepared, "train.max_steps=4", "model.dropout=0.3", "model.max_len=512"
     )
-    assert train(same_weights, tmp_path, resume=True, log=lambda *_: None)["steps"] == 4
+    logged = []
+    assert train(same_weights, tmp_path, resume=True, log=logged.append)["steps"] == 4
+    # Said, since the run's config.toml is replaced: a resume that forgot an earlier --set
+    said = [line for line in logged if line.startswith("resuming with another config")]
+    assert said == [
+        "resuming with another config than the run's (model.dropout 0.0 -> 0.3, model.max_len "
+        "unset -> 512, train.max_steps 2 -> 4): config.toml now says so"
+    ], logged
 
 
 def test_a_model_too_short_for_its_batches_is_named_before_any_step(prepared, tmp_path):

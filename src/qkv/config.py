@@ -271,3 +271,17 @@ def toml_value(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def toml_changes(before: str, after: str) -> list[str]:
+    """What `after` (TOML, as `dump_toml` writes a config) sets otherwise than `before`, each as
+    "section.key old -> new" ("unset" for a key one of them leaves out)."""
+    old, new = tomllib.loads(before), tomllib.loads(after)
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        was, now = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(was) | set(now)):
+            if was.get(key) != now.get(key):
+                first, then = (repr(d[key]) if key in d else "unset" for d in (was, now))
+                changes.append(f"{section}.{key} {first} -> {then}")
+    return changes
