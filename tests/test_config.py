@@ -180,7 +180,22 @@ SPECIALS = dict(pad_id=0, bos_id=2, eos_id=3)
 def test_a_bad_value_is_an_error_naming_the_key_the_value_and_the_rule(override, message):
     with pytest.raises(QkvError) as error:
         load_config(None, [override])
-    assert str(error.value) == message
+    assert str(error.value) == f"--set {override}: {message}"
+
+
+def test_a_bad_value_is_named_by_the_file_or_the_set_that_gave_it(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[model]\nd_model = -8\n[train]\nlr = 1.0\n")
+    with pytest.raises(QkvError) as error:
+        load_config(config)
+    assert str(error.value) == (
+        f"{config}: model.d_model must be a positive multiple of model.n_heads (4), not -8"
+    )
+    with pytest.raises(QkvError) as error:  # the file's value mended; the last --set breaks lr
+        load_config(config, ["model.d_model=64", "train.lr=2", "train.lr=-1"])
+    assert (
+        str(error.value) == "--set train.lr=-1: train.lr must be a finite number above 0, not -1.0"
+    )
 
 
 def any_value():

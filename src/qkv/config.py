@@ -174,9 +174,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         config_from_dict({section: {key: value}}, source=f"--set {shown}")
         values.setdefault(section, {})[key] = value
     config = config_from_dict(values, source)
-    from qkv.config_check import check_config  # it reads the rules' choices from other modules
+    from qkv.config_check import RuleBroken, check_config  # it reads choices from other modules
 
-    check_config(config)
+    try:
+        check_config(config)
+    except RuleBroken as error:  # named by where the value came from: the last --set, or the file
+        given = [o for o in overrides if o.partition("=")[0].strip() == error.key]
+        where = f"--set {given[-1]}" if given else path
+        raise QkvError(f"{where}: {error}" if where else str(error)) from None
     return config
 
 

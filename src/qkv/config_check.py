@@ -1,6 +1,7 @@
 """The rules every value of a run config follows, checked when the config is read: before any data is
 prepared or any folder made, a bad value is one error that names the key, the value and the rule
-(``model.d_model must be a positive multiple of model.n_heads (4), not -8``)."""
+(``model.d_model must be a positive multiple of model.n_heads (4), not -8``); `load_config` adds
+the file or the --set that gave it."""
 
 from __future__ import annotations
 
@@ -106,8 +107,16 @@ def _check_eval(config: Config) -> None:
     _at_least("eval.beam", evaluation.beam, 1)
 
 
+class RuleBroken(QkvError):
+    """A value of a config that breaks its rule; `key` ("section.key") names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def _fail(key: str, value, rule: str):
-    raise QkvError(f"{key} must be {rule}, not {value!r}")
+    raise RuleBroken(key, f"{key} must be {rule}, not {value!r}")
 
 
 def _at_least(key: str, value: int, least: int) -> None:
