@@ -172,7 +172,11 @@ def test_qkv_attention_one_head_and_bad_layer(run_qkv, run_dir, tmp_path, capsys
     # Errors in-process: a subprocess costs two seconds of importing torch.
     bad_layer = ["attention", str(run_dir), "the third", "--layer", "7", "-o", str(png), "--force"]
     assert main(bad_layer) == 2
-    assert "layer 7 does not exist" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "layer 7 does not exist" in said.err
+    assert "translation:" not in said.out  # said before the sentence is translated
+    assert main([*bad_layer[:3], "--head", "9"]) == 2
+    assert "head 9 does not exist" in capsys.readouterr().err
     assert main(["attention", str(tmp_path / "missing"), "the third"]) == 2
     assert "missing" in capsys.readouterr().err
 

@@ -129,13 +129,8 @@ def select(maps: AttentionMaps, kinds=KINDS, layer: int | None = None, head: int
     One row of panels per (kind, layer), one column per head: ``layer=None`` takes every layer,
     ``head=None`` every head.
     """
-    for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")
-        if layer is not None and not 0 <= layer < maps.n_layers(kind):
-            raise ValueError(f"layer {layer + 1} does not exist: {kind} has {maps.n_layers(kind)}")
-    if head is not None and not 0 <= head < maps.n_heads:
-        raise ValueError(f"head {head + 1} does not exist: the model has {maps.n_heads} heads")
+    layers = {kind: maps.n_layers(kind) for kind in kinds if kind in KINDS}
+    check_panels(kinds, layer, head, layers, maps.n_heads)
     rows = [
         (kind, lay)
         for kind in kinds
@@ -143,6 +138,25 @@ def select(maps: AttentionMaps, kinds=KINDS, layer: int | None = None, head: int
     ]
     heads = [head] if head is not None else list(range(maps.n_heads))
     return [[(kind, lay, h) for h in heads] for kind, lay in rows]
+
+
+def check_panels(kinds, layer: int | None, head: int | None, layers: dict, n_heads: int) -> None:
+    """A ValueError where a kind, `layer` or `head` (from 0) is not among a model's: `layers` holds
+    each kind's number of layers."""
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")
+        if layer is not None and not 0 <= layer < layers[kind]:
+            raise ValueError(f"layer {layer + 1} does not exist: {kind} has {layers[kind]}")
+    if head is not None and not 0 <= head < n_heads:
+        raise ValueError(f"head {head + 1} does not exist: the model has {n_heads} heads")
+
+
+def model_layers(model: Transformer) -> dict[str, int]:
+    """Each kind of attention's number of layers in `model`."""
+    config = model.config
+    decoder = config.n_decoder_layers
+    return {"encoder": config.n_encoder_layers, "decoder": decoder, "cross": decoder}
 
 
 def panel_title(kind: str, layer: int, head: int) -> str:

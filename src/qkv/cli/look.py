@@ -78,17 +78,17 @@ def _run_attention(args) -> int:
     if output and (problem := visualize.picture_format_problem(output)):
         raise QkvError(f"-o {output}: {problem}")
     model, tokenizer = _load_run(args.run_dir)
+    kinds = [args.kind] if args.kind else list(KINDS)
+    layer, head = _one_based(args.layer, "layer"), _one_based(args.head, "head")
+    try:  # before the sentence is translated
+        layers = visualize.model_layers(model)
+        visualize.check_panels(kinds, layer, head, layers, model.config.n_heads)
+    except ValueError as error:
+        raise QkvError(str(error)) from None
     maps, translation = visualize.sentence_attention(model, tokenizer, args.sentence)
     caption = f"{args.sentence}  →  {translation}"
     print(f"source:      {' '.join(maps.src_labels)}")
     print(f"translation: {translation}")
-
-    kinds = [args.kind] if args.kind else list(KINDS)
-    layer, head = _one_based(args.layer, "layer"), _one_based(args.head, "head")
-    try:
-        visualize.select(maps, kinds, layer, head)
-    except ValueError as error:
-        raise QkvError(str(error)) from None
     if output:
         fig = visualize.plot_attention(maps, kinds, layer, head, caption=caption)
         visualize.save_figure(fig, output)
