@@ -55,9 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (
-        args.command is None
-    ):  # a usage error, as argparse's own: scripts must not take it for work done
+    if args.command is None:
+        # A usage error, as argparse's own: a script must not take it for work done
         parser.print_help(sys.stderr)
         return 2
     try:
