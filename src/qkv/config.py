@@ -166,12 +166,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise QkvError(f"{path}: not valid TOML: {error}") from None
     source = str(path) if path else "config"
     config_from_dict(values, source)  # the file's own keys and types, named by the file
+    set_by: dict[str, str] = {}  # "section.key" -> the last --set that gave it
     for override in overrides:
         section, key, value = parse_override(override)
         # Named by itself; quoted where it holds a newline or another unprintable character, so
         # that the error stays one line.
         shown = override if override.isprintable() else repr(override)
-        config_from_dict({section: {key: value}}, source=f"--set {shown}")
+        set_by[f"{section}.{key}"] = f"--set {shown}"
+        config_from_dict({section: {key: value}}, source=set_by[f"{section}.{key}"])
         values.setdefault(section, {})[key] = value
     config = config_from_dict(values, source)
     from qkv.config_check import RuleBroken, check_config  # it reads choices from other modules
@@ -179,8 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     try:
         check_config(config)
     except RuleBroken as error:  # named by where the value came from: the last --set, or the file
-        given = [o for o in overrides if o.partition("=")[0].strip() == error.key]
-        where = f"--set {given[-1]}" if given else path
+        where = set_by.get(error.key, path)
         raise QkvError(f"{where}: {error}" if where else str(error)) from None
     return config
 
@@ -290,3 +291,12 @@ def toml_changes(before: str, after: str) -> list[str]:
                 first, then = (repr(d[key]) if key in d else "unset" for d in (was, now))
                 changes.append(f"{section}.{key} {first} -> {then}")
     return changes
+
+
+def file_changes(path: Path, text: str) -> list[str]:
+    """What the config `text` changes of the config file at `path` (`toml_changes`); none where the
+    file is gone, or damaged."""
+    try:
+        return toml_changes(path.read_text(encoding="utf-8"), text)
+    except (OSError, ValueError):  # tomllib's TOMLDecodeError is a ValueError
+        return []

@@ -28,7 +28,7 @@ from qkv.checkpoint import (
     save_checkpoint,
     save_step_checkpoint,
 )
-from qkv.config import Config, dump_toml, toml_changes
+from qkv.config import Config, dump_toml, file_changes
 from qkv.config_check import check_config
 from qkv.data import EncodedSplit, TokenBatchSampler
 from qkv.distributed import Distributed, restore_rng_states, rng_states, setup_distributed
@@ -443,7 +443,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
     resumed = resume and trainer.resume()  # first: a run it refuses keeps its config.toml
     if dist_info.is_main:
         text = dump_toml(config)
-        if resumed and (changed := _changed_config(run_dir / "config.toml", text)):
+        if resumed and (changed := file_changes(run_dir / "config.toml", text)):
             log(f"resuming with another config than the run's ({', '.join(changed)}): "
                 "config.toml now says so")  # fmt: skip
         atomic_write(run_dir / "config.toml", lambda file: file.write(text.encode()))
@@ -464,12 +464,3 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
         + f"; {len(data.train):,} training pairs, {len(data.val):,} validation pairs"
     )
     return trainer.run()
-
-
-def _changed_config(path: Path, text: str) -> list[str]:
-    """What the config `text` changes of the run's config.toml at `path` (none where it is gone, or
-    was damaged: it is replaced)."""
-    try:
-        return toml_changes(path.read_text(encoding="utf-8"), text)
-    except (OSError, ValueError):  # tomllib's TOMLDecodeError is a ValueError
-        return []
