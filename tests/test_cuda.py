@@ -199,11 +199,12 @@ def test_the_compiled_step_on_cuda_replays_cuda_graphs_with_the_eager_engines_re
 
 def test_translate_compile_on_cuda_takes_the_graphs_in_fp32(toy_run, run_qkv):
     from qkv.inference.cuda_graphs import GraphedEngine
+    from qkv.translate import Translator
 
-    translator = qkv.Translator.load(toy_run, device="cuda", precision="auto", compile=True)
+    translator = Translator.load(toy_run, device="cuda", precision="auto", compile=True)
     engine = translator.engine()
     assert translator.precision == "fp32" and isinstance(engine, GraphedEngine)
-    plain = qkv.Translator.load(toy_run, device="cuda", precision="fp32")
+    plain = Translator.load(toy_run, device="cuda", precision="fp32")
     lines = ["a b c", "p o n m", "e f g h i"]
     # Greedy on the three together, beam 5 on each alone: what the graphs take (not 15 rows).
     assert translator.translate(lines, beam=1) == plain.translate(lines, beam=1)
