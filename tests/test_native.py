@@ -219,14 +219,24 @@ def test_row_topk_says_what_it_expects():
 
 
 @needs_operator
-def test_one_sentences_beam_program_finds_its_candidates_with_qkvs_operator(monkeypatch):
+def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkvs_operators(
+    monkeypatch,
+):
+    """As on an AVX-512 CPU (`packed_linear.FEW_ROWS_ON`), whatever this one is: the programs of a
+    few rows take qkv's products, one row and beams on many sentences do not."""
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
+    monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", ())
+    monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", (torch.backends.cpu.get_cpu_capability(),))
     model = random_model(seed=5, tgt_vocab_size=500)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     assert_same_beams(engine, reference, random_sources([7], seed=2), beam_size=5, max_len=12)
     assert engine.compiled_rows == {5}
     # each row's candidates, then one sentence's extensions over the rows
     assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 2
+    assert c_calls(PRODUCT, engine.package_path(5)) == 6 * model.config.n_decoder_layers + 1
+    assert engine.step_module(True, 2).products is not None
+    assert engine.step_module(True, 1).products is None  # one row: Inductor's own
+    assert engine.step_module(True, 8).products is None and engine.beam_products() is None
     # Without qkv's operators, another program: PyTorch's topk, in chunks
     monkeypatch.setattr(compiled_module.CompiledEngine, "NATIVE_CANDIDATES", False)
     plain = CompiledEngine(model)
@@ -295,6 +305,9 @@ def products_here(monkeypatch):
     too); programs compiled quickly."""
     here = torch.backends.cpu.get_cpu_capability()
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", (here,))
+    monkeypatch.setattr(
+        packed_linear, "FEW_ROWS_ON", ()
+    )  # fewer rows than 8: Inductor's, as on AVX2
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
 
 
@@ -338,13 +351,30 @@ def test_the_beam_program_calls_qkvs_products_and_gives_the_eager_beams(products
 def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
     model = random_model()
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", ())
+    monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
     here = torch.backends.cpu.get_cpu_capability()
-    assert packed_linear.unavailable(model) == f"qkv's products are for AVX2; oneDNN's serve {here}"
+    assert packed_linear.unavailable(model) == (
+        f"qkv's products are for AVX2 (and a few rows on AVX-512); oneDNN's serve {here}"
+    )
     engine = CompiledEngine(model)
     assert engine.decoder_products() is None and engine.step_module(True, 32).products is None
     assert packed_linear.unavailable(model.to(torch.bfloat16)) == (
         "qkv's products are for fp32 on the CPU"
     )
+
+
+@pytest.mark.parametrize(
+    "capability, rows_served",
+    [("AVX2", [8, 16, 32, None]), ("AVX512", [2, 5, 7]), ("DEFAULT", [])],
+)
+def test_which_programs_take_qkvs_products_follows_the_cpus_capability(
+    monkeypatch, capability, rows_served
+):
+    """AVX2: programs of 8 rows or more and the beam programs (None); AVX-512: 2-7 rows, where
+    Inductor's products keep their sums in memory; one row, Inductor's everywhere."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    rows = [1, 2, 5, 7, 8, 16, 32, None]
+    assert [r for r in rows if packed_linear.serves(r)] == rows_served
 
 
 @needs_operator

@@ -31,7 +31,8 @@ number of rows:
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
   weights, the bias and ReLU fused); from 32 rows, oneDNN's (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`), but
-  Inductor's for small weights on AVX2 (`aoti.own_products_up_to`), chosen by size.
+  Inductor's for small weights on AVX2 (`aoti.own_products_up_to`), chosen by size; qkv's own
+  kernel in the programs of 8 rows or more on AVX2 and of 2-7 rows on AVX-512 (`packed_linear.serves`).
   The capacity and the source length are dynamic: one program per number of rows.
 
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
@@ -157,7 +158,7 @@ class CompiledEngine(DecodingEngine):
             self.cache_dir,
             self.static_step,
             say,
-            products=self.decoder_products,
+            products=self.beam_products,
             digests=self.digests,
         )
         self.compiles_beams = buckets.wide_vectors()
@@ -229,12 +230,12 @@ class CompiledEngine(DecodingEngine):
         return self.programs[rows, greedy]
 
     def step_module(self, greedy: bool = False, rows: int | None = None) -> StaticDecoderStep:
-        """The step a program of `rows` rows is compiled from, and what runs when it cannot be: from
-        `packed_linear.FROM_ROWS` rows, with qkv's products where they serve (`packed_steps`); int8,
-        always with its int8 products."""
+        """The step a program of `rows` rows is compiled from, and what runs when it cannot be: with
+        qkv's products where they serve programs of that many rows (`packed_linear.serves`,
+        `packed_steps`); int8, always with its int8 products."""
         self._candidates_natively()
-        many_rows = rows is not None and rows >= packed_linear.FROM_ROWS
-        if (self.int8 or many_rows) and self.packed_steps():
+        takes_products = rows is not None and packed_linear.serves(rows)
+        if (self.int8 or takes_products) and self.packed_steps():
             return self._packed_steps[greedy]
         return self.greedy_step if greedy else self.static_step
 
@@ -257,7 +258,7 @@ class CompiledEngine(DecodingEngine):
 
     def decoder_products(self) -> DecoderProducts | None:
         """The decoder's products by qkv's kernel, made once, or None where they do not serve
-        (`packed_linear.unavailable`): for the programs of many rows and the beam programs. An int8
+        (`packed_linear.unavailable`): for the programs it serves (`packed_linear.serves`). An int8
         engine's are int8 (`qkv.inference.int8_products`)."""
         if self._products is None and self.int8:
             self._products = int8_products.int8_products(self)
@@ -265,6 +266,13 @@ class CompiledEngine(DecodingEngine):
             usable = packed_linear.unavailable(self.static_step.model, self.say) is None
             self._products = DecoderProducts.of_step(self.static_step) if usable else False
         return None if self._products is False else self._products
+
+    def beam_products(self) -> DecoderProducts | None:
+        """The products a beam program takes: int8 ones for an int8 engine, else qkv's where they
+        serve beams on many sentences (`packed_linear.serves`), else None (PyTorch's)."""
+        if self.int8 or packed_linear.serves(None):
+            return self.decoder_products()
+        return None
 
     def new_cache(
         self, max_beams: int = 1, max_len: int | None = None, sentences: int | None = None

@@ -1,5 +1,6 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
-compiled steps (`StaticDecoderStep` of `FROM_ROWS` rows or more, `SharedBeamStep`) on an AVX2 CPU.
+compiled steps (`StaticDecoderStep` of `FROM_ROWS` rows or more, `SharedBeamStep`) on an AVX2 CPU,
+and the steps of a few rows (`FEW_ROWS` up to `FROM_ROWS`) on an AVX-512 one (`serves`).
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
 oneDNN, which Inductor and the eager engine call for these products, prepares every call for a
@@ -115,16 +116,37 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 # 0.97x on 8, 0.91-0.93x on 32; but 1.24x on one sentence, 1.03x on 2 and 5, and 1.11x with beam 5
 # on one (benchmarks/README.md, session 33).
 FROM_ROWS = 8
+# ...but where ATen's capability is one of these, the programs of `FEW_ROWS` to `FROM_ROWS` - 1 rows
+# take them too (one sentence's beams, greedy on 2-5 sentences). Inductor's AVX-512 products of a few
+# rows keep their sums in memory: GCC stores each of the 10-15 accumulators at every step of the depth
+# (`objdump` of the base model's 5-row program), so they ran at ~40 GFLOP/s, twice a one-row
+# product's time for the same weights. Whole searches with qkv's products, two engines taking turns
+# on an Intel Xeon (AMX) as it comes: 0.80x the time (small, beam 5, one sentence), 0.85x and 0.95x
+# (greedy on 4 and 2 sentences); the base model 0.53x, 0.55x, 0.80x. One row keeps Inductor's (1.09x
+# and 0.98x) (benchmarks/README.md, session 45).
+FEW_ROWS_ON = ("AVX512",)
+FEW_ROWS = 2
+
+
+def serves(rows: int | None) -> bool:
+    """Whether a program of `rows` rows (None: beams on many sentences, `qkv.inference.beam_program`)
+    takes qkv's products on this CPU, where they load (`unavailable`)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if rows is None or rows >= FROM_ROWS:
+        return capability in NATIVE_PRODUCTS_ON
+    return rows >= FEW_ROWS and capability in FEW_ROWS_ON
 
 
 def unavailable(model: nn.Module, say=None) -> str | None:
-    """None if a compiled step of `model` takes qkv's products here, else why not (one line): an
-    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON`, and qkv's operators loaded
-    (built at their first use, `say` told)."""
+    """None if a compiled step of `model` can take qkv's products here, else why not (one line): an
+    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON` or `FEW_ROWS_ON`, and qkv's
+    operators loaded (built at their first use, `say` told). Which programs take them: `serves`."""
     weight = model.output.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return "qkv's products are for fp32 on the CPU"
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in NATIVE_PRODUCTS_ON:
-        return f"qkv's products are for AVX2; oneDNN's serve {capability}"
+    if capability not in NATIVE_PRODUCTS_ON + FEW_ROWS_ON:
+        return (
+            f"qkv's products are for AVX2 (and a few rows on AVX-512); oneDNN's serve {capability}"
+        )
     return native.load(say)
