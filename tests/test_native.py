@@ -237,7 +237,7 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
     assert engine.step_module(True, 2).products is not None
     assert engine.step_module(True, 1).products is None  # one row: Inductor's own
     assert engine.step_module(True, 8).products is None and engine.beam_products() is None
-    # Without qkv's operators, another program: PyTorch's topk, in chunks
+    # Without qkv's operator for the candidates, another program: PyTorch's topk, in chunks
     monkeypatch.setattr(compiled_module.CompiledEngine, "NATIVE_CANDIDATES", False)
     plain = CompiledEngine(model)
     assert plain.package_path(5) != engine.package_path(5)
@@ -305,9 +305,8 @@ def products_here(monkeypatch):
     too); programs compiled quickly."""
     here = torch.backends.cpu.get_cpu_capability()
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", (here,))
-    monkeypatch.setattr(
-        packed_linear, "FEW_ROWS_ON", ()
-    )  # fewer rows than 8: Inductor's, as on AVX2
+    # fewer rows than 8: Inductor's products, as on AVX2
+    monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
 
 
