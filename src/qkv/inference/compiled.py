@@ -81,41 +81,18 @@ from qkv.inference.digests import TensorDigests
 from qkv.inference.engine import DecodingEngine, log_softmax, without
 from qkv.inference.packed_linear import DecoderProducts
 from qkv.inference.static_cache import (
-    SLOT_MULTIPLE,
     StaticCache,
     position_input,
 )
-from qkv.inference.static_step import StaticDecoderStep
+from qkv.inference.static_step import (
+    StaticDecoderStep,
+    compile_package,
+    compiled_step_unavailable,
+)
 from qkv.inference.topk import extensions_of_rows
 from qkv.model import Transformer
 
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
-
-
-def compiled_step_unavailable(model: Transformer) -> str | None:
-    """None if the compiled step can serve `model` here, else why not (one line)."""
-    weight = model.output.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        dtype = str(weight.dtype).removeprefix("torch.")
-        return f"the compiled step runs fp32 models on the CPU, not {dtype} on {weight.device}"
-    if native.compiler() is None:
-        return "the compiled step needs a C++ compiler (c++, g++ or clang++) for PyTorch's Inductor"
-    return None
-
-
-def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> None:
-    """Export the step for arguments like these (any capacity and source length) and compile it
-    with AOTInductor into the package `path` (`qkv.inference.aoti`)."""
-    capacity = torch.export.Dim("capacity", min=SLOT_MULTIPLE, max=1 << 20)
-    src_slots = torch.export.Dim("src_slots", min=SLOT_MULTIPLE, max=1 << 20)
-    dynamic_shapes = {
-        "tokens": None, "position": None, "self_kv": {4: capacity}, "ancestry": {1: capacity},
-        "cross_kv": {4: src_slots}, "cross_bias": {3: src_slots}, "banned_bias": None,
-        "beam_scores": None,
-    }  # fmt: skip
-    rows = arguments[0].size(0)
-    options, own_products_up_to = aoti.options_for(rows), aoti.own_products_up_to(rows)
-    aoti.export_and_package(step, arguments, dynamic_shapes, path, options, own_products_up_to)
 
 
 class CompiledEngine(DecodingEngine):

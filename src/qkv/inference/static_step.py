@@ -1,16 +1,25 @@
 """The decoder step that `qkv.inference.compiled` compiles: one position for every row over
-`StaticCache`'s tensors of fixed shapes, with the eager engine's formulas, as one graph."""
+`StaticCache`'s tensors of fixed shapes, with the eager engine's formulas, as one graph; whether it
+can be compiled here, and its compile into a package (`qkv.inference.aoti`)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from qkv.inference import aoti, native
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.packed_linear import DecoderProducts, feed_forward, projections
-from qkv.inference.static_cache import attend, attend_with_new, gather_history, write_new_slot
+from qkv.inference.static_cache import (
+    SLOT_MULTIPLE,
+    attend,
+    attend_with_new,
+    gather_history,
+    write_new_slot,
+)
 from qkv.inference.topk import extensions_of_rows, row_topk
 from qkv.model import Transformer
 
@@ -138,3 +147,29 @@ class StaticDecoderStep(nn.Module):
             top_log_probs, top_tokens, beam_scores[None], self.candidates, self.native_topk
         )
         return log_probs, best, best_log_probs, top_log_probs, top_tokens, *extensions, *projected
+
+
+def compiled_step_unavailable(model: Transformer) -> str | None:
+    """None if the compiled step can serve `model` here, else why not (one line)."""
+    weight = model.output.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        dtype = str(weight.dtype).removeprefix("torch.")
+        return f"the compiled step runs fp32 models on the CPU, not {dtype} on {weight.device}"
+    if native.compiler() is None:
+        return "the compiled step needs a C++ compiler (c++, g++ or clang++) for PyTorch's Inductor"
+    return None
+
+
+def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> None:
+    """Export the step for arguments like these (any capacity and source length) and compile it
+    with AOTInductor into the package `path` (`qkv.inference.aoti`)."""
+    capacity = torch.export.Dim("capacity", min=SLOT_MULTIPLE, max=1 << 20)
+    src_slots = torch.export.Dim("src_slots", min=SLOT_MULTIPLE, max=1 << 20)
+    dynamic_shapes = {
+        "tokens": None, "position": None, "self_kv": {4: capacity}, "ancestry": {1: capacity},
+        "cross_kv": {4: src_slots}, "cross_bias": {3: src_slots}, "banned_bias": None,
+        "beam_scores": None,
+    }  # fmt: skip
+    rows = arguments[0].size(0)
+    options, own_products_up_to = aoti.options_for(rows), aoti.own_products_up_to(rows)
+    aoti.export_and_package(step, arguments, dynamic_shapes, path, options, own_products_up_to)
