@@ -377,6 +377,34 @@ def test_which_programs_take_qkvs_products_follows_the_cpus_capability(
 
 
 @needs_operator
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512", "DEFAULT"])
+def test_one_sentences_encoder_takes_qkvs_products_on_avx2_and_avx512(monkeypatch, capability):
+    """Its ~16 rows are where Inductor's products keep their sums in memory: on AVX2 and AVX-512
+    its program multiplies by qkv's kernel (another key), with the eager encoder's memory and
+    projection; elsewhere by PyTorch's. int8 keeps its own (`int8_products`)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    model = random_model(seed=4)
+    reference = prepare_for_decoding(model)
+    engine = CompiledEngine(model, warn=lambda line: None)
+    plain = CompiledEngine(model, warn=lambda line: None)
+    plain.source._own_products = None  # as the engine was before
+    assert engine.source.key != plain.source.key or capability == "DEFAULT"
+    products = engine.source.module.products
+    if capability == "DEFAULT":
+        assert products is None and engine.source.key == plain.source.key
+        return
+    assert isinstance(products, packed_linear.EncoderProducts)
+    assert plain.source.module.products is None
+    assert engine.source.batch_module.products is None  # many sentences: oneDNN's
+    src = random_sources([9])
+    with torch.inference_mode():
+        memory, projected = engine.source.module(src)  # its formula, run eagerly
+        ref_memory, _ = reference.encode(src)
+    torch.testing.assert_close(memory, ref_memory, rtol=0, atol=1e-5)
+    torch.testing.assert_close(projected, engine.source.projection(ref_memory), rtol=0, atol=1e-5)
+
+
+@needs_operator
 def test_a_program_with_qkvs_products_that_fails_falls_back_on_pytorchs_products(
     products_here, monkeypatch
 ):

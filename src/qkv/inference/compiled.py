@@ -49,8 +49,9 @@ on the CPU in fp32; beams on two sentences or more take a program of their own o
 cache from their second step (`qkv.inference.beam_program`); larger greedy batches, other devices
 and dtypes take the eager step (greedy search on more sentences hands over to the programs once 32
 are left: `StaticCache.take_over`). One sentence's
-encoder is a program too, with the first step's projection, and so is the encoder of many sentences
-where the beam program is taken (`qkv.inference.compiled_encoder`). The
+encoder is a program too, with the first step's projection (its products qkv's kernel's where it
+loads), and so is the encoder of many sentences where the beam program is taken
+(`qkv.inference.compiled_encoder`). The
 search (`qkv.search`) is the same. Where a program cannot be made (no C++ compiler, an unsupported
 platform), the same step runs uncompiled for that search and the engine says so once, then uses the
 eager step and encoder.
@@ -76,10 +77,10 @@ from qkv.inference import aoti, buckets, int8_products, native, packed_linear
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.buckets import MAX_ROWS, ONE_BEAM_ROWS
-from qkv.inference.compiled_encoder import SourceEncoder
+from qkv.inference.compiled_encoder import SourceEncoder, StaticEncoder
 from qkv.inference.digests import TensorDigests
 from qkv.inference.engine import DecodingEngine, log_softmax, without
-from qkv.inference.packed_linear import DecoderProducts
+from qkv.inference.packed_linear import DecoderProducts, EncoderProducts
 from qkv.inference.static_cache import (
     StaticCache,
     position_input,
@@ -149,6 +150,7 @@ class CompiledEngine(DecodingEngine):
                 batches=self.compiles_beams and not int8,  # int8: many sentences' eager int8
                 products=int8_products.EncoderProducts(self) if int8 else None,
                 digests=self.digests,
+                own_products=None if int8 else self._encoder_products,
             )
             if not self.unavailable
             else None
@@ -243,6 +245,13 @@ class CompiledEngine(DecodingEngine):
             usable = packed_linear.unavailable(self.static_step.model, self.say) is None
             self._products = DecoderProducts.of_step(self.static_step) if usable else False
         return None if self._products is False else self._products
+
+    def _encoder_products(self, encoder: StaticEncoder) -> EncoderProducts | None:
+        """qkv's products for one sentence's fp32 encoder program, where they load
+        (`packed_linear.unavailable`: AVX2 and AVX-512), else None (Inductor's)."""
+        if packed_linear.unavailable(encoder.model, self.say) is not None:
+            return None
+        return EncoderProducts.of_encoder(encoder)
 
     def beam_products(self) -> DecoderProducts | None:
         """The products a beam program takes: int8 ones for an int8 engine, else qkv's where they

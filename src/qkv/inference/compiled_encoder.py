@@ -13,7 +13,9 @@ Inductor (held to AVX2 on a Zen 4, the small benchmark model, 16 tokens a senten
 1.58x the eager encoder, 8 1.27x, 32 1.16x, 128 1.08x; the base model at 32 1.06x;
 benchmarks/README.md, session 28). That one does not project: a beam search's first step projects
 for its own cache, and a greedy search's projection is one product after it
-(`SourceEncoder.cross_kv`).
+(`SourceEncoder.cross_kv`). Where qkv's operators load (AVX2, AVX-512), one sentence's program
+multiplies by qkv's kernel instead (`packed_linear.EncoderProducts`: Inductor's products of its ~16
+rows kept their sums in memory; the small model's program 1.36 -> 0.82 ms on an Intel Xeon).
 It is taken where the beam program is (`buckets.WIDE_VECTORS`, measured there). The source length,
 and the batch's size, are dynamic: one program serves every sentence, and one every batch.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,13 +89,10 @@ class StaticEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.project = project
-        # int8 products (`qkv.inference.int8_products.EncoderProducts`), or None: fp32 ones
-        self.products = products
-        self.int8 = products is not None  # another program (`aoti.program_key`)
-        self.native = self.int8  # it calls qkv's own operators: their source is in the key too
         self.n_heads = model.config.n_heads
         self.pad_id = model.config.pad_id
         self.positions = positions_table(model.src_positions)
+        self.take_products(products)
         if like is not None:  # another encoder of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
             self.cross_kv_weight, self.cross_kv_bias = like.cross_kv_weight, like.cross_kv_bias
@@ -103,6 +103,14 @@ class StaticEncoder(nn.Module):
         self.cross_kv_weight, self.cross_kv_bias = frozen_stack(
             [p for attention in cross for p in (attention.k_proj, attention.v_proj)]
         )
+
+    def take_products(self, products: nn.Module | None) -> None:
+        """Compute with `products`: int8 ones (`qkv.inference.int8_products.EncoderProducts`),
+        qkv's fp32 ones (`qkv.inference.packed_linear.EncoderProducts`), or None: PyTorch's."""
+        self.products = products
+        self.int8 = bool(getattr(products, "int8", False))  # another program (`aoti.program_key`)
+        # It calls qkv's own operators: their source is in the key too.
+        self.native = products is not None
 
     def forward(self, src_ids: Tensor) -> tuple[Tensor, ...]:
         """src_ids (batch, src_len) -> the encoder output (batch, src_len, d_model) and, with
@@ -120,7 +128,8 @@ class StaticEncoder(nn.Module):
             q, k, v = (
                 projected.view(batch, src_len, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
             )
-            out_proj = self.products.out[i] if self.int8 else layer.self_attn.out_proj
+            products = self.products
+            out_proj = layer.self_attn.out_proj if products is None else products.out[i]
             attended = out_proj(_merge_heads(attention_with_bias(q, k, v, bias)))
             x = residual(layer, layer.norm1, x, attended)
             h = layer.norm2(x) if layer.norm_first else x
@@ -128,20 +137,20 @@ class StaticEncoder(nn.Module):
         memory = model.encoder.final_norm(x)
         if not self.project:
             return (memory,)
-        if self.int8:
+        if self.products is not None:
             return memory, self.products.cross_keys_and_values(memory)
         return memory, F.linear(memory, self.cross_kv_weight, self.cross_kv_bias)
 
     def _qkv(self, i: int, h: Tensor) -> Tensor:
         """Layer i's self-attention Q, K and V of h, side by side."""
-        if self.int8:
+        if self.products is not None:
             return self.products.qkv[i](h)
         qkv_bias = self.qkv_biases[i] if len(self.qkv_biases) else None
         return F.linear(h, self.qkv_weights[i], qkv_bias)
 
     def _feed_forward(self, i: int, formula: nn.Module, h: Tensor) -> Tensor:
         """Layer i's feed-forward formula, without its dropout (whatever the mode)."""
-        if not self.int8:
+        if self.products is None:
             return formula.linear2(formula.activation(formula.linear1(h)))
         hidden = self.products.linear1[i](h)
         if formula.activation is not F.relu:  # a ReLU is in the product already
@@ -160,7 +169,8 @@ class SourceEncoder:
 
     Memory: stacked copies of the encoder's Q/K/V weights and of the decoder's cross-attention K/V
     weights (the programs are compiled from them; 5 x d_model^2 a layer), and a packed copy of the
-    latter for the product."""
+    latter for the product; with qkv's products (`own_products`), a packed copy of every weight the
+    one-sentence program multiplies by."""
 
     def __init__(
         self,
@@ -170,8 +180,13 @@ class SourceEncoder:
         batches: bool = False,
         products: nn.Module | None = None,
         digests: TensorDigests | None = None,
+        own_products: Callable[[StaticEncoder], nn.Module | None] | None = None,
     ):
         self.module = StaticEncoder(model, products=products).eval()
+        # For fp32: the products one sentence's program takes, made from its module when the key is
+        # first asked for (qkv's, `packed_linear.EncoderProducts`, call its operators, built at
+        # their first use); None where PyTorch's serve.
+        self._own_products = own_products
         # the weights' digests (`aoti.program_key`), shared with the engine's other programs
         self.digests = digests
         self.batch_module = StaticEncoder(model, project=False, like=self.module).eval()
@@ -215,6 +230,9 @@ class SourceEncoder:
     @property
     def key(self) -> str:
         if self._key is None:
+            if self._own_products is not None:
+                self.module.take_products(self._own_products(self.module))
+                self._own_products = None
             self._key = aoti.program_key(self.module, self.digests)
         return self._key
 

@@ -79,6 +79,50 @@ class DecoderProducts(nn.Module):
         return cls(layers, of(step.model.output))
 
 
+class EncoderProducts(nn.Module):
+    """Every product of one sentence's encoder program (`qkv.inference.compiled_encoder`) by qkv's
+    kernel: each layer's stacked Q/K/V, self-attention output and feed-forward's two (a ReLU fused
+    into the first), and every decoder layer's cross-attention keys and values as one product (the
+    layout `StaticCache.set_source` reads). Inductor's products of a sentence's ~16 rows keep their
+    sums in memory as a decoder step's of a few rows do (`FEW_ROWS_ON`); oneDNN's are no faster
+    there. The programs alone, taking turns with 32 MB read between calls (the rest of a search
+    evicts their weights), on an Intel Xeon (AMX): the small benchmark model's 1.36 -> 0.82 ms as
+    the CPU comes (oneDNN's 1.28), 1.21 -> 0.88 held to AVX2; the base model's 11.7 -> 8.0 ms
+    (benchmarks/README.md, session 46)."""
+
+    int8 = False  # fp32 products: a program of its own kind (`aoti.program_key`)
+
+    def __init__(self, qkv_weights, qkv_biases, model: nn.Module, cross_kv_weight, cross_kv_bias):
+        super().__init__()
+        layers = model.encoder.layers
+        self.qkv = nn.ModuleList(
+            PackedLinear(qkv_weights[i], qkv_biases[i] if len(qkv_biases) else None)
+            for i in range(len(layers))
+        )
+        self.out = nn.ModuleList(of(layer.self_attn.out_proj) for layer in layers)
+        relus = [layer.feed_forward.activation is F.relu for layer in layers]
+        self.linear1 = nn.ModuleList(
+            of(layer.feed_forward.linear1, relu) for layer, relu in zip(layers, relus, strict=True)
+        )
+        self.linear2 = nn.ModuleList(of(layer.feed_forward.linear2) for layer in layers)
+        self.cross_kv = PackedLinear(cross_kv_weight, cross_kv_bias)
+
+    @classmethod
+    def of_encoder(cls, encoder: nn.Module) -> EncoderProducts:
+        """The products of a `StaticEncoder`, from its stacked Q/K/V and cross-attention weights."""
+        return cls(
+            encoder.qkv_weights,
+            encoder.qkv_biases,
+            encoder.model,
+            encoder.cross_kv_weight,
+            encoder.cross_kv_bias,
+        )
+
+    def cross_keys_and_values(self, memory: Tensor) -> Tensor:
+        """(sentences, src_len, d_model) -> (sentences, src_len, layers * 2 * d_model)."""
+        return self.cross_kv(memory)
+
+
 def of(linear: nn.Linear, relu: bool = False) -> PackedLinear:
     return PackedLinear(linear.weight, linear.bias, relu)
 
