@@ -83,15 +83,14 @@ def max_lengths(
     model: Transformer | DecodingEngine, src_ids: Tensor, max_len: int | None
 ) -> Tensor:
     """(batch,) the most tokens each hypothesis may generate, EOS included."""
-    if max_len is None:
-        src_lengths = (src_ids != model.config.pad_id).sum(dim=1)
-        lengths = src_lengths + MAX_LEN_MARGIN
-    else:
+    # Token t (1-based) is predicted at decoder position t - 1: the positions bound the length.
+    if max_len is not None:
         if max_len < 1:
             raise ValueError(f"max_len must be at least 1, got {max_len}")
-        lengths = torch.full((src_ids.size(0),), max_len, device=src_ids.device)
-    # Token t (1-based) is predicted at decoder position t - 1: the positions bound the length.
-    return lengths.clamp(max=model.config.max_len)
+        limit = min(max_len, model.config.max_len)
+        return torch.full((src_ids.size(0),), limit, device=src_ids.device)
+    src_lengths = (src_ids != model.config.pad_id).sum(dim=1)
+    return (src_lengths + MAX_LEN_MARGIN).clamp(max=model.config.max_len)
 
 
 def banned_ids(config, generated: int, min_len: int) -> tuple[int, ...]:
@@ -119,10 +118,14 @@ class _Batch:
         # (batch, src_len, d_model), (batch, 1, 1, src_len)
         self.memory, self.src_mask = engine.encode(src_ids)
         self.max_lens = max_lengths(engine, src_ids, max_len)  # (batch,)
-        # The smallest of max_lens, as a number: before it, no sentence needs to check its own.
-        self.shortest_max_len = int(self.max_lens.min()) if src_ids.size(0) else 0
-        self.sentence = torch.arange(src_ids.size(0), device=src_ids.device)  # original row of each
-        self.longest = int(self.max_lens.max()) if src_ids.size(0) else 0  # of the whole batch
+        n_sentences = src_ids.size(0)
+        if max_len is not None and n_sentences:  # every sentence's the same: known, not asked
+            self.shortest_max_len = self.longest = min(max_len, engine.config.max_len)
+        else:
+            # The smallest of max_lens, as a number: before it, no sentence checks its own.
+            self.shortest_max_len = int(self.max_lens.min()) if n_sentences else 0
+            self.longest = int(self.max_lens.max()) if n_sentences else 0  # of the whole batch
+        self.sentence = torch.arange(n_sentences, device=src_ids.device)  # original row of each
         self.cache = engine.new_cache(
             max_beams=max_beams, max_len=self.longest or None, sentences=src_ids.size(0)
         )
@@ -240,12 +243,13 @@ def _one_best(
     config = engine.config
     batch = _Batch(engine, src_ids, max_len)
     n_sentences = src_ids.size(0)
-    scores = torch.zeros(n_sentences, device=src_ids.device)
     tokens = torch.full((n_sentences,), config.bos_id, device=src_ids.device)  # (rows,)
     # Each step's tokens and their sentences (None: every sentence, in order), laid out after the
     # search: right after a compiled step every tensor operation finds its caches cold (10-20 µs
-    # each, a tenth of a one-sentence step of the small model), so the loop does as few as it can.
+    # each, a tenth of a one-sentence step of the small model; 20-300 µs at the start of a search
+    # after another program ran), so the search does as few as it can.
     columns: list[tuple[Tensor | None, Tensor]] = []
+    scores = None  # (sentences,) made at the first scores: none without them
     rows = None  # every sentence still decoded, in its own row
     for step in range(batch.longest):
         if choose is None:  # the most likely token, which the engine may find within its step
@@ -256,10 +260,14 @@ def _one_best(
             token_log_probs = log_probs.gather(1, tokens[:, None]).squeeze(1)
         columns.append((rows, tokens))
         if token_log_probs is not None:
+            if scores is None:
+                scores = torch.zeros(n_sentences, device=src_ids.device)
             if rows is None:
                 scores += token_log_probs
             else:
                 scores[rows] += token_log_probs
+        if step + 1 == batch.longest:  # every sentence is done (the loop ends)
+            break
         # One copy to the host a step (the `if` on a tensor made one too); a sentence also ends
         # at its own max_len, and some does once the shortest one is reached.
         if config.eos_id in tokens.tolist() or step + 1 >= batch.shortest_max_len:
@@ -271,7 +279,9 @@ def _one_best(
             rows = batch.sentence  # a slice writes, an index scatters
             tokens = tokens.index_select(0, live)
     ids = _laid_out(columns, n_sentences, config.pad_id, src_ids.device)
-    return ids, scores if with_scores else None
+    if not with_scores:
+        return ids, None
+    return ids, torch.zeros(n_sentences, device=src_ids.device) if scores is None else scores
 
 
 def _laid_out(columns: list[tuple[Tensor | None, Tensor]], n_sentences: int, pad_id: int, device):
