@@ -23,6 +23,7 @@ from qkv.inference import (
     aoti,
     buckets,
     compiled_encoder,
+    huge_pages,
     packed_linear,
     prepare_for_decoding,
 )
@@ -886,9 +887,10 @@ class Projection(nn.Module):
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(48, 40)
+        self.register_buffer("scale", torch.linspace(1, 2, 40))  # a second dense constant
 
     def forward(self, x):
-        return torch.relu(self.linear(x)) * 2
+        return torch.relu(self.linear(x)) * self.scale
 
 
 @pytest.fixture(scope="module")
@@ -926,3 +928,49 @@ def test_a_programs_constants_are_aligned_to_cache_lines_and_give_its_results(
         (loaded,) = aoti.load_package(path)(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The fields of /proc/self/smaps for the mapping that holds `address`."""
+    fields, inside = {}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside:
+            fields[head.rstrip(":")] = line.split(":", 1)[1].strip()
+    return fields
+
+
+def test_a_programs_constants_lie_side_by_side_in_one_block_marked_for_huge_pages(
+    projection_package,
+):
+    """Every constant copied, each on a line of its own, into one block that starts on a huge page
+    and, where the system gives them (Linux, transparent huge pages not "never"), is marked for
+    them; the program reads the copies and gives the module's output."""
+    path, x, expected = projection_package
+    runner, moved = aoti.aligned_runner(path)
+    if runner is None:
+        pytest.skip("this PyTorch has no container runner: programs load through its loader")
+    if not huge_pages.available():
+        assert moved is None or all(aoti._address(t) % 64 == 0 for t in moved.values())
+        pytest.skip("no huge pages here: constants are moved only to align them")
+    assert len(moved) == len(runner.get_constant_names_to_original_fqns())
+    constants = runner.extract_constants_map(False)
+    assert {aoti._address(t) for t in constants.values()} == {
+        aoti._address(t) for t in moved.values()
+    }
+    # The dense ones (oneDNN's packed weights are copies in their own layout)
+    dense = [t for t in moved.values() if t.layout == torch.strided]
+    addresses = sorted(aoti._address(t) for t in dense)
+    assert addresses[0] % huge_pages.HUGE_PAGE == 0 and all(a % 64 == 0 for a in addresses)
+    nbytes = sum(t.numel() * t.element_size() for t in dense)
+    assert len(dense) >= 2 and addresses[-1] - addresses[0] < nbytes + 64 * len(
+        dense
+    )  # side by side
+    if Path("/proc/self/smaps").exists():
+        assert _mapping_of(addresses[0]).get("THPeligible") == "1"
+    with torch.inference_mode():
+        (out,) = runner.run([x])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

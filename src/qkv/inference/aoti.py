@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
 from qkv.errors import QkvError
-from qkv.inference import native, static_cache, topk
+from qkv.inference import huge_pages, native, static_cache, topk
 from qkv.inference.digests import TensorDigests, weights_digest
 
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
@@ -235,8 +235,10 @@ def aligned_runner(path: Path) -> tuple[object, dict[str, Tensor] | None]:
     block did: 0, 16, 32 or 48 bytes past a line, as the heap had it, from one process to the
     next. 16 bytes past, the output projection of the small benchmark model (160 x 256 by 256 x
     8000, oneDNN's AVX2 kernel) took 4.19-4.21 ms against 3.51-3.65 aligned (held to AVX2 on a
-    Zen 4; the same with AVX-512: benchmarks/README.md, session 23). Each constant is copied into a
-    tensor of PyTorch's (64-byte aligned), which the program then reads; the block is freed."""
+    Zen 4; the same with AVX-512: benchmarks/README.md, session 23). Each constant is copied to a
+    line of its own in one block on the system's huge pages where it has them (`huge_pages`: a step
+    reads thousands of small pages, each a walk of the page tables), which the program then reads;
+    AOTInductor's block is freed."""
     runner_type = getattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", None)
     if runner_type is None:
         return None, None
@@ -258,10 +260,11 @@ def aligned_runner(path: Path) -> tuple[object, dict[str, Tensor] | None]:
         return runner, None
     try:
         constants = runner.extract_constants_map(False)  # by the model's names
-        if all(_address(t) % CACHE_LINE == 0 for t in constants.values()):
+        aligned_already = all(_address(t) % CACHE_LINE == 0 for t in constants.values())
+        if aligned_already and not huge_pages.available():
             return runner, None
-        with torch.inference_mode(False), torch.no_grad():
-            aligned = {name: constants[original].clone() for name, original in originals.items()}
+        by_name = {name: constants[original] for name, original in originals.items()}
+        aligned = huge_pages.copies_in_one_block(by_name)
     except (AttributeError, RuntimeError, KeyError):  # not as this PyTorch's: leave them be
         return runner, None
     # Into the second buffer (every constant, or an error), which then becomes the first; the block
