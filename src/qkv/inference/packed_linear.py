@@ -1,6 +1,7 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
 compiled steps (`StaticDecoderStep` of `FROM_ROWS` rows or more, `SharedBeamStep`) on an AVX2 CPU,
-and the steps of a few rows (`FEW_ROWS` up to `FROM_ROWS`) on an AVX-512 one (`serves`).
+and the steps of a few rows (`FEW_ROWS` up to `FROM_ROWS`) on an AVX-512 one (`serves`); and for one
+sentence's encoder program on both (`EncoderProducts`).
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
 oneDNN, which Inductor and the eager engine call for these products, prepares every call for a
