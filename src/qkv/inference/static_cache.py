@@ -27,7 +27,6 @@ def _round_up(n: int, multiple: int = SLOT_MULTIPLE) -> int:
 
 
 @functools.cache
-@functools.cache
 def position_input(length: int, device: torch.device | str = "cpu") -> Tensor:
     """A program's position input, a 0-d tensor on the cache's device: made once per position,
     not at every step (a new tensor right after a program costs ~10 µs: its caches are cold)."""
