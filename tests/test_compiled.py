@@ -966,9 +966,8 @@ def test_a_programs_constants_lie_side_by_side_in_one_block_marked_for_huge_page
     addresses = sorted(aoti._address(t) for t in dense)
     assert addresses[0] % huge_pages.HUGE_PAGE == 0 and all(a % 64 == 0 for a in addresses)
     nbytes = sum(t.numel() * t.element_size() for t in dense)
-    assert len(dense) >= 2 and addresses[-1] - addresses[0] < nbytes + 64 * len(
-        dense
-    )  # side by side
+    span = addresses[-1] - addresses[0]
+    assert len(dense) >= 2 and span < nbytes + 64 * len(dense)  # side by side
     if Path("/proc/self/smaps").exists():
         assert _mapping_of(addresses[0]).get("THPeligible") == "1"
     with torch.inference_mode():
