@@ -66,6 +66,7 @@ sentences stays the eager int8 engine's.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from pathlib import Path
@@ -77,10 +78,10 @@ from qkv.inference import aoti, buckets, int8_products, native, packed_linear
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.beam_program import BeamPrograms
 from qkv.inference.buckets import MAX_ROWS, ONE_BEAM_ROWS
-from qkv.inference.compiled_encoder import SourceEncoder, StaticEncoder
+from qkv.inference.compiled_encoder import SourceEncoder
 from qkv.inference.digests import TensorDigests
 from qkv.inference.engine import DecodingEngine, log_softmax, without
-from qkv.inference.packed_linear import DecoderProducts, EncoderProducts
+from qkv.inference.packed_linear import DecoderProducts
 from qkv.inference.static_cache import (
     StaticCache,
     position_input,
@@ -150,7 +151,9 @@ class CompiledEngine(DecodingEngine):
                 batches=self.compiles_beams and not int8,  # int8: many sentences' eager int8
                 products=int8_products.EncoderProducts(self) if int8 else None,
                 digests=self.digests,
-                own_products=None if int8 else self._encoder_products,
+                own_products=None
+                if int8
+                else functools.partial(packed_linear.encoder_products, say=say),
             )
             if not self.unavailable
             else None
@@ -245,13 +248,6 @@ class CompiledEngine(DecodingEngine):
             usable = packed_linear.unavailable(self.static_step.model, self.say) is None
             self._products = DecoderProducts.of_step(self.static_step) if usable else False
         return None if self._products is False else self._products
-
-    def _encoder_products(self, encoder: StaticEncoder) -> EncoderProducts | None:
-        """qkv's products for one sentence's fp32 encoder program, where they load
-        (`packed_linear.unavailable`: AVX2 and AVX-512), else None (Inductor's)."""
-        if packed_linear.unavailable(encoder.model, self.say) is not None:
-            return None
-        return EncoderProducts.of_encoder(encoder)
 
     def beam_products(self) -> DecoderProducts | None:
         """The products a beam program takes: int8 ones for an int8 engine, else qkv's where they

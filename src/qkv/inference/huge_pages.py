@@ -16,6 +16,7 @@ memory, each constant still on a cache line of its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 from pathlib import Path
 
@@ -27,9 +28,10 @@ CACHE_LINE = 64  # bytes: where each constant starts in the block
 SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
+@functools.cache
 def available() -> bool:
     """Whether memory marked for huge pages may get them here: Linux's `madvise` knows them, and
-    transparent huge pages are not switched off ("never")."""
+    transparent huge pages are not switched off ("never"). Read once a process."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:

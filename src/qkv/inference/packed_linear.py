@@ -93,12 +93,14 @@ class EncoderProducts(nn.Module):
 
     int8 = False  # fp32 products: a program of its own kind (`aoti.program_key`)
 
-    def __init__(self, qkv_weights, qkv_biases, model: nn.Module, cross_kv_weight, cross_kv_bias):
+    def __init__(self, encoder: nn.Module):
+        """From a `StaticEncoder`'s stacked Q/K/V and cross-attention weights, and its model's."""
         super().__init__()
-        layers = model.encoder.layers
+        layers = encoder.model.encoder.layers
+        biases = encoder.qkv_biases
         self.qkv = nn.ModuleList(
-            PackedLinear(qkv_weights[i], qkv_biases[i] if len(qkv_biases) else None)
-            for i in range(len(layers))
+            PackedLinear(weight, biases[i] if len(biases) else None)
+            for i, weight in enumerate(encoder.qkv_weights)
         )
         self.out = nn.ModuleList(of(layer.self_attn.out_proj) for layer in layers)
         relus = [layer.feed_forward.activation is F.relu for layer in layers]
@@ -106,22 +108,17 @@ class EncoderProducts(nn.Module):
             of(layer.feed_forward.linear1, relu) for layer, relu in zip(layers, relus, strict=True)
         )
         self.linear2 = nn.ModuleList(of(layer.feed_forward.linear2) for layer in layers)
-        self.cross_kv = PackedLinear(cross_kv_weight, cross_kv_bias)
-
-    @classmethod
-    def of_encoder(cls, encoder: nn.Module) -> EncoderProducts:
-        """The products of a `StaticEncoder`, from its stacked Q/K/V and cross-attention weights."""
-        return cls(
-            encoder.qkv_weights,
-            encoder.qkv_biases,
-            encoder.model,
-            encoder.cross_kv_weight,
-            encoder.cross_kv_bias,
-        )
+        self.cross_kv = PackedLinear(encoder.cross_kv_weight, encoder.cross_kv_bias)
 
     def cross_keys_and_values(self, memory: Tensor) -> Tensor:
         """(sentences, src_len, d_model) -> (sentences, src_len, layers * 2 * d_model)."""
         return self.cross_kv(memory)
+
+
+def encoder_products(encoder: nn.Module, say=None) -> EncoderProducts | None:
+    """qkv's products for one sentence's fp32 encoder program (a `StaticEncoder`) where they load
+    (`unavailable`: AVX2 and AVX-512), else None (Inductor's)."""
+    return EncoderProducts(encoder) if unavailable(encoder.model, say) is None else None
 
 
 def of(linear: nn.Linear, relu: bool = False) -> PackedLinear:
