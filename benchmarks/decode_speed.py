@@ -32,7 +32,9 @@ in the machine's speed reaches all of them alike.
   `timing.PAUSE_SECONDS`). On an Intel CPU CTranslate2 multiplies with MKL; on a 2-core Xeon with AMX
   (benchmarks/README.md, session 39) MKL's fp32 products at 2 threads made its searches of one
   sentence 10x slower than with its oneDNN ones: `CT2_USE_MKL=0` (inherited by its process, named in
-  the header) runs it with oneDNN's.
+  the header) runs it with oneDNN's. Its int8 (MKL's) was fastest there on one thread, and its two
+  threads slowed qkv's turns too (session 47): `--ct2-threads 1` gives CTranslate2 a thread count of
+  its own, each system at its best.
 
 Before anything is timed, glibc's allocator is settled (`timing.settle_allocator`), in this process and in
 CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in the process
@@ -42,6 +44,7 @@ CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in t
     python benchmarks/decode_speed.py                              # small and base, every cell
     python benchmarks/decode_speed.py --configs small --batches 32 --searches beam
     python benchmarks/decode_speed.py --threads 1       # every system on one thread (a busy machine)
+    python benchmarks/decode_speed.py --systems qkv-int8-compiled ct2-int8 --ct2-threads 1
     python benchmarks/decode_speed.py --as-avx2         # every system as on an AVX2 CPU without bf16
     python benchmarks/decode_speed.py --device cuda --systems qkv qkv-bf16 hf hf-bf16   # on a GPU
     python benchmarks/decode_speed.py --device cuda --batches 1 --systems qkv-compiled hf-static
@@ -343,7 +346,8 @@ def ctranslate2_turns(model_dir: Path, compute_type: str, batch: int, search: st
     import torch
 
     command = [sys.executable, __file__, "--ct2-worker", str(model_dir), compute_type, str(batch)]
-    command += [search, str(torch.get_num_threads()), args.device.split(":")[0]]
+    threads = args.ct2_threads or torch.get_num_threads()
+    command += [search, str(threads), args.device.split(":")[0]]
     command.append("default" if args.default_allocator else "settled")
     # Ready ({"ready": true}) once loaded, and the lengths were right.
     return WorkerTurns(command, "CTranslate2 worker")
@@ -474,6 +478,12 @@ def main() -> None:
         "--threads", type=int, help="threads for every system (default: torch's default, all cores)"
     )
     parser.add_argument(
+        "--ct2-threads",
+        type=int,
+        help="threads for CTranslate2 alone (default: --threads): each system at its best thread "
+        "count, as on the 2-core Xeon where CTranslate2's int8 (MKL) is fastest on one thread",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda: where every system runs (default cpu)"
     )
     parser.add_argument(
@@ -509,6 +519,11 @@ def main() -> None:
         f"allocator {'settled' if settled else 'as it starts'}; "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}"
         + (f"; CT2_USE_MKL={os.environ['CT2_USE_MKL']}" if "CT2_USE_MKL" in os.environ else "")
+        + (
+            f"; CTranslate2 at {args.ct2_threads} thread{'s' * (args.ct2_threads > 1)}"
+            if args.ct2_threads
+            else ""
+        )
     )
     print(header(args.systems))
     for name in args.configs:

@@ -70,15 +70,18 @@ def decode_table() -> dict[tuple[str, str], dict[str, str]]:
     row's cells by the header's column names, keyed by (batch, search)."""
     systems = ["qkv", "qkv-nocache"]
     systems += ["hf", "hf-static"] if HAS_HF else []
+    # CTranslate2 on one thread of its own (`--ct2-threads`), qkv on torch's default.
+    ct2 = ["--ct2-threads", "1"] if HAS_CT2 else []
     systems += ["ct2-fp32"] if HAS_CT2 else []
     result = run_script(
         "decode_speed.py", "--configs", "small", "--batches", "2", "--searches", "beam", "greedy",
-        "--repeats", "1", "--systems", *systems,
+        "--repeats", "1", "--systems", *systems, *ct2,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert_names_the_cpu(result.stdout)
     # Every process starts with a short OpenMP spin, so that the turns do not meet spinning threads.
     assert "GOMP_SPINCOUNT=20000" in result.stdout.splitlines()[1]
+    assert ("; CTranslate2 at 1 thread" in result.stdout.splitlines()[1]) == HAS_CT2
     lines = result.stdout.splitlines()
     columns = next(cells(line) for line in lines if line.startswith("| config |"))
     rows = [
