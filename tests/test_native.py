@@ -227,6 +227,7 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", ())
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", (torch.backends.cpu.get_cpu_capability(),))
+    monkeypatch.setattr(packed_linear, "ONE_ROW_ON", ())
     model = random_model(seed=5, tgt_vocab_size=500)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     assert_same_beams(engine, reference, random_sources([7], seed=2), beam_size=5, max_len=12)
@@ -235,7 +236,7 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
     assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 2
     assert c_calls(PRODUCT, engine.package_path(5)) == 6 * model.config.n_decoder_layers + 1
     assert engine.step_module(True, 2).products is not None
-    assert engine.step_module(True, 1).products is None  # one row: Inductor's own
+    assert engine.step_module(True, 1).products is None  # one row: Inductor's own, as on AVX-512
     assert engine.step_module(True, 8).products is None and engine.beam_products() is None
     # Without qkv's operator for the candidates, another program: PyTorch's topk, in chunks
     monkeypatch.setattr(compiled_module.CompiledEngine, "NATIVE_CANDIDATES", False)
@@ -263,8 +264,10 @@ def test_the_beam_step_with_the_operator_gives_the_eager_engines_beams():
     ids=["16x16", "257x33", "600x250"],
 )
 def test_packed_products_are_pytorchs_for_any_rows_depth_and_width(rows, in_features, out_features):
-    """Every block of rows (6, and the rest by 4 or fewer), a last panel narrower than 16 output
-    features, depths past one stretch (256), and a ReLU applied after the last stretch only."""
+    """Every block of rows (6, and the rest by 4 or fewer), one row by a loop of its own (four sums
+    taking the input features in turn, depths not a multiple of 4), a last panel narrower than 16
+    output features, depths past one stretch (256), and a ReLU applied after the last stretch
+    only."""
     assert native.load() is None
     generator = torch.Generator().manual_seed(rows * in_features)
     weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
@@ -305,8 +308,9 @@ def products_here(monkeypatch):
     too); programs compiled quickly."""
     here = torch.backends.cpu.get_cpu_capability()
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", (here,))
-    # fewer rows than 8: Inductor's products, as on AVX2
+    # 2-7 rows: Inductor's products, as on AVX2; one row too (as on AVX-512)
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
+    monkeypatch.setattr(packed_linear, "ONE_ROW_ON", ())
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
 
 
@@ -336,6 +340,24 @@ def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids
 
 
 @needs_operator
+def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypatch):
+    """As on an AVX2 CPU (`packed_linear.ONE_ROW_ON`), whatever this one is: greedy on one sentence
+    steps by qkv's one-row products, every one a C function, and finds the eager engine's ids."""
+    monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
+    monkeypatch.setattr(packed_linear, "ONE_ROW_ON", (torch.backends.cpu.get_cpu_capability(),))
+    monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
+    model = random_model(seed=8)
+    engine, reference = CompiledEngine(model), prepare_for_decoding(model)
+    encoder_uncompiled(engine)
+    assert engine.step_module(True, 1).products is not None
+    assert engine.step_module(True, 2).products is None  # a few rows: Inductor's, as on AVX2
+    assert_same_greedy(engine, reference, random_sources([9], seed=8), max_len=20, min_len=20)
+    assert engine.compiled_rows == {1}
+    products = 6 * model.config.n_decoder_layers + 1
+    assert c_calls(PRODUCT, engine.package_path(1, True)) == products
+
+
+@needs_operator
 def test_the_beam_program_calls_qkvs_products_and_gives_the_eager_beams(products_here, monkeypatch):
     monkeypatch.setattr(buckets, "WIDE_VECTORS", (torch.backends.cpu.get_cpu_capability(),))
     model = random_model(seed=5)
@@ -351,6 +373,7 @@ def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
     model = random_model()
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", ())
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
+    monkeypatch.setattr(packed_linear, "ONE_ROW_ON", ())
     here = torch.backends.cpu.get_cpu_capability()
     assert packed_linear.unavailable(model) == (
         f"qkv's products are for AVX2 (and a few rows on AVX-512); oneDNN's serve {here}"
@@ -364,13 +387,14 @@ def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
 
 @pytest.mark.parametrize(
     "capability, rows_served",
-    [("AVX2", [8, 16, 32, None]), ("AVX512", [2, 5, 7]), ("DEFAULT", [])],
+    [("AVX2", [1, 8, 16, 32, None]), ("AVX512", [2, 5, 7]), ("DEFAULT", [])],
 )
 def test_which_programs_take_qkvs_products_follows_the_cpus_capability(
     monkeypatch, capability, rows_served
 ):
-    """AVX2: programs of 8 rows or more and the beam programs (None); AVX-512: 2-7 rows, where
-    Inductor's products keep their sums in memory; one row, Inductor's everywhere."""
+    """AVX2: one row (greedy on one sentence, the kernel's one-row loop), programs of 8 rows or more
+    and the beam programs (None); AVX-512: 2-7 rows, where Inductor's products keep their sums in
+    memory."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     rows = [1, 2, 5, 7, 8, 16, 32, None]
     assert [r for r in rows if packed_linear.serves(r)] == rows_served

@@ -15,8 +15,9 @@
 // qkv::pack_linear and qkv::packed_linear: x W^T + b (then a ReLU) for the few rows of a decoding
 // step, over weights packed once into panels of 16 output features (two AVX2 vectors), each panel's
 // columns side by side for every input feature and then their biases, so that a register block of up
-// to 6 rows x 16 features reads its weights in order. oneDNN sets up each call for a general product;
-// at 8-160 rows, the setup and its blocking cost more than the arithmetic of a small weight.
+// to 6 rows x 16 features reads its weights in order; one row (greedy on one sentence) by a loop of
+// its own that keeps four sums going. oneDNN sets up each call for a general product; at 8-160 rows,
+// the setup and its blocking cost more than the arithmetic of a small weight.
 //
 // qkv::row_topk: the k largest values of each row and their indices, largest first, as
 // torch.topk(x, k, dim=1) gives them (of equal values, the first in the row first), for a beam
@@ -357,6 +358,54 @@ inline void panel_product(const float* x, int64_t lda, const float* panel, int64
   }
 }
 
+// One row times one panel, the whole depth in one pass: four pairs of accumulators taking the input
+// features in turn, and the weights asked for 64 lines (4 KB) ahead into the first cache. A greedy
+// step of one sentence multiplies one row by every weight, and reads them as fast as memory gives
+// them only so: the register block above at one row (one pair of accumulators, the depth in
+// stretches, the next stretch asked for into the second cache) read 14-18 GB/s on one thread of the
+// Intel Xeon held to AVX2, this 28-29 (a plain sum 26-27); at two threads 44-47 GB/s as Inductor's
+// one-row products, against 50-53 (benchmarks/README.md, session 47).
+constexpr int64_t kOneRowAhead = 64;  // lines of weights
+
+inline void one_row_panel(const float* x, const float* panel, int64_t depth, bool relu, float* out,
+                          int64_t columns) {
+  const float* bias = panel + depth * kPanel;
+  __m256 acc[4][2];
+  acc[0][0] = _mm256_loadu_ps(bias), acc[0][1] = _mm256_loadu_ps(bias + 8);
+  for (int j = 1; j < 4; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 4 <= depth; k += 4) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const float* w = panel + (k + j) * kPanel;
+      _mm_prefetch(reinterpret_cast<const char*>(w + kOneRowAhead * kPanel), _MM_HINT_T0);
+      const __m256 a = _mm256_broadcast_ss(x + k + j);
+      acc[j][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w), acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w + 8), acc[j][1]);
+    }
+  }
+  for (; k < depth; ++k) {
+    const __m256 a = _mm256_broadcast_ss(x + k);
+    acc[0][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(panel + k * kPanel), acc[0][0]);
+    acc[0][1] = _mm256_fmadd_ps(a, _mm256_loadu_ps(panel + k * kPanel + 8), acc[0][1]);
+  }
+  __m256 sum0 = _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[1][0]), _mm256_add_ps(acc[2][0], acc[3][0]));
+  __m256 sum1 = _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]), _mm256_add_ps(acc[2][1], acc[3][1]));
+  if (relu) {
+    sum0 = _mm256_max_ps(sum0, _mm256_setzero_ps());
+    sum1 = _mm256_max_ps(sum1, _mm256_setzero_ps());
+  }
+  if (columns == kPanel) {
+    _mm256_storeu_ps(out, sum0);
+    _mm256_storeu_ps(out + 8, sum1);
+  } else {  // the last panel, narrower than its padding
+    alignas(32) float last[kPanel];
+    _mm256_store_ps(last, sum0);
+    _mm256_store_ps(last + 8, sum1);
+    std::copy(last, last + columns, out);
+  }
+}
+
 inline void rows_product(int64_t rows, const float* x, int64_t lda, const float* panel,
                          int64_t depth, const float* bias, bool relu, float* out, int64_t ldc,
                          int64_t columns, Ahead ahead) {
@@ -399,6 +448,19 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   float* O = out.data_ptr<float>();
   // A thread's share at least ~64K multiply-adds: fewer cost more to hand out than they save.
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows * depth * kPanel));
+  if (rows == 1) {
+    // One row reads its weights from memory, which two cores do faster than one: shares of ~16K
+    // (64 KB of weights), so that a 256 x 256 weight is shared too (small model, greedy on one
+    // sentence held to AVX2, against Inductor's one-row products: 1.04x the time with the grain
+    // above, 0.98x with this; benchmarks/README.md, session 47).
+    const int64_t one_row_grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, depth * kPanel));
+    at::parallel_for(0, panels, one_row_grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        one_row_panel(X, W + p * (depth + 1) * kPanel, depth, relu != 0, O + p * kPanel,
+                      std::min(kPanel, out_features - p * kPanel));
+    });
+    return out;
+  }
   int64_t blocks = 0;  // register blocks of rows
   for (int64_t r = 0; r < rows; ++blocks) r += block_rows(rows - r);
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {

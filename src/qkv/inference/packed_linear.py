@@ -1,7 +1,7 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
-compiled steps (`StaticDecoderStep` of `FROM_ROWS` rows or more, `SharedBeamStep`) on an AVX2 CPU,
-and the steps of a few rows (`FEW_ROWS` up to `FROM_ROWS`) on an AVX-512 one (`serves`); and for one
-sentence's encoder program on both (`EncoderProducts`).
+compiled steps (`StaticDecoderStep` of one row and of `FROM_ROWS` rows or more, `SharedBeamStep`) on
+an AVX2 CPU, and the steps of a few rows (`FEW_ROWS` up to `FROM_ROWS`) on an AVX-512 one (`serves`);
+and for one sentence's encoder program on both (`EncoderProducts`).
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
 oneDNN, which Inductor and the eager engine call for these products, prepares every call for a
@@ -156,7 +156,7 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 # (`aoti.AVX2_ROW_BLOCK`). Whole searches with qkv's products against Inductor's or oneDNN's, small
 # model, held to AVX2 on a Zen 4, two engines taking turns: greedy 0.86x the time on 16 sentences,
 # 0.97x on 8, 0.91-0.93x on 32; but 1.24x on one sentence, 1.03x on 2 and 5, and 1.11x with beam 5
-# on one (benchmarks/README.md, session 33).
+# on one (benchmarks/README.md, session 33). One row has had a loop of its own since (`ONE_ROW_ON`).
 FROM_ROWS = 8
 # ...but where ATen's capability is one of these, the programs of `FEW_ROWS` to `FROM_ROWS` - 1 rows
 # take them too (one sentence's beams, greedy on 2-5 sentences). Inductor's AVX-512 products of a few
@@ -168,6 +168,14 @@ FROM_ROWS = 8
 # and 0.98x) (benchmarks/README.md, session 45).
 FEW_ROWS_ON = ("AVX512",)
 FEW_ROWS = 2
+# ...and where it is one of these, the programs of one row (greedy on one sentence), by the kernel's
+# one-row loop (four pairs of sums, the weights asked for 4 KB ahead). Inductor's one-row products
+# keep 16 features (two 8-wide registers) a block on AVX2 and read ~44 GB/s at two threads on an
+# Intel Xeon held to AVX2 (32 features, ~50 GB/s, on AVX-512). Whole greedy searches of one
+# sentence with qkv's one-row products, two engines taking turns with CTranslate2 on that Xeon held
+# to AVX2: the base model 0.85x the time, the small 0.98x; as it comes (AVX-512) 1.00-1.02x, so
+# Inductor's stay there (benchmarks/README.md, session 47).
+ONE_ROW_ON = ("AVX2",)
 
 
 def serves(rows: int | None) -> bool:
@@ -176,18 +184,21 @@ def serves(rows: int | None) -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
     if rows is None or rows >= FROM_ROWS:
         return capability in NATIVE_PRODUCTS_ON
+    if rows == 1:
+        return capability in ONE_ROW_ON
     return rows >= FEW_ROWS and capability in FEW_ROWS_ON
 
 
 def unavailable(model: nn.Module, say=None) -> str | None:
     """None if a compiled step of `model` can take qkv's products here, else why not (one line): an
-    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON` or `FEW_ROWS_ON`, and qkv's
-    operators loaded (built at their first use, `say` told). Which programs take them: `serves`."""
+    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON`, `FEW_ROWS_ON` or `ONE_ROW_ON`,
+    and qkv's operators loaded (built at their first use, `say` told). Which programs take them:
+    `serves`."""
     weight = model.output.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return "qkv's products are for fp32 on the CPU"
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in NATIVE_PRODUCTS_ON + FEW_ROWS_ON:
+    if capability not in NATIVE_PRODUCTS_ON + FEW_ROWS_ON + ONE_ROW_ON:
         return (
             f"qkv's products are for AVX2 (and a few rows on AVX-512); oneDNN's serve {capability}"
         )
