@@ -389,8 +389,10 @@ inline void one_row_panel(const float* x, const float* panel, int64_t depth, boo
     acc[0][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(panel + k * kPanel), acc[0][0]);
     acc[0][1] = _mm256_fmadd_ps(a, _mm256_loadu_ps(panel + k * kPanel + 8), acc[0][1]);
   }
-  __m256 sum0 = _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[1][0]), _mm256_add_ps(acc[2][0], acc[3][0]));
-  __m256 sum1 = _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]), _mm256_add_ps(acc[2][1], acc[3][1]));
+  __m256 sum0 = _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[1][0]),
+                              _mm256_add_ps(acc[2][0], acc[3][0]));
+  __m256 sum1 = _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]),
+                              _mm256_add_ps(acc[2][1], acc[3][1]));
   if (relu) {
     sum0 = _mm256_max_ps(sum0, _mm256_setzero_ps());
     sum1 = _mm256_max_ps(sum1, _mm256_setzero_ps());
@@ -453,7 +455,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
     // (64 KB of weights), so that a 256 x 256 weight is shared too (small model, greedy on one
     // sentence held to AVX2, against Inductor's one-row products: 1.04x the time with the grain
     // above, 0.98x with this; benchmarks/README.md, session 47).
-    const int64_t one_row_grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, depth * kPanel));
+    const int64_t one_row_grain =
+        std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, depth * kPanel));
     at::parallel_for(0, panels, one_row_grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p)
         one_row_panel(X, W + p * (depth + 1) * kPanel, depth, relu != 0, O + p * kPanel,
