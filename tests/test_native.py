@@ -129,12 +129,12 @@ def test_the_operator_is_built_once_and_kept(tmp_path, monkeypatch):
 def test_a_failed_build_says_why_in_one_line(tmp_path, monkeypatch):
     folder = tmp_path / "native"
     monkeypatch.setenv(native.CACHE_VARIABLE, str(folder))
-    command = native.build_command
+    command = native.compile_command
 
-    def broken(output):
-        return [*command(output), "-DQKV_BROKEN", "-include", "no_such_header.h"]
+    def broken(source, output):
+        return [*command(source, output), "-DQKV_BROKEN", "-include", "no_such_header.h"]
 
-    monkeypatch.setattr(native, "build_command", broken)
+    monkeypatch.setattr(native, "compile_command", broken)
     why = native.load()
     assert why.startswith("qkv's operators did not build: ") and "\n" not in why
     assert "no_such_header.h" in why
