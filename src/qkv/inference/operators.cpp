@@ -416,8 +416,8 @@ inline void rows_product(int64_t rows, const float* x, int64_t lda, const float*
     case 5: return panel_product<5>(x, lda, panel, depth, bias, relu, out, ldc, columns, ahead);
     case 4: return panel_product<4>(x, lda, panel, depth, bias, relu, out, ldc, columns, ahead);
     case 3: return panel_product<3>(x, lda, panel, depth, bias, relu, out, ldc, columns, ahead);
-    case 2: return panel_product<2>(x, lda, panel, depth, bias, relu, out, ldc, columns, ahead);
-    default: return panel_product<1>(x, lda, panel, depth, bias, relu, out, ldc, columns, ahead);
+    // block_rows never leaves a block of one row of several; one row alone takes one_row_panel.
+    default: return panel_product<2>(x, lda, panel, depth, bias, relu, out, ldc, columns, ahead);
   }
 }
 
@@ -448,13 +448,11 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   const float* X = input.const_data_ptr<float>();
   const float* W = packed.const_data_ptr<float>();
   float* O = out.data_ptr<float>();
-  // A thread's share at least ~64K multiply-adds: fewer cost more to hand out than they save.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows * depth * kPanel));
   if (rows == 1) {
     // One row reads its weights from memory, which two cores do faster than one: shares of ~16K
     // (64 KB of weights), so that a 256 x 256 weight is shared too (small model, greedy on one
-    // sentence held to AVX2, against Inductor's one-row products: 1.04x the time with the grain
-    // above, 0.98x with this; benchmarks/README.md, session 47).
+    // sentence held to AVX2, against Inductor's one-row products: 1.04x the time with the rows'
+    // grain below, 0.98x with this; benchmarks/README.md, session 47).
     const int64_t one_row_grain =
         std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, depth * kPanel));
     at::parallel_for(0, panels, one_row_grain, [&](int64_t begin, int64_t end) {
@@ -464,6 +462,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
     });
     return out;
   }
+  // A thread's share at least ~64K multiply-adds: fewer cost more to hand out than they save.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows * depth * kPanel));
   int64_t blocks = 0;  // register blocks of rows
   for (int64_t r = 0; r < rows; ++blocks) r += block_rows(rows - r);
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
