@@ -342,7 +342,9 @@ def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids
 @needs_operator
 def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypatch):
     """As on an AVX2 CPU (`packed_linear.ONE_ROW_ON`), whatever this one is: greedy on one sentence
-    steps by qkv's one-row products, every one a C function, and finds the eager engine's ids."""
+    steps by qkv's one-row products, every one a C function, finds its next token by screening the
+    output product (`qkv::screened_best`, a C function too), and finds the eager engine's ids and
+    scores (the logits computed after the program when they are asked for)."""
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
     monkeypatch.setattr(packed_linear, "ONE_ROW_ON", (torch.backends.cpu.get_cpu_capability(),))
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
@@ -353,8 +355,10 @@ def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypat
     assert engine.step_module(True, 2).products is None  # a few rows: Inductor's, as on AVX2
     assert_same_greedy(engine, reference, random_sources([9], seed=8), max_len=20, min_len=20)
     assert engine.compiled_rows == {1}
-    products = 6 * model.config.n_decoder_layers + 1
-    assert c_calls(PRODUCT, engine.package_path(1, True)) == products
+    program = engine.package_path(1, True)
+    assert c_calls(PRODUCT, program) == 6 * model.config.n_decoder_layers
+    assert c_calls("aoti_torch_cpu_screened_best", program) == 1
+    assert engine.step_module(True, 1).screens(1)
 
 
 @needs_operator
@@ -387,14 +391,14 @@ def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
 
 @pytest.mark.parametrize(
     "capability, rows_served",
-    [("AVX2", [1, 8, 16, 32, None]), ("AVX512", [2, 5, 7]), ("DEFAULT", [])],
+    [("AVX2", [1, 8, 16, 32, None]), ("AVX512", [1, 2, 5, 7]), ("DEFAULT", [])],
 )
 def test_which_programs_take_qkvs_products_follows_the_cpus_capability(
     monkeypatch, capability, rows_served
 ):
-    """AVX2: one row (greedy on one sentence, the kernel's one-row loop), programs of 8 rows or more
-    and the beam programs (None); AVX-512: 2-7 rows, where Inductor's products keep their sums in
-    memory."""
+    """AVX2: one row (greedy on one sentence, the kernel's one-row loop, its output screened),
+    programs of 8 rows or more and the beam programs (None); AVX-512: one row too, and 2-7 rows,
+    where Inductor's products keep their sums in memory."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     rows = [1, 2, 5, 7, 8, 16, 32, None]
     assert [r for r in rows if packed_linear.serves(r)] == rows_served

@@ -414,6 +414,9 @@ class CompiledEngine(DecodingEngine):
         best, logits = cache.search_rows(outputs[0]), outputs[1]
         if not scores:
             return None, best, None
+        if logits.size(-1) != self.config.tgt_vocab_size:
+            # A screening step's final hidden state (`StaticDecoderStep.screens`): its logits now.
+            logits = self._packed_steps[True].products.output(logits)
         # The softmax only now, in place on the program's own logits (as fast as inside it).
         log_probs = log_softmax(cache.search_rows(logits))
         return None, best, log_probs.gather(1, best[:, None]).squeeze(1)

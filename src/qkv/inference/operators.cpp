@@ -25,6 +25,10 @@
 // against the k-th largest so far. torch.topk, called from a program, sorts more than a few rows of
 // thousands need.
 //
+// qkv::pack_screen and qkv::screened_best: a greedy step's next token at one row from an int8 copy
+// of the output weights (a quarter of the bytes), each logit within a bound of its fp32 value, and
+// the exact logits of the few tokens the bounds leave, from the one-row loop over their panels.
+//
 // qkv::pack_int8_linear and qkv::packed_int8_linear: in rowwise_int8.cpp.
 
 #include <ATen/Parallel.h>
@@ -32,6 +36,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
@@ -498,6 +503,155 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return out;
 }
 
+// The output product screened (greedy without scores): an int8 copy of the output weights, each
+// output feature (a row of the weight) quantised on its own, s_j = max |w_j| / 127, laid out as
+// pack_linear's panels (16 features side by side for each input feature) -> (panels, in_features,
+// 16) int8, and the scales (panels * 16,) (1 for a padding or all-zero feature).
+std::tuple<at::Tensor, at::Tensor> pack_screen(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+              "qkv::pack_screen: weight must be (out_features, in_features) float32 on the CPU");
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  const int64_t panels = (out_features + kPanel - 1) / kPanel;
+  auto q = at::zeros({panels, in_features, kPanel}, weight.options().dtype(at::kChar));
+  auto scales = at::ones({panels * kPanel}, weight.options());
+  const auto w = weight.contiguous();
+  const float* W = w.const_data_ptr<float>();
+  int8_t* Q = q.data_ptr<int8_t>();
+  float* S = scales.data_ptr<float>();
+  for (int64_t n = 0; n < out_features; ++n) {
+    const float* row = W + n * in_features;
+    float largest = 0.f;
+    for (int64_t k = 0; k < in_features; ++k) largest = std::max(largest, std::abs(row[k]));
+    const float scale = largest > 0.f && std::isfinite(largest) ? largest / 127.f : 1.f;
+    S[n] = scale;
+    int8_t* column = Q + (n / kPanel) * in_features * kPanel + n % kPanel;
+    for (int64_t k = 0; k < in_features; ++k) {
+      const float v = std::nearbyint(row[k] / scale);
+      column[k * kPanel] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+    }
+  }
+  return {q, scales};
+}
+
+// One row times a panel of the int8 copy: 16 sums of x_k q_jk, four pairs of accumulators as
+// one_row_panel.
+inline void screen_panel(const float* x, const int8_t* panel, int64_t depth, float* sums) {
+  __m256 acc[4][2];
+  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 4 <= depth; k += 4) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const int8_t* w = panel + (k + j) * kPanel;
+      _mm_prefetch(reinterpret_cast<const char*>(w + kOneRowAhead * 4 * kPanel), _MM_HINT_T0);
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+      const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+      const __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+      const __m256 a = _mm256_broadcast_ss(x + k + j);
+      acc[j][0] = _mm256_fmadd_ps(a, low, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(a, high, acc[j][1]);
+    }
+  }
+  for (; k < depth; ++k) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + k * kPanel));
+    const __m256 a = _mm256_broadcast_ss(x + k);
+    acc[0][0] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), acc[0][0]);
+    acc[0][1] = _mm256_fmadd_ps(
+        a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), acc[0][1]);
+  }
+  _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[1][0]),
+                                       _mm256_add_ps(acc[2][0], acc[3][0])));
+  _mm256_storeu_ps(sums + 8, _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]),
+                                           _mm256_add_ps(acc[2][1], acc[3][1])));
+}
+
+// x (rows, in_features), the output product packed (pack_linear) and screened (pack_screen), and
+// an additive bias (out_features,) (0, or -inf for the ids that may not come next) -> (rows,) int64:
+// argmax over j of (packed_linear(x)_j + bias_j), the first of equal values, as the full product
+// and torch.argmax give it. Each logit of the int8 copy is within e_j of the fp32 one (rounding to
+// int8: s_j / 2 per unit of sum |x_k|; the sums' own rounding, bounded generously); the argmax is
+// among the features whose upper bound reaches the largest lower bound, and their exact logits come
+// from one_row_panel over their panels, as the full product computes them. A row that is not finite
+// takes the full product.
+at::Tensor screened_best(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& q,
+                         const at::Tensor& scales, const at::Tensor& bias) {
+  const int64_t depth = packed.size(1) - 1, panels = packed.size(0), out_features = bias.size(0);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kFloat,
+              "qkv::screened_best: packed from qkv::pack_linear");
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == panels && q.size(1) == depth && q.size(2) == kPanel &&
+                  q.is_contiguous() && q.scalar_type() == at::kChar && scales.numel() == panels * kPanel,
+              "qkv::screened_best: q and scales from qkv::pack_screen of the same weight");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == depth && bias.dim() == 1 &&
+                  (out_features + kPanel - 1) / kPanel == panels && bias.scalar_type() == at::kFloat,
+              "qkv::screened_best: x (..., in_features) and bias (out_features,) float32");
+  const auto input = x.contiguous().view({-1, depth});
+  const auto b = bias.contiguous();
+  const int64_t rows = input.size(0);
+  auto best = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* X = input.const_data_ptr<float>();
+  const float* P = packed.const_data_ptr<float>();
+  const int8_t* Q = q.const_data_ptr<int8_t>();
+  const float* S = scales.const_data_ptr<float>();
+  const float* C = b.const_data_ptr<float>();
+  int64_t* out = best.data_ptr<int64_t>();
+  std::vector<float> approx(panels * kPanel), errors(panels * kPanel), exact(kPanel);
+  // Relative rounding of a sum of depth + 2 terms in float, doubled for the margin.
+  const float rounding = 4.f * static_cast<float>(depth + 2) * std::numeric_limits<float>::epsilon();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = X + r * depth;
+    float magnitude = 0.f;
+    for (int64_t k = 0; k < depth; ++k) magnitude += std::abs(row[k]);
+    magnitude *= 1.f + rounding;
+    if (!std::isfinite(magnitude)) {  // NaN or infinity: the full product, as the program's
+      float top = 0.f;
+      int64_t at = -1;
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t columns = std::min(kPanel, out_features - p * kPanel);
+        one_row_panel(row, P + p * (depth + 1) * kPanel, depth, false, exact.data(), columns);
+        for (int64_t lane = 0; lane < columns; ++lane) {
+          const float v = exact[lane] + C[p * kPanel + lane];
+          if (at < 0 || v > top || (std::isnan(v) && !std::isnan(top))) top = v, at = p * kPanel + lane;
+        }
+      }
+      out[r] = at;
+      continue;
+    }
+    at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 16) / (depth * kPanel)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t p = begin; p < end; ++p)
+                         screen_panel(row, Q + p * depth * kPanel, depth, &approx[p * kPanel]);
+                     });
+    // The bounds: logit_j within errors[j] of approx[j] (its centre).
+    float largest_lower = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < out_features; ++j) {
+      const float own_bias = P[(j / kPanel) * (depth + 1) * kPanel + depth * kPanel + j % kPanel];
+      const float centre = S[j] * approx[j] + own_bias + C[j];
+      // Rounding to int8, the two sums' rounding, and a few ulps of the centre's own arithmetic.
+      errors[j] = magnitude * S[j] * (0.5f + 127.f * rounding) + std::abs(own_bias) * rounding +
+                  std::abs(centre) * 8.f * std::numeric_limits<float>::epsilon() +
+                  std::numeric_limits<float>::min();
+      approx[j] = centre;
+      largest_lower = std::max(largest_lower, centre - errors[j]);
+    }
+    float top = 0.f;
+    int64_t at = -1, computed = -1;
+    for (int64_t j = 0; j < out_features; ++j) {
+      if (!(approx[j] + errors[j] >= largest_lower)) continue;
+      const int64_t p = j / kPanel;
+      if (p != computed) {
+        one_row_panel(row, P + p * (depth + 1) * kPanel, depth, false, exact.data(),
+                      std::min(kPanel, out_features - p * kPanel));
+        computed = p;
+      }
+      const float v = exact[j % kPanel] + C[j];
+      if (at < 0 || v > top) top = v, at = j;
+    }
+    out[r] = at < 0 ? 0 : at;
+  }
+  return best;
+}
+
 }  // namespace
 
 // The attention operator as a C function of the kind AOTInductor calls for ATen's own operators (a
@@ -540,12 +694,28 @@ extern "C" AOTITorchError aoti_torch_cpu_row_topk(AtenTensorHandle x, int64_t k,
   });
 }
 
+// A greedy step's screened next token as a C function too.
+extern "C" AOTITorchError aoti_torch_cpu_screened_best(AtenTensorHandle x, AtenTensorHandle packed,
+                                                       AtenTensorHandle q, AtenTensorHandle scales,
+                                                       AtenTensorHandle bias,
+                                                       AtenTensorHandle* result) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *result = torch::aot_inductor::new_tensor_handle(screened_best(
+        *tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(packed),
+        *tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(scales),
+        *tensor_handle_to_tensor_pointer(bias)));
+  });
+}
+
 TORCH_LIBRARY(qkv, m) {
   m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
   m.def("log_softmax_(Tensor(a!) logits) -> Tensor(a!)");
   m.def("row_topk(Tensor x, int k) -> (Tensor, Tensor)");
   m.def("pack_linear(Tensor weight, Tensor bias) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, int relu) -> Tensor");
+  m.def("pack_screen(Tensor weight) -> (Tensor, Tensor)");
+  m.def("screened_best(Tensor x, Tensor packed, Tensor q, Tensor scales, Tensor bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qkv, CPU, m) {
@@ -554,4 +724,6 @@ TORCH_LIBRARY_IMPL(qkv, CPU, m) {
   m.impl("row_topk", &row_topk);
   m.impl("pack_linear", &pack_linear);
   m.impl("packed_linear", &packed_linear);
+  m.impl("pack_screen", &pack_screen);
+  m.impl("screened_best", &screened_best);
 }

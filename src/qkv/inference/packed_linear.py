@@ -42,6 +42,26 @@ class PackedLinear(nn.Module):
         return torch.ops.qkv.packed_linear(x, self.packed, self.out_features, self.relu)
 
 
+class ScreenedOutput(PackedLinear):
+    """The output product, and a greedy step's next token from it without every logit
+    (`qkv::screened_best`): an int8 copy of the weight (a quarter of its bytes) screens the
+    vocabulary, and the few tokens it leaves get their exact logits, as `forward` computes them at
+    one row. `screens` False: `best` is not used (the step computes every logit)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__(weight, bias)
+        q, scales = torch.ops.qkv.pack_screen(weight.detach().float())
+        self.register_buffer("screen_q", q, persistent=False)
+        self.register_buffer("screen_scales", scales, persistent=False)
+        self.screens = True
+
+    def best(self, x: Tensor, banned_bias: Tensor) -> Tensor:
+        """x (1, d_in) -> (1,) the token of the largest logit + banned_bias, the first of equals."""
+        return torch.ops.qkv.screened_best(
+            x, self.packed, self.screen_q, self.screen_scales, banned_bias
+        )
+
+
 class DecoderProducts(nn.Module):
     """Every product of a decoder step: for each layer, self-attention's stacked Q/K/V and output,
     cross-attention's Q and output, the feed-forward's two (a ReLU fused into the first); and the
@@ -77,7 +97,8 @@ class DecoderProducts(nn.Module):
                     of(feed_forward.linear2),
                 )
             )
-        return cls(layers, of(step.model.output))
+        output = step.model.output
+        return cls(layers, ScreenedOutput(output.weight, output.bias))
 
 
 class EncoderProducts(nn.Module):
@@ -173,9 +194,12 @@ FEW_ROWS = 2
 # keep 16 features (two 8-wide registers) a block on AVX2 and read ~44 GB/s at two threads on an
 # Intel Xeon held to AVX2 (32 features, ~50 GB/s, on AVX-512). Whole greedy searches of one
 # sentence with qkv's one-row products, two engines taking turns with CTranslate2 on that Xeon held
-# to AVX2: the base model 0.85x the time, the small 0.98x; as it comes (AVX-512) 1.00-1.02x, so
-# Inductor's stay there (benchmarks/README.md, session 47).
-ONE_ROW_ON = ("AVX2",)
+# to AVX2: the base model 0.85x the time, the small 0.98x; as it comes (AVX-512) 1.00-1.02x
+# (benchmarks/README.md, session 47). With qkv's products the one-row greedy program also screens the
+# output product (`ScreenedOutput`, a quarter of its bytes): the small model's greedy search of one
+# sentence 0.88-0.90x the time held to AVX2, and 0.88-0.90x as the CPU comes (AVX-512) against
+# Inductor's one-row products, which cannot screen (session 48).
+ONE_ROW_ON = ("AVX2", "AVX512")
 
 
 def serves(rows: int | None) -> bool:

@@ -62,6 +62,18 @@ class StaticDecoderStep(nn.Module):
         # Q, K and V of self-attention as one product (a frozen copy, as the eager engine keeps).
         self.qkv_weights, self.qkv_biases = stacked_self_attention(model.decoder.layers)
 
+    def screens(self, rows: int) -> bool:
+        """Whether its greedy program of `rows` rows finds the best token by screening the output
+        product (`packed_linear.ScreenedOutput`), and returns the final hidden state in place of the
+        logits (where the two differ in size: the engine tells them apart so): at one row, with qkv's
+        products."""
+        output = self.products.output if self.products is not None else None
+        return (
+            rows == 1
+            and getattr(output, "screens", False)
+            and output.out_features != self.model.config.d_model
+        )
+
     def with_products(self, products: DecoderProducts) -> StaticDecoderStep:
         """This step, its weights shared, computing every product with `products` (qkv's kernel)."""
         step = StaticDecoderStep(
@@ -132,7 +144,11 @@ class StaticDecoderStep(nn.Module):
             write_new_slot(self_kv, ancestry, at, projected, n_heads, beams=not self.greedy)
             projected = []
         output = self.products.output if self.products is not None else model.output
-        logits = output(model.decoder.final_norm(y))[:, 0]  # (rows, vocab)
+        normed = model.decoder.final_norm(y)  # (rows, 1, d_model)
+        if self.greedy and self.screens(rows):  # the best token without every logit
+            hidden = normed[:, 0]
+            return output.best(hidden, banned_bias), hidden, *projected
+        logits = output(normed)[:, 0]  # (rows, vocab)
         # The search's own first operations, here at a few µs instead of ~25 µs of calls a step (and
         # a beam search's candidates: ~70 µs of calls, slower still right after the program).
         if self.greedy:  # the best of log_softmax(logits) + banned_bias: the best logit's token
