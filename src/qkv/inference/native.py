@@ -21,7 +21,7 @@
   vocabulary, each logit known within a bound; the few tokens whose bound reaches the best one's get
   their exact logits from `qkv::packed_linear`'s one-row loop over their panels, so the token is the
   full product's argmax, ties included (`packed_linear.ScreenedOutput`). The small benchmark model's
-  output product read 2 MB instead of 8, its greedy search of one sentence 0.88-0.90x the time.
+  output product read 2 MB instead of 8, its greedy search of one sentence 0.82-0.84x the time.
 - `qkv::pack_int8_linear`, `qkv::packed_int8_linear`: qkv's own int8 product, by AMX's tiles,
   VNNI's dot products or AVX2's, each row quantised on its own (`qkv.inference.rowwise_int8` says
   why): the eager int8 engine's and the compiled int8 step's.

@@ -47,12 +47,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+constexpr float kEpsilon = std::numeric_limits<float>::epsilon();
 
 inline float sum_of(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
@@ -580,10 +582,12 @@ at::Tensor screened_best(const at::Tensor& x, const at::Tensor& packed, const at
                   packed.scalar_type() == at::kFloat,
               "qkv::screened_best: packed from qkv::pack_linear");
   TORCH_CHECK(q.dim() == 3 && q.size(0) == panels && q.size(1) == depth && q.size(2) == kPanel &&
-                  q.is_contiguous() && q.scalar_type() == at::kChar && scales.numel() == panels * kPanel,
+                  q.is_contiguous() && q.scalar_type() == at::kChar &&
+                  scales.numel() == panels * kPanel,
               "qkv::screened_best: q and scales from qkv::pack_screen of the same weight");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == depth && bias.dim() == 1 &&
-                  (out_features + kPanel - 1) / kPanel == panels && bias.scalar_type() == at::kFloat,
+                  (out_features + kPanel - 1) / kPanel == panels &&
+                  bias.scalar_type() == at::kFloat,
               "qkv::screened_best: x (..., in_features) and bias (out_features,) float32");
   const auto input = x.contiguous().view({-1, depth});
   const auto b = bias.contiguous();
@@ -595,9 +599,14 @@ at::Tensor screened_best(const at::Tensor& x, const at::Tensor& packed, const at
   const float* S = scales.const_data_ptr<float>();
   const float* C = b.const_data_ptr<float>();
   int64_t* out = best.data_ptr<int64_t>();
-  std::vector<float> approx(panels * kPanel), errors(panels * kPanel), exact(kPanel);
+  // Not zeroed: every feature's is written before it is read.
+  std::unique_ptr<float[]> approx_buffer(new float[panels * kPanel]);
+  std::unique_ptr<float[]> errors_buffer(new float[panels * kPanel]);
+  float* approx = approx_buffer.get();
+  float* errors = errors_buffer.get();
+  std::vector<float> exact(kPanel);
   // Relative rounding of a sum of depth + 2 terms in float, doubled for the margin.
-  const float rounding = 4.f * static_cast<float>(depth + 2) * std::numeric_limits<float>::epsilon();
+  const float rounding = 4.f * static_cast<float>(depth + 2) * kEpsilon;
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = X + r * depth;
     float magnitude = 0.f;
@@ -611,7 +620,8 @@ at::Tensor screened_best(const at::Tensor& x, const at::Tensor& packed, const at
         one_row_panel(row, P + p * (depth + 1) * kPanel, depth, false, exact.data(), columns);
         for (int64_t lane = 0; lane < columns; ++lane) {
           const float v = exact[lane] + C[p * kPanel + lane];
-          if (at < 0 || v > top || (std::isnan(v) && !std::isnan(top))) top = v, at = p * kPanel + lane;
+          if (at < 0 || v > top || (std::isnan(v) && !std::isnan(top)))
+            top = v, at = p * kPanel + lane;
         }
       }
       out[r] = at;
@@ -620,23 +630,48 @@ at::Tensor screened_best(const at::Tensor& x, const at::Tensor& packed, const at
     at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 16) / (depth * kPanel)),
                      [&](int64_t begin, int64_t end) {
                        for (int64_t p = begin; p < end; ++p)
-                         screen_panel(row, Q + p * depth * kPanel, depth, &approx[p * kPanel]);
+                         screen_panel(row, Q + p * depth * kPanel, depth, approx + p * kPanel);
                      });
-    // The bounds: logit_j within errors[j] of approx[j] (its centre).
-    float largest_lower = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < out_features; ++j) {
+    // The bounds: logit_j within errors[j] of approx[j] (its centre), a vector of features at a
+    // time (a vector never crosses a panel: its biases lie side by side in the panel's last row).
+    const Vec k_int8(0.5f + 127.f * rounding), k_bias(rounding), k_centre(8.f * kEpsilon);
+    const Vec tiny(std::numeric_limits<float>::min()), mag(magnitude);
+    Vec lower_v(kMinusInf);
+    int64_t j = 0;
+    for (; j + Vec::size() <= out_features; j += Vec::size()) {
+      const Vec own =
+          Vec::loadu(P + (j / kPanel) * (depth + 1) * kPanel + depth * kPanel + j % kPanel);
+      const Vec scale = Vec::loadu(S + j);
+      const Vec centre = scale * Vec::loadu(&approx[j]) + own + Vec::loadu(C + j);
+      const Vec error = mag * scale * k_int8 + own.abs() * k_bias + centre.abs() * k_centre + tiny;
+      centre.store(&approx[j]);
+      error.store(&errors[j]);
+      lower_v = at::vec::maximum(lower_v, centre - error);
+    }
+    alignas(64) float lanes[Vec::size()];
+    lower_v.store(lanes);
+    float largest_lower = kMinusInf;
+    for (int64_t lane = 0; lane < Vec::size(); ++lane)
+      largest_lower = std::max(largest_lower, lanes[lane]);
+    for (; j < out_features; ++j) {
       const float own_bias = P[(j / kPanel) * (depth + 1) * kPanel + depth * kPanel + j % kPanel];
       const float centre = S[j] * approx[j] + own_bias + C[j];
-      // Rounding to int8, the two sums' rounding, and a few ulps of the centre's own arithmetic.
       errors[j] = magnitude * S[j] * (0.5f + 127.f * rounding) + std::abs(own_bias) * rounding +
-                  std::abs(centre) * 8.f * std::numeric_limits<float>::epsilon() +
-                  std::numeric_limits<float>::min();
+                  std::abs(centre) * 8.f * kEpsilon + std::numeric_limits<float>::min();
       approx[j] = centre;
       largest_lower = std::max(largest_lower, centre - errors[j]);
     }
     float top = 0.f;
     int64_t at = -1, computed = -1;
-    for (int64_t j = 0; j < out_features; ++j) {
+    const Vec largest_lower_v(largest_lower);
+    for (j = 0; j < out_features; ++j) {
+      if (j % Vec::size() == 0 && j + Vec::size() <= out_features) {  // a vector with no candidate
+        const Vec upper = Vec::loadu(&approx[j]) + Vec::loadu(&errors[j]);
+        if ((upper >= largest_lower_v).zero_mask() == (1 << Vec::size()) - 1) {
+          j += Vec::size() - 1;
+          continue;
+        }
+      }
       if (!(approx[j] + errors[j] >= largest_lower)) continue;
       const int64_t p = j / kPanel;
       if (p != computed) {

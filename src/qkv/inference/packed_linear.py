@@ -196,9 +196,9 @@ FEW_ROWS = 2
 # sentence with qkv's one-row products, two engines taking turns with CTranslate2 on that Xeon held
 # to AVX2: the base model 0.85x the time, the small 0.98x; as it comes (AVX-512) 1.00-1.02x
 # (benchmarks/README.md, session 47). With qkv's products the one-row greedy program also screens the
-# output product (`ScreenedOutput`, a quarter of its bytes): the small model's greedy search of one
-# sentence 0.88-0.90x the time held to AVX2, and 0.88-0.90x as the CPU comes (AVX-512) against
-# Inductor's one-row products, which cannot screen (session 48).
+# output product (`ScreenedOutput`, a quarter of its bytes): greedy searches of one sentence, small
+# model 0.82-0.84x the time and base 0.90-0.91x held to AVX2; as the CPU comes (AVX-512), against
+# Inductor's one-row products, which cannot screen, 0.83-0.84x and 0.90-0.91x (session 48).
 ONE_ROW_ON = ("AVX2", "AVX512")
 
 
