@@ -612,19 +612,9 @@ at::Tensor screened_best(const at::Tensor& x, const at::Tensor& packed, const at
     float magnitude = 0.f;
     for (int64_t k = 0; k < depth; ++k) magnitude += std::abs(row[k]);
     magnitude *= 1.f + rounding;
-    if (!std::isfinite(magnitude)) {  // NaN or infinity: the full product, as the program's
-      float top = 0.f;
-      int64_t at = -1;
-      for (int64_t p = 0; p < panels; ++p) {
-        const int64_t columns = std::min(kPanel, out_features - p * kPanel);
-        one_row_panel(row, P + p * (depth + 1) * kPanel, depth, false, exact.data(), columns);
-        for (int64_t lane = 0; lane < columns; ++lane) {
-          const float v = exact[lane] + C[p * kPanel + lane];
-          if (at < 0 || v > top || (std::isnan(v) && !std::isnan(top)))
-            top = v, at = p * kPanel + lane;
-        }
-      }
-      out[r] = at;
+    if (!std::isfinite(magnitude)) {  // NaN or infinity: the full product, and ATen's argmax
+      const auto logits = packed_linear(input.narrow(0, r, 1), packed, out_features, 0);
+      out[r] = logits.squeeze(0).add(b).argmax().item<int64_t>();
       continue;
     }
     at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 16) / (depth * kPanel)),
