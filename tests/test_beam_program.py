@@ -13,7 +13,7 @@ import torch
 from qkv.inference import BeamCache, aoti, buckets, native, prepare_for_decoding
 from qkv.inference import beam_program as beam_program_module
 from qkv.inference.beam_program import BeamPrograms
-from qkv.inference.compiled import CompiledEngine
+from qkv.inference.compiled import BEAMS, CompiledEngine
 from test_compiled import QUICK, assert_same_beams, broken_compile, encoder_uncompiled, uncompiled
 from test_search import random_model, random_sources
 
@@ -153,7 +153,7 @@ def test_a_failed_beam_compile_says_so_once_and_decodes_as_the_eager_engine(monk
     messages = []
     model = random_model()
     engine, reference = CompiledEngine(model, warn=messages.append), prepare_for_decoding(model)
-    engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
+    engine.program = lambda arguments, kind=BEAMS: engine.step_module(kind)
     encoder_uncompiled(engine)
     for _ in range(2):  # the search that met the failure, then one on the eager engine
         assert_same_beams(engine, reference, random_sources([6, 4, 5]), beam_size=3, max_len=8)
@@ -165,7 +165,7 @@ def test_without_wide_vectors_beams_on_many_sentences_take_the_eager_step(monkey
     monkeypatch.setattr(buckets, "WIDE_VECTORS", ())  # as on Arm: not measured there
     model = random_model()
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
-    engine.program = lambda arguments, greedy=False: engine.step_module(greedy)
+    engine.program = lambda arguments, kind=BEAMS: engine.step_module(kind)
     assert engine.sentences_per_program(5) == [1]  # one sentence's 5 rows only
     assert_same_beams(engine, reference, random_sources([6, 4, 5]), beam_size=3, max_len=8)
     assert engine.beam_programs.programs == {}

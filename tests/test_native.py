@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from qkv.inference import aoti, buckets, native, packed_linear, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference.beam_program import attend_with_new_together, split_heads
-from qkv.inference.compiled import CompiledEngine
+from qkv.inference.compiled import BEAMS, GREEDY, GREEDY_EVERY_LOGIT, CompiledEngine
 from qkv.inference.packed_linear import PackedLinear
 from test_beam_program import c_calls
 from test_compiled import (
@@ -344,7 +344,7 @@ def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypat
     """As on an AVX2 CPU (`packed_linear.ONE_ROW_ON`), whatever this one is: greedy on one sentence
     steps by qkv's one-row products, every one a C function, finds its next token by screening the
     output product (`qkv::screened_best`, a C function too), and finds the eager engine's ids and
-    scores (the logits computed after the program when they are asked for)."""
+    scores (these from a program of its own that computes every logit and does not screen)."""
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
     monkeypatch.setattr(packed_linear, "ONE_ROW_ON", (torch.backends.cpu.get_cpu_capability(),))
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
@@ -354,11 +354,15 @@ def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypat
     assert engine.step_module(True, 1).products is not None
     assert engine.step_module(True, 2).products is None  # a few rows: Inductor's, as on AVX2
     assert_same_greedy(engine, reference, random_sources([9], seed=8), max_len=20, min_len=20)
-    assert engine.compiled_rows == {1}
-    program = engine.package_path(1, True)
-    assert c_calls(PRODUCT, program) == 6 * model.config.n_decoder_layers
-    assert c_calls("aoti_torch_cpu_screened_best", program) == 1
-    assert engine.step_module(True, 1).screens(1)
+    assert set(engine.programs) == {(1, GREEDY), (1, GREEDY_EVERY_LOGIT)}
+    screening, every_logit = (engine.package_path(1, k) for k in (GREEDY, GREEDY_EVERY_LOGIT))
+    layers = model.config.n_decoder_layers
+    assert c_calls(PRODUCT, screening) == 6 * layers
+    assert c_calls("aoti_torch_cpu_screened_best", screening) == 1
+    assert c_calls(PRODUCT, every_logit) == 6 * layers + 1
+    assert c_calls("aoti_torch_cpu_screened_best", every_logit) == 0
+    assert engine.step_module(GREEDY, 1).screens(1)
+    assert not engine.step_module(GREEDY_EVERY_LOGIT, 1).screens(1)
 
 
 @needs_operator
@@ -439,7 +443,7 @@ def test_a_program_with_qkvs_products_that_fails_falls_back_on_pytorchs_products
     """The step that runs after a failed program is the plain one: if qkv's operator was the
     cause, it must not run again."""
 
-    def failing_program(arguments, greedy=False):
+    def failing_program(arguments, kind=BEAMS):
         raise RuntimeError("qkv::packed_linear: as if the operator had failed")
 
     messages, steps_run = [], []

@@ -24,8 +24,10 @@ from fastapi.testclient import TestClient
 import qkv
 from conftest import qkv_env
 from qkv.inference import buckets
+from qkv.inference.compiled import BEAMS
 from qkv.serve import compile_ahead, load_models
 from qkv.serve.app import create_app
+from qkv.serve.service import ServedModel, Service
 from qkv.translate import Translator
 from toy_task import reverse
 
@@ -438,11 +440,12 @@ def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch)
     monkeypatch.setattr(buckets, "WIDE_VECTORS", (*buckets.WIDE_VECTORS, here))
     translator = qkv.load(toy_run, compile=True)
     engine = translator.engine()
-    programs_run = set()
+    programs_run, kinds_run = set(), set()
 
-    def program(arguments, greedy=False):  # the static step as it is: nothing compiled here
+    def program(arguments, kind=BEAMS):  # the static step as it is: nothing compiled here
         programs_run.add(arguments[0].size(0))
-        return engine.step_module(greedy)
+        kinds_run.add((arguments[0].size(0), kind))
+        return engine.step_module(kind)
 
     def beam_program(arguments):  # beams on many sentences (beam_program.py), uncompiled too
         programs_run.add(tuple(arguments[0].shape))  # (sentences, beams)
@@ -454,6 +457,13 @@ def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch)
     monkeypatch.setattr(engine.source, "batch_program", engine.source.batch_module)
     assert compile_ahead(translator, beam=1) == 8
     assert programs_run == {1, 2, 3, 4, 5, 8, 16, 32}
+    # What a request runs then was run ahead: the server keeps scores (with beam 1 on one sentence,
+    # the program that computes every logit where the greedy one screens its output product).
+    ran_ahead = set(kinds_run)
+    service = Service([ServedModel("toy", translator, "xx", "yy")], 1, 1000, None, True, 1, 99, 9)
+    for sentences in (1, 3):
+        service._decode((0, 1, 1, 0.6, True), ["a b"] * sentences)  # a batch's search (key: beam 1)
+    assert kinds_run == ran_ahead
     programs_run.clear()
     assert compile_ahead(translator, beam=5) == 2 and programs_run == {5, (2, 5)}
     assert compile_ahead(qkv.load(toy_run), beam=1) == 0  # no compiled step to make

@@ -23,20 +23,24 @@ number of rows:
   2 x `MAX_ROWS` most likely with theirs, among which are a beam search's candidates
   (`NextToken.best_extensions`; their search over every row took ~140 µs a step of one sentence
   right after the program, 2.5-6% of a search). Greedy search has a
-  program of its own (`greedy=True`), which returns the most likely token and the logits, and no
+  program of its own (`GREEDY`), which returns the most likely token and the logits, and no
   softmax: a search that keeps scores takes it after the program, in place (as fast as inside),
   one that does not (`greedy_search(scores=False)`, `qkv translate` without `--scores`) never
-  computes it. It reads each row's keys and values where they are: with one beam per sentence, the
-  cache keeps each sentence in its row;
+  computes it. On one row with qkv's products, that program finds the token by screening the
+  output product (`StaticDecoderStep.screens`) and returns the final hidden state in place of the
+  logits; a search there that keeps scores takes a third program, `GREEDY_EVERY_LOGIT`, which
+  computes every logit and does not screen. It reads each row's keys and values where they are:
+  with one beam per sentence, the cache keeps each sentence in its row;
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
   weights, the bias and ReLU fused); from 32 rows, oneDNN's (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`), but
   Inductor's for small weights on AVX2 (`aoti.own_products_up_to`), chosen by size; qkv's own
-  kernel in the programs of 8 rows or more on AVX2 and of 2-7 rows on AVX-512 (`packed_linear.serves`).
+  kernel in the programs of one row, of 8 rows or more on AVX2 and of 2-7 rows on AVX-512
+  (`packed_linear.serves`).
   The capacity and the source length are dynamic: one program per number of rows.
 
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
-products) and saved as a package (`decoder-step-R-rows[-greedy]-KEY.pt2`) in the engine's
+products) and saved as a package (`decoder-step-R-rows[-greedy[-logits]]-KEY.pt2`) in the engine's
 `cache_dir`: the run directory's `compiled/` folder (`COMPILED`) when the model comes from one
 (`Translator.load`), else `QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY hashes the weights, the
 configuration, the code the step is traced from, PyTorch, the CPU's capability and the threads, so a
@@ -95,6 +99,11 @@ from qkv.inference.topk import extensions_of_rows
 from qkv.model import Transformer
 
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
+# The kinds of program for a number of rows (`CompiledEngine.program`): beam search's, greedy
+# search's, and greedy search's that computes every logit for a search that keeps scores, where
+# greedy's screens its output product (`StaticDecoderStep.screens`); each a package of its own.
+BEAMS, GREEDY, GREEDY_EVERY_LOGIT = 0, 1, 2
+KIND_SUFFIXES = ("", "-greedy", "-greedy-logits")
 
 
 class CompiledEngine(DecodingEngine):
@@ -162,16 +171,18 @@ class CompiledEngine(DecodingEngine):
         # weights are counted once, as the program holds them).
         decoder_weights = [*model.decoder.parameters(), model.output.weight]
         self.step_bytes = sum(p.numel() * p.element_size() for p in decoder_weights)
-        self.programs: dict[tuple[int, bool], object] = {}  # (rows, greedy) -> the loaded program
-        # (rows, greedy) -> seconds to compile or load it
-        self.compile_seconds: dict[tuple[int, bool], float] = {}
+        self.programs: dict[tuple[int, int], object] = {}  # (rows, kind) -> the loaded program
+        # (rows, kind) -> seconds to compile or load it
+        self.compile_seconds: dict[tuple[int, int], float] = {}
         self._keys: dict[bool, str] = {}  # whether a step takes qkv's products -> its key
-        # The steps with qkv's products, [static, greedy] (`packed_steps`); [] where they do not serve
+        # The steps with qkv's products, one for each kind of program (`packed_steps`); [] where they
+        # do not serve
         self._packed_steps: list[StaticDecoderStep] | None = None
         self._products: DecoderProducts | bool | None = None  # False: they do not serve here
         self._native_topk: bool | None = None  # decided at the first program (`step_module`)
         self._banned_biases: dict[tuple[int, ...], Tensor] = {}
         self._zero_scores: dict[int, Tensor] = {}  # rows -> zeros (`_no_beam_scores`)
+        self._kinds_with_scores: dict[int, int] = {}  # rows -> greedy's kind then (`greedy_kind`)
         if self.unavailable is not None:
             warn(f"{self.unavailable}: decoding takes the eager step")
 
@@ -188,38 +199,52 @@ class CompiledEngine(DecodingEngine):
     def compiled_rows(self) -> set[int]:
         return {rows for rows, _ in self.programs}
 
-    def package_path(self, rows: int, greedy: bool = False) -> Path:
-        step = self.step_module(False, rows)  # the key: of the kind of step (products) for `rows`
+    def package_path(self, rows: int, kind: int = BEAMS) -> Path:
+        """Where the program of `rows` rows of this `kind` (`BEAMS`, `GREEDY`, ...) is kept."""
+        step = self.step_module(BEAMS, rows)  # the key: of the kind of step (products) for `rows`
         if step.native not in self._keys:
             self._keys[step.native] = aoti.program_key(step, self.digests)
-        kind = "-greedy" if greedy else ""
-        return self.cache_dir / f"decoder-step-{rows}-rows{kind}-{self._keys[step.native]}.pt2"
+        suffix = KIND_SUFFIXES[kind]
+        return self.cache_dir / f"decoder-step-{rows}-rows{suffix}-{self._keys[step.native]}.pt2"
 
-    def program(self, arguments: tuple, greedy: bool = False) -> object:
-        """The program for this number of rows (greedy search's own with `greedy`): loaded, from
-        the cache, or compiled and saved."""
+    def program(self, arguments: tuple, kind: int = BEAMS) -> object:
+        """The program of this `kind` (`BEAMS`, `GREEDY`, `GREEDY_EVERY_LOGIT`) for this number of
+        rows: loaded, from the cache, or compiled and saved."""
         rows = arguments[0].size(0)
-        if (rows, greedy) not in self.programs:
+        if (rows, kind) not in self.programs:
             started = time.perf_counter()
             what = f"the decoder step for {rows} row{'s' if rows > 1 else ''}"
-            self.programs[rows, greedy] = aoti.load_or_compile(
-                self.package_path(rows, greedy),
-                lambda path: compile_package(self.step_module(greedy, rows), arguments, path),
-                what + (", greedy" if greedy else ""),
+            self.programs[rows, kind] = aoti.load_or_compile(
+                self.package_path(rows, kind),
+                lambda path: compile_package(self.step_module(kind, rows), arguments, path),
+                what + ("", ", greedy", ", greedy with every logit")[kind],
                 self.say,
             )
-            self.compile_seconds[rows, greedy] = time.perf_counter() - started
-        return self.programs[rows, greedy]
+            self.compile_seconds[rows, kind] = time.perf_counter() - started
+        return self.programs[rows, kind]
 
-    def step_module(self, greedy: bool = False, rows: int | None = None) -> StaticDecoderStep:
-        """The step a program of `rows` rows is compiled from, and what runs when it cannot be: with
-        qkv's products where they serve programs of that many rows (`packed_linear.serves`,
-        `packed_steps`); int8, always with its int8 products."""
+    def step_module(self, kind: int = BEAMS, rows: int | None = None) -> StaticDecoderStep:
+        """The step a program of this `kind` and `rows` rows is compiled from, and what runs when it
+        cannot be: with qkv's products where they serve programs of that many rows
+        (`packed_linear.serves`, `packed_steps`); int8, always with its int8 products."""
         self._candidates_natively()
+        return self._step_of(kind, rows)
+
+    def _step_of(self, kind: int, rows: int | None) -> StaticDecoderStep:
         takes_products = rows is not None and packed_linear.serves(rows)
         if (self.int8 or takes_products) and self.packed_steps():
-            return self._packed_steps[greedy]
-        return self.greedy_step if greedy else self.static_step
+            return self._packed_steps[kind]
+        return self.greedy_step if kind != BEAMS else self.static_step
+
+    def greedy_kind(self, rows: int, scores: bool) -> int:
+        """The kind of program greedy search takes on `rows` rows: `GREEDY`, or where that one
+        screens its output product and the search keeps scores, `GREEDY_EVERY_LOGIT`."""
+        if not scores:
+            return GREEDY
+        if rows not in self._kinds_with_scores:  # decided once: a step's few µs
+            screens = self._step_of(GREEDY, rows).screens(rows)
+            self._kinds_with_scores[rows] = GREEDY_EVERY_LOGIT if screens else GREEDY
+        return self._kinds_with_scores[rows]
 
     def _candidates_natively(self) -> None:
         """At the first question: whether the steps find their candidates with qkv's operator
@@ -236,6 +261,8 @@ class CompiledEngine(DecodingEngine):
             self._packed_steps = (
                 [s.with_products(products) for s in steps] if products is not None else []
             )
+            if self._packed_steps:  # GREEDY_EVERY_LOGIT's
+                self._packed_steps.append(self._packed_steps[GREEDY].every_logit())
         return bool(self._packed_steps)
 
     def decoder_products(self) -> DecoderProducts | None:
@@ -395,15 +422,16 @@ class CompiledEngine(DecodingEngine):
             tokens, position, cache.self_kv, cache.ancestry, cache.cross_kv, cache.cross_bias,
             banned_bias, beam_scores,
         )  # fmt: skip
+        kind = self.greedy_kind(tokens.size(0), scores) if greedy else BEAMS
         outputs = None
         if self.unavailable is None:
             try:
-                outputs = self.program(arguments, greedy)(*arguments)
+                outputs = self.program(arguments, kind)(*arguments)
             except Exception as error:  # export's and Inductor's failures have many types
                 self._cannot_compile("the decoder step", error)
         if outputs is None:  # PyTorch's products once a program failed: they were not the cause
             rows = tokens.size(0) if self.unavailable is None else None
-            outputs = self.step_module(greedy, rows)(*arguments)
+            outputs = self.step_module(kind, rows)(*arguments)
         if self.STEPS_WRITE_CACHE:
             cache.written()
         else:  # this position's keys and values, in each layer's output
@@ -412,11 +440,8 @@ class CompiledEngine(DecodingEngine):
         if not greedy:  # log-probabilities, best token and its, most likely tokens and theirs
             return *(cache.search_rows(output) for output in outputs[:5]), *outputs[5:]
         best, logits = cache.search_rows(outputs[0]), outputs[1]
-        if not scores:
+        if not scores:  # `logits` may be a screening step's final hidden state (`GREEDY`)
             return None, best, None
-        if logits.size(-1) != self.config.tgt_vocab_size:
-            # A screening step's final hidden state (`StaticDecoderStep.screens`): its logits now.
-            logits = self._packed_steps[True].products.output(logits)
         # The softmax only now, in place on the program's own logits (as fast as inside it).
         log_probs = log_softmax(cache.search_rows(logits))
         return None, best, log_probs.gather(1, best[:, None]).squeeze(1)

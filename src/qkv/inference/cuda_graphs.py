@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv.inference.compiled import CompiledEngine
+from qkv.inference.compiled import BEAMS, CompiledEngine
 from qkv.inference.engine import DecodingEngine
 from qkv.inference.static_step import StaticDecoderStep
 from qkv.model import Transformer
 
-# Graphs kept per step (greedy or not, per number of rows): each holds its input and output buffers,
+# Graphs kept per step (of each kind, per number of rows): each holds its input and output buffers,
 # a copy of the cache's keys and values among them (the base model at 32 rows, 512 slots and 256
 # source slots: ~300 MB), and its share of the pool. Past that many shapes (a few source lengths at
 # each capacity), the least recently used go, and are recorded again if they come back.
@@ -175,14 +175,14 @@ class GraphedEngine(CompiledEngine):
             return graphs_unavailable(model)
         return None
 
-    def program(self, arguments: tuple, greedy: bool = False) -> StepGraphs:
-        """The graphs for this number of rows (greedy search's own step with `greedy`)."""
+    def program(self, arguments: tuple, kind: int = BEAMS) -> StepGraphs:
+        """The graphs for this number of rows of this `kind` of step (`compiled.BEAMS`, ...)."""
         rows = arguments[0].size(0)
-        if (rows, greedy) not in self.programs:
-            step: StaticDecoderStep = self.step_module(greedy)
+        if (rows, kind) not in self.programs:
+            step: StaticDecoderStep = self.step_module(kind)
             transient = len(self.decoder)  # each layer's projection, which the cache copies
-            self.programs[rows, greedy] = StepGraphs(step, transient, self.capture, self.pool)
-        return self.programs[rows, greedy]
+            self.programs[rows, kind] = StepGraphs(step, transient, self.capture, self.pool)
+        return self.programs[rows, kind]
 
     def many_rows_gain(self) -> bool:
         """Whatever the model's size: a graph replays its kernels at any size (the CPU's limits
