@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import html
+import itertools
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -110,6 +112,25 @@ def test_libretranslate_json_string_and_list_and_form(client, expected):
     assert form.json() == {"translatedText": expected[1]}
     auto = client.post("/translate", json={"q": LINES[0], "source": "auto", "target": "yy"})
     assert auto.json()["detectedLanguage"] == {"confidence": 100.0, "language": "xx"}
+
+
+def test_libretranslate_asks_for_no_scores_and_qkvs_api_for_them(client, models, monkeypatch):
+    """LibreTranslate's answer shows no score, so its searches compute none (greedy on one sentence
+    then screens its output product); `/v1/translate` shows them."""
+    translator, asked = models[0].translator, []
+    hypotheses = translator.hypotheses
+
+    def spy(sentences, **options):
+        asked.append(options["scores"])
+        return hypotheses(sentences, **options)
+
+    monkeypatch.setattr(translator, "hypotheses", spy)
+    body = {"q": LINES[0], "source": "xx", "target": "yy"}
+    assert client.post("/translate", json=body).status_code == 200
+    assert client.post("/translate", json={**body, "format": "html"}).status_code == 200
+    answer = client.post("/v1/translate", json={"text": [LINES[0]], "source": "xx", "target": "yy"})
+    assert math.isfinite(answer.json()["translations"][0]["hypotheses"][0]["score"])
+    assert asked == [False, False, True]
 
 
 def test_alternatives_are_the_next_best_hypotheses(client, toy_run):
@@ -457,12 +478,13 @@ def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch)
     monkeypatch.setattr(engine.source, "batch_program", engine.source.batch_module)
     assert compile_ahead(translator, beam=1) == 8
     assert programs_run == {1, 2, 3, 4, 5, 8, 16, 32}
-    # What a request runs then was run ahead: the server keeps scores (with beam 1 on one sentence,
-    # the program that computes every logit where the greedy one screens its output product).
+    # What a request runs then was run ahead: with beam 1 on one sentence, qkv's API keeps scores
+    # (the program that computes every logit, where the greedy one screens its output product) and
+    # LibreTranslate's does not (the screening one).
     ran_ahead = set(kinds_run)
     service = Service([ServedModel("toy", translator, "xx", "yy")], 1, 1000, None, True, 1, 99, 9)
-    for sentences in (1, 3):
-        service._decode((0, 1, 1, 0.6, True), ["a b"] * sentences)  # a batch's search (key: beam 1)
+    for sentences, scores in itertools.product((1, 3), (True, False)):
+        service._decode((0, 1, 1, 0.6, True, scores), ["a b"] * sentences)  # a batch's search
     assert kinds_run == ran_ahead
     programs_run.clear()
     assert compile_ahead(translator, beam=5) == 2 and programs_run == {5, (2, 5)}

@@ -85,7 +85,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
             page_numbers = [n for n, page_nodes in enumerate(nodes, start=1) for _ in page_nodes]
             service.check_lengths(index, flat, page_numbers)
             search = (search_beam, 1, 0.6, exit_early)
-            results = await service.translate(index, flat, *search) if flat else []
+            results = await service.translate(index, flat, *search, scores=False) if flat else []
             translated, start = [], 0
             for parts, page_nodes in zip(pages, nodes, strict=True):
                 node_results = results[start : start + len(page_nodes)]
@@ -95,7 +95,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
         else:
             service.check_lengths(index, texts)
             search = (search_beam, alternatives + 1, 0.6, exit_early)
-            results = await service.translate(index, texts, *search)
+            results = await service.translate(index, texts, *search, scores=False)
             best = [hypotheses[0].text for hypotheses in results]
             others = [[h.text for h in hypotheses[1:]] for hypotheses in results]
         single = isinstance(q, str)

@@ -61,11 +61,11 @@ class Service:
         )  # fmt: skip
 
     def _decode(self, key, sentences: list[str]) -> list:
-        index, search_beam, n_best, length_penalty, exit_early = key
+        index, search_beam, n_best, length_penalty, exit_early, scores = key
         translator = self.models[index].translator
         search = dict(beam=search_beam, n_best=n_best, length_penalty=length_penalty)
         with self.model_lock:
-            return translator.hypotheses(sentences, **search, early_exit=exit_early)
+            return translator.hypotheses(sentences, **search, early_exit=exit_early, scores=scores)
 
     def _measure(self, key, sentence: str) -> int:
         return len(self.models[key[0]].translator.tokenizer.encode(sentence)) + 1
@@ -146,13 +146,16 @@ class Service:
         n_best: int,
         alpha: float,
         exit_early=None,
+        scores: bool = True,
     ):
         """Each text's hypotheses, decoded in a batch with other requests' texts of the same model
-        and search (`Batcher`); `exit_early` None: the server's."""
+        and search (`Batcher`); `exit_early` None: the server's. scores=False: greedy search
+        computes none (NaN; `Translator.hypotheses`), for an answer that shows none: on one
+        sentence it then screens the output product (`qkv.inference.compiled.GREEDY`)."""
         exit_early = self.early_exit if exit_early is None else exit_early
         try:
             results = await self.batcher.submit(
-                (index, search_beam, n_best, alpha, exit_early), texts
+                (index, search_beam, n_best, alpha, exit_early, scores), texts
             )
         except QueueFull:
             raise ApiError(429, "too many requests waiting: retry shortly",
