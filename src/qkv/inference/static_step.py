@@ -91,11 +91,8 @@ class StaticDecoderStep(nn.Module):
         """This step, its weights and products shared, never screening the output product: a
         greedy search that keeps scores needs every logit, and screening them first as well cost it
         ~100 µs a step (1.19x the time of a search of one sentence, small model)."""
-        step = StaticDecoderStep(
-            self.model, self.greedy, self, self.candidates, self.writes_cache
-        ).eval()
-        step.products, step.native, step.int8 = self.products, self.native, self.int8
-        step.native_topk, step.screening = self.native_topk, False
+        step = self.with_products(self.products)
+        step.screening = False
         return step
 
     def forward(

@@ -16,8 +16,8 @@ def compile_ahead(translator, beam: int) -> int:
     step that a batch of requests with `beam` beams can run on (`CompiledEngine.sentences_per_program`:
     two with beam 5, for one sentence and for more; up to eight, from 1 to 32 sentences, with beam
     1), so that no client waits for a compile. Each translation makes two tokens at least, since
-    the program for beams on many sentences runs from the second; each runs with and without
-    scores, as the server's searches do (`Service.translate`: qkv's API keeps them,
+    the program for beams on many sentences runs from the second; with one beam, each runs with
+    and without scores, as the server's searches do (`Service.translate`: qkv's API keeps them,
     LibreTranslate's does not; greedy search on one sentence has a program for each where it
     screens its output product). Returns how many numbers of sentences; 0 for an engine without a
     compiled step."""
@@ -28,7 +28,7 @@ def compile_ahead(translator, beam: int) -> int:
         return 0
     counts = engine.sentences_per_program(beam)
     for sentences in counts:
-        for scores in (True, False):
+        for scores in (True, False) if beam == 1 else (True,):  # beams keep scores anyway
             translator.hypotheses(["."] * sentences, beam=beam, min_len=2, scores=scores)
     return len(counts)
 
