@@ -13,7 +13,8 @@ import torch
 from qkv.inference import BeamCache, aoti, buckets, native, prepare_for_decoding
 from qkv.inference import beam_program as beam_program_module
 from qkv.inference.beam_program import BeamPrograms
-from qkv.inference.compiled import BEAMS, CompiledEngine
+from qkv.inference.compiled import CompiledEngine
+from qkv.inference.step_programs import BEAMS
 from test_compiled import QUICK, assert_same_beams, broken_compile, encoder_uncompiled, uncompiled
 from test_search import random_model, random_sources
 

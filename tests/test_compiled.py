@@ -26,18 +26,13 @@ from qkv.inference import (
     huge_pages,
     packed_linear,
     prepare_for_decoding,
+    step_programs,
 )
-from qkv.inference import compiled as compiled_module
 from qkv.inference import digests as digests_module
 from qkv.inference import engine as engine_module
 from qkv.inference import topk as topk_module
-from qkv.inference.compiled import (
-    BEAMS,
-    GREEDY,
-    GREEDY_EVERY_LOGIT,
-    CompiledEngine,
-    StaticCache,
-)
+from qkv.inference.compiled import CompiledEngine, StaticCache
+from qkv.inference.step_programs import BEAMS, GREEDY, GREEDY_EVERY_LOGIT
 from qkv.search import beam_search, greedy_search, sample
 from test_search import random_model, random_sources
 
@@ -384,7 +379,7 @@ def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     assert engine.compiled_rows == {2} and engine.unavailable is None
     assert len(list(compile_cache.iterdir())) == 1
     # A new engine of the same weights loads the program: nothing is compiled again.
-    monkeypatch.setattr(compiled_module, "compile_package", None)
+    monkeypatch.setattr(step_programs, "compile_package", None)
     again = CompiledEngine(model)
     encoder_uncompiled(again)
     assert_same_greedy(again, reference, random_sources([4, 9], seed=4), max_len=15)
@@ -493,7 +488,7 @@ def test_programs_of_32_rows_take_onednns_products_but_small_ones_on_avx2(monkey
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     step = CompiledEngine(random_model()).greedy_step
     for rows in (1, 5, 8, 16, 32):
-        compiled_module.compile_package(step, (torch.zeros(rows, dtype=torch.long),), Path("-"))
+        step_programs.compile_package(step, (torch.zeros(rows, dtype=torch.long),), Path("-"))
     assert "CPP" in aoti.INDUCTOR_OPTIONS["max_autotune_gemm_backends"]
     assert all(made[rows] == (aoti.INDUCTOR_OPTIONS, None) for rows in (1, 5, 8, 16))
     libraries_only = dict(aoti.INDUCTOR_OPTIONS, max_autotune_gemm_backends="ATEN")
@@ -830,7 +825,7 @@ def broken_compile(step, arguments, path):
 
 
 def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeypatch):
-    monkeypatch.setattr(compiled_module, "compile_package", broken_compile)
+    monkeypatch.setattr(step_programs, "compile_package", broken_compile)
     messages = []
     model = random_model()
     engine, reference = CompiledEngine(model, warn=messages.append), prepare_for_decoding(model)

@@ -121,7 +121,9 @@ def test_the_compiled_int8_programs_are_kept_and_a_new_engine_loads_them(monkeyp
     first = CompiledEngine(model, int8=True)
     assert_same_greedy(first, reference, random_sources([6]), max_len=12)
     del first
-    monkeypatch.setattr("qkv.inference.compiled.compile_package", None)  # nothing compiled again
+    monkeypatch.setattr(
+        "qkv.inference.step_programs.compile_package", None
+    )  # nothing compiled again
     monkeypatch.setattr("qkv.inference.compiled_encoder.compile_encoder", None)
     messages = []
     again = CompiledEngine(model, warn=messages.append, int8=True)

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from qkv.inference import aoti, buckets, native, packed_linear, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
 from qkv.inference.beam_program import attend_with_new_together, split_heads
-from qkv.inference.compiled import BEAMS, GREEDY, GREEDY_EVERY_LOGIT, CompiledEngine
+from qkv.inference.compiled import CompiledEngine
 from qkv.inference.packed_linear import PackedLinear
+from qkv.inference.step_programs import BEAMS, GREEDY, GREEDY_EVERY_LOGIT
 from test_beam_program import c_calls
 from test_compiled import (
     QUICK,
@@ -235,9 +236,9 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
     # each row's candidates, then one sentence's extensions over the rows
     assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 2
     assert c_calls(PRODUCT, engine.package_path(5)) == 6 * model.config.n_decoder_layers + 1
-    assert engine.step_module(True, 2).products is not None
-    assert engine.step_module(True, 1).products is None  # one row: Inductor's own, as on AVX-512
-    assert engine.step_module(True, 8).products is None and engine.beam_products() is None
+    assert engine.step_module(GREEDY, 2).products is not None
+    assert engine.step_module(GREEDY, 1).products is None  # one row: Inductor's own, as on AVX-512
+    assert engine.step_module(GREEDY, 8).products is None and engine.beam_products() is None
     # Without qkv's operator for the candidates, another program: PyTorch's topk, in chunks
     monkeypatch.setattr(compiled_module.CompiledEngine, "NATIVE_CANDIDATES", False)
     plain = CompiledEngine(model)
@@ -322,15 +323,15 @@ def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids
     model = random_model(seed=6, max_len=80)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     encoder_uncompiled(engine)
-    assert engine.step_module(True, 32).products is not None
-    assert engine.step_module(False, 8).products is not None
-    assert engine.step_module(True, 5).products is None  # fewer rows: Inductor's own
+    assert engine.step_module(GREEDY, 32).products is not None
+    assert engine.step_module(BEAMS, 8).products is not None
+    assert engine.step_module(GREEDY, 5).products is None  # fewer rows: Inductor's own
     # 20 sentences, the program of 32 rows; limits of 51-70 tokens: from step 51, one ends a step.
     src = random_sources(list(range(1, 21)), seed=6)
     assert_same_greedy(engine, reference, src)
     # Then the program of 8 rows as the sentences finish, with qkv's products too, every one a C
     # function, not through the dispatcher: 6 a layer, and the output's. (Programs of fewer rows
-    # take Inductor's: `step_module(True, 5)` above.)
+    # take Inductor's: `step_module(GREEDY, 5)` above.)
     products = 6 * model.config.n_decoder_layers + 1
     calls = {rows: c_calls(PRODUCT, engine.package_path(rows, True)) for rows, _ in engine.programs}
     assert calls == {32: products, 8: products}
@@ -351,8 +352,8 @@ def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypat
     model = random_model(seed=8)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     encoder_uncompiled(engine)
-    assert engine.step_module(True, 1).products is not None
-    assert engine.step_module(True, 2).products is None  # a few rows: Inductor's, as on AVX2
+    assert engine.step_module(GREEDY, 1).products is not None
+    assert engine.step_module(GREEDY, 2).products is None  # a few rows: Inductor's, as on AVX2
     assert_same_greedy(engine, reference, random_sources([9], seed=8), max_len=20, min_len=20)
     assert set(engine.programs) == {(1, GREEDY), (1, GREEDY_EVERY_LOGIT)}
     screening, every_logit = (engine.package_path(1, k) for k in (GREEDY, GREEDY_EVERY_LOGIT))
@@ -387,7 +388,7 @@ def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
         f"qkv's products are for AVX2 (and a few rows on AVX-512); oneDNN's serve {here}"
     )
     engine = CompiledEngine(model)
-    assert engine.decoder_products() is None and engine.step_module(True, 32).products is None
+    assert engine.decoder_products() is None and engine.step_module(GREEDY, 32).products is None
     assert packed_linear.unavailable(model.to(torch.bfloat16)) == (
         "qkv's products are for fp32 on the CPU"
     )

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 import qkv
 from conftest import qkv_env
 from qkv.inference import buckets
-from qkv.inference.compiled import BEAMS
+from qkv.inference.step_programs import BEAMS
 from qkv.serve import compile_ahead, load_models
 from qkv.serve.app import create_app
 from qkv.serve.service import ServedModel, Service

@@ -27,10 +27,9 @@ number of rows:
   softmax: a search that keeps scores takes it after the program, in place (as fast as inside),
   one that does not (`greedy_search(scores=False)`, `qkv translate` without `--scores`) never
   computes it. On one row with qkv's products, that program finds the token by screening the
-  output product (`StaticDecoderStep.screens`) and returns the final hidden state in place of the
-  logits; a search there that keeps scores takes a third program, `GREEDY_EVERY_LOGIT`, which
-  computes every logit and does not screen. It reads each row's keys and values where they are:
-  with one beam per sentence, the cache keeps each sentence in its row;
+  output product (`StaticDecoderStep.screens`); a search there that keeps scores takes a third
+  program, `GREEDY_EVERY_LOGIT` (`qkv.inference.step_programs`). It reads each row's keys and
+  values where they are: with one beam per sentence, the cache keeps each sentence in its row;
 - the weights are constants of the program, and its matrix products are Inductor's own C++ kernels,
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
   weights, the bias and ReLU fused); from 32 rows, oneDNN's (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`), but
@@ -39,12 +38,9 @@ number of rows:
   (`packed_linear.serves`).
   The capacity and the source length are dynamic: one program per number of rows.
 
-A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
-products) and saved as a package (`decoder-step-R-rows[-greedy[-logits]]-KEY.pt2`) in the engine's
-`cache_dir`: the run directory's `compiled/` folder (`COMPILED`) when the model comes from one
-(`Translator.load`), else `QKV_COMPILE_CACHE` or ~/.cache/qkv/compiled. KEY hashes the weights, the
-configuration, the code the step is traced from, PyTorch, the CPU's capability and the threads, so a
-package is only loaded where it was made for (~5 ms). Options, key, compiling: `qkv.inference.aoti`.
+A program is compiled at its first use (~20-40 s for a small model) and kept as a package in the
+engine's `cache_dir` (the run directory's `compiled/` folder, `COMPILED`), loaded in ~5 ms from then
+on: `qkv.inference.step_programs`.
 
 `CompiledEngine` is `qkv.inference.DecodingEngine` with this step for batches of up to `MAX_ROWS` rows
 (sentences x beams: beam 5 on one sentence), and of up to 32 sentences with one beam each (greedy,
@@ -71,7 +67,6 @@ sentences stays the eager int8 engine's.
 from __future__ import annotations
 
 import functools
-import time
 import warnings
 from pathlib import Path
 
@@ -85,38 +80,24 @@ from qkv.inference.buckets import MAX_ROWS, ONE_BEAM_ROWS
 from qkv.inference.compiled_encoder import SourceEncoder
 from qkv.inference.digests import TensorDigests
 from qkv.inference.engine import DecodingEngine, log_softmax, without
-from qkv.inference.packed_linear import DecoderProducts
-from qkv.inference.static_cache import (
-    StaticCache,
-    position_input,
-)
-from qkv.inference.static_step import (
-    StaticDecoderStep,
-    compile_package,
-    compiled_step_unavailable,
-)
+from qkv.inference.static_cache import StaticCache, position_input
+from qkv.inference.static_step import StaticDecoderStep, compiled_step_unavailable
+from qkv.inference.step_programs import BEAMS, StepPrograms
 from qkv.inference.topk import extensions_of_rows
 from qkv.model import Transformer
 
 COMPILED = "compiled"  # the folder of a run directory that keeps its compiled programs
-# The kinds of program for a number of rows (`CompiledEngine.program`): beam search's, greedy
-# search's, and greedy search's that computes every logit for a search that keeps scores, where
-# greedy's screens its output product (`StaticDecoderStep.screens`); each a package of its own.
-BEAMS, GREEDY, GREEDY_EVERY_LOGIT = 0, 1, 2
-KIND_SUFFIXES = ("", "-greedy", "-greedy-logits")
 
 
-class CompiledEngine(DecodingEngine):
+class CompiledEngine(StepPrograms, DecodingEngine):
     """`DecodingEngine` whose step is compiled (`StaticDecoderStep`) for batches of up to `MAX_ROWS`
     rows, or of up to 32 sentences with one beam each (`program_rows`). `warn` says once why the
     compiled step is not taken, if it is not; `cache_dir` keeps the compiled programs (default
-    `aoti.default_cache_dir()`); `say`, if given, is told when a program is compiled (it takes a
-    while) and where it is kept."""
+    `aoti.default_cache_dir()`; `StepPrograms`: `program`, `package_path`, `step_module`); `say`,
+    if given, is told when a program is compiled (it takes a while) and where it is kept."""
 
     MAKES = "compile {}"  # what it does to a step, for the line that says it could not
     STEPS_WRITE_CACHE = True  # its programs write the cache's keys and values themselves
-    # Its programs' beam candidates by qkv's operator where it loads (`topk.row_topk`)
-    NATIVE_CANDIDATES = True
 
     def __init__(
         self,
@@ -171,18 +152,9 @@ class CompiledEngine(DecodingEngine):
         # weights are counted once, as the program holds them).
         decoder_weights = [*model.decoder.parameters(), model.output.weight]
         self.step_bytes = sum(p.numel() * p.element_size() for p in decoder_weights)
-        self.programs: dict[tuple[int, int], object] = {}  # (rows, kind) -> the loaded program
-        # (rows, kind) -> seconds to compile or load it
-        self.compile_seconds: dict[tuple[int, int], float] = {}
-        self._keys: dict[bool, str] = {}  # whether a step takes qkv's products -> its key
-        # The steps with qkv's products, one for each kind of program (`packed_steps`); [] where they
-        # do not serve
-        self._packed_steps: list[StaticDecoderStep] | None = None
-        self._products: DecoderProducts | bool | None = None  # False: they do not serve here
-        self._native_topk: bool | None = None  # decided at the first program (`step_module`)
+        self._init_programs()
         self._banned_biases: dict[tuple[int, ...], Tensor] = {}
         self._zero_scores: dict[int, Tensor] = {}  # rows -> zeros (`_no_beam_scores`)
-        self._kinds_with_scores: dict[int, int] = {}  # rows -> greedy's kind then (`greedy_kind`)
         if self.unavailable is not None:
             warn(f"{self.unavailable}: decoding takes the eager step")
 
@@ -193,94 +165,6 @@ class CompiledEngine(DecodingEngine):
             return why
         if (why := native.load(self.say)) is not None:
             return f"the compiled int8 step calls qkv's operators, not available here: {why}"
-        return None
-
-    @property
-    def compiled_rows(self) -> set[int]:
-        return {rows for rows, _ in self.programs}
-
-    def package_path(self, rows: int, kind: int = BEAMS) -> Path:
-        """Where the program of `rows` rows of this `kind` (`BEAMS`, `GREEDY`, ...) is kept."""
-        step = self.step_module(BEAMS, rows)  # the key: of the kind of step (products) for `rows`
-        if step.native not in self._keys:
-            self._keys[step.native] = aoti.program_key(step, self.digests)
-        suffix = KIND_SUFFIXES[kind]
-        return self.cache_dir / f"decoder-step-{rows}-rows{suffix}-{self._keys[step.native]}.pt2"
-
-    def program(self, arguments: tuple, kind: int = BEAMS) -> object:
-        """The program of this `kind` (`BEAMS`, `GREEDY`, `GREEDY_EVERY_LOGIT`) for this number of
-        rows: loaded, from the cache, or compiled and saved."""
-        rows = arguments[0].size(0)
-        if (rows, kind) not in self.programs:
-            started = time.perf_counter()
-            what = f"the decoder step for {rows} row{'s' if rows > 1 else ''}"
-            self.programs[rows, kind] = aoti.load_or_compile(
-                self.package_path(rows, kind),
-                lambda path: compile_package(self.step_module(kind, rows), arguments, path),
-                what + ("", ", greedy", ", greedy with every logit")[kind],
-                self.say,
-            )
-            self.compile_seconds[rows, kind] = time.perf_counter() - started
-        return self.programs[rows, kind]
-
-    def step_module(self, kind: int = BEAMS, rows: int | None = None) -> StaticDecoderStep:
-        """The step a program of this `kind` and `rows` rows is compiled from, and what runs when it
-        cannot be: with qkv's products where they serve programs of that many rows
-        (`packed_linear.serves`, `packed_steps`); int8, always with its int8 products."""
-        self._candidates_natively()
-        return self._step_of(kind, rows)
-
-    def _step_of(self, kind: int, rows: int | None) -> StaticDecoderStep:
-        takes_products = rows is not None and packed_linear.serves(rows)
-        if (self.int8 or takes_products) and self.packed_steps():
-            return self._packed_steps[kind]
-        return self.greedy_step if kind != BEAMS else self.static_step
-
-    def greedy_kind(self, rows: int, scores: bool) -> int:
-        """The kind of program greedy search takes on `rows` rows: `GREEDY`, or where that one
-        screens its output product and the search keeps scores, `GREEDY_EVERY_LOGIT`."""
-        if not scores:
-            return GREEDY
-        if rows not in self._kinds_with_scores:  # decided once: a step's few µs
-            screens = self._step_of(GREEDY, rows).screens(rows)
-            self._kinds_with_scores[rows] = GREEDY_EVERY_LOGIT if screens else GREEDY
-        return self._kinds_with_scores[rows]
-
-    def _candidates_natively(self) -> None:
-        """At the first question: whether the steps find their candidates with qkv's operator
-        (where it loads, `NATIVE_CANDIDATES`), so that their programs do."""
-        if self._native_topk is None:
-            self._native_topk = self.NATIVE_CANDIDATES and native.load(self.say) is None
-            for step in (self.static_step, *(self._packed_steps or [])):
-                step.native_topk = self._native_topk
-
-    def packed_steps(self) -> bool:
-        """Whether the steps with qkv's products serve here: made at the first question."""
-        if self._packed_steps is None:
-            products, steps = self.decoder_products(), (self.static_step, self.greedy_step)
-            self._packed_steps = (
-                [s.with_products(products) for s in steps] if products is not None else []
-            )
-            if self._packed_steps:  # GREEDY_EVERY_LOGIT's
-                self._packed_steps.append(self._packed_steps[GREEDY].every_logit())
-        return bool(self._packed_steps)
-
-    def decoder_products(self) -> DecoderProducts | None:
-        """The decoder's products by qkv's kernel, made once, or None where they do not serve
-        (`packed_linear.unavailable`): for the programs it serves (`packed_linear.serves`). An int8
-        engine's are int8 (`qkv.inference.int8_products`)."""
-        if self._products is None and self.int8:
-            self._products = int8_products.int8_products(self)
-        if self._products is None:
-            usable = packed_linear.unavailable(self.static_step.model, self.say) is None
-            self._products = DecoderProducts.of_step(self.static_step) if usable else False
-        return None if self._products is False else self._products
-
-    def beam_products(self) -> DecoderProducts | None:
-        """The products a beam program takes: int8 ones for an int8 engine, else qkv's where they
-        serve beams on many sentences (`packed_linear.serves`), else None (PyTorch's)."""
-        if self.int8 or packed_linear.serves(None):
-            return self.decoder_products()
         return None
 
     def new_cache(

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qkv.inference.compiled import BEAMS, CompiledEngine
+from qkv.inference.compiled import CompiledEngine
 from qkv.inference.engine import DecodingEngine
 from qkv.inference.static_step import StaticDecoderStep
+from qkv.inference.step_programs import BEAMS
 from qkv.model import Transformer
 
 # Graphs kept per step (of each kind, per number of rows): each holds its input and output buffers,
@@ -176,7 +177,7 @@ class GraphedEngine(CompiledEngine):
         return None
 
     def program(self, arguments: tuple, kind: int = BEAMS) -> StepGraphs:
-        """The graphs for this number of rows of this `kind` of step (`compiled.BEAMS`, ...)."""
+        """The graphs for this number of rows of this `kind` of step (`step_programs.BEAMS`, ...)."""
         rows = arguments[0].size(0)
         if (rows, kind) not in self.programs:
             step: StaticDecoderStep = self.step_module(kind)

@@ -151,7 +151,7 @@ class Service:
         """Each text's hypotheses, decoded in a batch with other requests' texts of the same model
         and search (`Batcher`); `exit_early` None: the server's. scores=False: greedy search
         computes none (NaN; `Translator.hypotheses`), for an answer that shows none: on one
-        sentence it then screens the output product (`qkv.inference.compiled.GREEDY`)."""
+        sentence it then screens the output product (`qkv.inference.step_programs.GREEDY`)."""
         exit_early = self.early_exit if exit_early is None else exit_early
         try:
             results = await self.batcher.submit(
