@@ -38,15 +38,13 @@ from qkv.kernels import use_fast_kernels
 from qkv.loss import label_smoothed_loss
 from qkv.metrics import MetricsLog, RunningWindow, plot_curves, progress_bar, start_record
 from qkv.model import Transformer
-from qkv.outputs import check_parents_are_folders, made_folder
-from qkv.prepared import INFO
+from qkv.outputs import made_folder
+from qkv.run_folder import check_run_folder
 from qkv.schedule import learning_rate
 from qkv.training_data import check_lengths, load_training_data, resegmented, run_meta
 from qkv.validation import validate
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
-# What training writes into its run directory, besides the checkpoints.
-RUN_FILES = ("config.toml", TOKENIZER, "metrics.jsonl", "curves.png", "best.pt", "data")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,31 +404,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, log=print) 
     """Train a model as `config` says, writing everything to `run_dir`; returns the run's summary."""
     check_config(config)  # a Config built in Python has not been checked yet
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise QkvError(f"--out {run_dir} is a file, not a folder")
-    check_parents_are_folders(run_dir, "--out")
+    check_run_folder(run_dir, resume)
     dist_info = setup_distributed(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     if dist_info.device.type == "cpu":
         keep_large_blocks_on_the_heap()  # the logits and their gradient, reused at every step
-    if (run_dir / INFO).exists():  # `--resume`, as the message below said, trained into it
-        raise QkvError(
-            f"--out {run_dir} is a prepared data folder ({INFO}): train from it with --set "
-            f"data.prepared={run_dir}, into another --out"
-        )
-    if (run_dir / LAST).exists() and not resume:
-        raise QkvError(
-            f"{run_dir} already holds a run ({LAST}): pass --resume to continue it, "
-            "or choose another --out"
-        )
-    written = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if written and not resume:
-        raise QkvError(
-            f"{run_dir} holds {written[0]}, which training would replace (a run that saved no "
-            "checkpoint, or not a run): pass --resume to start that run again, or choose another "
-            "--out"
-        )
     with made_folder(run_dir):  # a config that names no data, or data not there: no empty run
         if dist_info.is_main:
             for folder in (run_dir, run_dir / "data"):

@@ -40,7 +40,7 @@ def _run_demo(args) -> int:
 
     from qkv.checkpoint import LAST
     from qkv.demo import default_demo_dir, run_demo
-    from qkv.train import RUN_FILES
+    from qkv.run_folder import RUN_FILES
 
     check_at_least({"--steps": args.steps}, 1)  # else a message about train.max_steps
     run_dir = Path(args.out) if args.out else default_demo_dir(Path("runs"))
