@@ -28,6 +28,7 @@ from qkv.inference.static_step import StaticDecoderStep, compile_package
 
 BEAMS, GREEDY, GREEDY_EVERY_LOGIT = 0, 1, 2  # the kinds of program for a number of rows
 KIND_SUFFIXES = ("", "-greedy", "-greedy-logits")  # in their packages' names
+KIND_WORDS = ("", ", greedy", ", greedy with every logit")  # in the lines that say it compiles
 
 
 class StepPrograms:
@@ -72,7 +73,7 @@ class StepPrograms:
             self.programs[rows, kind] = aoti.load_or_compile(
                 self.package_path(rows, kind),
                 lambda path: compile_package(self.step_module(kind, rows), arguments, path),
-                what + ("", ", greedy", ", greedy with every logit")[kind],
+                what + KIND_WORDS[kind],
                 self.say,
             )
             self.compile_seconds[rows, kind] = time.perf_counter() - started
