@@ -220,6 +220,28 @@ def test_row_topk_says_what_it_expects():
 
 
 @needs_operator
+@pytest.mark.parametrize("rows, vocab, k", [(5, 8000, 10), (1, 37, 5), (3, 1001, 1), (2, 9, 9)])
+def test_log_softmax_topk_is_the_log_softmax_the_bias_and_row_topk_in_one_call(rows, vocab, k):
+    assert native.load() is None
+    generator = torch.Generator().manual_seed(vocab)
+    block = torch.randn(rows + 1, vocab + 3, generator=generator) * 8
+    logits = block[1:, :vocab]  # rows a stride apart: the operator takes them as they are
+    bias = torch.zeros(vocab)
+    bias[[0, vocab // 2]] = -math.inf  # banned ids
+    log_probs, top, at = torch.ops.qkv.log_softmax_topk(logits, bias, k)
+    torch.testing.assert_close(log_probs, torch.log_softmax(logits, -1) + bias, rtol=0, atol=1e-5)
+    expected_top, expected_at = torch.ops.qkv.row_topk(log_probs, k)  # its own log-probabilities'
+    assert torch.equal(top, expected_top) and torch.equal(at, expected_at)
+    assert torch.isneginf(log_probs[:, [0, vocab // 2]]).all()
+    with pytest.raises(RuntimeError, match=f"k must be between 1 and {vocab}"):
+        torch.ops.qkv.log_softmax_topk(logits, bias, vocab + 1)
+    with pytest.raises(RuntimeError, match=r"bias must be \(vocab,\) float32"):
+        torch.ops.qkv.log_softmax_topk(logits, bias[:-1], k)
+    with pytest.raises(RuntimeError, match=r"logits must be \(rows, vocab\) float32"):
+        torch.ops.qkv.log_softmax_topk(logits.double(), bias, k)
+
+
+@needs_operator
 def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkvs_operators(
     monkeypatch,
 ):
@@ -233,8 +255,9 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     assert_same_beams(engine, reference, random_sources([7], seed=2), beam_size=5, max_len=12)
     assert engine.compiled_rows == {5}
-    # each row's candidates, then one sentence's extensions over the rows
-    assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 2
+    # each row's log-probabilities and candidates, then one sentence's extensions over the rows
+    assert c_calls("aoti_torch_cpu_log_softmax_topk", engine.package_path(5)) == 1
+    assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 1
     assert c_calls(PRODUCT, engine.package_path(5)) == 6 * model.config.n_decoder_layers + 1
     assert engine.step_module(GREEDY, 2).products is not None
     assert engine.step_module(GREEDY, 1).products is None  # one row: Inductor's own, as on AVX-512
@@ -245,6 +268,7 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
     assert plain.package_path(5) != engine.package_path(5)
     assert_same_beams(plain, reference, random_sources([7], seed=2), beam_size=5, max_len=12)
     assert c_calls("aoti_torch_cpu_row_topk", plain.package_path(5)) == 0
+    assert c_calls("aoti_torch_cpu_log_softmax_topk", plain.package_path(5)) == 0
 
 
 @needs_operator

@@ -16,6 +16,9 @@
 - `qkv::row_topk`: each row's k largest values and their indices, as `torch.topk` gives them, in
   one pass a row: a compiled step's beam candidates (`qkv.inference.topk.row_topk`). Called from
   a program, `torch.topk` of 5 x 1,600 values took ~15 µs (its second stage); this ~3.
+- `qkv::log_softmax_topk`: the two before it in one call, a row at a time while it is in the first
+  cache, the log-probabilities with the banned ids' bias added: the beam step of one sentence's
+  log-probabilities and candidates (`qkv.inference.topk.log_softmax_topk`).
 - `qkv::pack_screen`, `qkv::screened_best`: a greedy step's next token at one row without every
   logit. An int8 copy of the output weights (each output feature quantised on its own) screens the
   vocabulary, each logit known within a bound; the few tokens whose bound reaches the best one's get
@@ -58,6 +61,7 @@ OPERATOR = "qkv::beam_self_attention"
 PRODUCT = "qkv::packed_linear"
 ROWWISE_INT8_PRODUCT = "qkv::packed_int8_linear"
 TOPK = "qkv::row_topk"
+LOG_SOFTMAX_TOPK = "qkv::log_softmax_topk"
 SCREENED = "qkv::screened_best"
 SWITCH = "QKV_NATIVE"  # 0: never build or load the operators; PyTorch's instead
 CACHE_VARIABLE = "QKV_NATIVE_CACHE"
@@ -191,6 +195,7 @@ def _build_and_load(path: Path, say) -> str | None:
         torch.library.register_fake(OPERATOR)(_shape_of_beam_self_attention)
         torch.library.register_fake(PRODUCT)(_shape_of_packed_linear)
         torch.library.register_fake(TOPK)(_shape_of_row_topk)
+        torch.library.register_fake(LOG_SOFTMAX_TOPK)(_shape_of_log_softmax_topk)
         torch.library.register_fake(SCREENED)(_shape_of_screened_best)
         torch.library.register_fake(ROWWISE_INT8_PRODUCT)(_shape_of_packed_int8_linear)
         for name in ("amx", "vnni"):
@@ -240,6 +245,7 @@ def _registered() -> bool:
         torch.ops.qkv.beam_self_attention.default  # noqa: B018 (looked up, or not there)
         torch.ops.qkv.packed_linear.default  # noqa: B018 (a library older than it: not these)
         torch.ops.qkv.row_topk.default  # noqa: B018
+        torch.ops.qkv.log_softmax_topk.default  # noqa: B018
         torch.ops.qkv.screened_best.default  # noqa: B018
         torch.ops.qkv.packed_int8_linear.default  # noqa: B018
     except (AttributeError, RuntimeError):
@@ -278,6 +284,13 @@ def _shape_of_row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.size(0), k), x.new_empty(x.size(0), k, dtype=torch.long)
 
 
+def _shape_of_log_softmax_topk(logits: Tensor, bias: Tensor, k: int) -> tuple[Tensor, ...]:
+    """What export traces: the log-probabilities (rows, vocab), their k largest of each row and
+    those's indices (rows, k)."""
+    rows = logits.size(0)
+    return logits.new_empty(logits.shape), *_shape_of_row_topk(logits.new_empty(rows, k), k)
+
+
 def _shape_of_screened_best(x: Tensor, packed, q, scales, bias) -> Tensor:
     """What export traces: each row's best token, (rows,)."""
     return x.new_empty(x.numel() // x.size(-1), dtype=torch.long)
@@ -304,6 +317,10 @@ def c_shims() -> dict:
         torch.ops.qkv.row_topk.default: [
             "AOTITorchError aoti_torch_cpu_row_topk("
             "AtenTensorHandle, int64_t, AtenTensorHandle*, AtenTensorHandle*)"
+        ],
+        torch.ops.qkv.log_softmax_topk.default: [
+            "AOTITorchError aoti_torch_cpu_log_softmax_topk(AtenTensorHandle, AtenTensorHandle, "
+            "int64_t, AtenTensorHandle*, AtenTensorHandle*, AtenTensorHandle*)"
         ],
         torch.ops.qkv.screened_best.default: [
             "AOTITorchError aoti_torch_cpu_screened_best("

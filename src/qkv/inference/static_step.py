@@ -20,7 +20,7 @@ from qkv.inference.static_cache import (
     gather_history,
     write_new_slot,
 )
-from qkv.inference.topk import extensions_of_rows, row_topk
+from qkv.inference.topk import extensions_of_rows, log_softmax_topk
 from qkv.model import Transformer
 
 
@@ -165,8 +165,9 @@ class StaticDecoderStep(nn.Module):
         # a beam search's candidates: ~70 µs of calls, slower still right after the program).
         if self.greedy:  # the best of log_softmax(logits) + banned_bias: the best logit's token
             return (logits + banned_bias).argmax(dim=-1), logits, *projected
-        log_probs = torch.log_softmax(logits, dim=-1) + banned_bias
-        top_log_probs, top_tokens = row_topk(log_probs, self.candidates, self.native_topk)
+        log_probs, top_log_probs, top_tokens = log_softmax_topk(
+            logits, banned_bias, self.candidates, self.native_topk
+        )
         # The best is the first of the most likely: its own `max` over the vocabulary cost a pass
         # (an argmax, slow to vectorise) of the program's largest kernel (one sentence, beam 5,
         # int8: 1.04x the sentences a second).

@@ -128,6 +128,18 @@ def row_topk(x: Tensor, k: int, native: bool = False) -> tuple[Tensor, Tensor]:
     return values, chunk_of * chunk + within % chunk
 
 
+def log_softmax_topk(
+    logits: Tensor, bias: Tensor, k: int, native: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """logits (rows, vocab), bias (vocab,) -> log_softmax(logits) + bias and its k largest of each
+    row with their indices (`row_topk`). With `native`, qkv's operator (`qkv::log_softmax_topk`):
+    one call that tops each row while it is in the first cache."""
+    if native:
+        return torch.ops.qkv.log_softmax_topk(logits, bias, k)
+    log_probs = torch.log_softmax(logits, dim=-1) + bias
+    return log_probs, *row_topk(log_probs, k)
+
+
 def extensions_of_rows(
     row_log_probs: Tensor, row_tokens: Tensor, beam_scores: Tensor, k: int, native: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
