@@ -86,6 +86,7 @@ class _BeamSearch:
         )
         self.any_finished = False  # whether any sentence has a finished hypothesis yet
         self.early_exit = False  # a sentence ends when its best candidate does (`run`)
+        self._first_rows: dict[tuple[int, int], Tensor] = {}  # `first_rows`, by shape
 
     def run(self, early_exit: bool = False) -> tuple[Tensor, Tensor]:
         self.early_exit = early_exit
@@ -114,32 +115,34 @@ class _BeamSearch:
                 n_cand = min(2 * beam, beam_scores.size(1) * vocab)
                 args = (last_tokens, step, self.min_len, beam_scores, n_cand)
                 candidates = self.batch.best_extensions(*args)
-            beam_scores, ids = self.step(step + 1, beam_scores, candidates, ids)
+            beam_scores, ids, last_tokens = self.step(step + 1, beam_scores, candidates, ids)
             if beam_scores.numel() == 0:
                 break
-            last_tokens, candidates = ids[:, -1], None
+            candidates = None
         return _trim(self.final_ids, self.config.pad_id), self.final_scores
 
     def step(self, length: int, beam_scores: Tensor, candidates: tuple, ids: Tensor):
         """Extend every live beam by one token (the `length`-th) with the best `candidates` (sums,
         beams, tokens: (n_live, 2 x beam) each, best first), record hypotheses that finish, drop the
-        sentences that are done, and reorder the cache. Returns the new (beam_scores, ids)."""
+        sentences that are done, and reorder the cache. Returns the new (beam_scores, ids) and the
+        newest token of each row."""
         beam = self.beam_size
         # Rows per sentence now: beam, or 1 at the first step (see `run`).
         n_live, width = beam_scores.shape
         cand_scores, cand_beam, cand_token = candidates
-        first_rows = torch.arange(0, n_live * width, width, device=self.device)[:, None]
-        cand_row = first_rows + cand_beam  # row in ids and in the batch
+        # row in ids and in the batch (one sentence's rows start at 0: no arithmetic)
+        cand_row = cand_beam if n_live == 1 else self.first_rows(n_live, width) + cand_beam
         # (n_live,) whether no more tokens are allowed; None while no sentence is at its max_len.
         at_max_len = None
         if length >= self.batch.shortest_max_len:
             at_max_len = self.batch.max_lens[::width] == length
 
         # A candidate among the best `beam` finishes if it is EOS, or if no more tokens are allowed.
-        is_eos = cand_token == self.config.eos_id
         # Most steps have no EOS among the candidates: then nothing finishes before max_len, and the
-        # best `beam` candidates live on as they are (a dozen small operations fewer a step).
-        any_eos = bool(is_eos.any())
+        # best `beam` candidates live on as they are (a dozen small operations fewer a step). The
+        # candidates as a list: one call, where a comparison, `any` and its answer were three.
+        any_eos = self.config.eos_id in cand_token.flatten().tolist()
+        is_eos = cand_token == self.config.eos_id if any_eos or at_max_len is not None else None
         best_finished = None  # with early_exit: (n_live,) whether the best candidate ended it
         if any_eos or at_max_len is not None:
             finishes = (
@@ -160,7 +163,8 @@ class _BeamSearch:
             tokens = cand_token.gather(1, pick)
         else:  # candidates come best first
             live_scores, rows, tokens = (t[:, :beam] for t in (cand_scores, cand_row, cand_token))
-        ids = torch.cat([ids.index_select(0, rows.flatten()), tokens.reshape(-1, 1)], dim=1)
+        rows_flat = rows.flatten()
+        ids = torch.cat([ids.index_select(0, rows_flat), tokens.reshape(-1, 1)], dim=1)
 
         done = at_max_len  # None: no sentence is done
         if best_finished is not None:
@@ -168,18 +172,32 @@ class _BeamSearch:
         if self.any_finished:  # before, the bound has nothing to beat
             cannot_improve = self.cannot_improve(length, live_scores[:, 0], width)
             done = cannot_improve if done is None else done | cannot_improve
-        if done is not None and done.any():
+        n_done = 0 if done is None else int(done.sum())
+        if n_done == n_live:  # every sentence ends here (always, at the end of one sentence)
+            return live_scores[:0], ids[:0], ids[:0, -1]
+        if n_done:
             keep = holes_filled(~done)  # live sentences that go on
             live_scores, rows = live_scores[keep], rows[keep]
             ids = ids.view(n_live, beam, length)[keep].view(-1, length)
             # The per-row tensors of a sentence are equal: any of its rows will do for each new beam.
             kept_rows = (keep[:, None] * width).expand(-1, beam).flatten()
             self.batch.keep(kept_rows, cache_rows=rows.flatten())
-        elif width < beam:
-            self.batch.keep(rows.flatten())  # the first step: beam rows per sentence from now on
+            return live_scores, ids, ids[:, -1]
+        if width < beam:
+            self.batch.keep(rows_flat)  # the first step: beam rows per sentence from now on
         else:
-            self.batch.cache.reorder(rows.flatten(), cross_attention=False)
-        return live_scores, ids
+            self.batch.cache.reorder(rows_flat, cross_attention=False)
+        # the newest tokens, contiguous (a view at one sentence), as the engine takes them
+        return live_scores, ids, tokens.reshape(-1)
+
+    def first_rows(self, n_live: int, width: int) -> Tensor:
+        """(n_live, 1) the first row of each live sentence, `width` rows each: made once for each
+        shape (a new tensor right after a compiled step cost ~10 µs, its caches cold)."""
+        key = (n_live, width)
+        if key not in self._first_rows:
+            first = torch.arange(0, n_live * width, width, device=self.device)
+            self._first_rows[key] = first.unsqueeze(1)
+        return self._first_rows[key]
 
     def record(self, length, cand_scores, cand_row, cand_token, finishes, ids, width) -> None:
         """Merge the candidates that finish into each live sentence's n_best finished hypotheses."""
@@ -212,5 +230,5 @@ class _BeamSearch:
 
 def _trim(ids: Tensor, pad_id: int) -> Tensor:
     """Drop trailing columns that are padding in every row."""
-    used = (ids != pad_id).flatten(0, -2).any(dim=0).nonzero()
-    return ids[..., : int(used.max()) + 1 if used.numel() else 0]
+    used = (ids != pad_id).flatten(0, -2).any(dim=0).tolist()  # of each column
+    return ids[..., : max((i + 1 for i, column in enumerate(used) if column), default=0)]

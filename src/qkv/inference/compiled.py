@@ -263,8 +263,11 @@ class CompiledEngine(StepPrograms, DecodingEngine):
             one_sentence = beam_scores.shape == (1, cache.rows) and cache.live_rows is None
             scores = beam_scores.reshape(-1).contiguous() if one_sentence else None
             outputs = self._static_step(last_tokens, cache, banned, beam_scores=scores)
-            if one_sentence:  # best first: the k best are the first k
-                return tuple(extensions[:, :k] for extensions in outputs[5:])
+            if one_sentence:  # best first: the k best are the first k (all of them, as beams ask)
+                extensions = outputs[5:]
+                if k == extensions[0].size(1):
+                    return extensions
+                return tuple(extension[:, :k] for extension in extensions)
             return extensions_of_rows(outputs[3], outputs[4], beam_scores, k)
         return super().best_extensions(last_tokens, memory, src_mask, cache, banned, beam_scores, k)
 
