@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from qkv.inference import aoti, buckets, native, packed_linear, prepare_for_decoding
 from qkv.inference import compiled as compiled_module
+from qkv.inference import topk as topk_module
 from qkv.inference.beam_program import attend_with_new_together, split_heads
 from qkv.inference.compiled import CompiledEngine
 from qkv.inference.packed_linear import PackedLinear
@@ -242,6 +243,27 @@ def test_log_softmax_topk_is_the_log_softmax_the_bias_and_row_topk_in_one_call(r
 
 
 @needs_operator
+@pytest.mark.parametrize("rows, vocab", [(32, 8000), (5, 33), (3, 16), (2, 1)])
+def test_biased_argmax_is_pytorchs_argmax_of_the_sum_on_ties_nan_and_infinities(rows, vocab):
+    assert native.load() is None
+    generator = torch.Generator().manual_seed(vocab)
+    bias = torch.zeros(vocab)
+    bias[0] = -math.inf  # a banned id
+    distinct = torch.randn(rows, vocab + 5, generator=generator)[:, :vocab]  # rows a stride apart
+    ties = torch.randint(0, 3, (rows, vocab), generator=generator).float()  # many equal values
+    with_nan = distinct.clone()
+    with_nan[0, vocab // 2] = with_nan[-1, -1] = math.nan  # NaN is the largest: the first one
+    banned_inf = distinct.clone()
+    banned_inf[:, 0] = math.inf  # inf + -inf: NaN
+    for logits in (distinct, ties, with_nan, banned_inf, torch.full((rows, vocab), -math.inf)):
+        expected = (logits + bias).argmax(dim=-1)
+        assert torch.equal(torch.ops.qkv.biased_argmax(logits, bias), expected)
+        assert torch.equal(topk_module.biased_argmax(logits, bias, native=True), expected)
+    with pytest.raises(RuntimeError, match=r"bias must be \(vocab,\) float32"):
+        torch.ops.qkv.biased_argmax(distinct, bias[:-1] if vocab > 1 else bias.double())
+
+
+@needs_operator
 def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkvs_operators(
     monkeypatch,
 ):
@@ -357,8 +379,12 @@ def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids
     # function, not through the dispatcher: 6 a layer, and the output's. (Programs of fewer rows
     # take Inductor's: `step_module(GREEDY, 5)` above.)
     products = 6 * model.config.n_decoder_layers + 1
-    calls = {rows: c_calls(PRODUCT, engine.package_path(rows, True)) for rows, _ in engine.programs}
+    paths = {rows: engine.package_path(rows, GREEDY) for rows, _ in engine.programs}
+    calls = {rows: c_calls(PRODUCT, path) for rows, path in paths.items()}
     assert calls == {32: products, 8: products}
+    # each row's best token by qkv's argmax (`qkv::biased_argmax`), a C function too
+    argmaxes = {rows: c_calls("aoti_torch_cpu_biased_argmax", path) for rows, path in paths.items()}
+    assert argmaxes == {32: 1, 8: 1}
     # Programs with PyTorch's products are other programs: another key.
     key_of = {rows: engine.package_path(rows).stem.rsplit("-", 1)[1] for rows in (4, 8)}
     assert key_of[4] != key_of[8]

@@ -19,6 +19,9 @@
 - `qkv::log_softmax_topk`: the two before it in one call, a row at a time while it is in the first
   cache, the log-probabilities with the banned ids' bias added: the beam step of one sentence's
   log-probabilities and candidates (`qkv.inference.topk.log_softmax_topk`).
+- `qkv::biased_argmax`: each row's argmax of the logits plus the banned ids' bias, as
+  `torch.argmax` gives it, in two vector passes a row, the rows shared among the threads: the best
+  tokens of a greedy step of many rows (`qkv.inference.topk.biased_argmax`).
 - `qkv::pack_screen`, `qkv::screened_best`: a greedy step's next token at one row without every
   logit. An int8 copy of the output weights (each output feature quantised on its own) screens the
   vocabulary, each logit known within a bound; the few tokens whose bound reaches the best one's get
@@ -62,6 +65,7 @@ PRODUCT = "qkv::packed_linear"
 ROWWISE_INT8_PRODUCT = "qkv::packed_int8_linear"
 TOPK = "qkv::row_topk"
 LOG_SOFTMAX_TOPK = "qkv::log_softmax_topk"
+ARGMAX = "qkv::biased_argmax"
 SCREENED = "qkv::screened_best"
 SWITCH = "QKV_NATIVE"  # 0: never build or load the operators; PyTorch's instead
 CACHE_VARIABLE = "QKV_NATIVE_CACHE"
@@ -196,6 +200,7 @@ def _build_and_load(path: Path, say) -> str | None:
         torch.library.register_fake(PRODUCT)(_shape_of_packed_linear)
         torch.library.register_fake(TOPK)(_shape_of_row_topk)
         torch.library.register_fake(LOG_SOFTMAX_TOPK)(_shape_of_log_softmax_topk)
+        torch.library.register_fake(ARGMAX)(_shape_of_biased_argmax)
         torch.library.register_fake(SCREENED)(_shape_of_screened_best)
         torch.library.register_fake(ROWWISE_INT8_PRODUCT)(_shape_of_packed_int8_linear)
         for name in ("amx", "vnni"):
@@ -246,6 +251,7 @@ def _registered() -> bool:
         torch.ops.qkv.packed_linear.default  # noqa: B018 (a library older than it: not these)
         torch.ops.qkv.row_topk.default  # noqa: B018
         torch.ops.qkv.log_softmax_topk.default  # noqa: B018
+        torch.ops.qkv.biased_argmax.default  # noqa: B018
         torch.ops.qkv.screened_best.default  # noqa: B018
         torch.ops.qkv.packed_int8_linear.default  # noqa: B018
     except (AttributeError, RuntimeError):
@@ -291,6 +297,11 @@ def _shape_of_log_softmax_topk(logits: Tensor, bias: Tensor, k: int) -> tuple[Te
     return logits.new_empty(logits.shape), *_shape_of_row_topk(logits.new_empty(rows, k), k)
 
 
+def _shape_of_biased_argmax(logits: Tensor, bias: Tensor) -> Tensor:
+    """What export traces: each row's best token, (rows,)."""
+    return logits.new_empty(logits.size(0), dtype=torch.long)
+
+
 def _shape_of_screened_best(x: Tensor, packed, q, scales, bias) -> Tensor:
     """What export traces: each row's best token, (rows,)."""
     return x.new_empty(x.numel() // x.size(-1), dtype=torch.long)
@@ -321,6 +332,10 @@ def c_shims() -> dict:
         torch.ops.qkv.log_softmax_topk.default: [
             "AOTITorchError aoti_torch_cpu_log_softmax_topk(AtenTensorHandle, AtenTensorHandle, "
             "int64_t, AtenTensorHandle*, AtenTensorHandle*, AtenTensorHandle*)"
+        ],
+        torch.ops.qkv.biased_argmax.default: [
+            "AOTITorchError aoti_torch_cpu_biased_argmax("
+            "AtenTensorHandle, AtenTensorHandle, AtenTensorHandle*)"
         ],
         torch.ops.qkv.screened_best.default: [
             "AOTITorchError aoti_torch_cpu_screened_best("

@@ -20,7 +20,7 @@ from qkv.inference.static_cache import (
     gather_history,
     write_new_slot,
 )
-from qkv.inference.topk import extensions_of_rows, log_softmax_topk
+from qkv.inference.topk import biased_argmax, extensions_of_rows, log_softmax_topk
 from qkv.model import Transformer
 
 
@@ -56,8 +56,8 @@ class StaticDecoderStep(nn.Module):
         # Whether its greedy program of one row may screen the output product (`screens`); False:
         # it computes every logit, for a search that keeps scores (`every_logit`)
         self.screening = True
-        # Whether its candidates are qkv's operator (`row_topk`'s native), which makes it another
-        # program too
+        # Whether its candidates and greedy best tokens are qkv's operators (`topk`'s native), which
+        # makes it another program too
         self.native_topk = False
         if like is not None:  # another step of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
@@ -164,7 +164,8 @@ class StaticDecoderStep(nn.Module):
         # The search's own first operations, here at a few µs instead of ~25 µs of calls a step (and
         # a beam search's candidates: ~70 µs of calls, slower still right after the program).
         if self.greedy:  # the best of log_softmax(logits) + banned_bias: the best logit's token
-            return (logits + banned_bias).argmax(dim=-1), logits, *projected
+            best = biased_argmax(logits, banned_bias, self.native_topk)
+            return best, logits, *projected
         log_probs, top_log_probs, top_tokens = log_softmax_topk(
             logits, banned_bias, self.candidates, self.native_topk
         )

@@ -36,7 +36,8 @@ class StepPrograms:
     `greedy_step` (`StaticDecoderStep`), `digests`, `cache_dir`, `say` and `int8`, and calls
     `_init_programs` once they are set."""
 
-    # Its programs' beam candidates by qkv's operator where it loads (`topk.row_topk`)
+    # Its programs' beam candidates and greedy best tokens by qkv's operators where they load
+    # (`topk.log_softmax_topk`, `topk.row_topk`, `topk.biased_argmax`)
     NATIVE_CANDIDATES = True
 
     def _init_programs(self) -> None:
@@ -107,7 +108,7 @@ class StepPrograms:
         (where it loads, `NATIVE_CANDIDATES`), so that their programs do."""
         if self._native_topk is None:
             self._native_topk = self.NATIVE_CANDIDATES and native.load(self.say) is None
-            for step in (self.static_step, *(self._packed_steps or [])):
+            for step in (self.static_step, self.greedy_step, *(self._packed_steps or [])):
                 step.native_topk = self._native_topk
 
     def packed_steps(self) -> bool:

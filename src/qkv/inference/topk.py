@@ -140,6 +140,15 @@ def log_softmax_topk(
     return log_probs, *row_topk(log_probs, k)
 
 
+def biased_argmax(logits: Tensor, bias: Tensor, native: bool = False) -> Tensor:
+    """logits (rows, vocab), bias (vocab,) -> (rows,) ``(logits + bias).argmax(dim=-1)``: a greedy
+    step's best tokens. With `native`, qkv's operator (`qkv::biased_argmax`): Inductor's argmax
+    over 32 rows of 8000 logits was one thread's ~185 µs a step."""
+    if native:
+        return torch.ops.qkv.biased_argmax(logits, bias)
+    return (logits + bias).argmax(dim=-1)
+
+
 def extensions_of_rows(
     row_log_probs: Tensor, row_tokens: Tensor, beam_scores: Tensor, k: int, native: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
