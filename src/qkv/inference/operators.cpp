@@ -202,6 +202,17 @@ at::Tensor beam_self_attention(const at::Tensor& projected, const at::Tensor& ke
   return out;
 }
 
+// log(sum(exp(x))) over n values, from their largest (a pass for it, one for the exponentials, by
+// ATen's vectorised exp_u20): what a log-softmax subtracts.
+inline float log_sum_exp(const float* x, int64_t n) {
+  const float top =
+      at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+  const Vec top_v(top);
+  const float total = at::vec::map_reduce_all<float>(
+      [&](Vec v) { return (v - top_v).exp_u20(); }, [](Vec& a, Vec& b) { return a + b; }, x, n);
+  return top + std::log(total);
+}
+
 // logits (rows, vocab), each row contiguous -> the same tensor, log_softmax over each row.
 at::Tensor log_softmax_(at::Tensor logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu() &&
@@ -212,13 +223,7 @@ at::Tensor log_softmax_(at::Tensor logits) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* x = X + r * row_stride;
-      const float top = at::vec::reduce_all<float>(
-          [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, vocab);
-      const Vec top_v(top);
-      const float total = at::vec::map_reduce_all<float>(
-          [&](Vec v) { return (v - top_v).exp_u20(); }, [](Vec& a, Vec& b) { return a + b; }, x,
-          vocab);
-      const Vec shift(top + std::log(total));
+      const Vec shift(log_sum_exp(x, vocab));
       at::vec::map([&](Vec v) { return v - shift; }, x, x, vocab);
     }
   });
@@ -309,13 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_softmax_topk(const at::Tensor
     for (int64_t r = begin; r < end; ++r) {
       const float* x = X + r * vocab;
       float* out = L + r * vocab;
-      const float top = at::vec::reduce_all<float>(
-          [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, vocab);
-      const Vec top_v(top);
-      const float total = at::vec::map_reduce_all<float>(
-          [&](Vec v) { return (v - top_v).exp_u20(); }, [](Vec& a, Vec& b) { return a + b; }, x,
-          vocab);
-      const Vec shift(top + std::log(total));
+      const Vec shift(log_sum_exp(x, vocab));
       at::vec::map2([&](Vec v, Vec b) { return v - shift + b; }, out, x, B, vocab);
       topk_of_row(out, vocab, k, V + r * k, I + r * k);
     }
