@@ -284,6 +284,15 @@ std::tuple<at::Tensor, at::Tensor> row_topk(const at::Tensor& x, int64_t k) {
   return {values, indices};
 }
 
+// What `op` takes: logits (rows, vocab) and a bias (vocab,) to add, float32 on the CPU.
+void check_logits_and_bias(const at::Tensor& logits, const at::Tensor& bias, const char* op) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu(),
+              op, ": logits must be (rows, vocab) float32 on the CPU");
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == logits.size(1) &&
+                  bias.scalar_type() == at::kFloat && bias.device().is_cpu(),
+              op, ": bias must be (vocab,) float32 on the CPU");
+}
+
 // logits (rows, vocab) float32, bias (vocab,) -> (log_softmax(logits) + bias (rows, vocab), and its
 // k largest of each row with their indices (rows, k)): log_softmax_, the bias, then row_topk, a row
 // at a time while it is in the first cache, the rows shared among the threads. In the program of
@@ -292,12 +301,8 @@ std::tuple<at::Tensor, at::Tensor> row_topk(const at::Tensor& x, int64_t k) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_softmax_topk(const at::Tensor& logits,
                                                                 const at::Tensor& bias,
                                                                 int64_t k) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu(),
-              "qkv::log_softmax_topk: logits must be (rows, vocab) float32 on the CPU");
+  check_logits_and_bias(logits, bias, "qkv::log_softmax_topk");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == vocab && bias.scalar_type() == at::kFloat &&
-                  bias.device().is_cpu(),
-              "qkv::log_softmax_topk: bias must be (vocab,) float32 on the CPU");
   TORCH_CHECK(k >= 1 && k <= vocab, "qkv::log_softmax_topk: k must be between 1 and ", vocab,
               ", got ", k);
   const auto input = logits.contiguous();
@@ -350,13 +355,9 @@ inline int64_t first_nan(const float* x, const float* b, int64_t n) {
 // threads. A greedy step's best token: Inductor's argmax over 32 rows of the small model's 8000
 // logits took ~185 µs a step on one thread (fp32, Intel Xeon, kernel profile).
 at::Tensor biased_argmax(const at::Tensor& logits, const at::Tensor& bias) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu(),
-              "qkv::biased_argmax: logits must be (rows, vocab) float32 on the CPU");
+  check_logits_and_bias(logits, bias, "qkv::biased_argmax");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab >= 1, "qkv::biased_argmax: logits must have at least one column");
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == vocab && bias.scalar_type() == at::kFloat &&
-                  bias.device().is_cpu(),
-              "qkv::biased_argmax: bias must be (vocab,) float32 on the CPU");
   const auto input = logits.contiguous();
   const auto added = bias.contiguous();
   auto best = at::empty({rows}, input.options().dtype(at::kLong));
