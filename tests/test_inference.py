@@ -106,6 +106,59 @@ def test_the_int8_check_passes_every_honest_product_and_fails_wrong_ones():
         assert not _int8_product_is_close(int8 * 1.5, fp32)
 
 
+@pytest.fixture
+def quantised_engine(monkeypatch):
+    """`int8_works` checked afresh, and PyTorch's quantised engine put back afterwards."""
+    from qkv.inference import linear
+
+    engine = torch.backends.quantized.engine
+    linear.int8_works.cache_clear()
+    monkeypatch.setattr(linear, "_switch", None)
+    yield linear
+    torch.backends.quantized.engine = engine
+    linear.int8_works.cache_clear()
+
+
+def test_where_the_first_quantised_engine_fails_the_next_that_works_takes_over(quantised_engine):
+    # As PyTorch 2.13's aarch64 wheel: it starts with 'x86', whose fbgemm kernels stop there
+    linear = quantised_engine
+    engines = torch.backends.quantized.supported_engines
+    if "qnnpack" not in engines or "onednn" not in engines:
+        pytest.skip(f"this PyTorch has the quantised engines {engines}")
+    honest = linear._engine_fails
+    failing = {"x86", "qnnpack"}  # qnnpack too: the next in the order then takes over
+
+    def fails(engine):
+        return (
+            f"{engine!r} failed here: unknown architecure" if engine in failing else honest(engine)
+        )
+
+    torch.backends.quantized.engine = "x86"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linear, "_engine_fails", fails)
+        assert linear.int8_works() is None
+    assert torch.backends.quantized.engine == "onednn"
+    assert linear.int8_engine_switch() == (
+        "int8 by PyTorch's quantised engine 'onednn': 'x86' failed here: unknown architecure"
+    )
+    assert not linear._reduce_range()  # 8-bit inputs: oneDNN has no 16-bit pairs to overflow
+    torch.manual_seed(0)
+    x, weight = torch.randn(5, 64), torch.randn(96, 64) / 8
+    packed = torch.ops.quantized.linear_prepack(linear._quantised_weight(weight), None)
+    out = torch.ops.quantized.linear_dynamic(x, packed, linear._reduce_range())
+    assert linear._int8_product_is_close(out, F.linear(x, weight))
+
+
+def test_where_every_quantised_engine_fails_int8_says_why_and_the_engine_stays(quantised_engine):
+    linear = quantised_engine
+    torch.backends.quantized.engine = "x86"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linear, "_engine_fails", lambda engine: f"{engine!r} failed here")
+        assert linear.int8_works() == "'x86' failed here"  # the engine PyTorch started with
+    assert torch.backends.quantized.engine == "x86"
+    assert linear.int8_engine_switch() is None
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_an_int8_engine_gives_the_fp32_engines_logits_within_quantisation_error(norm_first):
     from qkv.inference.linear import int8_works

@@ -134,6 +134,37 @@ def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(
     assert compiled.precision == "fp32"
 
 
+def test_int8_says_which_quantised_engine_took_over_from_one_that_failed(toy_run, monkeypatch):
+    # As on PyTorch 2.13's aarch64 wheel, which starts with 'x86' (fbgemm), failing there
+    from qkv.inference import linear, rowwise_int8
+
+    if linear.int8_works() is not None:
+        pytest.skip(linear.int8_works())
+    engines = torch.backends.quantized.supported_engines
+    if "qnnpack" not in engines:
+        pytest.skip(f"this PyTorch has the quantised engines {engines}")
+    honest = linear._engine_fails
+    # PyTorch's kernels, not qkv's own
+    monkeypatch.setattr(rowwise_int8, "unavailable", lambda say=None: "no VNNI")
+    monkeypatch.setattr(
+        linear, "_engine_fails", lambda e: "'x86' failed" if e == "x86" else honest(e)
+    )
+    monkeypatch.setattr(linear, "_switch", None)
+    started_with = torch.backends.quantized.engine
+    linear.int8_works.cache_clear()
+    try:
+        torch.backends.quantized.engine = "x86"
+        said, warned = [], []
+        translator = qkv.load(toy_run, precision="int8", say=said.append, warn=warned.append)
+        assert translator.translate(["a b c"], beam=2) == ["c b a"]
+        assert translator.precision == "int8" and translator.engine().int8 and not warned
+        assert said == ["int8 by PyTorch's quantised engine 'qnnpack': 'x86' failed"]
+        assert torch.backends.quantized.engine == "qnnpack"
+    finally:
+        torch.backends.quantized.engine = started_with
+        linear.int8_works.cache_clear()
+
+
 def test_prepared_weights_are_kept_across_calls_and_dropped_when_the_model_changes(toy_run):
     translator = qkv.load(toy_run)
     before = translator.translate(LINES, beam=3)

@@ -27,7 +27,7 @@ from qkv.hardware import DTYPES, resolve_precision, usable_device
 from qkv.inference import DecodingEngine, prepare_for_decoding, rowwise_int8
 from qkv.inference.compiled import COMPILED, CompiledEngine
 from qkv.inference.cuda_graphs import GraphedEngine
-from qkv.inference.linear import Int8Unavailable
+from qkv.inference.linear import Int8Unavailable, int8_engine_switch
 from qkv.length_penalty import alpha_problem, length_penalty_factor
 from qkv.model import Transformer
 from qkv.search import beam_search, greedy_search
@@ -127,9 +127,13 @@ class Translator:
             try:
                 if self.compile:
                     cache = self.compile_cache
-                    return CompiledEngine(self.model, self._warn, cache, self.say, int8=True)
-                rowwise_int8.unavailable(self.say)  # its operators built first, `say` told
-                return prepare_for_decoding(self.model, int8=True)
+                    engine = CompiledEngine(self.model, self._warn, cache, self.say, int8=True)
+                else:
+                    rowwise_int8.unavailable(self.say)  # its operators built first, `say` told
+                    engine = prepare_for_decoding(self.model, int8=True)
+                if self.say is not None and (switch := int8_engine_switch()) is not None:
+                    self.say(switch)  # PyTorch's first engine failed here; another runs
+                return engine
             except Int8Unavailable as error:
                 why = str(error)
         self._warn(f"{why}: translating in fp32")

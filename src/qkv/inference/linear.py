@@ -11,7 +11,11 @@ Timings: benchmarks/README.md, "CPU kernels".
 With ``int8=True`` (`qkv translate --precision int8`) the weights are stored in int8, one scale per
 output feature (symmetric), and each product quantises its input on the fly, one scale per call
 ("dynamic"): PyTorch's own quantised kernels (fbgemm or oneDNN on x86, qnnpack on Arm), where
-`int8_works()`; elsewhere the map stays fp32, and `Int8Unavailable` says why. Where qkv's own int8
+`int8_works()`; elsewhere the map stays fp32, and `Int8Unavailable` says why. Where the engine PyTorch
+starts with fails its check, the first of its other engines that passes takes over for the process
+(`int8_engine_switch` says which): PyTorch 2.13's aarch64 wheel starts with 'x86', whose fbgemm
+kernels stop there with "unknown architecure", while its 'qnnpack' and 'onednn' run (checked on an
+emulated aarch64, benchmarks/README.md session 52). Where qkv's own int8
 kernel serves (`qkv.inference.rowwise_int8`: wherever qkv's operators load, AMX, VNNI or AVX2), the
 products take it instead, each row of the input quantised with a scale of its own.
 
@@ -52,11 +56,42 @@ def _reduce_range() -> bool:
     return torch.backends.quantized.engine in ("x86", "fbgemm")
 
 
+# The engines tried, in this order, where the one PyTorch starts with fails: qnnpack is Arm's own
+ENGINE_PREFERENCE = ("qnnpack", "onednn", "x86", "fbgemm")
+# What changed the quantised engine, and why (`int8_engine_switch`), or None
+_switch: str | None = None
+
+
 @functools.cache
 def int8_works() -> str | None:
-    """None if the quantised linear kernels run on this machine (checked once, on a small product
-    against fp32), else why not."""
+    """None if PyTorch's quantised linear kernels run on this machine (checked once, on a small
+    product against fp32), else why not. Where the engine in use fails and another passes, that
+    one becomes the process's engine (`torch.backends.quantized.engine`)."""
+    global _switch
     engine = torch.backends.quantized.engine
+    why = _engine_fails(engine)
+    if why is None:
+        return None
+    for other in ENGINE_PREFERENCE:
+        if other == engine or other not in torch.backends.quantized.supported_engines:
+            continue
+        torch.backends.quantized.engine = other
+        if _engine_fails(other) is None:
+            _switch = f"int8 by PyTorch's quantised engine {other!r}: {why}"
+            return None
+    torch.backends.quantized.engine = engine
+    return why
+
+
+def int8_engine_switch() -> str | None:
+    """One line, where `int8_works` put another quantised engine in place of the one PyTorch
+    started with: which, and why."""
+    return _switch
+
+
+def _engine_fails(engine: str) -> str | None:
+    """None if `engine` (the engine in use) computes a small int8 product close to fp32's, else
+    why not."""
     if engine == "none":
         return "this PyTorch build has no quantised engine"
     # Fixed inputs: the verdict must not change from one process to the next.
