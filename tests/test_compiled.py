@@ -838,6 +838,35 @@ def test_a_failed_compile_says_so_once_and_runs_the_same_step_uncompiled(monkeyp
     assert isinstance(engine.new_cache(max_beams=1, max_len=10, sentences=1), BeamCache)
 
 
+class CppCompileError(RuntimeError):
+    """Inductor's, by name: its first line says only that the compiler failed."""
+
+
+def crashing_compiler(step, arguments, path):
+    """A compile that fails as GCC 12 did on an (emulated) aarch64 with SVE, session 52."""
+    header = "/venv/lib/python3.11/site-packages/torch/include/ATen/cpu/vec/sve/vec_float.h"
+    raise CppCompileError(
+        "C++ compile error\n\nCommand:\ng++ /tmp/torchinductor/kernel.cpp -march=armv8.6-a+sve\n\n"
+        f"Output:\nduring GIMPLE pass: lower\nIn file included from {header}:7,\n"
+        f"{header}:196:61: internal compiler error: Segmentation fault\n"
+        "0x18e9577 internal_error(char const*, ...)\n"
+    )
+
+
+def test_a_failed_cpp_compile_names_the_compilers_own_error(monkeypatch):
+    monkeypatch.setattr(step_programs, "compile_package", crashing_compiler)
+    messages = []
+    model = random_model()
+    engine = CompiledEngine(model, warn=messages.append)
+    encoder_uncompiled(engine)
+    assert_same_greedy(engine, prepare_for_decoding(model), random_sources([5]), max_len=8)
+    assert messages == [
+        "PyTorch could not compile the decoder step here (CppCompileError: C++ compile error; "
+        "vec_float.h:196:61: internal compiler error: Segmentation fault): decoding takes the eager "
+        "step"
+    ]
+
+
 def test_each_program_a_search_can_take_and_the_fewest_sentences_that_take_it(monkeypatch):
     here = torch.backends.cpu.get_cpu_capability()  # beam programs: on wide vectors only
     monkeypatch.setattr(buckets, "WIDE_VECTORS", (*buckets.WIDE_VECTORS, here))

@@ -67,6 +67,7 @@ sentences stays the eager int8 engine's.
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from pathlib import Path
 
@@ -395,8 +396,21 @@ class CompiledEngine(StepPrograms, DecodingEngine):
         return True
 
 
+# A compiler's own error line in Inductor's message: "vec_float.h:196:61: internal compiler error: ..."
+_COMPILER_ERROR = re.compile(r"([^/\s]+:\d+(?::\d+)?: (?:fatal |internal compiler )?error: .*)")
+
+
 def _why(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    """One line: the error's type, its first line and, where a C++ compiler failed (Inductor's
+    CppCompileError, whose first line says only that), the compiler's first error, its file named
+    without the folders. On an aarch64 Debian 12, GCC 12 crashed on PyTorch's SVE header
+    ("vec_float.h:196:61: internal compiler error: Segmentation fault", session 52)."""
+    text = str(error)
+    first = (text.splitlines() or [""])[0][:200]
+    compiler = _COMPILER_ERROR.search(text)
+    if compiler is not None and compiler.group(1) not in first:
+        first += f"; {compiler.group(1).strip()[:200]}"
+    return f"{type(error).__name__}: {first}"
 
 
 def _eager_cache(cache):
