@@ -64,8 +64,8 @@ def check_int8(model: Transformer, src: torch.Tensor) -> None:
         say(f"int8 does not run here: {why}")
         return
     else:
-        how = linear.int8_engine_switch() or "the engine PyTorch started with"
-        say(f"int8 by PyTorch's quantised engine {torch.backends.quantized.engine!r} ({how})")
+        engine = torch.backends.quantized.engine
+        say(linear.int8_engine_switch() or f"int8 by PyTorch's quantised engine {engine!r}")
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(9, 256, generator=generator), torch.randn(384, 256, generator=generator)
     product = linear.PreparedLinear(weight, None, int8=True)(x)
