@@ -13,6 +13,7 @@ Under an emulator each compile takes minutes (~1 on a 2-core Intel Xeon emulatin
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import sys
 import tempfile
@@ -80,40 +81,36 @@ def check_int8(model: Transformer, src: torch.Tensor) -> None:
     )
 
 
+def check_same(engine, reference, search, lines: list[str], what: str, scores: bool) -> None:
+    """`search` by `engine` and by `reference` alike: the ids (and the scores, if `scores`); what
+    the engine said on the way (`lines`) told first, then forgotten."""
+    start = time.time()
+    (ids, engine_scores), (ref_ids, ref_scores) = search(engine), search(reference)
+    for line in lines:
+        say(f"  qkv: {line}")
+    lines.clear()
+    same = torch.equal(ids, ref_ids)
+    if scores:
+        same = same and torch.allclose(engine_scores, ref_scores, atol=1e-4)
+    check(same, f"{what} ({time.time() - start:.0f} s)")
+
+
 def check_compiled(model: Transformer, src: torch.Tensor, eager) -> None:
     from qkv.inference.compiled import CompiledEngine
 
+    one = src[:1]
+    greedy = functools.partial(greedy_search, src_ids=one, max_len=12)
+    beams = functools.partial(beam_search, src_ids=one, beam_size=5, max_len=12)
     with tempfile.TemporaryDirectory() as cache:
         lines: list[str] = []
         engine = CompiledEngine(model, warn=lines.append, cache_dir=cache, say=lines.append)
-        one = src[:1]
-        start = time.time()
-        ids, scores = greedy_search(engine, one, max_len=12)
-        ref_ids, ref_scores = greedy_search(eager, one, max_len=12)
-        for line in lines:
-            say(f"  qkv: {line}")
-        check(
-            torch.equal(ids, ref_ids) and torch.allclose(scores, ref_scores, atol=1e-4),
-            f"compiled greedy on one sentence = eager ({time.time() - start:.0f} s)",
-        )
-        lines.clear()
-        start = time.time()
-        beams = beam_search(engine, one, beam_size=5, max_len=12)
-        ref_beams = beam_search(eager, one, beam_size=5, max_len=12)
-        for line in lines:
-            say(f"  qkv: {line}")
-        check(
-            torch.equal(beams[0], ref_beams[0]),
-            f"compiled beam 5 on one sentence = eager ({time.time() - start:.0f} s)",
-        )
+        check_same(engine, eager, greedy, lines, "compiled greedy on one sentence = eager", True)
+        check_same(engine, eager, beams, lines, "compiled beam 5 on one sentence = eager", False)
         if linear.int8_works() is None:
-            lines.clear()
             engine = CompiledEngine(model, lines.append, cache, lines.append, int8=True)
-            ids, _ = greedy_search(engine, one, max_len=12)
-            ref_ids, _ = greedy_search(prepare_for_decoding(model, int8=True), one, max_len=12)
-            for line in lines:
-                say(f"  qkv: {line}")
-            check(torch.equal(ids, ref_ids), "compiled int8 greedy on one sentence = eager int8")
+            int8 = prepare_for_decoding(model, int8=True)
+            what = "compiled int8 greedy on one sentence = eager int8"
+            check_same(engine, int8, greedy, lines, what, False)
 
 
 def main() -> None:
