@@ -120,3 +120,16 @@ def demo_run(tmp_path_factory):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result
+
+
+@pytest.fixture
+def quantised_engine(monkeypatch):
+    """`int8_works` checked afresh, and PyTorch's quantised engine put back afterwards."""
+    from qkv.inference import linear
+
+    engine = torch.backends.quantized.engine
+    linear.int8_works.cache_clear()
+    monkeypatch.setattr(linear, "_switch", None)
+    yield linear
+    torch.backends.quantized.engine = engine
+    linear.int8_works.cache_clear()

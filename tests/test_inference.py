@@ -106,19 +106,6 @@ def test_the_int8_check_passes_every_honest_product_and_fails_wrong_ones():
         assert not _int8_product_is_close(int8 * 1.5, fp32)
 
 
-@pytest.fixture
-def quantised_engine(monkeypatch):
-    """`int8_works` checked afresh, and PyTorch's quantised engine put back afterwards."""
-    from qkv.inference import linear
-
-    engine = torch.backends.quantized.engine
-    linear.int8_works.cache_clear()
-    monkeypatch.setattr(linear, "_switch", None)
-    yield linear
-    torch.backends.quantized.engine = engine
-    linear.int8_works.cache_clear()
-
-
 def test_where_the_first_quantised_engine_fails_the_next_that_works_takes_over(quantised_engine):
     # As PyTorch 2.13's aarch64 wheel: it starts with 'x86', whose fbgemm kernels stop there
     linear = quantised_engine

@@ -134,10 +134,13 @@ def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(
     assert compiled.precision == "fp32"
 
 
-def test_int8_says_which_quantised_engine_took_over_from_one_that_failed(toy_run, monkeypatch):
+def test_int8_says_which_quantised_engine_took_over_from_one_that_failed(
+    toy_run, monkeypatch, quantised_engine
+):
     # As on PyTorch 2.13's aarch64 wheel, which starts with 'x86' (fbgemm), failing there
-    from qkv.inference import linear, rowwise_int8
+    from qkv.inference import rowwise_int8
 
+    linear = quantised_engine
     if linear.int8_works() is not None:
         pytest.skip(linear.int8_works())
     engines = torch.backends.quantized.supported_engines
@@ -149,20 +152,14 @@ def test_int8_says_which_quantised_engine_took_over_from_one_that_failed(toy_run
     monkeypatch.setattr(
         linear, "_engine_fails", lambda e: "'x86' failed" if e == "x86" else honest(e)
     )
-    monkeypatch.setattr(linear, "_switch", None)
-    started_with = torch.backends.quantized.engine
     linear.int8_works.cache_clear()
-    try:
-        torch.backends.quantized.engine = "x86"
-        said, warned = [], []
-        translator = qkv.load(toy_run, precision="int8", say=said.append, warn=warned.append)
-        assert translator.translate(["a b c"], beam=2) == ["c b a"]
-        assert translator.precision == "int8" and translator.engine().int8 and not warned
-        assert said == ["int8 by PyTorch's quantised engine 'qnnpack': 'x86' failed"]
-        assert torch.backends.quantized.engine == "qnnpack"
-    finally:
-        torch.backends.quantized.engine = started_with
-        linear.int8_works.cache_clear()
+    torch.backends.quantized.engine = "x86"
+    said, warned = [], []
+    translator = qkv.load(toy_run, precision="int8", say=said.append, warn=warned.append)
+    assert translator.translate(["a b c"], beam=2) == ["c b a"]
+    assert translator.precision == "int8" and translator.engine().int8 and not warned
+    assert said == ["int8 by PyTorch's quantised engine 'qnnpack': 'x86' failed"]
+    assert torch.backends.quantized.engine == "qnnpack"
 
 
 def test_prepared_weights_are_kept_across_calls_and_dropped_when_the_model_changes(toy_run):
