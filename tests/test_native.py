@@ -18,6 +18,7 @@ from qkv.inference.beam_program import attend_with_new_together, split_heads
 from qkv.inference.compiled import CompiledEngine
 from qkv.inference.packed_linear import PackedLinear
 from qkv.inference.step_programs import BEAMS, GREEDY, GREEDY_EVERY_LOGIT
+from qkv.search import greedy_search
 from test_beam_program import c_calls
 from test_compiled import (
     QUICK,
@@ -376,15 +377,18 @@ def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids
     src = random_sources(list(range(1, 21)), seed=6)
     assert_same_greedy(engine, reference, src)
     # Then the program of 8 rows as the sentences finish, with qkv's products too, every one a C
-    # function, not through the dispatcher: 6 a layer, and the output's. (Programs of fewer rows
-    # take Inductor's: `step_module(GREEDY, 5)` above.)
-    products = 6 * model.config.n_decoder_layers + 1
-    paths = {rows: engine.package_path(rows, GREEDY) for rows, _ in engine.programs}
-    calls = {rows: c_calls(PRODUCT, path) for rows, path in paths.items()}
-    assert calls == {32: products, 8: products}
-    # each row's best token by qkv's argmax (`qkv::biased_argmax`), a C function too
-    argmaxes = {rows: c_calls("aoti_torch_cpu_biased_argmax", path) for rows, path in paths.items()}
-    assert argmaxes == {32: 1, 8: 1}
+    # function, not through the dispatcher: 6 a layer, and the output's where the search keeps
+    # scores, each row's best token then by qkv's argmax (`qkv::biased_argmax`); without scores,
+    # the output product screened (`qkv::screened_best_rows`). (Programs of fewer rows take
+    # Inductor's: `step_module(GREEDY, 5)` above.)
+    assert set(engine.programs) == {(r, k) for r in (32, 8) for k in (GREEDY, GREEDY_EVERY_LOGIT)}
+    products = 6 * model.config.n_decoder_layers
+    for kind, output, screens, argmaxes in ((GREEDY, 0, 1, 0), (GREEDY_EVERY_LOGIT, 1, 0, 1)):
+        for rows in (32, 8):
+            path = engine.package_path(rows, kind)
+            assert c_calls(PRODUCT, path) == products + output
+            assert c_calls("aoti_torch_cpu_screened_best_rows", path) == screens
+            assert c_calls("aoti_torch_cpu_biased_argmax", path) == argmaxes
     # Programs with PyTorch's products are other programs: another key.
     key_of = {rows: engine.package_path(rows).stem.rsplit("-", 1)[1] for rows in (4, 8)}
     assert key_of[4] != key_of[8]
@@ -414,6 +418,15 @@ def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypat
     assert c_calls("aoti_torch_cpu_screened_best", every_logit) == 0
     assert engine.step_module(GREEDY, 1).screens(1)
     assert not engine.step_module(GREEDY_EVERY_LOGIT, 1).screens(1)
+    # Two rows, Inductor's products (as AVX2's programs of 2-7 rows and AVX-512's of 8 or more):
+    # the greedy program screens its output product too (`qkv::screened_best_rows`).
+    src, lengths = random_sources([9, 6], seed=9), dict(max_len=20, min_len=20, scores=False)
+    ids, _ = greedy_search(engine, src, **lengths)
+    assert torch.equal(ids, greedy_search(reference, src, **lengths)[0])
+    screening = engine.package_path(2, GREEDY)
+    assert c_calls("aoti_torch_cpu_screened_best_rows", screening) == 1
+    assert c_calls(PRODUCT, screening) == 0
+    assert not engine.step_module(GREEDY_EVERY_LOGIT, 2).screens(2)
 
 
 @needs_operator

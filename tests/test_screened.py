@@ -41,3 +41,80 @@ def test_the_screened_best_token_is_the_full_products(case):
         x[1, 0] = float("nan")
     got = torch.ops.qkv.screened_best(x, packed, q, scales, banned)
     assert torch.equal(got, full_best(x, packed, out_features, banned))
+
+
+def exact_logits(x, weight, bias, banned):
+    return x.double() @ weight.double().T + bias.double() + banned.double()
+
+
+def screen_of_rows(weight, bias):
+    q, params = torch.ops.qkv.pack_int8_linear(weight, bias)
+    l1 = q.abs().to(torch.int32).sum(dim=(1, 3)).flatten()[: weight.size(0)].float()
+    return q, params, l1
+
+
+@pytest.mark.parametrize("case", range(120))
+def test_the_screened_best_tokens_of_many_rows_are_the_largest_exact_logits(case):
+    """qkv::screened_best_rows, a greedy program of many rows: each row's token is the one of the
+    largest exact logit (float64 here; fp32's rounding apart where two are that close), the first of
+    equal features, never a banned id unless all are, and the first NaN of a row that has one."""
+    generator = torch.Generator().manual_seed(case)
+    out_features = int(torch.randint(1, 400, (1,), generator=generator))
+    depth = int(torch.randint(1, 90, (1,), generator=generator))
+    rows = int(torch.randint(2, 40, (1,), generator=generator))
+    weight = torch.randn(out_features, depth, generator=generator) * (0.1 if case % 2 else 3.0)
+    if case % 5 == 0 and out_features > 3:
+        weight[out_features // 2] = weight[1]  # two features always equal: the first wins
+    if case % 7 == 0:
+        weight[0] = 0
+    bias = torch.randn(out_features, generator=generator) if case % 3 else torch.zeros(out_features)
+    twins = case % 5 == 0 and out_features > 3
+    if twins:
+        bias[out_features // 2] = bias[1]
+    banned = torch.zeros(out_features)
+    if out_features > 3 and case % 4 == 0:
+        banned[:2] = float("-inf")
+    if case % 11 == 0:
+        banned[:] = float("-inf")
+    x = torch.randn(rows, depth, generator=generator) * (1e-30 if case % 13 == 0 else 1.0)
+    if case % 17 == 0:
+        x[1, 0] = float("nan")
+    if case % 19 == 0:
+        x[0] = 0.5  # a row of one value: its quantisation step is no guide
+    if case % 23 == 0:
+        x[0] = 3e37  # logits past float's range: every one computed
+    if case % 29 == 0:
+        x[-1] *= 1e35  # large, but the screen's bounds in range
+    got = torch.ops.qkv.screened_best_rows(x, weight, bias, *screen_of_rows(weight, bias), banned)
+    logits = exact_logits(x, weight, bias, banned)
+    for r in range(rows):
+        row, token = logits[r], int(got[r])
+        if x[r].isnan().any():  # every logit NaN: the first, as torch.argmax
+            assert token == 0
+            continue
+        if not (x[r] @ weight.T + bias).isfinite().all():  # past float's range: which of the
+            assert 0 <= token < out_features  # infinities comes first depends on the sums' order
+            continue
+        if row.isinf().all():  # every id banned
+            continue
+        if twins and banned[1] == 0:
+            assert token != out_features // 2, "the second of two equal features"
+        tolerance = 1e-5 * (1 + float((x[r].double().abs() @ weight.double().abs().T).max()))
+        assert float(row[token]) >= float(row.max()) - tolerance, (r, token, int(row.argmax()))
+    if case % 11 == 0:  # every id banned: the first, as torch.argmax of -inf everywhere
+        finite = [r for r in range(rows) if (x[r] @ weight.T + bias).isfinite().all()]
+        assert finite and all(int(got[r]) == 0 for r in finite)
+
+
+def test_the_screened_tokens_of_many_rows_are_each_rows_own_whatever_the_batch():
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(700, 64, generator=generator), torch.randn(700, generator=generator)
+    screen, banned = screen_of_rows(weight, bias), torch.zeros(700)
+    x = torch.randn(33, 64, generator=generator)
+    together = torch.ops.qkv.screened_best_rows(x, weight, bias, *screen, banned)
+    alone = [
+        torch.ops.qkv.screened_best_rows(x[r : r + 2], weight, bias, *screen, banned)[0]
+        for r in range(32)
+    ]
+    assert together[:32].tolist() == [int(t) for t in alone]
+    assert torch.equal(together, exact_logits(x, weight, bias, banned).argmax(dim=1))

@@ -26,7 +26,7 @@ number of rows:
   program of its own (`GREEDY`), which returns the most likely token and the logits, and no
   softmax: a search that keeps scores takes it after the program, in place (as fast as inside),
   one that does not (`greedy_search(scores=False)`, `qkv translate` without `--scores`) never
-  computes it. On one row with qkv's products, that program finds the token by screening the
+  computes it. Where qkv's operators load, that program finds the tokens by screening the
   output product (`StaticDecoderStep.screens`); a search there that keeps scores takes a third
   program, `GREEDY_EVERY_LOGIT` (`qkv.inference.step_programs`). It reads each row's keys and
   values where they are: with one beam per sentence, the cache keeps each sentence in its row;

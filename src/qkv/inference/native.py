@@ -28,6 +28,9 @@
   their exact logits from `qkv::packed_linear`'s one-row loop over their panels, so the token is the
   full product's argmax, ties included (`packed_linear.ScreenedOutput`). The small benchmark model's
   output product read 2 MB instead of 8, its greedy search of one sentence 0.82-0.84x the time.
+- `qkv::screened_best_rows`: the same for a greedy step of many rows, screened by qkv's int8 product
+  (each row quantised on its own, its integer sums four to a lane), the candidates' exact logits each
+  a dot product with the feature's own fp32 weights (`packed_linear.ScreenedOutput.best`).
 - `qkv::pack_int8_linear`, `qkv::packed_int8_linear`: qkv's own int8 product, by AMX's tiles,
   VNNI's dot products or AVX2's, each row quantised on its own (`qkv.inference.rowwise_int8` says
   why): the eager int8 engine's and the compiled int8 step's.
@@ -67,6 +70,7 @@ TOPK = "qkv::row_topk"
 LOG_SOFTMAX_TOPK = "qkv::log_softmax_topk"
 ARGMAX = "qkv::biased_argmax"
 SCREENED = "qkv::screened_best"
+SCREENED_ROWS = "qkv::screened_best_rows"
 SWITCH = "QKV_NATIVE"  # 0: never build or load the operators; PyTorch's instead
 CACHE_VARIABLE = "QKV_NATIVE_CACHE"
 # The vector instructions each ATen capability allows, and the ATen vector type's own flavour of
@@ -202,6 +206,7 @@ def _build_and_load(path: Path, say) -> str | None:
         torch.library.register_fake(LOG_SOFTMAX_TOPK)(_shape_of_log_softmax_topk)
         torch.library.register_fake(ARGMAX)(_shape_of_biased_argmax)
         torch.library.register_fake(SCREENED)(_shape_of_screened_best)
+        torch.library.register_fake(SCREENED_ROWS)(_shape_of_screened_best_rows)
         torch.library.register_fake(ROWWISE_INT8_PRODUCT)(_shape_of_packed_int8_linear)
         for name in ("amx", "vnni"):
             _int8_takes[name] = function = getattr(library, f"qkv_int8_takes_{name}")
@@ -253,6 +258,7 @@ def _registered() -> bool:
         torch.ops.qkv.log_softmax_topk.default  # noqa: B018
         torch.ops.qkv.biased_argmax.default  # noqa: B018
         torch.ops.qkv.screened_best.default  # noqa: B018
+        torch.ops.qkv.screened_best_rows.default  # noqa: B018
         torch.ops.qkv.packed_int8_linear.default  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
@@ -307,6 +313,11 @@ def _shape_of_screened_best(x: Tensor, packed, q, scales, bias) -> Tensor:
     return x.new_empty(x.numel() // x.size(-1), dtype=torch.long)
 
 
+def _shape_of_screened_best_rows(x: Tensor, weight, weight_bias, weights, params, l1, bias):
+    """What export traces: each row's best token, (rows,)."""
+    return x.new_empty(x.numel() // x.size(-1), dtype=torch.long)
+
+
 def c_shims() -> dict:
     """For AOTInductor (`aot_inductor.custom_ops_to_c_shims`): the operators a program calls, and
     the C functions of qkv's C++ files that the program calls for them directly, as it calls ATen's own
@@ -341,6 +352,11 @@ def c_shims() -> dict:
             "AOTITorchError aoti_torch_cpu_screened_best("
             "AtenTensorHandle, AtenTensorHandle, AtenTensorHandle, AtenTensorHandle, "
             "AtenTensorHandle, AtenTensorHandle*)"
+        ],
+        torch.ops.qkv.screened_best_rows.default: [
+            "AOTITorchError aoti_torch_cpu_screened_best_rows("
+            + ", ".join(["AtenTensorHandle"] * 7 + ["AtenTensorHandle*"])
+            + ")"
         ],
         torch.ops.qkv.packed_int8_linear.default: [
             f"AOTITorchError aoti_torch_cpu_packed_int8_linear({rowwise_product})"

@@ -34,6 +34,7 @@
 // qkv::pack_screen and qkv::screened_best: a greedy step's next token at one row from an int8 copy
 // of the output weights (a quarter of the bytes), each logit within a bound of its fp32 value, and
 // the exact logits of the few tokens the bounds leave, from the one-row loop over their panels.
+// qkv::screened_best_rows: the same for many rows, the screen qkv's int8 product (rowwise_int8.cpp).
 //
 // qkv::pack_int8_linear and qkv::packed_int8_linear: in rowwise_int8.cpp.
 
@@ -55,6 +56,14 @@
 #include <limits>
 #include <memory>
 #include <vector>
+
+// From rowwise_int8.cpp (one library): qkv::packed_int8_linear, and whether it takes VNNI's
+// instructions (then each row is quantised to 0..255, else 0..127).
+namespace qkv_native {
+at::Tensor rowwise_int8_product(const at::Tensor& x, const at::Tensor& weights,
+                                const at::Tensor& params, int64_t out_features, int64_t relu);
+}
+extern "C" int qkv_int8_takes_vnni();
 
 namespace {
 
@@ -804,6 +813,145 @@ at::Tensor screened_best(const at::Tensor& x, const at::Tensor& packed, const at
   return best;
 }
 
+// The next token of a greedy step of many rows without every exact logit: qkv's int8 product
+// (rowwise_int8.cpp: each row quantised on its own, x ~ s u + low with u in 0..levels; each
+// feature's weights w_j ~ sw_j q_j) gives every logit within
+//   e_j = sw_j (|x|_1 / 2 + n s / 2 + (s / 2) |q_j|_1) + the sums' rounding
+// of the exact one, since x.w - x'.w' = x'.(w - w') + (x - x').w' + (x - x').(w - w'), each
+// difference at most half a step of its own scale, and |x'|_1 <= |x|_1 + n s / 2. The features
+// whose upper bound reaches the largest lower bound get their exact logits, each a dot product of
+// the row with the feature's own fp32 weights (contiguous: a panel would read 16 features'). At
+// 32 rows the int8 product reads a quarter of the fp32 one's bytes and does its arithmetic four to
+// a lane, so the fp32 product's compute goes, not only its reads.
+//
+// x (rows, in_features); weight (out_features, in_features) and weight_bias (out_features,) fp32;
+// weights, params from qkv::pack_int8_linear of them; l1 (out_features,) each feature's sum of
+// |q_j|; bias (out_features,): 0, or -inf for the ids that may not come next -> (rows,) int64: each
+// row's argmax over j of (x w_j + weight_bias_j + bias_j), the first of equal values, its exact
+// logits as `dot` computes them (fp32, within rounding of any full product's). A row whose screen
+// is not finite (non-finite or huge inputs) takes every logit by `dot`.
+at::Tensor screened_best_rows(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& weight_bias, const at::Tensor& weights,
+                              const at::Tensor& params, const at::Tensor& l1,
+                              const at::Tensor& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat,
+              "qkv::screened_best_rows: weight (out_features, in_features) float32, contiguous");
+  const int64_t out_features = weight.size(0), depth = weight.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == depth,
+              "qkv::screened_best_rows: x (..., in_features) float32");
+  for (const auto* vector : {&weight_bias, &l1, &bias})
+    TORCH_CHECK(vector->dim() == 1 && vector->size(0) == out_features && vector->is_contiguous() &&
+                    vector->scalar_type() == at::kFloat,
+                "qkv::screened_best_rows: weight_bias, l1 and bias (out_features,) float32");
+  TORCH_CHECK(params.dim() == 2 && params.size(0) == 4 && params.size(1) >= out_features &&
+                  params.is_contiguous() && params.scalar_type() == at::kFloat,
+              "qkv::screened_best_rows: params from qkv::pack_int8_linear of the weight");
+  const auto input = x.contiguous().view({-1, depth});
+  const int64_t rows = input.size(0);
+  auto best = at::empty({rows}, x.options().dtype(at::kLong));
+  if (rows == 0) return best;
+  // (rows, out_features): the int8 product's logits, the product's bias in them
+  auto approx = qkv_native::rowwise_int8_product(input, weights, params, out_features, 0);
+  const float levels = qkv_int8_takes_vnni() ? 255.f : 127.f;
+  const float* X = input.const_data_ptr<float>();
+  const float* W = weight.const_data_ptr<float>();
+  const float* B = weight_bias.const_data_ptr<float>();
+  const float* S = params.const_data_ptr<float>();  // each feature's scale: the first row
+  const float* L = l1.const_data_ptr<float>();
+  const float* C = bias.const_data_ptr<float>();
+  float* A = approx.data_ptr<float>();
+  int64_t* out = best.data_ptr<int64_t>();
+  // Relative rounding of a sum of depth + 2 terms in float, doubled for the margin; a quantised
+  // value's or weight's distance from its own within half a step and a little more (the division
+  // by the scale is rounded, and the level from it)
+  const float rounding = 4.f * static_cast<float>(depth + 2) * kEpsilon;
+  const float half_w = 0.5f + 256.f * kEpsilon, half_x = 0.5f + 1024.f * kEpsilon;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> kept_errors;
+    kept_errors.resize(out_features);
+    float* errors = kept_errors.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = X + r * depth;
+      float* centres = A + r * out_features;
+      float magnitude = 0.f, low = row[0], high = row[0];
+      for (int64_t k = 0; k < depth; ++k) {
+        magnitude += std::abs(row[k]);
+        low = std::min(low, row[k]), high = std::max(high, row[k]);
+      }
+      magnitude *= 1.f + rounding;
+      const float s = high > low ? (high - low) / levels : 1.f;  // the int8 product's step
+      // e_j = sw_j (per_row + per_l1 |q_j|_1) + |bias_j| rounding + |centre_j| 8 eps: the first
+      // two the bound above with their margins, the rest the rounding of the int8 product's
+      // arithmetic after its integer sums and of the exact logits' sums
+      const float per_row = half_w * magnitude + 2.f * static_cast<float>(depth) * s * half_x *
+                                                     half_w + 127.f * magnitude * rounding;
+      const float per_l1 = s * half_x + (high - low + std::abs(low)) * 8.f * kEpsilon;
+      bool finite = std::isfinite(per_row) && std::isfinite(per_l1);
+      float largest_lower = kMinusInf;
+      if (finite) {
+        const Vec k_row(per_row), k_l1(per_l1), k_bias(rounding + 8.f * kEpsilon);
+        const Vec k_centre(8.f * kEpsilon), tiny(std::numeric_limits<float>::min()), zero(0.f);
+        Vec lower_v(kMinusInf), check(0.f);  // check: NaN once a screen is not finite
+        int64_t j = 0;
+        for (; j + Vec::size() <= out_features; j += Vec::size()) {
+          const Vec raw = Vec::loadu(centres + j);
+          const Vec error = Vec::loadu(S + j) * (k_row + k_l1 * Vec::loadu(L + j)) +
+                            Vec::loadu(B + j).abs() * k_bias + raw.abs() * k_centre + tiny;
+          check = check + (raw + error) * zero;
+          const Vec centre = raw + Vec::loadu(C + j);
+          centre.store(centres + j);
+          error.store(errors + j);
+          lower_v = at::vec::maximum(lower_v, centre - error);
+        }
+        alignas(64) float lanes[Vec::size()];
+        lower_v.store(lanes);
+        for (int64_t lane = 0; lane < Vec::size(); ++lane)
+          largest_lower = std::max(largest_lower, lanes[lane]);
+        check.store(lanes);
+        for (int64_t lane = 0; lane < Vec::size(); ++lane) finite = finite && lanes[lane] == 0.f;
+        for (; j < out_features; ++j) {
+          const float raw = centres[j];
+          errors[j] = S[j] * (per_row + per_l1 * L[j]) +
+                      std::abs(B[j]) * (rounding + 8.f * kEpsilon) +
+                      std::abs(raw) * 8.f * kEpsilon + std::numeric_limits<float>::min();
+          finite = finite && std::isfinite(raw + errors[j]);
+          centres[j] = raw + C[j];
+          largest_lower = std::max(largest_lower, centres[j] - errors[j]);
+        }
+      }
+      float top = 0.f;
+      int64_t at = -1;
+      if (!finite) {  // every logit, exactly (NaN in a row: the first NaN, as torch.argmax)
+        for (int64_t j = 0; j < out_features; ++j) {
+          const float v = dot(row, W + j * depth, depth) + B[j] + C[j];
+          if (std::isnan(v)) {
+            at = j;
+            break;
+          }
+          if (at < 0 || v > top) top = v, at = j;
+        }
+        out[r] = at < 0 ? 0 : at;
+        continue;
+      }
+      const Vec largest_lower_v(largest_lower);
+      for (int64_t j = 0; j < out_features; ++j) {
+        if (j % Vec::size() == 0 && j + Vec::size() <= out_features) {  // a vector of none?
+          const Vec upper = Vec::loadu(centres + j) + Vec::loadu(errors + j);
+          if ((upper >= largest_lower_v).zero_mask() == (1 << Vec::size()) - 1) {
+            j += Vec::size() - 1;
+            continue;
+          }
+        }
+        if (!(centres[j] + errors[j] >= largest_lower)) continue;
+        const float v = dot(row, W + j * depth, depth) + B[j] + C[j];
+        if (at < 0 || v > top) top = v, at = j;
+      }
+      out[r] = at < 0 ? 0 : at;
+    }
+  });
+  return best;
+}
+
 }  // namespace
 
 // The attention operator as a C function of the kind AOTInductor calls for ATen's own operators (a
@@ -887,6 +1035,21 @@ extern "C" AOTITorchError aoti_torch_cpu_screened_best(AtenTensorHandle x, AtenT
   });
 }
 
+// A greedy step's screened next tokens of many rows as a C function too.
+extern "C" AOTITorchError aoti_torch_cpu_screened_best_rows(
+    AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle weight_bias,
+    AtenTensorHandle weights, AtenTensorHandle params, AtenTensorHandle l1, AtenTensorHandle bias,
+    AtenTensorHandle* result) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *result = torch::aot_inductor::new_tensor_handle(screened_best_rows(
+        *tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(weight),
+        *tensor_handle_to_tensor_pointer(weight_bias), *tensor_handle_to_tensor_pointer(weights),
+        *tensor_handle_to_tensor_pointer(params), *tensor_handle_to_tensor_pointer(l1),
+        *tensor_handle_to_tensor_pointer(bias)));
+  });
+}
+
 TORCH_LIBRARY(qkv, m) {
   m.def("beam_self_attention(Tensor projected, Tensor keys, Tensor values, Tensor bias) -> Tensor");
   m.def("log_softmax_(Tensor(a!) logits) -> Tensor(a!)");
@@ -897,6 +1060,8 @@ TORCH_LIBRARY(qkv, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, int relu) -> Tensor");
   m.def("pack_screen(Tensor weight) -> (Tensor, Tensor)");
   m.def("screened_best(Tensor x, Tensor packed, Tensor q, Tensor scales, Tensor bias) -> Tensor");
+  m.def("screened_best_rows(Tensor x, Tensor weight, Tensor weight_bias, Tensor weights, "
+        "Tensor params, Tensor l1, Tensor bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qkv, CPU, m) {
@@ -909,4 +1074,5 @@ TORCH_LIBRARY_IMPL(qkv, CPU, m) {
   m.impl("packed_linear", &packed_linear);
   m.impl("pack_screen", &pack_screen);
   m.impl("screened_best", &screened_best);
+  m.impl("screened_best_rows", &screened_best_rows);
 }

@@ -521,6 +521,14 @@ at::Tensor packed_int8_linear(const at::Tensor& x, const at::Tensor& weights,
 
 }  // namespace
 
+// For operators.cpp (qkv::screened_best_rows screens with it).
+namespace qkv_native {
+at::Tensor rowwise_int8_product(const at::Tensor& x, const at::Tensor& weights,
+                                const at::Tensor& params, int64_t out_features, int64_t relu) {
+  return packed_int8_linear(x, weights, params, out_features, relu);
+}
+}  // namespace qkv_native
+
 // qkv's own int8 product as a C function too (weights and params: constants of the program).
 extern "C" AOTITorchError aoti_torch_cpu_packed_int8_linear(AtenTensorHandle x,
                                                             AtenTensorHandle weights,

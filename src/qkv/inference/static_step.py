@@ -23,6 +23,13 @@ from qkv.inference.static_cache import (
 from qkv.inference.topk import biased_argmax, extensions_of_rows, log_softmax_topk
 from qkv.model import Transformer
 
+# Whether greedy programs of many rows screen their output product (`StaticDecoderStep.screens`),
+# as one row's do: qkv's int8 product finds each row's few candidates, whose exact logits are dot
+# products with their own weights. The output product of 32 rows of the small benchmark model by
+# itself, on an Intel Xeon (AMX) as it comes: oneDNN's ~870 µs, qkv's fp32 ~690, screened ~240
+# (benchmarks/README.md, session 53).
+SCREENS_MANY_ROWS = True
+
 
 class StaticDecoderStep(nn.Module):
     """One decoder position for every row, over a cache of fixed shapes: what `DecodingEngine.step`
@@ -59,6 +66,9 @@ class StaticDecoderStep(nn.Module):
         # Whether its candidates and greedy best tokens are qkv's operators (`topk`'s native), which
         # makes it another program too
         self.native_topk = False
+        # The output product that screens greedy programs of many rows where `products` is None
+        # (`screens`), set by the engine's programs where qkv's operators load
+        self.screen: nn.Module | None = None
         if like is not None:  # another step of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
             return
@@ -66,32 +76,47 @@ class StaticDecoderStep(nn.Module):
         self.qkv_weights, self.qkv_biases = stacked_self_attention(model.decoder.layers)
 
     def screens(self, rows: int) -> bool:
-        """Whether its greedy program of `rows` rows finds the best token by screening the output
+        """Whether its greedy program of `rows` rows finds the best tokens by screening the output
         product (`packed_linear.ScreenedOutput`), and returns the final hidden state in place of the
-        logits (where the two differ in size: the engine tells them apart so): at one row, with qkv's
-        products."""
-        output = self.products.output if self.products is not None else None
-        return (
-            rows == 1
-            and self.screening
-            and getattr(output, "screens", False)
-            and output.out_features != self.model.config.d_model
-        )
+        logits (where the two differ in size: the engine tells them apart so): at one row with
+        qkv's products; at more with qkv's operators (`native_topk`), whatever its products, where
+        `SCREENS_MANY_ROWS`."""
+        output = self.screened_output()
+        if (
+            output is None
+            or not self.screening
+            or not getattr(output, "screens", False)
+            or output.out_features == self.model.config.d_model
+        ):
+            return False
+        if rows == 1:
+            return self.products is not None
+        return SCREENS_MANY_ROWS and self.native_topk
 
-    def with_products(self, products: DecoderProducts) -> StaticDecoderStep:
-        """This step, its weights shared, computing every product with `products` (qkv's kernel)."""
+    def screened_output(self) -> nn.Module | None:
+        """The output product that screens: its products' (qkv's), else `screen`."""
+        return self.products.output if self.products is not None else self.screen
+
+    def _sibling(self) -> StaticDecoderStep:
+        """A step of the same model and kind, its weights shared."""
         step = StaticDecoderStep(
             self.model, self.greedy, self, self.candidates, self.writes_cache
         ).eval()
+        step.native_topk, step.screen = self.native_topk, self.screen
+        return step
+
+    def with_products(self, products: DecoderProducts) -> StaticDecoderStep:
+        """This step, its weights shared, computing every product with `products` (qkv's kernel)."""
+        step = self._sibling()
         step.products, step.native, step.int8 = products, True, products.int8
-        step.native_topk = self.native_topk
         return step
 
     def every_logit(self) -> StaticDecoderStep:
         """This step, its weights and products shared, never screening the output product: a
         greedy search that keeps scores needs every logit, and screening them first as well cost it
         ~100 µs a step (1.19x the time of a search of one sentence, small model)."""
-        step = self.with_products(self.products)
+        step = self._sibling()
+        step.products, step.native, step.int8 = self.products, self.native, self.int8
         step.screening = False
         return step
 
@@ -157,9 +182,9 @@ class StaticDecoderStep(nn.Module):
             projected = []
         output = self.products.output if self.products is not None else model.output
         normed = model.decoder.final_norm(y)  # (rows, 1, d_model)
-        if self.greedy and self.screens(rows):  # the best token without every logit
+        if self.greedy and self.screens(rows):  # the best tokens without every logit
             hidden = normed[:, 0]
-            return output.best(hidden, banned_bias), hidden, *projected
+            return self.screened_output().best(hidden, banned_bias), hidden, *projected
         logits = output(normed)[:, 0]  # (rows, vocab)
         # The search's own first operations, here at a few µs instead of ~25 µs of calls a step (and
         # a beam search's candidates: ~70 µs of calls, slower still right after the program).

@@ -5,7 +5,7 @@ compiled from, where its package is kept, and loading or compiling it.
 There are three kinds of program for a number of rows: beam search's (`BEAMS`: log-probabilities and
 each row's most likely tokens, among which are a beam search's candidates), greedy search's
 (`GREEDY`: the most likely token and the logits, no softmax), and, where greedy's screens its output
-product (one row with qkv's products: `StaticDecoderStep.screens`), greedy's that computes every
+product (`StaticDecoderStep.screens`: wherever qkv's operators load), greedy's that computes every
 logit (`GREEDY_EVERY_LOGIT`), for a search that keeps scores. Each is a package of its own.
 
 A program is compiled at its first use (~20-40 s for a small model: half of it measuring the
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from qkv.inference import aoti, int8_products, native, packed_linear
-from qkv.inference.packed_linear import DecoderProducts
+from qkv.inference.packed_linear import DecoderProducts, ScreenedOutput
 from qkv.inference.static_step import StaticDecoderStep, compile_package
 
 BEAMS, GREEDY, GREEDY_EVERY_LOGIT = 0, 1, 2  # the kinds of program for a number of rows
@@ -51,6 +51,8 @@ class StepPrograms:
         self._products: DecoderProducts | bool | None = None  # False: they do not serve here
         self._native_topk: bool | None = None  # decided at the first program (`step_module`)
         self._kinds_with_scores: dict[int, int] = {}  # rows -> greedy's kind then (`greedy_kind`)
+        # Greedy's step that computes every logit where `greedy_step` screens (`_step_of`)
+        self._greedy_every_logit: StaticDecoderStep | None = None
 
     @property
     def compiled_rows(self) -> set[int]:
@@ -91,7 +93,11 @@ class StepPrograms:
         takes_products = rows is not None and packed_linear.serves(rows)
         if (self.int8 or takes_products) and self.packed_steps():
             return self._packed_steps[kind]
-        return self.greedy_step if kind != BEAMS else self.static_step
+        if kind == GREEDY_EVERY_LOGIT:
+            if self._greedy_every_logit is None:
+                self._greedy_every_logit = self.greedy_step.every_logit()
+            return self._greedy_every_logit
+        return self.greedy_step if kind == GREEDY else self.static_step
 
     def greedy_kind(self, rows: int, scores: bool) -> int:
         """The kind of program greedy search takes on `rows` rows: `GREEDY`, or where that one
@@ -99,6 +105,7 @@ class StepPrograms:
         if not scores:
             return GREEDY
         if rows not in self._kinds_with_scores:  # decided once: a step's few µs
+            self._candidates_natively()  # whether qkv's operators serve, which screening needs
             screens = self._step_of(GREEDY, rows).screens(rows)
             self._kinds_with_scores[rows] = GREEDY_EVERY_LOGIT if screens else GREEDY
         return self._kinds_with_scores[rows]
@@ -110,6 +117,11 @@ class StepPrograms:
             self._native_topk = self.NATIVE_CANDIDATES and native.load(self.say) is None
             for step in (self.static_step, self.greedy_step, *(self._packed_steps or [])):
                 step.native_topk = self._native_topk
+            model = self.greedy_step.model
+            if self._native_topk and not self.int8 and packed_linear.unavailable(model) is None:
+                # Greedy programs of many rows screen their output product by qkv's operators,
+                # whatever their other products (`StaticDecoderStep.screens`)
+                self.greedy_step.screen = ScreenedOutput(model.output.weight, model.output.bias)
 
     def packed_steps(self) -> bool:
         """Whether the steps with qkv's products serve here: made at the first question."""

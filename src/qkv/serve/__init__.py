@@ -18,8 +18,8 @@ def compile_ahead(translator, beam: int) -> int:
     1), so that no client waits for a compile. Each translation makes two tokens at least, since
     the program for beams on many sentences runs from the second; with one beam, each runs with
     and without scores, as the server's searches do (`Service.translate`: qkv's API keeps them,
-    LibreTranslate's does not; greedy search on one sentence has a program for each where it
-    screens its output product). Returns how many numbers of sentences; 0 for an engine without a
+    LibreTranslate's does not; greedy search has a program for each where it screens its output
+    product). Returns how many numbers of sentences; 0 for an engine without a
     compiled step."""
     from qkv.inference.compiled import CompiledEngine
 
