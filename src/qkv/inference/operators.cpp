@@ -813,6 +813,128 @@ at::Tensor screened_best(const at::Tensor& x, const at::Tensor& packed, const at
   return best;
 }
 
+// What screening a row needs: the fp32 weights (out_features, depth) and biases, the int8 product's
+// scales (sw_j) and sums of |q_j|, the banned ids' bias (0 or -inf), and the levels of a quantised
+// row (qkv::packed_int8_linear's: 255 with VNNI, else 127).
+struct RowScreen {
+  const float* weight;
+  const float* weight_bias;
+  const float* scales;
+  const float* l1;
+  const float* bias;
+  int64_t depth, out_features;
+  float levels;
+};
+
+// Row x's exact logit of feature j, as screened_best_rows computes it.
+inline float exact_logit(const RowScreen& screen, const float* x, int64_t j) {
+  return dot(x, screen.weight + j * screen.depth, screen.depth) + screen.weight_bias[j] +
+         screen.bias[j];
+}
+
+// Row x's argmax over every exact logit (the first NaN, as torch.argmax): where its screen is not
+// finite.
+int64_t every_logit_best(const RowScreen& screen, const float* x) {
+  float top = 0.f;
+  int64_t at = 0;
+  for (int64_t j = 0; j < screen.out_features; ++j) {
+    const float v = exact_logit(screen, x, j);
+    if (std::isnan(v)) return j;
+    if (j == 0 || v > top) top = v, at = j;
+  }
+  return at;
+}
+
+// Row x's best token (screened_best_rows): logits (out_features,) its int8 product's, overwritten
+// by each feature's upper bound; candidates, a buffer for the features left.
+int64_t screened_row_best(const RowScreen& screen, const float* x, float* logits,
+                          std::vector<int64_t>& candidates) {
+  const int64_t depth = screen.depth, n = screen.out_features;
+  Vec sum_v(0.f), low_v(x[0]), high_v(x[0]);
+  int64_t k = 0;
+  for (; k + Vec::size() <= depth; k += Vec::size()) {
+    const Vec v = Vec::loadu(x + k);
+    sum_v = sum_v + v.abs();
+    low_v = at::vec::minimum(low_v, v), high_v = at::vec::maximum(high_v, v);
+  }
+  float magnitude = sum_of(sum_v);
+  float low = at::vec::vec_reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, low_v);
+  float high = at::vec::vec_reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, high_v);
+  for (; k < depth; ++k) {
+    magnitude += std::abs(x[k]);
+    low = std::isnan(x[k]) ? x[k] : std::min(low, x[k]);
+    high = std::isnan(x[k]) ? x[k] : std::max(high, x[k]);
+  }
+  // Relative rounding of a sum of depth + 2 terms in float, doubled for the margin; a quantised
+  // value's or weight's distance from its own within half a step and a little more (the division
+  // by the scale is rounded, and the level from it)
+  const float rounding = 4.f * static_cast<float>(depth + 2) * kEpsilon;
+  const float half_w = 0.5f + 256.f * kEpsilon, half_x = 0.5f + 1024.f * kEpsilon;
+  magnitude *= 1.f + rounding;
+  const float s = high > low ? (high - low) / screen.levels : 1.f;  // the int8 product's step
+  // e_j = sw_j (per_row + per_l1 |q_j|_1) + |bias_j| (rounding + 8 eps) + |logit_j| 8 eps: the
+  // first two the bound above with their margins, the rest the rounding of the int8 product's
+  // arithmetic after its integer sums and of the exact logits' sums
+  const float per_row = half_w * magnitude +
+                        2.f * static_cast<float>(depth) * s * half_x * half_w +
+                        127.f * magnitude * rounding;
+  const float per_l1 = s * half_x + (high - low + std::abs(low)) * 8.f * kEpsilon;
+  if (!std::isfinite(per_row) || !std::isfinite(per_l1)) return every_logit_best(screen, x);
+  const float k_bias = rounding + 8.f * kEpsilon, k_logit = 8.f * kEpsilon;
+  const float tiny = std::numeric_limits<float>::min();
+  const float *S = screen.scales, *L = screen.l1, *B = screen.weight_bias, *C = screen.bias;
+  const Vec k_row_v(per_row), k_l1_v(per_l1), k_bias_v(k_bias), k_logit_v(k_logit);
+  const Vec tiny_v(tiny), zero(0.f);
+  Vec lower_v(kMinusInf), check(0.f);  // check: NaN once a bound is not finite
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec logit = Vec::loadu(logits + j);
+    const Vec error = Vec::loadu(S + j) * (k_row_v + k_l1_v * Vec::loadu(L + j)) +
+                      Vec::loadu(B + j).abs() * k_bias_v + logit.abs() * k_logit_v + tiny_v;
+    check = check + (logit + error) * zero;
+    const Vec centre = logit + Vec::loadu(C + j);
+    (centre + error).store(logits + j);
+    lower_v = at::vec::maximum(lower_v, centre - error);
+  }
+  float largest_lower = at::vec::vec_reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, lower_v);
+  bool finite = sum_of(check) == 0.f;
+  for (; j < n; ++j) {
+    const float error = S[j] * (per_row + per_l1 * L[j]) + std::abs(B[j]) * k_bias +
+                        std::abs(logits[j]) * k_logit + tiny;
+    finite = finite && std::isfinite(logits[j] + error);
+    const float centre = logits[j] + C[j];
+    logits[j] = centre + error;
+    largest_lower = std::max(largest_lower, centre - error);
+  }
+  if (!finite || std::isnan(largest_lower)) return every_logit_best(screen, x);
+  // The features whose upper bound reaches the largest lower bound, their weights asked of memory
+  // all at once (one by one, each dot product waited for its weights: a third of the time)
+  candidates.clear();
+  const Vec largest_lower_v(largest_lower);
+  for (j = 0; j < n; ++j) {
+    if (j % Vec::size() == 0 && j + Vec::size() <= n) {  // a vector of none?
+      if ((Vec::loadu(logits + j) >= largest_lower_v).zero_mask() == (1 << Vec::size()) - 1) {
+        j += Vec::size() - 1;
+        continue;
+      }
+    }
+    if (logits[j] >= largest_lower) candidates.push_back(j);
+  }
+  for (const int64_t c : candidates)
+    for (int64_t line = 0; line < depth; line += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(screen.weight + c * depth + line), _MM_HINT_T0);
+  float top = 0.f;
+  int64_t at = -1;
+  for (const int64_t c : candidates) {
+    const float v = exact_logit(screen, x, c);
+    if (at < 0 || v > top) top = v, at = c;
+  }
+  return at < 0 ? 0 : at;
+}
+
 // The next token of a greedy step of many rows without every exact logit: qkv's int8 product
 // (rowwise_int8.cpp: each row quantised on its own, x ~ s u + low with u in 0..levels; each
 // feature's weights w_j ~ sw_j q_j) gives every logit within
@@ -852,102 +974,21 @@ at::Tensor screened_best_rows(const at::Tensor& x, const at::Tensor& weight,
   if (rows == 0) return best;
   // (rows, out_features): the int8 product's logits, the product's bias in them
   auto approx = qkv_native::rowwise_int8_product(input, weights, params, out_features, 0);
-  const float levels = qkv_int8_takes_vnni() ? 255.f : 127.f;
+  const RowScreen screen{weight.const_data_ptr<float>(),
+                         weight_bias.const_data_ptr<float>(),
+                         params.const_data_ptr<float>(),  // each feature's scale: the first row
+                         l1.const_data_ptr<float>(),
+                         bias.const_data_ptr<float>(),
+                         depth,
+                         out_features,
+                         qkv_int8_takes_vnni() ? 255.f : 127.f};
   const float* X = input.const_data_ptr<float>();
-  const float* W = weight.const_data_ptr<float>();
-  const float* B = weight_bias.const_data_ptr<float>();
-  const float* S = params.const_data_ptr<float>();  // each feature's scale: the first row
-  const float* L = l1.const_data_ptr<float>();
-  const float* C = bias.const_data_ptr<float>();
-  float* A = approx.data_ptr<float>();
+  float* logits = approx.data_ptr<float>();
   int64_t* out = best.data_ptr<int64_t>();
-  // Relative rounding of a sum of depth + 2 terms in float, doubled for the margin; a quantised
-  // value's or weight's distance from its own within half a step and a little more (the division
-  // by the scale is rounded, and the level from it)
-  const float rounding = 4.f * static_cast<float>(depth + 2) * kEpsilon;
-  const float half_w = 0.5f + 256.f * kEpsilon, half_x = 0.5f + 1024.f * kEpsilon;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> kept_errors;
-    kept_errors.resize(out_features);
-    float* errors = kept_errors.data();
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = X + r * depth;
-      float* centres = A + r * out_features;
-      float magnitude = 0.f, low = row[0], high = row[0];
-      for (int64_t k = 0; k < depth; ++k) {
-        magnitude += std::abs(row[k]);
-        low = std::min(low, row[k]), high = std::max(high, row[k]);
-      }
-      magnitude *= 1.f + rounding;
-      const float s = high > low ? (high - low) / levels : 1.f;  // the int8 product's step
-      // e_j = sw_j (per_row + per_l1 |q_j|_1) + |bias_j| rounding + |centre_j| 8 eps: the first
-      // two the bound above with their margins, the rest the rounding of the int8 product's
-      // arithmetic after its integer sums and of the exact logits' sums
-      const float per_row = half_w * magnitude + 2.f * static_cast<float>(depth) * s * half_x *
-                                                     half_w + 127.f * magnitude * rounding;
-      const float per_l1 = s * half_x + (high - low + std::abs(low)) * 8.f * kEpsilon;
-      bool finite = std::isfinite(per_row) && std::isfinite(per_l1);
-      float largest_lower = kMinusInf;
-      if (finite) {
-        const Vec k_row(per_row), k_l1(per_l1), k_bias(rounding + 8.f * kEpsilon);
-        const Vec k_centre(8.f * kEpsilon), tiny(std::numeric_limits<float>::min()), zero(0.f);
-        Vec lower_v(kMinusInf), check(0.f);  // check: NaN once a screen is not finite
-        int64_t j = 0;
-        for (; j + Vec::size() <= out_features; j += Vec::size()) {
-          const Vec raw = Vec::loadu(centres + j);
-          const Vec error = Vec::loadu(S + j) * (k_row + k_l1 * Vec::loadu(L + j)) +
-                            Vec::loadu(B + j).abs() * k_bias + raw.abs() * k_centre + tiny;
-          check = check + (raw + error) * zero;
-          const Vec centre = raw + Vec::loadu(C + j);
-          centre.store(centres + j);
-          error.store(errors + j);
-          lower_v = at::vec::maximum(lower_v, centre - error);
-        }
-        alignas(64) float lanes[Vec::size()];
-        lower_v.store(lanes);
-        for (int64_t lane = 0; lane < Vec::size(); ++lane)
-          largest_lower = std::max(largest_lower, lanes[lane]);
-        check.store(lanes);
-        for (int64_t lane = 0; lane < Vec::size(); ++lane) finite = finite && lanes[lane] == 0.f;
-        for (; j < out_features; ++j) {
-          const float raw = centres[j];
-          errors[j] = S[j] * (per_row + per_l1 * L[j]) +
-                      std::abs(B[j]) * (rounding + 8.f * kEpsilon) +
-                      std::abs(raw) * 8.f * kEpsilon + std::numeric_limits<float>::min();
-          finite = finite && std::isfinite(raw + errors[j]);
-          centres[j] = raw + C[j];
-          largest_lower = std::max(largest_lower, centres[j] - errors[j]);
-        }
-      }
-      float top = 0.f;
-      int64_t at = -1;
-      if (!finite) {  // every logit, exactly (NaN in a row: the first NaN, as torch.argmax)
-        for (int64_t j = 0; j < out_features; ++j) {
-          const float v = dot(row, W + j * depth, depth) + B[j] + C[j];
-          if (std::isnan(v)) {
-            at = j;
-            break;
-          }
-          if (at < 0 || v > top) top = v, at = j;
-        }
-        out[r] = at < 0 ? 0 : at;
-        continue;
-      }
-      const Vec largest_lower_v(largest_lower);
-      for (int64_t j = 0; j < out_features; ++j) {
-        if (j % Vec::size() == 0 && j + Vec::size() <= out_features) {  // a vector of none?
-          const Vec upper = Vec::loadu(centres + j) + Vec::loadu(errors + j);
-          if ((upper >= largest_lower_v).zero_mask() == (1 << Vec::size()) - 1) {
-            j += Vec::size() - 1;
-            continue;
-          }
-        }
-        if (!(centres[j] + errors[j] >= largest_lower)) continue;
-        const float v = dot(row, W + j * depth, depth) + B[j] + C[j];
-        if (at < 0 || v > top) top = v, at = j;
-      }
-      out[r] = at < 0 ? 0 : at;
-    }
+    std::vector<int64_t> candidates;
+    for (int64_t r = begin; r < end; ++r)
+      out[r] = screened_row_best(screen, X + r * depth, logits + r * out_features, candidates);
   });
   return best;
 }
