@@ -25,9 +25,10 @@ from qkv.model import Transformer
 
 # Whether greedy programs of many rows screen their output product (`StaticDecoderStep.screens`),
 # as one row's do: qkv's int8 product finds each row's few candidates, whose exact logits are dot
-# products with their own weights. The output product of 32 rows of the small benchmark model by
-# itself, on an Intel Xeon (AMX) as it comes: oneDNN's ~870 µs, qkv's fp32 ~690, screened ~240
-# (benchmarks/README.md, session 53).
+# products with their own weights. The output product and argmax of 32 rows of the small benchmark
+# model alone, on an Intel Xeon (AMX) as it comes: oneDNN's ~870 µs, qkv's fp32 ~690, screened
+# ~215. Greedy searches of 32 sentences, two engines taking turns: small 0.82-0.85x the time, base
+# 0.90-0.91x; held to AVX2 0.93-0.95x and 0.96-0.97x (benchmarks/README.md, session 53).
 SCREENS_MANY_ROWS = True
 
 
