@@ -30,7 +30,7 @@
   output product read 2 MB instead of 8, its greedy search of one sentence 0.82-0.84x the time.
 - `qkv::screened_best_rows`: the same for a greedy step of many rows, screened by qkv's int8 product
   (each row quantised on its own, its integer sums four to a lane), the candidates' exact logits each
-  a dot product with the feature's own fp32 weights (`packed_linear.ScreenedOutput.best`).
+  a dot product with the feature's own fp32 weights (`packed_linear.ScreenedRows`).
 - `qkv::pack_int8_linear`, `qkv::packed_int8_linear`: qkv's own int8 product, by AMX's tiles,
   VNNI's dot products or AVX2's, each row quantised on its own (`qkv.inference.rowwise_int8` says
   why): the eager int8 engine's and the compiled int8 step's.

@@ -42,41 +42,61 @@ class PackedLinear(nn.Module):
         return torch.ops.qkv.packed_linear(x, self.packed, self.out_features, self.relu)
 
 
+class ScreenedRows(nn.Module):
+    """A greedy step's next tokens of two rows or more from the output product without every logit
+    (`qkv::screened_best_rows`): qkv's int8 product (`qkv.inference.rowwise_int8`: each row
+    quantised on its own, the weights to int8) knows each logit within a bound, and the few tokens it
+    leaves get their exact logits, each a dot product with the feature's fp32 weights. For the
+    greedy programs of many rows, whatever their other products (`StaticDecoderStep.screen`)."""
+
+    screens = True  # as `ScreenedOutput`'s
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        weight = weight.detach().float().contiguous()
+        bias = weight.new_zeros(weight.size(0)) if bias is None else bias.detach().float()
+        self.out_features = weight.size(0)
+        # The weight as it is (each feature's weights side by side: a candidate reads its own),
+        # its int8 product's packing, and each feature's sum of |int8 weights| (its bound). Buffers,
+        # so that a program holds them as constants; not in the state dict, which has the weights.
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias.contiguous(), persistent=False)
+        q, params = torch.ops.qkv.pack_int8_linear(weight, bias)
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("params", params, persistent=False)
+        l1 = q.abs().to(torch.int32).sum(dim=(1, 3)).flatten()[: self.out_features]
+        self.register_buffer("l1", l1.float(), persistent=False)
+
+    def best(self, x: Tensor, banned_bias: Tensor) -> Tensor:
+        """x (rows, d_in) -> (rows,) each row's token of the largest logit + banned_bias, the first
+        of equals."""
+        return torch.ops.qkv.screened_best_rows(
+            x, self.weight, self.bias, self.q, self.params, self.l1, banned_bias
+        )
+
+
 class ScreenedOutput(PackedLinear):
-    """The output product, and a greedy step's next token from it without every logit: an int8 copy
-    of the weight (a quarter of its bytes) screens the vocabulary, and the few tokens it leaves get
-    their exact logits. At one row (`qkv::screened_best`) the copy is multiplied by the fp32 row and
-    the exact logits are `forward`'s; at more (`qkv::screened_best_rows`) by the row quantised too,
-    qkv's int8 product (`qkv.inference.rowwise_int8`), and each exact logit is a dot product with the
-    feature's fp32 weights. `screens` False: `best` is not used (the step computes every logit)."""
+    """The output product, and a greedy step's next tokens from it without every logit: at one row
+    (`qkv::screened_best`) an int8 copy of the weight (a quarter of its bytes) multiplied by the fp32
+    row screens the vocabulary, and the few tokens it leaves get their exact logits as `forward`
+    computes them; at more, `ScreenedRows`. `screens` False: `best` is not used (the step computes
+    every logit)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         super().__init__(weight, bias)
-        weight = weight.detach().float()
-        bias = weight.new_zeros(weight.size(0)) if bias is None else bias.detach().float()
-        q, scales = torch.ops.qkv.pack_screen(weight)
+        q, scales = torch.ops.qkv.pack_screen(weight.detach().float())
         self.register_buffer("screen_q", q, persistent=False)
         self.register_buffer("screen_scales", scales, persistent=False)
-        # Many rows: the weight as it is (each feature's weights side by side), its int8 product's
-        # packing, and each feature's sum of |int8 weights| (its bound)
-        self.register_buffer("weight", weight.contiguous(), persistent=False)
-        self.register_buffer("bias", bias.contiguous(), persistent=False)
-        rows_q, rows_params = torch.ops.qkv.pack_int8_linear(weight, bias)
-        self.register_buffer("rows_q", rows_q, persistent=False)
-        self.register_buffer("rows_params", rows_params, persistent=False)
-        l1 = rows_q.abs().to(torch.int32).sum(dim=(1, 3)).flatten()[: weight.size(0)]
-        self.register_buffer("rows_l1", l1.float(), persistent=False)
+        self.rows = ScreenedRows(weight, bias)
         self.screens = True
 
     def best(self, x: Tensor, banned_bias: Tensor) -> Tensor:
-        """x (rows, d_in) -> (rows,) each row's token of the largest logit + banned_bias, the first of
-        equals."""
-        if x.size(0) == 1:
-            return torch.ops.qkv.screened_best(
-                x, self.packed, self.screen_q, self.screen_scales, banned_bias
-            )
-        return torch.ops.qkv.screened_best_rows(
-            x, self.weight, self.bias, self.rows_q, self.rows_params, self.rows_l1, banned_bias
+        """x (rows, d_in) -> (rows,) each row's token of the largest logit + banned_bias, the first
+        of equals."""
+        if x.size(0) > 1:
+            return self.rows.best(x, banned_bias)
+        return torch.ops.qkv.screened_best(
+            x, self.packed, self.screen_q, self.screen_scales, banned_bias
         )
 
 

@@ -67,8 +67,9 @@ class StaticDecoderStep(nn.Module):
         # Whether its candidates and greedy best tokens are qkv's operators (`topk`'s native), which
         # makes it another program too
         self.native_topk = False
-        # The output product that screens greedy programs of many rows where `products` is None
-        # (`screens`), set by the engine's programs where qkv's operators load
+        # What screens the output product of greedy programs of many rows where `products` is None
+        # (`screens`; a `packed_linear.ScreenedRows`), set by the engine's programs where qkv's
+        # operators load
         self.screen: nn.Module | None = None
         if like is not None:  # another step of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from qkv.inference import aoti, int8_products, native, packed_linear
-from qkv.inference.packed_linear import DecoderProducts, ScreenedOutput
+from qkv.inference.packed_linear import DecoderProducts, ScreenedRows
 from qkv.inference.static_step import StaticDecoderStep, compile_package
 
 BEAMS, GREEDY, GREEDY_EVERY_LOGIT = 0, 1, 2  # the kinds of program for a number of rows
@@ -121,7 +121,7 @@ class StepPrograms:
             if self._native_topk and not self.int8 and packed_linear.unavailable(model) is None:
                 # Greedy programs of many rows screen their output product by qkv's operators,
                 # whatever their other products (`StaticDecoderStep.screens`)
-                self.greedy_step.screen = ScreenedOutput(model.output.weight, model.output.bias)
+                self.greedy_step.screen = ScreenedRows(model.output.weight, model.output.bias)
 
     def packed_steps(self) -> bool:
         """Whether the steps with qkv's products serve here: made at the first question."""
