@@ -16,26 +16,33 @@ def full_best(x, packed, out_features, bias):
     return (torch.ops.qkv.packed_linear(x, packed, out_features, 0) + bias).argmax(dim=-1)
 
 
-@pytest.mark.parametrize("case", range(120))
-def test_the_screened_best_token_is_the_full_products(case):
+def random_case(case: int, most_features: int, most_depth: int):
+    """A random output product and banned ids' bias: weights large or small, two features always
+    equal (`twins`: the first must win), a feature of zeros, a bias or none, two ids banned or all."""
     generator = torch.Generator().manual_seed(case)
-    out_features = int(torch.randint(1, 300, (1,), generator=generator))
-    depth = int(torch.randint(1, 70, (1,), generator=generator))
+    out_features = int(torch.randint(1, most_features, (1,), generator=generator))
+    depth = int(torch.randint(1, most_depth, (1,), generator=generator))
     weight = torch.randn(out_features, depth, generator=generator) * (0.1 if case % 2 else 3.0)
-    if case % 5 == 0 and out_features > 3:
-        weight[out_features // 2] = weight[1]  # two features always equal: the first wins
+    bias = torch.randn(out_features, generator=generator) if case % 3 else torch.zeros(out_features)
+    twins = case % 5 == 0 and out_features > 3
+    if twins:
+        weight[out_features // 2], bias[out_features // 2] = weight[1], bias[1]
     if case % 7 == 0:
         weight[0] = 0
-    product_bias = (
-        torch.randn(out_features, generator=generator) if case % 3 else torch.zeros(out_features)
-    )
-    packed = torch.ops.qkv.pack_linear(weight, product_bias)
-    q, scales = torch.ops.qkv.pack_screen(weight)
     banned = torch.zeros(out_features)
     if out_features > 3 and case % 4 == 0:
         banned[:2] = float("-inf")
     if case % 11 == 0:
         banned[:] = float("-inf")
+    return generator, weight, bias, banned, twins
+
+
+@pytest.mark.parametrize("case", range(120))
+def test_the_screened_best_token_is_the_full_products(case):
+    generator, weight, product_bias, banned, _ = random_case(case, 300, 70)
+    depth, out_features = weight.size(1), weight.size(0)
+    packed = torch.ops.qkv.pack_linear(weight, product_bias)
+    q, scales = torch.ops.qkv.pack_screen(weight)
     x = torch.randn(3, depth, generator=generator) * (1e-30 if case % 13 == 0 else 1.0)
     if case % 17 == 0:
         x[1, 0] = float("nan")
@@ -58,24 +65,9 @@ def test_the_screened_best_tokens_of_many_rows_are_the_largest_exact_logits(case
     """qkv::screened_best_rows, a greedy program of many rows: each row's token is the one of the
     largest exact logit (float64 here; fp32's rounding apart where two are that close), the first of
     equal features, never a banned id unless all are, and the first NaN of a row that has one."""
-    generator = torch.Generator().manual_seed(case)
-    out_features = int(torch.randint(1, 400, (1,), generator=generator))
-    depth = int(torch.randint(1, 90, (1,), generator=generator))
+    generator, weight, bias, banned, twins = random_case(case, 400, 90)
+    out_features, depth = weight.shape
     rows = int(torch.randint(2, 40, (1,), generator=generator))
-    weight = torch.randn(out_features, depth, generator=generator) * (0.1 if case % 2 else 3.0)
-    if case % 5 == 0 and out_features > 3:
-        weight[out_features // 2] = weight[1]  # two features always equal: the first wins
-    if case % 7 == 0:
-        weight[0] = 0
-    bias = torch.randn(out_features, generator=generator) if case % 3 else torch.zeros(out_features)
-    twins = case % 5 == 0 and out_features > 3
-    if twins:
-        bias[out_features // 2] = bias[1]
-    banned = torch.zeros(out_features)
-    if out_features > 3 and case % 4 == 0:
-        banned[:2] = float("-inf")
-    if case % 11 == 0:
-        banned[:] = float("-inf")
     x = torch.randn(rows, depth, generator=generator) * (1e-30 if case % 13 == 0 else 1.0)
     if case % 17 == 0:
         x[1, 0] = float("nan")
