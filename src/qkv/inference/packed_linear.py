@@ -82,12 +82,16 @@ class ScreenedOutput(PackedLinear):
     computes them; at more, `ScreenedRows`. `screens` False: `best` is not used (the step computes
     every logit)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None = None, rows: ScreenedRows | None = None
+    ):
+        """rows: the same weight's `ScreenedRows` where one is made already (shared), else a new
+        one."""
         super().__init__(weight, bias)
         q, scales = torch.ops.qkv.pack_screen(weight.detach().float())
         self.register_buffer("screen_q", q, persistent=False)
         self.register_buffer("screen_scales", scales, persistent=False)
-        self.rows = ScreenedRows(weight, bias)
+        self.rows = ScreenedRows(weight, bias) if rows is None else rows
         self.screens = True
 
     def best(self, x: Tensor, banned_bias: Tensor) -> Tensor:
@@ -117,9 +121,9 @@ class DecoderProducts(nn.Module):
         self.output = output
 
     @classmethod
-    def of_step(cls, step: nn.Module) -> DecoderProducts:
+    def of_step(cls, step: nn.Module, rows: ScreenedRows | None = None) -> DecoderProducts:
         """The products of a compiled step's model, packed for qkv's kernel, from its stacked
-        Q/K/V weights."""
+        Q/K/V weights; `rows`: its output's `ScreenedRows`, if made already."""
         layers = []
         for i, layer in enumerate(step.model.decoder.layers):
             bias = step.qkv_biases[i] if len(step.qkv_biases) else None
@@ -136,7 +140,7 @@ class DecoderProducts(nn.Module):
                 )
             )
         output = step.model.output
-        return cls(layers, ScreenedOutput(output.weight, output.bias))
+        return cls(layers, ScreenedOutput(output.weight, output.bias, rows))
 
 
 class EncoderProducts(nn.Module):

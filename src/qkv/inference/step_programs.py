@@ -53,6 +53,7 @@ class StepPrograms:
         self._kinds_with_scores: dict[int, int] = {}  # rows -> greedy's kind then (`greedy_kind`)
         # Greedy's step that computes every logit where `greedy_step` screens (`_step_of`)
         self._greedy_every_logit: StaticDecoderStep | None = None
+        self._screened_rows: ScreenedRows | None = None  # `screened_rows`
 
     @property
     def compiled_rows(self) -> set[int]:
@@ -121,7 +122,15 @@ class StepPrograms:
             if self._native_topk and not self.int8 and packed_linear.unavailable(model) is None:
                 # Greedy programs of many rows screen their output product by qkv's operators,
                 # whatever their other products (`StaticDecoderStep.screens`)
-                self.greedy_step.screen = ScreenedRows(model.output.weight, model.output.bias)
+                self.greedy_step.screen = self.screened_rows()
+
+    def screened_rows(self) -> ScreenedRows:
+        """The output's screen for many rows, made once for every step that screens (qkv's products'
+        output shares it): where qkv's operators load."""
+        if self._screened_rows is None:
+            output = self.static_step.model.output
+            self._screened_rows = ScreenedRows(output.weight, output.bias)
+        return self._screened_rows
 
     def packed_steps(self) -> bool:
         """Whether the steps with qkv's products serve here: made at the first question."""
@@ -142,7 +151,9 @@ class StepPrograms:
             self._products = int8_products.int8_products(self)
         if self._products is None:
             usable = packed_linear.unavailable(self.static_step.model, self.say) is None
-            self._products = DecoderProducts.of_step(self.static_step) if usable else False
+            self._products = (
+                DecoderProducts.of_step(self.static_step, self.screened_rows()) if usable else False
+            )
         return None if self._products is False else self._products
 
     def beam_products(self) -> DecoderProducts | None:
