@@ -355,7 +355,7 @@ def products_here(monkeypatch):
     too); programs compiled quickly."""
     here = torch.backends.cpu.get_cpu_capability()
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", (here,))
-    # 2-7 rows: Inductor's products, as on AVX2; one row too (as on AVX-512)
+    # 2-7 rows and one row: Inductor's products (as where qkv's operators do not load)
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
     monkeypatch.setattr(packed_linear, "ONE_ROW_ON", ())
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
@@ -406,7 +406,7 @@ def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypat
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)
     encoder_uncompiled(engine)
     assert engine.step_module(GREEDY, 1).products is not None
-    assert engine.step_module(GREEDY, 2).products is None  # a few rows: Inductor's, as on AVX2
+    assert engine.step_module(GREEDY, 2).products is None  # FEW_ROWS_ON emptied above
     assert_same_greedy(engine, reference, random_sources([9], seed=8), max_len=20, min_len=20)
     assert set(engine.programs) == {(1, GREEDY), (1, GREEDY_EVERY_LOGIT)}
     screening, every_logit = (engine.package_path(1, k) for k in (GREEDY, GREEDY_EVERY_LOGIT))
@@ -453,14 +453,14 @@ def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
 
 @pytest.mark.parametrize(
     "capability, rows_served",
-    [("AVX2", [1, 8, 16, 32, None]), ("AVX512", [1, 2, 5, 7]), ("DEFAULT", [])],
+    [("AVX2", [1, 2, 5, 7, 8, 16, 32, None]), ("AVX512", [1, 2, 5, 7]), ("DEFAULT", [])],
 )
 def test_which_programs_take_qkvs_products_follows_the_cpus_capability(
     monkeypatch, capability, rows_served
 ):
-    """AVX2: one row (greedy on one sentence, the kernel's one-row loop, its output screened),
-    programs of 8 rows or more and the beam programs (None); AVX-512: one row too, and 2-7 rows,
-    where Inductor's products keep their sums in memory."""
+    """AVX2: every program (one row by the kernel's one-row loop, its output screened), the beam
+    programs (None) too; AVX-512: one row and 2-7 rows, where Inductor's products keep their sums in
+    memory, but not 8 rows or more, where oneDNN's wider vectors win."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     rows = [1, 2, 5, 7, 8, 16, 32, None]
     assert [r for r in rows if packed_linear.serves(r)] == rows_served

@@ -1,7 +1,7 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
-compiled steps (`StaticDecoderStep` of one row and of `FROM_ROWS` rows or more, `SharedBeamStep`) on
-an AVX2 CPU, and the steps of a few rows (`FEW_ROWS` up to `FROM_ROWS`) on an AVX-512 one (`serves`);
-and for one sentence's encoder program on both (`EncoderProducts`).
+compiled steps on an AVX2 CPU (`StaticDecoderStep` of every size, `SharedBeamStep`), the steps of one
+row and of a few rows (`FEW_ROWS` up to `FROM_ROWS`) on an AVX-512 one (`serves`); and for one
+sentence's encoder program on both (`EncoderProducts`).
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
 oneDNN, which Inductor and the eager engine call for these products, prepares every call for a
@@ -228,8 +228,12 @@ FROM_ROWS = 8
 # product's time for the same weights. Whole searches with qkv's products, two engines taking turns
 # on an Intel Xeon (AMX) as it comes: 0.80x the time (small, beam 5, one sentence), 0.85x and 0.95x
 # (greedy on 4 and 2 sentences); the base model 0.53x, 0.55x, 0.80x. One row keeps Inductor's (1.09x
-# and 0.98x) (benchmarks/README.md, session 45).
-FEW_ROWS_ON = ("AVX512",)
+# and 0.98x) (benchmarks/README.md, session 45). On AVX2, Inductor's 5-row blocks (`aoti.AVX2_ROW_BLOCK`)
+# beat this kernel before it asked for its weights ahead (session 33, Zen 4: beam 5 on one sentence
+# 1.11x the time with qkv's); since, the same Xeon held to AVX2 took 0.52-0.57x the time with qkv's
+# (base, beam 5, one sentence), 0.67-0.70x and 0.77-0.80x (greedy on 4 and 2 sentences); the small
+# model 0.93x, 0.93-0.96x, 0.99-1.00x (session 54).
+FEW_ROWS_ON = ("AVX512", "AVX2")
 FEW_ROWS = 2
 # ...and where it is one of these, the programs of one row (greedy on one sentence), by the kernel's
 # one-row loop (four pairs of sums, the weights asked for 4 KB ahead). Inductor's one-row products
