@@ -366,9 +366,9 @@ def test_a_source_without_tokens_takes_the_eager_step_for_that_search():
 def test_the_compiled_step_gives_the_eager_ids_and_is_compiled_once_and_kept(
     quick_compile, compile_cache, monkeypatch
 ):
-    # Two rows by Inductor's products on every CPU (qkv's serve them where its operators load,
-    # `packed_linear.serves`): the screen then runs without qkv's other products, as in the AVX-512
-    # programs of 8 rows or more, whose products are oneDNN's.
+    # Two rows by Inductor's products on every CPU (on AVX2 and AVX-512 qkv's serve every greedy
+    # program, `packed_linear.serves`): the screen runs without qkv's other products, as where a CPU's
+    # capability is in none of `packed_linear`'s lists but qkv's operators load.
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
     model = random_model(seed=1)
     engine, reference = CompiledEngine(model), prepare_for_decoding(model)

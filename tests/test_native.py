@@ -267,10 +267,11 @@ def test_biased_argmax_is_pytorchs_argmax_of_the_sum_on_ties_nan_and_infinities(
 def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkvs_operators(
     monkeypatch,
 ):
-    """As on an AVX-512 CPU (`packed_linear.FEW_ROWS_ON`), whatever this one is: the programs of a
-    few rows take qkv's products, one row and beams on many sentences do not."""
+    """As where only `packed_linear.FEW_ROWS_ON` holds this CPU: the programs of a few rows take
+    qkv's products, one row, many rows and beams on many sentences do not."""
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", ())
+    monkeypatch.setattr(packed_linear, "MANY_ROWS_ON", ())
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", (torch.backends.cpu.get_cpu_capability(),))
     monkeypatch.setattr(packed_linear, "ONE_ROW_ON", ())
     model = random_model(seed=5, tgt_vocab_size=500)
@@ -282,7 +283,7 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
     assert c_calls("aoti_torch_cpu_row_topk", engine.package_path(5)) == 1
     assert c_calls(PRODUCT, engine.package_path(5)) == 6 * model.config.n_decoder_layers + 1
     assert engine.step_module(GREEDY, 2).products is not None
-    assert engine.step_module(GREEDY, 1).products is None  # one row: Inductor's own, as on AVX-512
+    assert engine.step_module(GREEDY, 1).products is None  # one row: Inductor's own
     assert engine.step_module(GREEDY, 8).products is None and engine.beam_products() is None
     # Without qkv's operator for the candidates, another program: PyTorch's topk, in chunks
     monkeypatch.setattr(compiled_module.CompiledEngine, "NATIVE_CANDIDATES", False)
@@ -438,11 +439,12 @@ def test_the_beam_program_calls_qkvs_products_and_gives_the_eager_beams(products
 def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
     model = random_model()
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", ())
+    monkeypatch.setattr(packed_linear, "MANY_ROWS_ON", ())
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
     monkeypatch.setattr(packed_linear, "ONE_ROW_ON", ())
     here = torch.backends.cpu.get_cpu_capability()
     assert packed_linear.unavailable(model) == (
-        f"qkv's products are for AVX2 (and a few rows on AVX-512); oneDNN's serve {here}"
+        f"qkv's products are for AVX2 and AVX-512; oneDNN's serve {here}"
     )
     engine = CompiledEngine(model)
     assert engine.decoder_products() is None and engine.step_module(GREEDY, 32).products is None
@@ -453,14 +455,14 @@ def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
 
 @pytest.mark.parametrize(
     "capability, rows_served",
-    [("AVX2", [1, 2, 5, 7, 8, 16, 32, None]), ("AVX512", [1, 2, 5, 7]), ("DEFAULT", [])],
+    [("AVX2", [1, 2, 5, 7, 8, 16, 32, None]), ("AVX512", [1, 2, 5, 7, 8, 16, 32]), ("DEFAULT", [])],
 )
 def test_which_programs_take_qkvs_products_follows_the_cpus_capability(
     monkeypatch, capability, rows_served
 ):
     """AVX2: every program (one row by the kernel's one-row loop, its output screened), the beam
-    programs (None) too; AVX-512: one row and 2-7 rows, where Inductor's products keep their sums in
-    memory, but not 8 rows or more, where oneDNN's wider vectors win."""
+    programs of many sentences (None) too; AVX-512: every program but those, whose 160 rows are bound
+    by arithmetic, where oneDNN's wider vectors win."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     rows = [1, 2, 5, 7, 8, 16, 32, None]
     assert [r for r in rows if packed_linear.serves(r)] == rows_served

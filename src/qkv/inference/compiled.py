@@ -34,7 +34,7 @@ number of rows:
   chosen by measuring them against the library's (``max_autotune`` with the CPP backend: packed
   weights, the bias and ReLU fused); from 32 rows, oneDNN's (`aoti.LIBRARY_PRODUCTS_FROM_ROWS`), but
   Inductor's for small weights on AVX2 (`aoti.own_products_up_to`), chosen by size; qkv's own
-  kernel in every program on AVX2, and in those of one row and of 2-7 rows on AVX-512
+  kernel in every program on AVX2, and on AVX-512 in all but the beam programs of many sentences
   (`packed_linear.serves`).
   The capacity and the source length are dynamic: one program per number of rows.
 

@@ -1,7 +1,7 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
-compiled steps on an AVX2 CPU (`StaticDecoderStep` of every size, `SharedBeamStep`), the steps of one
-row and of a few rows (`FEW_ROWS` up to `FROM_ROWS`) on an AVX-512 one (`serves`); and for one
-sentence's encoder program on both (`EncoderProducts`).
+compiled steps on an AVX2 CPU (`StaticDecoderStep` of every size, `SharedBeamStep`), every
+`StaticDecoderStep` on an AVX-512 one (`serves`); and for one sentence's encoder program on both
+(`EncoderProducts`).
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
 oneDNN, which Inductor and the eager engine call for these products, prepares every call for a
@@ -211,9 +211,19 @@ def feed_forward(products: DecoderProducts | None, i: int, layer: nn.Module, h: 
     return products.linear2[i](hidden)
 
 
-# ATen capabilities where a compiled step takes qkv's products. As the CPU comes with AVX-512, oneDNN's
-# products use its wider vectors, and qkv's kernel is AVX2's.
+# ATen capabilities where every compiled step takes qkv's products, the beam programs of many sentences
+# (`qkv.inference.beam_program`) too.
 NATIVE_PRODUCTS_ON = ("AVX2",)
+# ...and where only the programs of `FROM_ROWS` rows or more (greedy on many sentences) take them, not
+# the beam programs. qkv's kernel is AVX2's: at a beam program's 160 rows (beam 5 on 32 sentences)
+# the products are bound by arithmetic, and oneDNN's AVX-512 products do twice as much of it a cycle
+# (the small model's search 1.14-1.16x the time with qkv's, the base 1.25x; on 4 sentences, 20 rows,
+# 0.86x). At 8-32 rows what counts is reading the weights and what each call costs around its
+# arithmetic: greedy on 8, 16 and 32 sentences 0.68x, 0.87x and 1.00x the time (base), 0.89-0.90x,
+# 0.83-0.84x and 0.89-0.90x (small), two engines taking turns on an Intel Xeon (AMX) as it comes,
+# whose two 512-bit units a core do twice AVX2's multiply-adds, as a Zen 5's (session 54; session 34
+# measured the products alone on a Zen 4, whose AVX-512 runs as two halves: 0.81-0.92x).
+MANY_ROWS_ON = ("AVX512",)
 # Programs of this many rows or more take qkv's products (`qkv.inference.compiled`); fewer rows keep
 # Inductor's own, measured while compiling, which its 5-row blocks made faster there
 # (`aoti.AVX2_ROW_BLOCK`). Whole searches with qkv's products against Inductor's or oneDNN's, small
@@ -252,8 +262,10 @@ def serves(rows: int | None) -> bool:
     """Whether a program of `rows` rows (None: beams on many sentences, `qkv.inference.beam_program`)
     takes qkv's products on this CPU, where they load (`unavailable`)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if rows is None or rows >= FROM_ROWS:
+    if rows is None:
         return capability in NATIVE_PRODUCTS_ON
+    if rows >= FROM_ROWS:
+        return capability in NATIVE_PRODUCTS_ON + MANY_ROWS_ON
     if rows == 1:
         return capability in ONE_ROW_ON
     return rows >= FEW_ROWS and capability in FEW_ROWS_ON
@@ -261,15 +273,13 @@ def serves(rows: int | None) -> bool:
 
 def unavailable(model: nn.Module, say=None) -> str | None:
     """None if a compiled step of `model` can take qkv's products here, else why not (one line): an
-    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON`, `FEW_ROWS_ON` or `ONE_ROW_ON`,
-    and qkv's operators loaded (built at their first use, `say` told). Which programs take them:
-    `serves`."""
+    fp32 model on the CPU, ATen's capability in `NATIVE_PRODUCTS_ON`, `MANY_ROWS_ON`, `FEW_ROWS_ON` or
+    `ONE_ROW_ON`, and qkv's operators loaded (built at their first use, `say` told). Which programs
+    take them: `serves`."""
     weight = model.output.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return "qkv's products are for fp32 on the CPU"
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in NATIVE_PRODUCTS_ON + FEW_ROWS_ON + ONE_ROW_ON:
-        return (
-            f"qkv's products are for AVX2 (and a few rows on AVX-512); oneDNN's serve {capability}"
-        )
+    if capability not in NATIVE_PRODUCTS_ON + MANY_ROWS_ON + FEW_ROWS_ON + ONE_ROW_ON:
+        return f"qkv's products are for AVX2 and AVX-512; oneDNN's serve {capability}"
     return native.load(say)
