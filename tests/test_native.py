@@ -356,7 +356,7 @@ def products_here(monkeypatch):
     too); programs compiled quickly."""
     here = torch.backends.cpu.get_cpu_capability()
     monkeypatch.setattr(packed_linear, "NATIVE_PRODUCTS_ON", (here,))
-    # 2-7 rows and one row: Inductor's products (as where qkv's operators do not load)
+    # 1-7 rows: Inductor's products, so that only the programs of many rows take qkv's
     monkeypatch.setattr(packed_linear, "FEW_ROWS_ON", ())
     monkeypatch.setattr(packed_linear, "ONE_ROW_ON", ())
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)

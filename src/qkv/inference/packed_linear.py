@@ -224,12 +224,13 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 # whose two 512-bit units a core do twice AVX2's multiply-adds, as a Zen 5's (session 54; session 34
 # measured the products alone on a Zen 4, whose AVX-512 runs as two halves: 0.81-0.92x).
 MANY_ROWS_ON = ("AVX512",)
-# Programs of this many rows or more take qkv's products (`qkv.inference.compiled`); fewer rows keep
-# Inductor's own, measured while compiling, which its 5-row blocks made faster there
-# (`aoti.AVX2_ROW_BLOCK`). Whole searches with qkv's products against Inductor's or oneDNN's, small
-# model, held to AVX2 on a Zen 4, two engines taking turns: greedy 0.86x the time on 16 sentences,
-# 0.97x on 8, 0.91-0.93x on 32; but 1.24x on one sentence, 1.03x on 2 and 5, and 1.11x with beam 5
-# on one (benchmarks/README.md, session 33). One row has had a loop of its own since (`ONE_ROW_ON`).
+# Programs of this many rows or more are the many rows of `NATIVE_PRODUCTS_ON` and `MANY_ROWS_ON`. In
+# session 33 fewer rows kept Inductor's own products, measured while compiling, which its 5-row
+# blocks made faster there (`aoti.AVX2_ROW_BLOCK`; `FEW_ROWS_ON` below, since). Whole searches with
+# qkv's products against Inductor's or oneDNN's, small model, held to AVX2 on a Zen 4, two engines
+# taking turns: greedy 0.86x the time on 16 sentences, 0.97x on 8, 0.91-0.93x on 32; but 1.24x on
+# one sentence, 1.03x on 2 and 5, and 1.11x with beam 5 on one (benchmarks/README.md, session 33).
+# One row has had a loop of its own since (`ONE_ROW_ON`).
 FROM_ROWS = 8
 # ...but where ATen's capability is one of these, the programs of `FEW_ROWS` to `FROM_ROWS` - 1 rows
 # take them too (one sentence's beams, greedy on 2-5 sentences). Inductor's AVX-512 products of a few
