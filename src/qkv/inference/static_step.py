@@ -69,7 +69,9 @@ class StaticDecoderStep(nn.Module):
         self.native_topk = False
         # What screens the output product of greedy programs of many rows where `products` is None
         # (`screens`; a `packed_linear.ScreenedRows`), set by the engine's programs where qkv's
-        # operators load
+        # operators load. Since session 54 qkv's products serve every greedy program on AVX2 and
+        # AVX-512 (`packed_linear.serves`), so this is for a program whose products those lists
+        # leave to PyTorch: screening does not hang on which products measured faster
         self.screen: nn.Module | None = None
         if like is not None:  # another step of the same model: its stacked copies, not new ones
             self.qkv_weights, self.qkv_biases = like.qkv_weights, like.qkv_biases
