@@ -28,8 +28,13 @@ pytestmark = [
 PRODUCT = "aoti_torch_cpu_packed_int8_linear"
 # The scores agree to this, not to fp32's 1e-4: Inductor's LayerNorms and attention sum in another
 # order than the eager engine's, and an input of an int8 product on the edge of a rounding step then
-# lands one quantum away (3e-3 in a 20-token greedy score seen, held to AVX2). The ids are the same.
-SCORES = dict(rtol=1e-3, atol=1e-2)
+# lands one quantum away, and every later step with it. On an AMD Zen 4 held to AVX2 (7-bit inputs,
+# twice AVX-512's quantum), one element of the compiled encoder's output for this file's 6-token
+# source moved by 0.021, and the 12-token greedy score by 0.061 (0.7%). Over 30 random sources of
+# the test model, 12 tokens: compiled against eager up to 0.027 held to AVX2 and 0.036 as the CPU
+# comes, where int8's own error against fp32 is 0.045-0.053 (median) and up to 0.085 (session 55).
+# The ids are the same; the products themselves are the same to the bit (the first test).
+SCORES = dict(rtol=1e-2, atol=2e-2)
 
 
 def assert_same_greedy(engine, reference, src, **lengths):

@@ -130,8 +130,10 @@ def test_the_int8_engine_takes_it_where_it_serves_and_then_a_sentence_is_the_sam
             assert torch.equal(alone_ids[0], ids[i, ..., :n])
             assert (ids[i, ..., n:] == 0).all()
             # Not to 1e-5: the fp32 parts sum in another order in a batch (its padding), and an
-            # input on the edge of a rounding step then lands one step away (2.5e-3 seen).
-            torch.testing.assert_close(alone_scores[0], scores[i], rtol=1e-3, atol=1e-2)
+            # input on the edge of a rounding step then lands one step away, and every later step
+            # with it. 25 random batches of 3 (12 tokens), alone against in the batch: up to 0.023
+            # (greedy) and 0.018 (beam 4) as an AMD Zen 4 comes, 0.021 held to AVX2 (session 55).
+            torch.testing.assert_close(alone_scores[0], scores[i], rtol=1e-2, atol=2e-2)
 
 
 VNNI_PRODUCTS = """
