@@ -222,7 +222,10 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 # arithmetic: greedy on 8, 16 and 32 sentences 0.68x, 0.87x and 1.00x the time (base), 0.89-0.90x,
 # 0.83-0.84x and 0.89-0.90x (small), two engines taking turns on an Intel Xeon (AMX) as it comes,
 # whose two 512-bit units a core do twice AVX2's multiply-adds, as a Zen 5's (session 54; session 34
-# measured the products alone on a Zen 4, whose AVX-512 runs as two halves: 0.81-0.92x).
+# measured the products alone on a Zen 4, whose AVX-512 runs as two halves: 0.81-0.92x). On that
+# Zen 4 (session 55): greedy on 8 and 32 sentences 0.75x and 0.85-0.87x (small), 0.89-0.90x on 32
+# (base); the beam program on 32 sentences 0.94-0.96x with qkv's (small), which is not taken: the
+# Xeon's 1.14-1.16x costs more than the Zen 4 gains, and ATen's capability cannot tell them apart.
 MANY_ROWS_ON = ("AVX512",)
 # Programs of this many rows or more are the many rows of `NATIVE_PRODUCTS_ON` and `MANY_ROWS_ON`. In
 # session 33 fewer rows kept Inductor's own products, measured while compiling, which its 5-row
@@ -243,7 +246,8 @@ FROM_ROWS = 8
 # beat this kernel before it asked for its weights ahead (session 33, Zen 4: beam 5 on one sentence
 # 1.11x the time with qkv's); since, the same Xeon held to AVX2 took 0.52-0.57x the time with qkv's
 # (base, beam 5, one sentence), 0.67-0.70x and 0.77-0.80x (greedy on 4 and 2 sentences); the small
-# model 0.93x, 0.93-0.96x, 0.99-1.00x (session 54).
+# model 0.93x, 0.93-0.96x, 0.99-1.00x (session 54). A Zen 4 held to AVX2: small beam 5 on one
+# sentence 0.86-0.94x, greedy on 4 sentences 0.90-0.92x; base beam 5 on one 1.03-1.06x (session 55).
 FEW_ROWS_ON = ("AVX512", "AVX2")
 FEW_ROWS = 2
 # ...and where it is one of these, the programs of one row (greedy on one sentence), by the kernel's
