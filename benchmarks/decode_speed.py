@@ -34,7 +34,10 @@ in the machine's speed reaches all of them alike.
   sentence 10x slower than with its oneDNN ones: `CT2_USE_MKL=0` (inherited by its process, named in
   the header) runs it with oneDNN's. Its int8 (MKL's) was fastest there on one thread, and its two
   threads slowed qkv's turns too (session 47): `--ct2-threads 1` gives CTranslate2 a thread count of
-  its own, each system at its best.
+  its own, each system at its best. Then, on a virtual machine, the core CTranslate2 leaves idle may
+  come back a host time slice late (~10 ms) in qkv's next turn: a short cell there (int8 greedy on
+  one sentence, 2.5 ms) read 0.54x taking turns and 1.97x with each system alone (`--systems` one
+  at a time; session 55, an AMD Zen 4). Read such a cell both ways.
 
 Before anything is timed, glibc's allocator is settled (`timing.settle_allocator`), in this process and in
 CTranslate2's: Hugging Face's speed otherwise depends on what ran before it in the process
