@@ -25,6 +25,14 @@ if "QKV_NATIVE_CACHE" not in os.environ:
     os.environ["QKV_NATIVE_CACHE"] = tempfile.mkdtemp(prefix="qkv-native-")
     atexit.register(_remove_by, os.getpid(), os.environ["QKV_NATIVE_CACHE"])
 
+# Under pytest-xdist (`pytest -n`, as the README runs the suite) each worker takes one thread, and
+# the commands it runs too: with two each, two workers on two cores waited on each other's threads
+# (training tests 3-9x slower, the suite 8:55 against 6:21). Tests of code that shares its work
+# among threads are marked `threads(2)` and take two all the same (`threads_as_they_were`).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # The environment as the session starts, before any test sets a variable: the one `qkv_command`
 # forks commands from.
 ENVIRONMENT_AT_START = dict(os.environ)
@@ -34,11 +42,19 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)
-def threads_as_they_were():
+def threads_as_they_were(request, monkeypatch):
     """Each test leaves PyTorch's threads as it found them (`qkv.train.train` sets them as its config
     says): a compiled program's key holds them, and a test after it would compile another program
-    than its `qkv` commands, which start with the default."""
+    than its `qkv` commands, which start with the default.
+
+    A test marked `threads(n)` runs with n threads, and so do the commands it runs (OMP_NUM_THREADS,
+    which they read as they import torch): qkv's operators and compiled programs split their work
+    among threads, and one thread would never run the split."""
     threads = torch.get_num_threads()
+    marker = request.node.get_closest_marker("threads")
+    if marker is not None and marker.args[0] != threads:
+        monkeypatch.setenv("OMP_NUM_THREADS", str(marker.args[0]))
+        torch.set_num_threads(marker.args[0])
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

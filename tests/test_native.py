@@ -31,6 +31,8 @@ from test_search import random_model, random_sources
 needs_operator = pytest.mark.skipif(
     native.unavailable() is not None, reason=f"{native.unavailable()}"
 )
+# qkv's operators and compiled programs share their work among threads: two, also under pytest-xdist
+pytestmark = pytest.mark.threads(2)
 
 
 @pytest.fixture(autouse=True)
@@ -333,6 +335,25 @@ def test_packed_products_are_pytorchs_for_any_rows_depth_and_width(rows, in_feat
     wide = torch.randn(rows, 2 * in_features, generator=generator)[:, ::2]
     module = PackedLinear(weight)
     torch.testing.assert_close(module(wide), F.linear(wide, weight), rtol=1e-5, atol=1e-5)
+
+
+@needs_operator
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_a_product_shared_among_two_threads_is_one_threads_to_the_bit(rows):
+    """This module runs with two threads (`threads(2)`, also under pytest-xdist, whose workers take
+    one), so the products above were split among them; each output is one thread's work, so the
+    split changes no bit."""
+    assert native.load() is None and torch.get_num_threads() == 2
+    generator = torch.Generator().manual_seed(rows)
+    weight, bias = (
+        torch.randn(1000, 512, generator=generator),
+        torch.randn(1000, generator=generator),
+    )
+    x = torch.randn(rows, 1, 512, generator=generator)
+    packed = torch.ops.qkv.pack_linear(weight, bias)
+    shared = torch.ops.qkv.packed_linear(x, packed, 1000, 0)
+    torch.set_num_threads(1)  # given back by conftest.threads_as_they_were
+    assert torch.equal(torch.ops.qkv.packed_linear(x, packed, 1000, 0), shared)
 
 
 @needs_operator

@@ -4,6 +4,8 @@ import re
 from pathlib import Path
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+# The suite as README runs it: a process for each core, up to 4 (pytest-xdist)
+PYTEST = "pytest -q -n auto --maxprocesses 4"
 
 
 def code_blocks(language: str) -> list[str]:
@@ -22,20 +24,20 @@ def test_quick_start_is_two_commands_with_torch_pinned_first():
     for command in commands:
         assert command.startswith("pip install torch==2.13.0 && pip install -e ")
     assert commands[0].strip().endswith("qkv demo")
-    assert commands[1].strip().endswith("pytest -q")
+    assert commands[1].strip().endswith(PYTEST)
 
 
 def test_ci_runs_the_readme_test_command():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "pip install --quiet torch==2.13.0" in ci
-    assert "pytest -q" in ci
+    assert f"python3 -m {PYTEST}\n" in ci
 
 
 def _avx2_pass(text: str) -> tuple[set[str], list[str]]:
     """The test files and the environment variables of the pass held to AVX2 in `text`: the
     variables from ONEDNN_MAX_CPU_ISA's, the files of the pytest command after them."""
     start = text.index("ONEDNN_MAX_CPU_ISA=AVX2")
-    pytest_at = text.index("pytest -q", start)
+    pytest_at = text.index(PYTEST, start)
     lines = text[pytest_at:].splitlines()
     command = [lines[0]]
     for line in lines[1:]:  # its continuation lines
