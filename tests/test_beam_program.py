@@ -18,7 +18,6 @@ from qkv.inference.step_programs import BEAMS
 from test_compiled import QUICK, assert_same_beams, broken_compile, encoder_uncompiled, uncompiled
 from test_search import random_model, random_sources
 
-# qkv's operators and compiled programs share their work among threads: two, also under pytest-xdist
 pytestmark = pytest.mark.threads(2)
 
 

@@ -37,7 +37,6 @@ from qkv.inference.step_programs import BEAMS, GREEDY, GREEDY_EVERY_LOGIT
 from qkv.search import beam_search, greedy_search, sample
 from test_search import random_model, random_sources
 
-# qkv's operators and compiled programs share their work among threads: two, also under pytest-xdist
 pytestmark = pytest.mark.threads(2)
 
 # Freezing alone compiles in a few seconds; max_autotune measures ~2 s per product shape, so only the

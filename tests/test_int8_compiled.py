@@ -20,7 +20,6 @@ from test_beam_program import c_calls
 from test_compiled import QUICK
 from test_search import random_model, random_sources
 
-# qkv's operators and compiled programs share their work among threads: two, also under pytest-xdist
 pytestmark = [
     pytest.mark.skipif(int8_works() is not None, reason=f"{int8_works()}"),
     pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}"),

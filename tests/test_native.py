@@ -31,7 +31,6 @@ from test_search import random_model, random_sources
 needs_operator = pytest.mark.skipif(
     native.unavailable() is not None, reason=f"{native.unavailable()}"
 )
-# qkv's operators and compiled programs share their work among threads: two, also under pytest-xdist
 pytestmark = pytest.mark.threads(2)
 
 

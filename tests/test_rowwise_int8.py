@@ -20,7 +20,6 @@ from qkv.inference.rowwise_int8 import RowwiseInt8Linear
 from qkv.search import beam_search, greedy_search
 from test_search import random_model, random_sources
 
-# qkv's operators and compiled programs share their work among threads: two, also under pytest-xdist
 pytestmark = [
     pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}"),
     pytest.mark.threads(2),

@@ -7,7 +7,6 @@ import torch
 
 from qkv.inference import native
 
-# qkv's operators and compiled programs share their work among threads: two, also under pytest-xdist
 pytestmark = [
     pytest.mark.skipif(native.load() is not None, reason="qkv's operators do not load here"),
     pytest.mark.threads(2),
