@@ -1,5 +1,6 @@
 """qkv.hardware: which precision 'auto' means on which device, and the warning for slow bf16."""
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,37 @@ def test_an_unknown_precision_is_a_clear_error():
         resolve_precision("fp16", "cpu")
 
 
+def test_without_pytorchs_map_of_the_cpu_the_kernels_flags_say_whether_bf16_is_native(monkeypatch):
+    """PyTorch 2.4 has neither `torch.cpu.get_capabilities` nor `_is_avx512_bf16_supported`."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 path here: bf16 is not native whatever the flags")
+    monkeypatch.setattr(hardware, "_cpu_capabilities", dict)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    hardware.cpu_bf16_native.cache_clear()
+    try:
+        flags = hardware._kernel_cpu_flags()
+        assert hardware.cpu_bf16_native() == bool(hardware.KERNEL_BF16_FLAGS & flags)
+        monkeypatch.setattr(hardware, "_kernel_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+        hardware.cpu_bf16_native.cache_clear()
+        assert hardware.cpu_bf16_native()
+        monkeypatch.setattr(hardware, "_kernel_cpu_flags", lambda: {"avx2", "avx512f"})
+        hardware.cpu_bf16_native.cache_clear()
+        assert not hardware.cpu_bf16_native()
+    finally:  # the next call, after the patches are undone, asks afresh
+        hardware.cpu_bf16_native.cache_clear()
+
+
 def test_bf16_is_native_only_where_onednn_computes_it():
     """oneDNN's own check is necessary (it is False under ONEDNN_MAX_CPU_ISA=AVX2): 'auto' must never
     choose bf16 where oneDNN has no bf16 kernels."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert not hardware.cpu_bf16_native()
+        return
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and platform.machine() == "x86_64":  # the kernel's word, not PyTorch's
+        flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+        bf16 = {"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split())
+        assert hardware.cpu_bf16_native() == bool(bf16), bf16
     else:
         capabilities = hardware._cpu_capabilities()
         flags = [name for name, value in capabilities.items() if value is True]

@@ -71,9 +71,30 @@ def cpu_bf16_native() -> bool:
     capabilities = _cpu_capabilities()
     if not capabilities:
         is_avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-        return bool(is_avx512_bf16 and is_avx512_bf16())
+        if is_avx512_bf16 is not None:
+            return bool(is_avx512_bf16())
+        # PyTorch 2.4 has neither: the kernel's flags, where Linux gives them
+        return bool(KERNEL_BF16_FLAGS & _kernel_cpu_flags())
     # AVX512_BF16 and AMX-BF16 on x86, BF16 / SVE-BF16 on Arm.
     return any(value is True and name.endswith("bf16") for name, value in capabilities.items())
+
+
+# /proc/cpuinfo's names for bf16 arithmetic: x86's "flags", Arm's "Features"
+KERNEL_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16", "svebf16"})
+
+
+def _kernel_cpu_flags() -> set[str]:
+    """The first processor's flags in /proc/cpuinfo (x86's "flags", Arm's "Features"), or an empty
+    set where there is no such file (not Linux) or no such line."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
 
 
 def bf16_native(device: str | torch.device) -> bool:
