@@ -17,8 +17,9 @@ from qkv.inference.compiled import CompiledEngine
 from qkv.inference.step_programs import BEAMS
 from test_compiled import QUICK, assert_same_beams, broken_compile, encoder_uncompiled, uncompiled
 from test_search import random_model, random_sources
+from torch_versions import needs_compiled_step
 
-pytestmark = pytest.mark.threads(2)
+pytestmark = [pytest.mark.threads(2), needs_compiled_step]
 
 
 @pytest.fixture(autouse=True)

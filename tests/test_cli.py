@@ -6,6 +6,7 @@ import sys
 from conftest import qkv_env
 from qkv import __version__
 from qkv.cli import COMMANDS
+from torch_versions import needs_compiled_step
 
 
 def test_version(run_qkv):
@@ -118,6 +119,7 @@ def test_a_command_is_forked_only_where_the_environment_leaves_imports_as_they_w
     assert not forkable(server, {k: v for k, v in server.items() if k != "PATH"})
 
 
+@needs_compiled_step
 def test_commands_are_still_forked_after_inductor_compiled_in_the_test_process(monkeypatch):
     """Inductor sets variables of its own in the environment of a process that compiled (most of the
     suite's commands run after such a test): they must not stop the commands from being forked."""

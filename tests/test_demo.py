@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, qkv_env
+from torch_versions import TOO_OLD_TO_COMPILE
 
 README = (REPO / "README.md").read_text()
 
@@ -82,9 +83,16 @@ def test_readme_commands_run_as_written_after_the_demo(demo_run, qkv_command):
     ):
         assert (cwd / written).is_file(), written
     # README's `qkv translate runs/demo --compile --beam 1`: its program, kept beside the checkpoint
-    # (tests/test_compiled.py checks that the command translates as without --compile).
-    assert len(list((cwd / "runs/demo/compiled").glob("decoder-step-1-rows-*.pt2"))) == 1
-    assert "qkv: compiling the decoder step for 1 row, greedy (once" in result.stderr, result.stderr
+    # (tests/test_compiled.py checks that the command translates as without --compile); on a PyTorch
+    # too old to compile the step, one line that says so (tests/test_translate.py).
+    programs = list((cwd / "runs/demo/compiled").glob("decoder-step-1-rows-*.pt2"))
+    if TOO_OLD_TO_COMPILE is None:
+        assert len(programs) == 1
+        assert "qkv: compiling the decoder step for 1 row, greedy (once" in result.stderr, (
+            result.stderr
+        )
+    else:
+        assert programs == [] and f"or later, not {TOO_OLD_TO_COMPILE}: decoding" in result.stderr
     if HAS_EXPORT:
         assert (cwd / "runs/demo/ct2_int8/model.bin").is_file()
         assert (cwd / "runs/demo/onnx/decoder_step.onnx").is_file()

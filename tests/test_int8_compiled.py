@@ -19,8 +19,10 @@ from qkv.search import beam_search, greedy_search
 from test_beam_program import c_calls
 from test_compiled import QUICK
 from test_search import random_model, random_sources
+from torch_versions import needs_compiled_step
 
 pytestmark = [
+    needs_compiled_step,
     pytest.mark.skipif(int8_works() is not None, reason=f"{int8_works()}"),
     pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}"),
     pytest.mark.threads(2),

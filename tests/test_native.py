@@ -27,6 +27,7 @@ from test_compiled import (
     uncompiled,
 )
 from test_search import random_model, random_sources
+from torch_versions import needs_compiled_step
 
 needs_operator = pytest.mark.skipif(
     native.unavailable() is not None, reason=f"{native.unavailable()}"
@@ -166,6 +167,7 @@ def test_a_library_that_does_not_load_says_why(tmp_path, monkeypatch):
     assert "\n" not in why
 
 
+@needs_compiled_step
 def test_switched_off_the_beam_step_attends_with_pytorchs_operators(monkeypatch):
     monkeypatch.setenv(native.SWITCH, "0")
     model = random_model(seed=3)
@@ -264,6 +266,7 @@ def test_biased_argmax_is_pytorchs_argmax_of_the_sum_on_ties_nan_and_infinities(
         torch.ops.qkv.biased_argmax(distinct, bias[:-1] if vocab > 1 else bias.double())
 
 
+@needs_compiled_step
 @needs_operator
 def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkvs_operators(
     monkeypatch,
@@ -295,6 +298,7 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
     assert c_calls("aoti_torch_cpu_log_softmax_topk", plain.package_path(5)) == 0
 
 
+@needs_compiled_step
 @needs_operator
 def test_the_beam_step_with_the_operator_gives_the_eager_engines_beams():
     model = random_model(seed=4, norm_first=True)
@@ -382,6 +386,7 @@ def products_here(monkeypatch):
     monkeypatch.setattr(aoti, "INDUCTOR_OPTIONS", QUICK)
 
 
+@needs_compiled_step
 @needs_operator
 def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids(
     products_here, monkeypatch
@@ -414,6 +419,7 @@ def test_a_greedy_program_of_32_rows_calls_qkvs_products_and_gives_the_eager_ids
     assert key_of[4] != key_of[8]
 
 
+@needs_compiled_step
 @needs_operator
 def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypatch):
     """As on an AVX2 CPU (`packed_linear.ONE_ROW_ON`), whatever this one is: greedy on one sentence
@@ -444,6 +450,7 @@ def test_a_one_row_program_calls_qkvs_products_and_gives_the_eager_ids(monkeypat
     assert not engine.step_module(GREEDY_EVERY_LOGIT, 2).screens(2)
 
 
+@needs_compiled_step
 @needs_operator
 def test_the_beam_program_calls_qkvs_products_and_gives_the_eager_beams(products_here, monkeypatch):
     monkeypatch.setattr(buckets, "WIDE_VECTORS", (torch.backends.cpu.get_cpu_capability(),))
@@ -488,6 +495,7 @@ def test_which_programs_take_qkvs_products_follows_the_cpus_capability(
     assert [r for r in rows if packed_linear.serves(r)] == rows_served
 
 
+@needs_compiled_step
 @needs_operator
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512", "DEFAULT"])
 def test_one_sentences_encoder_takes_qkvs_products_on_avx2_and_avx512(monkeypatch, capability):
@@ -516,6 +524,7 @@ def test_one_sentences_encoder_takes_qkvs_products_on_avx2_and_avx512(monkeypatc
     torch.testing.assert_close(projected, engine.source.projection(ref_memory), rtol=0, atol=1e-5)
 
 
+@needs_compiled_step
 @needs_operator
 def test_a_program_with_qkvs_products_that_fails_falls_back_on_pytorchs_products(
     products_here, monkeypatch

@@ -33,6 +33,13 @@ def test_ci_runs_the_readme_test_command():
     assert f"python3 -m {PYTEST}\n" in ci
 
 
+def test_ci_runs_the_suite_on_the_oldest_pytorch_pyproject_accepts():
+    repo = Path(__file__).resolve().parents[1]
+    (least,) = re.findall(r'"torch>=(\d+\.\d+)"', (repo / "pyproject.toml").read_text())
+    ci = (repo / ".ci" / "run").read_text()
+    assert re.search(rf"^recipes/torch_versions\.sh {re.escape(least)}\.\d+$", ci, re.MULTILINE)
+
+
 def _avx2_pass(text: str) -> tuple[set[str], list[str]]:
     """The test files and the environment variables of the pass held to AVX2 in `text`: the
     variables from ONEDNN_MAX_CPU_ISA's, the files of the pytest command after them."""

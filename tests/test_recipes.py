@@ -1,5 +1,6 @@
 """The recipes for machines CI does not have: recipes/arm_check.py runs on any CPU (CI's x86 one too),
-and recipes/arm_emulated.sh, which needs root and an emulator, is at least valid bash."""
+and recipes/arm_emulated.sh, which needs root and an emulator, is at least valid bash; so is
+recipes/torch_versions.sh, which CI runs on the oldest PyTorch (.ci/run)."""
 
 import subprocess
 import sys
@@ -24,3 +25,13 @@ def test_the_arm_emulation_script_is_valid_bash():
         ["bash", "-n", "recipes/arm_emulated.sh"], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_torch_versions_recipe_is_valid_bash_and_asks_for_a_version():
+    script = "recipes/torch_versions.sh"
+    syntax = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    bare = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True)
+    assert bare.returncode == 2 and bare.stderr.startswith(
+        "usage: recipes/torch_versions.sh VERSION"
+    )

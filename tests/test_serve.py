@@ -31,6 +31,7 @@ from qkv.serve import compile_ahead, load_models
 from qkv.serve.app import create_app
 from qkv.serve.service import ServedModel, Service
 from qkv.translate import Translator
+from torch_versions import needs_compiled_step
 from toy_task import reverse
 
 LINES = ["a b c", "d e", "f g h i"]
@@ -420,6 +421,7 @@ def test_a_real_server_on_a_loopback_port_answers_and_stops_cleanly_on_sigterm(t
     assert "xx -> yy" in stderr
 
 
+@needs_compiled_step
 def test_a_server_with_compile_compiles_before_it_starts_and_translates_the_same(toy_run):
     port = free_port()
     server = subprocess.Popen(
@@ -456,6 +458,7 @@ def test_a_server_with_compile_compiles_before_it_starts_and_translates_the_same
     assert "compiling the encoder for one sentence" in stderr, stderr[-2000:]
 
 
+@needs_compiled_step
 def test_compile_ahead_runs_every_program_a_batch_can_take(toy_run, monkeypatch):
     here = torch.backends.cpu.get_cpu_capability()  # beam programs: on wide vectors only
     monkeypatch.setattr(buckets, "WIDE_VECTORS", (*buckets.WIDE_VECTORS, here))

@@ -17,6 +17,7 @@ from conftest import qkv_env
 from qkv import hardware
 from qkv.hardware import AVX2_ENVIRONMENT
 from qkv.translate import Translator, token_batches
+from torch_versions import TOO_OLD_TO_COMPILE
 from toy_task import reverse
 
 LINES = ["a b c d", "", "p o n", "e", "k l m n o", "j a", "", "h g f e d"]
@@ -130,8 +131,39 @@ def test_int8_where_the_kernels_do_not_run_warns_once_and_translates_in_fp32(
     compiled = qkv.load(toy_run, precision="int8", compile=True, warn=messages.append)
     engine = compiled.engine()
     assert isinstance(engine, CompiledEngine) and not engine.int8
-    assert messages == ["no quantised engine (as on some builds): translating in fp32"]
+    expected = ["no quantised engine (as on some builds): translating in fp32"]
+    if (
+        TOO_OLD_TO_COMPILE
+    ):  # and --compile's own line (test_compile_on_a_pytorch_older_than_2_8_...)
+        expected.append(f"{engine.unavailable}: decoding takes the eager step")
+    assert messages == expected
     assert compiled.precision == "fp32"
+
+
+def test_compile_on_a_pytorch_older_than_2_8_says_so_once_and_translates_as_without(
+    toy_run, monkeypatch, tmp_path
+):
+    """Its AOTInductor cannot compile the step (`static_step.COMPILED_FROM_TORCH`): one line, at
+    once, nothing traced or kept. Run as PyTorch 2.4.1 where this one is newer (.ci/run runs the
+    suite on 2.4.1 itself)."""
+    from qkv.inference import static_step
+
+    if TOO_OLD_TO_COMPILE is None:
+        monkeypatch.setattr(torch, "__version__", "2.4.1")
+    version = torch.__version__
+    monkeypatch.setenv("QKV_COMPILE_CACHE", str(tmp_path / "compiled"))
+    run = Path(
+        shutil.copytree(toy_run, tmp_path / "run", ignore=shutil.ignore_patterns("compiled"))
+    )
+    messages = []
+    translator, plain = qkv.load(run, compile=True, warn=messages.append), qkv.load(run)
+    assert static_step.COMPILED_FROM_TORCH == (2, 8)
+    for beam in (1, 3):
+        assert translator.translate(LINES, beam=beam) == plain.translate(LINES, beam=beam)
+    assert messages == [
+        f"the compiled step needs PyTorch 2.8 or later, not {version}: decoding takes the eager step"
+    ]
+    assert not (run / "compiled").exists() and not (tmp_path / "compiled").exists()
 
 
 def test_int8_says_which_quantised_engine_took_over_from_one_that_failed(

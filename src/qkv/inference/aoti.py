@@ -164,17 +164,12 @@ def _products_by_weight(own_up_to: int | None):
     own C++ if the weight has at most `own_up_to` elements and the library's (oneDNN) if more,
     without measuring (None: its choices as they come). Through Inductor's hook for filtering
     choices (`torch._inductor.select_algorithm.add_preprocessing_fn`); where it is missing, the
-    compile goes on with Inductor's choices."""
-    try:
-        from torch._inductor import select_algorithm
-
-        selector = select_algorithm.get_algorithm_selector_cache()
-        library_type = select_algorithm.ExternKernelCaller
-    except (ImportError, AttributeError):
-        selector = None
-    if own_up_to is None or selector is None or not hasattr(selector, "preprocessing_fns"):
+    compile goes on with Inductor's choices (PyTorch 2.8 has no such hook)."""
+    selector = _algorithm_selector()
+    if own_up_to is None or selector is None:
         yield
         return
+    from torch._inductor.select_algorithm import ExternKernelCaller as library_type
 
     def by_weight(choices: list) -> list:
         library = [choice for choice in choices if isinstance(choice, library_type)]
@@ -191,6 +186,25 @@ def _products_by_weight(own_up_to: int | None):
         yield
     finally:
         selector.preprocessing_fns.remove(by_weight)
+
+
+def chooses_products_by_weight() -> bool:
+    """Whether this PyTorch's Inductor lets a compile choose its products by the size of their
+    weights (`_products_by_weight`)."""
+    return _algorithm_selector() is not None
+
+
+def _algorithm_selector():
+    """Inductor's cache of algorithm choices, with its hook for filtering them, or None where this
+    PyTorch has no such hook."""
+    try:
+        from torch._inductor import select_algorithm
+
+        selector = select_algorithm.get_algorithm_selector_cache()
+        select_algorithm.ExternKernelCaller  # noqa: B018 (the library's products' type)
+    except (ImportError, AttributeError):
+        return None
+    return selector if hasattr(selector, "preprocessing_fns") else None
 
 
 def _weight_elements(choice) -> int | None:
@@ -391,10 +405,30 @@ def package(exported, path: Path, options: dict, own_products_up_to: int | None 
             package_path=str(Path(scratch) / "step.pt2"),
             # A copy: PyTorch adds its own keys to the dict it is given, which would change
             # the caller's (`INDUCTOR_OPTIONS`, and with it every later `program_key`).
-            inductor_configs=dict(options),
+            inductor_configs=options_known_here(options),
         )
         atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
         _remove_what_the_package_holds(Path(made))
+
+
+def options_known_here(options: dict) -> dict:
+    """A copy of `options` without those this PyTorch's Inductor does not have. Each is a choice of
+    speed or of what Inductor prints, none of what a program computes, and Inductor stops at an
+    option it does not know: PyTorch 2.8 has no `max_autotune_report_choices_stats` (session 57)."""
+    return {name: value for name, value in options.items() if _inductor_has(name)}
+
+
+def _inductor_has(name: str) -> bool:
+    """Whether Inductor's configuration has the option `name` ("freezing", "cpp.min_chunk_size")."""
+    from torch._inductor import config
+
+    found = config
+    for part in name.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            return False
+    return True
 
 
 def _remove_what_the_package_holds(package: Path) -> None:

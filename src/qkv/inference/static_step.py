@@ -23,6 +23,13 @@ from qkv.inference.static_cache import (
 from qkv.inference.topk import biased_argmax, extensions_of_rows, log_softmax_topk
 from qkv.model import Transformer
 
+# The oldest PyTorch whose AOTInductor compiles the step: it calls qkv's operators as C functions
+# (`aot_inductor.custom_ops_to_c_shims`, new in 2.8). PyTorch 2.4.1 and 2.7.1 stopped there after
+# tracing the encoder and the step of a tiny model (12-19 s, then "KeyError:
+# 'aot_inductor.custom_ops_to_c_shims'" or its AttributeError); 2.8.0, 2.13.0, 2.14.1 and 2.15.0
+# pass the compiled paths' tests (session 57, `recipes/torch_versions.sh`).
+COMPILED_FROM_TORCH = (2, 8)
+
 # Whether greedy programs of many rows screen their output product (`StaticDecoderStep.screens`),
 # as one row's do: qkv's int8 product finds each row's few candidates, whose exact logits are dot
 # products with their own weights. The output product and argmax of 32 rows of the small benchmark
@@ -210,6 +217,9 @@ class StaticDecoderStep(nn.Module):
 
 def compiled_step_unavailable(model: Transformer) -> str | None:
     """None if the compiled step can serve `model` here, else why not (one line)."""
+    if (older := torch_older_than(COMPILED_FROM_TORCH)) is not None:
+        least = ".".join(map(str, COMPILED_FROM_TORCH))
+        return f"the compiled step needs PyTorch {least} or later, not {older}"
     weight = model.output.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         dtype = str(weight.dtype).removeprefix("torch.")
@@ -217,6 +227,14 @@ def compiled_step_unavailable(model: Transformer) -> str | None:
     if native.compiler() is None:
         return "the compiled step needs a C++ compiler (c++, g++ or clang++) for PyTorch's Inductor"
     return None
+
+
+def torch_older_than(least: tuple[int, int], version: str | None = None) -> str | None:
+    """This PyTorch's version (`version`, default `torch.__version__`) where it is older than
+    `least` (major, minor), else None."""
+    version = torch.__version__ if version is None else version
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return version if (major, minor) < least else None
 
 
 def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> None:
