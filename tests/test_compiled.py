@@ -23,6 +23,7 @@ from qkv.inference import (
     buckets,
     compiled_encoder,
     huge_pages,
+    inductor_hooks,
     native,
     packed_linear,
     prepare_for_decoding,
@@ -532,9 +533,9 @@ def test_products_are_inductors_or_onednns_by_the_size_of_their_weight(tmp_path)
     """`own_products_up_to`: between the two weights' sizes, the small weight's product is
     Inductor's C++ and the large one's oneDNN's (the program calls the library once); above both,
     both are Inductor's. The module's results either way, and every constant has a name of its own
-    (`aoti._constants_known_apart`), Inductor's packed weights too. Where PyTorch has no hook to
-    choose them by (2.8), the products are as Inductor chooses, and the results the same."""
-    by_weight = aoti.chooses_products_by_weight()
+    (`inductor_hooks.constants_known_apart`), Inductor's packed weights too. Where PyTorch has no
+    hook to choose them by (2.8), the products are as Inductor chooses, and the results the same."""
+    by_weight = inductor_hooks.chooses_products_by_weight()
     # From the PyTorch the install steps pin (2.13) on, the hook is there: lost, it would cost speed
     # without a word.
     assert by_weight or torch_older_than((2, 13)) is not None
@@ -562,7 +563,7 @@ def test_products_are_inductors_or_onednns_by_the_size_of_their_weight(tmp_path)
 
 def test_options_this_pytorch_does_not_know_are_left_out_of_a_copy():
     options = dict(aoti.INDUCTOR_OPTIONS, **{"no_such_option": 1, "cpp.no_such_option": 2})
-    known = aoti.options_known_here(options)
+    known = inductor_hooks.options_known_here(options)
     assert known.items() <= options.items() and known is not options
     assert "no_such_option" not in known and "cpp.no_such_option" not in known
     # Those every PyTorch that compiles the step has (2.8 lacks `max_autotune_report_choices_stats`)
@@ -615,6 +616,7 @@ def test_a_programs_key_covers_all_the_code_it_is_traced_from(tmp_path, monkeypa
         assert inspect.getfile(type(model.tgt_embed)) in files
         assert inspect.getfile(type(module)) in files
         assert inspect.getfile(BeamCache) in files  # the beam step reads its buffers as they are
+        assert inductor_hooks.__file__ in files  # how it is compiled
     # Another version of any of those files: another key, so no program of the old code is loaded.
     copies = []
     for i, file in enumerate(aoti.code_files(step)):
@@ -813,7 +815,8 @@ def test_a_beam_of_five_through_inductors_own_products_gives_the_eager_beams(mon
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
     # Every constant has a name of its own, Inductor's packed weights too (two shared one as
-    # Inductor names them: `aoti._constants_known_apart`), so all can be moved to cache lines.
+    # Inductor names them: `inductor_hooks.constants_known_apart`), so all can be moved to cache
+    # lines.
     # Loaded again with every constant taken for misaligned (aoti.aligned_runner): all are copies,
     # and the beams the same.
     runner, _ = aoti.aligned_runner(engine.package_path(5))
@@ -837,7 +840,7 @@ def test_five_row_blocks_are_offered_while_a_step_compiles_and_only_then():
 
     blocks = cpp_micro_gemm.micro_gemm_configs[cpp_micro_gemm.CppMicroGemmFP32Vec]
     before = list(blocks)
-    with aoti._five_row_blocks_on_avx2():
+    with inductor_hooks.five_row_blocks_on_avx2():
         added = blocks[len(before) :]
         assert [tuple(block.register_blocking) for block in added] == [(5, 16, 1)]
         assert added[0].vec_isa_cls is VecAVX2 and added[0].input_dtype == torch.float

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from qkv.atomic import atomic_write
 from qkv.errors import QkvError
-from qkv.inference import huge_pages, native, static_cache, topk
+from qkv.inference import huge_pages, inductor_hooks, native, static_cache, topk
 from qkv.inference.digests import TensorDigests, weights_digest
 
 # Inductor splits a loop of its own kernels (not the products) across the threads when each thread
@@ -30,7 +30,6 @@ from qkv.inference.digests import TensorDigests, weights_digest
 # trained model's sentences 5-6% faster with beam 5, 2-7% greedy (benchmarks/README.md, "Fewer
 # barriers").
 SERIAL_LOOP_ELEMENTS = 16384  # per thread
-AVX2_ROW_BLOCK = (5, 16, 1)  # rows, columns, depth of a register block (`_five_row_blocks_on_avx2`)
 INDUCTOR_OPTIONS = {
     "freezing": True,
     "max_autotune": True,
@@ -95,129 +94,6 @@ def program_key(step: nn.Module, digests: TensorDigests | None = None) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _five_row_blocks_on_avx2():
-    """While it lasts, Inductor may also build its fp32 products on AVX2 from register blocks of 5
-    rows x 16 columns (`AVX2_ROW_BLOCK`). Its own AVX2 blocks are 4 x 24, 4 x 16 and 8 x 8, and it
-    ranks 4 x 16 first for 5 rows (a beam of 5 on one sentence), which then takes two passes over the
-    weights, the second for one row: the small model's program at 5 rows took 498-522 µs, against
-    299-301 µs with 5 x 16 blocks (10 accumulators of 8 floats, 13 of AVX2's 16 registers), and the
-    same ~195 µs at one row. A private table of PyTorch's: where it is not as this expects, the
-    compile goes on without the extra blocks."""
-    try:
-        # Inductor's own import order: cpp_micro_gemm on its own meets a circular import.
-        import torch._inductor.select_algorithm
-        from torch._inductor.codegen import cpp_micro_gemm
-        from torch._inductor.cpu_vec_isa import VecAVX2
-
-        blocks = cpp_micro_gemm.micro_gemm_configs[cpp_micro_gemm.CppMicroGemmFP32Vec]
-        extra = cpp_micro_gemm.generate_gemm_config(
-            VecAVX2, [AVX2_ROW_BLOCK], input_dtype=torch.float
-        )
-    except (ImportError, AttributeError, KeyError, TypeError):
-        yield
-        return
-    blocks.extend(extra)
-    try:
-        yield
-    finally:
-        for block in extra:
-            blocks.remove(block)
-
-
-@contextlib.contextmanager
-def _constants_known_apart():
-    """While it lasts, each constant that Inductor makes itself (its own products' packed weights)
-    is known to the program by a name of its own. Inductor names them `constant<n>` after how many
-    constants it holds, and two can get one name (stored as `constant<n>` and `constant<n>_0`, two
-    products' weights), by which the program gives only one (`extract_constants_map`): then none of
-    them could be moved to cache lines (`aligned_runner`), and a 32-row program with Inductor's
-    products, its packed weights 16 bytes past a line, was 0.93-0.95x the one with oneDNN's
-    (benchmarks/README.md, session 27). A private method of PyTorch's: where it is not as this
-    expects, the compile goes on with Inductor's names."""
-    try:
-        from torch._inductor.graph import GraphLowering
-
-        allocate = GraphLowering.allocate_non_dup_const_name
-    except (ImportError, AttributeError):
-        yield
-        return
-
-    def allocate_apart(graph, name, data):
-        before = set(graph.constants)
-        allocated = allocate(graph, name, data)
-        names = getattr(graph, "allocated_constant_name", None)
-        if name is None and allocated not in before and isinstance(names, dict):
-            names[allocated] = allocated  # its own name, not the count it was made at
-        return allocated
-
-    GraphLowering.allocate_non_dup_const_name = allocate_apart
-    try:
-        yield
-    finally:
-        GraphLowering.allocate_non_dup_const_name = allocate
-
-
-@contextlib.contextmanager
-def _products_by_weight(own_up_to: int | None):
-    """While it lasts, where Inductor chooses how to compute a product of fixed shape, it takes its
-    own C++ if the weight has at most `own_up_to` elements and the library's (oneDNN) if more,
-    without measuring (None: its choices as they come). Through Inductor's hook for filtering
-    choices (`torch._inductor.select_algorithm.add_preprocessing_fn`); where it is missing, the
-    compile goes on with Inductor's choices (PyTorch 2.8 has no such hook)."""
-    selector = _algorithm_selector()
-    if own_up_to is None or selector is None:
-        yield
-        return
-    from torch._inductor.select_algorithm import ExternKernelCaller as library_type
-
-    def by_weight(choices: list) -> list:
-        library = [choice for choice in choices if isinstance(choice, library_type)]
-        own = [choice for choice in choices if not isinstance(choice, library_type)]
-        if not (library and own):
-            return choices
-        weight = _weight_elements(library[0])
-        if weight is None:  # a shape not fixed: as Inductor has them
-            return choices
-        return own if weight <= own_up_to else library
-
-    selector.add_preprocessing_fn(by_weight)
-    try:
-        yield
-    finally:
-        selector.preprocessing_fns.remove(by_weight)
-
-
-def chooses_products_by_weight() -> bool:
-    """Whether this PyTorch's Inductor lets a compile choose its products by the size of their
-    weights (`_products_by_weight`)."""
-    return _algorithm_selector() is not None
-
-
-def _algorithm_selector():
-    """Inductor's cache of algorithm choices, with its hook for filtering them, or None where this
-    PyTorch has no such hook."""
-    try:
-        from torch._inductor import select_algorithm
-
-        selector = select_algorithm.get_algorithm_selector_cache()
-        select_algorithm.ExternKernelCaller  # noqa: B018 (the library's products' type)
-    except (ImportError, AttributeError):
-        return None
-    return selector if hasattr(selector, "preprocessing_fns") else None
-
-
-def _weight_elements(choice) -> int | None:
-    """The elements of the weight of a library product (output columns x the input's last
-    dimension), or None where a size is not a plain integer."""
-    try:
-        columns = choice.layout.size[-1]
-        depth = choice.input_nodes[0].get_size()[-1]
-        return int(columns) * int(depth)
-    except (AttributeError, IndexError, TypeError):
-        return None
-
-
 def load_package(path: Path):
     """The program of an AOTInductor package, as a function of the step's arguments. PyTorch's own
     runner runs the package's C++ directly: no import of the compiler (~2 s from a cold process,
@@ -270,7 +146,8 @@ def aligned_runner(path: Path) -> tuple[object, dict[str, Tensor] | None]:
     originals = runner.get_constant_names_to_original_fqns()  # the program's names -> the model's
     if len(set(originals.values())) < len(originals):
         # Two constants under one name (Inductor's own, in a package compiled without
-        # `_constants_known_apart`), of which only one can be read: leave them where they are.
+        # `inductor_hooks.constants_known_apart`), of which only one can be read: leave them where
+        # they are.
         return runner, None
     try:
         constants = runner.extract_constants_map(False)  # by the model's names
@@ -394,9 +271,9 @@ def package(exported, path: Path, options: dict, own_products_up_to: int | None 
     with (
         torch.inference_mode(),
         tempfile.TemporaryDirectory() as scratch,
-        _five_row_blocks_on_avx2(),
-        _constants_known_apart(),
-        _products_by_weight(own_products_up_to),
+        inductor_hooks.five_row_blocks_on_avx2(),
+        inductor_hooks.constants_known_apart(),
+        inductor_hooks.products_by_weight(own_products_up_to),
         # qkv's own operators called as C functions, not through the dispatcher (`native`)
         torch._inductor.config.patch({"aot_inductor.custom_ops_to_c_shims": native.c_shims()}),
     ):
@@ -405,30 +282,10 @@ def package(exported, path: Path, options: dict, own_products_up_to: int | None 
             package_path=str(Path(scratch) / "step.pt2"),
             # A copy: PyTorch adds its own keys to the dict it is given, which would change
             # the caller's (`INDUCTOR_OPTIONS`, and with it every later `program_key`).
-            inductor_configs=options_known_here(options),
+            inductor_configs=inductor_hooks.options_known_here(options),
         )
         atomic_write(path, lambda file: file.write(Path(made).read_bytes()))
         _remove_what_the_package_holds(Path(made))
-
-
-def options_known_here(options: dict) -> dict:
-    """A copy of `options` without those this PyTorch's Inductor does not have. Each is a choice of
-    speed or of what Inductor prints, none of what a program computes, and Inductor stops at an
-    option it does not know: PyTorch 2.8 has no `max_autotune_report_choices_stats` (session 57)."""
-    return {name: value for name, value in options.items() if _inductor_has(name)}
-
-
-def _inductor_has(name: str) -> bool:
-    """Whether Inductor's configuration has the option `name` ("freezing", "cpp.min_chunk_size")."""
-    from torch._inductor import config
-
-    found = config
-    for part in name.split("."):
-        try:
-            found = getattr(found, part)
-        except AttributeError:
-            return False
-    return True
 
 
 def _remove_what_the_package_holds(package: Path) -> None:
@@ -460,13 +317,15 @@ def _remove_what_the_package_holds(package: Path) -> None:
 def code_files(step: nn.Module) -> list[str]:
     """The files of qkv's code that a program is traced from: the step's own, the helpers its
     `forward` calls (`qkv.inference.engine`'s attention, `compiled_encoder`'s shared pieces,
-    `topk`'s candidates), the caches that shape its inputs, this file, and the file of every qkv
-    module inside the step (the model's embeddings and norms, whose own `forward` is traced too). A
-    change to any of them makes another key, so a program made by older code is never loaded."""
+    `topk`'s candidates), the caches that shape its inputs, this file and `inductor_hooks` (how it
+    compiles), and the file of every qkv module inside the step (the model's embeddings and norms,
+    whose own `forward` is traced too). A change to any of them makes another key, so a program
+    made by older code is never loaded."""
     from qkv.inference import beam_cache, compiled_encoder, engine  # they import this module
 
     files = {inspect.getfile(type(step)), engine.__file__, compiled_encoder.__file__}
     files |= {static_cache.__file__, beam_cache.__file__, topk.__file__, __file__}
+    files.add(inductor_hooks.__file__)
     if getattr(step, "native", False) or getattr(step, "native_topk", False):
         # it calls qkv's own operators: their source too
         files |= {native.__file__, *map(str, native.SOURCES)}

@@ -229,7 +229,7 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 MANY_ROWS_ON = ("AVX512",)
 # Programs of this many rows or more are the many rows of `NATIVE_PRODUCTS_ON` and `MANY_ROWS_ON`. In
 # session 33 fewer rows kept Inductor's own products, measured while compiling, which its 5-row
-# blocks made faster there (`aoti.AVX2_ROW_BLOCK`; `FEW_ROWS_ON` below, since). Whole searches with
+# blocks made faster there (`inductor_hooks.AVX2_ROW_BLOCK`; `FEW_ROWS_ON` below, since). Whole searches with
 # qkv's products against Inductor's or oneDNN's, small model, held to AVX2 on a Zen 4, two engines
 # taking turns: greedy 0.86x the time on 16 sentences, 0.97x on 8, 0.91-0.93x on 32; but 1.24x on
 # one sentence, 1.03x on 2 and 5, and 1.11x with beam 5 on one (benchmarks/README.md, session 33).
@@ -242,7 +242,7 @@ FROM_ROWS = 8
 # product's time for the same weights. Whole searches with qkv's products, two engines taking turns
 # on an Intel Xeon (AMX) as it comes: 0.80x the time (small, beam 5, one sentence), 0.85x and 0.95x
 # (greedy on 4 and 2 sentences); the base model 0.53x, 0.55x, 0.80x. One row keeps Inductor's (1.09x
-# and 0.98x) (benchmarks/README.md, session 45). On AVX2, Inductor's 5-row blocks (`aoti.AVX2_ROW_BLOCK`)
+# and 0.98x) (benchmarks/README.md, session 45). On AVX2, Inductor's 5-row blocks (`inductor_hooks.AVX2_ROW_BLOCK`)
 # beat this kernel before it asked for its weights ahead (session 33, Zen 4: beam 5 on one sentence
 # 1.11x the time with qkv's); since, the same Xeon held to AVX2 took 0.52-0.57x the time with qkv's
 # (base, beam 5, one sentence), 0.67-0.70x and 0.77-0.80x (greedy on 4 and 2 sentences); the small
