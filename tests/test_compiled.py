@@ -561,6 +561,35 @@ def test_products_are_inductors_or_onednns_by_the_size_of_their_weight(tmp_path)
                 assert len(set(names.values())) == len(names)
 
 
+def test_a_product_of_any_number_of_rows_is_onednns_packed_where_inductor_packs_it(tmp_path):
+    """`inductor_hooks.packs_products_of_any_rows` says what this PyTorch's Inductor does with a
+    product whose rows are a dynamic dimension (the beam program of many sentences): oneDNN's packed
+    product (2.9 on), or MKL's `addmm` (2.8), where the beam program takes qkv's products instead
+    (`packed_linear.serves`). The module's results either way."""
+    torch.manual_seed(0)
+    linear, x = nn.Linear(48, 40).eval(), torch.randn(10, 48)
+    rows = torch.export.Dim("rows", min=1, max=1 << 16)
+    path = tmp_path / "any-rows.pt2"
+    with torch.inference_mode():
+        aoti.export_and_package(linear, (x,), {"input": {0: rows}}, path, aoti.library_options())
+        with zipfile.ZipFile(path) as package:
+            wrapper = [n for n in package.namelist() if n.endswith(".wrapper.cpp")]
+            code = package.read(wrapper[0]).decode()
+        packed = code.count("aoti_torch_cpu__linear_pointwise(")
+        assert packed == int(inductor_hooks.packs_products_of_any_rows()), torch.__version__
+        other = torch.randn(7, 48)
+        torch.testing.assert_close(aoti.load_package(path)(other)[0], linear(other))
+
+
+def test_split_index_compiled_is_floor_division_and_remainder():
+    """`topk.split_index` inside a compiled program gives Python's // and % of indices, as eagerly:
+    PyTorch 2.8's Inductor got int64 floor division and % wrong on AVX2 (3 // 10 gave -1)."""
+    index = torch.tensor([[3, 14, 25, 31, 47, 8, 12, 20, 33, 41, 0, 9, 10]])
+    quotient, remainder = torch.compile(topk_module.split_index, fullgraph=True)(index, 10)
+    assert quotient.tolist() == [[i // 10 for i in index[0].tolist()]]
+    assert remainder.tolist() == [[i % 10 for i in index[0].tolist()]]
+
+
 def test_options_this_pytorch_does_not_know_are_left_out_of_a_copy():
     options = dict(aoti.INDUCTOR_OPTIONS, **{"no_such_option": 1, "cpp.no_such_option": 2})
     known = inductor_hooks.options_known_here(options)

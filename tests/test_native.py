@@ -481,16 +481,25 @@ def test_where_qkvs_products_do_not_serve_it_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "capability, rows_served",
-    [("AVX2", [1, 2, 5, 7, 8, 16, 32, None]), ("AVX512", [1, 2, 5, 7, 8, 16, 32]), ("DEFAULT", [])],
+    "capability, version, rows_served",
+    [
+        ("AVX2", "2.13.0", [1, 2, 5, 7, 8, 16, 32, None]),
+        ("AVX512", "2.13.0", [1, 2, 5, 7, 8, 16, 32]),
+        ("AVX512", "2.9.1", [1, 2, 5, 7, 8, 16, 32]),
+        ("AVX512", "2.8.0", [1, 2, 5, 7, 8, 16, 32, None]),
+        ("DEFAULT", "2.13.0", []),
+        ("DEFAULT", "2.8.0", []),
+    ],
 )
 def test_which_programs_take_qkvs_products_follows_the_cpus_capability(
-    monkeypatch, capability, rows_served
+    monkeypatch, capability, version, rows_served
 ):
     """AVX2: every program (one row by the kernel's one-row loop, its output screened), the beam
     programs of many sentences (None) too; AVX-512: every program but those, whose 160 rows are bound
-    by arithmetic, where oneDNN's wider vectors win."""
+    by arithmetic, where oneDNN's wider vectors win; except on PyTorch 2.8, whose Inductor leaves
+    their products to MKL unpacked (`inductor_hooks.packs_products_of_any_rows`)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch, "__version__", version)
     rows = [1, 2, 5, 7, 8, 16, 32, None]
     assert [r for r in rows if packed_linear.serves(r)] == rows_served
 

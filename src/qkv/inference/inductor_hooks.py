@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 AVX2_ROW_BLOCK = (5, 16, 1)  # rows, columns, depth of a register block (`five_row_blocks_on_avx2`)
+# The oldest PyTorch whose Inductor packs an fp32 product's weight for oneDNN where the product's rows
+# are a dynamic dimension (the beam program of many sentences, the encoder of many). PyTorch 2.8's
+# leaves such a product to MKL's `addmm`, which copies the weight into its own layout at every call:
+# the beam program of 32 sentences spent ~48% of its time in MKL's kernel and copies there, where
+# 2.13's runs oneDNN's JIT code, and took 1.15-1.20x 2.13's time on a Zen 4 (benchmarks/README.md,
+# session 58). 2.9.1, 2.10.0, 2.11.0 and 2.12.0 pack them, as 2.13 does (their
+# `fx_passes/mkldnn_fusion.py`).
+PACKS_PRODUCTS_OF_ANY_ROWS_FROM = (2, 9)
 
 
 @contextlib.contextmanager
@@ -132,6 +142,20 @@ def _weight_elements(choice) -> int | None:
         return int(columns) * int(depth)
     except (AttributeError, IndexError, TypeError):
         return None
+
+
+def packs_products_of_any_rows() -> bool:
+    """Whether this PyTorch's Inductor packs fp32 products whose rows are a dynamic dimension for
+    oneDNN (`PACKS_PRODUCTS_OF_ANY_ROWS_FROM`), rather than leaving them to MKL unpacked."""
+    return torch_older_than(PACKS_PRODUCTS_OF_ANY_ROWS_FROM) is None
+
+
+def torch_older_than(least: tuple[int, int], version: str | None = None) -> str | None:
+    """This PyTorch's version (`version`, default `torch.__version__`) where it is older than
+    `least` (major, minor), else None."""
+    version = torch.__version__ if version is None else version
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return version if (major, minor) < least else None
 
 
 def options_known_here(options: dict) -> dict:

@@ -1,7 +1,7 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
 compiled steps on an AVX2 CPU (`StaticDecoderStep` of every size, `SharedBeamStep`), every
-`StaticDecoderStep` on an AVX-512 one (`serves`); and for one sentence's encoder program on both
-(`EncoderProducts`).
+`StaticDecoderStep` on an AVX-512 one (`SharedBeamStep` too on PyTorch 2.8: `serves`); and for one
+sentence's encoder program on both (`EncoderProducts`).
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
 oneDNN, which Inductor and the eager engine call for these products, prepares every call for a
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qkv.inference import native
+from qkv.inference import inductor_hooks, native
 
 
 class PackedLinear(nn.Module):
@@ -226,6 +226,9 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 # Zen 4 (session 55): greedy on 8 and 32 sentences 0.75x and 0.85-0.87x (small), 0.89-0.90x on 32
 # (base); the beam program on 32 sentences 0.94-0.96x with qkv's (small), which is not taken: the
 # Xeon's 1.14-1.16x costs more than the Zen 4 gains, and ATen's capability cannot tell them apart.
+# But where this PyTorch's Inductor would leave the beam program's products to MKL unpacked (2.8,
+# `inductor_hooks.packs_products_of_any_rows`), the beam program takes qkv's here too: on the Zen 4,
+# beam 5 on 32 sentences 0.76-0.78x the time (small) and 0.85-0.86x (base) (session 58).
 MANY_ROWS_ON = ("AVX512",)
 # Programs of this many rows or more are the many rows of `NATIVE_PRODUCTS_ON` and `MANY_ROWS_ON`. In
 # session 33 fewer rows kept Inductor's own products, measured while compiling, which its 5-row
@@ -268,7 +271,9 @@ def serves(rows: int | None) -> bool:
     takes qkv's products on this CPU, where they load (`unavailable`)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if rows is None:
-        return capability in NATIVE_PRODUCTS_ON
+        return capability in NATIVE_PRODUCTS_ON or (
+            capability in MANY_ROWS_ON and not inductor_hooks.packs_products_of_any_rows()
+        )
     if rows >= FROM_ROWS:
         return capability in NATIVE_PRODUCTS_ON + MANY_ROWS_ON
     if rows == 1:

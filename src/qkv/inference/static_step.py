@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from qkv.inference import aoti, native
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
+from qkv.inference.inductor_hooks import torch_older_than
 from qkv.inference.packed_linear import DecoderProducts, feed_forward, projections
 from qkv.inference.static_cache import (
     SLOT_MULTIPLE,
@@ -227,14 +228,6 @@ def compiled_step_unavailable(model: Transformer) -> str | None:
     if native.compiler() is None:
         return "the compiled step needs a C++ compiler (c++, g++ or clang++) for PyTorch's Inductor"
     return None
-
-
-def torch_older_than(least: tuple[int, int], version: str | None = None) -> str | None:
-    """This PyTorch's version (`version`, default `torch.__version__`) where it is older than
-    `least` (major, minor), else None."""
-    version = torch.__version__ if version is None else version
-    major, minor = (int(part) for part in version.split(".")[:2])
-    return version if (major, minor) < least else None
 
 
 def compile_package(step: StaticDecoderStep, arguments: tuple, path: Path) -> None:

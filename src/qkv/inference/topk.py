@@ -62,11 +62,11 @@ def topk(
     chunk_ids = chunk_ids.flatten()
     candidates = chunks.index_select(0, chunk_ids)  # (groups * k, chunk)
     if row_offsets is not None:
-        row = torch.div(chunk_ids, n_chunks, rounding_mode="floor")
+        row, _ = split_index(chunk_ids, n_chunks)
         candidates += row_offsets.index_select(0, row)[:, None]
     values, within = candidates.view(groups, k * chunk).topk(k, dim=1)
-    chunk_of = best_chunks.gather(1, torch.div(within, chunk, rounding_mode="floor"))
-    return values, chunk_of * chunk + within % chunk
+    chunk_in, at = split_index(within, chunk)
+    return values, best_chunks.gather(1, chunk_in) * chunk + at
 
 
 # From this many rows on, `argmax` takes `topk`'s chunk maxima: PyTorch's own argmax is faster for a
@@ -104,7 +104,7 @@ def best_extensions(
     (sentences, k), best first, and for each the beam it extends and its token (sentences, k)."""
     vocab = log_probs.size(-1)
     sums, flat = topk(log_probs, k, beam_scores.reshape(-1), rows_per_group=beam_scores.size(1))
-    return sums, flat // vocab, flat % vocab
+    return (sums, *split_index(flat, vocab))
 
 
 def row_topk(x: Tensor, k: int, native: bool = False) -> tuple[Tensor, Tensor]:
@@ -124,8 +124,8 @@ def row_topk(x: Tensor, k: int, native: bool = False) -> tuple[Tensor, Tensor]:
     best_chunks = chunks.amax(dim=2).topk(k, dim=1).indices  # (rows, k)
     picked = torch.gather(chunks, 1, best_chunks[:, :, None].expand(rows, k, chunk))
     values, within = picked.view(rows, k * chunk).topk(k, dim=1)
-    chunk_of = best_chunks.gather(1, torch.div(within, chunk, rounding_mode="floor"))
-    return values, chunk_of * chunk + within % chunk
+    chunk_in, at = split_index(within, chunk)
+    return values, best_chunks.gather(1, chunk_in) * chunk + at
 
 
 def log_softmax_topk(
@@ -161,4 +161,13 @@ def extensions_of_rows(
     sums = (row_log_probs + beam_scores.reshape(-1, 1)).view(sentences, beams * n)
     best_sums, at = row_topk(sums, k, native) if native else sums.topk(k, dim=1)
     tokens = row_tokens.view(sentences, beams * n).gather(1, at)
-    return best_sums, torch.div(at, n, rounding_mode="floor"), tokens
+    return best_sums, split_index(at, n)[0], tokens
+
+
+def split_index(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(index // n, index % n) for indices that are never negative, by truncating division and
+    `fmod`, which equal floor division and `%` there. PyTorch 2.8's Inductor computes int64 floor
+    division and `%` wrongly in programs for AVX2: 3 // 10 gave -1 and 3 % 10 gave 13, so that a beam
+    of one sentence, compiled, extended a beam -1 and stopped with an IndexError; truncating
+    division and `fmod` came out right there (benchmarks/README.md, session 58)."""
+    return torch.div(index, n, rounding_mode="trunc"), torch.fmod(index, n)
