@@ -9,6 +9,9 @@
 #   recipes/torch_versions.sh 2.4.1
 #   recipes/torch_versions.sh 2.8.0 2.15.0 -- tests/test_compiled.py
 #
+# Held to AVX2, set the variables of `qkv.hardware.AVX2_ENVIRONMENT` before it (`.ci/run` does so for
+# 2.8.0, whose Inductor got int64 floor division wrong in AVX2 code: session 58).
+#
 # PyPI's wheels other than 2.13.0+cpu are its CUDA builds (they run on the CPU too): each
 # environment takes ~5.5 GB with NVIDIA's libraries, downloaded from PyPI (~1-2 minutes at 60 MB/s),
 # under QKV_TORCH_VENVS (default: a temporary folder, removed at the end; a folder named there is
