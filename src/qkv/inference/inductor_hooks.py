@@ -15,7 +15,7 @@ AVX2_ROW_BLOCK = (5, 16, 1)  # rows, columns, depth of a register block (`five_r
 # are a dynamic dimension (the beam program of many sentences, the encoder of many). PyTorch 2.8's
 # leaves such a product to MKL's `addmm`, which copies the weight into its own layout at every call:
 # the beam program of 32 sentences spent ~48% of its time in MKL's kernel and copies there, where
-# 2.13's runs oneDNN's JIT code, and took 1.15-1.20x 2.13's time on a Zen 4 (benchmarks/README.md,
+# 2.13's runs oneDNN's JIT code, and took 1.13-1.35x 2.13's time on a Zen 4 (benchmarks/README.md,
 # session 58). 2.9.1, 2.10.0, 2.11.0 and 2.12.0 pack them, as 2.13 does (their
 # `fx_passes/mkldnn_fusion.py`).
 PACKS_PRODUCTS_OF_ANY_ROWS_FROM = (2, 9)
