@@ -62,7 +62,7 @@ def topk(
     chunk_ids = chunk_ids.flatten()
     candidates = chunks.index_select(0, chunk_ids)  # (groups * k, chunk)
     if row_offsets is not None:
-        row, _ = split_index(chunk_ids, n_chunks)
+        row = index_quotient(chunk_ids, n_chunks)
         candidates += row_offsets.index_select(0, row)[:, None]
     values, within = candidates.view(groups, k * chunk).topk(k, dim=1)
     chunk_in, at = split_index(within, chunk)
@@ -161,7 +161,7 @@ def extensions_of_rows(
     sums = (row_log_probs + beam_scores.reshape(-1, 1)).view(sentences, beams * n)
     best_sums, at = row_topk(sums, k, native) if native else sums.topk(k, dim=1)
     tokens = row_tokens.view(sentences, beams * n).gather(1, at)
-    return best_sums, split_index(at, n)[0], tokens
+    return best_sums, index_quotient(at, n), tokens
 
 
 def split_index(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -170,4 +170,10 @@ def split_index(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
     division and `%` wrongly in programs for AVX2: 3 // 10 gave -1 and 3 % 10 gave 13, so that a beam
     of one sentence, compiled, extended a beam -1 and stopped with an IndexError; truncating
     division and `fmod` came out right there (benchmarks/README.md, session 58)."""
-    return torch.div(index, n, rounding_mode="trunc"), torch.fmod(index, n)
+    return index_quotient(index, n), torch.fmod(index, n)
+
+
+def index_quotient(index: Tensor, n: int) -> Tensor:
+    """index // n for indices that are never negative (`split_index`), where the remainder is not
+    wanted."""
+    return torch.div(index, n, rounding_mode="trunc")
