@@ -174,8 +174,8 @@ def test_switched_off_the_beam_step_attends_with_pytorchs_operators(monkeypatch)
     engine, reference = uncompiled(model), prepare_for_decoding(model)
     said = []
     engine.beam_programs.say = said.append
-    engine.beam_programs.use_native()
-    engine.beam_programs.use_native()
+    engine.beam_programs.use_native(4)
+    engine.beam_programs.use_native(4)
     assert said == ["QKV_NATIVE=0: beam search takes PyTorch's operators"]
     assert engine.beam_programs.step.native is False
     key_without = engine.beam_programs.package_path(4).name
@@ -183,7 +183,7 @@ def test_switched_off_the_beam_step_attends_with_pytorchs_operators(monkeypatch)
     if native.load() is None:  # with it, another program: another key
         monkeypatch.delenv(native.SWITCH)
         with_operator = uncompiled(model)
-        with_operator.beam_programs.use_native()
+        with_operator.beam_programs.use_native(4)
         assert with_operator.beam_programs.step.native is True
         assert with_operator.beam_programs.package_path(4).name != key_without
 
@@ -303,7 +303,7 @@ def test_one_sentences_beam_program_finds_its_candidates_and_multiplies_with_qkv
 def test_the_beam_step_with_the_operator_gives_the_eager_engines_beams():
     model = random_model(seed=4, norm_first=True)
     engine, reference = uncompiled(model), prepare_for_decoding(model)
-    engine.beam_programs.use_native()
+    engine.beam_programs.use_native(5)
     assert engine.beam_programs.step.native is True
     src = random_sources([5, 8, 4, 6], seed=3)
     assert_same_beams(engine, reference, src, beam_size=5, max_len=9, n_best=2)

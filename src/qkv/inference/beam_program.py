@@ -17,8 +17,9 @@ keeps each beam to its own. Nothing is gathered, nothing moves when beams are re
   log-softmax after the program is qkv's too (a faster exponential);
 - the number of sentences, the capacity, the slots written and the source length are dynamic: one
   program per beam width serves every batch, and every step as its sentences finish. Its products
-  are oneDNN's (`aoti.library_options`; Inductor's for small weights on AVX2, as the 32-row programs
-  take them, were 0.979x, benchmarks/README.md, session 27);
+  are qkv's kernel's on AVX2 (`packed_linear.serves`), on AVX-512 where they measure faster than
+  oneDNN's while compiling (`BeamPrograms._measured_choice`), else oneDNN's (`aoti.library_options`;
+  Inductor's for small weights on AVX2 were 0.979x, benchmarks/README.md, session 27);
 - it returns the logits, which a log-softmax overwrites in place (inside the
   program, Inductor's log-softmax took the same time: 12.72 against 12.57 ms a step of 32
   sentences held to AVX2 on a Zen 4, and wrote a second rows x vocabulary tensor).
@@ -43,7 +44,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from qkv.inference import aoti, native
+from qkv.inference import aoti, native, product_choice
 from qkv.inference.beam_cache import BeamCache
 from qkv.inference.compiled_encoder import positions_table, residual, stacked_self_attention
 from qkv.inference.digests import TensorDigests
@@ -210,11 +211,16 @@ class BeamPrograms:
         say=None,
         products=None,
         digests: TensorDigests | None = None,
+        measured=None,
     ):
         self.step = SharedBeamStep(model, like=like).eval()
         # the weights' digests (`aoti.program_key`), shared with the engine's other programs
         self.digests = digests
         self.products = products  # () -> the products the step takes (None: PyTorch's)
+        # () -> qkv's products where the step takes them only if they measure faster here, else None
+        # (`_measured_choice`)
+        self.measured = measured
+        self.measured_ratio: float | None = None  # their time / oneDNN's, where measured
         self.cache_dir, self.say = cache_dir, say
         self.programs: dict[int, object] = {}  # beams -> the loaded program, as a function
         self.compile_seconds: dict[int, float] = {}
@@ -236,9 +242,10 @@ class BeamPrograms:
             and not cache.has_empty_source
         )
 
-    def use_native(self) -> None:
+    def use_native(self, beams: int) -> None:
         """Load qkv's operators for the step (built at their first use on this machine), or say once
-        why the step takes PyTorch's operators."""
+        why the step takes PyTorch's operators; and choose its products (for `beams` beams a
+        sentence, where measured)."""
         if self._native_checked:
             return
         self._native_checked = True
@@ -246,13 +253,32 @@ class BeamPrograms:
         self.step.native = why is None
         if why is None and self.products is not None:
             self.step.products = self.products()  # None where qkv's fp32 products do not serve
+            if self.step.products is None and self.measured is not None:
+                self.step.products = self._measured_choice(beams)
             # int8 products: another program (`aoti.program_key`)
             self.step.int8 = getattr(self.step.products, "int8", False)
         if why is not None and self.say:
             self.say(f"{why}: beam search takes PyTorch's operators")
 
+    def _measured_choice(self, beams: int) -> DecoderProducts | None:
+        """qkv's products (`measured`) or None (oneDNN's), where that is measured on this CPU: a
+        program kept from either choice says what was chosen as it was compiled (no measuring, no
+        second compile); else the products of `MAX_SENTENCES` sentences of `beams` beams, timed both
+        ways (`product_choice`)."""
+        candidate = self.measured()
+        if candidate is None:
+            return None
+        for products in (candidate, None):
+            self.step.products = products
+            key = aoti.program_key(self.step, self.digests)
+            if any(self.cache_dir.glob(f"decoder-beam-step-*-beams-{key}.pt2")):
+                return products
+        rows = beams * MAX_SENTENCES
+        self.measured_ratio = product_choice.time_ratio(self.step, candidate, rows)
+        return candidate if self.measured_ratio < product_choice.TAKEN_BELOW else None
+
     def package_path(self, beams: int) -> Path:
-        self.use_native()  # a program that calls the operator is another program: another key
+        self.use_native(beams)  # a program that calls the operator is another program: another key
         if self._key is None:
             self._key = aoti.program_key(self.step, self.digests)
         return self.cache_dir / f"decoder-beam-step-{beams}-beams-{self._key}.pt2"

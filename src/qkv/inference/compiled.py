@@ -130,6 +130,7 @@ class CompiledEngine(StepPrograms, DecodingEngine):
             say,
             products=self.beam_products,
             digests=self.digests,
+            measured=self.measured_beam_products,
         )
         self.compiles_beams = buckets.wide_vectors()
         # One sentence's encoder compiled, and the first step's cross-attention K and V; where

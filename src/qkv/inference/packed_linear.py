@@ -1,6 +1,7 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
 compiled steps on an AVX2 CPU (`StaticDecoderStep` of every size, `SharedBeamStep`), every
-`StaticDecoderStep` on an AVX-512 one (`SharedBeamStep` too on PyTorch 2.8: `serves`); and for one
+`StaticDecoderStep` on an AVX-512 one (`SharedBeamStep` too on PyTorch 2.8: `serves`; else where
+measured faster, `measures_beams`); and for one
 sentence's encoder program on both (`EncoderProducts`).
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
@@ -224,12 +225,18 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 # whose two 512-bit units a core do twice AVX2's multiply-adds, as a Zen 5's (session 54; session 34
 # measured the products alone on a Zen 4, whose AVX-512 runs as two halves: 0.81-0.92x). On that
 # Zen 4 (session 55): greedy on 8 and 32 sentences 0.75x and 0.85-0.87x (small), 0.89-0.90x on 32
-# (base); the beam program on 32 sentences 0.94-0.96x with qkv's (small), which is not taken: the
-# Xeon's 1.14-1.16x costs more than the Zen 4 gains, and ATen's capability cannot tell them apart.
-# But where this PyTorch's Inductor would leave the beam program's products to MKL unpacked (2.8,
-# `inductor_hooks.packs_products_of_any_rows`), the beam program takes qkv's here too: on the Zen 4,
-# beam 5 on 32 sentences 0.76-0.78x the time (small) and 0.85-0.86x (base) (session 58).
+# (base); the beam program on 32 sentences 0.94-0.96x with qkv's (small), against the Xeon's
+# 1.14-1.16x, and ATen's capability cannot tell them apart: there the beam programs take qkv's only
+# where they measure faster while compiling (`MEASURED_ON`). But where this PyTorch's Inductor would
+# leave the beam program's products to MKL unpacked (2.8, `inductor_hooks.packs_products_of_any_rows`),
+# the beam program takes qkv's here, unmeasured: on the Zen 4, beam 5 on 32 sentences 0.76-0.78x the
+# time (small) and 0.85-0.86x (base) (session 58).
 MANY_ROWS_ON = ("AVX512",)
+# ...and where it is one of these, the beam programs of many sentences take qkv's products if they
+# measure faster than oneDNN's at the program's rows, each product of a step in its order
+# (`qkv.inference.product_choice`): a Zen 4 (AVX-512 as two 256-bit halves) and an Intel Xeon (whole
+# 512-bit units) both report AVX512, and went opposite ways.
+MEASURED_ON = ("AVX512",)
 # Programs of this many rows or more are the many rows of `NATIVE_PRODUCTS_ON` and `MANY_ROWS_ON`. In
 # session 33 fewer rows kept Inductor's own products, measured while compiling, which its 5-row
 # blocks made faster there (`inductor_hooks.AVX2_ROW_BLOCK`; `FEW_ROWS_ON` below, since). Whole searches with
@@ -279,6 +286,13 @@ def serves(rows: int | None) -> bool:
     if rows == 1:
         return capability in ONE_ROW_ON
     return rows >= FEW_ROWS and capability in FEW_ROWS_ON
+
+
+def measures_beams() -> bool:
+    """Whether the beam programs of many sentences take qkv's products only where they measure
+    faster while compiling (`MEASURED_ON`), not taking them by `serves(None)` already."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability in MEASURED_ON and not serves(None)
 
 
 def unavailable(model: nn.Module, say=None) -> str | None:

@@ -162,3 +162,10 @@ class StepPrograms:
         if self.int8 or packed_linear.serves(None):
             return self.decoder_products()
         return None
+
+    def measured_beam_products(self) -> DecoderProducts | None:
+        """qkv's products for a beam program where it takes them only if they measure faster than
+        oneDNN's here (`packed_linear.measures_beams`: fp32), else None."""
+        if not self.int8 and packed_linear.measures_beams():
+            return self.decoder_products()
+        return None

@@ -1,0 +1,97 @@
+"""Which products a beam program of many sentences takes where ATen's capability cannot say:
+qkv's kernel or oneDNN's, measured on this CPU while the program is compiled.
+
+At a beam program's rows (beam 5 on 32 sentences: 160) the products are bound by arithmetic. qkv's
+kernel computes with AVX2's 256-bit vectors, oneDNN's with AVX-512's. An Intel Xeon's 512-bit units
+(a Zen 5's too) do twice AVX2's multiply-adds a cycle, and there oneDNN's won: beam 5 on 32 sentences
+took 1.14-1.16x the time with qkv's (small model), 1.25x (base); on 16 sentences 1.07-1.09x (small)
+(benchmarks/README.md, session 54). A Zen 4 runs each 512-bit operation as two 256-bit halves, and
+there qkv's won: on 32 sentences 0.91x the time (small), but 1.04x (base); on 16 and 8 sentences
+0.925x and 0.85x (base) (session 59). Both report ATen's capability AVX512.
+
+So the step's products, in its order, are timed both ways at the program's largest rows, and qkv's
+are taken unless oneDNN's are clearly faster (`TAKEN_BELOW`). Where a search took 1.14x the time
+with qkv's products, the products alone (what differs between the two programs) took more than
+1.14x oneDNN's time. On the Zen 4, at 160 rows, they took 0.93-0.97x (small) and 0.98-1.02x (base):
+even for the base model, whose searches of 8 and 16 sentences gained by qkv's. The measuring takes
+~0.3 s of a ~27 s compile for the small benchmark model, ~1.4 s of ~43 s for the base.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qkv.inference.packed_linear import DecoderProducts
+
+# qkv's products are taken where their time is below this multiple of oneDNN's (`time_ratio`)
+TAKEN_BELOW = 1.05
+# Timed rounds of each kind, taking turns (the median counts), after one of each untimed
+ROUNDS = 15
+
+
+def time_ratio(step: nn.Module, products: DecoderProducts, rows: int) -> float:
+    """qkv's products' time / oneDNN's for one decoder position of `rows` rows: every product of
+    the step in its order (each layer's six, then the output's), on random inputs, so that each
+    product's weights come from where a step finds them, not warm from its own last call."""
+    maps = linears(step)
+    ours, theirs = qkvs_products(products), [onednn_product(*m, rows=rows) for m in maps]
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(rows, weight.size(1), generator=generator) for weight, _, _ in maps]
+    times: dict[str, list[float]] = {"qkv": [], "onednn": []}
+    with torch.inference_mode():
+        for round_ in range(ROUNDS + 1):
+            for kind, functions in (("qkv", ours), ("onednn", theirs)):
+                started = time.perf_counter()
+                for function, x in zip(functions, inputs, strict=True):
+                    function(x)
+                if round_:  # the first round of each warms the caches and threads: not counted
+                    times[kind].append(time.perf_counter() - started)
+    return statistics.median(times["qkv"]) / statistics.median(times["onednn"])
+
+
+def qkvs_products(products: DecoderProducts) -> list[nn.Module]:
+    """The step's products by qkv's kernel in the step's order: each layer's six, then the
+    output's (`linears`)."""
+    ours: list[nn.Module] = []
+    for i in range(len(products.qkv)):
+        ours += [products.qkv[i], products.self_out[i], products.cross_q[i]]
+        ours += [products.cross_out[i], products.linear1[i], products.linear2[i]]
+    return [*ours, products.output]
+
+
+def linears(step: nn.Module) -> list[tuple[Tensor, Tensor | None, bool]]:
+    """(weight, bias, whether a ReLU is fused into the product) of each product of `step` (a
+    `SharedBeamStep`), in `qkvs_products`'s order: as `DecoderProducts.of_step` makes them."""
+    maps = []
+    for i, layer in enumerate(step.model.decoder.layers):
+        attention, cross, feed_forward = layer.self_attn, layer.cross_attn, layer.feed_forward
+        maps += [
+            (step.qkv_weights[i], step.qkv_biases[i] if len(step.qkv_biases) else None, False),
+            (attention.out_proj.weight, attention.out_proj.bias, False),
+            (cross.q_proj.weight, cross.q_proj.bias, False),
+            (cross.out_proj.weight, cross.out_proj.bias, False),
+            (
+                feed_forward.linear1.weight,
+                feed_forward.linear1.bias,
+                feed_forward.activation is F.relu,
+            ),
+            (feed_forward.linear2.weight, feed_forward.linear2.bias, False),
+        ]
+    return [*maps, (step.model.output.weight, step.model.output.bias, False)]
+
+
+def onednn_product(
+    weight: Tensor, bias: Tensor | None, relu: bool, rows: int
+) -> Callable[[Tensor], Tensor]:
+    """x W^T + b (then a ReLU if `relu`) as a compiled program calls oneDNN for it: the weight
+    packed for `rows` rows (Inductor's hint), `_linear_pointwise`."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float(), rows)
+    bias = None if bias is None else bias.detach().float()
+    post_op = "relu" if relu else "none"
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, post_op, [], "")
