@@ -146,3 +146,17 @@ def test_the_beam_program_takes_what_the_measure_says_and_keeps_the_choice_with_
     assert other.beam_programs.package_path(4) != programs.package_path(4)
     assert other.beam_programs.step.products is None
     assert other.beam_programs.measured_ratio == slower
+
+
+@needs_operator
+def test_where_onednn_cannot_be_timed_the_beam_program_takes_pytorchs_products(
+    measured_here, monkeypatch
+):
+    def no_onednn(*args, rows):
+        raise RuntimeError("mkldnn_reorder_linear_weight: not built with oneDNN")
+
+    monkeypatch.setattr(product_choice, "onednn_product", no_onednn)
+    engine = CompiledEngine(random_model(seed=5))
+    engine.beam_programs.package_path(4)
+    assert engine.beam_programs.step.products is None
+    assert engine.beam_programs.measured_ratio is None

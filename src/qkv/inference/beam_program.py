@@ -264,7 +264,7 @@ class BeamPrograms:
         """qkv's products (`measured`) or None (oneDNN's), where that is measured on this CPU: a
         program kept from either choice says what was chosen as it was compiled (no measuring, no
         second compile); else the products of `MAX_SENTENCES` sentences of `beams` beams, timed both
-        ways (`product_choice`)."""
+        ways (`product_choice`). Where oneDNN's cannot be timed, PyTorch's, as without measuring."""
         candidate = self.measured()
         if candidate is None:
             return None
@@ -274,7 +274,10 @@ class BeamPrograms:
             if any(self.cache_dir.glob(f"decoder-beam-step-*-beams-{key}.pt2")):
                 return products
         rows = beams * MAX_SENTENCES
-        self.measured_ratio = product_choice.time_ratio(self.step, candidate, rows)
+        try:
+            self.measured_ratio = product_choice.time_ratio(self.step, candidate, rows)
+        except (RuntimeError, AttributeError):  # no oneDNN in this PyTorch: no choice to make
+            return None
         return candidate if self.measured_ratio < product_choice.TAKEN_BELOW else None
 
     def package_path(self, beams: int) -> Path:
