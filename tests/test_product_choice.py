@@ -87,6 +87,25 @@ def test_the_ratio_is_qkvs_median_time_over_onednns(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "readings, takes, ratio",
+    [
+        ([0.9], True, 0.9),  # one reading below the line
+        ([1.2, 0.9, 0.95], True, 0.95),  # one over it, two below: the median
+        ([1.2, 1.1, 0.9], False, 1.1),
+        ([1.05, 1.2, 0.8], False, 1.05),  # at the line is over it
+    ],
+)
+def test_a_reading_over_the_line_is_read_twice_more_and_the_median_counts(
+    monkeypatch, readings, takes, ratio
+):
+    given = iter(readings)
+    monkeypatch.setattr(product_choice, "time_ratio", lambda step, products, rows: next(given))
+    monkeypatch.setattr(product_choice, "TAKEN_BELOW", 1.05)
+    assert product_choice.takes_qkvs(None, None, rows=160) == (takes, ratio)
+    assert next(given, None) is None  # every reading taken, no more
+
+
+@pytest.mark.parametrize(
     "capability, version, measures",
     [
         ("AVX512", "2.13.0", True),

@@ -275,10 +275,10 @@ class BeamPrograms:
                 return products
         rows = beams * MAX_SENTENCES
         try:
-            self.measured_ratio = product_choice.time_ratio(self.step, candidate, rows)
+            takes, self.measured_ratio = product_choice.takes_qkvs(self.step, candidate, rows)
         except (RuntimeError, AttributeError):  # no oneDNN in this PyTorch: no choice to make
             return None
-        return candidate if self.measured_ratio < product_choice.TAKEN_BELOW else None
+        return candidate if takes else None
 
     def package_path(self, beams: int) -> Path:
         self.use_native(beams)  # a program that calls the operator is another program: another key

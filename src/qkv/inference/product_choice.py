@@ -29,10 +29,23 @@ from torch import Tensor, nn
 
 from qkv.inference.packed_linear import DecoderProducts
 
-# qkv's products are taken where their time is below this multiple of oneDNN's (`time_ratio`)
+# qkv's products are taken where their time is below this multiple of oneDNN's (`takes_qkvs`)
 TAKEN_BELOW = 1.05
 # Timed rounds of each kind, taking turns (the median counts), after one of each untimed
 ROUNDS = 15
+
+
+def takes_qkvs(step: nn.Module, products: DecoderProducts, rows: int) -> tuple[bool, float]:
+    """Whether a program of `step` (a `SharedBeamStep`) at `rows` rows takes `products` (qkv's)
+    rather than oneDNN's, and the ratio that says so: `time_ratio`, below `TAKEN_BELOW`. A reading
+    at or over the line is read twice more, and the median of the three counts: on the Zen 4 a
+    trained small model read 0.93-0.99 in 11 readings (5 of them in fresh processes), but 1.05 or
+    more once, as the first run of `benchmarks/real_batches.py` compiled (session 59)."""
+    readings = [time_ratio(step, products, rows)]
+    if readings[0] >= TAKEN_BELOW:
+        readings += [time_ratio(step, products, rows) for _ in range(2)]
+    ratio = statistics.median(readings)
+    return ratio < TAKEN_BELOW, ratio
 
 
 def time_ratio(step: nn.Module, products: DecoderProducts, rows: int) -> float:
