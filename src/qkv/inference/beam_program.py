@@ -17,8 +17,8 @@ keeps each beam to its own. Nothing is gathered, nothing moves when beams are re
   log-softmax after the program is qkv's too (a faster exponential);
 - the number of sentences, the capacity, the slots written and the source length are dynamic: one
   program per beam width serves every batch, and every step as its sentences finish. Its products
-  are qkv's kernel's on AVX2 (`packed_linear.serves`), on AVX-512 where they measure faster than
-  oneDNN's while compiling (`BeamPrograms._measured_choice`), else oneDNN's (`aoti.library_options`;
+  are qkv's kernel's on AVX2 (`packed_linear.serves`), on AVX-512 unless oneDNN's measure clearly
+  faster while compiling (`BeamPrograms._measured_choice`), else oneDNN's (`aoti.library_options`;
   Inductor's for small weights on AVX2 were 0.979x, benchmarks/README.md, session 27);
 - it returns the logits, which a log-softmax overwrites in place (inside the
   program, Inductor's log-softmax took the same time: 12.72 against 12.57 ms a step of 32
@@ -217,7 +217,7 @@ class BeamPrograms:
         # the weights' digests (`aoti.program_key`), shared with the engine's other programs
         self.digests = digests
         self.products = products  # () -> the products the step takes (None: PyTorch's)
-        # () -> qkv's products where the step takes them only if they measure faster here, else None
+        # () -> qkv's products where the step takes them only as measured here, else None
         # (`_measured_choice`)
         self.measured = measured
         self.measured_ratio: float | None = None  # their time / oneDNN's, where measured

@@ -1,7 +1,7 @@
 """A decoder step's products by qkv's own kernel (`qkv::packed_linear`, operators.cpp), for the
 compiled steps on an AVX2 CPU (`StaticDecoderStep` of every size, `SharedBeamStep`), every
 `StaticDecoderStep` on an AVX-512 one (`SharedBeamStep` too on PyTorch 2.8: `serves`; else where
-measured faster, `measures_beams`); and for one
+as measured, `measures_beams`); and for one
 sentence's encoder program on both (`EncoderProducts`).
 
 A decoding step multiplies few rows by each weight: 1-32 greedy, up to 160 in a beam program.
@@ -227,13 +227,13 @@ NATIVE_PRODUCTS_ON = ("AVX2",)
 # Zen 4 (session 55): greedy on 8 and 32 sentences 0.75x and 0.85-0.87x (small), 0.89-0.90x on 32
 # (base); the beam program on 32 sentences 0.94-0.96x with qkv's (small), against the Xeon's
 # 1.14-1.16x, and ATen's capability cannot tell them apart: there the beam programs take qkv's only
-# where they measure faster while compiling (`MEASURED_ON`). But where this PyTorch's Inductor would
+# as measured while compiling (`MEASURED_ON`). But where this PyTorch's Inductor would
 # leave the beam program's products to MKL unpacked (2.8, `inductor_hooks.packs_products_of_any_rows`),
 # the beam program takes qkv's here, unmeasured: on the Zen 4, beam 5 on 32 sentences 0.76-0.78x the
 # time (small) and 0.85-0.86x (base) (session 58).
 MANY_ROWS_ON = ("AVX512",)
-# ...and where it is one of these, the beam programs of many sentences take qkv's products if they
-# measure faster than oneDNN's at the program's rows, each product of a step in its order
+# ...and where it is one of these, the beam programs of many sentences take qkv's products unless
+# oneDNN's measure clearly faster at the program's rows, each product of a step in its order
 # (`qkv.inference.product_choice`): a Zen 4 (AVX-512 as two 256-bit halves) and an Intel Xeon (whole
 # 512-bit units) both report AVX512, and went opposite ways.
 MEASURED_ON = ("AVX512",)
@@ -289,8 +289,8 @@ def serves(rows: int | None) -> bool:
 
 
 def measures_beams() -> bool:
-    """Whether the beam programs of many sentences take qkv's products only where they measure
-    faster while compiling (`MEASURED_ON`), not taking them by `serves(None)` already."""
+    """Whether the beam programs of many sentences take qkv's products only as they measure against
+    oneDNN's while compiling (`MEASURED_ON`), not taking them by `serves(None)` already."""
     capability = torch.backends.cpu.get_cpu_capability()
     return capability in MEASURED_ON and not serves(None)
 

@@ -164,7 +164,7 @@ class StepPrograms:
         return None
 
     def measured_beam_products(self) -> DecoderProducts | None:
-        """qkv's products for a beam program where it takes them only if they measure faster than
+        """qkv's products for a beam program where it takes them only as they measure against
         oneDNN's here (`packed_linear.measures_beams`: fp32), else None."""
         if not self.int8 and packed_linear.measures_beams():
             return self.decoder_products()
