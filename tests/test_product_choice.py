@@ -156,7 +156,7 @@ def test_the_beam_program_takes_what_the_measure_says_and_keeps_the_choice_with_
     assert again.beam_programs.measured_ratio is None
     assert again.beam_programs.package_path(4) == programs.package_path(4)
 
-    # Measured slower than oneDNN's by more than `TAKEN_BELOW`: oneDNN's, another program.
+    # Measured over `TAKEN_BELOW` (three readings): oneDNN's products, another program.
     slower = product_choice.TAKEN_BELOW * 1.01
     monkeypatch.setattr(product_choice, "time_ratio", lambda step, products, rows: slower)
     for package in programs.package_path(4).parent.glob("decoder-beam-step-*"):
