@@ -4,6 +4,8 @@ says, once, keeping the choice with the program it compiled."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def test_the_products_timed_are_the_steps_own_by_qkvs_kernel_and_by_onednn(activ
     engine = CompiledEngine(model, warn=lambda line: None)
     step = engine.beam_programs.step
     maps = product_choice.linears(step)
-    ours = product_choice.qkvs_products(engine.decoder_products())
+    ours = engine.decoder_products().in_step_order()
     assert len(maps) == len(ours) == 6 * model.config.n_decoder_layers + 1
     assert [relu for _, _, relu in maps].count(True) == (
         model.config.n_decoder_layers if activation == "relu" else 0
@@ -79,10 +81,10 @@ def test_the_ratio_is_qkvs_median_time_over_onednns(monkeypatch):
     step = engine.beam_programs.step
     widths = [weight.size(1) for weight, _, _ in product_choice.linears(step)]
     ours = [moves(3, d_in) for d_in in widths]
-    monkeypatch.setattr(product_choice, "qkvs_products", lambda products: ours)
+    products = SimpleNamespace(in_step_order=lambda: ours)
     theirs = iter([moves(2, d_in) for d_in in widths])
     monkeypatch.setattr(product_choice, "onednn_product", lambda *args, rows: next(theirs))
-    assert product_choice.time_ratio(step, None, rows=10) == pytest.approx(1.5)
+    assert product_choice.time_ratio(step, products, rows=10) == pytest.approx(1.5)
     assert calls.count(3) == calls.count(2) == len(widths) * (product_choice.ROUNDS + 1)
 
 

@@ -199,6 +199,11 @@ def compile_package(step: SharedBeamStep, arguments: tuple, path: Path) -> None:
     aoti.export_and_package(step, arguments, dynamic_shapes, path, aoti.library_options())
 
 
+def package_name(beams: int | str, key: str) -> str:
+    """The file a beam program of `beams` beams a sentence (or a glob's "*") and this key is kept in."""
+    return f"decoder-beam-step-{beams}-beams-{key}.pt2"
+
+
 class BeamPrograms:
     """An engine's compiled beam steps (`SharedBeamStep`), one per beam width, kept in `cache_dir`
     (`CompiledEngine`'s). `takes(cache)` says whether a step runs here; `next_log_probs` runs it."""
@@ -271,7 +276,7 @@ class BeamPrograms:
         for products in (candidate, None):
             self.step.products = products
             key = aoti.program_key(self.step, self.digests)
-            if any(self.cache_dir.glob(f"decoder-beam-step-*-beams-{key}.pt2")):
+            if any(self.cache_dir.glob(package_name("*", key))):
                 return products
         rows = beams * MAX_SENTENCES
         try:
@@ -284,7 +289,7 @@ class BeamPrograms:
         self.use_native(beams)  # a program that calls the operator is another program: another key
         if self._key is None:
             self._key = aoti.program_key(self.step, self.digests)
-        return self.cache_dir / f"decoder-beam-step-{beams}-beams-{self._key}.pt2"
+        return self.cache_dir / package_name(beams, self._key)
 
     def program(self, arguments: tuple):
         """The program for this beam width, a function of the step's arguments: loaded, from the

@@ -125,23 +125,37 @@ class DecoderProducts(nn.Module):
     def of_step(cls, step: nn.Module, rows: ScreenedRows | None = None) -> DecoderProducts:
         """The products of a compiled step's model, packed for qkv's kernel, from its stacked
         Q/K/V weights; `rows`: its output's `ScreenedRows`, if made already."""
-        layers = []
-        for i, layer in enumerate(step.model.decoder.layers):
-            bias = step.qkv_biases[i] if len(step.qkv_biases) else None
-            feed_forward = layer.feed_forward
-            relu = feed_forward.activation is F.relu
-            layers.append(
-                (
-                    PackedLinear(step.qkv_weights[i], bias),
-                    of(layer.self_attn.out_proj),
-                    of(layer.cross_attn.q_proj),
-                    of(layer.cross_attn.out_proj),
-                    of(feed_forward.linear1, relu=relu),
-                    of(feed_forward.linear2),
-                )
-            )
+        layers = [
+            tuple(PackedLinear(*linear) for linear in layer) for layer in decoder_linears(step)
+        ]
         output = step.model.output
         return cls(layers, ScreenedOutput(output.weight, output.bias, rows))
+
+    def in_step_order(self) -> list[nn.Module]:
+        """Every product in the order a step calls them: each layer's six, then the output's."""
+        lists = self.qkv, self.self_out, self.cross_q, self.cross_out, self.linear1, self.linear2
+        return [*(products[i] for i in range(len(self.qkv)) for products in lists), self.output]
+
+
+def decoder_linears(step: nn.Module) -> list[list[tuple[Tensor, Tensor | None, bool]]]:
+    """For each decoder layer of a compiled step's model, its products as (weight, bias, whether a
+    ReLU is fused into the product), in `DecoderProducts`' order: self-attention's stacked Q/K/V
+    (the step's `qkv_weights`) and output, cross-attention's Q and output, the feed-forward's two."""
+    layers = []
+    for i, layer in enumerate(step.model.decoder.layers):
+        attention, cross, feed_forward = layer.self_attn, layer.cross_attn, layer.feed_forward
+        linear1, linear2 = feed_forward.linear1, feed_forward.linear2
+        layers.append(
+            [
+                (step.qkv_weights[i], step.qkv_biases[i] if len(step.qkv_biases) else None, False),
+                (attention.out_proj.weight, attention.out_proj.bias, False),
+                (cross.q_proj.weight, cross.q_proj.bias, False),
+                (cross.out_proj.weight, cross.out_proj.bias, False),
+                (linear1.weight, linear1.bias, feed_forward.activation is F.relu),
+                (linear2.weight, linear2.bias, False),
+            ]
+        )
+    return layers
 
 
 class EncoderProducts(nn.Module):

@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qkv.inference import packed_linear
 from qkv.inference.packed_linear import DecoderProducts
 
 # qkv's products are taken where their time is below this multiple of oneDNN's (`takes_qkvs`)
@@ -53,7 +53,7 @@ def time_ratio(step: nn.Module, products: DecoderProducts, rows: int) -> float:
     the step in its order (each layer's six, then the output's), on random inputs, so that each
     product's weights come from where a step finds them, not warm from its own last call."""
     maps = linears(step)
-    ours, theirs = qkvs_products(products), [onednn_product(*m, rows=rows) for m in maps]
+    ours, theirs = products.in_step_order(), [onednn_product(*m, rows=rows) for m in maps]
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(rows, weight.size(1), generator=generator) for weight, _, _ in maps]
     times: dict[str, list[float]] = {"qkv": [], "onednn": []}
@@ -68,35 +68,12 @@ def time_ratio(step: nn.Module, products: DecoderProducts, rows: int) -> float:
     return statistics.median(times["qkv"]) / statistics.median(times["onednn"])
 
 
-def qkvs_products(products: DecoderProducts) -> list[nn.Module]:
-    """The step's products by qkv's kernel in the step's order: each layer's six, then the
-    output's (`linears`)."""
-    ours: list[nn.Module] = []
-    for i in range(len(products.qkv)):
-        ours += [products.qkv[i], products.self_out[i], products.cross_q[i]]
-        ours += [products.cross_out[i], products.linear1[i], products.linear2[i]]
-    return [*ours, products.output]
-
-
 def linears(step: nn.Module) -> list[tuple[Tensor, Tensor | None, bool]]:
     """(weight, bias, whether a ReLU is fused into the product) of each product of `step` (a
-    `SharedBeamStep`), in `qkvs_products`'s order: as `DecoderProducts.of_step` makes them."""
-    maps = []
-    for i, layer in enumerate(step.model.decoder.layers):
-        attention, cross, feed_forward = layer.self_attn, layer.cross_attn, layer.feed_forward
-        maps += [
-            (step.qkv_weights[i], step.qkv_biases[i] if len(step.qkv_biases) else None, False),
-            (attention.out_proj.weight, attention.out_proj.bias, False),
-            (cross.q_proj.weight, cross.q_proj.bias, False),
-            (cross.out_proj.weight, cross.out_proj.bias, False),
-            (
-                feed_forward.linear1.weight,
-                feed_forward.linear1.bias,
-                feed_forward.activation is F.relu,
-            ),
-            (feed_forward.linear2.weight, feed_forward.linear2.bias, False),
-        ]
-    return [*maps, (step.model.output.weight, step.model.output.bias, False)]
+    `SharedBeamStep`), in `DecoderProducts.in_step_order`'s order."""
+    output = step.model.output
+    layers = packed_linear.decoder_linears(step)
+    return [*(linear for layer in layers for linear in layer), (output.weight, output.bias, False)]
 
 
 def onednn_product(
