@@ -934,6 +934,36 @@ def test_a_failed_cpp_compile_names_the_compilers_own_error(monkeypatch):
     ]
 
 
+def test_a_compiler_that_fails_on_the_encoder_says_so_once_and_tries_nothing_more(monkeypatch):
+    """Every program fails to compile, as where the compiler crashes: the encoder's, the first,
+    says so in one line and the whole engine is eager from then on (no second failed compile)."""
+    compiles = []
+
+    def crash(*arguments, **options):
+        compiles.append(arguments[3])  # the package's path
+        crashing_compiler(None, None, None)
+
+    monkeypatch.setattr(aoti, "export_and_package", crash)
+    messages = []
+    model = random_model()
+    engine = CompiledEngine(model, warn=messages.append)
+    reference = prepare_for_decoding(model)
+    for src in (random_sources([5]), random_sources([6, 4])):
+        assert_same_greedy(engine, reference, src, max_len=8)
+        ids, scores = beam_search(engine, src, beam_size=3, max_len=8)
+        ref_ids, ref_scores = beam_search(reference, src, beam_size=3, max_len=8)
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+    assert [path.name.split("-")[0] for path in compiles] == ["encoder"], compiles
+    assert messages == [
+        "PyTorch could not compile the encoder here (CppCompileError: C++ compile error; "
+        "vec_float.h:196:61: internal compiler error: Segmentation fault): decoding takes the eager "
+        "step"
+    ]
+    assert engine.source.unavailable == engine.unavailable
+    assert engine.sentences_per_program(1) == []
+
+
 def test_each_program_a_search_can_take_and_the_fewest_sentences_that_take_it(monkeypatch):
     here = torch.backends.cpu.get_cpu_capability()  # beam programs: on wide vectors only
     monkeypatch.setattr(buckets, "WIDE_VECTORS", (*buckets.WIDE_VECTORS, here))

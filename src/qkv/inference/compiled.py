@@ -351,15 +351,15 @@ class CompiledEngine(StepPrograms, DecodingEngine):
 
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
         """As `DecodingEngine.encode`, through a compiled program (`qkv.inference.compiled_encoder`:
-        one sentence's, or many sentences'), until one fails to compile or run (said once)."""
+        one sentence's, or many sentences'), until one fails to compile or run. Then the whole
+        engine is eager from this search on, said in one line: the decoder's programs need the same
+        compiler and platform, and trying them too would cost another failed compile and line."""
         if self.unavailable is None and self.source.takes(src_ids):
             try:
                 return self.source(src_ids), self.model.src_mask(src_ids)
             except Exception as error:  # export's and Inductor's failures have many types
-                self.source.unavailable = (
-                    f"PyTorch could not compile the encoder here ({_why(error)})"
-                )
-                self.warn(f"{self.source.unavailable}: encoding takes the eager encoder")
+                self._cannot_compile("the encoder", error)
+                self.source.unavailable = self.unavailable
         return super().encode(src_ids)
 
     def _banned_bias(self, banned: tuple[int, ...]) -> Tensor:
