@@ -57,6 +57,23 @@ def test_evaluate_json(run_qkv, toy_run, tmp_path):
     assert scores["chrf"] > 50  # the toy model reverses most sentences exactly
 
 
+def test_evaluate_in_int8_says_so_in_its_json_and_scores_as_fp32_does(run_qkv, toy_run, tmp_path):
+    sentences = ["a b c d", "p o n", "e f g", "k l", "h i j k", "m"]
+    (tmp_path / "test.src").write_text("\n".join(sentences) + "\n")
+    (tmp_path / "test.ref").write_text("\n".join(map(reverse, sentences)) + "\n")
+    files = ("--src", tmp_path / "test.src", "--ref", tmp_path / "test.ref", "--json")
+    results = {
+        precision: run_qkv("evaluate", toy_run, *files, "--precision", precision)
+        for precision in ("fp32", "int8")
+    }
+    assert all(result.returncode == 0 for result in results.values()), results["int8"].stderr
+    fp32, int8 = (json.loads(results[precision].stdout) for precision in ("fp32", "int8"))
+    assert fp32["precision"] == "fp32" and fp32["compile"] is False
+    # int8 runs on every CPU the suite runs on (qkv's own product, else PyTorch's kernels)
+    assert int8["precision"] == "int8", results["int8"].stderr
+    assert int8["chrf"] > 50 and abs(int8["chrf"] - fp32["chrf"]) <= 10
+
+
 def test_evaluate_on_a_dataset_needs_languages_when_the_checkpoint_has_none(
     run_qkv, toy_run, tmp_path
 ):

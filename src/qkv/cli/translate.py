@@ -359,7 +359,9 @@ def _run_evaluate(args) -> int:
     if args.json:
         details = dict(checkpoint=args.model, source=str(src_path), reference=str(ref_path))
         search = {"beam": args.beam, "early_exit": args.early_exit}
-        print(json.dumps({**scores, **details, **search}, indent=2))
+        # what computed it: "int8" only where int8 ran (else the fp32 it fell back to, said once)
+        engine = {"precision": translator.precision, "compile": args.compile}
+        print(json.dumps({**scores, **details, **search, **engine}, indent=2))
     else:
         print(format_scores(scores))
     return 0
