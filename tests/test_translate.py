@@ -397,7 +397,17 @@ def test_a_file_is_translated_in_chunks_in_input_order(toy_run, tmp_path, monkey
     source = tmp_path / "in.txt"
     source.write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(translate_command, "FILE_CHUNK_LINES", 4)  # 18 lines: 5 chunks
+    chunks = []  # the lines each call translates: one chunk at a time, never the whole file
+    hypotheses = Translator.hypotheses
+
+    def counted(self, chunk, *args, **options):
+        chunks.append(len(chunk))
+        return hypotheses(self, chunk, *args, **options)
+
+    monkeypatch.setattr(Translator, "hypotheses", counted)
     assert main(["translate", str(toy_run), "-i", str(source), "--beam", "3", "--quiet"]) == 0
+    assert chunks == [4, 4, 4, 4, 2]
+    monkeypatch.undo()
     out, err = capsys.readouterr()
     with pytest.warns(UserWarning):
         expected = qkv.load(toy_run).translate(lines, beam=3)
