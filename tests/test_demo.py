@@ -76,12 +76,17 @@ def test_readme_commands_run_as_written_after_the_demo(demo_run, qkv_command):
     assert result.stdout.splitlines()[0] == "1990-05-03", result.stdout
     for written in (
         "test.hyp",
+        "test.int8.hyp",
         "runs/demo/averaged.pt",
         "explain.html",
         "attention.png",
         "head.png",
     ):
         assert (cwd / written).is_file(), written
+    # README's `--precision int8` line: a translation for each test line, as fp32's (test.hyp) are
+    test_lines = (cwd / "runs/demo/data/test.words").read_text().splitlines()
+    int8_lines = (cwd / "test.int8.hyp").read_text().splitlines()
+    assert len(int8_lines) == len(test_lines) and all(int8_lines), int8_lines[:5]
     # README's `qkv translate runs/demo --compile --beam 1`: its program, kept beside the checkpoint
     # (tests/test_compiled.py checks that the command translates as without --compile); on a PyTorch
     # too old to compile the step, one line that says so (tests/test_translate.py).
