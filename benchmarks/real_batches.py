@@ -7,7 +7,10 @@ sources (--src, default RUN_DIR/data/test.<source language>: Multi30k's test_201
 Multi30k recipe) are sorted by length and cut into batches of --batch sentences, or of --max-tokens
 source tokens as `qkv translate` cuts a file. The systems:
 
-- qkv: the engine of `qkv translate` (`qkv.search` on `Translator.engine()`), fp32;
+- qkv: the engine of `qkv translate` (`qkv.search` on `Translator.engine()`), fp32. Greedy search
+  keeps no scores, as `qkv translate` without `--scores` and CTranslate2's `translate_batch` (no
+  `return_scores`) do not (before session 60 qkv's did here: a softmax a step, and with `--compile`
+  the programs that return every logit rather than the screened ones);
 - qkv-compiled: the engine of `qkv translate --compile` (its programs compile in the untimed first
   pass, into the run's compiled/ folder, as `qkv translate --compile` keeps them);
 - ct2-fp32: the same model exported by `qkv export --format ctranslate2`, in a process of its own
@@ -100,7 +103,7 @@ def qkv_runner(engine, sources, batches, args):
         with torch.inference_mode():
             for src in tensors:
                 if args.search == "greedy":
-                    ids = greedy_search(engine, src)[0]
+                    ids = greedy_search(engine, src, scores=False)[0]  # as `qkv translate`
                 else:
                     ids = beam_search(
                         engine, src, beam_size=args.beam, early_exit=args.early_exit, **RANKING
