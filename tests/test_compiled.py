@@ -935,8 +935,9 @@ def test_a_failed_cpp_compile_names_the_compilers_own_error(monkeypatch):
 
 
 def test_a_compiler_that_fails_on_the_encoder_says_so_once_and_tries_nothing_more(monkeypatch):
-    """Every program fails to compile, as where the compiler crashes: the encoder's, the first,
-    says so in one line and the whole engine is eager from then on (no second failed compile)."""
+    """Every program fails to compile, the C++ compiler crashing: the encoder's, the first, says so
+    in one line and the whole engine is eager from then on (no second failed compile). Another
+    failure of the encoder leaves the decoder's programs compiled (the test above)."""
     compiles = []
 
     def crash(*arguments, **options):

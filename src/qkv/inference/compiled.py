@@ -351,15 +351,21 @@ class CompiledEngine(StepPrograms, DecodingEngine):
 
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
         """As `DecodingEngine.encode`, through a compiled program (`qkv.inference.compiled_encoder`:
-        one sentence's, or many sentences'), until one fails to compile or run. Then the whole
-        engine is eager from this search on, said in one line: the decoder's programs need the same
-        compiler and platform, and trying them too would cost another failed compile and line."""
+        one sentence's, or many sentences'), until one fails to compile or run (said once). Where
+        the C++ compiler itself failed, the whole engine is eager from then on, in that one line:
+        the decoder's programs need the same compiler, and would fail again after another compile
+        and say so in another line; another failure leaves the decoder's programs to it."""
         if self.unavailable is None and self.source.takes(src_ids):
             try:
                 return self.source(src_ids), self.model.src_mask(src_ids)
             except Exception as error:  # export's and Inductor's failures have many types
-                self._cannot_compile("the encoder", error)
-                self.source.unavailable = self.unavailable
+                if _compiler_failed(error):
+                    self._cannot_compile("the encoder", error)
+                    self.source.unavailable = self.unavailable
+                else:
+                    why = f"PyTorch could not compile the encoder here ({_why(error)})"
+                    self.source.unavailable = why
+                    self.warn(f"{why}: encoding takes the eager encoder")
         return super().encode(src_ids)
 
     def _banned_bias(self, banned: tuple[int, ...]) -> Tensor:
@@ -412,6 +418,12 @@ def _why(error: Exception) -> str:
     if compiler is not None and compiler.group(1) not in first:
         first += f"; {compiler.group(1).strip()[:200]}"
     return f"{type(error).__name__}: {first}"
+
+
+def _compiler_failed(error: Exception) -> bool:
+    """Whether `error` is the C++ compiler's own failure (Inductor's CppCompileError, or a compiler
+    error in its message), which every program compiled here would meet."""
+    return type(error).__name__ == "CppCompileError" or bool(_COMPILER_ERROR.search(str(error)))
 
 
 def _eager_cache(cache):
