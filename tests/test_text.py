@@ -4,7 +4,9 @@ input as it arrives."""
 import gzip
 import os
 import queue
+import signal
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -88,6 +90,36 @@ def test_standard_input_comes_as_it_arrives_at_most_max_lines_at_a_time(monkeypa
         pipe.write(b"last\n")
         pipe.close()  # the end of the input: the reading thread reads to it
         assert list(chunks) == [["last"]]
+    finally:
+        pipe.close()
+        stream.close()
+
+
+def blocked_signals(thread: threading.Thread) -> set[int]:
+    """The signals `thread` blocks, from Linux's /proc (SigBlk: a hexadecimal mask, bit n-1 for n)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    mask = int(
+        next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16
+    )
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux's /proc shows the masks")
+def test_the_reading_thread_leaves_ctrl_c_to_the_main_thread():
+    """Python raises KeyboardInterrupt only in the main thread, and a main thread waiting for the
+    next line wakes only if the signal comes to it: the thread that reads blocks the ending signals,
+    so that the kernel gives them to the main thread (Ctrl-C while `qkv translate` waits for input)."""
+    read_end, write_end = os.pipe()
+    stream, pipe = os.fdopen(read_end, "rb"), os.fdopen(write_end, "wb")
+    try:
+        chunks = arriving_chunks(stream, max_lines=4)
+        pipe.write(b"one\n")
+        pipe.flush()
+        assert next(chunks) == ["one"]  # read by the thread: its mask is set
+        (reader,) = [thread for thread in threading.enumerate() if thread.name == "qkv-read-stdin"]
+        ending = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        assert ending <= blocked_signals(reader)
+        assert not ending & blocked_signals(threading.main_thread())
     finally:
         pipe.close()
         stream.close()

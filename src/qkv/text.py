@@ -160,6 +160,23 @@ def _lines_of(stream: BinaryIO) -> Iterator[bytes]:
         yield tail
 
 
+# Signals a person or a supervisor sends to end a command (Ctrl-C, kill, a closed terminal).
+_ENDING_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _leave_signals_to_the_main_thread() -> None:
+    """Block the ending signals in the calling thread, so that the kernel hands them to the main
+    thread. Python runs a signal's handler (Ctrl-C's KeyboardInterrupt) only in the main thread, and
+    a main thread waiting for a lock wakes only if the signal comes to it: one sent to the process
+    and given to a reading thread left `qkv translate` waiting for input after Ctrl-C (seen once in
+    CI, tests/test_cli.py)."""
+    import signal
+
+    if hasattr(signal, "pthread_sigmask"):  # POSIX (Windows delivers no signal to a thread)
+        ending = {getattr(signal, name) for name in _ENDING_SIGNALS if hasattr(signal, name)}
+        signal.pthread_sigmask(signal.SIG_BLOCK, ending)
+
+
 def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> Iterator[list[str]]:
     """The lines of `stream` (stdin) as they arrive: each chunk is every line that has arrived by the
     time the caller asks (at least one, at most `max_lines`). A person typing gets each line back as
@@ -170,6 +187,7 @@ def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> It
     )  # a fast pipe waits for the translator
 
     def read() -> None:
+        _leave_signals_to_the_main_thread()
         try:
             for line in _decoded(_lines_of(stream), name):
                 arrived.put(line)
