@@ -1,6 +1,7 @@
 """Reading lines in chunks (`qkv.text`): a file `size` lines at a time, read as needed; standard
 input as it arrives."""
 
+import contextlib
 import gzip
 import os
 import queue
@@ -65,6 +66,18 @@ class CountedQueue(queue.Queue):
             assert self.changed.wait_for(lambda: self.puts >= puts, timeout=30), self.puts
 
 
+@contextlib.contextmanager
+def chunks_of_a_pipe(max_lines: int):
+    """`arriving_chunks` of a pipe's reading end, and its writing end: standard input, piped."""
+    read_end, write_end = os.pipe()
+    stream, pipe = os.fdopen(read_end, "rb"), os.fdopen(write_end, "wb")
+    try:
+        yield arriving_chunks(stream, max_lines=max_lines), pipe
+    finally:
+        pipe.close()
+        stream.close()
+
+
 def test_standard_input_comes_as_it_arrives_at_most_max_lines_at_a_time(monkeypatch):
     queues: list[CountedQueue] = []
 
@@ -74,10 +87,7 @@ def test_standard_input_comes_as_it_arrives_at_most_max_lines_at_a_time(monkeypa
 
     # qkv.text's own name only: other threads of the process keep the queue module as it is
     monkeypatch.setattr(text, "queue", SimpleNamespace(Queue=counted_queue, Empty=queue.Empty))
-    read_end, write_end = os.pipe()
-    stream, pipe = os.fdopen(read_end, "rb"), os.fdopen(write_end, "wb")
-    try:
-        chunks = arriving_chunks(stream, max_lines=4)
+    with chunks_of_a_pipe(max_lines=4) as (chunks, pipe):
         pipe.write(b"one\n")
         pipe.flush()
         # The pipe stays open: the first line comes out before the next is written.
@@ -90,9 +100,6 @@ def test_standard_input_comes_as_it_arrives_at_most_max_lines_at_a_time(monkeypa
         pipe.write(b"last\n")
         pipe.close()  # the end of the input: the reading thread reads to it
         assert list(chunks) == [["last"]]
-    finally:
-        pipe.close()
-        stream.close()
 
 
 def blocked_signals(thread: threading.Thread) -> set[int]:
@@ -109,17 +116,13 @@ def test_the_reading_thread_leaves_ctrl_c_to_the_main_thread():
     """Python raises KeyboardInterrupt only in the main thread, and a main thread waiting for the
     next line wakes only if the signal comes to it: the thread that reads blocks the ending signals,
     so that the kernel gives them to the main thread (Ctrl-C while `qkv translate` waits for input)."""
-    read_end, write_end = os.pipe()
-    stream, pipe = os.fdopen(read_end, "rb"), os.fdopen(write_end, "wb")
-    try:
-        chunks = arriving_chunks(stream, max_lines=4)
+    before = set(threading.enumerate())
+    with chunks_of_a_pipe(max_lines=4) as (chunks, pipe):
         pipe.write(b"one\n")
         pipe.flush()
         assert next(chunks) == ["one"]  # read by the thread: its mask is set
-        (reader,) = [thread for thread in threading.enumerate() if thread.name == "qkv-read-stdin"]
+        (reader,) = [thread for thread in set(threading.enumerate()) - before]
+        assert reader.name == "qkv-read-stdin"
         ending = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
         assert ending <= blocked_signals(reader)
         assert not ending & blocked_signals(threading.main_thread())
-    finally:
-        pipe.close()
-        stream.close()
