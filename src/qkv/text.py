@@ -160,21 +160,21 @@ def _lines_of(stream: BinaryIO) -> Iterator[bytes]:
         yield tail
 
 
-# Signals a person or a supervisor sends to end a command (Ctrl-C, kill, a closed terminal).
-_ENDING_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+# How long the main thread waits for a line at a time (seconds): see `_next_arrived`.
+ARRIVAL_WAIT = 0.1
 
 
-def _leave_signals_to_the_main_thread() -> None:
-    """Block the ending signals in the calling thread, so that the kernel hands them to the main
-    thread. Python runs a signal's handler (Ctrl-C's KeyboardInterrupt) only in the main thread, and
-    a main thread waiting for a lock wakes only if the signal comes to it: one sent to the process
-    and given to a reading thread left `qkv translate` waiting for input after Ctrl-C (seen once in
-    CI, tests/test_cli.py)."""
-    import signal
-
-    if hasattr(signal, "pthread_sigmask"):  # POSIX (Windows delivers no signal to a thread)
-        ending = {getattr(signal, name) for name in _ENDING_SIGNALS if hasattr(signal, name)}
-        signal.pthread_sigmask(signal.SIG_BLOCK, ending)
+def _next_arrived(arrived: queue.Queue):
+    """The next item the reading thread put, waited for a while at a time. The kernel gives a signal
+    sent to the process (Ctrl-C) to any of its threads, the reading one or torch's as well as the
+    main one; Python runs the handler in the main thread only, at its next instruction, and a main
+    thread in one endless wait for a lock runs none. `qkv translate` waiting for input once did not
+    end within 60 s of a SIGINT (tests/test_cli.py, fresh-clone CI)."""
+    while True:
+        try:
+            return arrived.get(timeout=ARRIVAL_WAIT)
+        except queue.Empty:
+            continue
 
 
 def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> Iterator[list[str]]:
@@ -187,7 +187,6 @@ def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> It
     )  # a fast pipe waits for the translator
 
     def read() -> None:
-        _leave_signals_to_the_main_thread()
         try:
             for line in _decoded(_lines_of(stream), name):
                 arrived.put(line)
@@ -199,7 +198,7 @@ def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> It
     finished = False
     while not finished:
         chunk: list[str] = []
-        item = arrived.get()  # wait for the first line
+        item = _next_arrived(arrived)  # wait for the first line
         while True:
             if item is _END:
                 finished = True
