@@ -12,6 +12,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 FORKED_QKV = Path(__file__).resolve().parent / "forked_qkv.py"
+# Put before a command: it runs with Ctrl-C (SIGINT) as at a terminal, whatever this suite inherited.
+# A shell without job control starts `pytest ... &` with SIGINT ignored, every process under it
+# inherits that, and Python then installs no KeyboardInterrupt: a test of Ctrl-C would wait forever.
+AT_A_TERMINAL = [
+    sys.executable, "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]  # fmt: skip
 
 
 def _remove_by(pid: int, folder: str) -> None:
@@ -78,7 +86,8 @@ def qkv_command(tmp_path_factory) -> list[str]:
     socket_path = folder / "socket"
     with open(folder / "server.log", "w") as log:
         server = subprocess.Popen(
-            [sys.executable, str(FORKED_QKV), "--serve", str(socket_path)],
+            # the commands it forks take Ctrl-C as `python -m qkv` at a terminal would
+            [*AT_A_TERMINAL, sys.executable, str(FORKED_QKV), "--serve", str(socket_path)],
             env=qkv_env(ENVIRONMENT_AT_START), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=log, text=True,
         )  # fmt: skip

@@ -3,7 +3,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import qkv_env
+from conftest import AT_A_TERMINAL, qkv_env
 from qkv import __version__
 from qkv.cli import COMMANDS
 from torch_versions import needs_compiled_step
@@ -92,7 +92,8 @@ def test_the_tests_forked_commands_answer_as_python_m_qkv_does(qkv_command, toy_
     ends = []
     for command in (qkv_command, [sys.executable, "-m", "qkv"]):
         process = subprocess.Popen(
-            [*command, "translate", str(toy_run), "--precision", "fp32"], env=qkv_env(),
+            [*AT_A_TERMINAL, *command, "translate", str(toy_run), "--precision", "fp32"],
+            env=qkv_env(),
             stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert process.stderr.readline() == "qkv: precision fp32\n"  # loaded: reading its input

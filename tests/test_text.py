@@ -5,9 +5,7 @@ import contextlib
 import gzip
 import os
 import queue
-import signal
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -100,39 +98,3 @@ def test_standard_input_comes_as_it_arrives_at_most_max_lines_at_a_time(monkeypa
         pipe.write(b"last\n")
         pipe.close()  # the end of the input: the reading thread reads to it
         assert list(chunks) == [["last"]]
-
-
-class Interrupted(Exception):
-    """What this test's SIGINT handler raises (the worker's own handler may ignore the signal)."""
-
-
-def interrupted(number, frame):
-    raise Interrupted
-
-
-def test_ctrl_c_given_to_another_thread_ends_the_wait_for_input(monkeypatch):
-    """The kernel may give a signal sent to the process to any thread; Python runs its handler in
-    the main thread only. Here the signal goes to another thread while the main thread waits for a
-    line that never comes: the handler must run before the safety line, written long after."""
-    monkeypatch.setattr(text, "ARRIVAL_WAIT", 0.05)
-    before = signal.signal(signal.SIGINT, interrupted)
-    safety_written, finished = threading.Event(), threading.Event()
-    try:
-        with chunks_of_a_pipe(max_lines=4) as (chunks, pipe):
-
-            def signal_then_safety() -> None:
-                time.sleep(0.3)  # the main thread is waiting by then
-                signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this thread
-                if finished.wait(timeout=30):  # the test ended: the pipe is closed
-                    return
-                safety_written.set()
-                pipe.write(b"safety\n")  # wakes a main thread that never ran the handler
-                pipe.flush()
-
-            threading.Thread(target=signal_then_safety, daemon=True).start()
-            with pytest.raises(Interrupted):
-                next(chunks)
-            assert not safety_written.is_set()
-    finally:
-        finished.set()
-        signal.signal(signal.SIGINT, before)

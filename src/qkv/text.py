@@ -160,23 +160,6 @@ def _lines_of(stream: BinaryIO) -> Iterator[bytes]:
         yield tail
 
 
-# How long the main thread waits for a line at a time (seconds): see `_next_arrived`.
-ARRIVAL_WAIT = 0.1
-
-
-def _next_arrived(arrived: queue.Queue):
-    """The next item the reading thread put, waited for a while at a time. The kernel gives a signal
-    sent to the process (Ctrl-C) to any of its threads, the reading one or torch's as well as the
-    main one; Python runs the handler in the main thread only, at its next instruction, and a main
-    thread in one endless wait for a lock runs none. `qkv translate` waiting for input once did not
-    end within 60 s of a SIGINT (tests/test_cli.py, fresh-clone CI)."""
-    while True:
-        try:
-            return arrived.get(timeout=ARRIVAL_WAIT)
-        except queue.Empty:
-            continue
-
-
 def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> Iterator[list[str]]:
     """The lines of `stream` (stdin) as they arrive: each chunk is every line that has arrived by the
     time the caller asks (at least one, at most `max_lines`). A person typing gets each line back as
@@ -198,7 +181,7 @@ def arriving_chunks(stream: BinaryIO, max_lines: int, name: str = "stdin") -> It
     finished = False
     while not finished:
         chunk: list[str] = []
-        item = _next_arrived(arrived)  # wait for the first line
+        item = arrived.get()  # wait for the first line
         while True:
             if item is _END:
                 finished = True
