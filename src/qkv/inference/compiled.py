@@ -346,8 +346,12 @@ class CompiledEngine(StepPrograms, DecodingEngine):
 
     def _cannot_compile(self, what: str, error: Exception) -> None:
         """Say once that `what` failed to compile or run here; from now on decoding is eager."""
-        self.unavailable = f"PyTorch could not {self.MAKES.format(what)} here ({_why(error)})"
+        self.unavailable = self._could_not(what, error)
         self.warn(f"{self.unavailable}: decoding takes the eager step")
+
+    def _could_not(self, what: str, error: Exception) -> str:
+        """The line that says `what` failed to compile (or be recorded) here, and why."""
+        return f"PyTorch could not {self.MAKES.format(what)} here ({_why(error)})"
 
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
         """As `DecodingEngine.encode`, through a compiled program (`qkv.inference.compiled_encoder`:
@@ -359,13 +363,11 @@ class CompiledEngine(StepPrograms, DecodingEngine):
             try:
                 return self.source(src_ids), self.model.src_mask(src_ids)
             except Exception as error:  # export's and Inductor's failures have many types
-                if _compiler_failed(error):
+                self.source.unavailable = self._could_not("the encoder", error)
+                if _compiler_failed(error):  # the compiler every program needs: one line for all
                     self._cannot_compile("the encoder", error)
-                    self.source.unavailable = self.unavailable
                 else:
-                    why = f"PyTorch could not compile the encoder here ({_why(error)})"
-                    self.source.unavailable = why
-                    self.warn(f"{why}: encoding takes the eager encoder")
+                    self.warn(f"{self.source.unavailable}: encoding takes the eager encoder")
         return super().encode(src_ids)
 
     def _banned_bias(self, banned: tuple[int, ...]) -> Tensor:
